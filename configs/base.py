@@ -1,0 +1,99 @@
+"""Every config key, with its default and meaning. Other configs start here.
+
+Override any key on the command line, e.g.
+  nanodo-sam train --config=configs/base.py --config.sam.method=sam
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # Fixes init, training data order and RNG.
+  c.workdir = ""                  # Run directory (or --workdir=DIR).
+
+  # Model: the Nanodo Transformer (nanodo_sam/model.py). Defaults: 2M size.
+  c.model = ml_collections.ConfigDict()
+  c.model.D = 256                 # Width.
+  c.model.H = 4                   # Attention heads (D % H == 0).
+  c.model.N = 3                   # Blocks.
+  c.model.F = 1024                # MLP hidden width (4D in the paper).
+  c.model.L = 512                 # Sequence length (tokens per row).
+  c.model.V = 32101               # Vocabulary size (>= the vocabulary's).
+  c.model.nonlinearity = "gelu"   # gelu | relu (Table 5).
+  c.model.dtype = "float32"       # Compute dtype: float32 | bfloat16.
+  c.model.remat = False           # Rematerialise each block in backward.
+  c.model.size_name = ""          # Label of a paper size (configs/sizes.py).
+
+  # Data: seqio Tasks over TFDS or files (nanodo_sam/data.py).
+  c.data = ml_collections.ConfigDict()
+  c.data.tfds_name = "c4/en:3.1.0"
+  c.data.tfds_data_dir = ""       # "" = $TFDS_DATA_DIR or ../shared/data/...
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.train_files = ""         # Glob of .txt/.jsonl[.gz]: overrides TFDS.
+  c.data.eval_files = ""          # Glob for evaluation (with train_files).
+  # SentencePiece model path (local or gs://) or "byte".
+  c.data.vocab = "../shared/data/c4_t5_sentencepiece_cc_all.32000.100extra.model"
+  c.data.batch_size = 256         # Global batch, in sequences.
+  c.data.eval_batch_size = 64
+  c.data.eval_steps = 8           # Fixed number of eval batches, in order.
+  c.data.shuffle_buffer = 1024    # Packed-row shuffle buffer.
+
+  # Optimizer (nanodo_sam/optimizer.py).
+  c.opt = ml_collections.ConfigDict()
+  c.opt.optimizer = "adamw"       # adamw | sgd | momentum.
+  c.opt.num_train_steps = 10_000
+  c.opt.peak_learning_rate = 1e-3
+  c.opt.init_learning_rate = 0.0
+  c.opt.final_learning_rate = 0.0
+  c.opt.warmup_steps = 1000
+  c.opt.decay_type = "cosine"     # cosine | linear | constant.
+  c.opt.weight_decay = 0.1        # optax convention (x lr): 1e-4 per step.
+  c.opt.b1 = 0.9                  # Adam b1; SGD momentum for "momentum".
+  c.opt.b2 = 0.95
+  c.opt.eps = 1e-8
+  c.opt.clip_by_global_norm = 0.0  # 0 = no clipping.
+
+  # The gradient step (nanodo_sam/sam.py).
+  c.sam = ml_collections.ConfigDict()
+  # adamw | sam | functional_sam | logit_sam | angle_sam | precond_sam |
+  # precond_functional_sam.
+  c.sam.method = "adamw"
+  c.sam.rho = 0.0                 # Perturbation radius.
+  c.sam.phi = config_dict.placeholder(float)  # Angle-SAM angle (radians).
+  c.sam.rho_warmup_steps = 0      # rho grows linearly from 0 over this.
+  c.sam.start_step = 0            # Plain gradient before this step.
+  c.sam.end_step = -1             # Plain gradient from this step (-1: never).
+  c.sam.every_k = 1               # SAM-family step every k-th step.
+  c.sam.precond_normalize = "after"  # after: rho P^-1g/|P^-1g|; before.
+  c.sam.perturbation_scope = "global"  # global | microbatch (accumulation).
+
+  c.grad_accumulation_steps = 1   # Microbatches per step (lax.scan).
+
+  c.eval_every_steps = 500        # 0 = only at the end.
+  c.checkpoint_every_steps = 1000  # 0 = only at the end.
+  c.checkpoint_max_to_keep = 3
+  c.log_every_steps = 50
+
+  # Sharpness diagnostics during training (nanodo_sam/sharpness.py).
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.every_steps = 0   # 0 = off.
+  c.diagnostics.num_batches = 1   # Fixed eval batches the metrics use.
+  c.diagnostics.batch_size = 8    # Sequences per diagnostics batch.
+  c.diagnostics.num_iters = 20    # Lanczos iterations for lambda_max.
+  c.diagnostics.num_probes = 10   # Hutchinson probes for the traces.
+  c.diagnostics.tol = 1e-3
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.enabled = False
+  c.wandb.project = "nanodo-sam"
+  c.wandb.mode = "offline"        # online | offline | disabled.
+
+  # Device mesh (nanodo_sam/sharding.py); -1 fills the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c

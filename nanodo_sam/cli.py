@@ -1,0 +1,193 @@
+"""`nanodo-sam train|eval|params|analyze|prune-eval|bench`.
+
+Config files are ml_collections files with `--config.a.b=value` overrides.
+Bad input is reported as one line on stderr with exit code 2, before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TF is imported.
+
+from absl import flags
+from ml_collections import config_flags
+
+from nanodo_sam.config import UsageError
+
+USAGE = """usage: nanodo-sam COMMAND [flags]
+
+commands:
+  train       --config=FILE [--workdir=DIR] [--config.KEY=VALUE ...]
+  eval        --workdir=DIR [--step=N]
+  params      --config=FILE [--config.KEY=VALUE ...]
+  analyze     --workdir=DIR [--step=N] [--num_batches=K] [--num_iters=I] [--num_probes=P]
+  prune-eval  --workdir=DIR --fractions=0,0.1,...
+  bench       --config=FILE [--sizes=2M,23.9M] [--methods=all] [--steps=N]
+"""
+
+
+def _fail(msg: str) -> None:
+  print(f"nanodo-sam: error: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _define_flags(command: str) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  if command in ("train", "params", "bench"):
+    config_flags.DEFINE_config_file("config", None, "Config file.",
+                                    flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_batches", None, "Fixed eval batches.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_iters", None, "Lanczos iterations.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_probes", None, "Hutchinson probes.",
+                       flag_values=fv)
+  flags.DEFINE_string("fractions", "0,0.1,0.2,0.3,0.4,0.5",
+                      "Pruned fractions.", flag_values=fv)
+  flags.DEFINE_string("sizes", "", "Model sizes (configs/sizes.py).",
+                      flag_values=fv)
+  flags.DEFINE_string("methods", "all", "Methods to benchmark.",
+                      flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "Timed steps per method.", flag_values=fv)
+  flags.DEFINE_string("out", "", "Output JSON path.", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", "", "jax.distributed.",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", 0, "jax.distributed.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", -1, "jax.distributed.", flag_values=fv)
+  return fv
+
+
+def _add_config_paths(argv) -> None:
+  """Lets config files `from configs import base` from any working dir."""
+  for arg in argv:
+    if arg.startswith("--config=") and arg.endswith(".py"):
+      path = os.path.abspath(arg.split("=", 1)[1])
+      if not os.path.exists(path):
+        _fail(f"config file not found: {path}; pass --config=configs/NAME.py")
+      root = os.path.dirname(os.path.dirname(path))
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _parse(command: str, argv) -> flags.FlagValues:
+  fv = _define_flags(command)
+  _add_config_paths(argv)
+  try:
+    fv([command] + list(argv))
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, (KeyError, AttributeError)):
+      key = str(e).strip("'\"")
+      bad = [a.split("=")[0][2:] for a in argv
+             if a.startswith("--config.") and key in a.split("=")[0]]
+      msg = f"unknown config key {bad[0] if bad else key!r}"
+    _fail(f"{msg} (see configs/base.py for every key)")
+  return fv
+
+
+def _load_run_config(workdir: str | None):
+  from nanodo_sam import config as config_lib
+  if not workdir:
+    raise UsageError("--workdir=DIR is required")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UsageError(f"no run in {workdir!r} (no config.json); train one with"
+                     " `nanodo-sam train --config=... --workdir=DIR`")
+  return config_lib.from_json_file(path)
+
+
+def _restore_params(workdir: str, cfg, step: int | None):
+  """(Setup, state, step) from a run directory's checkpoint."""
+  from nanodo_sam import train as train_lib
+  s = train_lib.setup(cfg)
+  mngr = train_lib.checkpoint_manager(workdir)
+  steps = mngr.all_steps()
+  if not steps:
+    raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
+                     "or point --workdir at a run directory")
+  if step is not None and step not in steps:
+    raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
+                     f"available steps: {sorted(steps)}")
+  step = max(steps) if step is None else step
+  return s, train_lib.restore_state(mngr, s, step), step
+
+
+def cmd_train(fv) -> None:
+  from nanodo_sam import train as train_lib
+  cfg = fv.config
+  workdir = fv.workdir or cfg.workdir
+  if not workdir:
+    raise UsageError("no workdir; pass --workdir=DIR or "
+                     "--config.workdir=DIR")
+  with cfg.unlocked():
+    cfg.workdir = workdir
+  results = train_lib.train(cfg, workdir)
+  print(json.dumps({k: v for k, v in results.items()
+                    if k != "eval_history"}, indent=2))
+  if results["status"] != "completed":
+    sys.exit(1)
+
+
+def cmd_eval(fv) -> None:
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import evaluate, sharding
+  cfg = _load_run_config(fv.workdir)
+  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
+  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
+                                      sharding.batch_sharding(s.mesh))
+  loss = evaluate.eval_loss(eval_step, state.params,
+                            data_lib.eval_batches(cfg),
+                            lambda b: sharding.global_batch(b, s.mesh))
+  print(json.dumps({"step": step, "eval_loss": loss}))
+
+
+def cmd_params(fv) -> None:
+  import jax
+  import numpy as np
+  from nanodo_sam import config as config_lib
+  from nanodo_sam import model as model_lib
+  mcfg = config_lib.model_config(fv.config)
+  shapes = model_lib.abstract_params(model_lib.TransformerDo(mcfg))
+  import flax.linen as nn
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  print(json.dumps({"total_params": total,
+                    "non_embedding_params":
+                        model_lib.non_embedding_params(mcfg),
+                    "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D}))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+
+
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    sys.exit(0 if argv else 2)
+  command, rest = argv[0], argv[1:]
+  if command not in COMMANDS:
+    _fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+  logging.basicConfig(level=logging.INFO,
+                      format="%(asctime)s %(levelname)s %(message)s")
+  for noisy in ("absl", "jax", "orbax", "tensorflow", "seqio"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  fv = _parse(command, rest)
+  from nanodo_sam import sharding
+  sharding.maybe_initialize_distributed(fv.coordinator_address,
+                                        fv.num_processes, fv.process_id)
+  try:
+    COMMANDS[command](fv)
+  except UsageError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  main()

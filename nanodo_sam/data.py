@@ -1,0 +1,247 @@
+"""Data: seqio Tasks over TFDS or text files, packed into fixed-length rows.
+
+Documents are tokenized, closed with EOS, concatenated and split into rows of
+L+1 tokens (the way Nanodo packs); a row gives `inputs` = row[:-1] and
+`targets` = row[1:]. Training order is fixed by `seed`; evaluation reads the
+validation split in a fixed order. Each process reads only its own shard
+(`seqio.ShardInfo`). The train iterator's position is checkpointable
+(`TrainIterator.save/restore`, tf.data iterator checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from nanodo_sam.config import UsageError
+
+BYTE_VOCAB = "byte"
+SHARED_DATA_DIR = os.path.join("..", "shared", "data")
+
+
+def _tf():
+  import tensorflow as tf  # Deferred: TF is slow to import and only feeds data.
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def resolve_path(path: str) -> str:
+  """Expands ~ and $VARS; keeps remote paths (gs://...) as they are."""
+  return os.path.expanduser(os.path.expandvars(path))
+
+
+def tfds_data_dir(configured: str = "") -> str | None:
+  """Where TFDS data is read: the config, $TFDS_DATA_DIR, or ../shared/data."""
+  if configured:
+    return resolve_path(configured)
+  if os.environ.get("TFDS_DATA_DIR"):
+    return os.environ["TFDS_DATA_DIR"]
+  local = os.path.join(SHARED_DATA_DIR, "tensorflow_datasets")
+  return os.path.abspath(local) if os.path.isdir(local) else None
+
+
+def make_vocab(vocab: str):
+  """`byte` or a SentencePiece model path (local or remote)."""
+  import seqio
+  if vocab == BYTE_VOCAB:
+    return seqio.ByteVocabulary()
+  path = resolve_path(vocab)
+  if "://" not in path and not os.path.exists(path):
+    raise UsageError(
+        f"vocabulary file not found: {path!r} (data.vocab); pass "
+        "--config.data.vocab=PATH to a SentencePiece .model file (an offline "
+        "copy of the T5 C4 vocabulary is ../shared/data/"
+        "c4_t5_sentencepiece_cc_all.32000.100extra.model) or 'byte'")
+  return seqio.SentencePieceVocabulary(path)
+
+
+def _file_source(pattern: str):
+  """A seqio source over text (.txt, one document per file) or JSON-lines
+  (.jsonl/.json, optionally .gz, one {"text": ...} document per line)."""
+  import seqio
+  tf = _tf()
+  files = sorted(glob.glob(resolve_path(pattern)))
+  if not files:
+    raise UsageError(f"no files match {pattern!r} (data.train_files / "
+                     "data.eval_files); give a glob of .txt or .jsonl[.gz] "
+                     "files")
+  stem = [f[:-3] if f.endswith(".gz") else f for f in files]
+  is_json = [s.endswith((".jsonl", ".json")) for s in stem]
+  if len(set(is_json)) != 1:
+    raise UsageError(f"{pattern!r} mixes JSON-lines and plain-text files; "
+                     "use one kind per glob")
+
+  def parse_json(line):
+    return json.loads(line.numpy().decode("utf-8"))["text"]
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del split
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+      ds = ds.shuffle(len(files), seed=seed)
+    if is_json[0]:
+      ds = ds.interleave(
+          lambda f: tf.data.TextLineDataset(
+              f, compression_type=tf.where(
+                  tf.strings.regex_full_match(f, r".*\.gz"), "GZIP", "")),
+          cycle_length=1)
+      ds = ds.map(lambda line: {"text": tf.py_function(
+          parse_json, [line], tf.string)})
+      return ds.map(lambda ex: {"text": tf.ensure_shape(ex["text"], [])})
+    return ds.map(lambda f: {"text": tf.io.read_file(f)})
+
+  return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
+
+
+def make_task(data_cfg, *, split_files: str = ""):
+  """The seqio Task for a config: TFDS name, or text files when given."""
+  import seqio
+  vocab = make_vocab(data_cfg.vocab)
+  if split_files:
+    source = _file_source(split_files)
+    name = "files"
+  else:
+    data_dir = tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
+    source = seqio.TfdsDataSource(data_cfg.tfds_name, tfds_data_dir=data_dir)
+    name = data_cfg.tfds_name
+    try:
+      splits = source.splits
+    except Exception as e:  # TFDS raises several types for a missing dataset.
+      raise UsageError(
+          f"dataset {data_cfg.tfds_name!r} not found in TFDS data dir "
+          f"{data_dir!r} ({type(e).__name__}); set TFDS_DATA_DIR or "
+          "--config.data.tfds_data_dir to the folder that holds it (offline "
+          "copies: ../shared/data/tensorflow_datasets)") from None
+    del splits
+  return seqio.Task(
+      name.replace("/", "_").replace(":", "_"),
+      source=source,
+      output_features={"targets": seqio.Feature(vocab, add_eos=True)},
+      preprocessors=[
+          functools.partial(seqio.preprocessors.rekey,
+                            key_map={"targets": "text"}),
+          seqio.preprocessors.tokenize,
+          seqio.preprocessors.append_eos,
+      ])
+
+
+def check_split(task, split: str) -> None:
+  if split not in task.source.splits:
+    raise UsageError(f"split {split!r} is not in {sorted(task.source.splits)}"
+                     " (data.eval_split)")
+
+
+def _pieces(tokens, piece: int = 4096):
+  """A document as consecutive slices of <= piece tokens (rebatch is
+  quadratic in the length of one element, so long documents are cut first)."""
+  tf = _tf()
+  k = (tf.size(tokens, out_type=tf.int64) + piece - 1) // piece
+  return tf.data.Dataset.range(k).map(
+      lambda i: tokens[i * piece:(i + 1) * piece])
+
+
+def pack(ds, seq_len: int):
+  """Concatenate EOS-closed documents and cut rows of seq_len+1 tokens."""
+  ds = ds.flat_map(lambda ex: _pieces(ex["targets"]))
+  return ds.rebatch(seq_len + 1, drop_remainder=True)
+
+
+def _to_batch(rows_BxL1, pad_id: int = 0):
+  tf = _tf()
+  targets = rows_BxL1[:, 1:]
+  return {
+      "inputs": rows_BxL1[:, :-1],
+      "targets": targets,
+      "weights": tf.cast(tf.not_equal(targets, pad_id), tf.float32),
+  }
+
+
+def _shard_info():
+  import jax
+  import seqio
+  return seqio.ShardInfo(index=jax.process_index(),
+                         num_shards=jax.process_count())
+
+
+def _host_batch_size(global_batch_size: int) -> int:
+  import jax
+  n = jax.process_count()
+  if global_batch_size % n:
+    raise UsageError(f"batch size {global_batch_size} is not divisible by the "
+                     f"{n} processes")
+  return global_batch_size // n
+
+
+def train_dataset(cfg, seed: int):
+  """Infinite, shuffled (by `seed`), packed training batches for this host."""
+  tf = _tf()
+  task = make_task(cfg.data, split_files=cfg.data.get("train_files", ""))
+  ds = task.get_dataset(
+      sequence_length=None, split=cfg.data.get("train_split", "train"),
+      shuffle=True, seed=seed, num_epochs=1, use_cached=False,
+      shard_info=_shard_info())
+  # Repeat after seqio's document shuffle: a corpus of few long documents
+  # (tiny_shakespeare is one) must not be re-tokenized to fill its buffer.
+  ds = pack(ds.repeat(), cfg.model.L)
+  ds = ds.shuffle(cfg.data.get("shuffle_buffer", 1024), seed=seed + 1)
+  ds = ds.batch(_host_batch_size(cfg.data.batch_size), drop_remainder=True)
+  ds = ds.map(_to_batch)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_external_state_policy = (
+      tf.data.experimental.ExternalStatePolicy.IGNORE)
+  return ds.with_options(options).prefetch(2)
+
+
+class TrainIterator:
+  """Numpy batches from a tf.data pipeline whose position can be saved."""
+
+  def __init__(self, ds):
+    tf = _tf()
+    self._it = iter(ds)
+    self._ckpt = tf.train.Checkpoint(iterator=self._it)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in next(self._it).items()}
+
+  def save(self, directory: str) -> None:
+    import jax
+    os.makedirs(directory, exist_ok=True)
+    self._ckpt.write(os.path.join(directory, f"process_{jax.process_index()}"))
+
+  def restore(self, directory: str) -> None:
+    import jax
+    self._ckpt.read(os.path.join(
+        directory, f"process_{jax.process_index()}")).assert_consumed()
+
+
+def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
+  """The fixed evaluation set: the first eval_steps batches of eval_split,
+  read in order (the split repeats if it is shorter)."""
+  task = make_task(cfg.data, split_files=cfg.data.get("eval_files", ""))
+  split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
+  check_split(task, split)
+  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                        num_epochs=1, use_cached=False,
+                        shard_info=_shard_info())
+  ds = pack(ds.repeat(), cfg.model.L)
+  ds = ds.batch(_host_batch_size(cfg.data.eval_batch_size),
+                drop_remainder=True).map(_to_batch)
+  return [{k: v.numpy() for k, v in b.items()}
+          for b in ds.take(cfg.data.eval_steps)]
+
+
+def vocab_size(vocab: str) -> int:
+  return make_vocab(vocab).vocab_size
+
+
+def decode(vocab: str, ids: Any) -> str:
+  return make_vocab(vocab).decode(np.asarray(ids).tolist())

@@ -1,0 +1,193 @@
+"""The Nanodo decoder-only Transformer (flax linen) and its token loss.
+
+Tied input/output embedding, learned positions, pre-LayerNorm without bias,
+causal multi-head attention, a two-layer MLP and no biases anywhere, as in
+google-deepmind/nanodo and appendix A.1 of the paper. Parameters are float32;
+activations run in `dtype`; logits (and everything after them) are float32.
+Every parameter carries logical axis names that `sharding.py` maps to a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NONLINEARITIES = {"gelu": nn.gelu, "relu": nn.relu}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DoConfig:
+  """Model shape. D width, H heads, N blocks, F MLP width, L context, V vocab."""
+
+  D: int
+  H: int
+  N: int
+  F: int
+  L: int
+  V: int
+  nonlinearity: str = "gelu"
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.nonlinearity not in NONLINEARITIES:
+      raise ValueError(
+          f"model.nonlinearity={self.nonlinearity!r} is unknown; use one of "
+          f"{sorted(NONLINEARITIES)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r} is unknown; use one of "
+                       f"{sorted(DTYPES)}")
+    if self.D % self.H:
+      raise ValueError(f"model.D={self.D} is not divisible by model.H={self.H}; "
+                       "choose D = H * head_dim")
+    for name in ("D", "H", "N", "F", "L", "V"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got "
+                         f"{getattr(self, name)}")
+
+
+def non_embedding_params(cfg: DoConfig) -> int:
+  """N*(4D^2 + 2DF + 2D) + D: attention, MLP and LayerNorm scales."""
+  return cfg.N * (4 * cfg.D**2 + 2 * cfg.D * cfg.F + 2 * cfg.D) + cfg.D
+
+
+def _dense_init(scale: float = 1.0):
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+_EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                               out_axis=0)
+
+
+class CausalAttn(nn.Module):
+  """Causal multi-head self-attention without biases."""
+
+  cfg: DoConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    Dh = cfg.D // cfg.H
+    dtype = DTYPES[cfg.dtype]
+    dense = functools.partial(
+        nn.DenseGeneral, features=(cfg.H, Dh), axis=-1, use_bias=False,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(_dense_init(),
+                                                 ("embed", "heads", "kv")))
+    q_BxLxHxK = dense(name="query")(x_BxLxD)
+    k_BxLxHxK = dense(name="key")(x_BxLxD)
+    v_BxLxHxK = dense(name="value")(x_BxLxD)
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla")
+    return nn.DenseGeneral(
+        features=cfg.D, axis=(-2, -1), use_bias=False, dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(_dense_init(),
+                                                 ("heads", "kv", "embed")),
+        name="attn_out")(out_BxLxHxK)
+
+
+class Mlp(nn.Module):
+  """D -> F -> D with the configured nonlinearity, no biases."""
+
+  cfg: DoConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    h_BxLxF = nn.Dense(
+        cfg.F, use_bias=False, dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(_dense_init(),
+                                                 ("embed", "mlp")),
+        name="fc1")(x_BxLxD)
+    h_BxLxF = NONLINEARITIES[cfg.nonlinearity](h_BxLxF)
+    return nn.Dense(
+        cfg.D, use_bias=False, dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(_dense_init(),
+                                                 ("mlp", "embed")),
+        name="fc2")(h_BxLxF)
+
+
+def _layer_norm(cfg: DoConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      use_bias=False, dtype=DTYPES[cfg.dtype], name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones,
+                                              ("norm",)))
+
+
+class TBlock(nn.Module):
+  """Pre-LayerNorm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+  cfg: DoConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + CausalAttn(self.cfg, name="attn")(
+        _layer_norm(self.cfg, "ln_attn")(x_BxLxD))
+    return x_BxLxD + Mlp(self.cfg, name="mlp")(
+        _layer_norm(self.cfg, "ln_mlp")(x_BxLxD))
+
+
+class TransformerDo(nn.Module):
+  """tokens [B, L] int32 -> logits [B, L, V] float32."""
+
+  cfg: DoConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    embed = nn.Embed(
+        cfg.V, cfg.D, dtype=dtype, name="embed",
+        embedding_init=nn.with_logical_partitioning(_EMBED_INIT,
+                                                    ("vocab", "embed")))
+    pos_embed = nn.Embed(
+        cfg.L, cfg.D, dtype=dtype, name="pos_embed",
+        embedding_init=nn.with_logical_partitioning(_EMBED_INIT,
+                                                    (None, "embed")))
+    L = tokens_BxL.shape[1]
+    x_BxLxD = embed(tokens_BxL) + pos_embed(jnp.arange(L)[None, :])
+    block = nn.remat(TBlock) if cfg.remat else TBlock
+    for i in range(cfg.N):
+      x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD)
+    x_BxLxD = _layer_norm(cfg, "out_ln")(x_BxLxD)
+    # Tied output layer, computed and returned in float32.
+    return embed.attend(x_BxLxD.astype(jnp.float32)).astype(jnp.float32)
+
+
+def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
+  """Weighted mean token cross-entropy in nats (0 weight on padding)."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(
+      logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  weights_BxL = batch["weights"].astype(jnp.float32)
+  total = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
+  return total / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+
+def make_logits_fn(model: TransformerDo):
+  """`(params, inputs) -> logits`, the function every gradient step uses."""
+
+  def logits_fn(params, inputs_BxL):
+    return model.apply({"params": params}, inputs_BxL)
+
+  return logits_fn
+
+
+def init_params(model: TransformerDo, rng: jax.Array):
+  """Unboxed float32 parameters."""
+  tokens = jnp.zeros((1, model.cfg.L), jnp.int32)
+  return nn.unbox(model.init(rng, tokens)["params"])
+
+
+def abstract_params(model: TransformerDo):
+  """Parameter shapes and logical axes without allocating anything."""
+  tokens = jax.ShapeDtypeStruct((1, model.cfg.L), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
