@@ -98,6 +98,22 @@ def _file_source(pattern: str):
   return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
 
 
+def _check_tfds(name: str, data_dir: str | None) -> None:
+  """A prepared TFDS dataset must be there: we never download."""
+  import tensorflow_datasets as tfds
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends.
+    raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
+                     f"{str(e).splitlines()[0]}") from None
+  if not builder.is_prepared():
+    raise UsageError(
+        f"dataset {name!r} not found in TFDS data dir {data_dir!r} (looked "
+        f"in {builder.data_dir}); set TFDS_DATA_DIR or "
+        "--config.data.tfds_data_dir to the folder that holds it (offline "
+        "copies: ../shared/data/tensorflow_datasets)")
+
+
 def make_task(data_cfg, *, split_files: str = ""):
   """The seqio Task for a config: TFDS name, or text files when given."""
   import seqio
@@ -107,17 +123,9 @@ def make_task(data_cfg, *, split_files: str = ""):
     name = "files"
   else:
     data_dir = tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
+    _check_tfds(data_cfg.tfds_name, data_dir)
     source = seqio.TfdsDataSource(data_cfg.tfds_name, tfds_data_dir=data_dir)
     name = data_cfg.tfds_name
-    try:
-      splits = source.splits
-    except Exception as e:  # TFDS raises several types for a missing dataset.
-      raise UsageError(
-          f"dataset {data_cfg.tfds_name!r} not found in TFDS data dir "
-          f"{data_dir!r} ({type(e).__name__}); set TFDS_DATA_DIR or "
-          "--config.data.tfds_data_dir to the folder that holds it (offline "
-          "copies: ../shared/data/tensorflow_datasets)") from None
-    del splits
   return seqio.Task(
       name.replace("/", "_").replace(":", "_"),
       source=source,

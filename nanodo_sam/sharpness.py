@@ -1,0 +1,347 @@
+"""Exact curvature diagnostics of the token loss: Hessian, GGN, functional part.
+
+The loss is L(theta) = cross_entropy(logits_fn(theta, inputs), batch). With
+J the Jacobian of the logits and r = dL/dlogits, its Hessian splits as
+(Singh et al., eq. 8)
+
+  H = H_G + H_F,   H_G = J^T [d^2 L / dlogits^2] J,   H_F = sum_k r_k d^2 f_k,
+
+the Gauss-Newton (logit path) and functional Hessian (functional path). All
+products are exact autodiff products (no finite differences), jit-able, and
+run in at least float32 whatever the model's activation dtype.
+
+Fixed evaluation batches: every function also accepts a stacked batch whose
+arrays are [K, B, L]. Its loss is the mean over the K per-batch losses, so
+every product is the mean of the per-batch products; `_over_batches` visits
+the K batches one at a time with `lax.scan` (memory of one batch).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from nanodo_sam.model import cross_entropy
+
+Batch = dict[str, Any]
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------- helpers --
+
+
+def _over_batches(fn: Callable[[Batch], Any], batch: Batch) -> Any:
+  """fn(one [B, L] batch) -> pytree; for a [K, B, L] batch, the mean over K."""
+  ndim = batch["inputs"].ndim
+  if ndim == 2:
+    return fn(batch)
+  if ndim != 3:
+    raise ValueError(
+        f"batch['inputs'] has shape {batch['inputs'].shape}; pass [B, L] or a "
+        "stack of K evaluation batches [K, B, L]")
+  K = batch["inputs"].shape[0]
+  shapes = jax.eval_shape(fn, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(total, one_batch):
+    return jax.tree.map(jnp.add, total, fn(one_batch)), None
+
+  total, _ = lax.scan(body, zeros, batch)
+  return jax.tree.map(lambda t: t / K, total)
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _upcast(params):
+  """Parameters in (at least) float32, so every product runs in float32."""
+  return jax.tree.map(lambda p: p.astype(_compute_dtype(p.dtype)), params)
+
+
+def _like(v, params):
+  return jax.tree.map(lambda x, p: jnp.asarray(x, p.dtype), v, params)
+
+
+def _vdot(a, b) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in
+             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _norm(a) -> jax.Array:
+  return jnp.sqrt(_vdot(a, a))
+
+
+def _check_count(name: str, value) -> None:
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value < 1):
+    raise ValueError(f"{name}={value!r} must be a positive Python int; "
+                     f"pass e.g. {name}=20")
+
+
+def _loss(params, batch: Batch, logits_fn: LogitsFn) -> jax.Array:
+  return cross_entropy(logits_fn(params, batch["inputs"]), batch)
+
+
+def _token_scale(weights_BxL: jax.Array, dtype) -> jax.Array:
+  """w_t / sum(w), exactly the per-token weighting of `cross_entropy`."""
+  weights_BxL = weights_BxL.astype(dtype)
+  return weights_BxL / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+
+def _logit_hessian_vp(logits_BxLxV, u_BxLxV, weights_BxL) -> jax.Array:
+  """d^2 L / dlogits^2 times u: per token (w_t/sum w) (p*u - p <p, u>).
+
+  diag(p) - p p^T is never materialised, so memory stays O(B L V).
+  """
+  dtype = _compute_dtype(logits_BxLxV.dtype)
+  p_BxLxV = jax.nn.softmax(logits_BxLxV.astype(dtype), axis=-1)
+  pu_BxLxV = p_BxLxV * u_BxLxV.astype(dtype)
+  hu_BxLxV = pu_BxLxV - p_BxLxV * jnp.sum(pu_BxLxV, axis=-1, keepdims=True)
+  return hu_BxLxV * _token_scale(weights_BxL, dtype)[..., None]
+
+
+# ------------------------------------------------- single-batch products --
+
+
+def _hvp_one(params, batch, v, logits_fn):
+  grad_fn = jax.grad(_loss)
+  return jax.jvp(lambda p: grad_fn(p, batch, logits_fn), (params,), (v,))[1]
+
+
+def _ggn_vp_one(params, batch, v, logits_fn):
+  logits_BxLxV, jvp_fn = jax.linearize(
+      lambda p: logits_fn(p, batch["inputs"]), params)
+  hu_BxLxV = _logit_hessian_vp(logits_BxLxV, jvp_fn(v), batch["weights"])
+  (out,) = jax.linear_transpose(jvp_fn, params)(
+      hu_BxLxV.astype(logits_BxLxV.dtype))
+  return out
+
+
+def _functional_vp_one(params, batch, v, logits_fn):
+  """H_F v = d/dt J(theta + t v)^T r at t=0, with r = dL/dlogits held fixed.
+
+  Computed directly rather than as H v - H_G v: when the functional path is
+  small (the language-model case) the difference would lose its digits.
+  """
+  def jacobian_t_r(p):
+    logits_BxLxV, vjp_fn = jax.vjp(lambda q: logits_fn(q, batch["inputs"]), p)
+    r_BxLxV = lax.stop_gradient(jax.grad(cross_entropy)(logits_BxLxV, batch))
+    return vjp_fn(r_BxLxV)[0]
+
+  return jax.jvp(jacobian_t_r, (params,), (v,))[1]
+
+
+def _ggn_quad_one(params, batch, v, logits_fn):
+  """v^T H_G v = (J v)^T [d^2 L/dlogits^2] (J v): one forward-mode pass."""
+  logits_BxLxV, u_BxLxV = jax.jvp(
+      lambda p: logits_fn(p, batch["inputs"]), (params,), (v,))
+  hu_BxLxV = _logit_hessian_vp(logits_BxLxV, u_BxLxV, batch["weights"])
+  return jnp.sum(hu_BxLxV * u_BxLxV.astype(hu_BxLxV.dtype))
+
+
+def _product(one_fn, params, batch, v, logits_fn):
+  params = _upcast(params)
+  v = _like(v, params)
+  return _over_batches(lambda b: one_fn(params, b, v, logits_fn), batch)
+
+
+# ------------------------------------------------------------ public API --
+
+
+def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+  """H v, exact, forward-over-reverse (jvp of grad)."""
+  return _product(_hvp_one, params, batch, v, logits_fn)
+
+
+def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+  """H_G v = J^T [d^2 L/dlogits^2] J v: jvp, softmax-CE Hessian, vjp."""
+  return _product(_ggn_vp_one, params, batch, v, logits_fn)
+
+
+def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+  """H_F v = H v - H_G v (computed directly, see `_functional_vp_one`)."""
+  return _product(_functional_vp_one, params, batch, v, logits_fn)
+
+
+def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn):
+  """(L, dL/dtheta); on a [K, B, L] batch the mean over the K batches."""
+  params = _upcast(params)
+  return _over_batches(
+      lambda b: jax.value_and_grad(_loss)(params, b, logits_fn), batch)
+
+
+def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
+                  direction=None) -> dict[str, jax.Array]:
+  """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
+
+  e = g/||g|| (the SAM direction) unless `direction` is given (normalised
+  here). delta_logit = H_G e, delta_func = H_F e, delta = H e; the taus
+  tau_logit + tau_func + tau_cross = 1 (NaN if H e = 0). Returns scalars:
+  loss, grad_norm, tau_logit, tau_func, tau_cross, delta_logit_norm,
+  delta_func_norm, delta_norm.
+  """
+  params = _upcast(params)
+  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn)
+  grad_norm = _norm(grad)
+  e = grad if direction is None else _like(direction, params)
+  e_norm = _norm(e)
+  e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
+  d_logit = ggn_vp(params, batch, e, logits_fn=logits_fn)
+  d_func = functional_hessian_vp(params, batch, e, logits_fn=logits_fn)
+  delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
+  logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
+  cross, delta_sq = 2.0 * _vdot(d_logit, d_func), _vdot(delta, delta)
+  return {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "tau_logit": logit_sq / delta_sq,
+      "tau_func": func_sq / delta_sq,
+      "tau_cross": cross / delta_sq,
+      "delta_logit_norm": jnp.sqrt(logit_sq),
+      "delta_func_norm": jnp.sqrt(func_sq),
+      "delta_norm": jnp.sqrt(delta_sq),
+  }
+
+
+def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
+               num_iters: int = 20, tol: float = 1e-3, rng: jax.Array):
+  """Largest-magnitude eigenvalue of H by Lanczos with full reorthogonalisation.
+
+  At most `num_iters` Hessian-vector products; stops once the Ritz residual
+  ||H y - theta y|| <= tol |theta|, which bounds the relative distance of
+  theta to an eigenvalue of H by tol. Memory: num_iters parameter copies.
+  Returns (eigenvalue, unit eigenvector as a params tree, iterations used);
+  the eigenvalue is signed (away from a minimum it may be negative).
+  """
+  _check_count("num_iters", num_iters)
+  params = _upcast(params)
+  flat, unravel = ravel_pytree(params)
+  k = min(num_iters, flat.size)
+
+  def matvec(x):
+    return ravel_pytree(hvp(params, batch, unravel(x), logits_fn=logits_fn))[0]
+
+  q0 = jax.random.normal(rng, flat.shape, flat.dtype)
+  basis_KxP = jnp.zeros((k,) + flat.shape, flat.dtype).at[0].set(
+      q0 / jnp.linalg.norm(q0))
+  zeros_K = jnp.zeros((k,), flat.dtype)
+
+  def cond(state):
+    j, _, _, _, _, _, done = state
+    return (j < k) & ~done
+
+  def body(state):
+    j, basis_KxP, alpha_K, beta_K, _, _, _ = state
+    w = matvec(basis_KxP[j])
+    alpha_K = alpha_K.at[j].set(jnp.vdot(basis_KxP[j], w))
+    for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
+      w = w - basis_KxP.T @ (basis_KxP @ w)
+    b = jnp.linalg.norm(w)
+    off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
+    t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
+    evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
+    i = jnp.argmax(jnp.abs(evals_K))
+    theta, s_K = evals_K[i], evecs_KxK[:, i]
+    tiny = jnp.finfo(flat.dtype).tiny
+    done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
+    basis_KxP = basis_KxP.at[j + 1].set(w / jnp.maximum(b, tiny), mode="drop")
+    return j + 1, basis_KxP, alpha_K, beta_K.at[j].set(b), theta, s_K, done
+
+  init = (jnp.int32(0), basis_KxP, zeros_K, zeros_K, jnp.zeros((), flat.dtype),
+          zeros_K, jnp.array(False))
+  iters, basis_KxP, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
+  y = basis_KxP.T @ s_K
+  return theta, unravel(y / jnp.linalg.norm(y)), iters
+
+
+def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng):
+  """Mean and standard error of z^T A z over Rademacher probes z."""
+  _check_count("num_probes", num_probes)
+  params = _upcast(params)
+  flat, unravel = ravel_pytree(params)
+
+  def probe(key):
+    z = unravel(jax.random.rademacher(key, flat.shape).astype(flat.dtype))
+    return _over_batches(lambda b: quad_one(params, b, z, logits_fn), batch)
+
+  values_N = lax.map(probe, jax.random.split(rng, num_probes))
+  stderr = (jnp.std(values_N, ddof=1) / math.sqrt(num_probes)
+            if num_probes > 1 else jnp.full((), jnp.nan, values_N.dtype))
+  return jnp.mean(values_N), stderr
+
+
+def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
+                  num_probes: int, rng: jax.Array):
+  """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe)."""
+  def quad_one(p, b, z, f):
+    return _vdot(z, _hvp_one(p, b, z, f))
+  return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng)
+
+
+def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
+              num_probes: int, rng: jax.Array):
+  """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
+  return _hutchinson(_ggn_quad_one, params, batch, logits_fn, num_probes, rng)
+
+
+def sam_edge(lr, rho, grad_norm) -> jax.Array:
+  """Long & Bartlett's SAM edge of stability: the lambda > 0 solving
+
+  lr * lambda * (1 + rho * lambda / ||g||) = 2, written in the rationalised
+  form 4 / (lr (1 + sqrt(1 + 8 rho / (lr ||g||)))): exactly 2/lr at rho = 0,
+  stable for small rho, and 0 (not NaN) when ||g|| = 0 < rho.
+  """
+  lr, rho, grad_norm = (jnp.asarray(x, jnp.result_type(float))
+                        for x in (lr, rho, grad_norm))
+  denom = lr * grad_norm
+  ratio = jnp.where(rho == 0, 0.0, rho / jnp.where(rho == 0, 1.0, denom))
+  return 4.0 / (lr * (1.0 + jnp.sqrt(1.0 + 8.0 * ratio)))
+
+
+def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
+                num_iters: int, num_probes: int, rng: jax.Array,
+                direction=None) -> dict[str, jax.Array]:
+  """Every sharpness number the training loop and `nanodo-sam analyze` log.
+
+  Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
+  hessian_trace, hessian_trace_stderr, ggn_trace, ggn_trace_stderr,
+  sam_edge (at this grad_norm), two_over_lr. Both traces use the same probes,
+  so their difference tr(H_F) has the smaller common-probe variance.
+  """
+  _check_count("num_iters", num_iters)
+  _check_count("num_probes", num_probes)
+  if isinstance(lr, (int, float)) and not lr > 0:
+    raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
+  if isinstance(rho, (int, float)) and not rho >= 0:
+    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
+                     "for no SAM)")
+  eig_rng, trace_rng = jax.random.split(rng)
+  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction)
+  lam, _, _ = lambda_max(params, batch, logits_fn=logits_fn,
+                         num_iters=num_iters, rng=eig_rng)
+  tr, tr_se = hessian_trace(params, batch, logits_fn=logits_fn,
+                            num_probes=num_probes, rng=trace_rng)
+  gtr, gtr_se = ggn_trace(params, batch, logits_fn=logits_fn,
+                          num_probes=num_probes, rng=trace_rng)
+  return {
+      "loss": dec["loss"],
+      "grad_norm": dec["grad_norm"],
+      "tau_logit": dec["tau_logit"],
+      "tau_func": dec["tau_func"],
+      "tau_cross": dec["tau_cross"],
+      "lambda_max": lam,
+      "hessian_trace": tr,
+      "hessian_trace_stderr": tr_se,
+      "ggn_trace": gtr,
+      "ggn_trace_stderr": gtr_se,
+      "sam_edge": sam_edge(lr, rho, dec["grad_norm"]),
+      "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
+  }
