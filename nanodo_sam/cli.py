@@ -80,8 +80,11 @@ def _add_config_paths(argv) -> None:
 def _parse(command: str, argv) -> flags.FlagValues:
   fv = _define_flags(command)
   _add_config_paths(argv)
+  saved_argv = sys.argv
+  # config_flags discovers --config.* overrides by reading sys.argv.
+  sys.argv = ["nanodo-sam " + command] + list(argv)
   try:
-    fv([command] + list(argv))
+    fv(sys.argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, (KeyError, AttributeError)):
@@ -90,6 +93,8 @@ def _parse(command: str, argv) -> flags.FlagValues:
              if a.startswith("--config.") and key in a.split("=")[0]]
       msg = f"unknown config key {bad[0] if bad else key!r}"
     _fail(f"{msg} (see configs/base.py for every key)")
+  finally:
+    sys.argv = saved_argv
   return fv
 
 

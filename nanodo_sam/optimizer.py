@@ -66,8 +66,13 @@ def adam_preconditioner(opt_state, *, b2: float, eps: float):
   Returns (P, has_second_moment). Before the first update (count 0) there is
   no second moment yet and P is all ones (the unpreconditioned step).
   """
-  nu = optax.tree_utils.tree_get(opt_state, "nu")
-  count = optax.tree_utils.tree_get(opt_state, "count")
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam)
+          if is_adam(x)]
+  if len(adam) != 1:
+    raise ValueError("the preconditioned methods need exactly one AdamW "
+                     "state in the optimizer; use opt.optimizer='adamw'")
+  nu, count = adam[0].nu, adam[0].count
   has_moment = count > 0
   bias = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)
   precond = jax.tree.map(

@@ -8,6 +8,7 @@ along `tensor`, and the batch is split over data x fsdp.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import flax.linen as nn
@@ -17,6 +18,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nanodo_sam.config import UsageError
+
+log = logging.getLogger("nanodo_sam")
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -79,10 +82,57 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
-def logical_to_sharding(logical_tree, mesh: Mesh):
-  """Tree of logical PartitionSpecs (or boxed values) -> NamedShardings."""
-  specs = nn.get_partition_spec(logical_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+  """`spec` without the mesh axes that do not divide their array dimension.
+
+  A dimension split over mesh axes (a, b, ...) keeps the longest prefix whose
+  sizes multiply to a divisor of it; the rest of it is replicated. So an odd
+  vocabulary (V=32101) stays whole along `tensor` while still split along
+  `fsdp` by its embedding dimension.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept, size = [], 1
+    for name in names:
+      if dim % (size * mesh.shape[name]):
+        break
+      kept.append(name)
+      size *= mesh.shape[name]
+    if len(kept) == len(names):
+      out.append(axes)
+    else:
+      out.append(tuple(kept) if len(kept) > 1 else
+                 (kept[0] if kept else None))
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def logical_to_sharding(boxed_tree, mesh: Mesh):
+  """Tree of boxed (nn.LogicallyPartitioned) abstract values -> NamedShardings.
+
+  Logical names go through `RULES`; a mesh axis that does not divide its
+  dimension is dropped for that array (see `fit_spec`). Unboxed leaves (step,
+  rng, optimizer counts) are replicated.
+  """
+
+  def one(x):
+    if isinstance(x, nn.meta.AxisMetadata):
+      spec = nn.logical_to_mesh_axes(x.get_partition_spec(), RULES)
+      shape = nn.meta.unbox(x).shape
+      fitted = fit_spec(spec, shape, mesh)
+      if fitted != fit_spec(spec, (0,) * len(shape), mesh):
+        log.info("%s %s: not every mesh axis divides it; sharded as %s "
+                 "instead of %s", x.names, shape, fitted, spec)
+      return NamedSharding(mesh, fitted)
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

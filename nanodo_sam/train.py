@@ -129,7 +129,7 @@ def make_train_step(s: Setup, method: str):
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
-                   update_norm=optax.global_norm(updates))
+                   update_norm=optax.tree.norm(updates))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       rng=state.rng), metrics
 

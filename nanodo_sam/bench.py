@@ -1,0 +1,410 @@
+"""`nanodo-sam bench`: cost of every gradient method, side by side.
+
+For each model size and method this compiles the real train step
+(`train.setup` / `init_state` / `jit_train_step`, the state donated), feeds it
+one synthetic random-token batch of the config's shape (no data pipeline), and
+after warm-up measures:
+
+- step time: median, p10 and p90 over timed steps (one host sync per step, so
+  it is latency as the train loop sees it at steady state); for `every_k`
+  variants one sample is one whole k-step cycle divided by k;
+- tokens/s = batch_size * L / median step time;
+- model FLOPs per token (one forward + backward of the plain step), counting
+  every matmul and nothing else:
+
+      6 * N_nonembed + 6 * V * D + 12 * n_layers * L * D
+
+  6 * N_nonembed for attention projections and MLP (2 forward, 4 backward per
+  parameter per token; LayerNorm scales are counted too, which is negligible),
+  6 * V * D for the tied output layer (a [D, V] matmul per token; the input
+  lookup is free), 12 * n_layers * L * D for the attention scores and values
+  (q.k over L keys and p.v, 2 * L * D each forward, x3 with backward; the
+  causal mask is not exploited, XLA computes the full L x L product);
+- method FLOPs per token = model FLOPs * (2 * forwards + 4 * backwards) / 6,
+  with the passes of `COST` (SAM: 2 forwards + 2 backwards = 2x);
+- MFU = method FLOPs per token * tokens/s / the device's peak (`PEAK_FLOPS`,
+  dense bf16); n/a on CPU, whose peak is neither known nor meaningful here;
+- compile time (lower + compile of every step kind the variant uses);
+- memory: XLA's buffer assignment for the compiled step,
+  `argument + output - alias + temp` bytes from `compiled.memory_analysis()`
+  (works on every backend, is deterministic, and is the figure to compare
+  methods by), plus `device.memory_stats()['peak_bytes_in_use']` where the
+  backend has it (a process-wide high-water mark: it only grows across rows);
+- ratios of step time and memory to AdamW's, measured in the same run.
+
+A method spec is `METHOD[:k=K][:reuse]`: `functional_sam:k=5` takes the
+Functional-SAM gradient every 5th step and the plain gradient in between
+(`sam.every_k`); `:reuse` adds the LookSAM-style correction of the steps in
+between (`sam.reuse="functional"`), when the train loop supports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from nanodo_sam import config as config_lib
+from nanodo_sam import model as model_lib
+from nanodo_sam import sam as sam_lib
+from nanodo_sam import sharding
+from nanodo_sam import train as train_lib
+from nanodo_sam.config import UsageError
+
+# The paper's sizes by name (D, H, N; F = 4D). TODO: dedupe with
+# configs/sizes.py once it lands.
+SIZES = {
+    "2M": dict(D=256, H=4, N=3, F=1024),
+    "23.9M": dict(D=576, H=9, N=6, F=2304),
+    "42.5M": dict(D=768, H=12, N=6, F=3072),
+    "117.9M": dict(D=1280, H=20, N=6, F=5120),
+    "1208M": dict(D=4096, H=64, N=6, F=16384),
+}
+
+# Dense bf16 peak FLOP/s by device kind (substring of `device.device_kind`).
+PEAK_FLOPS = (
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+)
+
+# (forwards, backwards) through the network per step (tests/test_sam.py).
+COST = {"adamw": (1, 1), "sam": (2, 2), "functional_sam": (2, 2),
+        "logit_sam": (2, 2), "angle_sam": (2, 3), "precond_sam": (2, 2),
+        "precond_functional_sam": (2, 2)}
+RHO = 0.05
+ANGLE_PHI = math.pi / 4
+PAPER_METHODS = ("adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
+                 "precond_sam", "precond_functional_sam")
+CHEAP_VARIANTS = ("precond_functional_sam:k=2", "precond_functional_sam:k=5",
+                  "precond_functional_sam:k=5:reuse")
+WARMUP_STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One benchmarked row: a gradient method and how often it is taken."""
+
+  method: str
+  every_k: int = 1
+  reuse: bool = False
+
+  @property
+  def name(self) -> str:
+    return (self.method + (f":k={self.every_k}" if self.every_k > 1 else "")
+            + (":reuse" if self.reuse else ""))
+
+
+def parse_variant(spec: str) -> Variant:
+  method, *opts = spec.strip().split(":")
+  if method not in sam_lib.METHODS:
+    raise UsageError(f"--methods: unknown method {method!r}; use 'all' or "
+                     f"METHOD[:k=K][:reuse] with METHOD in "
+                     f"{', '.join(sam_lib.METHODS)}")
+  every_k, reuse = 1, False
+  for opt in opts:
+    if opt.startswith("k=") and opt[2:].isdigit() and int(opt[2:]) >= 1:
+      every_k = int(opt[2:])
+    elif opt == "reuse":
+      reuse = True
+    else:
+      raise UsageError(f"--methods: bad option {opt!r} in {spec!r}; use "
+                       "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse")
+  if method == "adamw" and (every_k > 1 or reuse):
+    raise UsageError(f"--methods: {spec!r}: adamw takes no :k= or :reuse")
+  return Variant(method, every_k, reuse)
+
+
+def parse_methods(methods) -> list[Variant]:
+  if isinstance(methods, str):
+    methods = [m for m in methods.split(",") if m.strip()]
+  out = []
+  for m in methods or ["all"]:
+    if m.strip() == "all":
+      out += [Variant(x) for x in PAPER_METHODS]
+      out += [parse_variant(x) for x in CHEAP_VARIANTS
+              if _reuse_supported() or ":reuse" not in x]
+    else:
+      out.append(parse_variant(m))
+  seen = set()
+  return [v for v in out if not (v in seen or seen.add(v))]
+
+
+def parse_sizes(sizes) -> list[str]:
+  if isinstance(sizes, str):
+    sizes = [s.strip() for s in sizes.split(",") if s.strip()]
+  for s in sizes:
+    if s not in SIZES:
+      raise UsageError(f"--sizes: unknown size {s!r}; use some of "
+                       f"{', '.join(SIZES)} (or none for the config's model)")
+  return list(sizes)
+
+
+def _reuse_supported() -> bool:
+  return hasattr(train_lib, "step_kind")
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
+  """6*N_nonembed + 6*V*D + 12*N*L*D (see the module docstring)."""
+  n_nonembed = N * (4 * D * D + 2 * D * F + 2 * D) + D
+  return 6.0 * n_nonembed + 6.0 * V * D + 12.0 * N * L * D
+
+
+def method_flops_factor(method: str, every_k: int = 1) -> float:
+  """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
+  fwd, bwd = COST[method]
+  full = (2 * fwd + 4 * bwd) / 6
+  return (full + (every_k - 1)) / every_k
+
+
+def _variant_config(cfg, size: str | None, v: Variant):
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    if size is not None:
+      c.model.update(**SIZES[size])
+      if "size_name" in c.model:
+        c.model.size_name = size
+    c.sam.method = v.method
+    c.sam.rho = 0.0 if v.method == "adamw" else RHO
+    c.sam.phi = ANGLE_PHI if v.method in sam_lib.PHI_METHODS else None
+    c.sam.every_k = v.every_k
+    c.sam.start_step = 0
+    c.sam.end_step = -1
+    c.sam.rho_warmup_steps = 0
+    c.diagnostics.every_steps = 0
+    if v.reuse:
+      if "reuse" not in c.sam or not _reuse_supported():
+        raise UsageError(f"--methods={v.name}: this train loop has no "
+                         "sam.reuse; drop ':reuse'")
+      c.sam.reuse = "functional"
+    elif "reuse" in c.sam:
+      c.sam.reuse = "none"
+  return c
+
+
+def _step_kinds(cfg, k: int) -> list:
+  """The step functions' keys for steps 0..k-1 of the schedule."""
+  if _reuse_supported():
+    return [train_lib.step_kind(cfg.sam, i) for i in range(k)]
+  return ["sam" if train_lib.uses_sam_step(cfg.sam, i) else "plain"
+          for i in range(k)]
+
+
+def _jit_kind(s, cfg, kind):
+  if kind == "sam":
+    return train_lib.jit_train_step(s, cfg.sam.method)
+  if kind == "reuse":
+    return train_lib.jit_train_step(s, "adamw", correct=True)
+  return train_lib.jit_train_step(s, "adamw")
+
+
+def synthetic_batch(cfg, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  B, L, V = cfg.data.batch_size, cfg.model.L, cfg.model.V
+  return {
+      "inputs": rng.integers(0, V, (B, L), dtype=np.int32),
+      "targets": rng.integers(0, V, (B, L), dtype=np.int32),
+      "weights": np.ones((B, L), np.float32),
+  }
+
+
+def memory_bytes(compiled) -> dict:
+  """XLA's buffer assignment for a compiled step (any backend)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp")}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def _device_peak_bytes(device) -> int | None:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return (stats or {}).get("peak_bytes_in_use")
+
+
+def bench_variant(cfg, size: str | None, v: Variant, steps: int) -> dict:
+  """Compiles, warms up and times one (size, method) row."""
+  c = _variant_config(cfg, size, v)
+  s = train_lib.setup(c)
+  state = train_lib.init_state(s, c.seed)
+  batch = sharding.global_batch(synthetic_batch(c), s.mesh)
+  kinds = _step_kinds(c, v.every_k)
+  compiled, mems, t_compile = {}, [], 0.0
+  for kind in dict.fromkeys(kinds):
+    t0 = time.perf_counter()
+    compiled[kind] = _jit_kind(s, c, kind).lower(state, batch).compile()
+    t_compile += time.perf_counter() - t0
+    mems.append(memory_bytes(compiled[kind]))
+  mem = max(mems, key=lambda m: m.get("total", 0))
+
+  def cycle(state):
+    for kind in kinds:
+      state, metrics = compiled[kind](state, batch)
+    return state, metrics
+
+  for _ in range(WARMUP_STEPS):
+    state, metrics = cycle(state)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(max(3, math.ceil(steps / v.every_k))):
+    t0 = time.perf_counter()
+    state, metrics = cycle(state)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / v.every_k)
+  loss = float(jax.device_get(metrics["loss"]))
+
+  m = c.model
+  device = jax.devices()[0]
+  tokens = c.data.batch_size * m.L
+  median = float(np.median(times))
+  flops_tok = model_flops_per_token(m.D, m.N, m.F, m.L, m.V)
+  factor = method_flops_factor(v.method, v.every_k)
+  peak = peak_flops(device)
+  tok_s = tokens / median
+  return {
+      "size": size or f"D{m.D}-N{m.N}",
+      "method": v.name,
+      "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
+      "batch_size": c.data.batch_size, "dtype": m.dtype,
+      "non_embedding_params": model_lib.non_embedding_params(
+          model_lib.DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V)),
+      "step_s_median": median,
+      "step_s_p10": float(np.percentile(times, 10)),
+      "step_s_p90": float(np.percentile(times, 90)),
+      "timed_samples": len(times),
+      "tokens_per_s": tok_s,
+      "model_flops_per_token": flops_tok,
+      "method_flops_factor": factor,
+      "mfu": (flops_tok * factor * tok_s / peak) if peak else None,
+      "compile_s": t_compile,
+      "memory_bytes": mem,
+      "device_peak_bytes_in_use": _device_peak_bytes(device),
+      "final_loss": loss,
+  }
+
+
+def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json"
+        ) -> dict:
+  """Benchmarks every (size, method); prints a table, writes JSON to `out`.
+
+  `sizes`: names from `SIZES` (empty: the config's own model); `methods`:
+  'all' or specs `METHOD[:k=K][:reuse]` (list or comma-separated string).
+  """
+  sizes = parse_sizes(sizes) or [None]
+  variants = parse_methods(methods)
+  if steps < 1:
+    raise UsageError(f"--steps={steps} must be >= 1")
+  for size in sizes:  # Validate every row before any work.
+    for v in variants:
+      config_lib.validate(_variant_config(cfg, size, v),
+                                    num_devices=jax.device_count())
+  rows = []
+  for size in sizes:
+    for v in variants:
+      rows.append(bench_variant(cfg, size, v, steps))
+      print(format_row(rows[-1]), flush=True)
+  _add_ratios(rows)
+  device = jax.devices()[0]
+  result = {
+      "date": datetime.date.today().isoformat(),
+      "hardware": {
+          "platform": device.platform,
+          "device_kind": device.device_kind,
+          "device_count": jax.device_count(),
+          "cpu": _cpu_model(),
+          "peak_flops": peak_flops(device),
+      },
+      "versions": {"jax": jax.__version__, "python": platform.python_version()},
+      "steps": steps,
+      "warmup_steps": WARMUP_STEPS,
+      "rho": RHO,
+      "angle_phi": ANGLE_PHI,
+      "flops_formula": "model_flops_per_token = 6*N_nonembed + 6*V*D + "
+                       "12*n_layers*L*D; method FLOPs = model FLOPs * "
+                       "(2*forwards + 4*backwards)/6",
+      "memory_formula": "argument + output - alias + temp bytes of "
+                        "jit(step).lower(state, batch).compile()."
+                        "memory_analysis()",
+      "rows": rows,
+  }
+  print()
+  print(format_table(rows))
+  if out:
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _add_ratios(rows: list[dict]) -> None:
+  base = {(r["size"]): r for r in rows if r["method"] == "adamw"}
+  for r in rows:
+    b = base.get(r["size"])
+    r["time_vs_adamw"] = r["step_s_median"] / b["step_s_median"] if b else None
+    r["memory_vs_adamw"] = (r["memory_bytes"].get("total", 0)
+                            / b["memory_bytes"]["total"]
+                            if b and b["memory_bytes"].get("total") else None)
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+COLUMNS = ("size", "method", "step ms", "p10-p90 ms", "x AdamW", "tokens/s",
+           "GFLOP/tok", "MFU", "compile s", "memory MB", "x AdamW")
+
+
+def _cells(r: dict) -> list[str]:
+  fmt_ratio = lambda x: "" if x is None else f"{x:.2f}"
+  return [
+      r["size"], r["method"], f"{1e3 * r['step_s_median']:.1f}",
+      f"{1e3 * r['step_s_p10']:.1f}-{1e3 * r['step_s_p90']:.1f}",
+      fmt_ratio(r.get("time_vs_adamw")), f"{r['tokens_per_s']:,.0f}",
+      f"{r['model_flops_per_token'] * r['method_flops_factor'] / 1e9:.4f}",
+      "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+      f"{r['compile_s']:.1f}",
+      f"{r['memory_bytes'].get('total', 0) / 2**20:,.1f}",
+      fmt_ratio(r.get("memory_vs_adamw")),
+  ]
+
+
+def format_row(r: dict) -> str:
+  return "  ".join(f"{k}={v}" for k, v in zip(COLUMNS, _cells(r))
+                   if not k.startswith("x "))
+
+
+def format_table(rows: list[dict]) -> str:
+  """A GitHub markdown table."""
+  lines = ["| " + " | ".join(COLUMNS) + " |",
+           "|" + "|".join("---" for _ in COLUMNS) + "|"]
+  lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+  return "\n".join(lines)

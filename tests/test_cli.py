@@ -1,0 +1,111 @@
+"""`nanodo-sam`: params, eval, and bad input (one line, exit 2, disk intact)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, needs_data
+from nanodo_sam import cli
+
+QUICK = os.path.join(ROOT, "configs", "quickstart.py")
+TINY = ["--config.model.D=32", "--config.model.H=2", "--config.model.N=1",
+        "--config.model.F=64", "--config.model.L=32",
+        "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
+        "--config.data.eval_steps=1", "--config.opt.num_train_steps=4",
+        "--config.opt.warmup_steps=1", "--config.eval_every_steps=0",
+        "--config.checkpoint_every_steps=0"]
+
+
+def _run(capsys, *argv):
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+    raise SystemExit(0)
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
+def _assert_one_line_error(code, err, pattern):
+  assert code == 2
+  lines = [l for l in err.strip().splitlines() if l.startswith("nanodo-sam")]
+  assert len(lines) == 1, err
+  assert lines[0].startswith("nanodo-sam: error:")
+  assert pattern in lines[0], lines[0]
+
+
+def test_params_prints_total_and_non_embedding_counts(capsys):
+  code, out, _ = _run(capsys, "params", f"--config={QUICK}",
+                      "--config.model.D=256", "--config.model.H=4",
+                      "--config.model.N=3", "--config.model.F=1024")
+  assert code == 0
+  counts = json.loads(out.strip().splitlines()[-1])
+  assert counts["non_embedding_params"] == 2_361_088
+  assert counts["total_params"] == 2_361_088 + 259 * 256 + 128 * 256
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("--config.model.nope=1", "unknown config key"),
+    ("--config.sam.method=magic_sam", "sam.method='magic_sam' is unknown"),
+    ("--config.sam.rho=-0.1", "must be >= 0"),
+    ("--config.sam.phi=0.3", "sam.phi=0.3 is ignored"),
+    ("--config.opt.optimizer=rmsprop", "opt.optimizer='rmsprop'"),
+    ("--config.data.vocab=/nonexistent/spm.model", "vocabulary file not found"),
+    ("--config.data.tfds_name=tiny_shakespeare:1.0.0 "
+     "--config.data.tfds_data_dir=/nonexistent", "not found in TFDS data dir"),
+])
+def test_bad_train_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path, capsys, override, pattern):
+  workdir = tmp_path / "run"
+  code, _, err = _run(capsys, "train", f"--config={QUICK}",
+                      f"--workdir={workdir}", *override.split(), *TINY)
+  _assert_one_line_error(code, err, pattern)
+  assert not workdir.exists()
+
+
+def test_precond_method_refuses_sgd(tmp_path, capsys):
+  code, _, err = _run(capsys, "train", f"--config={QUICK}",
+                      f"--workdir={tmp_path / 'r'}", *TINY,
+                      "--config.sam.method=precond_sam",
+                      "--config.opt.optimizer=sgd")
+  _assert_one_line_error(code, err, "precond")
+
+
+@needs_data
+def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code, out, _ = _run(capsys, "train", f"--config={QUICK}",
+                      f"--workdir={workdir}", *TINY)
+  assert code == 0
+  before = {p: os.path.getmtime(os.path.join(dp, p))
+            for dp, _, fs in os.walk(workdir) for p in fs}
+  code, _, err = _run(capsys, "train", f"--config={QUICK}",
+                      f"--workdir={workdir}", *TINY, "--config.model.D=64")
+  _assert_one_line_error(code, err, "different model")
+  after = {p: os.path.getmtime(os.path.join(dp, p))
+           for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+  code, out, _ = _run(capsys, "eval", f"--workdir={workdir}")
+  assert code == 0 and "eval_loss" in out
+  code, _, err = _run(capsys, "eval", f"--workdir={workdir}", "--step=3")
+  _assert_one_line_error(code, err, "no checkpoint for step 3")
+
+
+def test_eval_without_a_run_and_unknown_command(tmp_path, capsys):
+  code, _, err = _run(capsys, "eval", f"--workdir={tmp_path}")
+  _assert_one_line_error(code, err, "no run in")
+  code, _, err = _run(capsys, "frobnicate")
+  _assert_one_line_error(code, err, "unknown command")
+
+
+def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "nanodo_sam.cli", "train", f"--config={QUICK}",
+       f"--workdir={workdir}", *TINY, "--config.data.batch_size=12"],
+      env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  _assert_one_line_error(proc.returncode, proc.stderr, "not divisible")
+  assert not workdir.exists()
