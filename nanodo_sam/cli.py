@@ -169,7 +169,58 @@ def cmd_params(fv) -> None:
                     "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D}))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+SHARPNESS_COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",
+                     "tau_logit", "tau_func", "tau_cross", "sam_edge",
+                     "two_over_lr")
+
+
+def cmd_analyze(fv) -> None:
+  """Sharpness of a checkpoint (Table 4 columns) -> sharpness.json."""
+  import jax
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import evaluate, sharding, sharpness
+  from nanodo_sam import optimizer as optimizer_lib
+  from nanodo_sam import train as train_lib
+  cfg = _load_run_config(fv.workdir)
+  d = cfg.diagnostics
+  for key in ("num_batches", "num_iters", "num_probes"):
+    value = getattr(fv, key)
+    if value is not None:
+      if value < 1:
+        raise UsageError(f"--{key}={value} must be >= 1")
+      d[key] = value
+  cfg.data.eval_steps = max(cfg.data.eval_steps, d.num_batches)
+  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
+  eval_data = data_lib.eval_batches(cfg)
+  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
+                                      sharding.batch_sharding(s.mesh))
+  loss = evaluate.eval_loss(eval_step, state.params, eval_data,
+                            lambda b: sharding.global_batch(b, s.mesh))
+  lr = float(optimizer_lib.learning_rate_schedule(cfg.opt)(max(step - 1, 0)))
+  lr = lr if lr > 0 else cfg.opt.peak_learning_rate
+  fn = jax.jit(lambda p, rng: sharpness.diagnostics(
+      p, train_lib.diagnostics_batch(cfg, eval_data), logits_fn=s.logits_fn,
+      lr=lr, rho=cfg.sam.rho, num_iters=d.num_iters,
+      num_probes=d.num_probes, rng=rng, tol=d.tol))
+  out = {k: float(v) for k, v in jax.device_get(
+      fn(state.params, jax.random.key(cfg.seed))).items()}
+  out.update(eval_loss=loss, step=step, method=cfg.sam.method,
+             rho=cfg.sam.rho, learning_rate=lr,
+             num_batches=d.num_batches, batch_size=d.batch_size,
+             num_iters=d.num_iters, num_probes=d.num_probes)
+  latest = step == max(train_lib.checkpoint_manager(fv.workdir).all_steps())
+  name = "sharpness.json" if latest else f"sharpness_{step}.json"
+  with open(os.path.join(fv.workdir, name), "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  print(f"| step | {' | '.join(SHARPNESS_COLUMNS)} |")
+  print("|---" * (len(SHARPNESS_COLUMNS) + 1) + "|")
+  print(f"| {step} | " + " | ".join(f"{out[k]:.4g}" for k in SHARPNESS_COLUMNS)
+        + " |")
+  print(f"wrote {os.path.join(fv.workdir, name)}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params,
+            "analyze": cmd_analyze}
 
 
 def main(argv=None) -> None:

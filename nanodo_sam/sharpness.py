@@ -308,7 +308,7 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
 
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
-                direction=None) -> dict[str, jax.Array]:
+                direction=None, tol: float = 1e-3) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -326,7 +326,7 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   eig_rng, trace_rng = jax.random.split(rng)
   dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction)
   lam, _, _ = lambda_max(params, batch, logits_fn=logits_fn,
-                         num_iters=num_iters, rng=eig_rng)
+                         num_iters=num_iters, tol=tol, rng=eig_rng)
   tr, tr_se = hessian_trace(params, batch, logits_fn=logits_fn,
                             num_probes=num_probes, rng=trace_rng)
   gtr, gtr_se = ggn_trace(params, batch, logits_fn=logits_fn,

@@ -419,7 +419,8 @@ def _make_diagnostics(cfg, s: Setup, eval_data):
   fn = jax.jit(lambda params, lr, rho, rng: sharpness.diagnostics(
       params, batch, logits_fn=s.logits_fn, lr=lr, rho=rho,
       num_iters=cfg.diagnostics.num_iters,
-      num_probes=cfg.diagnostics.num_probes, rng=rng))
+      num_probes=cfg.diagnostics.num_probes, rng=rng,
+      tol=cfg.diagnostics.tol))
 
   def diagnose(state, step):
     rng = jax.random.fold_in(state.rng, step)

@@ -109,3 +109,33 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
       env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
   _assert_one_line_error(proc.returncode, proc.stderr, "not divisible")
   assert not workdir.exists()
+
+
+@needs_data
+def test_analyze_writes_the_table4_columns(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code, _, _ = _run(capsys, "train", f"--config={QUICK}",
+                    f"--workdir={workdir}", *TINY,
+                    "--config.diagnostics.every_steps=2",
+                    "--config.diagnostics.num_iters=3",
+                    "--config.diagnostics.num_probes=2")
+  assert code == 0
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(workdir))
+  acc.Reload()
+  tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+  assert {"sharpness/tau_logit", "sharpness/lambda_max",
+          "sharpness/sam_edge"} <= tags
+  code, out, _ = _run(capsys, "analyze", f"--workdir={workdir}",
+                      "--num_iters=4", "--num_probes=3")
+  assert code == 0 and "lambda_max" in out
+  res = json.load(open(workdir / "sharpness.json"))
+  assert res["step"] == 4
+  assert abs(res["tau_logit"] + res["tau_func"] + res["tau_cross"] - 1) < 1e-4
+  assert res["ggn_trace"] > 0 and res["eval_loss"] > 0
+  for bad, pattern in [("--num_iters=0", "must be >= 1"),
+                       ("--step=7", "no checkpoint for step 7")]:
+    code, _, err = _run(capsys, "analyze", f"--workdir={workdir}", bad)
+    _assert_one_line_error(code, err, pattern)
+  code, _, err = _run(capsys, "analyze", f"--workdir={tmp_path}")
+  _assert_one_line_error(code, err, "no run in")
