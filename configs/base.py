@@ -84,7 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.diagnostics.batch_size = 8    # Sequences per diagnostics batch.
   c.diagnostics.num_iters = 20    # Lanczos iterations for lambda_max.
   c.diagnostics.num_probes = 10   # Hutchinson probes for the traces.
-  c.diagnostics.tol = 1e-3
+  c.diagnostics.tol = 1e-3        # Lanczos relative tolerance.
+  # True: lambda_max, ||g||, SAM-edge, 2/lr and eigenvector alignments on the
+  # current training minibatch (edge of stability) instead of the fixed set.
+  c.diagnostics.on_train_batch = False
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False

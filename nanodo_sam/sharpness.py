@@ -345,3 +345,30 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
       "sam_edge": sam_edge(lr, rho, dec["grad_norm"]),
       "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
   }
+
+
+def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
+                      lr, rho, num_iters: int, rng: jax.Array,
+                      tol: float = 1e-3) -> dict[str, jax.Array]:
+  """Long & Bartlett's quantities on one (training) minibatch.
+
+  lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
+  of the SAM-family gradient `sam_grads` lies along the top eigenvector
+  (|cos| with it).
+  """
+  lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
+                               num_iters=num_iters, tol=tol, rng=rng)
+  _, g = loss_and_grad(params, batch, logits_fn=logits_fn)
+  g, sam_grads = _upcast(g), _upcast(sam_grads)
+  g_norm = _norm(g)
+  tiny = jnp.finfo(g_norm.dtype).tiny
+  return {
+      "lambda_max": lam,
+      "lanczos_iters": iters,
+      "grad_norm": g_norm,
+      "sam_edge": sam_edge(lr, rho, g_norm),
+      "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
+      "grad_alignment": jnp.abs(_vdot(g, vec)) / jnp.maximum(g_norm, tiny),
+      "sam_grad_alignment": jnp.abs(_vdot(sam_grads, vec)) / jnp.maximum(
+          _norm(sam_grads), tiny),
+  }

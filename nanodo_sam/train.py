@@ -311,6 +311,8 @@ def train(cfg, workdir: str) -> dict:
                  "unpreconditioned perturbation for this step",
                  cfg.sam.method)
         logged_precond_fallback = True
+      if diagnose and step % cfg.diagnostics.every_steps == 0:
+        writer.write_scalars(step, diagnose(state, batch, step))
       state, metrics = step_fn_for(step)(state, batch)
       flush(pending)
       pending = (step, metrics)
@@ -320,8 +322,6 @@ def train(cfg, workdir: str) -> dict:
         flush(pending)
         pending = None
         run_eval(done)
-      if diagnose and done % cfg.diagnostics.every_steps == 0:
-        writer.write_scalars(done, diagnose(state, done))
       if cfg.checkpoint_every_steps and \
           done % cfg.checkpoint_every_steps == 0 and done != total:
         flush(pending)
@@ -410,23 +410,48 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _make_diagnostics(cfg, s: Setup, eval_data):
-  """Sharpness metrics on fixed batches every diagnostics.every_steps."""
-  if not cfg.diagnostics.every_steps:
+  """`diagnose(state, batch, step) -> scalars`, run before step `step` (at
+  theta_step) every diagnostics.every_steps; None when off.
+
+  On the fixed eval batches (default): the full sharpness set. With
+  diagnostics.on_train_batch: Long & Bartlett's edge-of-stability set on the
+  current training minibatch, including the alignment of g and of the
+  configured method's gradient with the top Hessian eigenvector.
+  """
+  d = cfg.diagnostics
+  if not d.every_steps:
     return None
   from nanodo_sam import sharpness
-  batch = diagnostics_batch(cfg, eval_data)
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  fn = jax.jit(lambda params, lr, rho, rng: sharpness.diagnostics(
-      params, batch, logits_fn=s.logits_fn, lr=lr, rho=rho,
-      num_iters=cfg.diagnostics.num_iters,
-      num_probes=cfg.diagnostics.num_probes, rng=rng,
-      tol=cfg.diagnostics.tol))
+  if d.get("on_train_batch", False):
+    def eos(state, batch, lr, rho, rng):
+      precond = None
+      if cfg.sam.method in sam_lib.PRECOND_METHODS:
+        precond, _ = optimizer_lib.adam_preconditioner(
+            state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+      _, sam_grads, _ = sam_lib.gradient(
+          cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
+          rho=rho, phi=cfg.sam.phi, precond=precond,
+          precond_normalize=cfg.sam.precond_normalize)
+      return sharpness.edge_of_stability(
+          state.params, batch, sam_grads, logits_fn=s.logits_fn, lr=lr,
+          rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol)
+    fn = jax.jit(eos, in_shardings=(s.state_sharding,
+                                    sharding.batch_sharding(s.mesh), None,
+                                    None, None))
+    prefix = "eos"
+  else:
+    fixed = diagnostics_batch(cfg, eval_data)
+    fn = jax.jit(lambda state, batch, lr, rho, rng: sharpness.diagnostics(
+        state.params, fixed, logits_fn=s.logits_fn, lr=lr, rho=rho,
+        num_iters=d.num_iters, num_probes=d.num_probes, rng=rng, tol=d.tol))
+    prefix = "sharpness"
 
-  def diagnose(state, step):
+  def diagnose(state, batch, step):
     rng = jax.random.fold_in(state.rng, step)
-    out = jax.device_get(fn(state.params, schedule(step - 1),
-                            rho_at(cfg.sam, step - 1), rng))
-    return {f"sharpness/{k}": float(v) for k, v in out.items()}
+    out = jax.device_get(fn(state, batch, schedule(step),
+                            rho_at(cfg.sam, step), rng))
+    return {f"{prefix}/{k}": float(v) for k, v in out.items()}
 
   return diagnose
 
