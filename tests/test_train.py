@@ -126,3 +126,14 @@ def test_schedules_choose_the_step_on_the_host():
   cfg.sam.rho_warmup_steps = 10
   rhos = [float(train_lib.rho_at(cfg.sam, s)) for s in (0, 4, 9, 20)]
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
+
+
+def test_wandb_offline_logs_without_a_network(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  cfg = tiny_config(**{"wandb.enabled": True, "wandb.mode": "offline",
+                       "opt.num_train_steps": 4, "eval_every_steps": 0,
+                       "checkpoint_every_steps": 0, "log_every_steps": 2})
+  res = train_lib.train(cfg, str(tmp_path))
+  assert res["status"] == "completed"
+  runs = list((tmp_path / "wandb").glob("offline-run-*"))
+  assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
