@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -134,13 +134,28 @@ class TBlock(nn.Module):
         _layer_norm(self.cfg, "ln_mlp")(x_BxLxD))
 
 
+def output_logits(embedding_VxD: jax.Array, x_xD: jax.Array,
+                  dtype: str = "float32") -> jax.Array:
+  """The tied output layer x E^T: computed in `dtype` (as nn.Embed.attend
+  does), returned in float32. `x_xD` may have any leading shape."""
+  dt = DTYPES[dtype]
+  return jnp.dot(x_xD.astype(dt), embedding_VxD.astype(dt).T).astype(
+      jnp.float32)
+
+
 class TransformerDo(nn.Module):
-  """tokens [B, L] int32 -> logits [B, L, V] float32."""
+  """tokens [B, L] int32 -> logits [B, L, V] float32.
+
+  With `features_only=True`: the final LayerNorm's output h [B, L, D] (in the
+  compute dtype), so that logits = output_logits(params["embed"]
+  ["embedding"], h, dtype); see `make_logits_fn`.
+  """
 
   cfg: DoConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, features_only: bool = False
+               ) -> jax.Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     embed = nn.Embed(
@@ -157,8 +172,9 @@ class TransformerDo(nn.Module):
     for i in range(cfg.N):
       x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD)
     x_BxLxD = _layer_norm(cfg, "out_ln")(x_BxLxD)
-    # Tied output layer, computed and returned in float32.
-    return embed.attend(x_BxLxD.astype(jnp.float32)).astype(jnp.float32)
+    if features_only:
+      return x_BxLxD
+    return output_logits(embed.embedding, x_BxLxD, cfg.dtype)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
@@ -173,13 +189,43 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
   return total / jnp.maximum(jnp.sum(weights_BxL), 1.0)
 
 
+class OutputHead(NamedTuple):
+  """How a logits function splits at its output layer, optionally attached to
+  it as `logits_fn.output_head`:
+
+      logits_fn(p, x) == apply(select(p), features(p, x))
+
+  `apply` acts on each position independently, so the gradient step
+  (sam.py) can run the output layer, the loss and its cotangent over chunks
+  of the sequence and never hold [B, L, V] logits (most of a small model's
+  memory at V = 32101).
+  """
+
+  features: Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> h
+  select: Callable[[Any], Any]  # params -> the output layer's own params
+  apply: Callable[[Any, jax.Array], jax.Array]  # (those, h_xD) -> logits_xV
+
+
 def make_logits_fn(model: TransformerDo):
-  """`(params, inputs) -> logits`, the function every gradient step uses."""
+  """`(params, inputs) -> logits`, the function every gradient step uses.
+
+  It carries `.output_head` (an `OutputHead`): the tied output layer applied
+  to the final LayerNorm's output.
+  """
 
   def logits_fn(params, inputs_BxL):
     return model.apply({"params": params}, inputs_BxL)
 
+  logits_fn.output_head = OutputHead(
+      features=lambda params, inputs_BxL: model.apply(
+          {"params": params}, inputs_BxL, features_only=True),
+      select=lambda params: params["embed"]["embedding"],
+      apply=functools.partial(_apply_output, model.cfg.dtype))
   return logits_fn
+
+
+def _apply_output(dtype: str, embedding_VxD, x_xD):
+  return output_logits(embedding_VxD, x_xD, dtype)
 
 
 def init_params(model: TransformerDo, rng: jax.Array):

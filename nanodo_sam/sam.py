@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nanodo_sam.model import cross_entropy
+from nanodo_sam.model import OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
 PRECOND_NORMALIZE = ("after", "before")
@@ -72,24 +72,130 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
 
 # ---------------------------------------------------------- shared helpers
 
+# The output layer, the loss and its cotangent run over chunks of the sequence
+# holding at most about this many logits each (16 MiB in float32), when the
+# logits function exposes its output layer (`model.OutputHead`).
+HEAD_CHUNK_ELEMENTS = 2**22
+
+
+class Point(NamedTuple):
+  """theta or theta + eps seen through logits_fn, up to its output layer.
+
+  `head_params` and `h_BxLxD` are the output layer's parameters and input
+  features (for a logits_fn without an `output_head`: no parameters and the
+  logits themselves); `vjp_fn` maps their cotangents to the parameters'.
+  """
+
+  head_params: PyTree
+  h_BxLxD: jax.Array
+  vjp_fn: Callable[[tuple[PyTree, jax.Array]], tuple[PyTree]]
+
 
 class Clean(NamedTuple):
-  """The one clean pass at theta: loss, dL/dF(theta), g and J(theta)^T."""
+  """The one clean pass at theta: loss, g and the point to reuse."""
 
   loss: jax.Array
-  dlogits_BxLxV: jax.Array
   grads: PyTree
-  vjp_fn: Callable[[jax.Array], tuple[PyTree]]
+  point: Point
+
+
+def _identity_head(logits_fn: LogitsFn) -> OutputHead:
+  return OutputHead(features=logits_fn, select=lambda params: (),
+                    apply=lambda head_params, logits: logits)
+
+
+def output_head(logits_fn: LogitsFn) -> tuple[OutputHead, bool]:
+  """(logits_fn's OutputHead, whether it is a real output layer to chunk)."""
+  head = getattr(logits_fn, "output_head", None)
+  if head is None:
+    return _identity_head(logits_fn), False
+  return head, True
+
+
+def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn
+          ) -> Point:
+  """1 forward up to the output layer, keeping its J^T for backwards."""
+  head, _ = output_head(logits_fn)
+  (head_params, h_BxLxD), vjp_fn = jax.vjp(
+      lambda p: (head.select(p), head.features(p, inputs_BxL)), params)
+  return Point(head_params, h_BxLxD, vjp_fn)
+
+
+def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
+  """The fewest chunks of the sequence (a divisor of L) within the budget."""
+  B, L = p.h_BxLxD.shape[:2]
+  if not chunked:
+    return 1
+  V = jax.eval_shape(head.apply, p.head_params, p.h_BxLxD[:, :1]).shape[-1]
+  for n in range(1, L + 1):
+    if L % n == 0 and B * (L // n) * V <= HEAD_CHUNK_ELEMENTS:
+      return n
+  return L
+
+
+def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn
+             ) -> tuple[jax.Array, PyTree]:
+  """(L(b), J(a)^T dL/dF(b)): the loss at point b and its logit cotangent
+  pulled back through the network at point a (a is b for the plain gradient).
+
+  This is the one place logits exist. With an `output_head` they are
+  computed, turned into the loss and its cotangent dL/dF = w (softmax - onehot)
+  and pulled back through the output layer one chunk of the sequence at a time
+  (lax.scan), so no [B, L, V] tensor is ever alive; dL/dF(b) is recomputed
+  from b's features when a is not b rather than stored. Without one, the
+  logits are the features and this is a plain vjp.
+  """
+  head, chunked = output_head(logits_fn)
+  same = a is b
+  n = _num_chunks(head, chunked, b)
+  # cross_entropy divides by max(sum(weights), 1): with the weights divided by
+  # the batch's total here, each chunk's value is its share of the batch mean.
+  weights_BxL = batch["weights"]
+  weights_BxL = weights_BxL / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+
+  def one(h_a, h_b, targets, weights):
+    loss_fn = lambda z: cross_entropy(z, {"targets": targets,
+                                          "weights": weights})
+    if same:
+      logits, pull = jax.vjp(head.apply, a.head_params, h_a)
+    else:
+      logits = head.apply(b.head_params, h_b)
+      pull = jax.vjp(head.apply, a.head_params, h_a)[1]
+    loss, dlogits = jax.value_and_grad(loss_fn)(logits)
+    return (loss,) + pull(dlogits.astype(logits.dtype))
+
+  if n == 1:
+    loss, d_head, dh_BxLxD = one(a.h_BxLxD, b.h_BxLxD, batch["targets"],
+                                 weights_BxL)
+  else:
+    split = lambda x: jnp.moveaxis(
+        x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0)
+
+    def body(acc, xs):
+      loss, d_head, dh = one(*xs)
+      acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
+                         (loss, d_head))
+      return acc, dh
+
+    zeros = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+        (jnp.zeros(()), a.head_params))
+    (loss, d_head), dh_nxBxLcxD = jax.lax.scan(
+        body, zeros, (split(a.h_BxLxD), split(b.h_BxLxD),
+                      split(batch["targets"]), split(weights_BxL)))
+    dh_BxLxD = jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(a.h_BxLxD.shape)
+    d_head = jax.tree.map(lambda d, p: d.astype(p.dtype), d_head,
+                          a.head_params)
+  (grads,) = a.vjp_fn((d_head, dh_BxLxD.astype(a.h_BxLxD.dtype)))
+  return loss, grads
 
 
 def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn
               ) -> Clean:
   """1 forward + 1 backward: the plain gradient, keeping the pieces to reuse."""
-  logits_BxLxV, vjp_fn = jax.vjp(lambda p: logits_fn(p, batch["inputs"]),
-                                 params)
-  loss, dlogits_BxLxV = jax.value_and_grad(cross_entropy)(logits_BxLxV, batch)
-  (grads,) = vjp_fn(dlogits_BxLxV)
-  return Clean(loss, dlogits_BxLxV, grads, vjp_fn)
+  p = point(params, batch["inputs"], logits_fn)
+  loss, grads = head_vjp(p, p, batch, logits_fn)
+  return Clean(loss, grads, p)
 
 
 def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
@@ -111,11 +217,6 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
                    f"one of {list(PRECOND_NORMALIZE)}")
 
 
-def _cotangent(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
-  """dL/dF at the given logits (elementwise softmax work, no network pass)."""
-  return jax.grad(cross_entropy)(logits_BxLxV, batch)
-
-
 @dataclasses.dataclass(frozen=True)
 class Step:
   """What a method sees: the clean pass and the perturbed parameters."""
@@ -126,14 +227,14 @@ class Step:
   logits_fn: LogitsFn
   phi: float | None
 
-  def logits_eps(self) -> jax.Array:
-    """1 forward at theta + eps."""
-    return self.logits_fn(self.params_eps, self.batch["inputs"])
+  def perturbed(self) -> Point:
+    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T.
+    """
+    return point(self.params_eps, self.batch["inputs"], self.logits_fn)
 
-  def vjp_eps(self):
-    """1 forward at theta + eps, keeping J(theta+eps)^T for 1 backward."""
-    return jax.vjp(lambda p: self.logits_fn(p, self.batch["inputs"]),
-                   self.params_eps)
+  def jt(self, a: Point, b: Point) -> PyTree:
+    """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
+    return head_vjp(a, b, self.batch, self.logits_fn)[1]
 
 
 # ------------------------------------------------------------------ methods
@@ -146,19 +247,18 @@ def _plain(step: Step) -> PyTree:
 
 def _sam(step: Step) -> PyTree:
   """grad L(theta+eps): +1 forward, +1 backward."""
-  logits_BxLxV, vjp_fn = step.vjp_eps()
-  return vjp_fn(_cotangent(logits_BxLxV, step.batch))[0]
+  eps = step.perturbed()
+  return step.jt(eps, eps)
 
 
 def _functional_sam(step: Step) -> PyTree:
   """J(theta+eps)^T dL/dF(theta): +1 forward, +1 backward."""
-  _, vjp_fn = step.vjp_eps()
-  return vjp_fn(step.clean.dlogits_BxLxV)[0]
+  return step.jt(step.perturbed(), step.clean.point)
 
 
 def _logit_sam(step: Step) -> PyTree:
   """J(theta)^T dL/dF(theta+eps): +1 forward, +1 backward (the clean one)."""
-  return step.clean.vjp_fn(_cotangent(step.logits_eps(), step.batch))[0]
+  return step.jt(step.clean.point, step.perturbed())
 
 
 def _angle_sam(step: Step) -> PyTree:
@@ -166,10 +266,10 @@ def _angle_sam(step: Step) -> PyTree:
 
   phi=0 is functional_sam, phi=pi/2 is logit_sam.
   """
-  logits_BxLxV, vjp_fn = step.vjp_eps()
+  eps, clean = step.perturbed(), step.clean.point
   g = step.clean.grads
-  g_logit = step.clean.vjp_fn(_cotangent(logits_BxLxV, step.batch))[0]
-  g_func = vjp_fn(step.clean.dlogits_BxLxV)[0]
+  g_logit = step.jt(clean, eps)
+  g_func = step.jt(eps, clean)
   s, c = jnp.sin(step.phi), jnp.cos(step.phi)
   return jax.tree.map(
       lambda g0, gl, gf: (g0 + s * (gl - g0) + c * (gf - g0)).astype(g0.dtype),

@@ -272,6 +272,7 @@ def train(cfg, workdir: str) -> dict:
   status = "completed"
   pending = None  # (step, metrics on device): read one step late.
   logged_precond_fallback = False
+  finished = [start]  # Steps whose loss was read back finite.
 
   def flush(pending):
     if pending is None:
@@ -281,6 +282,7 @@ def train(cfg, workdir: str) -> dict:
     if not np.isfinite(metrics["loss"]):
       raise DivergedError(f"training loss is {metrics['loss']} at step "
                           f"{step}; the last good checkpoint is kept")
+    finished[0] = step + 1
     if (step + 1) % cfg.log_every_steps == 0 or step == 0:
       writer.write_scalars(step + 1, {f"train/{k}": float(v)
                                       for k, v in metrics.items()})
@@ -340,8 +342,7 @@ def train(cfg, workdir: str) -> dict:
     mngr.wait_until_finished()
     _prune_data_states(workdir, mngr)
     writer.flush()
-  steps_done = int(jax.device_get(state.step)) if status == "completed" \
-      else (pending[0] if pending else start)
+  steps_done = finished[0]
   finite = [l for _, l in eval_history if np.isfinite(l)]
   n_params = model_lib.non_embedding_params(s.model.cfg)
   results = {
