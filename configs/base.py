@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                      # Fixes init, training data order and RNG.
   c.workdir = ""                  # Run directory (or --workdir=DIR).
+  c.schedule_name = ""            # fixed_length | chinchilla (for tables).
 
   # Model: the Nanodo Transformer (nanodo_sam/model.py). Defaults: 2M size.
   c.model = ml_collections.ConfigDict()

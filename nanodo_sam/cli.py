@@ -68,8 +68,8 @@ def _define_flags(command: str) -> flags.FlagValues:
 def _add_config_paths(argv) -> None:
   """Lets config files `from configs import base` from any working dir."""
   for arg in argv:
-    if arg.startswith("--config=") and arg.endswith(".py"):
-      path = os.path.abspath(arg.split("=", 1)[1])
+    if arg.startswith("--config="):
+      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
       if not os.path.exists(path):
         _fail(f"config file not found: {path}; pass --config=configs/NAME.py")
       root = os.path.dirname(os.path.dirname(path))
@@ -86,7 +86,9 @@ def _parse(command: str, argv) -> flags.FlagValues:
   try:
     fv(sys.argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    msg = (lines[-1] if lines and "parsing config file" in lines[0]
+           else lines[0] if lines else type(e).__name__)
     if isinstance(e, (KeyError, AttributeError)):
       key = str(e).strip("'\"")
       bad = [a.split("=")[0][2:] for a in argv
@@ -219,8 +221,29 @@ def cmd_analyze(fv) -> None:
   print(f"wrote {os.path.join(fv.workdir, name)}")
 
 
+def cmd_prune_eval(fv) -> None:
+  """One-shot global magnitude pruning of a checkpoint -> prune.json."""
+  import jax
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import evaluate, prune, sharding
+  fractions = prune.parse_fractions(fv.fractions)  # Before any work.
+  cfg = _load_run_config(fv.workdir)
+  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
+  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
+                                      sharding.batch_sharding(s.mesh))
+  batches = data_lib.eval_batches(cfg)
+  put = lambda b: sharding.global_batch(b, s.mesh)
+  rows = prune.prune_eval(
+      state.params, fractions,
+      lambda p: evaluate.eval_loss(eval_step, p, batches, put),
+      put_params=lambda p: jax.device_put(p, s.state_sharding.params))
+  path = prune.write_prune_json(fv.workdir, rows, step=step, cfg=cfg)
+  print(prune.format_table(rows))
+  print(f"wrote {path}")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params,
-            "analyze": cmd_analyze}
+            "analyze": cmd_analyze, "prune-eval": cmd_prune_eval}
 
 
 def main(argv=None) -> None:

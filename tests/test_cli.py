@@ -112,7 +112,7 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
 
 
 @needs_data
-def test_analyze_writes_the_table4_columns(tmp_path, capsys):
+def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, _, _ = _run(capsys, "train", f"--config={QUICK}",
                     f"--workdir={workdir}", *TINY,
@@ -139,3 +139,13 @@ def test_analyze_writes_the_table4_columns(tmp_path, capsys):
     _assert_one_line_error(code, err, pattern)
   code, _, err = _run(capsys, "analyze", f"--workdir={tmp_path}")
   _assert_one_line_error(code, err, "no run in")
+  code, out, _ = _run(capsys, "prune-eval", f"--workdir={workdir}",
+                      "--fractions=0,0.5")
+  assert code == 0
+  rows = json.load(open(workdir / "prune.json"))["results"]
+  assert [r["fraction"] for r in rows] == [0.0, 0.5]
+  assert abs(rows[1]["actual_fraction"] - 0.5) < 1e-3
+  assert rows[0]["eval_loss"] != rows[1]["eval_loss"]
+  code, _, err = _run(capsys, "prune-eval", f"--workdir={workdir}",
+                      "--fractions=0,1.5")
+  _assert_one_line_error(code, err, "outside [0, 1)")

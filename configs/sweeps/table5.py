@@ -1,0 +1,19 @@
+"""Table 5: GeLU vs ReLU at 2M, fixed-length, for Precond Functional SAM,
+Precond SAM and AdamW (3 seeds)."""
+
+from configs.sweeps import common
+from launch.sweep import method_runs
+
+METHODS = ("precond_functional_sam", "precond_sam", "adamw")
+SEEDS = (0, 1, 2)
+
+
+def get_sweep():
+  runs = []
+  for nonlinearity in ("gelu", "relu"):
+    runs += method_runs(
+        METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
+        learning_rates=common.LEARNING_RATES, seeds=SEEDS,
+        fixed={"model.nonlinearity": nonlinearity})
+  return {"name": "table5", "config": common.FIXED_LENGTH + ":2M",
+          "runs": runs}

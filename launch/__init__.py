@@ -1,0 +1,1 @@
+"""Sweep expansion and launchers (local, SLURM, TPU VM): see launch/sweep.py."""

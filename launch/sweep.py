@@ -1,0 +1,630 @@
+"""Expand a sweep file into runs and launch them: locally, on SLURM, on TPU VMs.
+
+    python -m launch.sweep configs/sweeps/table1.py --backend=local \
+        [--out=runs/table1] [--parallel=N] [--dry-run] [--only=REGEX] \
+        [--set=KEY=VALUE ...] [--train-cmd=CMD]
+    python -m launch.sweep configs/sweeps/table2.py --backend=slurm \
+        --sbatch=--gpus-per-node=8 --sbatch=--time=48:00:00
+    python -m launch.sweep configs/sweeps/table2.py --backend=tpu \
+        --tpu=my-v4-32 --zone=us-central2-b
+
+A sweep file is a Python file whose `get_sweep()` returns
+
+    {"name": "table1",                          # default output: runs/<name>
+     "config": "configs/c4_fixed_length.py:2M", # config file [+ ":" + arg]
+     "overrides": {"eval_every_steps": 250},    # optional, every run
+     "runs": [{"sam.method": "sam", "sam.rho": 0.1, "seed": 0}, ...]}
+
+Each run is a dict of config overrides (`--config.KEY=VALUE` for
+`nanodo-sam train`); the reserved key "config" replaces the sweep's config for
+that run (e.g. another size: "configs/c4_fixed_length.py:23.9M"). A run's
+workdir is OUT/<name>, the name built from its overrides in order
+(`23.9M-precond_functional_sam-rho0.5-lr0.001-seed0`), so re-expanding a
+sweep gives the same directories. `method_runs(...)` builds the usual
+method x rho x learning-rate x seed grid (AdamW gets no rho variants).
+
+Backends:
+  local  runs the grid here, `--parallel` at a time (default 1), each run's
+         output in OUT/<name>/train.log; runs whose results.json exists are
+         skipped, so an interrupted sweep is resumed by launching it again.
+  slurm  writes OUT/sweep.sbatch, one array task per grid point (each task
+         `srun nanodo-sam train ...`; with several tasks per node JAX's
+         multi-process start-up detects SLURM) and prints the sbatch command.
+  tpu    prints one `gcloud compute tpus tpu-vm ssh TPU --worker=all
+         --command=...` per run (run them one after another on the same TPU
+         VM; OUT is a path there); nothing is written here.
+
+Every value in a generated shell command is quoted with shlex.quote. Bad input
+stops with one line and exit code 2 before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ("local", "slurm", "tpu")
+RESERVED = ("config",)
+# How override keys appear in run names ("" = the value alone).
+ABBREV = {
+    "sam.method": "",
+    "model.nonlinearity": "",
+    "model.size_name": "",
+    "sam.rho": "rho",
+    "sam.phi": "phi",
+    "opt.peak_learning_rate": "lr",
+    "opt.weight_decay": "wd",
+    "opt.num_train_steps": "steps",
+    "sam.rho_warmup_steps": "rhowarmup",
+    "seed": "seed",
+}
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")
+_MAX_NAME = 120
+
+
+class SweepError(ValueError):
+  """Bad sweep input: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------- grid helpers
+
+
+def grid(**axes: Sequence[Any]) -> list[dict]:
+  """Cartesian product: grid(a=[1, 2], b=[3]) -> [{a:1,b:3}, {a:2,b:3}].
+  Keys with dots go through `**{"sam.rho": [...]}`."""
+  keys = list(axes)
+  return [dict(zip(keys, vals))
+          for vals in itertools.product(*(axes[k] for k in keys))]
+
+
+def method_runs(methods: Sequence[str], rhos, *,
+                learning_rates: Sequence[float] = (1e-3,),
+                seeds: Sequence[int] = (0,),
+                fixed: dict | None = None) -> list[dict]:
+  """The method x rho x learning rate x seed grid.
+
+  rhos: one sequence for every method, or {method: sequence}. AdamW ("adamw")
+  always gets a single run without sam.rho. `fixed` overrides come first in
+  each run (and so first in its name), e.g. {"config": ...}.
+  """
+  runs = []
+  for method in methods:
+    if method == "adamw":
+      method_rhos = [None]
+    elif isinstance(rhos, dict):
+      if method not in rhos:
+        raise SweepError(f"no rho values for method {method!r}")
+      method_rhos = list(rhos[method])
+    else:
+      method_rhos = list(rhos)
+    for rho, lr, seed in itertools.product(method_rhos, learning_rates, seeds):
+      run = dict(fixed or {})
+      run["sam.method"] = method
+      if rho is not None:
+        run["sam.rho"] = float(rho)
+      run["opt.peak_learning_rate"] = float(lr)
+      run["seed"] = int(seed)
+      runs.append(run)
+  return runs
+
+
+def around(center: float, factors: Sequence[float] = (0.5, 1.0, 2.0),
+           digits: int = 4) -> list[float]:
+  """rho values around a centre: around(0.4) -> [0.2, 0.4, 0.8]."""
+  return [round(center * f, digits) for f in factors]
+
+
+# -------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class Run:
+  name: str
+  config: str               # "path.py" or "path.py:arg"
+  overrides: dict           # This run's overrides (in its name).
+  common: dict = field(default_factory=dict)  # Sweep-wide (not in the name).
+  workdir: str = ""
+
+  def train_args(self) -> list[str]:
+    """The arguments after `nanodo-sam train`."""
+    args = [f"--config={self.config}", f"--workdir={self.workdir}"]
+    merged = dict(self.common)
+    merged.update(self.overrides)
+    args += [f"--config.{k}={format_value(v)}" for k, v in merged.items()]
+    return args
+
+
+@dataclass
+class Sweep:
+  name: str
+  path: str
+  config: str
+  runs: list[Run]
+
+
+def format_value(v: Any) -> str:
+  """A value as ml_collections' --config.KEY=VALUE parser reads it."""
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, float):
+    return repr(v)
+  if isinstance(v, (int, str)):
+    return str(v)
+  raise SweepError(f"override value {v!r} has type {type(v).__name__}; use "
+                   "a number, string or bool")
+
+
+def _config_parts(config: str) -> tuple[str, str]:
+  path, sep, arg = config.partition(":")
+  return path, arg if sep else ""
+
+
+def resolve_config(config: str, base_dir: str = REPO_ROOT) -> str:
+  """Checks the config file exists; returns it relative to the repository
+  when it lies inside it (commands run from the repository root)."""
+  path, arg = _config_parts(config)
+  if not path.endswith(".py"):
+    raise SweepError(f"config {config!r} is not a .py file; give "
+                     "'configs/NAME.py' or 'configs/NAME.py:ARG'")
+  candidates = [path] if os.path.isabs(path) else [
+      os.path.join(os.getcwd(), path), os.path.join(base_dir, path)]
+  found = next((c for c in candidates if os.path.isfile(c)), None)
+  if found is None:
+    raise SweepError(f"config file {path!r} not found (looked in "
+                     f"{', '.join(sorted(set(candidates)))})")
+  found = os.path.abspath(found)
+  if found.startswith(REPO_ROOT + os.sep):
+    found = os.path.relpath(found, REPO_ROOT)
+  return found + (f":{arg}" if arg else "")
+
+
+def load_config(config: str):
+  """The ConfigDict of 'path.py[:arg]' (paths relative to the repository)."""
+  path, arg = _config_parts(config)
+  full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+  spec = importlib.util.spec_from_file_location(
+      "_config_" + re.sub(r"\W", "_", full), full)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"config {config!r} failed to load: "
+                     f"{type(e).__name__}: {e}") from None
+
+
+def check_keys(config, keys: Iterable[str], where: str) -> None:
+  """Every override key must name an existing config field."""
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      try:
+        node = node[part]
+      except (KeyError, TypeError, AttributeError):
+        raise SweepError(f"{where}: unknown config key {key!r} (see "
+                         "configs/base.py for every key)") from None
+
+
+def run_name(overrides: dict, sweep_config: str) -> str:
+  """Deterministic, readable, filesystem-safe name from the overrides."""
+  parts = []
+  for key, value in overrides.items():
+    if key == "config":
+      path, arg = _config_parts(value)
+      sweep_path, _ = _config_parts(sweep_config)
+      stem = os.path.splitext(os.path.basename(path))[0]
+      same = os.path.normpath(path) == os.path.normpath(sweep_path)
+      parts.append(arg if same and arg else
+                   f"{stem}{':' + arg if arg else ''}")
+      continue
+    text = format_value(value)
+    abbrev = ABBREV.get(key)
+    if abbrev is None:
+      parts.append(f"{key}={text}")
+    else:
+      parts.append(f"{abbrev}{text}")
+  raw = "-".join(parts) or "default"
+  name = _NAME_CHARS.sub("x", raw).replace(":", "x")
+  if name != raw or len(name) > _MAX_NAME or name.startswith("."):
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()) \
+        .hexdigest()[:8]
+    name = f"{name.lstrip('.')[:_MAX_NAME]}-{digest}"
+  return name
+
+
+def load_sweep(path: str, out: str | None = None,
+               extra: dict | None = None) -> Sweep:
+  """Loads and validates a sweep file; run workdirs lie under `out`."""
+  if not path or not os.path.isfile(path):
+    raise SweepError(f"sweep file {path!r} not found; give a file like "
+                     "configs/sweeps/table1.py")
+  if not path.endswith(".py"):
+    raise SweepError(f"sweep file {path!r} is not a .py file")
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+  module_name = "_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SweepError:
+    raise
+  except Exception as e:  # A broken sweep file: say which and why.
+    raise SweepError(f"cannot load sweep file {path!r}: "
+                     f"{type(e).__name__}: {e}") from None
+  if not callable(getattr(module, "get_sweep", None)):
+    raise SweepError(f"sweep file {path!r} defines no get_sweep()")
+  try:
+    spec_dict = module.get_sweep()
+  except SweepError as e:
+    raise SweepError(f"{path}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"{path}: get_sweep() failed: {type(e).__name__}: "
+                     f"{e}") from None
+  if not isinstance(spec_dict, dict):
+    raise SweepError(f"{path}: get_sweep() must return a dict")
+  unknown = set(spec_dict) - {"name", "config", "overrides", "runs",
+                              "description"}
+  if unknown:
+    raise SweepError(f"{path}: unknown sweep keys {sorted(unknown)}; use "
+                     "name, config, overrides, runs, description")
+  name = spec_dict.get("name") or os.path.splitext(os.path.basename(path))[0]
+  if not isinstance(name, str) or _NAME_CHARS.search(name):
+    raise SweepError(f"{path}: sweep name {name!r} must be letters, digits, "
+                     "'.', '_', '+', '=' or '-'")
+  if not isinstance(spec_dict.get("config"), str):
+    raise SweepError(f"{path}: 'config' must be a config path like "
+                     "'configs/c4_fixed_length.py:2M'")
+  config = resolve_config(spec_dict["config"])
+  common = dict(spec_dict.get("overrides") or {})
+  common.update(extra or {})
+  runs_in = spec_dict.get("runs")
+  if not isinstance(runs_in, list) or not runs_in:
+    raise SweepError(f"{path}: 'runs' must be a non-empty list of override "
+                     "dicts")
+  out = os.path.abspath(out or os.path.join("runs", name))
+  runs, seen, loaded = [], {}, {}
+  for i, overrides in enumerate(runs_in):
+    if not isinstance(overrides, dict):
+      raise SweepError(f"{path}: run {i} is {overrides!r}, not a dict")
+    for k, v in list(overrides.items()) + list(common.items()):
+      if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", k):
+        raise SweepError(f"{path}: run {i}: bad override key {k!r}")
+      if k not in RESERVED:
+        format_value(v)
+    if "config" in common:
+      raise SweepError(f"{path}: 'config' cannot be a common override")
+    run_config = resolve_config(overrides["config"]) \
+        if "config" in overrides else config
+    if run_config not in loaded:
+      loaded[run_config] = load_config(run_config)
+      check_keys(loaded[run_config], common, f"{path}: overrides")
+    check_keys(loaded[run_config],
+               [k for k in overrides if k not in RESERVED], f"{path}: run {i}")
+    rname = run_name(overrides, config)
+    if rname in seen:
+      raise SweepError(f"{path}: runs {seen[rname]} and {i} have the same "
+                       f"name {rname!r} (identical overrides?)")
+    seen[rname] = i
+    runs.append(Run(name=rname, config=run_config,
+                    overrides={k: v for k, v in overrides.items()
+                               if k not in RESERVED},
+                    common=common, workdir=os.path.join(out, rname)))
+  return Sweep(name=name, path=path, config=config, runs=runs)
+
+
+# --------------------------------------------------------------- backends
+
+
+def is_done(run: Run) -> bool:
+  return os.path.isfile(os.path.join(run.workdir, "results.json"))
+
+
+def shell_join(args: Iterable[str]) -> str:
+  return " ".join(shlex.quote(a) for a in args)
+
+
+def _manifest(sweep: Sweep, out: str, backend: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  manifest = {"name": sweep.name, "sweep_file": os.path.abspath(sweep.path),
+              "backend": backend,
+              "runs": [{"name": r.name, "config": r.config,
+                        "overrides": r.overrides, "common": r.common,
+                        "workdir": r.workdir} for r in sweep.runs]}
+  tmp = os.path.join(out, "sweep.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(out, "sweep.json"))
+
+
+def _result_line(run: Run) -> str:
+  try:
+    with open(os.path.join(run.workdir, "results.json")) as f:
+      res = json.load(f)
+    return (f"{res.get('status')}, eval loss "
+            f"{res.get('final_eval_loss', float('nan')):.4f}")
+  except (OSError, ValueError):
+    return "no results.json (see train.log)"
+
+
+def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
+              env: dict | None = None) -> int:
+  """Runs every not-yet-finished run; returns the number that failed."""
+  _manifest(sweep, out, "local")
+  todo = [r for r in sweep.runs if not is_done(r)]
+  for r in sweep.runs:
+    if is_done(r):
+      print(f"skip (results.json exists): {r.name}", flush=True)
+  total, failed, queue, active = len(todo), 0, list(todo), {}
+  t0 = time.time()
+
+  def start(run: Run, index: int):
+    os.makedirs(run.workdir, exist_ok=True)
+    cmd = train_cmd + run.train_args()
+    with open(os.path.join(run.workdir, "command.sh"), "w") as f:
+      f.write(f"cd {shlex.quote(REPO_ROOT)} && {shell_join(cmd)}\n")
+    log = open(os.path.join(run.workdir, "train.log"), "ab")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=dict(os.environ, **(env or {})))
+    print(f"[{index}/{total}] start {run.name}", flush=True)
+    return proc, log, time.time(), index
+
+  index = 0
+  try:
+    while queue or active:
+      while queue and len(active) < parallel:
+        index += 1
+        run = queue.pop(0)
+        active[run.name] = (run, *start(run, index))
+      time.sleep(0.2)
+      for key, (run, proc, log, t_run, i) in list(active.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        log.close()
+        del active[key]
+        done = is_done(run)
+        failed += not done
+        print(f"[{i}/{total}] {'done' if done else f'FAILED (exit {rc})'} "
+              f"{run.name}: {_result_line(run)} ({time.time() - t_run:.0f}s)",
+              flush=True)
+  except KeyboardInterrupt:
+    for _, proc, _, _, _ in active.values():
+      proc.send_signal(signal.SIGINT)
+    for _, proc, log, _, _ in active.values():
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+      log.close()
+    print("interrupted; launch again to resume (finished runs are skipped)",
+          file=sys.stderr)
+    raise
+  print(f"sweep {sweep.name}: {total - failed} of {total} started runs "
+        f"finished, {failed} failed, {len(sweep.runs) - total} already done; "
+        f"{time.time() - t0:.0f}s; results in {out}", flush=True)
+  return failed
+
+
+def _check_sbatch_token(value: str, what: str) -> None:
+  if not value or re.search(r"\s", value):
+    raise SweepError(f"{what} {value!r} must be non-empty without whitespace "
+                     "(sbatch splits #SBATCH lines on spaces)")
+
+
+def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
+                 sbatch_args: Sequence[str] = (), parallel: int = 0,
+                 env: dict | None = None) -> str:
+  """One sbatch array script: array task i runs grid point i."""
+  n = len(sweep.runs)
+  array = f"0-{n - 1}" + (f"%{parallel}" if parallel else "")
+  logs = os.path.join(out, "logs")
+  _check_sbatch_token(logs, "--out")
+  for a in sbatch_args:
+    _check_sbatch_token(a, "--sbatch")
+  lines = [
+      "#!/bin/bash",
+      f"#SBATCH --job-name={sweep.name}",
+      f"#SBATCH --array={array}",
+      f"#SBATCH --output={logs}/%x-%A_%a.out",
+      *[f"#SBATCH {a}" for a in sbatch_args],
+      f"# Sweep {sweep.name} ({n} runs) from {os.path.abspath(sweep.path)}:",
+      "# array task i trains grid point i; finished runs (results.json) exit",
+      "# at once, so resubmitting the script resumes the sweep. With several",
+      "# tasks per job (--ntasks-per-node, --nodes), srun starts one JAX",
+      "# process per task and JAX detects the SLURM cluster.",
+      "set -euo pipefail",
+      f"cd {shlex.quote(REPO_ROOT)}",
+      f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
+      *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
+      'case "${SLURM_ARRAY_TASK_ID:?not an array task}" in',
+  ]
+  for i, run in enumerate(sweep.runs):
+    lines.append(f"  {i}) WORKDIR={shlex.quote(run.workdir)}")
+    lines.append(f"     RUN=({shell_join(train_cmd + run.train_args())}) ;;")
+  lines += [
+      '  *) echo "no grid point for array task $SLURM_ARRAY_TASK_ID" >&2;'
+      " exit 1 ;;",
+      "esac",
+      'if [ -f "$WORKDIR/results.json" ]; then',
+      '  echo "already finished: $WORKDIR"; exit 0',
+      "fi",
+      'mkdir -p "$WORKDIR"',
+      'srun "${RUN[@]}"',
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def tpu_commands(sweep: Sweep, train_cmd: list[str], tpu: str, zone: str,
+                 project: str, remote_dir: str,
+                 env: dict | None = None) -> list[str]:
+  """One `gcloud ... ssh --worker=all --command=...` per run."""
+  cmds = []
+  prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+  for run in sweep.runs:
+    done = os.path.join(run.workdir, "results.json")
+    inner = (f"cd {shlex.quote(remote_dir)} && "
+             f"if [ -f {shlex.quote(done)} ] ; then echo already finished ; "
+             f"else {' '.join(['env', 'PYTHONPATH=.'] + prefix)} "
+             f"{shell_join(train_cmd + run.train_args())} ; fi")
+    args = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu,
+            f"--zone={zone}"]
+    if project:
+      args.append(f"--project={project}")
+    args += ["--worker=all", f"--command={inner}"]
+    cmds.append(shell_join(args))
+  return cmds
+
+
+# --------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    print(f"launch.sweep: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m launch.sweep",
+              description="Expand a sweep file and launch its runs.")
+  p.add_argument("sweep_file")
+  p.add_argument("--backend", default="local",
+                 help="local | slurm | tpu (default local)")
+  p.add_argument("--out", default="",
+                 help="output directory (default runs/<sweep name>)")
+  p.add_argument("--parallel", type=int, default=0,
+                 help="local: runs at a time (default 1); slurm: array "
+                      "throttle (default none)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the runs and their overrides; start nothing")
+  p.add_argument("--only", default="",
+                 help="regex: keep only runs whose name matches")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="extra override for every run (repeatable), e.g. "
+                      "data.tfds_data_dir=gs://bucket/tensorflow_datasets")
+  p.add_argument("--train-cmd", default="",
+                 help="training command (default: this Python -m "
+                      "nanodo_sam.cli train for local, 'nanodo-sam train' "
+                      "otherwise)")
+  p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                 help="environment variable for the runs, e.g. "
+                      "TFDS_DATA_DIR=gs://bucket/tensorflow_datasets")
+  p.add_argument("--sbatch", action="append", default=[],
+                 help="slurm: extra #SBATCH option (repeatable), e.g. "
+                      "--sbatch=--gpus-per-node=8")
+  p.add_argument("--tpu", default="", help="tpu: TPU VM name")
+  p.add_argument("--zone", default="", help="tpu: zone")
+  p.add_argument("--project", default="", help="tpu: GCP project")
+  p.add_argument("--remote-dir", default="nanodo-sam",
+                 help="tpu: repository checkout on the TPU VM (relative to "
+                      "the home directory, or absolute)")
+  return p
+
+
+def _key_values(items: Sequence[str], what: str, key_re: str) -> dict:
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(key_re, key):
+      raise SweepError(f"{what} {item!r} is not KEY=VALUE")
+    out[key] = value
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.backend not in BACKENDS:
+      raise SweepError(f"unknown backend {args.backend!r}; use one of "
+                       f"{', '.join(BACKENDS)}")
+    if args.parallel < 0:
+      raise SweepError(f"--parallel={args.parallel} must be >= 1")
+    extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
+    env = _key_values(args.env, "--env", r"[A-Za-z_]\w*")
+    if args.backend == "tpu" and not (args.tpu and args.zone):
+      raise SweepError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
+    try:
+      only = re.compile(args.only) if args.only else None
+    except re.error as e:
+      raise SweepError(f"--only={args.only!r} is not a regex: {e}") from None
+    sweep = load_sweep(args.sweep_file, args.out or None, extra)
+    out = os.path.abspath(args.out or os.path.join("runs", sweep.name))
+    if only:
+      sweep.runs = [r for r in sweep.runs if only.search(r.name)]
+      if not sweep.runs:
+        raise SweepError(f"--only={args.only!r} matches no run")
+    if args.train_cmd:
+      train_cmd = shlex.split(args.train_cmd)
+    elif args.backend == "local":
+      train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
+    else:
+      train_cmd = ["nanodo-sam", "train"]
+  except SweepError as e:
+    print(f"launch.sweep: error: {e}", file=sys.stderr)
+    return 2
+
+  if args.dry_run:
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
+          f"{sweep.config}, out {out} (dry run: nothing started or written)")
+    for i, run in enumerate(sweep.runs):
+      state = "done" if is_done(run) else "todo"
+      kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
+      cfg = f" [{run.config}]" if run.config != sweep.config else ""
+      print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
+    if sweep.runs and sweep.runs[0].common:
+      print("every run: " + " ".join(
+          f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
+    print("command: " + shell_join(train_cmd + sweep.runs[0].train_args()))
+    return 0
+
+  try:
+    if args.backend == "local":
+      return 1 if run_local(sweep, out, train_cmd, max(args.parallel, 1),
+                            env) else 0
+    if args.backend == "slurm":
+      script = slurm_script(sweep, out, train_cmd, args.sbatch, args.parallel,
+                            env)
+      _manifest(sweep, out, "slurm")
+      os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+      path = os.path.join(out, "sweep.sbatch")
+      with open(path, "w") as f:
+        f.write(script)
+      print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
+      print(f"  sbatch {shlex.quote(path)}")
+      return 0
+    cmds = tpu_commands(sweep, train_cmd, args.tpu, args.zone, args.project,
+                        args.remote_dir, env)
+    print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
+          "another (--out is a path on the TPU VM: use a shared disk or a "
+          "gcsfuse mount so checkpoints outlive it)")
+    print("\n".join(cmds))
+    return 0
+  except SweepError as e:
+    print(f"launch.sweep: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  try:
+    sys.exit(main())
+  except BrokenPipeError:  # Output piped into `head`.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)

@@ -1,0 +1,87 @@
+"""Figure 1: eval loss over training, per method (best rho per method).
+
+    python scripts/plot_eval_curves.py SWEEP_DIR [SWEEP_DIR ...]
+        [--methods=adamw,sam] [--all] [--out=FILE.png]
+
+Reads eval_history from each run's results.json. For every (schedule, size,
+nonlinearity) found (one panel each) and every method, draws the curve of the
+best (rho, lr) setting (make_tables' choice), averaged over seeds; --all draws
+every run instead. Default output: FIRST_DIR/figures/eval_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
+
+
+def mean_curve(runs) -> tuple[list[int], list[float]]:
+  """Mean over runs at the steps every run evaluated."""
+  hists = [{int(s): float(l) for s, l in r.results.get("eval_history", [])}
+           for r in runs]
+  hists = [h for h in hists if h]
+  if not hists:
+    return [], []
+  steps = sorted(set.intersection(*(set(h) for h in hists)))
+  return steps, [sum(h[s] for h in hists) / len(hists) for s in steps]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
+  p.add_argument("--methods", default="", help="comma list (default: all)")
+  p.add_argument("--all", action="store_true", help="one line per run")
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  runs = mt.load_runs(args.dirs, warn=lambda m: print(m, file=sys.stderr))
+  methods = [m for m in args.methods.split(",") if m]
+  runs = [r for r in runs if not methods or r.method in methods]
+  if not runs:
+    print("plot_eval_curves: error: no matching runs with results.json",
+          file=sys.stderr)
+    return 2
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = sorted({r.group[:3] for r in runs})
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
+                           squeeze=False)
+  order = list(mt.METHOD_LABELS)
+  for ax, panel in zip(axes[0], panels):
+    groups = {g: rs for g, rs in mt.groups_of(runs).items()
+              if g[:3] == panel}
+    for g in sorted(groups, key=lambda g: order.index(g[3])
+                    if g[3] in order else 99):
+      label = mt.METHOD_LABELS.get(g[3], g[3])
+      if args.all:
+        for r in groups[g]:
+          steps, losses = mean_curve([r])
+          ax.plot(steps, losses, marker=".",
+                  label=f"{label} ρ={r.rho:g} s{r.seed}")
+        continue
+      cell = mt.best_cell(groups[g])
+      steps, losses = mean_curve(cell.runs)
+      if g[3] != "adamw":
+        label += f" (ρ={cell.rho:g})"
+      ax.plot(steps, losses, marker=".", label=label)
+    ax.set_title(" / ".join(panel))
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  out = args.out or os.path.join(args.dirs[0], "figures", "eval_curves.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=120)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

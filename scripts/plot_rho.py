@@ -1,0 +1,95 @@
+"""Figure 3: eval loss vs rho per method, AdamW as the dashed reference.
+
+    python scripts/plot_rho.py SWEEP_DIR [SWEEP_DIR ...] [--relative]
+        [--out=FILE.png]
+
+One panel per (schedule, size, nonlinearity); one line per method over its rho
+values (mean over seeds, error bars = std; at each rho the best learning
+rate). --relative plots loss minus the best Precond Functional SAM loss, as
+the paper's Figure 3 does. Diverged settings are left out and counted in the
+legend. Default output: FIRST_DIR/figures/rho.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
+
+
+def rho_curve(runs):
+  """[(rho, mean, std)] with the best lr at each rho; and #diverged rhos."""
+  by_rho = {}
+  for (rho, _, _), rs in mt.settings_of(runs).items():
+    mean, std = mt._mean_std([r.loss for r in rs])  # pylint: disable=protected-access
+    best = by_rho.get(rho)
+    if best is None or (math.isfinite(mean) and
+                        not (math.isfinite(best[0]) and best[0] <= mean)):
+      by_rho[rho] = (mean, std)
+  points = [(rho, m, s) for rho, (m, s) in sorted(by_rho.items())
+            if math.isfinite(m)]
+  return points, sum(1 for m, _ in by_rho.values() if not math.isfinite(m))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
+  p.add_argument("--relative", action="store_true")
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  runs = mt.load_runs(args.dirs, warn=lambda m: print(m, file=sys.stderr))
+  if not runs:
+    print("plot_rho: error: no runs with results.json", file=sys.stderr)
+    return 2
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  groups = mt.groups_of(runs)
+  panels = sorted({g[:3] for g in groups})
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
+                           squeeze=False)
+  markers = {"sam": "s", "precond_functional_sam": "o", "precond_sam": "^",
+             "functional_sam": "D"}
+  for ax, panel in zip(axes[0], panels):
+    ref = 0.0
+    if args.relative:
+      pfs = mt.best_cell(groups.get(panel + ("precond_functional_sam",), []))
+      ref = pfs.mean if math.isfinite(pfs.mean) else 0.0
+    for g in sorted(g for g in groups if g[:3] == panel):
+      label = mt.METHOD_LABELS.get(g[3], g[3])
+      if g[3] == "adamw":
+        cell = mt.best_cell(groups[g])
+        if math.isfinite(cell.mean):
+          ax.axhline(cell.mean - ref, color="k", ls="--", lw=1,
+                     label=f"{label} (ρ=0)")
+        continue
+      points, diverged = rho_curve(groups[g])
+      if diverged:
+        label += f" ({diverged} ρ diverged)"
+      if points:
+        xs, ms, ss = zip(*points)
+        ax.errorbar(xs, [m - ref for m in ms], yerr=ss,
+                    marker=markers.get(g[3], "."), capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_title(" / ".join(panel))
+    ax.set_xlabel("ρ")
+    ax.set_ylabel("eval loss" + (" − best Precond Func-SAM"
+                                 if args.relative else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  out = args.out or os.path.join(args.dirs[0], "figures", "rho.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=120)
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
