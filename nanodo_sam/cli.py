@@ -128,7 +128,8 @@ def _restore_params(workdir: str, cfg, step: int | None):
 
 
 def cmd_train(fv) -> None:
-  from nanodo_sam import train as train_lib
+  import jax
+  from nanodo_sam import config as config_lib
   cfg = fv.config
   workdir = fv.workdir or cfg.workdir
   if not workdir:
@@ -136,6 +137,10 @@ def cmd_train(fv) -> None:
                      "--config.workdir=DIR")
   with cfg.unlocked():
     cfg.workdir = workdir
+  # Checked before importing the trainer, whose TensorFlow import prints C++
+  # log lines: a bad config or mesh gives one line, fast.
+  config_lib.validate(cfg, num_devices=jax.device_count())
+  from nanodo_sam import train as train_lib
   results = train_lib.train(cfg, workdir)
   print(json.dumps({k: v for k, v in results.items()
                     if k != "eval_history"}, indent=2))
@@ -260,9 +265,9 @@ def main(argv=None) -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   fv = _parse(command, rest)
   from nanodo_sam import sharding
-  sharding.maybe_initialize_distributed(fv.coordinator_address,
-                                        fv.num_processes, fv.process_id)
   try:
+    sharding.maybe_initialize_distributed(fv.coordinator_address,
+                                          fv.num_processes, fv.process_id)
     COMMANDS[command](fv)
   except UsageError as e:
     _fail(str(e))

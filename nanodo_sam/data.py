@@ -176,6 +176,25 @@ def _shard_info():
                          num_shards=jax.process_count())
 
 
+def _read_plan(task, split: str):
+  """(shard_info for seqio, shard_info for packed rows): how this process
+  gets its own part of `split`.
+
+  seqio shards a source by files, or else by documents; a split with fewer
+  files than processes (tiny_shakespeare: 1 file, 1 document) would leave
+  some processes with nothing. Then every process reads the whole split and
+  keeps every n-th packed row instead.
+  """
+  info = _shard_info()
+  if info.num_shards == 1:
+    return None, None
+  source = task.source
+  if (source.supports_arbitrary_sharding
+      or len(source.list_shards(split=split)) >= info.num_shards):
+    return info, None
+  return None, info
+
+
 def _host_batch_size(global_batch_size: int) -> int:
   import jax
   n = jax.process_count()
@@ -189,13 +208,16 @@ def train_dataset(cfg, seed: int):
   """Infinite, shuffled (by `seed`), packed training batches for this host."""
   tf = _tf()
   task = make_task(cfg.data, split_files=cfg.data.get("train_files", ""))
+  split = cfg.data.get("train_split", "train")
+  by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
-      sequence_length=None, split=cfg.data.get("train_split", "train"),
-      shuffle=True, seed=seed, num_epochs=1, use_cached=False,
-      shard_info=_shard_info())
+      sequence_length=None, split=split, shuffle=True, seed=seed,
+      num_epochs=1, use_cached=False, shard_info=by_source)
   # Repeat after seqio's document shuffle: a corpus of few long documents
   # (tiny_shakespeare is one) must not be re-tokenized to fill its buffer.
   ds = pack(ds.repeat(), cfg.model.L)
+  if by_rows:
+    ds = ds.shard(by_rows.num_shards, by_rows.index)
   ds = ds.shuffle(cfg.data.get("shuffle_buffer", 1024), seed=seed + 1)
   ds = ds.batch(_host_batch_size(cfg.data.batch_size), drop_remainder=True)
   ds = ds.map(_to_batch)
@@ -237,10 +259,12 @@ def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
   task = make_task(cfg.data, split_files=cfg.data.get("eval_files", ""))
   split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
   check_split(task, split)
+  by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                        num_epochs=1, use_cached=False,
-                        shard_info=_shard_info())
+                        num_epochs=1, use_cached=False, shard_info=by_source)
   ds = pack(ds.repeat(), cfg.model.L)
+  if by_rows:
+    ds = ds.shard(by_rows.num_shards, by_rows.index)
   ds = ds.batch(_host_batch_size(cfg.data.eval_batch_size),
                 drop_remainder=True).map(_to_batch)
   return [{k: v.numpy() for k, v in b.items()}

@@ -53,8 +53,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def validate(cfg, num_devices: int) -> None:
+def validate(cfg, num_devices: int, num_processes: int | None = None) -> None:
+  """Mesh, batch and model shapes fit together (UsageError otherwise)."""
   data, fsdp, tensor = mesh_shape(cfg.mesh, num_devices)
+  num_processes = jax.process_count() if num_processes is None \
+      else num_processes
+  if (data * fsdp) % num_processes:
+    raise UsageError(
+        f"mesh data x fsdp = {data}x{fsdp} is not a multiple of the "
+        f"{num_processes} processes; each process feeds its own rows of the "
+        "batch, so put the cross-process axes in mesh.data or mesh.fsdp")
   per_step = data * fsdp * cfg.grad_accumulation_steps
   if cfg.data.batch_size % per_step:
     raise UsageError(
@@ -135,6 +143,32 @@ def logical_to_sharding(boxed_tree, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def pin_params(logits_fn, params_sharding):
+  """`logits_fn` whose parameters (and, by transposition, their gradients)
+  are constrained to `params_sharding`; its `output_head` (model.OutputHead),
+  if any, is pinned the same way.
+
+  XLA's propagation alone returns some gradients replicated (weights whose
+  fsdp dimension is the output one: attn_out, fc2, pos_embed), and with them
+  the SAM perturbation eps and theta + eps: a full copy per device that
+  defeats FSDP. Pinned here, every gradient the step family takes (clean,
+  perturbed, functional, logit) is reduce-scattered into the parameters'
+  layout and theta + eps stays sharded like theta.
+  """
+  pin = lambda params: jax.lax.with_sharding_constraint(params,
+                                                        params_sharding)
+
+  def pinned(params, inputs):
+    return logits_fn(pin(params), inputs)
+
+  head = getattr(logits_fn, "output_head", None)
+  if head is not None:
+    pinned.output_head = head._replace(
+        features=lambda params, inputs: head.features(pin(params), inputs),
+        select=lambda params: head.select(pin(params)))
+  return pinned
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
@@ -150,20 +184,54 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
           for k, v in host_batch.items()}
 
 
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection should start jax.distributed: SLURM
+  with several tasks, a Cloud TPU VM (a pod slice's workers find each other
+  through the metadata server), GKE TPU pods, or an explicit
+  JAX_COORDINATOR_ADDRESS."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if any(os.environ.get(k, "").count(",") > 0
+         for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")):
+    return True
+  try:
+    from jax._src import cloud_tpu_init  # Set when `import jax` found a TPU.
+  except ImportError:
+    return False
+  return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
 def maybe_initialize_distributed(coordinator_address: str = "",
                                  num_processes: int = 0,
                                  process_id: int = -1) -> None:
-  """Starts jax.distributed for multi-process runs.
+  """Starts jax.distributed for multi-process runs (call before any JAX work).
 
-  Explicit flags win; otherwise SLURM (several tasks), TPU VM pods and
-  clusters that set JAX_COORDINATOR_ADDRESS are detected by JAX itself.
+  Explicit flags win; otherwise JAX detects the cluster itself
+  (`_cluster_detected`). Under SLURM, JAX gives each task one local device
+  (SLURM_LOCALID): launch one task per GPU. A second call is a no-op. CPU
+  processes talk through gloo.
   """
+  if coordinator_address and (num_processes < 1 or
+                              not 0 <= process_id < num_processes):
+    raise UsageError(
+        f"--coordinator_address={coordinator_address} needs --num_processes="
+        f"N >= 1 and --process_id in [0, N) (got {num_processes}, "
+        f"{process_id})")
+  initialized = getattr(jax.distributed, "is_initialized", lambda: False)()
+  if initialized or not (coordinator_address or _cluster_detected()):
+    return
+  if jax.config.jax_cpu_collectives_implementation is None:
+    # Older JAX had no CPU collectives by default; multi-process CPU runs
+    # (tests, debugging) need them. Newer JAX defaults to gloo already.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
-    return
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get(
-      "JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES",
-                                                   "").count(",") > 0:
+  else:
     jax.distributed.initialize()
+  log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+           jax.process_index(), jax.process_count(), jax.local_device_count(),
+           jax.device_count())

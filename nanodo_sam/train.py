@@ -77,7 +77,9 @@ def setup(cfg) -> Setup:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nn.unbox(boxed), state_sharding)
-  return Setup(cfg, model, model_lib.make_logits_fn(model), tx, mesh,
+  logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
+                                 state_sharding.params)
+  return Setup(cfg, model, logits_fn, tx, mesh,
                state_sharding, abstract_state)
 
 
