@@ -186,7 +186,6 @@ def cmd_analyze(fv) -> None:
   import jax
   from nanodo_sam import data as data_lib
   from nanodo_sam import evaluate, sharding, sharpness
-  from nanodo_sam import optimizer as optimizer_lib
   from nanodo_sam import train as train_lib
   cfg = _load_run_config(fv.workdir)
   d = cfg.diagnostics
@@ -203,8 +202,9 @@ def cmd_analyze(fv) -> None:
                                       sharding.batch_sharding(s.mesh))
   loss = evaluate.eval_loss(eval_step, state.params, eval_data,
                             lambda b: sharding.global_batch(b, s.mesh))
-  lr = float(optimizer_lib.learning_rate_schedule(cfg.opt)(max(step - 1, 0)))
-  lr = lr if lr > 0 else cfg.opt.peak_learning_rate
+  # SAM-edge and 2/lr at the peak learning rate: at the end of a decayed
+  # schedule the rate in effect is ~0 and both would be meaningless.
+  lr = cfg.opt.peak_learning_rate
   fn = jax.jit(lambda p, rng: sharpness.diagnostics(
       p, train_lib.diagnostics_batch(cfg, eval_data), logits_fn=s.logits_fn,
       lr=lr, rho=cfg.sam.rho, num_iters=d.num_iters,

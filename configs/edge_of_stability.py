@@ -1,0 +1,167 @@
+"""SAM and the edge of stability (Long & Bartlett, JMLR 2024; papers/002).
+
+Their language-model experiment: an autoregressive character-level Transformer
+(6 layers, 8 heads, width 128, sequences of 64 characters) trained with
+minibatch SAM (minibatches of 128) and cross-entropy on tiny_shakespeare, the
+last 10,000 lines held out as the test set; plain SGD (no momentum, no weight
+decay) at a constant learning rate eta in {0.01, 0.02, 0.05, 0.1, 0.2, 0.5}
+and SAM radius rho in {0, 0.1, 0.3, 1.0} (rho = 0 is SGD). Their claim: the
+operator norm lambda_max of the minibatch loss Hessian settles at the SAM edge
+4 / (eta (1 + sqrt(1 + 8 rho / (eta ||g||)))) (nanodo_sam.sharpness.sam_edge,
+with ||g|| the minibatch gradient norm), which lies below GD's 2/eta when
+rho > 0.
+
+Here the Transformer is the Nanodo one (pre-LayerNorm, GeLU, F = 4D = 512,
+byte vocabulary V = 259 = 256 bytes + 3 specials); their model was written in
+Haiku, so details such as initialisation and normalisation differ. Every
+`diagnostics.every_steps` steps the loop logs, before the step and on the
+current training minibatch, eos/lambda_max, eos/sam_edge, eos/two_over_lr,
+eos/grad_norm and the alignment of g and of the SAM gradient with the top
+eigenvector (nanodo_sam.train._make_diagnostics).
+
+The data split is theirs: `tiny_shakespeare_split()` derives a train file
+(the first 30,000 lines, 854,960 bytes) and a test file (the last 10,000
+lines, 260,434 bytes) from the raw input.txt and points data.train_files /
+data.eval_files at them (the TFDS tiny_shakespeare splits are different:
+90% / 5% / 5% by characters). The files are written once into a cache folder
+($NANODO_SAM_CACHE, default ~/.cache/nanodo_sam) when the config is loaded.
+The raw file is ../shared/data/manual/tiny_shakespeare_input.txt relative to
+the repository, or $TINY_SHAKESPEARE_TXT (karpathy/char-rnn's input.txt).
+
+Config arguments:
+  configs/edge_of_stability.py          their setting (eta 0.1, rho 0.1 by
+                                        default; sweep: configs/sweeps/
+                                        edge_of_stability.py)
+  configs/edge_of_stability.py:reduced  a CPU-sized version (2 layers, width
+                                        64, batch 32, 300 steps; 2-3
+                                        CPU-minutes per run; sweep:
+                                        configs/sweeps/
+                                        edge_of_stability_reduced.py)
+
+  nanodo-sam train --config=configs/edge_of_stability.py:reduced \
+      --workdir=runs/eos/lr0.5-rho0.1 --config.opt.peak_learning_rate=0.5 \
+      --config.sam.rho=0.1
+  python scripts/plot_edge_of_stability.py runs/eos/* --out=eos.png
+
+Not stated in the paper, our choices: the number of steps (they give
+wall-clock time, 8-12 hours on a V100), how often lambda_max is measured and
+with how many Lanczos iterations, and the evaluation set size.
+"""
+
+import hashlib
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `from configs import ...` from any directory.
+  sys.path.insert(0, _ROOT)
+
+from configs import base  # pylint: disable=g-import-not-at-top
+
+LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+RHOS = (0.0, 0.1, 0.3, 1.0)
+TEST_LINES = 10_000  # "The last 10000 lines ... were set aside as a test set"
+RAW_FILE = os.path.join(_ROOT, "..", "shared", "data", "manual",
+                        "tiny_shakespeare_input.txt")
+
+
+def _cache_dir() -> str:
+  return os.path.expanduser(os.environ.get(
+      "NANODO_SAM_CACHE", os.path.join("~", ".cache", "nanodo_sam")))
+
+
+def _write_once(path: str, data: bytes) -> None:
+  """Writes `data` to `path` unless it already holds exactly that (atomic)."""
+  if os.path.isfile(path) and os.path.getsize(path) == len(data):
+    with open(path, "rb") as f:
+      if f.read() == data:
+        return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def tiny_shakespeare_split(raw_file: str = "", cache_dir: str = "",
+                           test_lines: int = TEST_LINES) -> tuple[str, str]:
+  """(train.txt, test.txt): all but the last `test_lines` lines, and those.
+
+  Written into <cache_dir>/tiny_shakespeare_<hash of the input>/ and reused;
+  each file is one document (the data pipeline packs it into rows).
+  """
+  raw_file = raw_file or os.environ.get("TINY_SHAKESPEARE_TXT", RAW_FILE)
+  raw_file = os.path.abspath(os.path.expanduser(raw_file))
+  if not os.path.isfile(raw_file):
+    raise ValueError(
+        f"tiny_shakespeare text not found at {raw_file!r}; set "
+        "TINY_SHAKESPEARE_TXT to karpathy/char-rnn's "
+        "data/tinyshakespeare/input.txt (offline copy: ../shared/data/manual/"
+        "tiny_shakespeare_input.txt)")
+  with open(raw_file, "rb") as f:
+    text = f.read()
+  lines = text.splitlines(keepends=True)
+  if len(lines) <= test_lines:
+    raise ValueError(f"{raw_file!r} has {len(lines)} lines; the split needs "
+                     f"more than {test_lines}")
+  digest = hashlib.sha1(text).hexdigest()[:12]
+  out = os.path.join(cache_dir or _cache_dir(),
+                     f"tiny_shakespeare_{digest}_last{test_lines}")
+  os.makedirs(out, exist_ok=True)
+  train_path = os.path.join(out, "train.txt")
+  test_path = os.path.join(out, "test.txt")
+  _write_once(train_path, b"".join(lines[:-test_lines]))
+  _write_once(test_path, b"".join(lines[-test_lines:]))
+  return train_path, test_path
+
+
+def get_config(arg: str = ""):
+  if arg not in ("", "full", "reduced"):
+    raise ValueError(f"unknown config argument {arg!r}; use "
+                     "configs/edge_of_stability.py or "
+                     "configs/edge_of_stability.py:reduced")
+  c = base.get_config()
+  c.schedule_name = "edge_of_stability" + ("_reduced" if arg == "reduced"
+                                           else "")
+  c.model.update(D=128, H=8, N=6, F=512, L=64, V=259)
+  c.model.size_name = "eos"
+  train_file, test_file = tiny_shakespeare_split()
+  c.data.vocab = "byte"
+  c.data.tfds_name = ""  # Unused: the files below replace TFDS.
+  c.data.train_files = train_file
+  c.data.eval_files = test_file
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 128
+  c.data.eval_steps = 16           # 2,048 test rows (~131K characters).
+  c.data.shuffle_buffer = 16_384   # ~ all 13.2K training rows of 65 bytes.
+
+  c.opt.optimizer = "sgd"          # Plain SGD: no momentum.
+  c.opt.decay_type = "constant"
+  c.opt.warmup_steps = 0
+  c.opt.weight_decay = 0.0
+  c.opt.peak_learning_rate = 0.1  # Constant: eta (the sweep varies it).
+  c.opt.num_train_steps = 20_000
+
+  c.sam.method = "sam"             # rho = 0 is plain SGD.
+  c.sam.rho = 0.1
+
+  c.diagnostics.every_steps = 100
+  c.diagnostics.on_train_batch = True
+  c.diagnostics.num_iters = 20
+  c.diagnostics.tol = 1e-3
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 2000
+  c.log_every_steps = 100
+
+  if arg == "reduced":
+    # 98,624 non-embedding parameters (the full model: 1,181,312).
+    c.model.update(D=64, H=4, N=2, F=256)
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 64
+    c.data.eval_steps = 4
+    c.opt.num_train_steps = 300
+    c.diagnostics.every_steps = 15
+    c.diagnostics.num_iters = 12
+    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 0   # Only the final one.
+    c.log_every_steps = 25
+  return c

@@ -1,0 +1,181 @@
+"""lambda_max against the SAM edge and 2/eta over training, one panel per run.
+
+    python scripts/plot_edge_of_stability.py RUN_DIR [RUN_DIR ...] \
+        [--out=eos.png] [--settle=0.5] [--table]
+
+Each RUN_DIR is a run trained with `diagnostics.on_train_batch=True` (e.g.
+configs/edge_of_stability.py): its TensorBoard event files hold, every
+`diagnostics.every_steps` steps and on that step's training minibatch,
+eos/lambda_max (the largest-magnitude Hessian eigenvalue), eos/sam_edge
+(Long & Bartlett's 4 / (eta (1 + sqrt(1 + 8 rho / (eta ||g||))))) and
+eos/two_over_lr. Panels are laid out with one row per learning rate and one
+column per rho. The summary (printed; `--table` as Markdown) gives, over the
+last `--settle` fraction of the logged points, the median of lambda_max, of
+the SAM edge and their ratio, and the ratio to 2/eta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import matplotlib  # pylint: disable=g-import-not-at-top
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+TAGS = ("eos/lambda_max", "eos/sam_edge", "eos/two_over_lr", "eos/grad_norm")
+
+
+def read_scalars(run_dir: str, prefix: str = "") -> dict[str, tuple]:
+  """{tag: (steps, values)} from a run's event files; clu writes scalars as
+  tensor events (TF2 summaries), older writers as scalar events."""
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  acc = ea.EventAccumulator(run_dir, size_guidance={ea.SCALARS: 0,
+                                                    ea.TENSORS: 0})
+  acc.Reload()
+  tags = acc.Tags()
+  out = {}
+  for tag in tags.get("scalars", []):
+    if tag.startswith(prefix):
+      events = acc.Scalars(tag)
+      out[tag] = ([e.step for e in events], [e.value for e in events])
+  tensor_tags = [t for t in tags.get("tensors", []) if t.startswith(prefix)]
+  if tensor_tags:
+    from tensorboard.util import tensor_util
+    for tag in tensor_tags:
+      steps, values = [], []
+      for e in acc.Tensors(tag):
+        value = tensor_util.make_ndarray(e.tensor_proto)
+        if value.size != 1 or value.dtype.kind not in "fiu":
+          break  # Not a scalar series (e.g. hparams text).
+        steps.append(e.step)
+        values.append(float(value.reshape(())))
+      else:
+        out[tag] = (steps, values)
+  return {t: (np.asarray(s), np.asarray(v)) for t, (s, v) in out.items()}
+
+
+def load_run(run_dir: str) -> dict:
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise SystemExit(f"plot_edge_of_stability: no config.json in {run_dir!r}; "
+                     "give run directories")
+  with open(path) as f:
+    cfg = json.load(f)
+  scalars = read_scalars(run_dir, "eos/")
+  missing = [t for t in TAGS[:3] if t not in scalars]
+  if missing:
+    raise SystemExit(
+        f"plot_edge_of_stability: {run_dir!r} has no {missing[0]}; train with "
+        "--config.diagnostics.every_steps=N "
+        "--config.diagnostics.on_train_batch=True")
+  rho = float(cfg["sam"]["rho"]) if cfg["sam"]["method"] != "adamw" else 0.0
+  results = {}
+  if os.path.isfile(os.path.join(run_dir, "results.json")):
+    with open(os.path.join(run_dir, "results.json")) as f:
+      results = json.load(f)
+  return {"dir": run_dir, "lr": float(cfg["opt"]["peak_learning_rate"]),
+          "rho": rho, "method": cfg["sam"]["method"], "scalars": scalars,
+          "results": results}
+
+
+def summary(run: dict, settle: float) -> dict:
+  s = run["scalars"]
+  steps, lam = s["eos/lambda_max"]
+  _, edge = s["eos/sam_edge"]
+  n = len(steps)
+  k = min(n - 1, int(math.floor(n * (1.0 - settle))))
+  lam_med = float(np.median(lam[k:]))
+  edge_med = float(np.median(edge[k:]))
+  two = 2.0 / run["lr"]
+  return {"lr": run["lr"], "rho": run["rho"], "from_step": int(steps[k]),
+          "points": n - k, "lambda_max": lam_med, "sam_edge": edge_med,
+          "two_over_lr": two, "lambda_over_edge": lam_med / edge_med,
+          "lambda_over_two_over_lr": lam_med / two,
+          "final_eval_loss": run["results"].get("final_eval_loss",
+                                                float("nan")),
+          "status": run["results"].get("status", "?")}
+
+
+def plot(runs: list[dict], out: str, settle: float) -> None:
+  lrs = sorted({r["lr"] for r in runs})
+  rhos = sorted({r["rho"] for r in runs})
+  fig, axes = plt.subplots(len(lrs), len(rhos), squeeze=False,
+                           figsize=(3.2 * len(rhos), 2.6 * len(lrs)),
+                           sharex=True)
+  for ax in axes.flat:
+    ax.set_visible(False)
+  for run in runs:
+    ax = axes[lrs.index(run["lr"])][rhos.index(run["rho"])]
+    ax.set_visible(True)
+    s = run["scalars"]
+    steps, lam = s["eos/lambda_max"]
+    ax.plot(steps, lam, ".-", color="C0", ms=3, lw=1,
+            label=r"$\lambda_{max}$ (minibatch)")
+    ax.plot(*s["eos/sam_edge"], "-", color="C3", lw=1.2, label="SAM edge")
+    ax.axhline(2.0 / run["lr"], color="k", ls="--", lw=1,
+               label=r"$2/\eta$")
+    st = summary(run, settle)
+    ax.axvline(st["from_step"], color="0.7", lw=0.8, ls=":")
+    top = max(2.5 * 2.0 / run["lr"], float(np.nanpercentile(lam, 95)) * 1.1)
+    # lambda_max is the largest-magnitude eigenvalue: at initialisation it is
+    # often a large negative one, drawn off scale (clipped at -0.1 top).
+    ax.set_ylim(max(min(0.0, float(np.nanmin(lam))), -0.1 * top), top)
+    ax.set_title(rf"$\eta$={run['lr']:g}, $\rho$={run['rho']:g}: "
+                 rf"$\lambda$/edge={st['lambda_over_edge']:.2f}", fontsize=9)
+    ax.tick_params(labelsize=8)
+  for ax in axes[-1]:
+    ax.set_xlabel("step", fontsize=8)
+  for row in axes:
+    row[0].set_ylabel("curvature", fontsize=8)
+  first = next(ax for ax in axes.flat if ax.get_visible())
+  first.legend(fontsize=7, loc="best")
+  fig.suptitle(r"$\lambda_{max}$ of the training-minibatch Hessian vs the SAM "
+               r"edge and $2/\eta$" if len(rhos) > 1 else
+               r"$\lambda_{max}$ vs SAM edge, $2/\eta$", fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=90)
+  print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("run_dirs", nargs="+")
+  p.add_argument("--out", default="edge_of_stability.png")
+  p.add_argument("--settle", type=float, default=0.5,
+                 help="summary over this last fraction of logged points")
+  p.add_argument("--table", action="store_true",
+                 help="print the summary as a Markdown table")
+  args = p.parse_args(argv)
+  if not 0 < args.settle <= 1:
+    p.error("--settle must lie in (0, 1]")
+  runs = [load_run(d) for d in args.run_dirs
+          if os.path.isfile(os.path.join(d, "config.json"))]
+  if not runs:
+    p.error("no run directories (with config.json) given")
+  runs.sort(key=lambda r: (r["lr"], r["rho"]))
+  plot(runs, args.out, args.settle)
+  rows = [summary(r, args.settle) for r in runs]
+  cols = ("lr", "rho", "from_step", "points", "lambda_max", "sam_edge",
+          "two_over_lr", "lambda_over_edge", "lambda_over_two_over_lr",
+          "final_eval_loss", "status")
+  if args.table:
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+  for row in rows:
+    cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+             for c in cols]
+    print(("| " + " | ".join(cells) + " |") if args.table
+          else "  ".join(f"{c}={v}" for c, v in zip(cols, cells)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
