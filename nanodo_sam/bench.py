@@ -30,7 +30,9 @@ after warm-up measures:
   (works on every backend, is deterministic, and is the figure to compare
   methods by), plus `device.memory_stats()['peak_bytes_in_use']` where the
   backend has it (a process-wide high-water mark: it only grows across rows);
-- ratios of step time and memory to AdamW's, measured in the same run.
+- ratios of step time (wall clock, and this process's CPU time, which is
+  steadier on a machine whose cores are shared) and memory to AdamW's,
+  measured in the same run (interleaved on CPU: see `bench_size`).
 
 A method spec is `METHOD[:k=K][:reuse]`: `functional_sam:k=5` takes the
 Functional-SAM gradient every 5th step and the plain gradient in between
@@ -245,73 +247,118 @@ def _device_peak_bytes(device) -> int | None:
   return (stats or {}).get("peak_bytes_in_use")
 
 
-def bench_variant(cfg, size: str | None, v: Variant, steps: int) -> dict:
-  """Compiles, warms up and times one (size, method) row."""
-  c = _variant_config(cfg, size, v)
-  s = train_lib.setup(c)
-  state = train_lib.init_state(s, c.seed)
-  batch = sharding.global_batch(synthetic_batch(c), s.mesh)
-  kinds = _step_kinds(c, v.every_k)
-  compiled, mems, t_compile = {}, [], 0.0
-  for kind in dict.fromkeys(kinds):
-    t0 = time.perf_counter()
-    compiled[kind] = _jit_kind(s, c, kind).lower(state, batch).compile()
-    t_compile += time.perf_counter() - t0
-    mems.append(memory_bytes(compiled[kind]))
-  mem = max(mems, key=lambda m: m.get("total", 0))
+class _Runner:
+  """One (size, method) row: its compiled step kinds, state and timings."""
 
-  def cycle(state):
-    for kind in kinds:
-      state, metrics = compiled[kind](state, batch)
-    return state, metrics
+  def __init__(self, cfg, size: str | None, v: Variant):
+    self.v, self.size = v, size
+    self.cfg = c = _variant_config(cfg, size, v)
+    s = train_lib.setup(c)
+    self.state = train_lib.init_state(s, c.seed)
+    self.batch = sharding.global_batch(synthetic_batch(c), s.mesh)
+    self.kinds = _step_kinds(c, v.every_k)
+    self.compiled, mems, self.compile_s = {}, [], 0.0
+    for kind in dict.fromkeys(self.kinds):
+      t0 = time.perf_counter()
+      self.compiled[kind] = _jit_kind(s, c, kind).lower(
+          self.state, self.batch).compile()
+      self.compile_s += time.perf_counter() - t0
+      mems.append(memory_bytes(self.compiled[kind]))
+    self.memory = max(mems, key=lambda m: m.get("total", 0))
+    self.times: list[float] = []
+    self.cpu_times: list[float] = []
+    self.metrics = None
 
-  for _ in range(WARMUP_STEPS):
-    state, metrics = cycle(state)
-  jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(max(3, math.ceil(steps / v.every_k))):
-    t0 = time.perf_counter()
-    state, metrics = cycle(state)
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - t0) / v.every_k)
-  loss = float(jax.device_get(metrics["loss"]))
+  def cycle(self) -> None:
+    """Runs one k-step cycle to completion; records seconds per step (wall
+    clock, and this process's CPU time: steadier when others share the
+    cores)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for kind in self.kinds:
+      self.state, self.metrics = self.compiled[kind](self.state, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+    self.times.append((time.perf_counter() - t0) / len(self.kinds))
+    self.cpu_times.append((time.process_time() - c0) / len(self.kinds))
 
-  m = c.model
-  device = jax.devices()[0]
-  tokens = c.data.batch_size * m.L
-  median = float(np.median(times))
-  flops_tok = model_flops_per_token(m.D, m.N, m.F, m.L, m.V)
-  factor = method_flops_factor(v.method, v.every_k)
-  peak = peak_flops(device)
-  tok_s = tokens / median
-  return {
-      "size": size or f"D{m.D}-N{m.N}",
-      "method": v.name,
-      "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
-      "batch_size": c.data.batch_size, "dtype": m.dtype,
-      "non_embedding_params": model_lib.non_embedding_params(
-          model_lib.DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V)),
-      "step_s_median": median,
-      "step_s_p10": float(np.percentile(times, 10)),
-      "step_s_p90": float(np.percentile(times, 90)),
-      "timed_samples": len(times),
-      "tokens_per_s": tok_s,
-      "model_flops_per_token": flops_tok,
-      "method_flops_factor": factor,
-      "mfu": (flops_tok * factor * tok_s / peak) if peak else None,
-      "compile_s": t_compile,
-      "memory_bytes": mem,
-      "device_peak_bytes_in_use": _device_peak_bytes(device),
-      "final_loss": loss,
-  }
+  def warm_up(self) -> None:
+    for _ in range(WARMUP_STEPS):
+      self.cycle()
+    self.times, self.cpu_times = [], []
+
+  def samples(self, steps: int) -> int:
+    return max(3, math.ceil(steps / self.v.every_k))
+
+  def row(self) -> dict:
+    c, m, times = self.cfg, self.cfg.model, self.times
+    device = jax.devices()[0]
+    median = float(np.median(times))
+    tok_s = c.data.batch_size * m.L / median
+    flops_tok = model_flops_per_token(m.D, m.N, m.F, m.L, m.V)
+    factor = method_flops_factor(self.v.method, self.v.every_k)
+    peak = peak_flops(device)
+    return {
+        "size": self.size or f"D{m.D}-N{m.N}",
+        "method": self.v.name,
+        "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
+        "batch_size": c.data.batch_size, "dtype": m.dtype,
+        "non_embedding_params": model_lib.non_embedding_params(
+            model_lib.DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V)),
+        "step_s_median": median,
+        "step_s_p10": float(np.percentile(times, 10)),
+        "step_s_p90": float(np.percentile(times, 90)),
+        "timed_samples": len(times),
+        "cpu_s_median": float(np.median(self.cpu_times)),
+        "tokens_per_s": tok_s,
+        "model_flops_per_token": flops_tok,
+        "method_flops_factor": factor,
+        "mfu": (flops_tok * factor * tok_s / peak) if peak else None,
+        "compile_s": self.compile_s,
+        "memory_bytes": self.memory,
+        "device_peak_bytes_in_use": _device_peak_bytes(device),
+        "final_loss": float(jax.device_get(self.metrics["loss"])),
+    }
 
 
-def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json"
-        ) -> dict:
+def bench_size(cfg, size: str | None, variants: list[Variant], steps: int,
+               interleave: bool) -> list[dict]:
+  """Rows for one size. Interleaved (the default on CPU, where other load
+  comes and goes): every variant is compiled and warmed up first and the timed
+  cycles then go round-robin over the variants, so a slow patch hits all of
+  them alike and the ratios stay fair. Otherwise one variant at a time (on an
+  accelerator, where holding every variant's state at once may not fit)."""
+  rows = []
+  if not interleave:
+    for v in variants:
+      r = _Runner(cfg, size, v)
+      r.warm_up()
+      for _ in range(r.samples(steps)):
+        r.cycle()
+      rows.append(r.row())
+      print(format_row(rows[-1]), flush=True)
+      del r
+    return rows
+  runners = []
+  for v in variants:
+    runners.append(_Runner(cfg, size, v))
+    runners[-1].warm_up()
+  for i in range(max(r.samples(steps) for r in runners)):
+    for r in runners:
+      if i < r.samples(steps):
+        r.cycle()
+  for r in runners:
+    rows.append(r.row())
+    print(format_row(rows[-1]), flush=True)
+  return rows
+
+
+def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json",
+        interleave: bool | None = None) -> dict:
   """Benchmarks every (size, method); prints a table, writes JSON to `out`.
 
   `sizes`: names from `SIZES` (empty: the config's own model); `methods`:
-  'all' or specs `METHOD[:k=K][:reuse]` (list or comma-separated string).
+  'all' or specs `METHOD[:k=K][:reuse]` (list or comma-separated string);
+  `steps`: timed steps per row; `interleave`: see `bench_size` (default: on
+  CPU only).
   """
   sizes = parse_sizes(sizes) or [None]
   variants = parse_methods(methods)
@@ -321,13 +368,13 @@ def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json"
     for v in variants:
       config_lib.validate(_variant_config(cfg, size, v),
                                     num_devices=jax.device_count())
+  device = jax.devices()[0]
+  if interleave is None:
+    interleave = device.platform == "cpu"
   rows = []
   for size in sizes:
-    for v in variants:
-      rows.append(bench_variant(cfg, size, v, steps))
-      print(format_row(rows[-1]), flush=True)
+    rows += bench_size(cfg, size, variants, steps, interleave)
   _add_ratios(rows)
-  device = jax.devices()[0]
   result = {
       "date": datetime.date.today().isoformat(),
       "hardware": {
@@ -340,6 +387,7 @@ def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json"
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
       "steps": steps,
       "warmup_steps": WARMUP_STEPS,
+      "interleaved": interleave,
       "rho": RHO,
       "angle_phi": ANGLE_PHI,
       "flops_formula": "model_flops_per_token = 6*N_nonembed + 6*V*D + "
@@ -363,6 +411,8 @@ def _add_ratios(rows: list[dict]) -> None:
   for r in rows:
     b = base.get(r["size"])
     r["time_vs_adamw"] = r["step_s_median"] / b["step_s_median"] if b else None
+    r["cpu_time_vs_adamw"] = (r["cpu_s_median"] / b["cpu_s_median"]
+                              if b else None)
     r["memory_vs_adamw"] = (r["memory_bytes"].get("total", 0)
                             / b["memory_bytes"]["total"]
                             if b and b["memory_bytes"].get("total") else None)
@@ -379,8 +429,9 @@ def _cpu_model() -> str:
   return platform.processor()
 
 
-COLUMNS = ("size", "method", "step ms", "p10-p90 ms", "x AdamW", "tokens/s",
-           "GFLOP/tok", "MFU", "compile s", "memory MB", "x AdamW")
+COLUMNS = ("size", "method", "step ms", "p10-p90 ms", "x AdamW",
+           "CPU x AdamW", "tokens/s", "GFLOP/tok", "MFU", "compile s",
+           "memory MB", "x AdamW")
 
 
 def _cells(r: dict) -> list[str]:
@@ -388,7 +439,8 @@ def _cells(r: dict) -> list[str]:
   return [
       r["size"], r["method"], f"{1e3 * r['step_s_median']:.1f}",
       f"{1e3 * r['step_s_p10']:.1f}-{1e3 * r['step_s_p90']:.1f}",
-      fmt_ratio(r.get("time_vs_adamw")), f"{r['tokens_per_s']:,.0f}",
+      fmt_ratio(r.get("time_vs_adamw")), fmt_ratio(r.get("cpu_time_vs_adamw")),
+      f"{r['tokens_per_s']:,.0f}",
       f"{r['model_flops_per_token'] * r['method_flops_factor'] / 1e9:.4f}",
       "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
       f"{r['compile_s']:.1f}",
@@ -399,7 +451,7 @@ def _cells(r: dict) -> list[str]:
 
 def format_row(r: dict) -> str:
   return "  ".join(f"{k}={v}" for k, v in zip(COLUMNS, _cells(r))
-                   if not k.startswith("x "))
+                   if "x AdamW" not in k)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,11 +1,12 @@
 """The sharpness-aware gradient-step family: SAM, Functional-SAM and friends.
 
 Every method starts from one clean `jax.vjp` of `logits_fn` at theta, which
-gives the loss L(theta), the logit cotangent dL/dF(theta) and g = grad L(theta).
-Methods that perturb share one perturbation eps = rho * d / ||d|| with d = g,
-or d = g / P for the preconditioned variants (P = sqrt(nu_hat) + eps_adam from
-AdamW), and then differ only in which Jacobian and which logit cotangent meet
-(paper 004, eqs. 2, 10-12, 19):
+gives the loss L(theta) and g = grad L(theta). Methods that perturb share one
+perturbation eps = rho * d / ||d|| with d = g, or d = g / P for the
+preconditioned variants (P = sqrt(nu_hat) + eps_adam from AdamW), and then
+differ only in which Jacobian and which logit cotangent meet, J(a)^T dL/dF(b)
+for points a, b in {theta, theta + eps} (`head_vjp`; paper 004, eqs. 2, 10-12,
+19):
 
   sam                   J(theta+eps)^T dL/dF(theta+eps) = grad L(theta+eps)
   functional_sam        J(theta+eps)^T dL/dF(theta)      (functional path)
@@ -17,6 +18,13 @@ To first order in rho, functional_sam - g = rho H_F e and logit_sam - g =
 rho H_G e (Gauss-Newton / functional-Hessian split of the loss Hessian), so
 sam = logit_sam + functional_sam - g + O(rho^2). Adding a method is one
 function `(step: Step) -> grads` and one line in `METHODS`.
+
+Memory: when `logits_fn` carries an `output_head` (model.OutputHead, as the
+Nanodo model's does), the output layer, the loss and dL/dF run over chunks of
+the sequence and are recomputed from the features instead of stored, so no
+step ever holds a [B, L, V] tensor; otherwise the logits are the features and
+J^T is a plain vjp. `reuse_correction` is the LookSAM-style cheap step between
+full ones (config `sam.reuse`).
 """
 
 from __future__ import annotations
@@ -352,13 +360,23 @@ def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
   may be traced. `precond` (P = sqrt(nu_hat) + eps_adam, same tree as params) is
   used only by precond methods; None there means P = 1 (no Adam state yet).
   """
+  loss, grads, _, metrics = _gradient(
+      method, params, batch, logits_fn=logits_fn, rho=rho, phi=phi,
+      precond=precond, precond_normalize=precond_normalize)
+  return loss, grads, metrics
+
+
+def _gradient(method, params, batch, *, logits_fn, rho, phi, precond,
+              precond_normalize):
+  """`gradient`, also returning the plain gradient g."""
   validate(method, rho, phi, precond_normalize=precond_normalize)
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
   clean = clean_vjp(params, batch, logits_fn)
   eps = _eps(entry, clean.grads, rho, precond, precond_normalize)
   grads = entry(Step(clean, _add(params, eps), batch, logits_fn, phi))
-  return clean.loss, grads, _metrics(grads, clean.grads, eps, rho)
+  return (clean.loss, grads, clean.grads,
+          _metrics(grads, clean.grads, eps, rho))
 
 
 def _eps(entry: Method, grads, rho, precond, precond_normalize):
@@ -388,9 +406,16 @@ def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
 
 
 def _microbatches(batch: dict[str, Any], k: int):
-  """[B, ...] -> [k, B/k, ...] and each microbatch's share of the weights."""
-  micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]),
-                       batch)
+  """[B, ...] -> [k, B/k, ...] and each microbatch's share of the weights.
+
+  Microbatch i takes rows i, i+k, i+2k, ...: with the batch split over n =
+  data x fsdp devices (B divisible by n k), every device holds B/(n k) rows of
+  every microbatch, so each scan step runs on all devices without moving the
+  batch (contiguous blocks would make XLA gather it).
+  """
+  micro = jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
+      batch)
   w_k = jnp.sum(micro["weights"].astype(jnp.float32),
                 axis=tuple(range(1, micro["weights"].ndim)))
   return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
@@ -416,7 +441,8 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
                          *, logits_fn: LogitsFn, rho, phi=None, precond=None,
                          precond_normalize: str = "after",
                          num_microbatches: int = 1,
-                         perturbation_scope: str = "global"):
+                         perturbation_scope: str = "global",
+                         return_reuse: bool = False):
   """`gradient` over `num_microbatches` microbatches summed with lax.scan.
 
   "global" (the paper's semantics): eps comes from the gradient of the whole
@@ -428,24 +454,32 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   (m-sharpness); one scan, the same cost and memory as without accumulation.
   Microbatches are weighted by their share of the loss weights, so the result
   equals the full-batch mean even with padding.
+
+  return_reuse=True appends `Reuse(delta = grads - g, ||g||)`, what the steps
+  in between carry forward (`reuse_correction`).
   """
+  def out(loss, grads, g, metrics):
+    if not return_reuse:
+      return loss, grads, metrics
+    delta = jax.tree.map(
+        lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
+    return loss, grads, metrics, Reuse(delta, _norm(g))
+
+  kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
+            precond_normalize=precond_normalize)
   if num_microbatches == 1:
-    return gradient(method, params, batch, logits_fn=logits_fn, rho=rho,
-                    phi=phi, precond=precond,
-                    precond_normalize=precond_normalize)
+    return out(*_gradient(method, params, batch, **kw))
   validate(method, rho, phi, precond_normalize=precond_normalize)
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
   micro, frac_k = _microbatches(batch, num_microbatches)
   if perturbation_scope == "microbatch" or not entry.perturbs:
     def one(mb):
-      loss, grads, metrics = gradient(
-          method, params, mb, logits_fn=logits_fn, rho=rho, phi=phi,
-          precond=precond, precond_normalize=precond_normalize)
-      return loss, grads, metrics
+      loss, grads, g, metrics = _gradient(method, params, mb, **kw)
+      return loss, grads, (g if return_reuse else None), metrics
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-    loss, grads, metrics = _weighted_sum(one, micro, frac_k, shapes)
-    return loss, _cast_like(grads, params), metrics
+    loss, grads, g, metrics = _weighted_sum(one, micro, frac_k, shapes)
+    return out(loss, _cast_like(grads, params), g, metrics)
   if perturbation_scope != "global":
     raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
                      "unknown; use 'global' or 'microbatch'")
@@ -462,7 +496,40 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     return entry(Step(clean_vjp(params, mb, logits_fn), params_eps, mb,
                       logits_fn, phi))
   grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
-  return loss, grads, _metrics(grads, g, eps, rho)
+  return out(loss, grads, g, _metrics(grads, g, eps, rho))
+
+
+# ------------------------------------------------- reuse between steps
+
+
+class Reuse(NamedTuple):
+  """What the steps between two full SAM-family steps carry (sam.reuse)."""
+
+  delta: PyTree  # g_method - g at the last full step, float32
+  grad_norm: jax.Array  # ||g|| there; 0 before the first one
+
+
+def reuse_init(params: PyTree) -> Reuse:
+  """Nothing measured yet: `reuse_correction` returns g unchanged."""
+  return Reuse(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+               jnp.zeros((), jnp.float32))
+
+
+def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
+                     ) -> PyTree:
+  """LookSAM-style reuse: g + ||g|| / ||g_m|| * delta.
+
+  delta = g_method - g_m was measured at the last step that took the full
+  method's gradient (g_m its plain gradient there); in between, the plain
+  gradient g is corrected by that component, rescaled to the current gradient
+  norm. At the measured step itself this gives back g_method exactly; before
+  any measurement (||g_m|| = 0) it gives g.
+  """
+  g_norm_at_measure = jnp.asarray(g_norm_at_measure, jnp.float32)
+  scale = jnp.where(g_norm_at_measure > 0,
+                    _norm(g) / jnp.where(g_norm_at_measure > 0,
+                                         g_norm_at_measure, 1.0), 0.0)
+  return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 
 
 def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
