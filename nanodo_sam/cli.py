@@ -247,8 +247,16 @@ def cmd_prune_eval(fv) -> None:
   print(f"wrote {path}")
 
 
+def cmd_bench(fv) -> None:
+  """Step time, tokens/s, MFU, compile time and memory per size and method."""
+  from nanodo_sam import bench
+  bench.run(fv.config, fv.sizes, fv.methods, steps=fv.steps,
+            out=fv.out or "bench.json")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params,
-            "analyze": cmd_analyze, "prune-eval": cmd_prune_eval}
+            "analyze": cmd_analyze, "prune-eval": cmd_prune_eval,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> None:

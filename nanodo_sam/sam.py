@@ -82,7 +82,9 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
 
 # The output layer, the loss and its cotangent run over chunks of the sequence
 # holding at most about this many logits each (16 MiB in float32), when the
-# logits function exposes its output layer (`model.OutputHead`).
+# logits function exposes its output layer (`model.OutputHead`). Set it to
+# 0 to keep the logits whole (faster for the functional methods, which then
+# keep dL/dF(theta) instead of recomputing it; see docs/benchmarks.md).
 HEAD_CHUNK_ELEMENTS = 2**22
 
 
@@ -130,9 +132,15 @@ def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn
 
 
 def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
-  """The fewest chunks of the sequence (a divisor of L) within the budget."""
+  """The fewest chunks of the sequence (a divisor of L) within the budget.
+
+  1 (no chunking) on more than one device for now: inside the scan XLA's SPMD
+  partitioner loses the batch sharding and all-reduces each logits chunk
+  (seen on a 4-device CPU mesh with FSDP), which would trade the memory for a
+  lot of communication; there the logits stay whole, as before.
+  """
   B, L = p.h_BxLxD.shape[:2]
-  if not chunked:
+  if not chunked or HEAD_CHUNK_ELEMENTS <= 0 or jax.device_count() > 1:
     return 1
   V = jax.eval_shape(head.apply, p.head_params, p.h_BxLxD[:, :1]).shape[-1]
   for n in range(1, L + 1):

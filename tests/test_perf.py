@@ -1,0 +1,327 @@
+"""Performance contracts: the chunked output layer equals the plain one and
+holds no [B, L, V] tensor, the train step compiles once per kind and donates
+its state, bfloat16 compute works for every method, the reuse step's maths,
+and the benchmark itself."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import needs_data, tiny_config
+from nanodo_sam import bench
+from nanodo_sam import model as model_lib
+from nanodo_sam import sam
+from nanodo_sam import sharding
+from nanodo_sam import train as train_lib
+
+ALL = sorted(sam.METHODS)
+B, L, V = 3, 8, 23
+
+
+def _phi(method):
+  return 0.7 if method in sam.PHI_METHODS else None
+
+
+def _batch(B=B, L=L, V=V, seed=0):
+  rng = np.random.default_rng(seed)
+  weights = (rng.uniform(size=(B, L)) > 0.25).astype(np.float32)
+  weights[0, 0] = 1.0
+  return {"inputs": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
+          "targets": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
+          "weights": jnp.asarray(weights)}
+
+
+@functools.cache
+def _model(dtype="float32", D=16, V=V, L=L):
+  m = model_lib.TransformerDo(
+      model_lib.DoConfig(D=D, H=2, N=1, F=2 * D, L=L, V=V, dtype=dtype))
+  return m, model_lib.init_params(m, jax.random.key(0))
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+# --------------------------------------------------- the chunked output layer
+
+
+def test_output_head_reproduces_the_logits():
+  m, params = _model()
+  logits_fn = model_lib.make_logits_fn(m)
+  head = logits_fn.output_head
+  tokens = _batch()["inputs"]
+  h = head.features(params, tokens)
+  np.testing.assert_array_equal(head.apply(head.select(params), h),
+                                logits_fn(params, tokens))
+
+
+def test_chunked_head_equals_plain_logits_fn(monkeypatch):
+  """Every method: the fused output layer + loss + cotangent, in 4 chunks of
+  the sequence, gives the unfused result (a logits_fn without output_head,
+  the plain vjp path) to float32 tolerance."""
+  m, params = _model()
+  fused = model_lib.make_logits_fn(m)
+  plain = lambda p, x: fused(p, x)  # No output_head: the plain vjp path.
+  batch = _batch()
+  monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", B * (L // 4) * V)
+  head, chunked = sam.output_head(fused)
+  assert chunked and sam._num_chunks(
+      head, chunked, sam.point(params, batch["inputs"], fused)) == 4
+  rng = np.random.default_rng(3)
+  precond = jax.tree.map(
+      lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params)
+
+  @jax.jit  # One compilation for all 14 gradients.
+  def every_method(params, batch, precond):
+    return {(method, name): sam.gradient(
+        method, params, batch, logits_fn=fn, rho=0.1, phi=_phi(method),
+        precond=precond) for method in ALL
+            for name, fn in (("fused", fused), ("plain", plain))}
+
+  out = every_method(params, batch, precond)
+  for method in ALL:
+    (l1, g1, m1), (l2, g2, m2) = out[method, "fused"], out[method, "plain"]
+    np.testing.assert_allclose(l1, l2, rtol=2e-6, err_msg=method)
+    np.testing.assert_allclose(_flat(g1), _flat(g2), rtol=1e-4, atol=1e-6,
+                               err_msg=method)
+    for k in m2:
+      np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{method} {k}")
+
+
+def _temp_bytes(method, logits_fn, params, batch):
+  fn = jax.jit(functools.partial(sam.gradient, method, logits_fn=logits_fn,
+                                 rho=0.1, phi=_phi(method)))
+  m = fn.lower(params, batch).compile().memory_analysis()
+  return m.temp_size_in_bytes
+
+
+def test_no_step_holds_a_logits_sized_tensor(monkeypatch):
+  """V = 4096 >> D: one f32 [B, L, V] is far bigger than everything else. In
+  8 chunks no method's temporaries reach even one of them (the plain path
+  holds two), and functional_sam grows no faster than sam."""
+  Bm, Lm, Vm = 4, 64, 4096
+  monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", Bm * (Lm // 8) * Vm)
+  m, params = _model(D=16, V=Vm, L=Lm)
+  fused = model_lib.make_logits_fn(m)
+  plain = lambda p, x: fused(p, x)
+  batch = _batch(Bm, Lm, Vm)
+  logits_bytes = Bm * Lm * Vm * 4
+  temp = {k: _temp_bytes(k, fused, params, batch) for k in (
+      "adamw", "sam", "functional_sam", "logit_sam", "angle_sam")}
+  assert _temp_bytes("functional_sam", plain, params, batch) > 2 * logits_bytes
+  for k, t in temp.items():
+    assert t < logits_bytes, (k, t, logits_bytes)
+  assert temp["functional_sam"] <= temp["sam"] + logits_bytes // 8, temp
+
+
+# ------------------------------------------ compilation, syncs and donation
+
+
+def _train_setup(method="adamw", **overrides):
+  cfg = tiny_config(**{"sam.method": method,
+                       "sam.rho": 0.0 if method == "adamw" else 0.05,
+                       "sam.phi": _phi(method), **overrides})
+  s = train_lib.setup(cfg)
+  batch = sharding.global_batch(bench.synthetic_batch(cfg), s.mesh)
+  return cfg, s, batch
+
+
+class _CompileCounter:
+  """Counts XLA backend compilations through jax.monitoring."""
+
+  def __init__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def close(self):
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+@pytest.fixture
+def compiles():
+  counter = _CompileCounter()
+  yield counter
+  counter.close()
+
+
+def test_no_recompilation_after_the_first_step_of_each_kind(compiles):
+  """adamw, a SAM method every step, and sam.every_k=2 switching between the
+  plain and the SAM step: after the first step of each kind nothing compiles
+  and every jitted step holds exactly one executable; the steps run with
+  implicit host transfers disallowed (nothing in them syncs the host); the
+  state passed in is donated (deleted) by every step."""
+  for method, every_k in (("adamw", 1), ("functional_sam", 1),
+                          ("precond_sam", 2)):
+    cfg, s, batch = _train_setup(method, **{"sam.every_k": every_k})
+    state = train_lib.init_state(s, cfg.seed)
+    fns = {}
+    seen = set()
+    for step in range(6):
+      kind = cfg.sam.method if train_lib.uses_sam_step(cfg.sam, step) \
+          else "adamw"
+      fn = fns.setdefault(kind, train_lib.jit_train_step(s, kind))
+      before = compiles.count
+      old = state
+      with jax.transfer_guard("disallow"):
+        state, metrics = fn(state, batch)
+      donated = jax.tree.leaves((old.params, old.opt_state))
+      assert donated and all(x.is_deleted() for x in donated), (method, step)
+      if kind in seen:
+        assert compiles.count == before, (method, every_k, step, kind)
+      else:  # The counter does see compilations.
+        assert compiles.count > before, (method, every_k, step, kind)
+      seen.add(kind)
+    jax.block_until_ready(state)
+    assert set(fns) == ({"adamw", method} if every_k > 1 else {method})
+    assert all(f._cache_size() == 1 for f in fns.values())
+    assert int(state.step) == 6 and np.isfinite(float(metrics["loss"]))
+
+
+@needs_data
+def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
+  """The loop dispatches step N before it fetches step N-1's metrics, so the
+  host never waits for the step it just dispatched."""
+  cfg = tiny_config(**{"opt.num_train_steps": 6, "eval_every_steps": 0,
+                       "checkpoint_every_steps": 0, "log_every_steps": 1})
+  events = []
+  real_jit, real_get = train_lib.jit_train_step, jax.device_get
+
+  def jit_train_step(*args, **kwargs):
+    fn = real_jit(*args, **kwargs)
+
+    def dispatch(state, batch):
+      events.append("dispatch")
+      return fn(state, batch)
+    return dispatch
+
+  def device_get(x):
+    events.append("get")
+    return real_get(x)
+
+  monkeypatch.setattr(train_lib, "jit_train_step", jit_train_step)
+  monkeypatch.setattr(jax, "device_get", device_get)
+  assert train_lib.train(cfg, str(tmp_path))["status"] == "completed"
+  gets = [i for i, e in enumerate(events) if e == "get"]
+  assert events.count("dispatch") == 6
+  for n, i in enumerate(gets[:5]):  # Step n's metrics: after step n+1 left.
+    assert events[:i].count("dispatch") == n + 2, events
+
+
+# ------------------------------------------------------------ bfloat16
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_bfloat16_compute_every_method(method):
+  """One train step in bfloat16 compute: float32 logits, loss, gradients,
+  parameters and optimizer state; everything finite."""
+  cfg, s, batch = _train_setup(method, **{"model.dtype": "bfloat16"})
+  state = train_lib.init_state(s, cfg.seed)
+  logits = s.logits_fn(state.params, batch["inputs"])
+  assert logits.dtype == jnp.float32
+  h = s.logits_fn.output_head.features(state.params, batch["inputs"])
+  assert h.dtype == jnp.bfloat16
+  state, metrics = train_lib.jit_train_step(s, method)(state, batch)
+  for name, x in [("params", state.params), ("opt_state", state.opt_state)]:
+    for leaf in jax.tree.leaves(x):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert leaf.dtype == jnp.float32, (name, leaf.dtype)
+      assert bool(jnp.all(jnp.isfinite(leaf))), name
+  assert metrics["loss"].dtype == jnp.float32
+  for k, v in metrics.items():
+    assert np.isfinite(float(v)), k
+  assert 0 < float(metrics["loss"]) < 2 * math.log(cfg.model.V)
+
+
+# ------------------------------------------------------------ reuse
+
+
+def test_reuse_correction_maths():
+  rng = np.random.default_rng(0)
+  tree = lambda: {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                  "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  g_m, g_method = tree(), tree()
+  delta = jax.tree.map(jnp.subtract, g_method, g_m)
+  norm_m = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g_m)))
+  # At the measured step itself: the full method's gradient back.
+  np.testing.assert_allclose(_flat(sam.reuse_correction(g_m, delta, norm_m)),
+                             _flat(g_method), rtol=1e-6)
+  # Scaled with the current gradient norm: g + (||g|| / ||g_m||) delta.
+  g = tree()
+  norm_g = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+  ref = jax.tree.map(lambda x, d: x + norm_g / norm_m * d, g, delta)
+  np.testing.assert_allclose(_flat(sam.reuse_correction(g, delta, norm_m)),
+                             _flat(ref), rtol=1e-6)
+  # Nothing measured yet (reuse_init): g unchanged, finite.
+  init = sam.reuse_init(g)
+  out = sam.reuse_correction(g, init.delta, init.grad_norm)
+  np.testing.assert_array_equal(_flat(out), _flat(g))
+
+
+def test_return_reuse_carries_method_minus_plain_gradient():
+  m, params = _model()
+  logits_fn = model_lib.make_logits_fn(m)
+  batch = _batch()
+  for accum in (1, 3):
+    loss, grads, metrics, reuse = jax.jit(functools.partial(
+        sam.accumulated_gradient, "functional_sam", logits_fn=logits_fn,
+        rho=0.1, num_microbatches=accum, return_reuse=True))(params, batch)
+    _, g, _ = sam.gradient("adamw", params, batch, logits_fn=logits_fn,
+                           rho=0.0)
+    np.testing.assert_allclose(_flat(reuse.delta), _flat(grads) - _flat(g),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(reuse.grad_norm, np.linalg.norm(_flat(g)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(reuse.grad_norm, metrics["grad_norm"],
+                               rtol=1e-5)
+
+
+# ------------------------------------------------------------ the benchmark
+
+
+def test_flops_formula():
+  # 2M at L=512, V=32101: 6 N + 6 V D + 12 n_layers L D.
+  n = 2_361_088
+  assert bench.model_flops_per_token(256, 3, 1024, 512, 32101) == (
+      6 * n + 6 * 32101 * 256 + 12 * 3 * 512 * 256)
+  assert bench.method_flops_factor("adamw") == 1
+  assert bench.method_flops_factor("sam") == 2
+  assert bench.method_flops_factor("angle_sam") == pytest.approx(16 / 6)
+  assert bench.method_flops_factor("sam", every_k=4) == pytest.approx(5 / 4)
+
+
+def test_parse_methods():
+  assert [v.name for v in bench.parse_methods("adamw,functional_sam:k=5")] == [
+      "adamw", "functional_sam:k=5"]
+  names = [v.name for v in bench.parse_methods("all")]
+  assert names[:7] == list(bench.PAPER_METHODS)
+  for bad in ("samm", "sam:k=0", "adamw:k=2", "sam:fast"):
+    with pytest.raises(ValueError):
+      bench.parse_methods(bad)
+  with pytest.raises(ValueError, match="unknown size"):
+    bench.parse_sizes("3M")
+
+
+def test_bench_runs_and_writes_json(tmp_path):
+  cfg = tiny_config()
+  out = tmp_path / "bench.json"
+  res = bench.run(cfg, [], "adamw,sam:k=2", steps=2, out=str(out))
+  rows = res["rows"]
+  assert [r["method"] for r in rows] == ["adamw", "sam:k=2"]
+  assert rows[0]["time_vs_adamw"] == 1.0 and rows[0]["memory_vs_adamw"] == 1.0
+  for r in rows:
+    assert r["step_s_p10"] <= r["step_s_median"] <= r["step_s_p90"]
+    assert r["tokens_per_s"] > 0 and r["compile_s"] > 0
+    assert r["memory_bytes"]["total"] > 0
+    assert r["mfu"] is None or 0 < r["mfu"] < 1
+    assert np.isfinite(r["final_loss"])
+  assert json.load(open(out))["rows"][1]["method"] == "sam:k=2"
