@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sam.start_step = 0            # Plain gradient before this step.
   c.sam.end_step = -1             # Plain gradient from this step (-1: never).
   c.sam.every_k = 1               # SAM-family step every k-th step.
+  # LookSAM-style reuse (with every_k > 1): the steps in between take g plus
+  # the last measured (method gradient - g), rescaled to the current ||g||.
+  c.sam.reuse = False
   c.sam.precond_normalize = "after"  # after: rho P^-1g/|P^-1g|; before.
   c.sam.perturbation_scope = "global"  # global | microbatch (accumulation).
 

@@ -37,7 +37,7 @@ after warm-up measures:
 A method spec is `METHOD[:k=K][:reuse]`: `functional_sam:k=5` takes the
 Functional-SAM gradient every 5th step and the plain gradient in between
 (`sam.every_k`); `:reuse` adds the LookSAM-style correction of the steps in
-between (`sam.reuse="functional"`), when the train loop supports it.
+between (`sam.reuse`).
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def parse_variant(spec: str) -> Variant:
                        "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse")
   if method == "adamw" and (every_k > 1 or reuse):
     raise UsageError(f"--methods: {spec!r}: adamw takes no :k= or :reuse")
+  if reuse and every_k == 1:
+    raise UsageError(f"--methods: {spec!r}: :reuse needs :k=K with K > 1, "
+                     "e.g. functional_sam:k=5:reuse")
   return Variant(method, every_k, reuse)
 
 
@@ -134,8 +137,7 @@ def parse_methods(methods) -> list[Variant]:
   for m in methods or ["all"]:
     if m.strip() == "all":
       out += [Variant(x) for x in PAPER_METHODS]
-      out += [parse_variant(x) for x in CHEAP_VARIANTS
-              if _reuse_supported() or ":reuse" not in x]
+      out += [parse_variant(x) for x in CHEAP_VARIANTS]
     else:
       out.append(parse_variant(m))
   seen = set()
@@ -150,10 +152,6 @@ def parse_sizes(sizes) -> list[str]:
       raise UsageError(f"--sizes: unknown size {s!r}; use some of "
                        f"{', '.join(SIZES)} (or none for the config's model)")
   return list(sizes)
-
-
-def _reuse_supported() -> bool:
-  return hasattr(train_lib, "step_kind")
 
 
 def peak_flops(device) -> float | None:
@@ -192,22 +190,13 @@ def _variant_config(cfg, size: str | None, v: Variant):
     c.sam.end_step = -1
     c.sam.rho_warmup_steps = 0
     c.diagnostics.every_steps = 0
-    if v.reuse:
-      if "reuse" not in c.sam or not _reuse_supported():
-        raise UsageError(f"--methods={v.name}: this train loop has no "
-                         "sam.reuse; drop ':reuse'")
-      c.sam.reuse = "functional"
-    elif "reuse" in c.sam:
-      c.sam.reuse = "none"
+    c.sam.reuse = v.reuse
   return c
 
 
 def _step_kinds(cfg, k: int) -> list:
   """The step functions' keys for steps 0..k-1 of the schedule."""
-  if _reuse_supported():
-    return [train_lib.step_kind(cfg.sam, i) for i in range(k)]
-  return ["sam" if train_lib.uses_sam_step(cfg.sam, i) else "plain"
-          for i in range(k)]
+  return [train_lib.step_kind(cfg.sam, i) for i in range(k)]
 
 
 def _jit_kind(s, cfg, kind):

@@ -85,6 +85,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
            f"sam.perturbation_scope={sam.perturbation_scope!r}; use 'global' "
            "or 'microbatch'")
   _require(sam.every_k >= 1, f"sam.every_k={sam.every_k} must be >= 1")
+  if sam.get("reuse", False):
+    _require(sam.method != "adamw",
+             "sam.reuse=True needs a SAM-family sam.method to reuse; set "
+             "sam.method (e.g. functional_sam) or sam.reuse=False")
+    _require(sam.every_k > 1,
+             "sam.reuse=True does nothing with sam.every_k=1 (every step is "
+             "a full one); set sam.every_k > 1 or sam.reuse=False")
   _require(sam.rho_warmup_steps >= 0 and sam.start_step >= 0,
            "sam.rho_warmup_steps and sam.start_step must be >= 0")
   _require(sam.end_step < 0 or sam.end_step >= sam.start_step,
@@ -111,7 +118,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
 
 
 def check_workdir(cfg, workdir: str) -> None:
-  """A workdir that already holds a run must hold the same model."""
+  """A workdir that already holds a run must hold the same model and train
+  state layout (sam.reuse adds a field to the checkpointed state)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -127,3 +135,9 @@ def check_workdir(cfg, workdir: str) -> None:
         f"workdir {workdir!r} holds a run of a different model (model.{k}: "
         f"{old_model.get(k)} there, {new_model.get(k)} now); use a new "
         "--workdir or the same model config")
+  old_reuse = bool(old.sam.get("reuse", False))
+  if old_reuse != bool(cfg.sam.get("reuse", False)):
+    raise UsageError(
+        f"workdir {workdir!r} holds a run with sam.reuse={old_reuse}, whose "
+        "checkpoints have a different train state; use a new --workdir or "
+        f"--config.sam.reuse={old_reuse}")

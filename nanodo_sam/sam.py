@@ -65,7 +65,7 @@ def _dot(a: PyTree, b: PyTree) -> jax.Array:
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _cosine(a: PyTree, b: PyTree) -> jax.Array:
+def cosine(a: PyTree, b: PyTree) -> jax.Array:
   """cos(a, b); 0 (not NaN) when either side is zero."""
   dot = _dot(a, b)
   denom = _norm(a) * _norm(b)
@@ -405,7 +405,7 @@ def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
       "grad_norm": _norm(g),
       "perturbation_norm": (_norm(eps) if eps is not None
                             else jnp.zeros((), jnp.float32)),
-      "cosine": _cosine(grads, g),
+      "cosine": cosine(grads, g),
       "rho": rho,
   }
 

@@ -46,6 +46,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  # sam_lib.Reuse carried between full SAM-family steps when sam.reuse is
+  # on (checkpointed with the rest); None otherwise.
+  reuse: Any = None
 
 
 @dataclasses.dataclass
@@ -70,7 +73,8 @@ def setup(cfg) -> Setup:
   def init_boxed(rng):
     params = model.init(rng, jnp.zeros((1, cfg.model.L), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=rng)
+                      opt_state=tx.init(params), rng=rng,
+                      reuse=_reuse_init(cfg, params))
 
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   state_sharding = sharding.logical_to_sharding(boxed, mesh)
@@ -89,8 +93,13 @@ def init_state(s: Setup, seed: int) -> TrainState:
     params = nn.unbox(s.model.init(
         init_rng, jnp.zeros((1, s.cfg.model.L), jnp.int32))["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=s.tx.init(params), rng=state_rng)
+                      opt_state=s.tx.init(params), rng=state_rng,
+                      reuse=_reuse_init(s.cfg, params))
   return jax.jit(init, out_shardings=s.state_sharding)(jax.random.key(seed))
+
+
+def _reuse_init(cfg, params):
+  return sam_lib.reuse_init(params) if cfg.sam.get("reuse", False) else None
 
 
 def rho_at(sam_cfg, step):
@@ -110,12 +119,33 @@ def uses_sam_step(sam_cfg, step: int) -> bool:
   return (step - sam_cfg.start_step) % sam_cfg.every_k == 0
 
 
-def make_train_step(s: Setup, method: str):
-  """The pure step for one gradient method (jitted by `jit_train_step`)."""
+def step_kind(sam_cfg, step: int) -> str:
+  """Which compiled step runs step `step`: "sam" (the configured method's
+  gradient), "reuse" (between two of those with sam.reuse on: the plain
+  gradient plus the carried correction) or "plain"."""
+  if uses_sam_step(sam_cfg, step):
+    return "sam"
+  in_window = (sam_cfg.method != "adamw" and step >= sam_cfg.start_step
+               and not 0 <= sam_cfg.end_step <= step)
+  return "reuse" if in_window and sam_cfg.get("reuse", False) else "plain"
+
+
+def make_train_step(s: Setup, method: str, correct: bool = False):
+  """The pure step for one gradient method (jitted by `jit_train_step`).
+
+  With sam.reuse on, a SAM-family step also stores `Reuse(g_method - g,
+  ||g||)` in the state, and `correct=True` (method "adamw") builds the cheap
+  step in between: the plain gradient plus that difference rescaled to the
+  current ||g|| (`sam.reuse_correction`), one forward and one backward.
+  """
   cfg = s.cfg
   sam_cfg = cfg.sam
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
   accum = cfg.grad_accumulation_steps
+  store = bool(sam_cfg.get("reuse", False)) and method != "adamw"
+  if correct and (method != "adamw" or not sam_cfg.get("reuse", False)):
+    raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
+                     "with sam.reuse on")
 
   def step_fn(state: TrainState, batch):
     rho = rho_at(sam_cfg, state.step)
@@ -123,24 +153,29 @@ def make_train_step(s: Setup, method: str):
     if method in sam_lib.PRECOND_METHODS:
       precond, _ = optimizer_lib.adam_preconditioner(
           state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
-    loss, grads, metrics = sam_lib.accumulated_gradient(
+    loss, grads, metrics, *reuse = sam_lib.accumulated_gradient(
         method, state.params, batch, logits_fn=s.logits_fn, rho=rho,
         phi=sam_cfg.phi, precond=precond,
         precond_normalize=sam_cfg.precond_normalize, num_microbatches=accum,
-        perturbation_scope=sam_cfg.perturbation_scope)
+        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store)
+    reuse = reuse[0] if store else state.reuse
+    if correct:
+      g = grads
+      grads = sam_lib.reuse_correction(g, reuse.delta, reuse.grad_norm)
+      metrics = dict(metrics, cosine=sam_lib.cosine(grads, g), rho=rho)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=loss, learning_rate=schedule(state.step),
                    update_norm=optax.tree.norm(updates))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      rng=state.rng), metrics
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state, reuse=reuse), metrics
 
   return step_fn
 
 
-def jit_train_step(s: Setup, method: str):
+def jit_train_step(s: Setup, method: str, correct: bool = False):
   return jax.jit(
-      make_train_step(s, method),
+      make_train_step(s, method, correct),
       in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
       out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
       donate_argnums=0)
@@ -258,10 +293,13 @@ def train(cfg, workdir: str) -> dict:
   step_fns = {}
 
   def step_fn_for(step: int):
-    method = cfg.sam.method if uses_sam_step(cfg.sam, step) else "adamw"
-    if method not in step_fns:
-      step_fns[method] = jit_train_step(s, method)
-    return step_fns[method]
+    kind = step_kind(cfg.sam, step)
+    if kind not in step_fns:
+      step_fns[kind] = (jit_train_step(s, "adamw", correct=True)
+                        if kind == "reuse" else
+                        jit_train_step(s, cfg.sam.method if kind == "sam"
+                                       else "adamw"))
+    return step_fns[kind]
 
   params_sharding = s.state_sharding.params
   eval_step = evaluate.make_eval_step(s.logits_fn, params_sharding,

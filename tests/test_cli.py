@@ -51,6 +51,9 @@ def test_params_prints_total_and_non_embedding_counts(capsys):
     ("--config.sam.rho=-0.1", "must be >= 0"),
     ("--config.sam.phi=0.3", "sam.phi=0.3 is ignored"),
     ("--config.opt.optimizer=rmsprop", "opt.optimizer='rmsprop'"),
+    ("--config.sam.reuse=True", "needs a SAM-family sam.method"),
+    ("--config.sam.method=sam --config.sam.rho=0.1 --config.sam.reuse=True",
+     "sam.reuse=True does nothing with sam.every_k=1"),
     ("--config.data.vocab=/nonexistent/spm.model", "vocabulary file not found"),
     ("--config.data.tfds_name=tiny_shakespeare:1.0.0 "
      "--config.data.tfds_data_dir=/nonexistent", "not found in TFDS data dir"),

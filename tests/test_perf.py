@@ -285,6 +285,52 @@ def test_return_reuse_carries_method_minus_plain_gradient():
                                rtol=1e-5)
 
 
+def test_reuse_in_the_train_step():
+  """sam.reuse with every_k=3: steps go sam, reuse, reuse, sam, ...; the sam
+  step stores (F-SAM gradient - g, ||g||) at its parameters; the reuse step
+  updates with g + ||g|| / ||g_m|| * delta (checked against optax applied by
+  hand), costs one forward and one backward, and leaves the carried
+  difference alone."""
+  cfg, s, batch = _train_setup("functional_sam", **{
+      "sam.every_k": 3, "sam.reuse": True})
+  assert [train_lib.step_kind(cfg.sam, i) for i in range(7)] == [
+      "sam", "reuse", "reuse", "sam", "reuse", "reuse", "sam"]
+  fns = {"sam": train_lib.jit_train_step(s, "functional_sam"),
+         "reuse": train_lib.jit_train_step(s, "adamw", correct=True)}
+  state = train_lib.init_state(s, cfg.seed)
+  assert float(state.reuse.grad_norm) == 0.0
+  kw = dict(logits_fn=s.logits_fn, rho=cfg.sam.rho)
+  params0 = jax.device_get(state.params)
+  _, g_fsam, _ = sam.gradient("functional_sam", params0, batch, **kw)
+  _, g0, _ = sam.gradient("adamw", params0, batch, **kw)
+  state, _ = fns["sam"](state, batch)
+  np.testing.assert_allclose(_flat(state.reuse.delta),
+                             _flat(g_fsam) - _flat(g0), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(state.reuse.grad_norm,
+                             np.linalg.norm(_flat(g0)), rtol=1e-5)
+  assert np.abs(_flat(state.reuse.delta)).max() > 0
+  before = jax.device_get(state)
+  state, metrics = fns["reuse"](state, batch)
+  _, g1, _ = sam.gradient("adamw", before.params, batch, **kw)
+  scale = np.linalg.norm(_flat(g1)) / float(before.reuse.grad_norm)
+  expected = jax.tree.map(lambda g, d: g + scale * d, g1, before.reuse.delta)
+  updates, _ = s.tx.update(expected, before.opt_state, before.params)
+  np.testing.assert_allclose(
+      _flat(state.params), _flat(jax.tree.map(jnp.add, before.params,
+                                              updates)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(_flat(state.reuse.delta),
+                                _flat(before.reuse.delta))
+  assert 0 < float(metrics["cosine"]) < 1
+  # The reuse step is a plain step's cost: one forward, one backward.
+  jaxpr = jax.make_jaxpr(train_lib.make_train_step(s, "adamw", correct=True))(
+      before, batch)
+  plain = jax.make_jaxpr(train_lib.make_train_step(s, "adamw"))(
+      jax.device_get(train_lib.init_state(
+          train_lib.setup(tiny_config(**{"sam.method": "adamw"})), 0)), batch)
+  count = lambda j: str(j).count("dot_general")
+  assert count(jaxpr) == count(plain)
+
+
 # ------------------------------------------------------------ the benchmark
 
 

@@ -45,8 +45,11 @@ class _Crash(Exception):
 
 
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
+  """Preconditioned F-SAM every 3rd step with sam.reuse: the checkpoint at
+  step 10 falls between two full steps, so the resumed run must restore the
+  carried difference (TrainState.reuse) as well as params and optimizer."""
   cfg = tiny_config(**{"sam.method": "precond_functional_sam",
-                       "sam.rho": 0.05})
+                       "sam.rho": 0.05, "sam.every_k": 3, "sam.reuse": True})
   full = train_lib.train(cfg, str(tmp_path / "full"))
 
   calls = {"n": 0}
@@ -69,8 +72,9 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   _, a = _params(tmp_path / "full", cfg)
   _, b = _params(tmp_path / "resumed", cfg)
   assert int(a.step) == int(b.step) == 20
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state)),
-                  jax.tree.leaves((b.params, b.opt_state))):
+  assert float(a.reuse.grad_norm) > 0
+  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.reuse)),
+                  jax.tree.leaves((b.params, b.opt_state, b.reuse))):
     np.testing.assert_array_equal(x, y)
 
 
@@ -123,6 +127,9 @@ def test_schedules_choose_the_step_on_the_host():
                        "sam.end_step": 12})
   used = [s for s in range(16) if train_lib.uses_sam_step(cfg.sam, s)]
   assert used == [4, 7, 10]
+  cfg.sam.reuse = True  # The steps in between, inside [start, end), reuse.
+  kinds = "".join(train_lib.step_kind(cfg.sam, s)[0] for s in range(16))
+  assert kinds == "ppppsrrsrrsrpppp"
   cfg.sam.rho_warmup_steps = 10
   rhos = [float(train_lib.rho_at(cfg.sam, s)) for s in (0, 4, 9, 20)]
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
