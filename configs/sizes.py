@@ -28,14 +28,7 @@ if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
 from configs import base  # pylint: disable=g-import-not-at-top
-
-SIZES = {
-    "2M": dict(D=256, H=4, N=3, F=1024),
-    "23.9M": dict(D=576, H=9, N=6, F=2304),
-    "42.5M": dict(D=768, H=12, N=6, F=3072),
-    "117.9M": dict(D=1280, H=20, N=6, F=5120),
-    "1208M": dict(D=4096, H=64, N=6, F=16384),
-}
+from nanodo_sam.config import PAPER_SIZES as SIZES  # pylint: disable=g-import-not-at-top
 DEFAULT = "2M"
 
 

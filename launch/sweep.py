@@ -69,6 +69,8 @@ ABBREV = {
     "opt.weight_decay": "wd",
     "opt.num_train_steps": "steps",
     "sam.rho_warmup_steps": "rhowarmup",
+    "sam.every_k": "k",
+    "sam.reuse": "reuse",
     "seed": "seed",
 }
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")

@@ -60,15 +60,7 @@ from nanodo_sam import sharding
 from nanodo_sam import train as train_lib
 from nanodo_sam.config import UsageError
 
-# The paper's sizes by name (D, H, N; F = 4D). TODO: dedupe with
-# configs/sizes.py once it lands.
-SIZES = {
-    "2M": dict(D=256, H=4, N=3, F=1024),
-    "23.9M": dict(D=576, H=9, N=6, F=2304),
-    "42.5M": dict(D=768, H=12, N=6, F=3072),
-    "117.9M": dict(D=1280, H=20, N=6, F=5120),
-    "1208M": dict(D=4096, H=64, N=6, F=16384),
-}
+SIZES = config_lib.PAPER_SIZES
 
 # Dense bf16 peak FLOP/s by device kind (substring of `device.device_kind`).
 PEAK_FLOPS = (

@@ -23,6 +23,14 @@ METHODS = ("adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
            "precond_sam", "precond_functional_sam")
 OPTIMIZERS = ("adamw", "sgd", "momentum")
 DECAY_TYPES = ("cosine", "linear", "constant")
+# The paper's model sizes by name (appendix A.1; table in configs/sizes.py).
+PAPER_SIZES = {
+    "2M": dict(D=256, H=4, N=3, F=1024),
+    "23.9M": dict(D=576, H=9, N=6, F=2304),
+    "42.5M": dict(D=768, H=12, N=6, F=3072),
+    "117.9M": dict(D=1280, H=20, N=6, F=5120),
+    "1208M": dict(D=4096, H=64, N=6, F=16384),
+}
 
 
 def to_dict(cfg) -> dict:

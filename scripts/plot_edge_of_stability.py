@@ -24,9 +24,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import matplotlib  # pylint: disable=g-import-not-at-top
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts import figures  # pylint: disable=g-import-not-at-top
+plt = figures.pyplot()
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 TAGS = ("eos/lambda_max", "eos/sam_edge", "eos/two_over_lr", "eos/grad_norm")
@@ -139,10 +139,7 @@ def plot(runs: list[dict], out: str, settle: float) -> None:
   fig.suptitle(r"$\lambda_{max}$ of the training-minibatch Hessian vs the SAM "
                r"edge and $2/\eta$" if len(rhos) > 1 else
                r"$\lambda_{max}$ vs SAM edge, $2/\eta$", fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=90)
-  print(f"wrote {out}")
+  figures.save(fig, out, dpi=90)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts import figures  # pylint: disable=g-import-not-at-top
 from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
 
 
@@ -45,9 +46,7 @@ def main(argv=None) -> int:
     print("plot_eval_curves: error: no matching runs with results.json",
           file=sys.stderr)
     return 2
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
 
   panels = sorted({r.group[:3] for r in runs})
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
@@ -75,11 +74,8 @@ def main(argv=None) -> int:
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
   out = args.out or os.path.join(args.dirs[0], "figures", "eval_curves.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  print(f"wrote {out}")
+  figures.save(fig, out)
   return 0
 
 

@@ -25,9 +25,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-import matplotlib  # pylint: disable=g-import-not-at-top
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from scripts import figures  # pylint: disable=g-import-not-at-top
+plt = figures.pyplot()
 
 from configs.late_phase import adamw_step_equivalents  # pylint: disable=g-import-not-at-top
 
@@ -117,10 +116,7 @@ def plot(runs: list[dict], out: str) -> None:
   fig.suptitle("Late-phase SAM: AdamW, then the SAM-family step from the "
                "switch point to the end (100% = AdamW throughout)",
                fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=80)
-  print(f"wrote {out}")
+  figures.save(fig, out, dpi=80)
 
 
 COLUMNS = (("method", "method"), ("rho", "rho"), ("switch", "switch"),

@@ -16,6 +16,9 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts import figures  # pylint: disable=g-import-not-at-top
+
 
 def find(paths) -> list[str]:
   files = set()
@@ -47,9 +50,7 @@ def main(argv=None) -> int:
           f"{', '.join(args.paths)}; run `nanodo-sam prune-eval "
           "--workdir=RUN` first", file=sys.stderr)
     return 2
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for path in files:
     with open(path) as f:
@@ -61,15 +62,12 @@ def main(argv=None) -> int:
   ax.set_ylabel("eval loss")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
   parent = os.path.commonpath(args.paths and [os.path.abspath(p)
                                               for p in args.paths])
   if os.path.isfile(parent):
     parent = os.path.dirname(parent)
   out = args.out or os.path.join(parent, "figures", "pruning.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  print(f"wrote {out} ({len(files)} runs)")
+  figures.save(fig, out, note=f" ({len(files)} runs)")
   return 0
 
 

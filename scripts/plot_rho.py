@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts import figures  # pylint: disable=g-import-not-at-top
 from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
 
 
@@ -46,9 +47,7 @@ def main(argv=None) -> int:
   if not runs:
     print("plot_rho: error: no runs with results.json", file=sys.stderr)
     return 2
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
 
   groups = mt.groups_of(runs)
   panels = sorted({g[:3] for g in groups})
@@ -83,11 +82,8 @@ def main(argv=None) -> int:
                                  if args.relative else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
   out = args.out or os.path.join(args.dirs[0], "figures", "rho.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  print(f"wrote {out}")
+  figures.save(fig, out)
   return 0
 
 

@@ -17,6 +17,9 @@ import glob
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts import figures  # pylint: disable=g-import-not-at-top
+
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 LABELS = {"tau_logit": "τ_logit", "tau_func": "τ_func",
           "tau_cross": "τ_cross"}
@@ -117,9 +120,7 @@ def main(argv=None) -> int:
           f"{', '.join(args.paths)}; train with --config.diagnostics."
           "every_steps=N", file=sys.stderr)
     return 2
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, len(taus), figsize=(4.5 * len(taus), 3.8),
                            squeeze=False)
   for ax, tau in zip(axes[0], taus):
@@ -133,14 +134,11 @@ def main(argv=None) -> int:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
   parent = os.path.commonpath([os.path.abspath(p) for p in args.paths])
   if os.path.isfile(parent):
     parent = os.path.dirname(parent)
   out = args.out or os.path.join(parent, "figures", "taus.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  print(f"wrote {out} ({len(series)} runs)")
+  figures.save(fig, out, note=f" ({len(series)} runs)")
   return 0
 
 

@@ -350,7 +350,8 @@ def test_parse_methods():
       "adamw", "functional_sam:k=5"]
   names = [v.name for v in bench.parse_methods("all")]
   assert names[:7] == list(bench.PAPER_METHODS)
-  for bad in ("samm", "sam:k=0", "adamw:k=2", "sam:fast"):
+  assert "precond_functional_sam:k=5:reuse" in names
+  for bad in ("samm", "sam:k=0", "adamw:k=2", "sam:fast", "sam:reuse"):
     with pytest.raises(ValueError):
       bench.parse_methods(bad)
   with pytest.raises(ValueError, match="unknown size"):
@@ -360,9 +361,9 @@ def test_parse_methods():
 def test_bench_runs_and_writes_json(tmp_path):
   cfg = tiny_config()
   out = tmp_path / "bench.json"
-  res = bench.run(cfg, [], "adamw,sam:k=2", steps=2, out=str(out))
+  res = bench.run(cfg, [], "adamw,sam:k=2:reuse", steps=2, out=str(out))
   rows = res["rows"]
-  assert [r["method"] for r in rows] == ["adamw", "sam:k=2"]
+  assert [r["method"] for r in rows] == ["adamw", "sam:k=2:reuse"]
   assert rows[0]["time_vs_adamw"] == 1.0 and rows[0]["memory_vs_adamw"] == 1.0
   for r in rows:
     assert r["step_s_p10"] <= r["step_s_median"] <= r["step_s_p90"]
@@ -370,4 +371,4 @@ def test_bench_runs_and_writes_json(tmp_path):
     assert r["memory_bytes"]["total"] > 0
     assert r["mfu"] is None or 0 < r["mfu"] < 1
     assert np.isfinite(r["final_loss"])
-  assert json.load(open(out))["rows"][1]["method"] == "sam:k=2"
+  assert json.load(open(out))["rows"][1]["method"] == "sam:k=2:reuse"

@@ -4,6 +4,7 @@ one-shot magnitude pruning (nanodo_sam/prune.py, Figure 5)."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -297,3 +298,53 @@ def test_plot_pruning(tmp_path):
   assert plot_pruning.main([str(tmp_path)]) == 0
   assert (tmp_path / "figures" / "pruning.png").stat().st_size > 1000
   assert plot_pruning.main([str(tmp_path / "adamw" / "nothing")]) == 2
+
+
+def test_reuse_sweep_and_its_table(tmp_path, capsys):
+  """configs/sweeps/reuse.py expands to AdamW, full Precond F-SAM and
+  k in {2, 5, 10} with and without reuse, every config valid; plot_reuse
+  groups runs by variant, averages seeds, prices every_k=k at 1 + 1/k and
+  reads the measured step-time ratio from a bench JSON."""
+  from nanodo_sam import config as config_lib
+  from scripts import plot_reuse
+  s = sw.load_sweep(os.path.join(sw.REPO_ROOT, "configs", "sweeps",
+                                 "reuse.py"), out=str(tmp_path / "runs"))
+  assert len(s.runs) == 16
+  for run in s.runs:
+    cfg = sw.load_config(run.config)
+    for key, value in {**run.common, **run.overrides}.items():
+      node = cfg
+      *path, last = key.split(".")
+      for part in path:
+        node = node[part]
+      node[last] = value
+    config_lib.validate(cfg)
+  names = {r.name for r in s.runs}
+  assert "precond_functional_sam-rho0.5-k5-reusetrue-seed1" in names
+  losses = {("adamw", 1, False): 6.70, ("precond_functional_sam", 1, False):
+            6.69, ("precond_functional_sam", 5, True): 6.695}
+  for seed in (0, 1):
+    for (method, k, reuse), loss in losses.items():
+      d = tmp_path / f"{method}-{k}-{reuse}-{seed}"
+      d.mkdir()
+      (d / "config.json").write_text(json.dumps({"seed": seed, "sam": {
+          "method": method, "every_k": k, "reuse": reuse}}))
+      (d / "results.json").write_text(json.dumps({
+          "status": "completed", "final_eval_loss": loss + 0.01 * seed}))
+  bench_json = tmp_path / "bench.json"
+  bench_json.write_text(json.dumps({"rows": [
+      {"method": "adamw", "time_vs_adamw": 1.0},
+      {"method": "precond_functional_sam:k=5:reuse", "time_vs_adamw": 1.3}]}))
+  dirs = [str(d) for d in sorted(tmp_path.glob("*-*-*-*"))]
+  out = tmp_path / "reuse.png"
+  assert plot_reuse.main(dirs + [f"--bench={bench_json}", f"--out={out}",
+                                 "--table"]) == 0
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+          for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| precond") or line.startswith("| adamw")}
+  assert rows["precond_functional_sam:k=5:reuse"][3:5] == ["1.20", "1.30"]
+  assert rows["precond_functional_sam:k=5:reuse"][-2] == "6.7000"
+  assert rows["precond_functional_sam"][3] == "2.00"
+  assert rows["precond_functional_sam"][-1].strip(" |") == "-0.0100"
+  assert out.stat().st_size > 1000
+  assert plot_reuse.main([str(tmp_path / "nothing")]) == 2
