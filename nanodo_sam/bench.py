@@ -1,7 +1,7 @@
 """`nanodo-sam bench`: cost of every gradient method, side by side.
 
 For each model size and method this compiles the real train step
-(`train.setup` / `init_state` / `jit_train_step`, the state donated), feeds it
+(`train.setup` / `init_state` / `jit_step`, the state donated), feeds it
 one synthetic random-token batch of the config's shape (no data pipeline), and
 after warm-up measures:
 
@@ -191,14 +191,6 @@ def _step_kinds(cfg, k: int) -> list:
   return [train_lib.step_kind(cfg.sam, i) for i in range(k)]
 
 
-def _jit_kind(s, cfg, kind):
-  if kind == "sam":
-    return train_lib.jit_train_step(s, cfg.sam.method)
-  if kind == "reuse":
-    return train_lib.jit_train_step(s, "adamw", correct=True)
-  return train_lib.jit_train_step(s, "adamw")
-
-
 def synthetic_batch(cfg, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   B, L, V = cfg.data.batch_size, cfg.model.L, cfg.model.V
@@ -241,7 +233,7 @@ class _Runner:
     self.compiled, mems, self.compile_s = {}, [], 0.0
     for kind in dict.fromkeys(self.kinds):
       t0 = time.perf_counter()
-      self.compiled[kind] = _jit_kind(s, c, kind).lower(
+      self.compiled[kind] = train_lib.jit_step(s, kind).lower(
           self.state, self.batch).compile()
       self.compile_s += time.perf_counter() - t0
       mems.append(memory_bytes(self.compiled[kind]))

@@ -181,6 +181,13 @@ def jit_train_step(s: Setup, method: str, correct: bool = False):
       donate_argnums=0)
 
 
+def jit_step(s: Setup, kind: str):
+  """The compiled step for a `step_kind`."""
+  if kind == "reuse":
+    return jit_train_step(s, "adamw", correct=True)
+  return jit_train_step(s, s.cfg.sam.method if kind == "sam" else "adamw")
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
                             for x in jax.tree.leaves(tree)]))
@@ -295,10 +302,7 @@ def train(cfg, workdir: str) -> dict:
   def step_fn_for(step: int):
     kind = step_kind(cfg.sam, step)
     if kind not in step_fns:
-      step_fns[kind] = (jit_train_step(s, "adamw", correct=True)
-                        if kind == "reuse" else
-                        jit_train_step(s, cfg.sam.method if kind == "sam"
-                                       else "adamw"))
+      step_fns[kind] = jit_step(s, kind)
     return step_fns[kind]
 
   params_sharding = s.state_sharding.params
