@@ -8,13 +8,13 @@ configs/late_phase.py's (D64 H2 N2, V = 32,101, the offline C4 subset,
 8 x 64 tokens per step) at a switch of 0 (the method from step 0), trained
 for 800 steps (about 0.8 epochs of the subset's ~0.5M tokens). Cost is in
 AdamW-step equivalents (a full step 2, a plain or reuse step 1) and in the
-step times `nanodo-sam bench` measures side by side; results in
-docs/benchmarks.md:
+step times `nanodo-sam bench` measures side by side (the command is in
+docs/benchmarks.md, with the results; 63 minutes on 2 CPU cores):
 
   export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)
   python -m launch.sweep configs/sweeps/reuse.py --backend=local \
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
-  python scripts/make_tables.py runs/reuse
+  python scripts/plot_reuse.py runs/reuse/*/ --bench=bench_reuse.json --table
 """
 
 CONFIG = "configs/late_phase.py:0.0"
