@@ -13,6 +13,15 @@ def pyplot():
   return plt
 
 
+def default_out(paths, name: str) -> str:
+  """<the folder the inputs share>/figures/<name>: where a figure goes when
+  --out is not given."""
+  parent = os.path.commonpath([os.path.abspath(p) for p in paths])
+  if os.path.isfile(parent):
+    parent = os.path.dirname(parent)
+  return os.path.join(parent, "figures", name)
+
+
 def save(fig, out: str, dpi: int = 120, note: str = "") -> None:
   """Lays out `fig`, writes it to `out` (creating its folder), says so."""
   fig.tight_layout()

@@ -62,11 +62,7 @@ def main(argv=None) -> int:
   ax.set_ylabel("eval loss")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  parent = os.path.commonpath(args.paths and [os.path.abspath(p)
-                                              for p in args.paths])
-  if os.path.isfile(parent):
-    parent = os.path.dirname(parent)
-  out = args.out or os.path.join(parent, "figures", "pruning.png")
+  out = args.out or figures.default_out(args.paths, "pruning.png")
   figures.save(fig, out, note=f" ({len(files)} runs)")
   return 0
 

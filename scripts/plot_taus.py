@@ -134,10 +134,7 @@ def main(argv=None) -> int:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
-  parent = os.path.commonpath([os.path.abspath(p) for p in args.paths])
-  if os.path.isfile(parent):
-    parent = os.path.dirname(parent)
-  out = args.out or os.path.join(parent, "figures", "taus.png")
+  out = args.out or figures.default_out(args.paths, "taus.png")
   figures.save(fig, out, note=f" ({len(series)} runs)")
   return 0
 
