@@ -177,7 +177,8 @@ def cmd_params(fv) -> None:
 
 
 SHARPNESS_COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",
-                     "tau_logit", "tau_func", "tau_cross", "sam_edge",
+                     "tau_logit", "tau_func", "tau_cross", "tau_logit_precond",
+                     "tau_func_precond", "tau_cross_precond", "sam_edge",
                      "two_over_lr")
 
 
@@ -205,12 +206,13 @@ def cmd_analyze(fv) -> None:
   # SAM-edge and 2/lr at the peak learning rate: at the end of a decayed
   # schedule the rate in effect is ~0 and both would be meaningless.
   lr = cfg.opt.peak_learning_rate
-  fn = jax.jit(lambda p, rng: sharpness.diagnostics(
-      p, train_lib.diagnostics_batch(cfg, eval_data), logits_fn=s.logits_fn,
-      lr=lr, rho=cfg.sam.rho, num_iters=d.num_iters,
-      num_probes=d.num_probes, rng=rng, tol=d.tol))
+  fn = jax.jit(lambda st, rng: sharpness.diagnostics(
+      st.params, train_lib.diagnostics_batch(cfg, eval_data),
+      logits_fn=s.logits_fn, lr=lr, rho=cfg.sam.rho, num_iters=d.num_iters,
+      num_probes=d.num_probes, rng=rng, tol=d.tol,
+      precond=train_lib.adam_precond(cfg, st.opt_state)))
   out = {k: float(v) for k, v in jax.device_get(
-      fn(state.params, jax.random.key(cfg.seed))).items()}
+      fn(state, jax.random.key(cfg.seed))).items()}
   out.update(eval_loss=loss, step=step, method=cfg.sam.method,
              rho=cfg.sam.rho, learning_rate=lr,
              num_batches=d.num_batches, batch_size=d.batch_size,
@@ -221,7 +223,8 @@ def cmd_analyze(fv) -> None:
     json.dump(out, f, indent=2, sort_keys=True)
   print(f"| step | {' | '.join(SHARPNESS_COLUMNS)} |")
   print("|---" * (len(SHARPNESS_COLUMNS) + 1) + "|")
-  print(f"| {step} | " + " | ".join(f"{out[k]:.4g}" for k in SHARPNESS_COLUMNS)
+  print(f"| {step} | " + " | ".join(
+      f"{out[k]:.4g}" if k in out else "n/a" for k in SHARPNESS_COLUMNS)
         + " |")
   print(f"wrote {os.path.join(fv.workdir, name)}")
 

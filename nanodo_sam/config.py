@@ -23,6 +23,27 @@ METHODS = ("adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
            "precond_sam", "precond_functional_sam")
 OPTIMIZERS = ("adamw", "sgd", "momentum")
 DECAY_TYPES = ("cosine", "linear", "constant")
+BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
+PACKINGS = ("nanodo", "shifted")
+EVAL_MODES = ("per_document", "packed")
+# The settings this project used before its defaults became Nanodo's
+# (docs/fidelity.md), by config key. A run directory whose config.json lacks
+# one of these keys was trained with this value; `legacy_defaults(c)` sets
+# them all (the companion studies in docs/experiments.md were measured so).
+LEGACY_DEFAULTS = {
+    "model.kernel_init": "fan_in_truncated_normal",
+    "model.residual_dtype": "compute",
+    "data.add_bos": False,
+    "data.packing": "shifted",
+    "data.eval_mode": "packed",
+    "opt.init_learning_rate": 0.0,
+    "opt.final_learning_rate": 0.0,
+    "opt.weight_decay": 0.1,
+    "opt.independent_weight_decay": False,
+    "opt.weight_decay_exclusions": "",
+    "opt.b2": 0.95,
+    "opt.eps": 1e-8,
+}
 # The paper's model sizes by name (appendix A.1; table in configs/sizes.py).
 PAPER_SIZES = {
     "2M": dict(D=256, H=4, N=3, F=1024),
@@ -37,9 +58,42 @@ def to_dict(cfg) -> dict:
   return json.loads(cfg.to_json_best_effort())
 
 
+def _get(cfg, key: str, default=None):
+  node = cfg
+  for part in key.split("."):
+    if part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _set(cfg, key: str, value) -> None:
+  *path, last = key.split(".")
+  node = cfg
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+def legacy_defaults(cfg):
+  """Sets every key of LEGACY_DEFAULTS on `cfg` (in place); returns it."""
+  for key, value in LEGACY_DEFAULTS.items():
+    _set(cfg, key, value)
+  return cfg
+
+
 def from_json_file(path: str) -> ml_collections.ConfigDict:
+  """A run's config.json; keys it predates get their LEGACY_DEFAULTS value
+  (what that run was trained with)."""
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raw = json.load(f)
+  for key, value in LEGACY_DEFAULTS.items():
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+      node = node.setdefault(part, {})
+    node.setdefault(last, value)
+  return ml_collections.ConfigDict(raw)
 
 
 def model_config(cfg):
@@ -49,7 +103,8 @@ def model_config(cfg):
   try:
     return DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V,
                     nonlinearity=m.nonlinearity, dtype=m.dtype,
-                    remat=m.remat)
+                    remat=m.remat, kernel_init=m.kernel_init,
+                    residual_dtype=m.residual_dtype)
   except ValueError as e:
     raise UsageError(str(e)) from None
 
@@ -77,10 +132,31 @@ def validate(cfg, num_devices: int | None = None) -> None:
               "final_learning_rate", "weight_decay", "eps",
               "clip_by_global_norm"):
     v = opt[key]
-    _require(math.isfinite(v) and v >= 0,
+    if v is None and key in ("init_learning_rate", "final_learning_rate"):
+      continue  # peak / 10.
+    _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
              f"opt.{key}={v} must be a finite number >= 0")
   _require(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1,
            "opt.b1 and opt.b2 must lie in [0, 1)")
+  _require(not (opt.independent_weight_decay and opt.weight_decay
+                and not opt.peak_learning_rate > 0),
+           "opt.independent_weight_decay divides opt.weight_decay by "
+           "opt.peak_learning_rate, which is 0; set a positive peak or "
+           "--config.opt.independent_weight_decay=False")
+  _require(isinstance(opt.weight_decay_exclusions, str),
+           f"opt.weight_decay_exclusions={opt.weight_decay_exclusions!r} must "
+           "be a string of comma-separated name fragments, e.g. "
+           "'scale,embedding'")
+  _require(not (data.add_bos and data.vocab == BYTE_VOCAB),
+           "data.add_bos=True but the byte vocabulary has no BOS piece; set "
+           "--config.data.add_bos=False (documents are then closed with EOS "
+           "only) or use a SentencePiece data.vocab")
+  _require(data.packing in PACKINGS,
+           f"data.packing={data.packing!r} is unknown; use one of "
+           f"{', '.join(PACKINGS)}")
+  _require(data.eval_mode in EVAL_MODES,
+           f"data.eval_mode={data.eval_mode!r} is unknown; use one of "
+           f"{', '.join(EVAL_MODES)}")
   from nanodo_sam import sam as sam_lib
   try:
     sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer)
@@ -127,11 +203,21 @@ def validate(cfg, num_devices: int | None = None) -> None:
 
 def check_workdir(cfg, workdir: str) -> None:
   """A workdir that already holds a run must hold the same model and train
-  state layout (sam.reuse adds a field to the checkpointed state)."""
+  state layout (sam.reuse adds a field to the checkpointed state), and the
+  same value of every setting whose default changed when the defaults
+  became Nanodo's (LEGACY_DEFAULTS): resuming an older run with today's
+  defaults would silently switch its optimizer or data framing mid-run."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   old = from_json_file(path)
+  for key in LEGACY_DEFAULTS:
+    was, now = _get(old, key), _get(cfg, key)
+    if was != now:
+      raise UsageError(
+          f"workdir {workdir!r} holds a run with {key}={was!r} (now "
+          f"{now!r}); resume it with --config.{key}={was!r} or use a new "
+          "--workdir")
   old_model = to_dict(old.model)
   new_model = to_dict(cfg.model)
   diff = sorted(k for k in set(old_model) | set(new_model)

@@ -1,9 +1,14 @@
 """Data: seqio Tasks over TFDS or text files, packed into fixed-length rows.
 
-Documents are tokenized, closed with EOS, concatenated and split into rows of
-L+1 tokens (the way Nanodo packs); a row gives `inputs` = row[:-1] and
-`targets` = row[1:]. Training order is fixed by `seed`; evaluation reads the
-validation split in a fixed order. Each process reads only its own shard
+Documents are tokenized and framed BOS + ids + EOS (`data.add_bos`; EOS
+only without it), concatenated and cut into rows. With `data.packing=nanodo`
+(Nanodo's layout) a row is L tokens: `inputs` = row, `targets` = row shifted
+by one, the last position padded and unscored; with `shifted` a row is L+1
+tokens: `inputs` = row[:-1], `targets` = row[1:]. Training order is fixed by
+`seed`. Evaluation (`eval_batches`) reads the eval split in a fixed order,
+either per document (`data.eval_mode=per_document`, Nanodo's evaluator: each
+document on its own row, padded or cut to L, at most one pass) or packed like
+the training rows. Each process reads only its own shard
 (`seqio.ShardInfo`). The train iterator's position is checkpointable
 (`TrainIterator.save/restore`, tf.data iterator checkpoints).
 """
@@ -18,9 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nanodo_sam.config import UsageError
+from nanodo_sam.config import BYTE_VOCAB, UsageError
 
-BYTE_VOCAB = "byte"
 SHARED_DATA_DIR = os.path.join("..", "shared", "data")
 
 
@@ -43,6 +47,15 @@ def tfds_data_dir(configured: str = "") -> str | None:
     return os.environ["TFDS_DATA_DIR"]
   local = os.path.join(SHARED_DATA_DIR, "tensorflow_datasets")
   return os.path.abspath(local) if os.path.isdir(local) else None
+
+
+def bos_id(vocab) -> int | None:
+  """The vocabulary's BOS id, or None if it has none (`byte`)."""
+  tokenizer = getattr(vocab, "tokenizer", None)
+  if tokenizer is None:
+    return None
+  bos = tokenizer.bos_id()
+  return None if bos < 0 else int(bos)
 
 
 def make_vocab(vocab: str):
@@ -118,6 +131,20 @@ def make_task(data_cfg, *, split_files: str = ""):
   """The seqio Task for a config: TFDS name, or text files when given."""
   import seqio
   vocab = make_vocab(data_cfg.vocab)
+  preprocessors = [
+      functools.partial(seqio.preprocessors.rekey,
+                        key_map={"targets": "text"}),
+      seqio.preprocessors.tokenize,
+  ]
+  if data_cfg.get("add_bos", False):
+    bos = bos_id(vocab)
+    if bos is None:
+      raise UsageError(
+          f"data.add_bos=True but the vocabulary {data_cfg.vocab!r} has no "
+          "BOS piece; set --config.data.add_bos=False (documents are then "
+          "closed with EOS only)")
+    preprocessors.append(functools.partial(_prepend, token=bos))
+  preprocessors.append(seqio.preprocessors.append_eos)
   if split_files:
     source = _file_source(split_files)
     name = "files"
@@ -130,12 +157,14 @@ def make_task(data_cfg, *, split_files: str = ""):
       name.replace("/", "_").replace(":", "_"),
       source=source,
       output_features={"targets": seqio.Feature(vocab, add_eos=True)},
-      preprocessors=[
-          functools.partial(seqio.preprocessors.rekey,
-                            key_map={"targets": "text"}),
-          seqio.preprocessors.tokenize,
-          seqio.preprocessors.append_eos,
-      ])
+      preprocessors=preprocessors)
+
+
+def _prepend(ds, token: int):
+  """BOS in front of every tokenized document (before EOS is appended)."""
+  tf = _tf()
+  return ds.map(lambda ex: {**ex, "targets": tf.concat(
+      [tf.constant([token], ex["targets"].dtype), ex["targets"]], 0)})
 
 
 def check_split(task, split: str) -> None:
@@ -153,17 +182,28 @@ def _pieces(tokens, piece: int = 4096):
       lambda i: tokens[i * piece:(i + 1) * piece])
 
 
-def pack(ds, seq_len: int):
-  """Concatenate EOS-closed documents and cut rows of seq_len+1 tokens."""
+def row_length(seq_len: int, packing: str) -> int:
+  """Tokens per packed row: L (nanodo) or L+1 (shifted)."""
+  return seq_len if packing == "nanodo" else seq_len + 1
+
+
+def pack(ds, seq_len: int, packing: str = "nanodo"):
+  """Concatenate framed documents and cut rows (`row_length` tokens)."""
   ds = ds.flat_map(lambda ex: _pieces(ex["targets"]))
-  return ds.rebatch(seq_len + 1, drop_remainder=True)
+  return ds.rebatch(row_length(seq_len, packing), drop_remainder=True)
 
 
-def _to_batch(rows_BxL1, pad_id: int = 0):
+def _to_batch(rows, packing: str = "nanodo", pad_id: int = 0):
+  """Rows -> inputs, targets and weights (0 where the target is padding)."""
   tf = _tf()
-  targets = rows_BxL1[:, 1:]
+  if packing == "nanodo":  # Nanodo's get_in_out.
+    inputs = rows
+    targets = tf.concat([rows[:, 1:], tf.fill([tf.shape(rows)[0], 1],
+                                              tf.cast(pad_id, rows.dtype))], 1)
+  else:
+    inputs, targets = rows[:, :-1], rows[:, 1:]
   return {
-      "inputs": rows_BxL1[:, :-1],
+      "inputs": inputs,
       "targets": targets,
       "weights": tf.cast(tf.not_equal(targets, pad_id), tf.float32),
   }
@@ -215,12 +255,13 @@ def train_dataset(cfg, seed: int):
       num_epochs=1, use_cached=False, shard_info=by_source)
   # Repeat after seqio's document shuffle: a corpus of few long documents
   # (tiny_shakespeare is one) must not be re-tokenized to fill its buffer.
-  ds = pack(ds.repeat(), cfg.model.L)
+  packing = cfg.data.get("packing", "shifted")
+  ds = pack(ds.repeat(), cfg.model.L, packing)
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
   ds = ds.shuffle(cfg.data.get("shuffle_buffer", 1024), seed=seed + 1)
   ds = ds.batch(_host_batch_size(cfg.data.batch_size), drop_remainder=True)
-  ds = ds.map(_to_batch)
+  ds = ds.map(functools.partial(_to_batch, packing=packing))
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_external_state_policy = (
@@ -254,21 +295,65 @@ class TrainIterator:
 
 
 def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
-  """The fixed evaluation set: the first eval_steps batches of eval_split,
-  read in order (the split repeats if it is shorter)."""
+  """The fixed evaluation set, read in order.
+
+  per_document (Nanodo's evaluator): one document per row, framed like the
+  training documents, padded with 0 (unscored) or cut to L; the first
+  eval_steps batches of at most one pass of the split (the last batch padded
+  with empty rows, so every document read counts). packed: the first
+  eval_steps batches of packed rows (the split repeats if it is shorter).
+  """
   task = make_task(cfg.data, split_files=cfg.data.get("eval_files", ""))
   split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
   check_split(task, split)
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
                         num_epochs=1, use_cached=False, shard_info=by_source)
-  ds = pack(ds.repeat(), cfg.model.L)
+  batch_size = _host_batch_size(cfg.data.eval_batch_size)
+  if cfg.data.get("eval_mode", "packed") == "per_document":
+    return _document_batches(ds, cfg.model.L, batch_size, by_rows,
+                             cfg.data.eval_steps)
+  packing = cfg.data.get("packing", "shifted")
+  ds = pack(ds.repeat(), cfg.model.L, packing)
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
-  ds = ds.batch(_host_batch_size(cfg.data.eval_batch_size),
-                drop_remainder=True).map(_to_batch)
+  ds = ds.batch(batch_size, drop_remainder=True).map(
+      functools.partial(_to_batch, packing=packing))
   return [{k: v.numpy() for k, v in b.items()}
           for b in ds.take(cfg.data.eval_steps)]
+
+
+def _document_batches(ds, seq_len: int, batch_size: int, by_rows,
+                      num_batches: int) -> list[dict[str, np.ndarray]]:
+  """Per-document eval batches (see `eval_batches`); every process returns
+  the same number of batches (empty ones where its shard ran out)."""
+  tf = _tf()
+  ds = ds.map(lambda ex: ex["targets"][:seq_len])
+  if by_rows:
+    ds = ds.shard(by_rows.num_shards, by_rows.index)
+  ds = ds.padded_batch(batch_size, padded_shapes=[seq_len],
+                       padding_values=tf.constant(0, tf.int32))
+  rows = [r.numpy() for r in ds.take(num_batches)]
+  count = _agree_on_count(len(rows))
+  if not rows and count == 0:
+    raise UsageError("the eval split has no documents; check data.eval_split"
+                     " / data.eval_files")
+  out = []
+  for i in range(count):
+    r = rows[i] if i < len(rows) else np.zeros((0, seq_len), np.int32)
+    r = np.concatenate([r, np.zeros((batch_size - len(r), seq_len),
+                                    r.dtype)]).astype(np.int32)
+    out.append({k: np.asarray(v) for k, v in _to_batch(r, "nanodo").items()})
+  return out
+
+
+def _agree_on_count(n: int) -> int:
+  """The largest n over processes (all must run the same eval steps)."""
+  import jax
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
 def vocab_size(vocab: str) -> int:

@@ -2,9 +2,16 @@
 
 The schedule is Nanodo's: linear warmup from `init_learning_rate` to
 `peak_learning_rate`, then cosine, linear or constant decay to
-`final_learning_rate` at `num_train_steps`. Weight decay follows optax's
-convention (AdamW multiplies it by the learning rate: 0.1 at lr 1e-3 is a
-decoupled per-step decay of 1e-4, the paper's setting).
+`final_learning_rate` at `num_train_steps`; an unset (None) end is
+peak / 10, as in Nanodo's default config, so it follows the peak through a
+learning-rate sweep. Weight decay follows optax's convention (AdamW multiplies
+it by the learning rate: 0.1 at lr 1e-3 is a decoupled per-step decay of
+1e-4), or with `independent_weight_decay` Nanodo's: the coefficient passed to
+optax is weight_decay / peak_learning_rate, so `weight_decay` is the per-step
+decay at the peak and stays fixed when the peak changes (the paper's
+"decoupled weight decay 1e-4"). `weight_decay_exclusions` (comma-separated
+name fragments, Nanodo's `weight_decay_exclusion_names`) leaves the matching
+parameters undecayed.
 """
 
 from __future__ import annotations
@@ -13,11 +20,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# An unset init/final learning rate is this fraction of the peak (Nanodo's
+# default config: peak 1.6e-3, init and final 1.6e-4).
+DEFAULT_END_FRACTION = 0.1
+
+
+def _end(value, peak: float) -> float:
+  return peak * DEFAULT_END_FRACTION if value is None else value
+
+
+def init_learning_rate(opt_cfg) -> float:
+  return _end(opt_cfg.get("init_learning_rate"), opt_cfg.peak_learning_rate)
+
+
+def final_learning_rate(opt_cfg) -> float:
+  return _end(opt_cfg.get("final_learning_rate"), opt_cfg.peak_learning_rate)
+
 
 def learning_rate_schedule(opt_cfg) -> optax.Schedule:
   warmup = opt_cfg.warmup_steps
   decay_steps = max(opt_cfg.num_train_steps - warmup, 1)
-  peak, final = opt_cfg.peak_learning_rate, opt_cfg.final_learning_rate
+  peak, final = opt_cfg.peak_learning_rate, final_learning_rate(opt_cfg)
   decays = {
       "cosine": lambda: optax.cosine_decay_schedule(
           peak, decay_steps, alpha=final / peak if peak else 0.0),
@@ -28,23 +51,52 @@ def learning_rate_schedule(opt_cfg) -> optax.Schedule:
   if warmup == 0:
     return decay
   return optax.join_schedules(
-      [optax.linear_schedule(opt_cfg.init_learning_rate, peak, warmup), decay],
-      [warmup])
+      [optax.linear_schedule(init_learning_rate(opt_cfg), peak, warmup),
+       decay], [warmup])
+
+
+def decay_coefficient(opt_cfg) -> float:
+  """The weight decay handed to optax (which multiplies it by the rate)."""
+  wd = opt_cfg.weight_decay
+  if opt_cfg.get("independent_weight_decay", False):
+    return wd / opt_cfg.peak_learning_rate if wd else 0.0
+  return wd
+
+
+def exclusion_names(opt_cfg) -> tuple[str, ...]:
+  names = opt_cfg.get("weight_decay_exclusions", "") or ""
+  return tuple(n.strip() for n in names.split(",") if n.strip())
+
+
+def _path_name(path) -> str:
+  """"block_0/attn/query/kernel": the dict keys of a parameter's path."""
+  return "/".join(str(k.key) for k in path if hasattr(k, "key"))
+
+
+def decay_mask(opt_cfg):
+  """None (decay everything), or params -> tree of bools (True = decay)."""
+  names = exclusion_names(opt_cfg)
+  if not names:
+    return None
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(n in _path_name(path) for n in names), params)
 
 
 def _adamw(c, lr):
   return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps,
-                     weight_decay=c.weight_decay)
+                     weight_decay=decay_coefficient(c), mask=decay_mask(c))
 
 
 def _sgd(c, lr):
-  return optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(lr))
+  return optax.chain(
+      optax.add_decayed_weights(decay_coefficient(c), mask=decay_mask(c)),
+      optax.sgd(lr))
 
 
 def _momentum(c, lr):
-  return optax.chain(optax.add_decayed_weights(c.weight_decay),
-                     optax.sgd(lr, momentum=c.b1))
+  return optax.chain(
+      optax.add_decayed_weights(decay_coefficient(c), mask=decay_mask(c)),
+      optax.sgd(lr, momentum=c.b1))
 
 
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "momentum": _momentum}

@@ -178,20 +178,9 @@ def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn):
       lambda b: jax.value_and_grad(_loss)(params, b, logits_fn), batch)
 
 
-def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
-                  direction=None) -> dict[str, jax.Array]:
-  """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
-
-  e = g/||g|| (the SAM direction) unless `direction` is given (normalised
-  here). delta_logit = H_G e, delta_func = H_F e, delta = H e; the taus
-  tau_logit + tau_func + tau_cross = 1 (NaN if H e = 0). Returns scalars:
-  loss, grad_norm, tau_logit, tau_func, tau_cross, delta_logit_norm,
-  delta_func_norm, delta_norm.
-  """
-  params = _upcast(params)
-  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn)
-  grad_norm = _norm(grad)
-  e = grad if direction is None else _like(direction, params)
+def _split(params, batch: Batch, e, logits_fn: LogitsFn
+           ) -> dict[str, jax.Array]:
+  """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
   e_norm = _norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
   d_logit = ggn_vp(params, batch, e, logits_fn=logits_fn)
@@ -200,8 +189,6 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
   cross, delta_sq = 2.0 * _vdot(d_logit, d_func), _vdot(delta, delta)
   return {
-      "loss": loss,
-      "grad_norm": grad_norm,
       "tau_logit": logit_sq / delta_sq,
       "tau_func": func_sq / delta_sq,
       "tau_cross": cross / delta_sq,
@@ -209,6 +196,32 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
       "delta_func_norm": jnp.sqrt(func_sq),
       "delta_norm": jnp.sqrt(delta_sq),
   }
+
+
+def preconditioned(grads, precond):
+  """P^-1 g: the direction of the preconditioned SAM perturbation (eq. 12)."""
+  return jax.tree.map(lambda g, p: g / p.astype(g.dtype), grads, precond)
+
+
+def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
+                  direction=None, precond=None) -> dict[str, jax.Array]:
+  """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
+
+  e = g/||g|| (the SAM direction) unless `direction` is given (normalised
+  here); with `precond` (P, same tree as params, e.g. AdamW's sqrt(nu_hat) +
+  eps) e = P^-1 g / ||P^-1 g||, the preconditioned methods' direction.
+  delta_logit = H_G e, delta_func = H_F e, delta = H e; the taus
+  tau_logit + tau_func + tau_cross = 1 (NaN if H e = 0). Returns scalars:
+  loss, grad_norm, tau_logit, tau_func, tau_cross, delta_logit_norm,
+  delta_func_norm, delta_norm.
+  """
+  params = _upcast(params)
+  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn)
+  e = grad if direction is None else _like(direction, params)
+  if precond is not None:
+    e = preconditioned(e, _like(precond, params))
+  return {"loss": loss, "grad_norm": _norm(grad),
+          **_split(params, batch, e, logits_fn)}
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
@@ -308,13 +321,18 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
 
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
-                direction=None, tol: float = 1e-3) -> dict[str, jax.Array]:
+                direction=None, tol: float = 1e-3, precond=None
+                ) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
   hessian_trace, hessian_trace_stderr, ggn_trace, ggn_trace_stderr,
   sam_edge (at this grad_norm), two_over_lr. Both traces use the same probes,
-  so their difference tr(H_F) has the smaller common-probe variance.
+  so their difference tr(H_F) has the smaller common-probe variance. With
+  `precond` (AdamW's P) also tau_logit_precond, tau_func_precond,
+  tau_cross_precond: the split along e = P^-1 g / ||P^-1 g|| at the same
+  parameters (paper, appendix B: preconditioning shifts it towards the
+  functional path).
   """
   _check_count("num_iters", num_iters)
   _check_count("num_probes", num_probes)
@@ -331,7 +349,7 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                             num_probes=num_probes, rng=trace_rng)
   gtr, gtr_se = ggn_trace(params, batch, logits_fn=logits_fn,
                           num_probes=num_probes, rng=trace_rng)
-  return {
+  out = {
       "loss": dec["loss"],
       "grad_norm": dec["grad_norm"],
       "tau_logit": dec["tau_logit"],
@@ -345,6 +363,14 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
       "sam_edge": sam_edge(lr, rho, dec["grad_norm"]),
       "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
   }
+  if precond is not None:
+    params32 = _upcast(params)
+    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn)
+    split = _split(params32, batch,
+                   preconditioned(grad, _like(precond, params32)), logits_fn)
+    out.update({f"{k}_precond": split[k]
+                for k in ("tau_logit", "tau_func", "tau_cross")})
+  return out
 
 
 def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,

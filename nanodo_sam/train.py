@@ -489,7 +489,8 @@ def _make_diagnostics(cfg, s: Setup, eval_data):
     fixed = diagnostics_batch(cfg, eval_data)
     fn = jax.jit(lambda state, batch, lr, rho, rng: sharpness.diagnostics(
         state.params, fixed, logits_fn=s.logits_fn, lr=lr, rho=rho,
-        num_iters=d.num_iters, num_probes=d.num_probes, rng=rng, tol=d.tol))
+        num_iters=d.num_iters, num_probes=d.num_probes, rng=rng, tol=d.tol,
+        precond=adam_precond(cfg, state.opt_state)))
     prefix = "sharpness"
 
   def diagnose(state, batch, step):
@@ -499,6 +500,17 @@ def _make_diagnostics(cfg, s: Setup, eval_data):
     return {f"{prefix}/{k}": float(v) for k, v in out.items()}
 
   return diagnose
+
+
+def adam_precond(cfg, opt_state):
+  """AdamW's P from an optimizer state (all ones before its first update),
+  or None for another optimizer: the preconditioned direction of the
+  sharpness decomposition."""
+  if cfg.opt.optimizer != "adamw":
+    return None
+  precond, _ = optimizer_lib.adam_preconditioner(opt_state, b2=cfg.opt.b2,
+                                                 eps=cfg.opt.eps)
+  return precond
 
 
 def diagnostics_batch(cfg, eval_data):

@@ -128,13 +128,17 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   acc.Reload()
   tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
   assert {"sharpness/tau_logit", "sharpness/lambda_max",
-          "sharpness/sam_edge"} <= tags
+          "sharpness/sam_edge", "sharpness/tau_logit_precond"} <= tags
   code, out, _ = _run(capsys, "analyze", f"--workdir={workdir}",
                       "--num_iters=4", "--num_probes=3")
   assert code == 0 and "lambda_max" in out
   res = json.load(open(workdir / "sharpness.json"))
   assert res["step"] == 4
   assert abs(res["tau_logit"] + res["tau_func"] + res["tau_cross"] - 1) < 1e-4
+  # AdamW's P from the checkpoint: the split along P^-1 g as well.
+  assert abs(res["tau_logit_precond"] + res["tau_func_precond"]
+             + res["tau_cross_precond"] - 1) < 1e-4
+  assert res["tau_logit_precond"] != res["tau_logit"]
   assert res["ggn_trace"] > 0 and res["eval_loss"] > 0
   for bad, pattern in [("--num_iters=0", "must be >= 1"),
                        ("--step=7", "no checkpoint for step 7")]:

@@ -13,25 +13,31 @@ from nanodo_sam import data as data_lib
 from nanodo_sam.config import UsageError
 
 
-def test_pack_concatenates_with_eos_and_splits_round_trip():
+@pytest.mark.parametrize("packing,row", [("shifted", 4), ("nanodo", 3)])
+def test_pack_concatenates_with_eos_and_splits_round_trip(packing, row):
   docs = [[5, 6, 7, 1], [8, 1], [9, 10, 11, 12, 13, 1], [14, 15, 1]]
   ds = tf.data.Dataset.from_generator(
       lambda: ({"targets": np.array(d, np.int32)} for d in docs),
       output_signature={"targets": tf.TensorSpec([None], tf.int32)})
-  rows = [r.numpy() for r in data_lib.pack(ds, seq_len=3)]
+  rows = [r.numpy() for r in data_lib.pack(ds, seq_len=3, packing=packing)]
   flat = np.concatenate(docs)
-  assert all(r.shape == (4,) for r in rows)
-  n = len(flat) // 4
+  assert all(r.shape == (row,) for r in rows)
+  n = len(flat) // row
   assert len(rows) == n
-  np.testing.assert_array_equal(np.concatenate(rows), flat[:4 * n])
-  batch = data_lib._to_batch(tf.constant(np.stack(rows)))
+  np.testing.assert_array_equal(np.concatenate(rows), flat[:row * n])
+  batch = data_lib._to_batch(tf.constant(np.stack(rows)), packing)
   np.testing.assert_array_equal(batch["inputs"][:, 1:],
                                 batch["targets"][:, :-1])
+  assert batch["inputs"].shape == (n, 3)
+  # shifted scores every position; nanodo leaves the last one unscored.
+  np.testing.assert_array_equal(batch["weights"][:, :-1], 1.0)
+  np.testing.assert_array_equal(batch["weights"][:, -1],
+                                0.0 if packing == "nanodo" else 1.0)
 
 
 @needs_data
 def test_tiny_shakespeare_bytes_decode_to_the_raw_text():
-  cfg = tiny_config()
+  cfg = tiny_config(**{"data.packing": "shifted"})
   batches = data_lib.eval_batches(cfg)
   assert len(batches) == cfg.data.eval_steps
   b = batches[0]

@@ -174,6 +174,40 @@ def test_decomposition_taus_match_dense(given_direction):
   np.testing.assert_allclose(total, 1.0, atol=1e-5)
 
 
+def test_preconditioned_decomposition_matches_dense():
+  """Appendix B's direction e = P^-1 g / ||P^-1 g|| against dense H_G, H_F,
+  in `decomposition(precond=P)` and in `diagnostics(precond=P)`."""
+  d = _dense("mlp")
+  p_flat = 0.5 + jax.random.uniform(jax.random.key(3), d["flat"].shape)
+  e = d["grad"] / p_flat
+  e = e / jnp.linalg.norm(e)
+  d_logit, d_func = d["HG"] @ e, d["HF"] @ e
+  delta_sq = jnp.sum((d_logit + d_func) ** 2)
+  want = {"tau_logit": d_logit @ d_logit / delta_sq,
+          "tau_func": d_func @ d_func / delta_sq,
+          "tau_cross": 2 * d_logit @ d_func / delta_sq}
+  precond = d["unravel"](p_flat)
+  got = _jit(sharpness.decomposition, d["logits_fn"])(
+      d["params"], d["batch"], precond=precond)
+  diag = jax.jit(functools.partial(
+      sharpness.diagnostics, logits_fn=d["logits_fn"], num_iters=4,
+      num_probes=2))(d["params"], d["batch"], lr=0.1, rho=0.1,
+                     rng=jax.random.key(0), precond=precond)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5,
+                               err_msg=key)
+    np.testing.assert_allclose(diag[key + "_precond"], want[key], rtol=1e-4,
+                               atol=1e-5, err_msg=key)
+  # P = 1 is the unpreconditioned split.
+  ones = jax.tree.map(jnp.ones_like, d["params"])
+  plain = _jit(sharpness.decomposition, d["logits_fn"])(d["params"],
+                                                        d["batch"])
+  with_ones = _jit(sharpness.decomposition, d["logits_fn"])(
+      d["params"], d["batch"], precond=ones)
+  for key in want:
+    np.testing.assert_allclose(with_ones[key], plain[key], rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 def test_lambda_max_matches_dense_top_eigenvalue(name):
   d = _dense(name)

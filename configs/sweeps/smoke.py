@@ -20,6 +20,7 @@ COMMON = {
     "schedule_name": "smoke",
     "model.size_name": "smoke",
     "model.D": 64, "model.H": 2, "model.N": 2, "model.F": 256, "model.L": 64,
+    "model.dtype": "float32",  # CPU: bfloat16 (the C4 configs') is emulated.
     "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 4,
     "opt.num_train_steps": 200, "opt.warmup_steps": 20,
     "eval_every_steps": 50, "checkpoint_every_steps": 200,

@@ -1,0 +1,103 @@
+"""Side by side with Nanodo's own source: init, bfloat16 logits, one step.
+
+    python scripts/compare_nanodo.py [--nanodo=../shared/reference/nanodo]
+        [--out=compare_nanodo.json]
+
+Prints a markdown table and writes JSON (the numbers in docs/fidelity.md):
+for the paper's 2M shape at initialisation (V = 32,101, L = 512), on Nanodo's
+parameters mapped onto this project's tree,
+  - each kernel's std under this project's default and legacy init, as a
+    multiple of Nanodo's (xavier_uniform);
+  - the max |logits - Nanodo's logits| in float32;
+  - the rms and max error of bfloat16 logits against float32 ones, for
+    Nanodo, this project's default (float32 residual stream) and its legacy
+    path (`model.residual_dtype=compute`).
+Needs the Nanodo source (tests/test_fidelity.py checks the same things).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.join(_ROOT, "tests"))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--nanodo", default=os.path.join(_ROOT, "..", "shared",
+                                                  "reference", "nanodo"))
+  p.add_argument("--out", default="compare_nanodo.json")
+  p.add_argument("--batch", type=int, default=4)
+  args = p.parse_args(argv)
+  if not os.path.isdir(os.path.join(args.nanodo, "nanodo")):
+    print(f"compare_nanodo: error: no Nanodo source in {args.nanodo!r}; pass "
+          "--nanodo=PATH to a google-deepmind/nanodo checkout", file=sys.stderr)
+    return 2
+  sys.path.insert(0, os.path.abspath(args.nanodo))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import test_fidelity as tf  # The parameter mapping, written once.
+  from nanodo_sam import model as model_lib
+
+  shape = dict(D=256, H=4, N=3, F=1024, L=512, V=32101)
+  nanodo = tf._nanodo_model(**shape)
+  params = tf._init_nanodo(nanodo, shape["L"])
+  mapped = tf.to_project(params, shape["N"])
+  tokens = jax.random.randint(jax.random.key(1), (args.batch, shape["L"]), 0,
+                              shape["V"])
+  out = {"shape": shape, "batch": args.batch, "init_std_vs_nanodo": {}}
+
+  theirs = tf._kernels(tf.to_project(params, shape["N"]))
+  for init in ("xavier_uniform", "fan_in_truncated_normal"):
+    ours = tf._kernels(model_lib.init_params(
+        tf._project_model(**shape, kernel_init=init), jax.random.key(0)))
+    out["init_std_vs_nanodo"][init] = {
+        k.split("']['", 1)[1].rstrip("']").replace("']['", "/"):
+            float(ours[k].std() / theirs[k].std())
+        for k in ours if "block_0" in k}
+
+  f32 = tf._project_model(**shape)
+  apply = lambda m: jax.jit(lambda p, t: m.apply({"params": p}, t))
+  ours_f32 = np.asarray(apply(f32)(mapped, tokens))
+  nano_f32 = np.asarray(apply(nanodo)(params, tokens))
+  out["float32_max_abs_diff_vs_nanodo"] = float(np.abs(ours_f32 - nano_f32)
+                                                .max())
+  errors = {}
+  nb = tf._nanodo_model(**shape, dtype=jnp.bfloat16)
+  low = {"nanodo": np.asarray(apply(nb)(params, tokens)) - nano_f32}
+  for residual in ("float32", "compute"):
+    m = tf._project_model(**shape, dtype="bfloat16", residual_dtype=residual)
+    low[f"project residual_dtype={residual}"] = np.asarray(
+        apply(m)(mapped, tokens)) - ours_f32
+  for name, d in low.items():
+    errors[name] = {"rms": float(np.sqrt(np.mean(d**2))),
+                    "max": float(np.abs(d).max())}
+  out["bfloat16_logits_error"] = errors
+
+  print(f"2M shape, V={shape['V']}, L={shape['L']}, batch {args.batch}, at "
+        f"init; float32 max |ours - Nanodo's| = "
+        f"{out['float32_max_abs_diff_vs_nanodo']:.3g}\n")
+  print("| kernel (block 0) | std x Nanodo, default | std x Nanodo, legacy |")
+  print("|---|---|---|")
+  d, l = (out["init_std_vs_nanodo"][k] for k in ("xavier_uniform",
+                                                   "fan_in_truncated_normal"))
+  for k in d:
+    print(f"| {k} | {d[k]:.3f} | {l[k]:.3f} |")
+  print("\n| bfloat16 logits vs float32 | rms | max |\n|---|---|---|")
+  for name, e in errors.items():
+    print(f"| {name} | {e['rms']:.4f} | {e['max']:.4f} |")
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"\nwrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
