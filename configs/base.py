@@ -124,8 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.diagnostics.every_steps = 0   # 0 = off.
   c.diagnostics.num_batches = 1   # Fixed eval batches the metrics use.
   c.diagnostics.batch_size = 8    # Sequences per diagnostics batch.
-  c.diagnostics.num_iters = 20    # Lanczos iterations for lambda_max.
-  c.diagnostics.num_probes = 10   # Hutchinson probes for the traces.
+  c.diagnostics.num_iters = 20    # Lanczos iterations (0: no lambda_max).
+  c.diagnostics.num_probes = 10   # Hutchinson probes (0: no traces).
   c.diagnostics.tol = 1e-3        # Lanczos relative tolerance.
   # True: lambda_max, ||g||, SAM-edge, 2/lr and eigenvector alignments on the
   # current training minibatch (edge of stability) instead of the fixed set.

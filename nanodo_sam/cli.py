@@ -193,8 +193,9 @@ def cmd_analyze(fv) -> None:
   for key in ("num_batches", "num_iters", "num_probes"):
     value = getattr(fv, key)
     if value is not None:
-      if value < 1:
-        raise UsageError(f"--{key}={value} must be >= 1")
+      least = 1 if key == "num_batches" else 0  # 0: leave that metric out
+      if value < least:
+        raise UsageError(f"--{key}={value} must be >= {least}")
       d[key] = value
   cfg.data.eval_steps = max(cfg.data.eval_steps, d.num_batches)
   s, state, step = _restore_params(fv.workdir, cfg, fv.step)

@@ -193,9 +193,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(cfg.diagnostics.every_steps >= 0,
            "diagnostics.every_steps must be >= 0 (0 = off)")
   if cfg.diagnostics.every_steps:
-    for key in ("num_batches", "num_iters", "num_probes"):
-      _require(cfg.diagnostics[key] >= 1,
-               f"diagnostics.{key} must be >= 1 when diagnostics are on")
+    _require(cfg.diagnostics.num_batches >= 1,
+             "diagnostics.num_batches must be >= 1 when diagnostics are on")
+    for key in ("num_iters", "num_probes"):
+      _require(cfg.diagnostics[key] >= 0,
+               f"diagnostics.{key} must be >= 0 (0 leaves out "
+               f"{'lambda_max' if key == 'num_iters' else 'the traces'})")
   if num_devices is not None:
     from nanodo_sam import sharding
     sharding.validate(cfg, num_devices)

@@ -79,10 +79,11 @@ def _norm(a) -> jax.Array:
   return jnp.sqrt(_vdot(a, a))
 
 
-def _check_count(name: str, value) -> None:
+def _check_count(name: str, value, allow_zero: bool = False) -> None:
+  least = 0 if allow_zero else 1
   if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-      or value < 1):
-    raise ValueError(f"{name}={value!r} must be a positive Python int; "
+      or value < least):
+    raise ValueError(f"{name}={value!r} must be a Python int >= {least}; "
                      f"pass e.g. {name}=20")
 
 
@@ -328,14 +329,16 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
   hessian_trace, hessian_trace_stderr, ggn_trace, ggn_trace_stderr,
   sam_edge (at this grad_norm), two_over_lr. Both traces use the same probes,
-  so their difference tr(H_F) has the smaller common-probe variance. With
+  so their difference tr(H_F) has the smaller common-probe variance.
+  num_iters=0 leaves out lambda_max, num_probes=0 the traces (the taus alone
+  cost a few passes: Figures 2 and 4 along a whole run). With
   `precond` (AdamW's P) also tau_logit_precond, tau_func_precond,
   tau_cross_precond: the split along e = P^-1 g / ||P^-1 g|| at the same
   parameters (paper, appendix B: preconditioning shifts it towards the
   functional path).
   """
-  _check_count("num_iters", num_iters)
-  _check_count("num_probes", num_probes)
+  _check_count("num_iters", num_iters, allow_zero=True)
+  _check_count("num_probes", num_probes, allow_zero=True)
   if isinstance(lr, (int, float)) and not lr > 0:
     raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
   if isinstance(rho, (int, float)) and not rho >= 0:
@@ -343,26 +346,21 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                      "for no SAM)")
   eig_rng, trace_rng = jax.random.split(rng)
   dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction)
-  lam, _, _ = lambda_max(params, batch, logits_fn=logits_fn,
-                         num_iters=num_iters, tol=tol, rng=eig_rng)
-  tr, tr_se = hessian_trace(params, batch, logits_fn=logits_fn,
-                            num_probes=num_probes, rng=trace_rng)
-  gtr, gtr_se = ggn_trace(params, batch, logits_fn=logits_fn,
-                          num_probes=num_probes, rng=trace_rng)
-  out = {
-      "loss": dec["loss"],
-      "grad_norm": dec["grad_norm"],
-      "tau_logit": dec["tau_logit"],
-      "tau_func": dec["tau_func"],
-      "tau_cross": dec["tau_cross"],
-      "lambda_max": lam,
-      "hessian_trace": tr,
-      "hessian_trace_stderr": tr_se,
-      "ggn_trace": gtr,
-      "ggn_trace_stderr": gtr_se,
-      "sam_edge": sam_edge(lr, rho, dec["grad_norm"]),
-      "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
-  }
+  out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
+                             "tau_cross")}
+  if num_iters:
+    out["lambda_max"], _, _ = lambda_max(
+        params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
+        rng=eig_rng)
+  if num_probes:
+    out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
+        params, batch, logits_fn=logits_fn, num_probes=num_probes,
+        rng=trace_rng)
+    out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
+        params, batch, logits_fn=logits_fn, num_probes=num_probes,
+        rng=trace_rng)
+  out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
+  out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
     params32 = _upcast(params)
     _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn)

@@ -403,6 +403,9 @@ def train(cfg, workdir: str) -> dict:
                          _format_size(n_params),
       "wall_seconds": time.time() - t_start,
       "train_seconds": time.time() - t_loop,
+      # CPU time of this process (all threads): unlike wall time, it does not
+      # grow when other jobs share the machine.
+      "cpu_seconds": time.process_time(),
       "status": status,
       "eval_history": eval_history,
   }

@@ -140,7 +140,8 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
              + res["tau_cross_precond"] - 1) < 1e-4
   assert res["tau_logit_precond"] != res["tau_logit"]
   assert res["ggn_trace"] > 0 and res["eval_loss"] > 0
-  for bad, pattern in [("--num_iters=0", "must be >= 1"),
+  for bad, pattern in [("--num_iters=-1", "must be >= 0"),
+                       ("--num_batches=0", "must be >= 1"),
                        ("--step=7", "no checkpoint for step 7")]:
     code, _, err = _run(capsys, "analyze", f"--workdir={workdir}", bad)
     _assert_one_line_error(code, err, pattern)

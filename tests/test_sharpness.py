@@ -311,10 +311,26 @@ def test_diagnostics_is_jittable_and_consistent():
   assert abs(out["lambda_max"] - top) <= 1e-3 * abs(top)
 
 
+def test_diagnostics_with_zero_iterations_and_probes_gives_the_taus_alone():
+  params, logits_fn = _mlp()
+  batch = _batch(0)
+  full = sharpness.diagnostics(params, batch, logits_fn=logits_fn, lr=0.1,
+                               rho=0.05, num_iters=5, num_probes=2,
+                               rng=jax.random.key(0))
+  taus = sharpness.diagnostics(params, batch, logits_fn=logits_fn, lr=0.1,
+                               rho=0.05, num_iters=0, num_probes=0,
+                               rng=jax.random.key(0))
+  left_out = {"lambda_max", "hessian_trace", "hessian_trace_stderr",
+              "ggn_trace", "ggn_trace_stderr"}
+  assert set(taus) == set(full) - left_out
+  for k in taus:
+    np.testing.assert_allclose(taus[k], full[k], rtol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_iters=0), "num_iters"),
+    (dict(num_iters=-1), "num_iters"),
     (dict(num_iters=2.5), "num_iters"),
-    (dict(num_probes=0), "num_probes"),
+    (dict(num_probes=-1), "num_probes"),
     (dict(lr=0.0), "lr"),
     (dict(rho=-0.1), "rho"),
 ])
