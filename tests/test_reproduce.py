@@ -25,7 +25,7 @@ TINY = {
 @needs_data
 def test_sweep_to_tables_to_figures(tmp_path, capsys):
   spec = {"name": "e2e", "config": "configs/quickstart.py", "overrides": TINY,
-          "runs": sw.method_runs(["adamw", "precond_functional_sam"], [0.1],
+          "runs": authoring.method_runs(["adamw", "precond_functional_sam"], [0.1],
                                  learning_rates=(3e-3,))}
   sweep_file = tmp_path / "e2e.py"
   sweep_file.write_text(f"def get_sweep():\n  return {spec!r}\n")

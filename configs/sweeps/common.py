@@ -9,7 +9,7 @@ only the centre is run, to keep the cost down. The learning rate is the
 paper's globally tuned 1e-3; widen LEARNING_RATES to sweep it too.
 """
 
-from launch.sweep import around
+from configs.sweeps.authoring import around
 
 FIXED_LENGTH = "configs/c4_fixed_length.py"
 CHINCHILLA = "configs/c4_chinchilla.py"

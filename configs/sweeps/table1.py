@@ -7,7 +7,7 @@ quotes seed standard deviations in the fourth decimal).
 """
 
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 METHODS = ("adamw", "sam", "precond_sam", "functional_sam",
            "precond_functional_sam")
@@ -15,10 +15,8 @@ SEEDS = (0, 1, 2)
 
 
 def get_sweep():
-  return {
-      "name": "table1",
-      "config": common.FIXED_LENGTH + ":2M",
-      "runs": method_runs(
+  return SweepSpec(
+      name="table1", config=common.FIXED_LENGTH + ":2M",
+      runs=method_runs(
           METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
-          learning_rates=common.LEARNING_RATES, seeds=SEEDS),
-  }
+          learning_rates=common.LEARNING_RATES, seeds=SEEDS))

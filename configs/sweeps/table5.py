@@ -2,7 +2,7 @@
 Precond SAM and AdamW (3 seeds)."""
 
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 METHODS = ("precond_functional_sam", "precond_sam", "adamw")
 SEEDS = (0, 1, 2)
@@ -15,5 +15,5 @@ def get_sweep():
         METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
         learning_rates=common.LEARNING_RATES, seeds=SEEDS,
         fixed={"model.nonlinearity": nonlinearity})
-  return {"name": "table5", "config": common.FIXED_LENGTH + ":2M",
-          "runs": runs}
+  return SweepSpec(name="table5", config=common.FIXED_LENGTH + ":2M",
+                   runs=runs)
