@@ -152,3 +152,11 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   code, _, err = _run(capsys, "prune-eval", f"--workdir={workdir}",
                       "--fractions=0,1.5")
   _assert_one_line_error(code, err, "outside [0, 1)")
+  # nanodo_sam/runs.py reads all of it back (tests/test_runs.py: the rest).
+  from nanodo_sam import runs
+  run = runs.read_run(str(workdir))
+  assert run.sharpness == res and run.prune["results"] == rows
+  taus = run.scalars(prefix="sharpness/tau_")
+  assert [s for s, _ in taus["sharpness/tau_logit"]] == [0, 2]
+  for i in range(2):  # The three taus sum to 1 (paper eq. 9).
+    assert sum(taus[t][i][1] for t in taus) == pytest.approx(1, abs=1e-4)
