@@ -154,6 +154,18 @@ def check_workdir(cfg, workdir: str) -> None:
 
 # --------------------------------------------------------------- config files
 
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"sam": {"rho": 0.1}} -> {"sam.rho": 0.1} (a config as dotted keys)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

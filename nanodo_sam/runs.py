@@ -27,6 +27,8 @@ import struct
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+from nanodo_sam.config import flatten, load_config_file, to_dict
+
 NAN = float("nan")
 RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json")
 EVENT_FILES = "events.out.tfevents."
@@ -60,30 +62,23 @@ def _lookup(tree: dict, key: str, default=None):
   return node
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """{"sam": {"rho": 0.1}} -> {"sam.rho": 0.1}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 @functools.cache
 def base_defaults() -> dict[str, Any]:
   """configs/base.py's values, flattened: the defaults `variant` compares
   against."""
-  from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
-  return flatten(config_lib.to_dict(
-      config_lib.load_config_file("configs/base.py")))
+  return flatten(to_dict(load_config_file("configs/base.py")))
+
+
+def _methods() -> dict:
+  """The registry (`sam.METHODS`), imported when first needed (it brings
+  JAX)."""
+  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
+  return METHODS
 
 
 def method_entry(method: str):
   """The method's `sam.METHODS` entry (label, passes, ...); None if unknown."""
-  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
-  return METHODS.get(method)
+  return _methods().get(method)
 
 
 def method_label(method: str) -> str:
@@ -100,8 +95,7 @@ def perturbs(method: str) -> bool:
 
 def method_order(method: str) -> tuple:
   """Sort key: the registry's order, unknown methods after it by name."""
-  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
-  names = list(METHODS)
+  names = list(_methods())
   return (names.index(method) if method in names else len(names), method)
 
 
