@@ -383,8 +383,10 @@ def read_scalars(logdir: str, tags: Iterable[str] | None = None,
 
 
 def attribute(run: RunRecord, key: str):
-  """A RunRecord attribute ("method", "rho", ...) or a dotted config key."""
-  if isinstance(getattr(type(run), key, None), property):
+  """A RunRecord attribute ("method", "rho", "workdir", ...) or else a dotted
+  config key ("sam.every_k")."""
+  if (isinstance(getattr(type(run), key, None), property)
+      or key in run.__dataclass_fields__):
     return getattr(run, key)
   return run.get(key)
 

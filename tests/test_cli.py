@@ -95,6 +95,20 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
   _assert_one_line_error(code, err, "no checkpoint for step 3")
 
 
+def test_config_file_found_from_any_directory(tmp_path, monkeypatch, capsys):
+  """--config=configs/x.py resolves from the working directory, then the
+  repository (config.find_config_file, as launch.sweep does); a missing
+  file is one line."""
+  monkeypatch.chdir(tmp_path)
+  code, out, _ = _run(capsys, "params", "--config=configs/quickstart.py:",
+                      "--config.model.D=64", "--config.model.H=2")
+  assert code == 0 and json.loads(out.strip().splitlines()[-1])["total_params"]
+  code, _, err = _run(capsys, "params", "--config=configs/nope.py")
+  _assert_one_line_error(code, err, "config file 'configs/nope.py' not found")
+  code, _, err = _run(capsys, "params", "--config=configs/base.txt")
+  _assert_one_line_error(code, err, "is not a .py file")
+
+
 def test_eval_without_a_run_and_unknown_command(tmp_path, capsys):
   code, _, err = _run(capsys, "eval", f"--workdir={tmp_path}")
   _assert_one_line_error(code, err, "no run in")

@@ -280,6 +280,26 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("spec,message", [
+    ({"config": "c.py", "runs": []}, "'runs' must be a non-empty list"),
+    ({"config": "c.py", "runs": [3]}, "run 0 is 3, not a dict"),
+    ({"config": "c.py", "runs": [{"a b": 1}]}, "bad override key 'a b'"),
+    ({"config": "c.py", "runs": [{"seed": [0]}]}, "has type list"),
+    ({"config": "c.py", "runs": [{}], "overrides": {"config": "d.py"}},
+     "'config' cannot be a common override"),
+    ({"config": 3, "runs": [{}]}, "'config' must be a config path"),
+    ({"config": "c.py", "runs": [{}], "name": "a/b"}, "sweep name 'a/b'"),
+    ({"config": "c.py", "runs": [{}], "grid": []}, "unknown sweep keys"),
+])
+def test_sweep_spec_checks_itself(spec, message):
+  with pytest.raises(authoring.SweepError, match=message) as e:
+    authoring.SweepSpec.from_dict(spec)
+  assert "\n" not in str(e.value)
+  assert authoring.SweepSpec(config="c.py", runs=[{"seed": 0}]).name == ""
+  with pytest.raises(authoring.SweepError, match="unknown method 'samm'"):
+    authoring.method_runs(["samm"], [0.1])
+
+
 def test_cli_entry_point_bad_backend_exit_2(tmp_path):
   sweep = write_sweep(tmp_path, [{"seed": 0}])
   r = subprocess.run([sys.executable, "-m", "launch.sweep", sweep,
