@@ -8,20 +8,13 @@
     python -m launch.sweep configs/sweeps/table2.py --backend=tpu \
         --tpu=my-v4-32 --zone=us-central2-b
 
-A sweep file is a Python file whose `get_sweep()` returns
-
-    {"name": "table1",                          # default output: runs/<name>
-     "config": "configs/c4_fixed_length.py:2M", # config file [+ ":" + arg]
-     "overrides": {"eval_every_steps": 250},    # optional, every run
-     "runs": [{"sam.method": "sam", "sam.rho": 0.1, "seed": 0}, ...]}
-
-Each run is a dict of config overrides (`--config.KEY=VALUE` for
-`nanodo-sam train`); the reserved key "config" replaces the sweep's config for
-that run (e.g. another size: "configs/c4_fixed_length.py:23.9M"). A run's
-workdir is OUT/<name>, the name built from its overrides in order
+A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a
+`SweepSpec` (configs/sweeps/authoring.py: name, config, overrides, runs; the
+grid helpers `method_runs`, `grid` and `around` live there too). This module
+checks every override key against its config, names the runs and starts them.
+A run's workdir is OUT/<name>, the name built from its overrides in order
 (`23.9M-precond_functional_sam-rho0.5-lr0.001-seed0`), so re-expanding a
-sweep gives the same directories. `method_runs(...)` builds the usual
-method x rho x learning-rate x seed grid (AdamW gets no rho variants).
+sweep gives the same directories.
 
 Backends:
   local  runs the grid here, `--parallel` at a time (default 1), each run's
@@ -41,9 +34,9 @@ stops with one line and exit code 2 before anything is started or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -53,11 +46,20 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `python launch/sweep.py` from anywhere.
+  sys.path.insert(0, REPO_ROOT)
+
+# pylint: disable=g-import-not-at-top
+from configs.sweeps.authoring import NAME_CHARS, RESERVED, SweepError, \
+    SweepSpec, format_value
+from nanodo_sam import config as config_lib
+from nanodo_sam.config import UsageError
+# pylint: enable=g-import-not-at-top
+
 BACKENDS = ("local", "slurm", "tpu")
-RESERVED = ("config",)
 # How override keys appear in run names ("" = the value alone).
 ABBREV = {
     "sam.method": "",
@@ -73,60 +75,7 @@ ABBREV = {
     "sam.reuse": "reuse",
     "seed": "seed",
 }
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")
 _MAX_NAME = 120
-
-
-class SweepError(ValueError):
-  """Bad sweep input: reported as one line, exit code 2."""
-
-
-# ----------------------------------------------------------- grid helpers
-
-
-def grid(**axes: Sequence[Any]) -> list[dict]:
-  """Cartesian product: grid(a=[1, 2], b=[3]) -> [{a:1,b:3}, {a:2,b:3}].
-  Keys with dots go through `**{"sam.rho": [...]}`."""
-  keys = list(axes)
-  return [dict(zip(keys, vals))
-          for vals in itertools.product(*(axes[k] for k in keys))]
-
-
-def method_runs(methods: Sequence[str], rhos, *,
-                learning_rates: Sequence[float] = (1e-3,),
-                seeds: Sequence[int] = (0,),
-                fixed: dict | None = None) -> list[dict]:
-  """The method x rho x learning rate x seed grid.
-
-  rhos: one sequence for every method, or {method: sequence}. AdamW ("adamw")
-  always gets a single run without sam.rho. `fixed` overrides come first in
-  each run (and so first in its name), e.g. {"config": ...}.
-  """
-  runs = []
-  for method in methods:
-    if method == "adamw":
-      method_rhos = [None]
-    elif isinstance(rhos, dict):
-      if method not in rhos:
-        raise SweepError(f"no rho values for method {method!r}")
-      method_rhos = list(rhos[method])
-    else:
-      method_rhos = list(rhos)
-    for rho, lr, seed in itertools.product(method_rhos, learning_rates, seeds):
-      run = dict(fixed or {})
-      run["sam.method"] = method
-      if rho is not None:
-        run["sam.rho"] = float(rho)
-      run["opt.peak_learning_rate"] = float(lr)
-      run["seed"] = int(seed)
-      runs.append(run)
-  return runs
-
-
-def around(center: float, factors: Sequence[float] = (0.5, 1.0, 2.0),
-           digits: int = 4) -> list[float]:
-  """rho values around a centre: around(0.4) -> [0.2, 0.4, 0.8]."""
-  return [round(center * f, digits) for f in factors]
 
 
 # -------------------------------------------------------------- the sweep
@@ -151,22 +100,12 @@ class Run:
 
 @dataclass
 class Sweep:
+  """A sweep file expanded: its runs named, checked and placed under OUT."""
+
   name: str
   path: str
   config: str
   runs: list[Run]
-
-
-def format_value(v: Any) -> str:
-  """A value as ml_collections' --config.KEY=VALUE parser reads it."""
-  if isinstance(v, bool):
-    return "true" if v else "false"
-  if isinstance(v, float):
-    return repr(v)
-  if isinstance(v, (int, str)):
-    return str(v)
-  raise SweepError(f"override value {v!r} has type {type(v).__name__}; use "
-                   "a number, string or bool")
 
 
 def _config_parts(config: str) -> tuple[str, str]:
@@ -174,40 +113,14 @@ def _config_parts(config: str) -> tuple[str, str]:
   return path, arg if sep else ""
 
 
-def resolve_config(config: str, base_dir: str = REPO_ROOT) -> str:
-  """Checks the config file exists; returns it relative to the repository
-  when it lies inside it (commands run from the repository root)."""
-  path, arg = _config_parts(config)
-  if not path.endswith(".py"):
-    raise SweepError(f"config {config!r} is not a .py file; give "
-                     "'configs/NAME.py' or 'configs/NAME.py:ARG'")
-  candidates = [path] if os.path.isabs(path) else [
-      os.path.join(os.getcwd(), path), os.path.join(base_dir, path)]
-  found = next((c for c in candidates if os.path.isfile(c)), None)
-  if found is None:
-    raise SweepError(f"config file {path!r} not found (looked in "
-                     f"{', '.join(sorted(set(candidates)))})")
-  found = os.path.abspath(found)
-  if found.startswith(REPO_ROOT + os.sep):
-    found = os.path.relpath(found, REPO_ROOT)
-  return found + (f":{arg}" if arg else "")
-
-
-def load_config(config: str):
-  """The ConfigDict of 'path.py[:arg]' (paths relative to the repository)."""
-  path, arg = _config_parts(config)
-  full = path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-  spec = importlib.util.spec_from_file_location(
-      "_config_" + re.sub(r"\W", "_", full), full)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise SweepError(f"config {config!r} failed to load: "
-                     f"{type(e).__name__}: {e}") from None
+def resolve_config(config: str) -> str:
+  """Checks the config file exists (`config.find_config_file`); returns it
+  relative to the repository when it lies inside it (commands run from the
+  repository root)."""
+  path, arg = config_lib.find_config_file(config)
+  if path.startswith(REPO_ROOT + os.sep):
+    path = os.path.relpath(path, REPO_ROOT)
+  return path + (f":{arg}" if arg else "")
 
 
 def check_keys(config, keys: Iterable[str], where: str) -> None:
@@ -241,7 +154,7 @@ def run_name(overrides: dict, sweep_config: str) -> str:
     else:
       parts.append(f"{abbrev}{text}")
   raw = "-".join(parts) or "default"
-  name = _NAME_CHARS.sub("x", raw).replace(":", "x")
+  name = NAME_CHARS.sub("x", raw).replace(":", "x")
   if name != raw or len(name) > _MAX_NAME or name.startswith("."):
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()) \
         .hexdigest()[:8]
@@ -249,22 +162,23 @@ def run_name(overrides: dict, sweep_config: str) -> str:
   return name
 
 
-def load_sweep(path: str, out: str | None = None,
-               extra: dict | None = None) -> Sweep:
-  """Loads and validates a sweep file; run workdirs lie under `out`."""
+def read_spec(path: str) -> SweepSpec:
+  """The SweepSpec a sweep file's get_sweep() returns (or a dict with its
+  keys), its name defaulting to the file's; SweepError if anything fails."""
   if not path or not os.path.isfile(path):
     raise SweepError(f"sweep file {path!r} not found; give a file like "
                      "configs/sweeps/table1.py")
   if not path.endswith(".py"):
     raise SweepError(f"sweep file {path!r} is not a .py file")
-  if REPO_ROOT not in sys.path:
+  config_lib.add_import_root(path)
+  if REPO_ROOT not in sys.path:  # `from configs.sweeps import ...`.
     sys.path.insert(0, REPO_ROOT)
   module_name = "_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
   try:
-    spec.loader.exec_module(module)
-  except SweepError:
+    module_spec.loader.exec_module(module)
+  except UsageError:
     raise
   except Exception as e:  # A broken sweep file: say which and why.
     raise SweepError(f"cannot load sweep file {path!r}: "
@@ -272,49 +186,34 @@ def load_sweep(path: str, out: str | None = None,
   if not callable(getattr(module, "get_sweep", None)):
     raise SweepError(f"sweep file {path!r} defines no get_sweep()")
   try:
-    spec_dict = module.get_sweep()
-  except SweepError as e:
+    spec = module.get_sweep()
+    if isinstance(spec, dict):
+      spec = SweepSpec.from_dict(spec)
+    elif not isinstance(spec, SweepSpec):
+      raise SweepError("get_sweep() must return a SweepSpec or a dict")
+    return dataclasses.replace(spec, name=spec.name or os.path.splitext(
+        os.path.basename(path))[0])
+  except UsageError as e:
     raise SweepError(f"{path}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
     raise SweepError(f"{path}: get_sweep() failed: {type(e).__name__}: "
                      f"{e}") from None
-  if not isinstance(spec_dict, dict):
-    raise SweepError(f"{path}: get_sweep() must return a dict")
-  unknown = set(spec_dict) - {"name", "config", "overrides", "runs",
-                              "description"}
-  if unknown:
-    raise SweepError(f"{path}: unknown sweep keys {sorted(unknown)}; use "
-                     "name, config, overrides, runs, description")
-  name = spec_dict.get("name") or os.path.splitext(os.path.basename(path))[0]
-  if not isinstance(name, str) or _NAME_CHARS.search(name):
-    raise SweepError(f"{path}: sweep name {name!r} must be letters, digits, "
-                     "'.', '_', '+', '=' or '-'")
-  if not isinstance(spec_dict.get("config"), str):
-    raise SweepError(f"{path}: 'config' must be a config path like "
-                     "'configs/c4_fixed_length.py:2M'")
-  config = resolve_config(spec_dict["config"])
-  common = dict(spec_dict.get("overrides") or {})
+
+
+def load_sweep(path: str, out: str | None = None,
+               extra: dict | None = None) -> Sweep:
+  """Loads and checks a sweep file; run workdirs lie under `out`."""
+  spec = read_spec(path)
+  config = resolve_config(spec.config)
+  common = dict(spec.overrides)
   common.update(extra or {})
-  runs_in = spec_dict.get("runs")
-  if not isinstance(runs_in, list) or not runs_in:
-    raise SweepError(f"{path}: 'runs' must be a non-empty list of override "
-                     "dicts")
-  out = os.path.abspath(out or os.path.join("runs", name))
+  out = os.path.abspath(out or os.path.join("runs", spec.name))
   runs, seen, loaded = [], {}, {}
-  for i, overrides in enumerate(runs_in):
-    if not isinstance(overrides, dict):
-      raise SweepError(f"{path}: run {i} is {overrides!r}, not a dict")
-    for k, v in list(overrides.items()) + list(common.items()):
-      if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", k):
-        raise SweepError(f"{path}: run {i}: bad override key {k!r}")
-      if k not in RESERVED:
-        format_value(v)
-    if "config" in common:
-      raise SweepError(f"{path}: 'config' cannot be a common override")
+  for i, overrides in enumerate(spec.runs):
     run_config = resolve_config(overrides["config"]) \
         if "config" in overrides else config
     if run_config not in loaded:
-      loaded[run_config] = load_config(run_config)
+      loaded[run_config] = config_lib.load_config_file(run_config)
       check_keys(loaded[run_config], common, f"{path}: overrides")
     check_keys(loaded[run_config],
                [k for k in overrides if k not in RESERVED], f"{path}: run {i}")
@@ -327,7 +226,7 @@ def load_sweep(path: str, out: str | None = None,
                     overrides={k: v for k, v in overrides.items()
                                if k not in RESERVED},
                     common=common, workdir=os.path.join(out, rname)))
-  return Sweep(name=name, path=path, config=config, runs=runs)
+  return Sweep(name=spec.name, path=path, config=config, runs=runs)
 
 
 # --------------------------------------------------------------- backends
@@ -579,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
     else:
       train_cmd = ["nanodo-sam", "train"]
-  except SweepError as e:
+  except UsageError as e:
     print(f"launch.sweep: error: {e}", file=sys.stderr)
     return 2
 
@@ -619,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "gcsfuse mount so checkpoints outlive it)")
     print("\n".join(cmds))
     return 0
-  except SweepError as e:
+  except UsageError as e:
     print(f"launch.sweep: error: {e}", file=sys.stderr)
     return 2
 

@@ -21,7 +21,8 @@ after warm-up measures:
   (q.k over L keys and p.v, 2 * L * D each forward, x3 with backward; the
   causal mask is not exploited, XLA computes the full L x L product);
 - method FLOPs per token = model FLOPs * (2 * forwards + 4 * backwards) / 6,
-  with the passes of `COST` (SAM: 2 forwards + 2 backwards = 2x);
+  with the passes of the method's registry entry (`sam.METHODS`; SAM: 2
+  forwards + 2 backwards = 2x);
 - MFU = method FLOPs per token * tokens/s / the device's peak (`PEAK_FLOPS`,
   dense bf16); n/a on CPU, whose peak is neither known nor meaningful here;
 - compile time (lower + compile of every step kind the variant uses);
@@ -34,7 +35,8 @@ after warm-up measures:
   steadier on a machine whose cores are shared) and memory to AdamW's,
   measured in the same run (interleaved on CPU: see `bench_size`).
 
-A method spec is `METHOD[:k=K][:reuse]`: `functional_sam:k=5` takes the
+`--methods=all` is every method in `sam.METHODS` plus `CHEAP_VARIANTS`. A
+method spec is `METHOD[:k=K][:reuse]`: `functional_sam:k=5` takes the
 Functional-SAM gradient every 5th step and the plain gradient in between
 (`sam.every_k`); `:reuse` adds the LookSAM-style correction of the steps in
 between (`sam.reuse`).
@@ -72,14 +74,8 @@ PEAK_FLOPS = (
     ("TPU v5e", 197e12),
 )
 
-# (forwards, backwards) through the network per step (tests/test_sam.py).
-COST = {"adamw": (1, 1), "sam": (2, 2), "functional_sam": (2, 2),
-        "logit_sam": (2, 2), "angle_sam": (2, 3), "precond_sam": (2, 2),
-        "precond_functional_sam": (2, 2)}
 RHO = 0.05
 ANGLE_PHI = math.pi / 4
-PAPER_METHODS = ("adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
-                 "precond_sam", "precond_functional_sam")
 CHEAP_VARIANTS = ("precond_functional_sam:k=2", "precond_functional_sam:k=5",
                   "precond_functional_sam:k=5:reuse")
 WARMUP_STEPS = 2
@@ -114,8 +110,9 @@ def parse_variant(spec: str) -> Variant:
     else:
       raise UsageError(f"--methods: bad option {opt!r} in {spec!r}; use "
                        "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse")
-  if method == "adamw" and (every_k > 1 or reuse):
-    raise UsageError(f"--methods: {spec!r}: adamw takes no :k= or :reuse")
+  if not sam_lib.METHODS[method].perturbs and (every_k > 1 or reuse):
+    raise UsageError(f"--methods: {spec!r}: {method} is the plain gradient; "
+                     "it takes no :k= or :reuse")
   if reuse and every_k == 1:
     raise UsageError(f"--methods: {spec!r}: :reuse needs :k=K with K > 1, "
                      "e.g. functional_sam:k=5:reuse")
@@ -128,7 +125,7 @@ def parse_methods(methods) -> list[Variant]:
   out = []
   for m in methods or ["all"]:
     if m.strip() == "all":
-      out += [Variant(x) for x in PAPER_METHODS]
+      out += [Variant(x) for x in sam_lib.METHODS]
       out += [parse_variant(x) for x in CHEAP_VARIANTS]
     else:
       out.append(parse_variant(m))
@@ -162,8 +159,8 @@ def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
 
 def method_flops_factor(method: str, every_k: int = 1) -> float:
   """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
-  fwd, bwd = COST[method]
-  full = (2 * fwd + 4 * bwd) / 6
+  m = sam_lib.METHODS[method]
+  full = (2 * m.forwards + 4 * m.backwards) / 6
   return (full + (every_k - 1)) / every_k
 
 
@@ -174,9 +171,10 @@ def _variant_config(cfg, size: str | None, v: Variant):
       c.model.update(**SIZES[size])
       if "size_name" in c.model:
         c.model.size_name = size
+    entry = sam_lib.METHODS[v.method]
     c.sam.method = v.method
-    c.sam.rho = 0.0 if v.method == "adamw" else RHO
-    c.sam.phi = ANGLE_PHI if v.method in sam_lib.PHI_METHODS else None
+    c.sam.rho = RHO if entry.perturbs else 0.0
+    c.sam.phi = ANGLE_PHI if entry.uses_phi else None
     c.sam.every_k = v.every_k
     c.sam.start_step = 0
     c.sam.end_step = -1

@@ -65,21 +65,27 @@ def _define_flags(command: str) -> flags.FlagValues:
   return fv
 
 
-def _add_config_paths(argv) -> None:
-  """Lets config files `from configs import base` from any working dir."""
+def _add_config_paths(argv) -> list[str]:
+  """argv with --config=FILE[:ARG] resolved (`config.find_config_file`: from
+  the working directory, then the repository) and its checkout on sys.path,
+  so config files can `from configs import base` from any working dir."""
+  from nanodo_sam import config as config_lib
+  out = []
   for arg in argv:
     if arg.startswith("--config="):
-      path = os.path.abspath(arg.split("=", 1)[1].split(":", 1)[0])
-      if not os.path.exists(path):
-        _fail(f"config file not found: {path}; pass --config=configs/NAME.py")
-      root = os.path.dirname(os.path.dirname(path))
-      if root not in sys.path:
-        sys.path.insert(0, root)
+      try:
+        path, config_arg = config_lib.find_config_file(arg.split("=", 1)[1])
+      except UsageError as e:
+        _fail(str(e))
+      config_lib.add_import_root(path)
+      arg = f"--config={path}" + (f":{config_arg}" if config_arg else "")
+    out.append(arg)
+  return out
 
 
 def _parse(command: str, argv) -> flags.FlagValues:
   fv = _define_flags(command)
-  _add_config_paths(argv)
+  argv = _add_config_paths(argv)
   saved_argv = sys.argv
   # config_flags discovers --config.* overrides by reading sys.argv.
   sys.argv = ["nanodo-sam " + command] + list(argv)

@@ -8,9 +8,12 @@ to fix it) before anything is compiled or written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import re
+import sys
 
 import ml_collections
 
@@ -19,8 +22,6 @@ class UsageError(ValueError):
   """Bad input: reported as one line and exit code 2 by the CLI."""
 
 
-METHODS = ("adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
-           "precond_sam", "precond_functional_sam")
 OPTIMIZERS = ("adamw", "sgd", "momentum")
 DECAY_TYPES = ("cosine", "linear", "constant")
 BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
@@ -238,3 +239,69 @@ def check_workdir(cfg, workdir: str) -> None:
         f"workdir {workdir!r} holds a run with sam.reuse={old_reuse}, whose "
         "checkpoints have a different train state; use a new --workdir or "
         f"--config.sam.reuse={old_reuse}")
+
+
+# --------------------------------------------------------------- config files
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{"sam": {"rho": 0.1}} -> {"sam.rho": 0.1} (a config as dotted keys)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_config_file(spec: str) -> tuple[str, str]:
+  """(absolute path, ARG) of a config file given as 'PATH.py[:ARG]'.
+
+  A relative PATH is looked up from the working directory, then from the
+  repository root, so `configs/x.py` works from anywhere. UsageError (one
+  line) when it is not a .py file or does not exist. The one resolver behind
+  `nanodo-sam --config=`, `launch.sweep` and the tests.
+  """
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    raise UsageError(f"config {spec!r} is not a .py file; give "
+                     "configs/NAME.py or configs/NAME.py:ARG")
+  candidates = [path] if os.path.isabs(path) else [
+      os.path.join(os.getcwd(), path), os.path.join(REPO_ROOT, path)]
+  found = next((c for c in candidates if os.path.isfile(c)), None)
+  if found is None:
+    raise UsageError(f"config file {path!r} not found (looked in "
+                     f"{', '.join(dict.fromkeys(candidates))}); give "
+                     "configs/NAME.py or configs/NAME.py:ARG")
+  return os.path.abspath(found), arg
+
+
+def add_import_root(path: str) -> None:
+  """Puts the folder holding `path`'s top package (the checkout, for
+  configs/x.py) first on sys.path, so config files can `from configs import
+  base` whatever the working directory."""
+  root = os.path.dirname(os.path.abspath(path))
+  while os.path.isfile(os.path.join(root, "__init__.py")):
+    root = os.path.dirname(root)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of 'PATH.py[:ARG]': the file's get_config(ARG), or
+  get_config() without an ARG. UsageError (one line) if it fails."""
+  path, arg = find_config_file(spec)
+  add_import_root(path)
+  module_spec = importlib.util.spec_from_file_location(
+      "_config_" + re.sub(r"\W", "_", path), path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"config {spec!r} failed to load: "
+                     f"{type(e).__name__}: {e}") from None

@@ -294,9 +294,17 @@ def _angle_sam(step: Step) -> PyTree:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """A registry entry: the implementation and how it is driven."""
+  """A registry entry: every fact about a method, read by the rest of the code
+  (config validation, the train step, `nanodo-sam bench`, tables, figures).
+
+  `forwards`/`backwards` are the passes through the network per step
+  (bench's FLOPs; tests/test_sam.py counts them in the real step).
+  """
 
   fn: Callable[[Step], PyTree]
+  label: str  # the name as the paper writes it (tables, figure legends)
+  forwards: int = 2
+  backwards: int = 2
   perturbs: bool = True  # needs eps (theta + eps)
   precond: bool = False  # eps in AdamW's geometry, uses `precond`
   uses_phi: bool = False  # needs the angle phi
@@ -306,13 +314,14 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "adamw": Method(_plain, perturbs=False),
-    "sam": Method(_sam),
-    "functional_sam": Method(_functional_sam),
-    "logit_sam": Method(_logit_sam),
-    "angle_sam": Method(_angle_sam, uses_phi=True),
-    "precond_sam": Method(_sam, precond=True),
-    "precond_functional_sam": Method(_functional_sam, precond=True),
+    "adamw": Method(_plain, "AdamW", forwards=1, backwards=1, perturbs=False),
+    "sam": Method(_sam, "SAM"),
+    "functional_sam": Method(_functional_sam, "Func-SAM"),
+    "logit_sam": Method(_logit_sam, "Logit-SAM"),
+    "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3, uses_phi=True),
+    "precond_sam": Method(_sam, "Precond SAM", precond=True),
+    "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
+                                     precond=True),
 }
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)

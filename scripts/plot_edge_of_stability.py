@@ -3,21 +3,22 @@
     python scripts/plot_edge_of_stability.py RUN_DIR [RUN_DIR ...] \
         [--out=eos.png] [--settle=0.5] [--table]
 
-Each RUN_DIR is a run trained with `diagnostics.on_train_batch=True` (e.g.
-configs/edge_of_stability.py): its TensorBoard event files hold, every
+Each RUN_DIR (or a folder of them) is a run trained with
+`diagnostics.on_train_batch=True` (e.g. configs/edge_of_stability.py): its
+TensorBoard event files (read with nanodo_sam/runs.py) hold, every
 `diagnostics.every_steps` steps and on that step's training minibatch,
 eos/lambda_max (the largest-magnitude Hessian eigenvalue), eos/sam_edge
 (Long & Bartlett's 4 / (eta (1 + sqrt(1 + 8 rho / (eta ||g||))))) and
 eos/two_over_lr. Panels are laid out with one row per learning rate and one
 column per rho. The summary (printed; `--table` as Markdown) gives, over the
 last `--settle` fraction of the logged points, the median of lambda_max, of
-the SAM edge and their ratio, and the ratio to 2/eta.
+the SAM edge and their ratio, and the ratio to 2/eta. Default output:
+COMMON_PARENT/figures/edge_of_stability.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +26,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
 from scripts import figures  # pylint: disable=g-import-not-at-top
 plt = figures.pyplot()
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -32,57 +34,18 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 TAGS = ("eos/lambda_max", "eos/sam_edge", "eos/two_over_lr", "eos/grad_norm")
 
 
-def read_scalars(run_dir: str, prefix: str = "") -> dict[str, tuple]:
-  """{tag: (steps, values)} from a run's event files; clu writes scalars as
-  tensor events (TF2 summaries), older writers as scalar events."""
-  from tensorboard.backend.event_processing import event_accumulator as ea
-  acc = ea.EventAccumulator(run_dir, size_guidance={ea.SCALARS: 0,
-                                                    ea.TENSORS: 0})
-  acc.Reload()
-  tags = acc.Tags()
-  out = {}
-  for tag in tags.get("scalars", []):
-    if tag.startswith(prefix):
-      events = acc.Scalars(tag)
-      out[tag] = ([e.step for e in events], [e.value for e in events])
-  tensor_tags = [t for t in tags.get("tensors", []) if t.startswith(prefix)]
-  if tensor_tags:
-    from tensorboard.util import tensor_util
-    for tag in tensor_tags:
-      steps, values = [], []
-      for e in acc.Tensors(tag):
-        value = tensor_util.make_ndarray(e.tensor_proto)
-        if value.size != 1 or value.dtype.kind not in "fiu":
-          break  # Not a scalar series (e.g. hparams text).
-        steps.append(e.step)
-        values.append(float(value.reshape(())))
-      else:
-        out[tag] = (steps, values)
-  return {t: (np.asarray(s), np.asarray(v)) for t, (s, v) in out.items()}
-
-
-def load_run(run_dir: str) -> dict:
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path):
-    raise SystemExit(f"plot_edge_of_stability: no config.json in {run_dir!r}; "
-                     "give run directories")
-  with open(path) as f:
-    cfg = json.load(f)
-  scalars = read_scalars(run_dir, "eos/")
+def load_run(run: runs_lib.RunRecord) -> dict:
+  scalars = {tag: tuple(np.asarray(x) for x in zip(*points))
+             for tag, points in run.scalars(prefix="eos/").items()}
   missing = [t for t in TAGS[:3] if t not in scalars]
   if missing:
     raise SystemExit(
-        f"plot_edge_of_stability: {run_dir!r} has no {missing[0]}; train with "
-        "--config.diagnostics.every_steps=N "
+        f"plot_edge_of_stability: {run.workdir!r} has no {missing[0]}; train "
+        "with --config.diagnostics.every_steps=N "
         "--config.diagnostics.on_train_batch=True")
-  rho = float(cfg["sam"]["rho"]) if cfg["sam"]["method"] != "adamw" else 0.0
-  results = {}
-  if os.path.isfile(os.path.join(run_dir, "results.json")):
-    with open(os.path.join(run_dir, "results.json")) as f:
-      results = json.load(f)
-  return {"dir": run_dir, "lr": float(cfg["opt"]["peak_learning_rate"]),
-          "rho": rho, "method": cfg["sam"]["method"], "scalars": scalars,
-          "results": results}
+  return {"dir": run.workdir, "lr": run.lr, "rho": run.rho,
+          "method": run.method, "scalars": scalars,
+          "results": run.results or {}}
 
 
 def summary(run: dict, settle: float) -> dict:
@@ -145,7 +108,8 @@ def plot(runs: list[dict], out: str, settle: float) -> None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run_dirs", nargs="+")
-  p.add_argument("--out", default="edge_of_stability.png")
+  p.add_argument("--out", default="",
+                 help="default: COMMON_PARENT/figures/edge_of_stability.png")
   p.add_argument("--settle", type=float, default=0.5,
                  help="summary over this last fraction of logged points")
   p.add_argument("--table", action="store_true",
@@ -153,12 +117,14 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if not 0 < args.settle <= 1:
     p.error("--settle must lie in (0, 1]")
-  runs = [load_run(d) for d in args.run_dirs
-          if os.path.isfile(os.path.join(d, "config.json"))]
+  runs = [load_run(r) for r in runs_lib.load_runs(
+      args.run_dirs, warn=lambda m: print(m, file=sys.stderr)) if r.config]
   if not runs:
     p.error("no run directories (with config.json) given")
   runs.sort(key=lambda r: (r["lr"], r["rho"]))
-  plot(runs, args.out, args.settle)
+  plot(runs, args.out or figures.default_out(args.run_dirs,
+                                             "edge_of_stability.png"),
+       args.settle)
   rows = [summary(r, args.settle) for r in runs]
   cols = ("lr", "rho", "from_step", "points", "lambda_max", "sam_edge",
           "two_over_lr", "lambda_over_edge", "lambda_over_two_over_lr",

@@ -3,10 +3,11 @@
     python scripts/plot_eval_curves.py SWEEP_DIR [SWEEP_DIR ...]
         [--methods=adamw,sam] [--all] [--out=FILE.png]
 
-Reads eval_history from each run's results.json. For every (schedule, size,
-nonlinearity) found (one panel each) and every method, draws the curve of the
-best (rho, lr) setting (make_tables' choice), averaged over seeds; --all draws
-every run instead. Default output: FIRST_DIR/figures/eval_curves.png.
+Reads eval_history from each run's results.json (nanodo_sam/runs.py). For
+every (schedule, size, nonlinearity) found (one panel each) and every method,
+draws the curve of the best (rho, lr) setting (`runs.best`, make_tables'
+choice), averaged over seeds; --all draws every run instead. Default output:
+COMMON_PARENT/figures/eval_curves.png.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
 from scripts import figures  # pylint: disable=g-import-not-at-top
-from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
 
 
 def mean_curve(runs) -> tuple[list[int], list[float]]:
   """Mean over runs at the steps every run evaluated."""
-  hists = [{int(s): float(l) for s, l in r.results.get("eval_history", [])}
-           for r in runs]
+  hists = [dict(r.eval_history) for r in runs]
   hists = [h for h in hists if h]
   if not hists:
     return [], []
@@ -39,7 +39,9 @@ def main(argv=None) -> int:
   p.add_argument("--all", action="store_true", help="one line per run")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  runs = mt.load_runs(args.dirs, warn=lambda m: print(m, file=sys.stderr))
+  warn = lambda m: print(m, file=sys.stderr)
+  runs = runs_lib.unique(runs_lib.load_runs(args.dirs, warn=warn,
+                                            finished=True), warn)
   methods = [m for m in args.methods.split(",") if m]
   runs = [r for r in runs if not methods or r.method in methods]
   if not runs:
@@ -51,22 +53,19 @@ def main(argv=None) -> int:
   panels = sorted({r.group[:3] for r in runs})
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
                            squeeze=False)
-  order = list(mt.METHOD_LABELS)
   for ax, panel in zip(axes[0], panels):
-    groups = {g: rs for g, rs in mt.groups_of(runs).items()
-              if g[:3] == panel}
-    for g in sorted(groups, key=lambda g: order.index(g[3])
-                    if g[3] in order else 99):
-      label = mt.METHOD_LABELS.get(g[3], g[3])
+    groups = {g: rs for g, rs in runs_lib.group_by(
+        runs, *runs_lib.GROUP).items() if g[:3] == panel}
+    for g in sorted(groups, key=lambda g: runs_lib.method_order(g[3])):
+      label = runs_lib.method_label(g[3])
       if args.all:
         for r in groups[g]:
           steps, losses = mean_curve([r])
-          ax.plot(steps, losses, marker=".",
-                  label=f"{label} ρ={r.rho:g} s{r.seed}")
+          ax.plot(steps, losses, marker=".", label=f"{r.label} s{r.seed}")
         continue
-      cell = mt.best_cell(groups[g])
+      cell = runs_lib.best(groups[g])
       steps, losses = mean_curve(cell.runs)
-      if g[3] != "adamw":
+      if runs_lib.perturbs(g[3]):
         label += f" (ρ={cell.rho:g})"
       ax.plot(steps, losses, marker=".", label=label)
     ax.set_title(" / ".join(panel))
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  out = args.out or os.path.join(args.dirs[0], "figures", "eval_curves.png")
+  out = args.out or figures.default_out(args.dirs, "eval_curves.png")
   figures.save(fig, out)
   return 0
 

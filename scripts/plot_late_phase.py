@@ -3,20 +3,21 @@
     python scripts/plot_late_phase.py RUN_DIR [RUN_DIR ...] \
         [--out=late_phase.png] [--table]
 
-Each RUN_DIR is a finished run (config.json, results.json) of the sweep
+Each RUN_DIR (or a folder of them; read with nanodo_sam/runs.py) is a
+finished run (config.json, results.json) of the sweep
 configs/sweeps/late_phase.py, analysed with `nanodo-sam analyze
 --workdir=RUN_DIR` (sharpness.json: lambda_max, hessian_trace, ...; runs
 without it get blank sharpness cells). The switch point is sam.start_step as
 a fraction of opt.num_train_steps; an AdamW run is the 100% point of every
 method. Compute is in AdamW-step equivalents: plain steps count 1, SAM-family
 steps 2 (configs/late_phase.adamw_step_equivalents). Prints one row per
-(method, switch point), as Markdown with --table, and writes a 4-panel PNG.
+(method, switch point), as Markdown with --table, and writes a 4-panel PNG
+(default: COMMON_PARENT/figures/late_phase.png).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,41 +30,29 @@ from scripts import figures  # pylint: disable=g-import-not-at-top
 plt = figures.pyplot()
 
 from configs.late_phase import adamw_step_equivalents  # pylint: disable=g-import-not-at-top
+from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
 
 NAN = float("nan")
-LABELS = {"sam": "SAM", "precond_functional_sam": "Precond Functional SAM",
-          "adamw": "AdamW"}
 
 
-def _json(path: str) -> dict:
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
-def load_run(run_dir: str) -> dict | None:
-  cfg = _json(os.path.join(run_dir, "config.json"))
-  if not cfg:
-    return None
-  results = _json(os.path.join(run_dir, "results.json"))
-  sharp = _json(os.path.join(run_dir, "sharpness.json"))
-  total = int(cfg["opt"]["num_train_steps"])
-  method = cfg["sam"]["method"]
-  start = total if method == "adamw" else min(int(cfg["sam"]["start_step"]),
-                                              total)
-  if cfg["sam"].get("end_step", -1) >= 0 or cfg["sam"].get("every_k", 1) != 1:
-    print(f"warning: {run_dir} uses sam.end_step/every_k; its compute here "
-          "assumes SAM from start_step to the end on every step",
+def load_run(run: runs_lib.RunRecord) -> dict:
+  total = int(run.get("opt.num_train_steps"))
+  method = run.method
+  start = total if not runs_lib.perturbs(method) else min(
+      int(run.get("sam.start_step", 0)), total)
+  if run.get("sam.end_step", -1) >= 0 or run.get("sam.every_k", 1) != 1:
+    print(f"warning: {run.workdir} uses sam.end_step/every_k; its compute "
+          "here assumes SAM from start_step to the end on every step",
           file=sys.stderr)
+  sharp = run.sharpness or {}
   return {
-      "dir": run_dir, "name": os.path.basename(os.path.normpath(run_dir)),
-      "method": method, "rho": cfg["sam"]["rho"] if method != "adamw" else 0.0,
+      "dir": run.workdir, "name": run.name,
+      "method": method, "rho": run.rho,
       "start_step": start, "total": total, "switch": start / total,
       "compute": adamw_step_equivalents(total, start, method),
-      "final_eval_loss": results.get("final_eval_loss", NAN),
-      "status": results.get("status", "running?"),
-      "wall_seconds": results.get("wall_seconds", NAN),
+      "final_eval_loss": run.final_eval_loss,
+      "status": run.status,
+      "wall_seconds": run.wall_seconds,
       "lambda_max": sharp.get("lambda_max", NAN),
       "hessian_trace": sharp.get("hessian_trace", NAN),
       "hessian_trace_stderr": sharp.get("hessian_trace_stderr", NAN),
@@ -90,7 +79,7 @@ def plot(runs: list[dict], out: str) -> None:
             ("hessian_trace", "tr(H) (Hutchinson)"))
   fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
   for i, (m, rs) in enumerate(series(runs).items()):
-    color, label = f"C{i}", f"{LABELS.get(m, m)}"
+    color, label = f"C{i}", runs_lib.method_label(m)
     x = [100 * r["switch"] for r in rs]
     for ax, (key, ylabel) in zip(axes, panels):
       y = [r[key] for r in rs]
@@ -136,27 +125,28 @@ def _cell(v) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run_dirs", nargs="+")
-  p.add_argument("--out", default="late_phase.png")
+  p.add_argument("--out", default="",
+                 help="default: COMMON_PARENT/figures/late_phase.png")
   p.add_argument("--table", action="store_true",
                  help="print the table as Markdown")
   args = p.parse_args(argv)
-  runs = [r for r in map(load_run, args.run_dirs) if r is not None]
+  runs = [load_run(r) for r in runs_lib.load_runs(
+      args.run_dirs, warn=lambda m: print(m, file=sys.stderr)) if r.config]
   if not runs:
     p.error("no run directories (with config.json) given")
-  order = {m: i for i, m in enumerate(LABELS)}
-  rows = sorted(runs, key=lambda r: (r["method"] == "adamw",
-                                     order.get(r["method"], 99),
-                                     r["method"], r["switch"]))
+  rows = sorted(runs, key=lambda r: (not runs_lib.perturbs(r["method"]),
+                                     runs_lib.method_order(r["method"]),
+                                     r["switch"]))
   if args.table:
     print("| " + " | ".join(h for _, h in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
   for r in rows:
-    r = dict(r, method=LABELS.get(r["method"], r["method"]),
+    r = dict(r, method=runs_lib.method_label(r["method"]),
              switch=f"{100 * r['switch']:g}%")
     cells = [_cell(r[k]) for k, _ in COLUMNS]
     print(("| " + " | ".join(cells) + " |") if args.table
           else "  ".join(f"{h}={c}" for (_, h), c in zip(COLUMNS, cells)))
-  plot(runs, args.out)
+  plot(runs, args.out or figures.default_out(args.run_dirs, "late_phase.png"))
   return 0
 
 

@@ -3,14 +3,15 @@
     python scripts/plot_reuse.py RUN_DIR [RUN_DIR ...] [--bench=bench.json] \
         [--out=reuse.png] [--table]
 
-Each RUN_DIR is a finished run (config.json, results.json), e.g. of
-configs/sweeps/reuse.py. Runs are grouped by (method, sam.every_k, sam.reuse)
+Each RUN_DIR (or a folder of them; read with nanodo_sam/runs.py) is a
+finished run (config.json, results.json), e.g. of configs/sweeps/reuse.py. Runs are grouped by (method, sam.every_k, sam.reuse)
 and averaged over seeds. Cost is the compute per step relative to AdamW's
 (`bench.method_flops_factor`: a full SAM-family step 2, a plain or reuse step
 1, so every_k = k costs 1 + 1/k) and, with --bench, the step time relative to
 AdamW that `nanodo-sam bench` measured for the same variant (its name, e.g.
 `precond_functional_sam:k=5:reuse`). Prints one row per variant, as Markdown
-with --table, and writes eval loss against cost as a PNG.
+with --table, and writes eval loss against cost as a PNG (default:
+COMMON_PARENT/figures/reuse.png).
 """
 
 from __future__ import annotations
@@ -25,24 +26,22 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from nanodo_sam.bench import method_flops_factor  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from nanodo_sam import runs as runs_lib
+from nanodo_sam.bench import method_flops_factor
+from scripts import figures
+# pylint: enable=g-import-not-at-top
 
 
-def load_run(run_dir: str) -> dict | None:
-  paths = [os.path.join(run_dir, f) for f in ("config.json", "results.json")]
-  if not all(os.path.isfile(p) for p in paths):
-    return None
-  cfg, res = (json.load(open(p)) for p in paths)
-  sam = cfg["sam"]
-  k = 1 if sam["method"] == "adamw" else int(sam.get("every_k", 1))
-  reuse = bool(sam.get("reuse", False)) and k > 1
-  name = sam["method"] + (f":k={k}" if k > 1 else "") + (
-      ":reuse" if reuse else "")
-  return {"name": name, "method": sam["method"], "k": k, "reuse": reuse,
-          "seed": cfg["seed"], "status": res["status"],
-          "final_eval_loss": res["final_eval_loss"],
-          "cost": method_flops_factor(sam["method"], k)}
+def load_run(run: runs_lib.RunRecord) -> dict:
+  method = run.method
+  k = int(run.get("sam.every_k", 1)) if runs_lib.perturbs(method) else 1
+  reuse = bool(run.get("sam.reuse", False)) and k > 1
+  name = method + (f":k={k}" if k > 1 else "") + (":reuse" if reuse else "")
+  return {"name": name, "method": method, "k": k, "reuse": reuse,
+          "seed": run.seed, "status": run.status,
+          "final_eval_loss": run.final_eval_loss,
+          "cost": method_flops_factor(method, k)}
 
 
 def variants(runs: list[dict], bench: dict[str, float]) -> list[dict]:
@@ -113,10 +112,13 @@ def main(argv=None) -> int:
   p.add_argument("run_dirs", nargs="+")
   p.add_argument("--bench", default="",
                  help="bench JSON with the same variants (step-time ratios)")
-  p.add_argument("--out", default="reuse.png")
+  p.add_argument("--out", default="",
+                 help="default: COMMON_PARENT/figures/reuse.png")
   p.add_argument("--table", action="store_true", help="print Markdown")
   args = p.parse_args(argv)
-  runs = [r for r in map(load_run, args.run_dirs) if r]
+  runs = [load_run(r) for r in runs_lib.load_runs(
+      args.run_dirs, warn=lambda m: print(m, file=sys.stderr), finished=True)
+          if r.config]
   runs = [r for r in runs if r["status"] == "completed"]
   if not runs:
     print("plot_reuse: error: no finished runs (config.json + results.json) "
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     for v in rows:
       print(f"{v['name']:40s} cost {v['cost']:.2f}  eval loss {v['mean']:.4f}"
             f" ({len(v['losses'])} seeds)")
-  plot(rows, args.out)
+  plot(rows, args.out or figures.default_out(args.run_dirs, "reuse.png"))
   return 0
 
 

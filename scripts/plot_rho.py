@@ -7,7 +7,8 @@ One panel per (schedule, size, nonlinearity); one line per method over its rho
 values (mean over seeds, error bars = std; at each rho the best learning
 rate). --relative plots loss minus the best Precond Functional SAM loss, as
 the paper's Figure 3 does. Diverged settings are left out and counted in the
-legend. Default output: FIRST_DIR/figures/rho.png.
+legend. Runs are read with nanodo_sam/runs.py. Default output:
+COMMON_PARENT/figures/rho.png.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
 from scripts import figures  # pylint: disable=g-import-not-at-top
-from scripts import make_tables as mt  # pylint: disable=g-import-not-at-top
 
 
 def rho_curve(runs):
   """[(rho, mean, std)] with the best lr at each rho; and #diverged rhos."""
   by_rho = {}
-  for (rho, _, _), rs in mt.settings_of(runs).items():
-    mean, std = mt._mean_std([r.loss for r in rs])  # pylint: disable=protected-access
+  for (rho, _, _), rs in runs_lib.group_by(runs, *runs_lib.SETTING).items():
+    mean, std = runs_lib.mean_std(r.loss for r in rs)
     best = by_rho.get(rho)
     if best is None or (math.isfinite(mean) and
                         not (math.isfinite(best[0]) and best[0] <= mean)):
@@ -43,13 +44,15 @@ def main(argv=None) -> int:
   p.add_argument("--relative", action="store_true")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  runs = mt.load_runs(args.dirs, warn=lambda m: print(m, file=sys.stderr))
+  warn = lambda m: print(m, file=sys.stderr)
+  runs = runs_lib.unique(runs_lib.load_runs(args.dirs, warn=warn,
+                                            finished=True), warn)
   if not runs:
     print("plot_rho: error: no runs with results.json", file=sys.stderr)
     return 2
   plt = figures.pyplot()
 
-  groups = mt.groups_of(runs)
+  groups = runs_lib.group_by(runs, *runs_lib.GROUP)
   panels = sorted({g[:3] for g in groups})
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
                            squeeze=False)
@@ -58,12 +61,12 @@ def main(argv=None) -> int:
   for ax, panel in zip(axes[0], panels):
     ref = 0.0
     if args.relative:
-      pfs = mt.best_cell(groups.get(panel + ("precond_functional_sam",), []))
+      pfs = runs_lib.best(groups.get(panel + ("precond_functional_sam",), []))
       ref = pfs.mean if math.isfinite(pfs.mean) else 0.0
     for g in sorted(g for g in groups if g[:3] == panel):
-      label = mt.METHOD_LABELS.get(g[3], g[3])
-      if g[3] == "adamw":
-        cell = mt.best_cell(groups[g])
+      label = runs_lib.method_label(g[3])
+      if not runs_lib.perturbs(g[3]):
+        cell = runs_lib.best(groups[g])
         if math.isfinite(cell.mean):
           ax.axhline(cell.mean - ref, color="k", ls="--", lw=1,
                      label=f"{label} (ρ=0)")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
                                  if args.relative else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  out = args.out or os.path.join(args.dirs[0], "figures", "rho.png")
+  out = args.out or figures.default_out(args.dirs, "rho.png")
   figures.save(fig, out)
   return 0
 

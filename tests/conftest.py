@@ -1,5 +1,6 @@
-"""Shared fixtures: offline data paths and small configs."""
+"""Shared fixtures: offline data paths, small configs and run directories."""
 
+import json
 import os
 import sys
 
@@ -22,8 +23,8 @@ needs_data = pytest.mark.skipif(not os.path.isdir(TFDS_DIR),
 
 def tiny_config(**overrides):
   """The quickstart config shrunk to seconds: byte-level tiny_shakespeare."""
-  from configs import quickstart
-  c = quickstart.get_config()
+  from nanodo_sam.config import load_config_file
+  c = load_config_file("configs/quickstart.py")
   c.model.update(D=32, H=2, N=1, F=64, L=32, V=259)
   c.data.batch_size = 8
   c.data.eval_batch_size = 8
@@ -45,3 +46,64 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_cfg():
   return tiny_config
+
+
+# A tiny model for end-to-end runs through the launcher (10 steps, seconds).
+TINY = {
+    "model.size_name": "tiny",
+    "model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
+    "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 2,
+    "opt.num_train_steps": 10, "opt.warmup_steps": 2,
+    "eval_every_steps": 5, "checkpoint_every_steps": 10, "log_every_steps": 5,
+}
+TINY_RUNS = ("adamw-lr0.003-seed0",
+             "precond_functional_sam-rho0.1-lr0.003-seed0")
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+  """Real run directories, made once: `launch.sweep` trains AdamW and Precond
+  Func-SAM (rho 0.1) for 10 steps on the TINY model, then `nanodo-sam
+  prune-eval` runs on the second (a run with sharpness diagnostics and
+  `analyze`'s sharpness.json: tests/test_cli.py). Returns the sweep's output
+  directory, holding TINY_RUNS."""
+  if not os.path.isdir(TFDS_DIR):
+    pytest.skip("../shared/data is not present")
+  from configs.sweeps import authoring
+  from launch import sweep as sw
+  from nanodo_sam import cli
+  root = tmp_path_factory.mktemp("tiny_sweep")
+  spec = {"name": "e2e", "config": "configs/quickstart.py", "overrides": TINY,
+          "runs": authoring.method_runs(["adamw", "precond_functional_sam"],
+                                        [0.1], learning_rates=(3e-3,))}
+  sweep_file = root / "e2e.py"
+  sweep_file.write_text(f"def get_sweep():\n  return {spec!r}\n")
+  out = root / "runs"
+  assert sw.main([str(sweep_file), "--backend=local", f"--out={out}",
+                  "--parallel=2"]) == 0
+  pfs = out / TINY_RUNS[1]
+  cli.main(["prune-eval", f"--workdir={pfs}", "--fractions=0,0.5"])
+  return out
+
+
+def fake_run(root, name, *, method, rho, seed, loss, size="2M",
+             schedule="fixed_length", nonlinearity="gelu", status="completed",
+             sharpness=None, rho_warmup_steps=0):
+  """A run directory written by hand (config.json, results.json and
+  optionally sharpness.json), for table logic over many seeds and sizes."""
+  d = root / name
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(json.dumps({
+      "schedule_name": schedule, "seed": seed,
+      "model": {"size_name": size, "nonlinearity": nonlinearity},
+      "opt": {"num_train_steps": 10000, "peak_learning_rate": 1e-3,
+              "weight_decay": 0.1},
+      "sam": {"method": method, "rho": rho,
+              "rho_warmup_steps": rho_warmup_steps}}))
+  (d / "results.json").write_text(json.dumps({
+      "final_eval_loss": loss, "best_eval_loss": loss, "steps": 10000,
+      "method": method, "rho": rho, "peak_learning_rate": 1e-3,
+      "model_size_name": size, "status": status,
+      "eval_history": [[5000, loss + 0.5], [10000, loss]]}))
+  if sharpness:
+    (d / "sharpness.json").write_text(json.dumps(sharpness))

@@ -95,6 +95,20 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
   _assert_one_line_error(code, err, "no checkpoint for step 3")
 
 
+def test_config_file_found_from_any_directory(tmp_path, monkeypatch, capsys):
+  """--config=configs/x.py resolves from the working directory, then the
+  repository (config.find_config_file, as launch.sweep does); a missing
+  file is one line."""
+  monkeypatch.chdir(tmp_path)
+  code, out, _ = _run(capsys, "params", "--config=configs/quickstart.py:",
+                      "--config.model.D=64", "--config.model.H=2")
+  assert code == 0 and json.loads(out.strip().splitlines()[-1])["total_params"]
+  code, _, err = _run(capsys, "params", "--config=configs/nope.py")
+  _assert_one_line_error(code, err, "config file 'configs/nope.py' not found")
+  code, _, err = _run(capsys, "params", "--config=configs/base.txt")
+  _assert_one_line_error(code, err, "is not a .py file")
+
+
 def test_eval_without_a_run_and_unknown_command(tmp_path, capsys):
   code, _, err = _run(capsys, "eval", f"--workdir={tmp_path}")
   _assert_one_line_error(code, err, "no run in")
@@ -157,3 +171,11 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   code, _, err = _run(capsys, "prune-eval", f"--workdir={workdir}",
                       "--fractions=0,1.5")
   _assert_one_line_error(code, err, "outside [0, 1)")
+  # nanodo_sam/runs.py reads all of it back (tests/test_runs.py: the rest).
+  from nanodo_sam import runs
+  run = runs.read_run(str(workdir))
+  assert run.sharpness == res and run.prune["results"] == rows
+  taus = run.scalars(prefix="sharpness/tau_")
+  assert [s for s, _ in taus["sharpness/tau_logit"]] == [0, 2]
+  for i in range(2):  # The three taus sum to 1 (paper eq. 9).
+    assert sum(taus[t][i][1] for t in taus) == pytest.approx(1, abs=1e-4)

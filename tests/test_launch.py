@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
+from configs.sweeps import authoring
 from launch import sweep as sw
+from nanodo_sam import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "a b'; rm -rf /"
@@ -38,7 +40,7 @@ def write_sweep(tmp_path, runs, *, config="configs/quickstart.py",
 
 
 def test_method_runs_grid_adamw_has_no_rho():
-  runs = sw.method_runs(["adamw", "sam"], [0.1, 0.2],
+  runs = authoring.method_runs(["adamw", "sam"], [0.1, 0.2],
                         learning_rates=(1e-3, 3e-3), seeds=(0, 1))
   adamw = [r for r in runs if r["sam.method"] == "adamw"]
   sam = [r for r in runs if r["sam.method"] == "sam"]
@@ -47,19 +49,13 @@ def test_method_runs_grid_adamw_has_no_rho():
   assert {(r["sam.rho"], r["opt.peak_learning_rate"], r["seed"])
           for r in sam} == {(a, b, c) for a in (0.1, 0.2)
                             for b in (1e-3, 3e-3) for c in (0, 1)}
-  assert sw.grid(**{"a": [1, 2], "b.c": ["x"]}) == [
+  assert authoring.grid(**{"a": [1, 2], "b.c": ["x"]}) == [
       {"a": 1, "b.c": "x"}, {"a": 2, "b.c": "x"}]
 
 
 def _config_for(run):
   """The resolved config of a run: its file's get_config(arg) + overrides."""
-  import importlib.util
-  path, _, arg = run.config.partition(":")
-  spec = importlib.util.spec_from_file_location(
-      "_cfg_" + os.path.basename(path)[:-3], os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg else module.get_config()
+  cfg = config_lib.load_config_file(run.config)
   for key, value in {**run.common, **run.overrides}.items():
     node, *path_, last = [cfg] + key.split(".")
     for p in path_:
@@ -73,7 +69,6 @@ def _config_for(run):
     ("table1", 57), ("table2", 40), ("table3", 40), ("table5", 66),
     ("rho_sweep", 15), ("smoke", 4)])
 def test_paper_sweeps_expand_to_valid_configs(name, count, tmp_path):
-  from nanodo_sam import config as config_lib
   sweep = sw.load_sweep(os.path.join(ROOT, "configs", "sweeps", f"{name}.py"),
                         out=str(tmp_path))
   assert len(sweep.runs) == count
@@ -109,7 +104,6 @@ def test_paper_rho_centres_and_sizes():
 
 def test_sizes_and_chinchilla_steps():
   from configs import c4_chinchilla, c4_fixed_length, sizes
-  from nanodo_sam import config as config_lib
   from nanodo_sam import model as model_lib
   expected = {"2M": 2_361_088, "23.9M": 23_895_360, "42.5M": 42_477_312,
               "117.9M": 117_981_440, "1208M": 1_208_012_800}
@@ -140,7 +134,7 @@ def test_run_names_are_safe_and_deterministic():
 
 
 def test_dry_run_prints_runs_and_writes_nothing(tmp_path, capsys):
-  path = write_sweep(tmp_path, sw.method_runs(["adamw", "sam"], [0.1, 0.2]))
+  path = write_sweep(tmp_path, authoring.method_runs(["adamw", "sam"], [0.1, 0.2]))
   out = tmp_path / "out"
   assert sw.main([path, "--dry-run", f"--out={out}"]) == 0
   text = capsys.readouterr().out
@@ -156,7 +150,7 @@ def test_local_runs_each_once_and_skips_finished(tmp_path, capsys,
   fake.write_text(FAKE_TRAIN)
   log = tmp_path / "calls.jsonl"
   monkeypatch.setenv("FAKE_LOG", str(log))
-  path = write_sweep(tmp_path, sw.method_runs(["adamw", "sam"], [0.1, 0.2]),
+  path = write_sweep(tmp_path, authoring.method_runs(["adamw", "sam"], [0.1, 0.2]),
                      overrides={"data.vocab": EVIL})
   out = tmp_path / "out"
   done = out / "sam-rho0.1-lr0.001-seed0"
@@ -191,7 +185,7 @@ def _array_lines(script: str) -> dict[int, list[str]]:
 
 
 def test_slurm_script_one_array_task_per_run(tmp_path, capsys):
-  path = write_sweep(tmp_path, sw.method_runs(["adamw", "sam"], [0.1, 0.2]),
+  path = write_sweep(tmp_path, authoring.method_runs(["adamw", "sam"], [0.1, 0.2]),
                      overrides={"data.vocab": EVIL})
   out = tmp_path / "out"
   assert sw.main([path, "--backend=slurm", f"--out={out}", "--parallel=2",
@@ -239,7 +233,7 @@ def test_slurm_script_runs_through_bash_with_args_intact(tmp_path):
 
 
 def test_tpu_commands_quote_every_value(tmp_path, capsys):
-  path = write_sweep(tmp_path, sw.method_runs(["sam"], [0.1]),
+  path = write_sweep(tmp_path, authoring.method_runs(["sam"], [0.1]),
                      overrides={"data.vocab": EVIL})
   out = tmp_path / "out"
   assert sw.main([path, "--backend=tpu", "--tpu=v4-32", "--zone=us-c2-b",
@@ -284,6 +278,26 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and message in err, err
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"config": "c.py", "runs": []}, "'runs' must be a non-empty list"),
+    ({"config": "c.py", "runs": [3]}, "run 0 is 3, not a dict"),
+    ({"config": "c.py", "runs": [{"a b": 1}]}, "bad override key 'a b'"),
+    ({"config": "c.py", "runs": [{"seed": [0]}]}, "has type list"),
+    ({"config": "c.py", "runs": [{}], "overrides": {"config": "d.py"}},
+     "'config' cannot be a common override"),
+    ({"config": 3, "runs": [{}]}, "'config' must be a config path"),
+    ({"config": "c.py", "runs": [{}], "name": "a/b"}, "sweep name 'a/b'"),
+    ({"config": "c.py", "runs": [{}], "grid": []}, "unknown sweep keys"),
+])
+def test_sweep_spec_checks_itself(spec, message):
+  with pytest.raises(authoring.SweepError, match=message) as e:
+    authoring.SweepSpec.from_dict(spec)
+  assert "\n" not in str(e.value)
+  assert authoring.SweepSpec(config="c.py", runs=[{"seed": 0}]).name == ""
+  with pytest.raises(authoring.SweepError, match="unknown method 'samm'"):
+    authoring.method_runs(["samm"], [0.1])
 
 
 def test_cli_entry_point_bad_backend_exit_2(tmp_path):

@@ -1,5 +1,6 @@
 """Reproduction pipeline: launch.sweep (local) -> training -> make_tables ->
-figures, end to end on a tiny model; the table logic on synthetic runs; and
+figures, end to end on a tiny model (the `tiny_sweep` fixture of
+tests/conftest.py); the table logic on synthetic runs; and
 one-shot magnitude pruning (nanodo_sam/prune.py, Figure 5)."""
 
 import json
@@ -9,30 +10,16 @@ import os
 import numpy as np
 import pytest
 
-from conftest import needs_data
+from conftest import TINY_RUNS, fake_run, needs_data
 from launch import sweep as sw
+from nanodo_sam import runs as runs_lib
 from scripts import make_tables as mt
-
-TINY = {
-    "model.size_name": "tiny",
-    "model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
-    "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 2,
-    "opt.num_train_steps": 10, "opt.warmup_steps": 2,
-    "eval_every_steps": 5, "checkpoint_every_steps": 10, "log_every_steps": 5,
-}
 
 
 @needs_data
-def test_sweep_to_tables_to_figures(tmp_path, capsys):
-  spec = {"name": "e2e", "config": "configs/quickstart.py", "overrides": TINY,
-          "runs": sw.method_runs(["adamw", "precond_functional_sam"], [0.1],
-                                 learning_rates=(3e-3,))}
-  sweep_file = tmp_path / "e2e.py"
-  sweep_file.write_text(f"def get_sweep():\n  return {spec!r}\n")
-  out = tmp_path / "runs"
-  assert sw.main([str(sweep_file), "--backend=local", f"--out={out}",
-                  "--parallel=2"]) == 0, capsys.readouterr()
-  names = ["adamw-lr0.003-seed0", "precond_functional_sam-rho0.1-lr0.003-seed0"]
+def test_sweep_to_tables_to_figures(tiny_sweep, capsys):
+  out = tiny_sweep  # launch.sweep trained these (tests/conftest.py).
+  names = list(TINY_RUNS)
   for name in names:
     res = json.loads((out / name / "results.json").read_text())
     assert res["status"] == "completed" and res["steps"] == 10
@@ -103,7 +90,7 @@ def test_plot_taus_reads_tensor_summaries(tmp_path):
   points = [(0, {"tau_logit": 2.5, "tau_func": 3.9, "tau_cross": -5.4}),
             (50, {"tau_logit": 0.9, "tau_func": 0.2, "tau_cross": -0.1})]
   write_tau_events(run, points)
-  data = plot_taus.read_scalars(str(run), ["sharpness/tau_logit",
+  data = runs_lib.read_scalars(str(run), ["sharpness/tau_logit",
                                            "sharpness/tau_cross"])
   assert data["sharpness/tau_logit"] == [(0, 2.5), (50, pytest.approx(0.9))]
   assert data["sharpness/tau_cross"][0] == (0, pytest.approx(-5.4))
@@ -113,27 +100,6 @@ def test_plot_taus_reads_tensor_summaries(tmp_path):
 
 
 # ------------------------------------------------- tables on synthetic runs
-
-
-def fake_run(root, name, *, method, rho, seed, loss, size="2M",
-             schedule="fixed_length", nonlinearity="gelu", status="completed",
-             sharpness=None, rho_warmup_steps=0):
-  d = root / name
-  d.mkdir(parents=True)
-  (d / "config.json").write_text(json.dumps({
-      "schedule_name": schedule, "seed": seed,
-      "model": {"size_name": size, "nonlinearity": nonlinearity},
-      "opt": {"num_train_steps": 10000, "peak_learning_rate": 1e-3,
-              "weight_decay": 0.1},
-      "sam": {"method": method, "rho": rho,
-              "rho_warmup_steps": rho_warmup_steps}}))
-  (d / "results.json").write_text(json.dumps({
-      "final_eval_loss": loss, "best_eval_loss": loss, "steps": 10000,
-      "method": method, "rho": rho, "peak_learning_rate": 1e-3,
-      "model_size_name": size, "status": status,
-      "eval_history": [[5000, loss + 0.5], [10000, loss]]}))
-  if sharpness:
-    (d / "sharpness.json").write_text(json.dumps(sharpness))
 
 
 def test_tables_best_rho_mean_std_nan_and_paper(tmp_path, capsys):
@@ -178,10 +144,10 @@ def test_tables_best_rho_mean_std_nan_and_paper(tmp_path, capsys):
     assert (tmp_path / "tables" / f"{name}.csv").exists()
 
   runs = mt.load_runs([str(tmp_path)])
-  cell = mt.best_cell([r for r in runs if r.group == (
+  cell = runs_lib.best([r for r in runs if r.group == (
       "fixed_length", "2M", "gelu", "sam")])
   assert cell.rho == 0.1 and cell.settings == 2
-  assert math.isnan(mt.best_cell([r for r in runs if r.size == "1208M"
+  assert math.isnan(runs_lib.best([r for r in runs if r.size == "1208M"
                                   and r.method == "sam"]).mean)
 
   from scripts import plot_rho
@@ -196,7 +162,7 @@ def test_rho_warmup_is_its_own_setting(tmp_path):
            size="1208M", rho_warmup_steps=1000)
   runs = mt.load_runs([str(tmp_path)], warn=lambda m: None)
   assert len(runs) == 2
-  cell = mt.best_cell(runs)
+  cell = runs_lib.best(runs)
   assert cell.mean == 3.08 and cell.variant == "rho_warmup_steps=1000"
   assert mt.fmt_loss(cell) == "3.0800 (ρ=0.1, rho_warmup_steps=1000)"
 
@@ -311,7 +277,7 @@ def test_reuse_sweep_and_its_table(tmp_path, capsys):
                                  "reuse.py"), out=str(tmp_path / "runs"))
   assert len(s.runs) == 16
   for run in s.runs:
-    cfg = sw.load_config(run.config)
+    cfg = config_lib.load_config_file(run.config)
     for key, value in {**run.common, **run.overrides}.items():
       node = cfg
       *path, last = key.split(".")

@@ -338,14 +338,8 @@ def test_jit_with_traced_rho(method):
     np.testing.assert_allclose(metrics["rho"], rho, rtol=1e-6)
 
 
-COST = {"adamw": (1, 1), "sam": (2, 2), "functional_sam": (2, 2),
-        "logit_sam": (2, 2), "angle_sam": (2, 3), "precond_sam": (2, 2),
-        "precond_functional_sam": (2, 2)}
-
-
-@pytest.mark.parametrize("method", ALL)
-def test_cost(method):
-  """Forward and backward passes through logits_fn, counted eagerly."""
+def _passes(method):
+  """(forwards, backwards) through logits_fn in one eager step, counted."""
   params, _ = _mlp()
   base = _mlp_logits
   counts = {"fwd": 0, "bwd": 0}
@@ -368,7 +362,25 @@ def test_cost(method):
     return f(params)
 
   _step(method, params, _batch(), logits_fn, 0.1)
-  assert (counts["fwd"], counts["bwd"]) == COST[method]
+  return counts["fwd"], counts["bwd"]
+
+
+def _matmuls(method):
+  """Matmuls in the traced step on the MLP: 2 per forward (x W1, h W2) and
+  4 per backward (each one's two cotangents)."""
+  params, _ = _mlp()
+  step = lambda p, b: sam.gradient(method, p, b, logits_fn=_mlp_logits,
+                                   rho=0.1, phi=_phi(method))
+  return str(jax.make_jaxpr(step)(params, _batch())).count("dot_general")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_cost(method):
+  """The passes in a method's registry entry (which bench's FLOPs use) are
+  the step's: counted through logits_fn, and as matmuls of the traced step."""
+  entry = sam.METHODS[method]
+  assert _passes(method) == (entry.forwards, entry.backwards)
+  assert _matmuls(method) == 2 * entry.forwards + 4 * entry.backwards
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -400,3 +412,50 @@ def test_validate_accepts_good_and_gradient_checks():
     sam.gradient("angle_sam", params, batch, logits_fn=logits_fn, rho=0.1)
   with pytest.raises(ValueError, match="unknown"):
     sam.gradient("nope", params, batch, logits_fn=logits_fn, rho=0.1)
+
+
+# ------------------------------------------- adding a method: one place
+
+
+def _half_sam(step):
+  """(g + grad L(theta + eps)) / 2: a method made up for this test."""
+  eps = step.perturbed()
+  return jax.tree.map(lambda g, s: (g + s) / 2, step.clean.grads,
+                      step.jt(eps, eps))
+
+
+def test_a_new_method_is_one_function_and_one_registry_line(
+    monkeypatch, tmp_path, capsys):
+  """Registered in sam.METHODS and nowhere else, a method takes gradient
+  steps, passes config validation (a typo does not), runs in `nanodo-sam
+  bench` through the compiled train step and is labelled in the tables."""
+  from conftest import fake_run, tiny_config
+  from nanodo_sam import bench
+  from nanodo_sam import config as config_lib
+  from scripts import make_tables
+  monkeypatch.setitem(sam.METHODS, "half_sam",
+                      sam.Method(_half_sam, "Half-SAM"))
+  params, logits_fn = _mlp()
+  batch = _batch()
+  _, grads, _ = _step("half_sam", params, batch, logits_fn, 0.1)
+  g = _grad(params, batch, logits_fn)
+  ref = jax.tree.map(lambda a, b: (a + b) / 2, g,
+                     _ref("sam", params, batch, logits_fn, 0.1))
+  _close(grads, ref, rtol=1e-4, atol=1e-6)
+  assert _passes("half_sam") == (2, 2) and _matmuls("half_sam") == 12
+
+  config_lib.validate(tiny_config(**{"sam.method": "half_sam",
+                                     "sam.rho": 0.1}))
+  with pytest.raises(config_lib.UsageError, match="'half_samm' is unknown"):
+    config_lib.validate(tiny_config(**{"sam.method": "half_samm"}))
+
+  assert "half_sam" in [v.name for v in bench.parse_methods("all")]
+  (row,) = bench.run(tiny_config(), [], "half_sam", steps=1, out=None)["rows"]
+  assert row["method"] == "half_sam" and row["method_flops_factor"] == 2
+  assert row["timed_samples"] == 3 and np.isfinite(row["final_loss"])
+
+  fake_run(tmp_path, "half", method="half_sam", rho=0.1, seed=0, loss=3.9)
+  capsys.readouterr()
+  assert make_tables.main([str(tmp_path)]) == 0
+  assert "| fixed_length | 2M | gelu | Half-SAM | 3.9000 | 0.1 |" in \
+      capsys.readouterr().out

@@ -9,13 +9,14 @@ only the centre is run, to keep the cost down. The learning rate is the
 paper's globally tuned 1e-3; widen LEARNING_RATES to sweep it too.
 """
 
-from launch.sweep import around
+from configs import paper
+from configs.sweeps.authoring import around
 
 FIXED_LENGTH = "configs/c4_fixed_length.py"
 CHINCHILLA = "configs/c4_chinchilla.py"
-SIZES = ("23.9M", "42.5M", "117.9M", "1208M")
-# Tables 2 and 3, in the paper's column order.
-TABLE_METHODS = ("precond_functional_sam", "precond_sam", "sam", "adamw")
+# Tables 2 and 3's sizes and methods, in the paper's order (configs/paper.json).
+SIZES = paper.column("table2", "size")
+TABLE_METHODS = paper.column("table2", "method")
 LEARNING_RATES = (1e-3,)
 WIDE_RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
 COARSE_SIZES = ("1208M",)

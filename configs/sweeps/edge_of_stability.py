@@ -11,13 +11,11 @@ The CPU-sized version is configs/sweeps/edge_of_stability_reduced.py.
 """
 
 from configs import edge_of_stability as eos
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 
 def get_sweep():
-  return {
-      "name": "edge_of_stability",
-      "config": "configs/edge_of_stability.py",
-      "runs": method_runs(("sam",), eos.RHOS, learning_rates=eos.LEARNING_RATES,
-                          seeds=(0,)),
-  }
+  return SweepSpec(
+      name="edge_of_stability", config="configs/edge_of_stability.py",
+      runs=method_runs(("sam",), eos.RHOS, learning_rates=eos.LEARNING_RATES,
+                       seeds=(0,)))

@@ -12,16 +12,15 @@ cores; results in docs/experiments.md:
       --out=docs/edge_of_stability_reduced.png
 """
 
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 LEARNING_RATES = (0.2, 0.5)
 RHOS = (0.0, 0.3, 1.0)
 
 
 def get_sweep():
-  return {
-      "name": "edge_of_stability_reduced",
-      "config": "configs/edge_of_stability.py:reduced",
-      "runs": method_runs(("sam",), RHOS, learning_rates=LEARNING_RATES,
-                          seeds=(0,)),
-  }
+  return SweepSpec(
+      name="edge_of_stability_reduced",
+      config="configs/edge_of_stability.py:reduced",
+      runs=method_runs(("sam",), RHOS, learning_rates=LEARNING_RATES,
+                       seeds=(0,)))

@@ -17,6 +17,7 @@ Run names start with the switch fraction (`0.75-sam-rho0.1`).
 """
 
 from configs import late_phase
+from configs.sweeps.authoring import SweepSpec
 
 CONFIG = "configs/late_phase.py"
 METHODS = ("sam", "precond_functional_sam")
@@ -29,4 +30,4 @@ def get_sweep():
           for m in METHODS for f in FRACTIONS]
   runs.append({"config": f"{CONFIG}:1.0", "sam.method": "adamw",
                "sam.rho": 0.0})
-  return {"name": "late_phase", "config": CONFIG, "runs": runs}
+  return SweepSpec(name="late_phase", config=CONFIG, runs=runs)

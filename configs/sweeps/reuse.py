@@ -1,4 +1,4 @@
-"""What the cheap variants buy: every_k and LookSAM-style reuse (issue #7).
+"""What the cheap variants buy: every_k and LookSAM-style reuse.
 
 Precond Functional SAM (rho 0.5) taken every k-th step, k in {1, 2, 5, 10},
 the steps in between either plain AdamW steps (`sam.every_k` alone) or plain
@@ -16,6 +16,8 @@ docs/benchmarks.md, with the results; 63 minutes on 2 CPU cores):
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   python scripts/plot_reuse.py runs/reuse/*/ --bench=bench_reuse.json --table
 """
+
+from configs.sweeps.authoring import SweepSpec
 
 CONFIG = "configs/late_phase.py:0.0"
 METHOD, RHO = "precond_functional_sam", 0.5
@@ -36,5 +38,4 @@ def get_sweep():
       for reuse in (False, True):
         runs.append({"sam.method": METHOD, "sam.rho": RHO, "sam.every_k": k,
                      "sam.reuse": reuse, "seed": seed})
-  return {"name": "reuse", "config": CONFIG, "overrides": COMMON,
-          "runs": runs}
+  return SweepSpec(name="reuse", config=CONFIG, overrides=COMMON, runs=runs)

@@ -3,16 +3,14 @@ compute (23.9M, fixed-length 10K steps), with AdamW as the rho = 0 reference.
 Plot with scripts/plot_rho.py."""
 
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 RHOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 SEEDS = (0,)
 
 
 def get_sweep():
-  return {
-      "name": "rho_sweep",
-      "config": common.FIXED_LENGTH + ":23.9M",
-      "runs": method_runs(("adamw", "sam", "precond_functional_sam"), RHOS,
-                          learning_rates=common.LEARNING_RATES, seeds=SEEDS),
-  }
+  return SweepSpec(
+      name="rho_sweep", config=common.FIXED_LENGTH + ":23.9M",
+      runs=method_runs(("adamw", "sam", "precond_functional_sam"), RHOS,
+                       learning_rates=common.LEARNING_RATES, seeds=SEEDS))

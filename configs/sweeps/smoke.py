@@ -14,7 +14,7 @@ sharpness diagnostics (tau decomposition) every 50 steps.
   python scripts/plot_taus.py runs/smoke/*
 """
 
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 COMMON = {
     "schedule_name": "smoke",
@@ -31,10 +31,7 @@ COMMON = {
 
 
 def get_sweep():
-  return {
-      "name": "smoke",
-      "config": "configs/c4_fixed_length.py:2M",
-      "overrides": COMMON,
-      "runs": method_runs(("sam", "precond_functional_sam"), (0.1, 0.5),
-                          learning_rates=(3e-3,), seeds=(0,)),
-  }
+  return SweepSpec(
+      name="smoke", config="configs/c4_fixed_length.py:2M", overrides=COMMON,
+      runs=method_runs(("sam", "precond_functional_sam"), (0.1, 0.5),
+                       learning_rates=(3e-3,), seeds=(0,)))

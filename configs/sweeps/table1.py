@@ -1,24 +1,23 @@
 """Table 1: direct vs indirect paths at 2M, fixed-length (10K steps).
 
-AdamW, SAM, Precond SAM, Functional SAM and Precond Functional SAM, each over
-its rho grid (configs/sweeps/common.py) x learning rate x 3 seeds (the paper
-quotes seed standard deviations in the fourth decimal).
+AdamW, SAM, Precond SAM, Functional SAM and Precond Functional SAM (the rows
+of Table 1 in configs/paper.json), each over its rho grid
+(configs/sweeps/common.py) x learning rate x 3 seeds (the paper quotes seed
+standard deviations in the fourth decimal).
   python -m launch.sweep configs/sweeps/table1.py --backend=local --dry-run
 """
 
+from configs import paper
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
-METHODS = ("adamw", "sam", "precond_sam", "functional_sam",
-           "precond_functional_sam")
+METHODS = paper.column("table1", "method")
 SEEDS = (0, 1, 2)
 
 
 def get_sweep():
-  return {
-      "name": "table1",
-      "config": common.FIXED_LENGTH + ":2M",
-      "runs": method_runs(
+  return SweepSpec(
+      name="table1", config=common.FIXED_LENGTH + ":2M",
+      runs=method_runs(
           METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
-          learning_rates=common.LEARNING_RATES, seeds=SEEDS),
-  }
+          learning_rates=common.LEARNING_RATES, seeds=SEEDS))

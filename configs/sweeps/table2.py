@@ -6,7 +6,7 @@ values); one seed (raise SEEDS for error bars).
 """
 
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
 SEEDS = (0,)
 
@@ -23,5 +23,5 @@ def size_runs(config: str, seeds=SEEDS) -> list[dict]:
 
 
 def get_sweep():
-  return {"name": "table2", "config": common.FIXED_LENGTH,
-          "runs": size_runs(common.FIXED_LENGTH)}
+  return SweepSpec(name="table2", config=common.FIXED_LENGTH,
+                   runs=size_runs(common.FIXED_LENGTH))

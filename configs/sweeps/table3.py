@@ -8,8 +8,9 @@ sharpness.json) before scripts/make_tables.py.
 
 from configs.sweeps import common
 from configs.sweeps import table2
+from configs.sweeps.authoring import SweepSpec
 
 
 def get_sweep():
-  return {"name": "table3", "config": common.CHINCHILLA,
-          "runs": table2.size_runs(common.CHINCHILLA)}
+  return SweepSpec(name="table3", config=common.CHINCHILLA,
+                   runs=table2.size_runs(common.CHINCHILLA))

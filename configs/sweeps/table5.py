@@ -1,19 +1,20 @@
 """Table 5: GeLU vs ReLU at 2M, fixed-length, for Precond Functional SAM,
-Precond SAM and AdamW (3 seeds)."""
+Precond SAM and AdamW (3 seeds): the rows of Table 5 in configs/paper.json."""
 
+from configs import paper
 from configs.sweeps import common
-from launch.sweep import method_runs
+from configs.sweeps.authoring import SweepSpec, method_runs
 
-METHODS = ("precond_functional_sam", "precond_sam", "adamw")
+METHODS = paper.column("table5", "method")
 SEEDS = (0, 1, 2)
 
 
 def get_sweep():
   runs = []
-  for nonlinearity in ("gelu", "relu"):
+  for nonlinearity in paper.column("table5", "nonlinearity"):
     runs += method_runs(
         METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
         learning_rates=common.LEARNING_RATES, seeds=SEEDS,
         fixed={"model.nonlinearity": nonlinearity})
-  return {"name": "table5", "config": common.FIXED_LENGTH + ":2M",
-          "runs": runs}
+  return SweepSpec(name="table5", config=common.FIXED_LENGTH + ":2M",
+                   runs=runs)

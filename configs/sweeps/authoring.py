@@ -1,0 +1,143 @@
+"""What a sweep file is made of: the `SweepSpec` it returns and grid helpers.
+
+A sweep file (configs/sweeps/NAME.py) defines `get_sweep()` returning a
+`SweepSpec` (a dict with the same keys is accepted too):
+
+    SweepSpec(name="table1",                           # output: runs/<name>
+              config="configs/c4_fixed_length.py:2M",  # config file[:ARG]
+              overrides={"eval_every_steps": 250},     # every run (optional)
+              runs=[{"sam.method": "sam", "sam.rho": 0.1, "seed": 0}, ...])
+
+Each run is a dict of config overrides (`--config.KEY=VALUE` of `nanodo-sam
+train`); the reserved key "config" replaces the sweep's config for that run
+(e.g. another size: "configs/c4_fixed_length.py:23.9M"). The spec checks its
+own shape when built; `python -m launch.sweep` then checks every key against
+the config and names the runs (launch/sweep.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from typing import Any, Sequence
+
+from nanodo_sam.config import UsageError
+
+RESERVED = ("config",)  # Run keys that are not config overrides.
+NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")  # Not allowed in names.
+_KEY = re.compile(r"[A-Za-z_][\w.]*")
+
+
+class SweepError(UsageError):
+  """Bad sweep input: reported as one line, exit code 2."""
+
+
+def format_value(v: Any) -> str:
+  """An override value as ml_collections' --config.KEY=VALUE parser reads it
+  (and as it appears in run names)."""
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, float):
+    return repr(v)
+  if isinstance(v, (int, str)):
+    return str(v)
+  raise SweepError(f"override value {v!r} has type {type(v).__name__}; use "
+                   "a number, string or bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+  """A sweep as its file declares it; raises SweepError (one line) when built
+  with a bad shape. `name` "" means the sweep file's name."""
+
+  config: str
+  runs: list
+  overrides: dict = dataclasses.field(default_factory=dict)
+  name: str = ""
+  description: str = ""
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or NAME_CHARS.search(self.name):
+      raise SweepError(f"sweep name {self.name!r} must be letters, digits, "
+                       "'.', '_', '+', '=' or '-'")
+    if not isinstance(self.config, str):
+      raise SweepError("'config' must be a config path like "
+                       "'configs/c4_fixed_length.py:2M'")
+    if not isinstance(self.overrides, dict):
+      raise SweepError(f"'overrides' is {self.overrides!r}, not a dict")
+    if "config" in self.overrides:
+      raise SweepError("'config' cannot be a common override")
+    if not isinstance(self.runs, list) or not self.runs:
+      raise SweepError("'runs' must be a non-empty list of override dicts")
+    for i, run in enumerate(self.runs):
+      if not isinstance(run, dict):
+        raise SweepError(f"run {i} is {run!r}, not a dict")
+      for k, v in list(run.items()) + list(self.overrides.items()):
+        if not isinstance(k, str) or not _KEY.fullmatch(k):
+          raise SweepError(f"run {i}: bad override key {k!r}")
+        if k not in RESERVED:
+          format_value(v)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> SweepSpec:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise SweepError(f"unknown sweep keys {sorted(unknown)}; use name, "
+                       "config, overrides, runs, description")
+    return cls(config=d.get("config"), runs=d.get("runs"),
+               overrides=d.get("overrides") or {}, name=d.get("name") or "",
+               description=d.get("description") or "")
+
+
+# ----------------------------------------------------------- grid helpers
+
+
+def grid(**axes: Sequence[Any]) -> list[dict]:
+  """Cartesian product: grid(a=[1, 2], b=[3]) -> [{a:1,b:3}, {a:2,b:3}].
+  Keys with dots go through `**{"sam.rho": [...]}`."""
+  keys = list(axes)
+  return [dict(zip(keys, vals))
+          for vals in itertools.product(*(axes[k] for k in keys))]
+
+
+def method_runs(methods: Sequence[str], rhos, *,
+                learning_rates: Sequence[float] = (1e-3,),
+                seeds: Sequence[int] = (0,),
+                fixed: dict | None = None) -> list[dict]:
+  """The method x rho x learning rate x seed grid.
+
+  rhos: one sequence for every method, or {method: sequence}. A method that
+  does not perturb (AdamW: `perturbs` in its `sam.METHODS` entry) gets a
+  single run without sam.rho. `fixed` overrides come first in each run (and
+  so first in its name), e.g. {"config": ...}.
+  """
+  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
+  runs = []
+  for method in methods:
+    if method not in METHODS:
+      raise SweepError(f"unknown method {method!r}; use one of "
+                       f"{', '.join(METHODS)}")
+    if not METHODS[method].perturbs:
+      method_rhos = [None]
+    elif isinstance(rhos, dict):
+      if method not in rhos:
+        raise SweepError(f"no rho values for method {method!r}")
+      method_rhos = list(rhos[method])
+    else:
+      method_rhos = list(rhos)
+    for rho, lr, seed in itertools.product(method_rhos, learning_rates, seeds):
+      run = dict(fixed or {})
+      run["sam.method"] = method
+      if rho is not None:
+        run["sam.rho"] = float(rho)
+      run["opt.peak_learning_rate"] = float(lr)
+      run["seed"] = int(seed)
+      runs.append(run)
+  return runs
+
+
+def around(center: float, factors: Sequence[float] = (0.5, 1.0, 2.0),
+           digits: int = 4) -> list[float]:
+  """rho values around a centre: around(0.4) -> [0.2, 0.4, 0.8]."""
+  return [round(center * f, digits) for f in factors]
