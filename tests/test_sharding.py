@@ -315,12 +315,13 @@ def worker_mesh(out_path: str) -> None:
         in_shardings=(s.state_sharding.opt_state,))(
             out["adamw"]["state"].opt_state)
     r["perturbed_keeps_sharding"] = same(perturbed, ps)
-    # The gradient, unpinned on the way out: the pin inside logits_fn
-    # (sharding.pin_params) must put it where the parameters are, so that
-    # eps and theta + eps, computed from it inside the step, are too.
+    # The gradient, unpinned on the way out: the pin inside logits_fn and
+    # head (sharding.pin_params / pin_head) must put it where the parameters
+    # are, so that eps and theta + eps, computed from it inside the step, are
+    # too.
     r["grads_keep_sharding"] = same(jax.jit(
         lambda p, b: sam_lib.gradient("adamw", p, b, logits_fn=s.logits_fn,
-                                      rho=0.0)[1],
+                                      head=s.head, rho=0.0)[1],
         in_shardings=(ps, sharding.batch_sharding(s.mesh)))(
             state.params, sharding.global_batch(batch, s.mesh)), ps)
     r["precond_keeps_sharding"] = same(precond, ps)
