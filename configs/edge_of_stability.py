@@ -17,7 +17,7 @@ Haiku, so details such as initialisation and normalisation differ. Every
 `diagnostics.every_steps` steps the loop logs, before the step and on the
 current training minibatch, eos/lambda_max, eos/sam_edge, eos/two_over_lr,
 eos/grad_norm and the alignment of g and of the SAM gradient with the top
-eigenvector (nanodo_sam.train._make_diagnostics).
+eigenvector (nanodo_sam.diagnostics).
 
 The data split is theirs: `tiny_shakespeare_split()` derives a train file
 (the first 30,000 lines, 854,960 bytes) and a test file (the last 10,000

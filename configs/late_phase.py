@@ -6,7 +6,7 @@ accuracy of SAM run throughout, at a fraction of SAM's cost. Here the same
 question for a language model: AdamW for the first `sam.start_step` steps,
 then a SAM-family gradient (sam or precond_functional_sam) until the end; the
 optimizer state carries across the switch, and a step before the switch costs
-exactly one AdamW step (nanodo_sam.train.uses_sam_step picks the compiled
+exactly one AdamW step (nanodo_sam.sam_schedule.uses_sam_step picks the compiled
 plain step on the host).
 
 The model is tiny (D64 H2 N2 F256, 98,624 non-embedding parameters, rows of

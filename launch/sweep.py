@@ -16,13 +16,21 @@ A run's workdir is OUT/<name>, the name built from its overrides in order
 (`23.9M-precond_functional_sam-rho0.5-lr0.001-seed0`), so re-expanding a
 sweep gives the same directories.
 
+A `get_sweep(out)` with a parameter receives the output folder and may list
+runs that depend on finished ones there (a tuning stage, then the chosen
+setting on more seeds: configs/sweeps/miniature.py).
+
 Backends:
   local  runs the grid here, `--parallel` at a time (default 1), each run's
          output in OUT/<name>/train.log; runs whose results.json exists are
          skipped, so an interrupted sweep is resumed by launching it again.
+         A dependent sweep is expanded again after each pass until it lists
+         nothing new, so one command runs all its stages.
   slurm  writes OUT/sweep.sbatch, one array task per grid point (each task
          `srun nanodo-sam train ...`; with several tasks per node JAX's
-         multi-process start-up detects SLURM) and prints the sbatch command.
+         multi-process start-up detects SLURM) and prints the sbatch command
+         (a dependent sweep: the runs it lists now; launch it again when
+         they have finished for the next stage).
   tpu    prints one `gcloud compute tpus tpu-vm ssh TPU --worker=all
          --command=...` per run (run them one after another on the same TPU
          VM; OUT is a path there); nothing is written here.
@@ -37,6 +45,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -106,6 +115,9 @@ class Sweep:
   path: str
   config: str
   runs: list[Run]
+  # get_sweep(out) lists runs that depend on finished ones: the local
+  # backend expands it again after each pass until nothing new appears.
+  dependent: bool = False
 
 
 def _config_parts(config: str) -> tuple[str, str]:
@@ -162,9 +174,20 @@ def run_name(overrides: dict, sweep_config: str) -> str:
   return name
 
 
-def read_spec(path: str) -> SweepSpec:
-  """The SweepSpec a sweep file's get_sweep() returns (or a dict with its
-  keys), its name defaulting to the file's; SweepError if anything fails."""
+def _takes_out(get_sweep) -> bool:
+  """Whether get_sweep has a parameter: the sweep's output folder, for a
+  sweep whose later runs depend on finished ones."""
+  return bool(inspect.signature(get_sweep).parameters)
+
+
+def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
+  """(the SweepSpec a sweep file's get_sweep() returns (or a dict with its
+  keys), its name defaulting to the file's; whether it depends on finished
+  runs); SweepError if anything fails.
+
+  A get_sweep that takes a parameter is called with the output folder
+  (`out`, else runs/<its name>), so it can list runs that depend on
+  finished ones (e.g. each method at the best rho of a tuning stage)."""
   if not path or not os.path.isfile(path):
     raise SweepError(f"sweep file {path!r} not found; give a file like "
                      "configs/sweeps/table1.py")
@@ -185,14 +208,22 @@ def read_spec(path: str) -> SweepSpec:
                      f"{type(e).__name__}: {e}") from None
   if not callable(getattr(module, "get_sweep", None)):
     raise SweepError(f"sweep file {path!r} defines no get_sweep()")
-  try:
-    spec = module.get_sweep()
+  default_name = os.path.splitext(os.path.basename(path))[0]
+
+  def call(*args):
+    spec = module.get_sweep(*args)
     if isinstance(spec, dict):
       spec = SweepSpec.from_dict(spec)
     elif not isinstance(spec, SweepSpec):
       raise SweepError("get_sweep() must return a SweepSpec or a dict")
-    return dataclasses.replace(spec, name=spec.name or os.path.splitext(
-        os.path.basename(path))[0])
+    return dataclasses.replace(spec, name=spec.name or default_name)
+
+  try:
+    if not _takes_out(module.get_sweep):
+      return call(), False
+    if out is None:  # Its default folder: runs/<the name it gives itself>.
+      out = os.path.join("runs", call(None).name)
+    return call(os.path.abspath(out)), True
   except UsageError as e:
     raise SweepError(f"{path}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
@@ -203,7 +234,7 @@ def read_spec(path: str) -> SweepSpec:
 def load_sweep(path: str, out: str | None = None,
                extra: dict | None = None) -> Sweep:
   """Loads and checks a sweep file; run workdirs lie under `out`."""
-  spec = read_spec(path)
+  spec, dependent = read_spec(path, out)
   config = resolve_config(spec.config)
   common = dict(spec.overrides)
   common.update(extra or {})
@@ -226,7 +257,8 @@ def load_sweep(path: str, out: str | None = None,
                     overrides={k: v for k, v in overrides.items()
                                if k not in RESERVED},
                     common=common, workdir=os.path.join(out, rname)))
-  return Sweep(name=spec.name, path=path, config=config, runs=runs)
+  return Sweep(name=spec.name, path=path, config=config, runs=runs,
+               dependent=dependent)
 
 
 # --------------------------------------------------------------- backends
@@ -498,8 +530,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     if args.backend == "local":
-      return 1 if run_local(sweep, out, train_cmd, max(args.parallel, 1),
-                            env) else 0
+      failed, seen = 0, set()
+      while True:  # A dependent sweep may list more runs once some finish.
+        new = [r for r in sweep.runs if r.name not in seen]
+        seen.update(r.name for r in sweep.runs)
+        if not new:
+          break
+        failed += run_local(dataclasses.replace(sweep, runs=new), out,
+                            train_cmd, max(args.parallel, 1), env)
+        if not sweep.dependent or failed:
+          break
+        sweep = load_sweep(args.sweep_file, out, extra)
+        if only:
+          sweep.runs = [r for r in sweep.runs if only.search(r.name)]
+      return 1 if failed else 0
     if args.backend == "slurm":
       script = slurm_script(sweep, out, train_cmd, args.sbatch, args.parallel,
                             env)

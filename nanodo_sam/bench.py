@@ -1,7 +1,8 @@
 """`nanodo-sam bench`: cost of every gradient method, side by side.
 
 For each model size and method this compiles the real train step
-(`train.setup` / `init_state` / `jit_step`, the state donated), feeds it
+(`state.setup` / `state.init_state` / `train.jit_step`, the state donated,
+the model's output head passed to the gradient step), feeds it
 one synthetic random-token batch of the config's shape (no data pipeline), and
 after warm-up measures:
 
@@ -58,7 +59,9 @@ import numpy as np
 from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam as sam_lib
+from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
+from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 from nanodo_sam.config import UsageError
 
@@ -186,7 +189,7 @@ def _variant_config(cfg, size: str | None, v: Variant):
 
 def _step_kinds(cfg, k: int) -> list:
   """The step functions' keys for steps 0..k-1 of the schedule."""
-  return [train_lib.step_kind(cfg.sam, i) for i in range(k)]
+  return [sam_schedule.step_kind(cfg.sam, i) for i in range(k)]
 
 
 def synthetic_batch(cfg, seed: int = 0) -> dict:
@@ -224,8 +227,8 @@ class _Runner:
   def __init__(self, cfg, size: str | None, v: Variant):
     self.v, self.size = v, size
     self.cfg = c = _variant_config(cfg, size, v)
-    s = train_lib.setup(c)
-    self.state = train_lib.init_state(s, c.seed)
+    s = state_lib.setup(c)
+    self.state = state_lib.init_state(s, c.seed)
     self.batch = sharding.global_batch(synthetic_batch(c), s.mesh)
     self.kinds = _step_kinds(c, v.every_k)
     self.compiled, mems, self.compile_s = {}, [], 0.0

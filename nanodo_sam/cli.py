@@ -119,9 +119,10 @@ def _load_run_config(workdir: str | None):
 
 def _restore_params(workdir: str, cfg, step: int | None):
   """(Setup, state, step) from a run directory's checkpoint."""
-  from nanodo_sam import train as train_lib
-  s = train_lib.setup(cfg)
-  mngr = train_lib.checkpoint_manager(workdir)
+  from nanodo_sam import checkpoint
+  from nanodo_sam import state as state_lib
+  s = state_lib.setup(cfg)
+  mngr = checkpoint.checkpoint_manager(workdir)
   steps = mngr.all_steps()
   if not steps:
     raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
@@ -130,7 +131,7 @@ def _restore_params(workdir: str, cfg, step: int | None):
     raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
                      f"available steps: {sorted(steps)}")
   step = max(steps) if step is None else step
-  return s, train_lib.restore_state(mngr, s, step), step
+  return s, checkpoint.restore_state(mngr, s, step), step
 
 
 def cmd_train(fv) -> None:
@@ -191,9 +192,9 @@ SHARPNESS_COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",
 def cmd_analyze(fv) -> None:
   """Sharpness of a checkpoint (Table 4 columns) -> sharpness.json."""
   import jax
+  from nanodo_sam import checkpoint
   from nanodo_sam import data as data_lib
-  from nanodo_sam import evaluate, sharding, sharpness
-  from nanodo_sam import train as train_lib
+  from nanodo_sam import diagnostics, evaluate, sharding
   cfg = _load_run_config(fv.workdir)
   d = cfg.diagnostics
   for key in ("num_batches", "num_iters", "num_probes"):
@@ -213,18 +214,14 @@ def cmd_analyze(fv) -> None:
   # SAM-edge and 2/lr at the peak learning rate: at the end of a decayed
   # schedule the rate in effect is ~0 and both would be meaningless.
   lr = cfg.opt.peak_learning_rate
-  fn = jax.jit(lambda st, rng: sharpness.diagnostics(
-      st.params, train_lib.diagnostics_batch(cfg, eval_data),
-      logits_fn=s.logits_fn, lr=lr, rho=cfg.sam.rho, num_iters=d.num_iters,
-      num_probes=d.num_probes, rng=rng, tol=d.tol,
-      precond=train_lib.adam_precond(cfg, st.opt_state)))
-  out = {k: float(v) for k, v in jax.device_get(
-      fn(state, jax.random.key(cfg.seed))).items()}
+  sharp = diagnostics.make_sharpness(cfg, s.logits_fn, eval_data)
+  out = diagnostics.to_scalars(sharp(state, lr, cfg.sam.rho,
+                                     jax.random.key(cfg.seed)))
   out.update(eval_loss=loss, step=step, method=cfg.sam.method,
              rho=cfg.sam.rho, learning_rate=lr,
              num_batches=d.num_batches, batch_size=d.batch_size,
              num_iters=d.num_iters, num_probes=d.num_probes)
-  latest = step == max(train_lib.checkpoint_manager(fv.workdir).all_steps())
+  latest = step == max(checkpoint.checkpoint_manager(fv.workdir).all_steps())
   name = "sharpness.json" if latest else f"sharpness_{step}.json"
   with open(os.path.join(fv.workdir, name), "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)

@@ -160,15 +160,11 @@ def validate(cfg, num_devices: int | None = None) -> None:
            f"{', '.join(EVAL_MODES)}")
   from nanodo_sam import sam as sam_lib
   try:
-    sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer)
+    sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer,
+                     precond_normalize=sam.precond_normalize,
+                     perturbation_scope=sam.perturbation_scope)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  _require(sam.precond_normalize in ("after", "before"),
-           f"sam.precond_normalize={sam.precond_normalize!r}; use 'after' "
-           "(normalise P^-1 g) or 'before' (P^-1 applied to g/||g||)")
-  _require(sam.perturbation_scope in ("global", "microbatch"),
-           f"sam.perturbation_scope={sam.perturbation_scope!r}; use 'global' "
-           "or 'microbatch'")
   _require(sam.every_k >= 1, f"sam.every_k={sam.every_k} must be >= 1")
   if sam.get("reuse", False):
     _require(sam.method != "adamw",

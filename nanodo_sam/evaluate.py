@@ -1,4 +1,5 @@
-"""Evaluation: mean token loss over the fixed eval batches; pruning eval."""
+"""Evaluation: the token-weighted mean loss of a logits function over the
+fixed eval batches (the loop's eval hook, `nanodo-sam eval`, `prune-eval`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanodo_sam import model as model_lib
+from nanodo_sam.loss import cross_entropy
 
 
 def make_eval_step(logits_fn: Callable, params_sharding=None,
@@ -18,7 +19,7 @@ def make_eval_step(logits_fn: Callable, params_sharding=None,
   def eval_step(params, batch):
     logits_BxLxV = logits_fn(params, batch["inputs"])
     w = jnp.sum(batch["weights"])
-    return model_lib.cross_entropy(logits_BxLxV, batch) * w, w
+    return cross_entropy(logits_BxLxV, batch) * w, w
 
   if params_sharding is None:
     return jax.jit(eval_step)

@@ -1,4 +1,4 @@
-"""The Nanodo decoder-only Transformer (flax linen) and its token loss.
+"""The Nanodo decoder-only Transformer (flax linen) and its output head.
 
 Tied input/output embedding, learned positions, pre-LayerNorm without bias,
 causal multi-head attention, a two-layer MLP and no biases anywhere, as in
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from nanodo_sam.loss import LogitsFn, OutputHead
 
 NONLINEARITIES = {"gelu": nn.gelu, "relu": nn.relu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -174,7 +175,7 @@ class TransformerDo(nn.Module):
 
   With `features_only=True`: the final LayerNorm's output h [B, L, D] (in the
   compute dtype), so that logits = output_logits(params["embed"]
-  ["embedding"], h, cfg.stream_dtype); see `make_logits_fn`.
+  ["embedding"], h, cfg.stream_dtype); see `output_head`.
   """
 
   cfg: DoConfig
@@ -203,51 +204,24 @@ class TransformerDo(nn.Module):
     return output_logits(embed.embedding, x_BxLxD, cfg.stream_dtype)
 
 
-def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
-  """Weighted mean token cross-entropy in nats (0 weight on padding)."""
-  dtype = jnp.promote_types(logits_BxLxV.dtype, jnp.float32)
-  logits_BxLxV = logits_BxLxV.astype(dtype)
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(
-      logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
-  weights_BxL = batch["weights"].astype(dtype)
-  total = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
-  return total / jnp.maximum(jnp.sum(weights_BxL), 1.0)
-
-
-class OutputHead(NamedTuple):
-  """How a logits function splits at its output layer, optionally attached to
-  it as `logits_fn.output_head`:
-
-      logits_fn(p, x) == apply(select(p), features(p, x))
-
-  `apply` acts on each position independently, so the gradient step
-  (sam.py) can run the output layer, the loss and its cotangent over chunks
-  of the sequence and never hold [B, L, V] logits (most of a small model's
-  memory at V = 32101).
-  """
-
-  features: Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> h
-  select: Callable[[Any], Any]  # params -> the output layer's own params
-  apply: Callable[[Any, jax.Array], jax.Array]  # (those, h_xD) -> logits_xV
-
-
-def make_logits_fn(model: TransformerDo):
-  """`(params, inputs) -> logits`, the function every gradient step uses.
-
-  It carries `.output_head` (an `OutputHead`): the tied output layer applied
-  to the final LayerNorm's output.
-  """
+def make_logits_fn(model: TransformerDo) -> LogitsFn:
+  """`(params, inputs) -> logits`, the function every gradient step uses."""
 
   def logits_fn(params, inputs_BxL):
     return model.apply({"params": params}, inputs_BxL)
 
-  logits_fn.output_head = OutputHead(
+  return logits_fn
+
+
+def output_head(model: TransformerDo) -> OutputHead:
+  """The tied output layer applied to the final LayerNorm's output, handed to
+  the gradient step (`sam.gradient(..., head=...)`) so that it can chunk the
+  [B, L, V] logits."""
+  return OutputHead(
       features=lambda params, inputs_BxL: model.apply(
           {"params": params}, inputs_BxL, features_only=True),
       select=lambda params: params["embed"]["embedding"],
       apply=functools.partial(_apply_output, model.cfg.stream_dtype))
-  return logits_fn
 
 
 def _apply_output(dtype: str, embedding_VxD, x_xD):

@@ -19,12 +19,15 @@ rho H_G e (Gauss-Newton / functional-Hessian split of the loss Hessian), so
 sam = logit_sam + functional_sam - g + O(rho^2). Adding a method is one
 function `(step: Step) -> grads` and one line in `METHODS`.
 
-Memory: when `logits_fn` carries an `output_head` (model.OutputHead, as the
-Nanodo model's does), the output layer, the loss and dL/dF run over chunks of
-the sequence and are recomputed from the features instead of stored, so no
-step ever holds a [B, L, V] tensor; otherwise the logits are the features and
-J^T is a plain vjp. `reuse_correction` is the LookSAM-style cheap step between
-full ones (config `sam.reuse`).
+Memory: when the caller hands over the model's output layer (`head`, a
+loss.OutputHead; the Nanodo model's is `model.output_head`), the output layer,
+the loss and dL/dF run over chunks of the sequence and are recomputed from the
+features instead of stored, so no step ever holds a [B, L, V] tensor; without
+one the logits are the features and J^T is a plain vjp. `reuse_correction` is
+the LookSAM-style cheap step between full ones (config `sam.reuse`).
+
+This module sees the model only through `logits_fn` and `head`: it imports
+neither the model nor the trainer.
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nanodo_sam.model import OutputHead, cross_entropy
+from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
 PRECOND_NORMALIZE = ("after", "before")
+PERTURBATION_SCOPES = ("global", "microbatch")
 OPTIMIZERS_WITH_PRECOND = ("adamw",)
 
 PyTree = Any
-LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
 # ---------------------------------------------------------------- tree maths
@@ -82,7 +85,7 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
 
 # The output layer, the loss and its cotangent run over chunks of the sequence
 # holding at most about this many logits each (16 MiB in float32), when the
-# logits function exposes its output layer (`model.OutputHead`). Set it to
+# caller hands over its output layer (`head`, a loss.OutputHead). Set it to
 # 0 to keep the logits whole (faster for the functional methods, which then
 # keep dL/dF(theta) instead of recomputing it; see docs/benchmarks.md).
 HEAD_CHUNK_ELEMENTS = 2**22
@@ -92,8 +95,8 @@ class Point(NamedTuple):
   """theta or theta + eps seen through logits_fn, up to its output layer.
 
   `head_params` and `h_BxLxD` are the output layer's parameters and input
-  features (for a logits_fn without an `output_head`: no parameters and the
-  logits themselves); `vjp_fn` maps their cotangents to the parameters'.
+  features (without a `head`: no parameters and the logits themselves);
+  `vjp_fn` maps their cotangents to the parameters'.
   """
 
   head_params: PyTree
@@ -114,18 +117,19 @@ def _identity_head(logits_fn: LogitsFn) -> OutputHead:
                     apply=lambda head_params, logits: logits)
 
 
-def output_head(logits_fn: LogitsFn) -> tuple[OutputHead, bool]:
-  """(logits_fn's OutputHead, whether it is a real output layer to chunk)."""
-  head = getattr(logits_fn, "output_head", None)
+def resolve_head(logits_fn: LogitsFn, head: OutputHead | None = None
+                 ) -> tuple[OutputHead, bool]:
+  """(the OutputHead the step runs, whether it is a real output layer to
+  chunk): `head` when given, else logits_fn itself after an identity layer."""
   if head is None:
     return _identity_head(logits_fn), False
   return head, True
 
 
-def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn
-          ) -> Point:
+def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn,
+          head: OutputHead | None = None) -> Point:
   """1 forward up to the output layer, keeping its J^T for backwards."""
-  head, _ = output_head(logits_fn)
+  head, _ = resolve_head(logits_fn, head)
   (head_params, h_BxLxD), vjp_fn = jax.vjp(
       lambda p: (head.select(p), head.features(p, inputs_BxL)), params)
   return Point(head_params, h_BxLxD, vjp_fn)
@@ -149,19 +153,19 @@ def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
   return L
 
 
-def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn
-             ) -> tuple[jax.Array, PyTree]:
+def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
+             head: OutputHead | None = None) -> tuple[jax.Array, PyTree]:
   """(L(b), J(a)^T dL/dF(b)): the loss at point b and its logit cotangent
   pulled back through the network at point a (a is b for the plain gradient).
 
-  This is the one place logits exist. With an `output_head` they are
-  computed, turned into the loss and its cotangent dL/dF = w (softmax - onehot)
-  and pulled back through the output layer one chunk of the sequence at a time
-  (lax.scan), so no [B, L, V] tensor is ever alive; dL/dF(b) is recomputed
-  from b's features when a is not b rather than stored. Without one, the
-  logits are the features and this is a plain vjp.
+  This is the one place logits exist. With a `head` they are computed, turned
+  into the loss and its cotangent dL/dF = w (softmax - onehot) and pulled back
+  through the output layer one chunk of the sequence at a time (lax.scan), so
+  no [B, L, V] tensor is ever alive; dL/dF(b) is recomputed from b's features
+  when a is not b rather than stored. Without one, the logits are the
+  features and this is a plain vjp.
   """
-  head, chunked = output_head(logits_fn)
+  head, chunked = resolve_head(logits_fn, head)
   same = a is b
   n = _num_chunks(head, chunked, b)
   # cross_entropy divides by max(sum(weights), 1): with the weights divided by
@@ -206,11 +210,11 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn
   return loss, grads
 
 
-def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn
-              ) -> Clean:
+def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn,
+              head: OutputHead | None = None) -> Clean:
   """1 forward + 1 backward: the plain gradient, keeping the pieces to reuse."""
-  p = point(params, batch["inputs"], logits_fn)
-  loss, grads = head_vjp(p, p, batch, logits_fn)
+  p = point(params, batch["inputs"], logits_fn, head)
+  loss, grads = head_vjp(p, p, batch, logits_fn, head)
   return Clean(loss, grads, p)
 
 
@@ -221,16 +225,14 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
   precond=None: eps = rho g/||g||. Otherwise with P = precond,
   "after": eps = rho (g/P)/||g/P|| (ascent in Adam's geometry, norm rho);
   "before": eps = rho (g/||g||)/P (plain SAM step, then rescaled per entry).
+  `precond_normalize` is one of PRECOND_NORMALIZE (checked by `validate`).
   """
   if precond is None:
     return _scale_to(grads, rho)
   divide = lambda g, p: (g / p).astype(g.dtype)
-  if precond_normalize == "after":
-    return _scale_to(jax.tree.map(divide, grads, precond), rho)
   if precond_normalize == "before":
     return jax.tree.map(divide, _scale_to(grads, rho), precond)
-  raise ValueError(f"precond_normalize={precond_normalize!r} is unknown; use "
-                   f"one of {list(PRECOND_NORMALIZE)}")
+  return _scale_to(jax.tree.map(divide, grads, precond), rho)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,15 +244,17 @@ class Step:
   batch: dict[str, Any]
   logits_fn: LogitsFn
   phi: float | None
+  head: OutputHead | None = None
 
   def perturbed(self) -> Point:
     """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T.
     """
-    return point(self.params_eps, self.batch["inputs"], self.logits_fn)
+    return point(self.params_eps, self.batch["inputs"], self.logits_fn,
+                 self.head)
 
   def jt(self, a: Point, b: Point) -> PyTree:
     """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
-    return head_vjp(a, b, self.batch, self.logits_fn)[1]
+    return head_vjp(a, b, self.batch, self.logits_fn, self.head)[1]
 
 
 # ------------------------------------------------------------------ methods
@@ -339,9 +343,11 @@ def _as_float(x) -> float | None:
 
 
 def validate(method: str, rho, phi=None, optimizer: str = "adamw",
-             precond_normalize: str = "after") -> None:
+             precond_normalize: str = "after",
+             perturbation_scope: str = "global") -> None:
   """Raise ValueError (one line: what is wrong and how to fix it) on a bad
-  method/rho/phi/optimizer combination. Traced rho is not checked."""
+  method/rho/phi/optimizer/option combination: the one check of the step's
+  options (config.validate calls it). Traced rho is not checked."""
   if method not in METHODS:
     raise ValueError(f"sam.method={method!r} is unknown; use one of "
                      f"{sorted(METHODS)}")
@@ -361,7 +367,12 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
                      f"opt.optimizer='adamw' or a method without 'precond_'")
   if precond_normalize not in PRECOND_NORMALIZE:
     raise ValueError(f"sam.precond_normalize={precond_normalize!r} is unknown; "
-                     f"use one of {list(PRECOND_NORMALIZE)}")
+                     "use 'after' (normalise P^-1 g) or 'before' (P^-1 "
+                     "applied to g/||g||)")
+  if perturbation_scope not in PERTURBATION_SCOPES:
+    raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
+                     "unknown; use 'global' (eps from the whole batch) or "
+                     "'microbatch' (each microbatch its own eps)")
 
 
 # ---------------------------------------------------------------- the step
@@ -369,29 +380,32 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
 
 def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
              logits_fn: LogitsFn, rho, phi: float | None = None,
-             precond: PyTree | None = None, precond_normalize: str = "after"
+             precond: PyTree | None = None, precond_normalize: str = "after",
+             head: OutputHead | None = None
              ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
   """(loss at theta, the method's gradient, scalar metrics).
 
   `method` and `precond_normalize` are static python values; `rho` and `phi`
   may be traced. `precond` (P = sqrt(nu_hat) + eps_adam, same tree as params) is
   used only by precond methods; None there means P = 1 (no Adam state yet).
+  `head` (optional): logits_fn's output layer, so the step can chunk the
+  [B, L, V] logits (see `head_vjp`); the result is the same without it.
   """
+  validate(method, rho, phi, precond_normalize=precond_normalize)
   loss, grads, _, metrics = _gradient(
       method, params, batch, logits_fn=logits_fn, rho=rho, phi=phi,
-      precond=precond, precond_normalize=precond_normalize)
+      precond=precond, precond_normalize=precond_normalize, head=head)
   return loss, grads, metrics
 
 
 def _gradient(method, params, batch, *, logits_fn, rho, phi, precond,
-              precond_normalize):
-  """`gradient`, also returning the plain gradient g."""
-  validate(method, rho, phi, precond_normalize=precond_normalize)
+              precond_normalize, head):
+  """`gradient` on validated options, also returning the plain gradient g."""
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
-  clean = clean_vjp(params, batch, logits_fn)
+  clean = clean_vjp(params, batch, logits_fn, head)
   eps = _eps(entry, clean.grads, rho, precond, precond_normalize)
-  grads = entry(Step(clean, _add(params, eps), batch, logits_fn, phi))
+  grads = entry(Step(clean, _add(params, eps), batch, logits_fn, phi, head))
   return (clean.loss, grads, clean.grads,
           _metrics(grads, clean.grads, eps, rho))
 
@@ -454,12 +468,22 @@ def _weighted_sum(fn, micro, frac_k, like):
   return acc
 
 
+class GradientResult(NamedTuple):
+  """What `accumulated_gradient` returns (unpacks as 4 values)."""
+
+  loss: jax.Array  # at the unperturbed params
+  grads: PyTree  # the method's gradient
+  metrics: dict[str, jax.Array]
+  reuse: Reuse | None = None  # Reuse(grads - g, ||g||) with return_reuse
+
+
 def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
                          *, logits_fn: LogitsFn, rho, phi=None, precond=None,
                          precond_normalize: str = "after",
                          num_microbatches: int = 1,
                          perturbation_scope: str = "global",
-                         return_reuse: bool = False):
+                         return_reuse: bool = False,
+                         head: OutputHead | None = None) -> GradientResult:
   """`gradient` over `num_microbatches` microbatches summed with lax.scan.
 
   "global" (the paper's semantics): eps comes from the gradient of the whole
@@ -472,21 +496,23 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   Microbatches are weighted by their share of the loss weights, so the result
   equals the full-batch mean even with padding.
 
-  return_reuse=True appends `Reuse(delta = grads - g, ||g||)`, what the steps
-  in between carry forward (`reuse_correction`).
+  return_reuse=True also fills `reuse` with `Reuse(delta = grads - g, ||g||)`,
+  what the steps in between carry forward (`reuse_correction`).
   """
+  validate(method, rho, phi, precond_normalize=precond_normalize,
+           perturbation_scope=perturbation_scope)
+
   def out(loss, grads, g, metrics):
     if not return_reuse:
-      return loss, grads, metrics
+      return GradientResult(loss, grads, metrics)
     delta = jax.tree.map(
         lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-    return loss, grads, metrics, Reuse(delta, _norm(g))
+    return GradientResult(loss, grads, metrics, Reuse(delta, _norm(g)))
 
   kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
-            precond_normalize=precond_normalize)
+            precond_normalize=precond_normalize, head=head)
   if num_microbatches == 1:
     return out(*_gradient(method, params, batch, **kw))
-  validate(method, rho, phi, precond_normalize=precond_normalize)
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
   micro, frac_k = _microbatches(batch, num_microbatches)
@@ -497,12 +523,9 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
     loss, grads, g, metrics = _weighted_sum(one, micro, frac_k, shapes)
     return out(loss, _cast_like(grads, params), g, metrics)
-  if perturbation_scope != "global":
-    raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
-                     "unknown; use 'global' or 'microbatch'")
 
   def clean(mb):
-    c = clean_vjp(params, mb, logits_fn)
+    c = clean_vjp(params, mb, logits_fn, head)
     return c.loss, c.grads
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
   loss, g = _weighted_sum(clean, micro, frac_k, shapes)
@@ -510,8 +533,8 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   params_eps = _add(params, eps)
 
   def perturbed(mb):
-    return entry(Step(clean_vjp(params, mb, logits_fn), params_eps, mb,
-                      logits_fn, phi))
+    return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
+                      logits_fn, phi, head))
   grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
   return out(loss, grads, g, _metrics(grads, g, eps, rho))
 

@@ -143,10 +143,9 @@ def logical_to_sharding(boxed_tree, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def pin_params(logits_fn, params_sharding):
-  """`logits_fn` whose parameters (and, by transposition, their gradients)
-  are constrained to `params_sharding`; its `output_head` (model.OutputHead),
-  if any, is pinned the same way.
+def pin_params(fn, params_sharding):
+  """`fn(params, *args)` whose parameters (and, by transposition, their
+  gradients) are constrained to `params_sharding`.
 
   XLA's propagation alone returns some gradients replicated (weights whose
   fsdp dimension is the output one: attn_out, fc2, pos_embed), and with them
@@ -155,18 +154,18 @@ def pin_params(logits_fn, params_sharding):
   perturbed, functional, logit) is reduce-scattered into the parameters'
   layout and theta + eps stays sharded like theta.
   """
-  pin = lambda params: jax.lax.with_sharding_constraint(params,
-                                                        params_sharding)
 
-  def pinned(params, inputs):
-    return logits_fn(pin(params), inputs)
+  def pinned(params, *args):
+    return fn(jax.lax.with_sharding_constraint(params, params_sharding), *args)
 
-  head = getattr(logits_fn, "output_head", None)
-  if head is not None:
-    pinned.output_head = head._replace(
-        features=lambda params, inputs: head.features(pin(params), inputs),
-        select=lambda params: head.select(pin(params)))
   return pinned
+
+
+def pin_head(head, params_sharding):
+  """An output head (loss.OutputHead) whose `features` and `select` see the
+  parameters pinned like `pin_params`'s, so the chunked step keeps them too."""
+  return head._replace(features=pin_params(head.features, params_sharding),
+                       select=pin_params(head.select, params_sharding))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -27,10 +27,9 @@ from jax import lax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from nanodo_sam.model import cross_entropy
+from nanodo_sam.loss import LogitsFn, cross_entropy
 
 Batch = dict[str, Any]
-LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
 
 # ----------------------------------------------------------------- helpers --

@@ -34,78 +34,47 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from configs.sweeps import miniature as sweep  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
-from scripts.make_tables import METHOD_LABELS, PAPER  # pylint: disable=g-import-not-at-top
-from scripts.plot_taus import read_scalars  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from configs import paper as published
+from configs.sweeps import miniature as sweep
+from nanodo_sam import runs as runs_lib
+from scripts import figures
+# pylint: enable=g-import-not-at-top
+
+LABEL = {m: runs_lib.method_label(m)
+         for m in ("adamw", "sam", "precond_sam", "functional_sam",
+                   "precond_functional_sam")}
 
 ANALYZE_FLAGS = ("--num_iters=20", "--num_probes=8")
 PRUNE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 # "After the first few steps" (Figure 2): diagnostics from this step on.
 SETTLED_STEP = 40
-# The paper's Table 1 order, best first.
-PAPER_ORDER = ("precond_functional_sam", "functional_sam", "precond_sam",
-               "adamw", "sam")
+# The paper's Table 1 order, best first (configs/paper.json).
+PAPER_ORDER = tuple(sorted(published.column("table1", "method"),
+                           key=lambda m: published.value("table1", method=m)))
 HOLDS, FAILS, UNSURE = ("holds", "does not hold",
                         "inconclusive at this noise level")
 
 
-@dataclasses.dataclass
-class Run:
-  path: str
-  cfg: dict
-  results: dict
-
-  @property
-  def method(self) -> str:
-    return self.cfg["sam"]["method"]
-
-  @property
-  def rho(self) -> float:
-    return float(self.cfg["sam"]["rho"])
-
-  @property
-  def seed(self) -> int:
-    return int(self.cfg["seed"])
-
-  @property
-  def byte(self) -> bool:
-    return self.cfg["data"]["vocab"] == "byte"
-
-  @property
-  def loss(self) -> float:
-    v = self.results.get("final_eval_loss")
-    return float(v) if isinstance(v, (int, float)) else math.nan
-
-  def json(self, name: str) -> dict | None:
-    path = os.path.join(self.path, name)
-    if not os.path.isfile(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
+def _byte(run) -> bool:
+  return run.get("data.vocab") == "byte"
 
 
-def load_runs(out: str) -> list[Run]:
-  runs = []
-  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-    d = os.path.join(out, name)
-    paths = [os.path.join(d, f) for f in ("config.json", "results.json")]
-    if all(os.path.isfile(p) for p in paths):
-      with open(paths[0]) as f, open(paths[1]) as g:
-        runs.append(Run(d, json.load(f), json.load(g)))
-  return runs
+def load_runs(out: str) -> list:
+  """The study's finished runs (`runs.RunRecord`)."""
+  return runs_lib.load_runs([out], finished=True, warn=lambda _: None)
 
 
 def _find(runs, *, method, seed, byte=False, rho=None):
   for r in runs:
-    if (r.method == method and r.seed == seed and r.byte == byte
+    if (r.method == method and r.seed == seed and _byte(r) == byte
         and (rho is None or math.isclose(r.rho, rho))):
       return r
   return None
 
 
-def table_runs(runs, best: dict[str, float]) -> dict[str, list[Run]]:
+def table_runs(runs, best: dict[str, float]) -> dict[str, list]:
   """{method: its runs on the evaluation seeds} (AdamW and chosen rhos)."""
   out = {"adamw": [r for s in sweep.EVAL_SEEDS
                    if (r := _find(runs, method="adamw", seed=s))]}
@@ -118,17 +87,17 @@ def table_runs(runs, best: dict[str, float]) -> dict[str, list[Run]]:
 # ------------------------------------------------------------- analysis
 
 
-def ensure_analysis(runs: list[Run], log=print) -> dict[str, float]:
+def ensure_analysis(runs: list, log=print) -> dict[str, float]:
   """sharpness.json and prune.json for each run (the CLI, in this process);
   returns the seconds spent per run directory now."""
   from nanodo_sam import cli
   spent = {}
   for r in runs:
     todo = []
-    if r.json("sharpness.json") is None:
-      todo.append(["analyze", f"--workdir={r.path}", *ANALYZE_FLAGS])
-    if r.json("prune.json") is None:
-      todo.append(["prune-eval", f"--workdir={r.path}", "--fractions=" +
+    if r.sharpness is None:
+      todo.append(["analyze", f"--workdir={r.workdir}", *ANALYZE_FLAGS])
+    if r.prune is None:
+      todo.append(["prune-eval", f"--workdir={r.workdir}", "--fractions=" +
                    ",".join(f"{f:g}" for f in PRUNE_FRACTIONS)])
     for argv in todo:
       t0 = time.time()
@@ -137,8 +106,8 @@ def ensure_analysis(runs: list[Run], log=print) -> dict[str, float]:
         cli.main(argv)
       except SystemExit as e:
         if e.code:
-          raise RuntimeError(f"nanodo-sam {argv[0]} failed on {r.path}")
-      spent[r.path] = spent.get(r.path, 0.0) + time.time() - t0
+          raise RuntimeError(f"nanodo-sam {argv[0]} failed on {r.workdir}")
+      spent[r.workdir] = spent.get(r.workdir, 0.0) + time.time() - t0
   return spent
 
 
@@ -167,10 +136,10 @@ def sign_verdict(low: float, high: float, want_negative: bool) -> str:
   return UNSURE
 
 
-def tau_series(run: Run, suffix: str = "") -> dict[str, np.ndarray]:
+def tau_series(run, suffix: str = "") -> dict[str, np.ndarray]:
   """{"step": [...], tau: [...]} from a run's TensorBoard scalars."""
   tags = [f"sharpness/{t}{suffix}" for t in TAUS]
-  scalars = read_scalars(run.path, tags)
+  scalars = run.scalars(tags)
   if not all(t in scalars for t in tags):
     return {}
   steps = [s for s, _ in scalars[tags[0]]]
@@ -197,17 +166,19 @@ def _settled(series):
 
 def claim_logit_dominance(runs) -> tuple[Claim, dict]:
   series = {r.seed: tau_series(r) for r in runs
-            if r.method == "adamw" and not r.byte}
+            if r.method == "adamw" and not _byte(r)}
   series = {s: v for s, v in series.items() if v}
   paper = ("Trained with AdamW on C4, tau_logit >> tau_func after the first "
            "few steps (Figure 2); tau_cross is usually negative (Figure 4).")
   if not series:
     return Claim("Figures 2, 4: logit path dominates", paper, "no runs yet",
                  UNSURE), {}
-  rows, ok_dom, cross_neg, cross_all = [], True, 0, 0
+  rows, ok_dom, cross_neg, cross_all, above, late_all = [], True, 0, 0, 0, 0
   for seed, s in sorted(series.items()):
     late = _settled(s)
     ratio = late["tau_logit"] / late["tau_func"]
+    above += int(np.sum(late["tau_logit"] > late["tau_func"]))
+    late_all += len(ratio)
     ok_dom &= bool(np.all(late["tau_logit"] > late["tau_func"])
                    and np.median(ratio) >= 5)
     cross_neg += int(np.sum(s["tau_cross"] < 0))
@@ -223,8 +194,9 @@ def claim_logit_dominance(runs) -> tuple[Claim, dict]:
   ours = (f"median over steps >= {SETTLED_STEP}, {len(rows)} seeds: "
           f"tau_logit {np.median([r[1] for r in rows]):.3f}, tau_func "
           f"{np.median([r[2] for r in rows]):.3f} (ratio "
-          f"{np.median([r[4] for r in rows]):.1f}x); tau_cross < 0 at "
-          f"{cross_neg} of {cross_all} measurements")
+          f"{np.median([r[4] for r in rows]):.1f}x), tau_logit > tau_func "
+          f"at {above} of {late_all} measurements; tau_cross < 0 at "
+          f"{cross_neg} of {cross_all}")
   table = ["| seed | tau_logit | tau_func | tau_cross | tau_logit / tau_func "
            "| share of steps with tau_cross < 0 |", "|---|---|---|---|---|---|"]
   table += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.1f} | "
@@ -239,7 +211,7 @@ def claim_logit_dominance(runs) -> tuple[Claim, dict]:
 
 def claim_vocabulary(runs, t5_series) -> tuple[Claim, dict]:
   byte = {r.seed: tau_series(r) for r in runs if r.method == "adamw" and
-          r.byte}
+          _byte(r)}
   byte = {s: v for s, v in byte.items() if v}
   paper = ("The logit path dominates because language models have many "
            "outputs (32K tokens vs 1K image classes), section 4.")
@@ -278,7 +250,7 @@ def claim_preconditioning(runs, best) -> Claim:
            "||P^-1 g||) shifts the split towards the functional path "
            "(appendix B.1, section 4.2).")
   series = {r.seed: (tau_series(r), tau_series(r, "_precond")) for r in runs
-            if r.method == "adamw" and not r.byte}
+            if r.method == "adamw" and not _byte(r)}
   series = {s: v for s, v in series.items() if v[0] and v[1]}
   if not series:
     return Claim("Appendix B: preconditioning favours the functional path",
@@ -296,7 +268,7 @@ def claim_preconditioning(runs, best) -> Claim:
                  float(np.mean(up))))
   final = []
   for r in table_runs(runs, best).get("adamw", []):
-    s = r.json("sharpness.json")
+    s = r.sharpness
     if s and "tau_func_precond" in s:
       final.append((r.seed, s["tau_func"], s["tau_func_precond"]))
   verdict = HOLDS if all_up else (
@@ -323,7 +295,8 @@ def claim_preconditioning(runs, best) -> Claim:
 
 
 def claim_table1(runs, best) -> tuple[Claim, dict]:
-  paper_vals = PAPER["table1"]
+  paper_vals = {m: published.value("table1", method=m)
+                for m in ("adamw",) + sweep.METHODS}
   paper = ("Table 1 (2M, 10K steps): Precond Func-SAM 3.86 < Func-SAM 3.88 < "
            "Precond SAM 3.89 < AdamW 3.90 < SAM 3.91; seed std in the fourth "
            "decimal.")
@@ -337,7 +310,7 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
   for m in ("adamw",) + sweep.METHODS:
     rs = groups.get(m, [])
     if not rs:
-      rows.append(f"| {METHOD_LABELS[m]} | | not run yet | | | "
+      rows.append(f"| {LABEL[m]} | | not run yet | | | "
                   f"{paper_vals[m]:.2f} | |")
       continue
     losses = [r.loss for r in rs]
@@ -347,7 +320,7 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
     ci = ("" if m == "adamw" else
           f"{mean:+.4f} ({lo:+.4f}, {hi:+.4f})")
     rows.append(
-        f"| {METHOD_LABELS[m]} | {'' if m == 'adamw' else f'{best[m]:g}'} | "
+        f"| {LABEL[m]} | {'' if m == 'adamw' else f'{best[m]:g}'} | "
         + ", ".join(f"{l:.4f}" for l in losses) + f" | {np.mean(losses):.4f} "
         f"| {ci} | {paper_vals[m]:.2f} | "
         f"{paper_vals[m] - paper_vals['adamw']:+.2f} |")
@@ -368,8 +341,8 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
   else:
     verdict = UNSURE
   ours = ("mean eval loss, best first: " + " < ".join(
-      f"{METHOD_LABELS[m]} {stats_by[m][0]:.4f}" for m in order) + "; " +
-      "; ".join(f"{METHOD_LABELS[m]} vs AdamW {v}" for m, v in
+      f"{LABEL[m]} {stats_by[m][0]:.4f}" for m in order) + "; " +
+      "; ".join(f"{LABEL[m]} vs AdamW {v}" for m, v in
                 verdicts.items()))
   rule = ("Each method at the rho with the lowest final eval loss at seed 0 "
           f"(the tuning seed), then seeds {list(sweep.EVAL_SEEDS)} (not used "
@@ -438,7 +411,7 @@ def claim_sharpness(runs, best) -> Claim:
   keys = ("lambda_max", "hessian_trace", "ggn_trace")
   vals = {}
   for m, rs in groups.items():
-    got = [r.json("sharpness.json") for r in rs]
+    got = [r.sharpness for r in rs]
     got = [g for g in got if g and all(k in g for k in keys)]
     if got:
       vals[m] = {k: [g[k] for g in got] for k in keys}
@@ -458,7 +431,7 @@ def claim_sharpness(runs, best) -> Claim:
         lower_all &= all(below)
         higher_all |= not any(below)
         n_compared += 1
-    rows.append(f"| {METHOD_LABELS[m]} | " + " | ".join(
+    rows.append(f"| {LABEL[m]} | " + " | ".join(
         f"{np.mean(v[k]):.3g}" for k in keys) + f" | {' / '.join(counts)} |")
   means = {m: float(np.mean(v["lambda_max"])) for m, v in vals.items()}
   sam_lowest = "sam" in means and min(means, key=means.get) == "sam"
@@ -469,8 +442,8 @@ def claim_sharpness(runs, best) -> Claim:
   else:
     verdict = UNSURE
   ours = ("mean lambda_max " + ", ".join(
-      f"{METHOD_LABELS[m]} {means[m]:.3g}" for m in vals) +
-      f"; lowest: {METHOD_LABELS[min(means, key=means.get)]}")
+      f"{LABEL[m]} {means[m]:.3g}" for m in vals) +
+      f"; lowest: {LABEL[min(means, key=means.get)]}")
   detail = ("Final checkpoints of the Table 1 runs, `nanodo-sam analyze` "
             f"({' '.join(ANALYZE_FLAGS)}) on 8 fixed validation rows, means "
             "over seeds. Rule: holds if every method is below AdamW in all "
@@ -490,7 +463,7 @@ def claim_pruning(runs, best) -> tuple[Claim, dict]:
   for m, rs in groups.items():
     per_seed = {}
     for r in rs:
-      p = r.json("prune.json")
+      p = r.prune
       if p:
         per_seed[r.seed] = {round(x["fraction"], 6): x["eval_loss"]
                             for x in p["results"]}
@@ -517,10 +490,10 @@ def claim_pruning(runs, best) -> tuple[Claim, dict]:
       smaller_all &= smaller == len(pairs)
       larger_all &= smaller == 0
       cell = f"{smaller}/{len(pairs)}"
-    rows.append(f"| {METHOD_LABELS[m]} | {np.mean(rises):+.4f} | {cell} |")
+    rows.append(f"| {LABEL[m]} | {np.mean(rises):+.4f} | {cell} |")
   verdict = HOLDS if smaller_all else (FAILS if larger_all else UNSURE)
   ours = "; ".join(
-      f"{METHOD_LABELS[m]} {np.mean([rise(c, s) for s in c]):+.3f}"
+      f"{LABEL[m]} {np.mean([rise(c, s) for s in c]):+.3f}"
       for m, c in curves.items()) + f" nats at {top:.0%} pruned"
   detail = ("`nanodo-sam prune-eval` on the final checkpoints of the Table 1 "
             "runs (embeddings never pruned). Rule: holds if every method's "
@@ -561,7 +534,7 @@ def plot_rho(curves, ref, noise, out):
     if m in curves:
       rhos, losses = zip(*curves[m])
       ax.plot(rhos, np.asarray(losses) - ref, marker=marker,
-              label=METHOD_LABELS[m])
+              label=LABEL[m])
   ax.axhline(0, color="k", lw=0.8, label="AdamW (seed 0)")
   ax.axhspan(-noise, noise, color="0.85", label="± seed noise")
   ax.set_xscale("log")
@@ -578,7 +551,7 @@ def plot_pruning(curves, out):
   for m, per_seed in curves.items():
     fr = sorted(next(iter(per_seed.values())))
     mean = [np.mean([c[f] - c[0.0] for c in per_seed.values()]) for f in fr]
-    ax.plot(fr, mean, marker="o", label=METHOD_LABELS[m])
+    ax.plot(fr, mean, marker="o", label=LABEL[m])
   ax.set_xlabel("fraction of non-embedding weights pruned")
   ax.set_ylabel("eval loss rise (mean over seeds)")
   ax.legend(fontsize=8)
@@ -589,10 +562,10 @@ def plot_pruning(curves, out):
 # ---------------------------------------------------------------- report
 
 
-def study_time(runs: list[Run], analysis: dict) -> dict:
-  starts = [os.path.getmtime(os.path.join(r.path, "config.json"))
+def study_time(runs: list, analysis: dict) -> dict:
+  starts = [os.path.getmtime(os.path.join(r.workdir, "config.json"))
             for r in runs]
-  ends = [os.path.getmtime(os.path.join(r.path, "results.json"))
+  ends = [os.path.getmtime(os.path.join(r.workdir, "results.json"))
           for r in runs]
   return {
       "runs": len(runs),
@@ -716,6 +689,7 @@ def main(argv=None) -> int:
       spent[path] = spent.get(path, 0.0) + s
       with open(times_path, "w") as f:
         json.dump(spent, f, indent=2)
+    runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
 
   c1, t5 = claim_logit_dominance(runs)
   c2, byte = claim_vocabulary(runs, t5)
@@ -734,7 +708,7 @@ def main(argv=None) -> int:
 
   if t5:
     t5_pre = {r.seed: tau_series(r, "_precond") for r in runs
-              if r.method == "adamw" and not r.byte and r.seed in t5}
+              if r.method == "adamw" and not _byte(r) and r.seed in t5}
     panels = [("V = 32,101, e = g", t5),
               ("V = 32,101, e = P^-1 g", {k: v for k, v in t5_pre.items()
                                           if v})]
@@ -749,7 +723,7 @@ def main(argv=None) -> int:
     plot_pruning(prune_curves, os.path.join(fig_dir, "miniature_pruning.png"))
   if t5:
     c1.detail += "\n\n![taus over training](miniature_taus.png)"
-  t5_cfg = next((r.cfg for r in runs if not r.byte), None)
+  t5_cfg = next((r.config for r in runs if not _byte(r)), None)
   setup = setup_text(t5_cfg, train_tokens(t5_cfg)) if t5_cfg else ""
   text = render(claims, study_time(runs, spent), args.out, setup)
   os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)

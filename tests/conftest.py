@@ -43,6 +43,24 @@ def tiny_config(**overrides):
   return c
 
 
+def read_scalars(workdir, prefix: str) -> dict:
+  """{tag: {step: value}} of the TensorBoard scalars under `prefix`."""
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  from tensorboard.util import tensor_util
+  acc = ea.EventAccumulator(str(workdir), size_guidance={ea.TENSORS: 0,
+                                                         ea.SCALARS: 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    if tag.startswith(prefix):
+      out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                  for e in acc.Tensors(tag)}
+  for tag in acc.Tags()["scalars"]:
+    if tag.startswith(prefix):
+      out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+  return out
+
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_config

@@ -10,9 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import needs_data, tiny_config
+from conftest import needs_data, read_scalars, tiny_config
+from nanodo_sam import checkpoint
 from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import sam_schedule
 from nanodo_sam import sharpness
+from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
 
@@ -100,14 +103,11 @@ def _spy_on_steps(monkeypatch):
         return fn(params, inputs)
       return counted
 
-    # The same logits function, counting network passes: with an output
-    # head (model.OutputHead) the step runs `features` and the chunked head.
-    counting_logits_fn = count(s.logits_fn)
-    head = getattr(s.logits_fn, "output_head", None)
-    if head is not None:
-      counting_logits_fn.output_head = head._replace(
-          features=count(head.features))
-    fn = real(dataclasses.replace(s, logits_fn=counting_logits_fn), method)
+    # The same logits function and head, counting network passes: the step
+    # runs the head's `features` and the chunked output layer.
+    fn = real(dataclasses.replace(
+        s, logits_fn=count(s.logits_fn),
+        head=s.head._replace(features=count(s.head.features))), method)
     fns[method] = fn
 
     def call(state, batch):
@@ -121,9 +121,9 @@ def _spy_on_steps(monkeypatch):
 
 
 def _restore(workdir, cfg, step):
-  s = train_lib.setup(cfg)
-  mngr = train_lib.checkpoint_manager(str(workdir))
-  return s, train_lib.restore_state(mngr, s, step)
+  s = state_lib.setup(cfg)
+  mngr = checkpoint.checkpoint_manager(str(workdir))
+  return s, checkpoint.restore_state(mngr, s, step)
 
 
 def _assert_trees_equal(a, b):
@@ -139,7 +139,7 @@ def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
       "sam.method": "sam", "sam.rho": 0.05, "sam.start_step": k,
       "opt.num_train_steps": total, "checkpoint_every_steps": k,
       "eval_every_steps": 0, "log_every_steps": 1, "data.eval_steps": 1})
-  assert [train_lib.uses_sam_step(late_cfg.sam, i) for i in range(total)] \
+  assert [sam_schedule.uses_sam_step(late_cfg.sam, i) for i in range(total)] \
       == [False] * k + [True] * (total - k)
   real_jit_train_step = train_lib.jit_train_step
   used, passes, fns, batches = _spy_on_steps(monkeypatch)
@@ -155,9 +155,9 @@ def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
   # reaches the same state at k, bit for bit: params, AdamW moments, count.
   adamw_cfg = tiny_config(**{"sam.method": "adamw", "sam.rho": 0.0,
                              "opt.num_train_steps": total})
-  s_adamw = train_lib.setup(adamw_cfg)
+  s_adamw = state_lib.setup(adamw_cfg)
   adamw_step = real_jit_train_step(s_adamw, "adamw")
-  state = train_lib.init_state(s_adamw, adamw_cfg.seed)
+  state = state_lib.init_state(s_adamw, adamw_cfg.seed)
   for batch in batches[:k]:
     state, _ = adamw_step(state, batch)
   _, at_k = _restore(tmp_path, late_cfg, k)
@@ -180,23 +180,6 @@ def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
   assert diff > 1e-6  # ... which are not AdamW's.
 
 
-def _read_scalars(workdir, prefix):
-  from tensorboard.backend.event_processing import event_accumulator as ea
-  from tensorboard.util import tensor_util
-  acc = ea.EventAccumulator(str(workdir), size_guidance={ea.TENSORS: 0,
-                                                         ea.SCALARS: 0})
-  acc.Reload()
-  out = {}
-  for tag in acc.Tags()["tensors"]:
-    if tag.startswith(prefix):
-      out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                  for e in acc.Tensors(tag)}
-  for tag in acc.Tags()["scalars"]:
-    if tag.startswith(prefix):
-      out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
-  return out
-
-
 @needs_data
 def test_edge_of_stability_run_logs_lambda_max_and_sam_edge(tmp_path):
   lr, rho = 0.2, 0.3
@@ -210,7 +193,7 @@ def test_edge_of_stability_run_logs_lambda_max_and_sam_edge(tmp_path):
       "checkpoint_every_steps": 0, "data.eval_steps": 1})
   res = train_lib.train(cfg, str(tmp_path))
   assert res["status"] == "completed"
-  eos = _read_scalars(tmp_path, "eos/")
+  eos = read_scalars(tmp_path, "eos/")
   for tag in ("lambda_max", "sam_edge", "two_over_lr", "grad_norm",
               "grad_alignment", "sam_grad_alignment", "lanczos_iters"):
     assert sorted(eos[f"eos/{tag}"]) == [0, 1], tag  # Before steps 0 and 1.

@@ -293,10 +293,10 @@ def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
 
   # By hand: BOS + ids + EOS per document, cut or padded (0) to L, inputs =
   # the row, targets = the row shifted by one, weight 0 on padding.
-  from nanodo_sam import train as train_lib
-  s = train_lib.setup(cfg)
-  state = train_lib.restore_state(train_lib.checkpoint_manager(str(workdir)),
-                                  s)
+  from nanodo_sam import checkpoint, state as state_lib
+  s = state_lib.setup(cfg)
+  state = checkpoint.restore_state(checkpoint.checkpoint_manager(
+      str(workdir)), s)
   vocab = seqio.SentencePieceVocabulary(SPM_PATH)
   L = cfg.model.L
   total, count = 0.0, 0

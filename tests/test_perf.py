@@ -16,7 +16,9 @@ from conftest import needs_data, tiny_config
 from nanodo_sam import bench
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
+from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
+from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
 ALL = sorted(sam.METHODS)
@@ -53,7 +55,7 @@ def _flat(tree):
 def test_output_head_reproduces_the_logits():
   m, params = _model()
   logits_fn = model_lib.make_logits_fn(m)
-  head = logits_fn.output_head
+  head = model_lib.output_head(m)
   tokens = _batch()["inputs"]
   h = head.features(params, tokens)
   np.testing.assert_array_equal(head.apply(head.select(params), h),
@@ -62,16 +64,16 @@ def test_output_head_reproduces_the_logits():
 
 def test_chunked_head_equals_plain_logits_fn(monkeypatch):
   """Every method: the fused output layer + loss + cotangent, in 4 chunks of
-  the sequence, gives the unfused result (a logits_fn without output_head,
+  the sequence, gives the unfused result (the logits_fn without its head,
   the plain vjp path) to float32 tolerance."""
   m, params = _model()
-  fused = model_lib.make_logits_fn(m)
-  plain = lambda p, x: fused(p, x)  # No output_head: the plain vjp path.
+  logits_fn, model_head = model_lib.make_logits_fn(m), model_lib.output_head(m)
   batch = _batch()
   monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", B * (L // 4) * V)
-  head, chunked = sam.output_head(fused)
-  assert chunked and sam._num_chunks(
-      head, chunked, sam.point(params, batch["inputs"], fused)) == 4
+  head, chunked = sam.resolve_head(logits_fn, model_head)
+  assert chunked and sam._num_chunks(head, chunked, sam.point(
+      params, batch["inputs"], logits_fn, model_head)) == 4
+  assert not sam.resolve_head(logits_fn)[1]
   rng = np.random.default_rng(3)
   precond = jax.tree.map(
       lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params)
@@ -79,9 +81,9 @@ def test_chunked_head_equals_plain_logits_fn(monkeypatch):
   @jax.jit  # One compilation for all 14 gradients.
   def every_method(params, batch, precond):
     return {(method, name): sam.gradient(
-        method, params, batch, logits_fn=fn, rho=0.1, phi=_phi(method),
-        precond=precond) for method in ALL
-            for name, fn in (("fused", fused), ("plain", plain))}
+        method, params, batch, logits_fn=logits_fn, rho=0.1, phi=_phi(method),
+        precond=precond, head=h) for method in ALL
+            for name, h in (("fused", model_head), ("plain", None))}
 
   out = every_method(params, batch, precond)
   for method in ALL:
@@ -94,30 +96,53 @@ def test_chunked_head_equals_plain_logits_fn(monkeypatch):
                                  err_msg=f"{method} {k}")
 
 
-def _temp_bytes(method, logits_fn, params, batch):
+def _temp_bytes(method, logits_fn, params, batch, head=None):
   fn = jax.jit(functools.partial(sam.gradient, method, logits_fn=logits_fn,
-                                 rho=0.1, phi=_phi(method)))
+                                 rho=0.1, phi=_phi(method), head=head))
   m = fn.lower(params, batch).compile().memory_analysis()
   return m.temp_size_in_bytes
+
+
+def _wrappers(params):
+  """(logits_fn, head) -> the same pair seen through a wrapper: a python
+  closure, jax.jit, and the trainer's sharding pin (one-device mesh)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("fsdp",))
+  pinned = jax.tree.map(lambda _: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()), params)
+  return {
+      "closure": lambda f, h: (lambda p, x: f(p, x), h),
+      "jit": lambda f, h: (jax.jit(f), h),
+      "pin": lambda f, h: (sharding.pin_params(f, pinned),
+                           sharding.pin_head(h, pinned)),
+  }
 
 
 def test_no_step_holds_a_logits_sized_tensor(monkeypatch):
   """V = 4096 >> D: one f32 [B, L, V] is far bigger than everything else. In
   8 chunks no method's temporaries reach even one of them (the plain path
-  holds two), and functional_sam grows no faster than sam."""
+  holds two), and functional_sam grows no faster than sam. A wrapped
+  logits_fn (closure, jit, sharding pin) with the head handed over
+  explicitly chunks the same."""
   Bm, Lm, Vm = 4, 64, 4096
   monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", Bm * (Lm // 8) * Vm)
   m, params = _model(D=16, V=Vm, L=Lm)
-  fused = model_lib.make_logits_fn(m)
-  plain = lambda p, x: fused(p, x)
+  logits_fn, head = model_lib.make_logits_fn(m), model_lib.output_head(m)
   batch = _batch(Bm, Lm, Vm)
   logits_bytes = Bm * Lm * Vm * 4
-  temp = {k: _temp_bytes(k, fused, params, batch) for k in (
+  temp = {k: _temp_bytes(k, logits_fn, params, batch, head) for k in (
       "adamw", "sam", "functional_sam", "logit_sam", "angle_sam")}
-  assert _temp_bytes("functional_sam", plain, params, batch) > 2 * logits_bytes
+  assert _temp_bytes("functional_sam", logits_fn, params, batch) > \
+      2 * logits_bytes
   for k, t in temp.items():
     assert t < logits_bytes, (k, t, logits_bytes)
   assert temp["functional_sam"] <= temp["sam"] + logits_bytes // 8, temp
+  for name, wrap in _wrappers(params).items():
+    wrapped_fn, wrapped_head = wrap(logits_fn, head)
+    assert _temp_bytes("functional_sam", wrapped_fn, params, batch) > \
+        2 * logits_bytes, name  # The wrapper alone: the plain path.
+    for k in ("sam", "functional_sam"):
+      t = _temp_bytes(k, wrapped_fn, params, batch, wrapped_head)
+      assert t < logits_bytes, (name, k, t, logits_bytes)
 
 
 # ------------------------------------------ compilation, syncs and donation
@@ -127,7 +152,7 @@ def _train_setup(method="adamw", **overrides):
   cfg = tiny_config(**{"sam.method": method,
                        "sam.rho": 0.0 if method == "adamw" else 0.05,
                        "sam.phi": _phi(method), **overrides})
-  s = train_lib.setup(cfg)
+  s = state_lib.setup(cfg)
   batch = sharding.global_batch(bench.synthetic_batch(cfg), s.mesh)
   return cfg, s, batch
 
@@ -163,11 +188,11 @@ def test_no_recompilation_after_the_first_step_of_each_kind(compiles):
   for method, every_k in (("adamw", 1), ("functional_sam", 1),
                           ("precond_sam", 2)):
     cfg, s, batch = _train_setup(method, **{"sam.every_k": every_k})
-    state = train_lib.init_state(s, cfg.seed)
+    state = state_lib.init_state(s, cfg.seed)
     fns = {}
     seen = set()
     for step in range(6):
-      kind = cfg.sam.method if train_lib.uses_sam_step(cfg.sam, step) \
+      kind = cfg.sam.method if sam_schedule.uses_sam_step(cfg.sam, step) \
           else "adamw"
       fn = fns.setdefault(kind, train_lib.jit_train_step(s, kind))
       before = compiles.count
@@ -225,10 +250,10 @@ def test_bfloat16_compute_every_method(method):
   """One train step in bfloat16 compute: float32 logits, loss, gradients,
   parameters and optimizer state; everything finite."""
   cfg, s, batch = _train_setup(method, **{"model.dtype": "bfloat16"})
-  state = train_lib.init_state(s, cfg.seed)
+  state = state_lib.init_state(s, cfg.seed)
   logits = s.logits_fn(state.params, batch["inputs"])
   assert logits.dtype == jnp.float32
-  h = s.logits_fn.output_head.features(state.params, batch["inputs"])
+  h = s.head.features(state.params, batch["inputs"])
   assert h.dtype == jnp.bfloat16
   state, metrics = train_lib.jit_train_step(s, method)(state, batch)
   for name, x in [("params", state.params), ("opt_state", state.opt_state)]:
@@ -274,7 +299,8 @@ def test_return_reuse_carries_method_minus_plain_gradient():
   for accum in (3,):  # accum=1: test_reuse_in_the_train_step.
     loss, grads, metrics, reuse = jax.jit(functools.partial(
         sam.accumulated_gradient, "functional_sam", logits_fn=logits_fn,
-        rho=0.1, num_microbatches=accum, return_reuse=True))(params, batch)
+        head=model_lib.output_head(m), rho=0.1, num_microbatches=accum,
+        return_reuse=True))(params, batch)
     _, g, _ = sam.gradient("adamw", params, batch, logits_fn=logits_fn,
                            rho=0.0)
     np.testing.assert_allclose(_flat(reuse.delta), _flat(grads) - _flat(g),
@@ -293,11 +319,11 @@ def test_reuse_in_the_train_step():
   difference alone."""
   cfg, s, batch = _train_setup("functional_sam", **{
       "sam.every_k": 3, "sam.reuse": True})
-  assert [train_lib.step_kind(cfg.sam, i) for i in range(7)] == [
+  assert [sam_schedule.step_kind(cfg.sam, i) for i in range(7)] == [
       "sam", "reuse", "reuse", "sam", "reuse", "reuse", "sam"]
   fns = {"sam": train_lib.jit_train_step(s, "functional_sam"),
          "reuse": train_lib.jit_train_step(s, "adamw", correct=True)}
-  state = train_lib.init_state(s, cfg.seed)
+  state = state_lib.init_state(s, cfg.seed)
   assert float(state.reuse.grad_norm) == 0.0
   grad = jax.jit(lambda method, params: sam.gradient(
       method, params, batch, logits_fn=s.logits_fn, rho=cfg.sam.rho)[1],

@@ -190,8 +190,8 @@ def tiny_model():
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "weights": np.ones((4, cfg.L), np.float32)}
   logits_fn = model_lib.make_logits_fn(model)
-  loss = jax.jit(lambda p: model_lib.cross_entropy(logits_fn(p, batch["inputs"]),
-                                                   batch))
+  from nanodo_sam.loss import cross_entropy
+  loss = jax.jit(lambda p: cross_entropy(logits_fn(p, batch["inputs"]), batch))
   return cfg, params, loss
 
 

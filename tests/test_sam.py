@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
+from nanodo_sam.loss import cross_entropy
 
 B, L, V = 3, 4, 11
 ALL = sorted(sam.METHODS)
@@ -84,7 +85,7 @@ def x64():
 
 
 def _loss(params, batch, logits_fn):
-  return model_lib.cross_entropy(logits_fn(params, batch["inputs"]), batch)
+  return cross_entropy(logits_fn(params, batch["inputs"]), batch)
 
 
 _grad = jax.grad(_loss)
@@ -108,8 +109,7 @@ def _ref_eps(g, rho, P=None, normalize="after"):
 
 
 def _ref_dlogits(params, batch, logits_fn):
-  return jax.grad(model_lib.cross_entropy)(logits_fn(params, batch["inputs"]),
-                                          batch)
+  return jax.grad(cross_entropy)(logits_fn(params, batch["inputs"]), batch)
 
 
 def _ref_jt(params, batch, logits_fn, cotangent):
@@ -395,6 +395,8 @@ def test_cost(method):
           optimizer="momentum"), "adamw"),
     (dict(method="sam", rho=0.1, phi=None, precond_normalize="middle"),
      "precond_normalize"),
+    (dict(method="sam", rho=0.1, phi=None, perturbation_scope="local"),
+     "perturbation_scope.*microbatch"),
 ])
 def test_validate_raises(kwargs, match):
   with pytest.raises(ValueError, match=match) as info:
@@ -459,3 +461,29 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   assert make_tables.main([str(tmp_path)]) == 0
   assert "| fixed_length | 2M | gelu | Half-SAM | 3.9000 | 0.1 |" in \
       capsys.readouterr().out
+
+
+@pytest.mark.parametrize("num_microbatches", [1, 3])
+def test_accumulated_gradient_returns_one_shape(num_microbatches):
+  """A GradientResult (loss, grads, metrics, reuse) whatever the options;
+  reuse is filled only on request, and asking for it changes nothing else.
+  On one microbatch it is `gradient`'s result."""
+  params, logits_fn = _mlp()
+  batch = dict(_batch(), weights=jnp.ones((B, L), jnp.float32))
+  step = functools.partial(sam.accumulated_gradient, "functional_sam", params,
+                           batch, logits_fn=logits_fn, rho=0.1,
+                           num_microbatches=num_microbatches)
+  plain, with_reuse = step(), step(return_reuse=True)
+  for out in (plain, with_reuse):
+    assert isinstance(out, sam.GradientResult) and len(out) == 4
+  assert plain.reuse is None and isinstance(with_reuse.reuse, sam.Reuse)
+  np.testing.assert_array_equal(plain.loss, with_reuse.loss)
+  _close(plain.grads, with_reuse.grads, rtol=0)
+  if num_microbatches == 1:
+    loss, grads, metrics = _step("functional_sam", params, batch, logits_fn,
+                                 0.1)
+    np.testing.assert_array_equal(plain.loss, loss)
+    _close(plain.grads, grads, rtol=0)
+    assert set(plain.metrics) == set(metrics)
+  with pytest.raises(ValueError, match="perturbation_scope"):
+    step(perturbation_scope="local")

@@ -211,25 +211,28 @@ def worker_mesh(out_path: str) -> None:
   import optax
   import orbax.checkpoint as ocp
   from jax.sharding import SingleDeviceSharding
+  from nanodo_sam import checkpoint
   from nanodo_sam import model as model_lib
   from nanodo_sam import optimizer as optimizer_lib
   from nanodo_sam import sam as sam_lib
-  from nanodo_sam import sharding, train
+  from nanodo_sam import sharding
+  from nanodo_sam import state as state_lib
 
   assert jax.device_count() == 8, jax.devices()
   t0 = time.time()
   res = {"meshes": {}, "timings": {}}
   batch = synthetic_batch(0, 8)
-  setups = {m: train.setup(step_config(m)) for m in MESHES}
+  setups = {m: state_lib.setup(step_config(m)) for m in MESHES}
 
   # The one-device reference: the same pure step, jitted without shardings on
   # device 0 (a Setup's model, optimizer and config do not depend on the mesh).
   s_first = setups[MESHES[0]]
   dev0 = SingleDeviceSharding(jax.devices()[0])
-  init = train.init_state(s_first, seed=0)
+  init = state_lib.init_state(s_first, seed=0)
   ref_state = jax.device_put(init, dev0)
   s_ref = dataclasses.replace(  # Without the pin to the 8-device layout.
-      s_first, logits_fn=model_lib.make_logits_fn(s_first.model))
+      s_first, logits_fn=model_lib.make_logits_fn(s_first.model),
+      head=model_lib.output_head(s_first.model))
   ref = jax.device_get(jax.jit(_all_methods_fn(s_ref))(
       ref_state, jax.device_put(batch, dev0)))
   b1 = s_first.cfg.opt.b1
@@ -245,7 +248,7 @@ def worker_mesh(out_path: str) -> None:
     t = time.time()
     s = setups[shape]
     r = res["meshes"][str(shape)] = {}
-    state = train.init_state(s, seed=0)
+    state = state_lib.init_state(s, seed=0)
     r["init_max_diff"] = _max_abs(state.params, jax.device_get(init.params))
     fn = jax.jit(_all_methods_fn(s),
                  in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)))
@@ -312,12 +315,13 @@ def worker_mesh(out_path: str) -> None:
         in_shardings=(s.state_sharding.opt_state,))(
             out["adamw"]["state"].opt_state)
     r["perturbed_keeps_sharding"] = same(perturbed, ps)
-    # The gradient, unpinned on the way out: the pin inside logits_fn
-    # (sharding.pin_params) must put it where the parameters are, so that
-    # eps and theta + eps, computed from it inside the step, are too.
+    # The gradient, unpinned on the way out: the pin inside logits_fn and
+    # head (sharding.pin_params / pin_head) must put it where the parameters
+    # are, so that eps and theta + eps, computed from it inside the step, are
+    # too.
     r["grads_keep_sharding"] = same(jax.jit(
         lambda p, b: sam_lib.gradient("adamw", p, b, logits_fn=s.logits_fn,
-                                      rho=0.0)[1],
+                                      head=s.head, rho=0.0)[1],
         in_shardings=(ps, sharding.batch_sharding(s.mesh)))(
             state.params, sharding.global_batch(batch, s.mesh)), ps)
     r["precond_keeps_sharding"] = same(precond, ps)
@@ -330,13 +334,13 @@ def worker_mesh(out_path: str) -> None:
 
     if saved is None:  # Checkpoint on the first mesh; restore on the others.
       ckpt_dir = os.path.join(os.path.dirname(out_path), "ckpt")
-      mngr = train.checkpoint_manager(ckpt_dir)
+      mngr = checkpoint.checkpoint_manager(ckpt_dir)
       saved = out["adamw"]["state"]
       mngr.save(1, args=ocp.args.StandardSave(saved))
       mngr.wait_until_finished()
       saved_host = jax.device_get((saved.params, saved.opt_state))
     else:
-      restored = train.restore_state(mngr, s, 1)
+      restored = checkpoint.restore_state(mngr, s, 1)
       r["restore"] = {
           "max_diff": _max_abs((restored.params, restored.opt_state),
                                saved_host),
@@ -488,13 +492,14 @@ def test_accumulated_microbatches_equal_the_full_batch():
   without weight decay makes each step's update its gradient: g = p - p'."""
   import jax
   from nanodo_sam import sharding, train
+  from nanodo_sam import state as state_lib
 
   n = jax.device_count()
   batch_size = 8 * n  # 4 microbatches x 2 rows per device.
   variants = [("adamw", 1, "global"), ("adamw", 4, "global"),
               ("adamw", 4, "microbatch"), ("sam", 1, "global"),
               ("sam", 4, "global"), ("sam", 4, "microbatch")]
-  setups = {v: train.setup(step_config(
+  setups = {v: state_lib.setup(step_config(
       (-1, 1, 1), **{"sam.method": v[0], "grad_accumulation_steps": v[1],
                      "sam.perturbation_scope": v[2], "sam.rho": 0.1,
                      "data.batch_size": batch_size, "opt.optimizer": "sgd",
@@ -505,7 +510,7 @@ def test_accumulated_microbatches_equal_the_full_batch():
   def all_variants(state, batch):
     return {v: step(state, batch) for v, step in steps.items()}
 
-  state = train.init_state(setups[variants[0]], seed=0)
+  state = state_lib.init_state(setups[variants[0]], seed=0)
   batch = sharding.global_batch(synthetic_batch(2, batch_size),
                                 setups[variants[0]].mesh)
   compiled = jax.jit(all_variants).lower(state, batch).compile(

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from nanodo_sam import sharpness
-from nanodo_sam.model import (DoConfig, TransformerDo, cross_entropy,
-                              init_params, make_logits_fn)
+from nanodo_sam.loss import cross_entropy
+from nanodo_sam.model import (DoConfig, TransformerDo, init_params,
+                              make_logits_fn)
 
 V = 11
 

@@ -1,5 +1,6 @@
 """The training loop: a real short run, exact resume, divergence, methods."""
 
+import collections
 import json
 import os
 
@@ -8,16 +9,20 @@ import numpy as np
 import pytest
 
 from conftest import needs_data, tiny_config
+from nanodo_sam import checkpoint
 from nanodo_sam import data as data_lib
+from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import sam_schedule
+from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
 pytestmark = needs_data
 
 
 def _params(workdir, cfg):
-  s = train_lib.setup(cfg)
-  mngr = train_lib.checkpoint_manager(str(workdir))
-  return s, jax.device_get(train_lib.restore_state(mngr, s))
+  s = state_lib.setup(cfg)
+  mngr = checkpoint.checkpoint_manager(str(workdir))
+  return s, jax.device_get(checkpoint.restore_state(mngr, s))
 
 
 def test_short_tiny_shakespeare_run_lowers_eval_loss(tmp_path):
@@ -93,10 +98,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert res["status"] == "diverged"
   assert json.load(open(tmp_path / "boom" / "results.json"))["status"] == \
       "diverged"
-  mngr = train_lib.checkpoint_manager(str(tmp_path / "boom"))
-  s = train_lib.setup(cfg)
+  mngr = checkpoint.checkpoint_manager(str(tmp_path / "boom"))
+  s = state_lib.setup(cfg)
   for step in mngr.all_steps():
-    state = train_lib.restore_state(mngr, s, step)
+    state = checkpoint.restore_state(mngr, s, step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   del good
 
@@ -125,13 +130,13 @@ def test_schedules_choose_the_step_on_the_host():
   cfg = tiny_config(**{"sam.method": "sam", "sam.rho": 0.1,
                        "sam.start_step": 4, "sam.every_k": 3,
                        "sam.end_step": 12})
-  used = [s for s in range(16) if train_lib.uses_sam_step(cfg.sam, s)]
+  used = [s for s in range(16) if sam_schedule.uses_sam_step(cfg.sam, s)]
   assert used == [4, 7, 10]
   cfg.sam.reuse = True  # The steps in between, inside [start, end), reuse.
-  kinds = "".join(train_lib.step_kind(cfg.sam, s)[0] for s in range(16))
+  kinds = "".join(sam_schedule.step_kind(cfg.sam, s)[0] for s in range(16))
   assert kinds == "ppppsrrsrrsrpppp"
   cfg.sam.rho_warmup_steps = 10
-  rhos = [float(train_lib.rho_at(cfg.sam, s)) for s in (0, 4, 9, 20)]
+  rhos = [float(sam_schedule.rho_at(cfg.sam, s)) for s in (0, 4, 9, 20)]
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
 
 
@@ -144,3 +149,56 @@ def test_wandb_offline_logs_without_a_network(tmp_path, monkeypatch):
   assert res["status"] == "completed"
   runs = list((tmp_path / "wandb").glob("offline-run-*"))
   assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_hooks_fire_on_exactly_their_steps(tmp_path):
+  """Hooks registered with every=3 over 10 steps fire at the step counts n
+  they should, each seeing theta_n: BEFORE hooks with the batch step n takes,
+  AFTER hooks one step ahead of the metrics read back (or none behind, with
+  flush=True), METRICS hooks with step n-1's metrics. Started again once
+  finished, the run fires only the at_end hooks, on the same final state."""
+  cfg = tiny_config(**{"opt.num_train_steps": 10, "eval_every_steps": 4,
+                       "checkpoint_every_steps": 0, "log_every_steps": 5})
+  schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
+  seen = collections.defaultdict(list)
+
+  def record(name):
+    def hook(run, n):
+      seen[name].append(n)
+      if name.startswith("metrics"):
+        assert run.steps_done == n
+        np.testing.assert_allclose(run.metrics["learning_rate"],
+                                   schedule(n - 1), rtol=1e-6)
+        return
+      assert int(run.state.step) == n, (name, n)
+      if name == "before":
+        assert run.batch["inputs"].shape == (8, 32)
+      elif name == "after":  # Step n-1 dispatched, its metrics not read.
+        assert run.steps_done == n - 1 and run.pending[0] == n - 1
+      elif name == "after_flush":
+        assert run.steps_done == n and run.pending is None
+    return hook
+
+  B, A, M = train_lib.BEFORE, train_lib.AFTER, train_lib.METRICS
+  hooks = [train_lib.Hook(record("before"), 3, when=B),
+           train_lib.Hook(record("after"), 3, when=A),
+           train_lib.Hook(record("after_flush"), 3, when=A, flush=True,
+                          at_end=True),
+           train_lib.Hook(record("metrics"), 3, when=M),
+           train_lib.Hook(record("metrics_first"), 4, when=M, first=True),
+           train_lib.Hook(record("never"), 0, when=A)]
+  res = train_lib.train(cfg, str(tmp_path), hooks=hooks)
+  assert res["status"] == "completed"
+  assert dict(seen) == {"before": [0, 3, 6, 9], "after": [3, 6, 9],
+                        "after_flush": [3, 6, 9, 10], "metrics": [3, 6, 9],
+                        "metrics_first": [1, 4, 8]}
+  assert [n for n, _ in res["eval_history"]] == [4, 8, 10]
+
+  seen.clear()
+  again = train_lib.train(cfg, str(tmp_path), hooks=hooks)
+  assert dict(seen) == {"after_flush": [10]}
+  assert again["eval_history"] == [res["eval_history"][-1]]
+  assert again["final_eval_loss"] == res["final_eval_loss"]
+  assert again["steps"] == 10
+  with pytest.raises(ValueError, match="when='afterwards'"):
+    train_lib.Hook(record("typo"), 3, when="afterwards")

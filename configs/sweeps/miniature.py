@@ -33,6 +33,8 @@ import json
 import math
 import os
 
+from configs.sweeps.authoring import SweepSpec
+
 CONFIG = "configs/miniature.py"
 METHODS = ("sam", "precond_sam", "functional_sam", "precond_functional_sam")
 GRID = {
@@ -74,7 +76,9 @@ def best_rhos(out: str) -> dict[str, float]:
           for m in METHODS if set(losses[m]) == set(GRID[m])}
 
 
-def get_sweep(out: str = os.path.join("runs", "miniature")):
+def get_sweep(out: str | None = None) -> SweepSpec:
+  """Stage 1, plus stage 2 for each method whose grid has finished in `out`
+  (the launcher passes the sweep's output folder)."""
   runs = []
   for seed in (TUNING_SEED,) + EVAL_SEEDS:
     for options in ("taus", "byte+taus"):
@@ -84,7 +88,7 @@ def get_sweep(out: str = os.path.join("runs", "miniature")):
     for rho in GRID[method]:
       runs.append({"sam.method": method, "sam.rho": rho,
                    "seed": TUNING_SEED})
-  for method, rho in best_rhos(out).items():
+  for method, rho in (best_rhos(out) if out else {}).items():
     for seed in EVAL_SEEDS:
       runs.append({"sam.method": method, "sam.rho": rho, "seed": seed})
-  return {"name": "miniature", "config": CONFIG, "runs": runs}
+  return SweepSpec(name="miniature", config=CONFIG, runs=runs)

@@ -1,0 +1,117 @@
+"""The sharpness diagnostics of a run: on which batch, at which learning rate,
+rho and random key `sharpness.py` is called. Shared by the training loop
+(every diagnostics.every_steps) and `nanodo-sam analyze` (a checkpoint).
+
+Two sets: on the fixed eval batches (default), `sharpness.diagnostics` (taus,
+lambda_max, traces, SAM-edge); with diagnostics.on_train_batch, Long &
+Bartlett's edge-of-stability set on the current training minibatch
+(`sharpness.edge_of_stability`), including the alignment of g and of the
+configured method's gradient with the top Hessian eigenvector.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import sam as sam_lib
+from nanodo_sam import sam_schedule
+from nanodo_sam import sharding
+from nanodo_sam import sharpness
+from nanodo_sam.config import UsageError
+from nanodo_sam.loss import LogitsFn
+
+
+def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
+  """The fixed [K, B, L] batch the sharpness metrics are computed on: the
+  first diagnostics.batch_size rows of the first diagnostics.num_batches eval
+  batches."""
+  k, b = cfg.diagnostics.num_batches, cfg.diagnostics.batch_size
+  if len(eval_data) < k:
+    raise UsageError(
+        f"diagnostics.num_batches={k} exceeds data.eval_steps="
+        f"{len(eval_data)} eval batches; lower it or raise data.eval_steps")
+  return {key: np.stack([eb[key][:b] for eb in eval_data[:k]])
+          for key in eval_data[0]}
+
+
+def adam_precond(cfg, opt_state):
+  """AdamW's P from an optimizer state (all ones before its first update),
+  or None for another optimizer: the preconditioned direction of the
+  sharpness decomposition (tau_*_precond)."""
+  if cfg.opt.optimizer != "adamw":
+    return None
+  precond, _ = optimizer_lib.adam_preconditioner(opt_state, b2=cfg.opt.b2,
+                                                 eps=cfg.opt.eps)
+  return precond
+
+
+def make_sharpness(cfg, logits_fn: LogitsFn, eval_data
+                   ) -> Callable[..., dict[str, jax.Array]]:
+  """Jitted `(state, lr, rho, rng) -> sharpness.diagnostics(...)` on the
+  fixed batch, with diagnostics.{num_iters,num_probes,tol}; with AdamW also
+  the split along P^-1 g, P from the state's optimizer state."""
+  d = cfg.diagnostics
+  batch = fixed_batch(cfg, eval_data)
+  return jax.jit(lambda state, lr, rho, rng: sharpness.diagnostics(
+      state.params, batch, logits_fn=logits_fn, lr=lr, rho=rho,
+      num_iters=d.num_iters, num_probes=d.num_probes, rng=rng, tol=d.tol,
+      precond=adam_precond(cfg, state.opt_state)))
+
+
+def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
+  """Jitted `(state, batch, lr, rho, rng) -> sharpness.edge_of_stability`
+  on a training batch, with the configured method's gradient there. `s`: the
+  run's state.Setup (logits_fn, head, state_sharding, mesh)."""
+  d = cfg.diagnostics
+
+  def eos(state, batch, lr, rho, rng):
+    precond = None
+    if cfg.sam.method in sam_lib.PRECOND_METHODS:
+      precond, _ = optimizer_lib.adam_preconditioner(
+          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    _, sam_grads, _ = sam_lib.gradient(
+        cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
+        rho=rho, phi=cfg.sam.phi, precond=precond,
+        precond_normalize=cfg.sam.precond_normalize, head=s.head)
+    return sharpness.edge_of_stability(
+        state.params, batch, sam_grads, logits_fn=s.logits_fn, lr=lr,
+        rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol)
+
+  return jax.jit(eos, in_shardings=(s.state_sharding,
+                                    sharding.batch_sharding(s.mesh), None,
+                                    None, None))
+
+
+def to_scalars(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  """Device results -> host floats, keys prefixed `prefix/` if given."""
+  prefix = f"{prefix}/" if prefix else ""
+  return {f"{prefix}{k}": float(v) for k, v in jax.device_get(out).items()}
+
+
+def make_diagnose(cfg, s, eval_data
+                  ) -> Callable[[Any, Any, int], dict[str, float]] | None:
+  """`diagnose(state, batch, step) -> scalars` for the training loop, run
+  before step `step` (at theta_step) at the step's learning rate and rho,
+  with a key folded from the state's; None when diagnostics are off.
+  Raises UsageError (the fixed batch does not fit) before any work."""
+  if not cfg.diagnostics.every_steps:
+    return None
+  schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
+  if cfg.diagnostics.get("on_train_batch", False):
+    fn = make_edge_of_stability(cfg, s)
+    prefix = "eos"
+  else:
+    sharp = make_sharpness(cfg, s.logits_fn, eval_data)
+    fn = lambda state, batch, lr, rho, rng: sharp(state, lr, rho, rng)
+    prefix = "sharpness"
+
+  def diagnose(state, batch, step):
+    rng = jax.random.fold_in(state.rng, step)
+    return to_scalars(fn(state, batch, schedule(step),
+                         sam_schedule.rho_at(cfg.sam, step), rng), prefix)
+
+  return diagnose

@@ -1,0 +1,38 @@
+"""Which gradient each step takes, and the rho in effect (config `sam.*`).
+
+The loop picks one of the compiled steps on the host (`step_kind`), so a step
+outside the SAM window or between two `every_k` steps costs exactly a plain
+step; `rho_at` runs inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def rho_at(sam_cfg, step):
+  """rho, warmed up linearly from 0 over rho_warmup_steps."""
+  if sam_cfg.rho_warmup_steps <= 0:
+    return jnp.asarray(sam_cfg.rho, jnp.float32)
+  frac = jnp.minimum((step + 1) / sam_cfg.rho_warmup_steps, 1.0)
+  return sam_cfg.rho * frac.astype(jnp.float32)
+
+
+def uses_sam_step(sam_cfg, step: int) -> bool:
+  """Whether step `step` takes the configured SAM-family gradient."""
+  if sam_cfg.method == "adamw" or step < sam_cfg.start_step:
+    return False
+  if 0 <= sam_cfg.end_step <= step:
+    return False
+  return (step - sam_cfg.start_step) % sam_cfg.every_k == 0
+
+
+def step_kind(sam_cfg, step: int) -> str:
+  """Which compiled step runs step `step`: "sam" (the configured method's
+  gradient), "reuse" (between two of those with sam.reuse on: the plain
+  gradient plus the carried correction) or "plain"."""
+  if uses_sam_step(sam_cfg, step):
+    return "sam"
+  in_window = (sam_cfg.method != "adamw" and step >= sam_cfg.start_step
+               and not 0 <= sam_cfg.end_step <= step)
+  return "reuse" if in_window and sam_cfg.get("reuse", False) else "plain"

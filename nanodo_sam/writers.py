@@ -1,0 +1,106 @@
+"""Where metrics go: clu writers (TensorBoard + log), wandb, the progress line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+from clu import metric_writers
+
+from nanodo_sam import config as config_lib
+
+log = logging.getLogger("nanodo_sam")
+
+
+class WandbWriter(metric_writers.MetricWriter):
+  """clu MetricWriter that forwards scalars to wandb (offline works)."""
+
+  def __init__(self, cfg, workdir: str):
+    import wandb
+    self._wandb = wandb
+    self._run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode,
+                           dir=workdir, config=config_lib.to_dict(cfg),
+                           name=os.path.basename(os.path.abspath(workdir)),
+                           resume="allow")
+
+  def write_scalars(self, step, scalars):
+    self._run.log(dict(scalars), step=int(step))
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self._run.finish()
+
+
+def make_writer(cfg, workdir: str):
+  """TensorBoard events in `workdir` and the log (process 0; the others
+  only log), plus wandb with wandb.enabled."""
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  if cfg.wandb.enabled and jax.process_index() == 0:
+    writer = metric_writers.MultiWriter([writer, WandbWriter(cfg, workdir)])
+  return writer
+
+
+def write_hparams(writer, cfg) -> None:
+  """The config's scalar values, flattened to dotted keys."""
+  writer.write_hparams({k: v for k, v in _flat(config_lib.to_dict(cfg)).items()
+                        if isinstance(v, (int, float, str, bool))})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class Progress:
+  """Console line every log_every_steps: loss, steps/s, tokens/s, ETA."""
+
+  def __init__(self, start: int, total: int, tokens_per_step: int, writer):
+    self.total, self.tokens_per_step, self.writer = total, tokens_per_step, \
+        writer
+    self.last_step, self.last_time = start, time.time()
+
+  def log(self, step: int, metrics) -> None:
+    now = time.time()
+    if step > self.last_step and now > self.last_time:
+      rate = (step - self.last_step) / (now - self.last_time)
+      eta = (self.total - step) / rate
+      self.writer.write_scalars(step, {
+          "perf/steps_per_sec": rate,
+          "perf/tokens_per_sec": rate * self.tokens_per_step})
+      log.info("step %d/%d: loss %.4f, grad_norm %.3f | %.2f steps/s, "
+               "%.0f tokens/s, ETA %s", step, self.total, metrics["loss"],
+               metrics["grad_norm"], rate, rate * self.tokens_per_step,
+               time.strftime("%H:%M:%S", time.gmtime(eta)))
+    self.last_step, self.last_time = step, now
