@@ -678,17 +678,25 @@ def main(argv=None) -> int:
   fig_dir = args.figures or os.path.dirname(os.path.abspath(args.doc))
   runs = load_runs(args.out)
   best = sweep.best_rhos(args.out)
-  times_path = os.path.join(args.out, "analysis_seconds.json")
-  spent = {}
-  if os.path.isfile(times_path):
-    with open(times_path) as f:
-      spent = json.load(f)
+  # What this script measured before (analysis seconds per run, the
+  # training split's token count), so a second call repeats nothing.
+  memo_path = os.path.join(args.out, "miniature_report.json")
+  memo = {"analysis_seconds": {}, "train_tokens": None}
+  if os.path.isfile(memo_path):
+    with open(memo_path) as f:
+      memo.update(json.load(f))
+
+  def save_memo():
+    with open(memo_path + ".tmp", "w") as f:
+      json.dump(memo, f, indent=2)
+    os.replace(memo_path + ".tmp", memo_path)
+
+  spent = memo["analysis_seconds"]
   if not args.no_analyze:
     todo = [r for rs in table_runs(runs, best).values() for r in rs]
     for path, s in ensure_analysis(todo).items():
       spent[path] = spent.get(path, 0.0) + s
-      with open(times_path, "w") as f:
-        json.dump(spent, f, indent=2)
+      save_memo()
     runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
 
   c1, t5 = claim_logit_dominance(runs)
@@ -724,7 +732,10 @@ def main(argv=None) -> int:
   if t5:
     c1.detail += "\n\n![taus over training](miniature_taus.png)"
   t5_cfg = next((r.config for r in runs if not _byte(r)), None)
-  setup = setup_text(t5_cfg, train_tokens(t5_cfg)) if t5_cfg else ""
+  if t5_cfg and memo["train_tokens"] is None:
+    memo["train_tokens"] = train_tokens(t5_cfg)
+    save_memo()
+  setup = setup_text(t5_cfg, memo["train_tokens"]) if t5_cfg else ""
   text = render(claims, study_time(runs, spent), args.out, setup)
   os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
   with open(args.doc, "w") as f:

@@ -115,7 +115,7 @@ def fake_run(root, name, *, method, rho, seed, loss, size="2M",
       "schedule_name": schedule, "seed": seed,
       "model": {"size_name": size, "nonlinearity": nonlinearity},
       "opt": {"num_train_steps": 10000, "peak_learning_rate": 1e-3,
-              "weight_decay": 0.1},
+              "weight_decay": 1e-4},
       "sam": {"method": method, "rho": rho,
               "rho_warmup_steps": rho_warmup_steps}}))
   (d / "results.json").write_text(json.dumps({

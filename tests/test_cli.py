@@ -177,5 +177,7 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   assert run.sharpness == res and run.prune["results"] == rows
   taus = run.scalars(prefix="sharpness/tau_")
   assert [s for s, _ in taus["sharpness/tau_logit"]] == [0, 2]
-  for i in range(2):  # The three taus sum to 1 (paper eq. 9).
-    assert sum(taus[t][i][1] for t in taus) == pytest.approx(1, abs=1e-4)
+  for suffix in ("", "_precond"):  # Each split's three taus sum to 1 (eq. 9).
+    names = [f"sharpness/tau_{p}{suffix}" for p in ("logit", "func", "cross")]
+    for i in range(2):
+      assert sum(taus[n][i][1] for n in names) == pytest.approx(1, abs=1e-4)
