@@ -625,7 +625,7 @@ def train_tokens(cfg: dict) -> int | None:
 
 def render(claims: list[Claim], times: dict, out_dir: str, setup: str
            ) -> str:
-  h = lambda s: f"{s / 3600:.0f} h {s % 3600 / 60:02.0f} min"
+  h = lambda s: f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
   lines = [
       "# The paper in miniature",
       "",
@@ -642,8 +642,9 @@ def render(claims: list[Claim], times: dict, out_dir: str, setup: str
       "```",
       "",
       f"Measured: {times['runs']} training runs, {h(times['run_cpu_sum_s'])}"
-      f" of CPU time ({h(times['run_cpu_sum_s'] / 2)} on 2 idle cores, two "
-      f"runs at a time), {h(times['train_wall_span_s'])} of wall clock from "
+      f" of CPU time (so about {h(times['run_cpu_sum_s'] / 2)} of wall clock "
+      "on 2 idle cores, two runs at a time), "
+      f"{h(times['train_wall_span_s'])} of wall clock from "
       "the first run's start to the last one's end on a machine shared with "
       f"other jobs; analysis (analyze, prune-eval) {h(times['analysis_s'])}.",
       "",
