@@ -1,4 +1,5 @@
-"""Data: seqio Tasks over TFDS or text files, packed into fixed-length rows.
+"""Data: seqio Tasks over TFDS or files (text, JSON-lines, parquet), packed
+into fixed-length rows.
 
 Documents are tokenized and framed BOS + ids + EOS (`data.add_bos`; EOS
 only without it), concatenated and cut into rows. With `data.packing=nanodo`
@@ -11,6 +12,8 @@ document on its own row, padded or cut to L, at most one pass) or packed like
 the training rows. Each process reads only its own shard
 (`seqio.ShardInfo`). The train iterator's position is checkpointable
 (`TrainIterator.save/restore`, tf.data iterator checkpoints).
+`target_bytes` gives the UTF-8 bytes behind each target token (bits per
+byte).
 """
 
 from __future__ import annotations

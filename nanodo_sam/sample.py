@@ -72,6 +72,23 @@ def _choose(logits_BxV, key, temperature: float, top_k: int,
   return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=16)
+def _decode_step(model: model_lib.TransformerDo, temperature: float,
+                 top_k: int, vocab_size: int):
+  """Jitted (params, cache, tokens [B, T], key) -> (the token after the
+  last one [B], cache), compiled once per prompt length and once for T = 1,
+  and kept across `generate` calls."""
+  decode_fn = model_lib.make_decode_fn(model)
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(params, cache, tokens_BxT, key):
+    logits_BxTxV, cache = decode_fn(params, cache, tokens_BxT)
+    return _choose(logits_BxTxV[:, -1], key, temperature, top_k,
+                   vocab_size), cache
+
+  return step
+
+
 def generate(model: model_lib.TransformerDo, params, prompt: list[int], *,
              num_new: int, key: jax.Array, temperature: float = 0.0,
              top_k: int = 0, num_samples: int = 1,
@@ -85,16 +102,8 @@ def generate(model: model_lib.TransformerDo, params, prompt: list[int], *,
   if not 1 <= len(prompt) <= L or len(prompt) + num_new - 1 > L:
     raise ValueError(f"a prompt of {len(prompt)} tokens and {num_new} new "
                      f"ones do not fit the context L={L}")
-  decode_fn = model_lib.make_decode_fn(model)
-  choose = functools.partial(_choose, temperature=temperature, top_k=top_k,
-                             vocab_size=vocab_size or model.cfg.V)
-
-  @functools.partial(jax.jit, donate_argnums=1)
-  def step(params, cache, tokens_BxT, key):
-    """Feeds tokens, returns the token that follows the last one."""
-    logits_BxTxV, cache = decode_fn(params, cache, tokens_BxT)
-    return choose(logits_BxTxV[:, -1], key), cache
-
+  step = _decode_step(model, float(temperature), int(top_k),
+                      int(vocab_size or model.cfg.V))
   cache = model_lib.init_cache(model, num_samples)
   tokens_BxP = jnp.tile(jnp.asarray(prompt, jnp.int32), (num_samples, 1))
   keys = jax.random.split(key, num_new)
