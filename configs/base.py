@@ -49,8 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""       # "" = $TFDS_DATA_DIR or ../shared/data/...
   c.data.train_split = "train"
   c.data.eval_split = "validation"
-  c.data.train_files = ""         # Glob of .txt/.jsonl[.gz]: overrides TFDS.
+  # Glob of .txt, .jsonl[.gz] or .parquet files: overrides TFDS.
+  c.data.train_files = ""
   c.data.eval_files = ""          # Glob for evaluation (with train_files).
+  c.data.text_column = "text"     # The text field of .jsonl / .parquet rows.
   # SentencePiece model path (local or gs://) or "byte".
   c.data.vocab = "../shared/data/c4_t5_sentencepiece_cc_all.32000.100extra.model"
   c.data.batch_size = 256         # Global batch, in sequences.

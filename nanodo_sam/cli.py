@@ -1,4 +1,4 @@
-"""`nanodo-sam train|eval|params|analyze|prune-eval|bench`.
+"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|bench`.
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work.
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TF is imported.
 
@@ -18,51 +19,91 @@ from ml_collections import config_flags
 
 from nanodo_sam.config import UsageError
 
-USAGE = """usage: nanodo-sam COMMAND [flags]
-
-commands:
-  train       --config=FILE [--workdir=DIR] [--config.KEY=VALUE ...]
-  eval        --workdir=DIR [--step=N]
-  params      --config=FILE [--config.KEY=VALUE ...]
-  analyze     --workdir=DIR [--step=N] [--num_batches=K] [--num_iters=I] [--num_probes=P]
-  prune-eval  --workdir=DIR --fractions=0,0.1,...
-  bench       --config=FILE [--sizes=2M,23.9M] [--methods=all] [--steps=N]
-"""
-
-
 def _fail(msg: str) -> None:
   print(f"nanodo-sam: error: {msg}", file=sys.stderr)
   sys.exit(2)
 
 
+# Every flag: (absl definer, metavar, default, one-line help). A command
+# defines only the flags it lists in COMMANDS; `nanodo-sam COMMAND --help`
+# prints them from here.
+FLAGS = {
+    "config": (None, "FILE[:ARG]", None,
+               "Config file (configs/NAME.py); override any key of "
+               "configs/base.py with --config.KEY=VALUE."),
+    "workdir": (flags.DEFINE_string, "DIR", None,
+                "Run directory (config.json, checkpoints/, results)."),
+    "step": (flags.DEFINE_integer, "N", None,
+             "Checkpoint step (default: the latest)."),
+    "num_batches": (flags.DEFINE_integer, "K", None,
+                    "Fixed eval batches (default: diagnostics.num_batches)."),
+    "num_iters": (flags.DEFINE_integer, "I", None,
+                  "Lanczos iterations; 0 leaves out lambda_max."),
+    "num_probes": (flags.DEFINE_integer, "P", None,
+                   "Hutchinson probes; 0 leaves out the traces."),
+    "fractions": (flags.DEFINE_string, "F,F,...", "0,0.1,0.2,0.3,0.4,0.5",
+                  "Fractions of non-embedding weights to prune."),
+    "sizes": (flags.DEFINE_string, "S,S,...", "",
+              "Model sizes of configs/sizes.py (default: the config's)."),
+    "methods": (flags.DEFINE_string, "M,M,...", "all",
+                "Methods (sam.METHODS names, variants like sam:k=5) or all."),
+    "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),
+    "out": (flags.DEFINE_string, "PATH", "", "Output JSON (bench.json)."),
+    "prompt": (flags.DEFINE_string, "TEXT", "",
+               "Text to continue (empty: start a new document)."),
+    "max_new_tokens": (flags.DEFINE_integer, "N", 200,
+                       "Tokens to generate (at most model.L - prompt + 1)."),
+    "temperature": (flags.DEFINE_float, "T", 1.0,
+                    "Softmax temperature; 0 is greedy (argmax)."),
+    "top_k": (flags.DEFINE_integer, "K", 0,
+              "Sample among the K most likely tokens (0: all)."),
+    "seed": (flags.DEFINE_integer, "S", 0, "Sampling seed."),
+    "num_samples": (flags.DEFINE_integer, "M", 1,
+                    "Samples of the same prompt (one batch)."),
+    "coordinator_address": (flags.DEFINE_string, "HOST:PORT", "",
+                            "jax.distributed coordinator (multi-process)."),
+    "num_processes": (flags.DEFINE_integer, "N", 0,
+                      "jax.distributed process count."),
+    "process_id": (flags.DEFINE_integer, "I", -1,
+                   "jax.distributed process id."),
+}
+DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
+
+
 def _define_flags(command: str) -> flags.FlagValues:
   fv = flags.FlagValues()
-  if command in ("train", "params", "bench"):
-    config_flags.DEFINE_config_file("config", None, "Config file.",
-                                    flag_values=fv, lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory.", flag_values=fv)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).",
-                       flag_values=fv)
-  flags.DEFINE_integer("num_batches", None, "Fixed eval batches.",
-                       flag_values=fv)
-  flags.DEFINE_integer("num_iters", None, "Lanczos iterations.",
-                       flag_values=fv)
-  flags.DEFINE_integer("num_probes", None, "Hutchinson probes.",
-                       flag_values=fv)
-  flags.DEFINE_string("fractions", "0,0.1,0.2,0.3,0.4,0.5",
-                      "Pruned fractions.", flag_values=fv)
-  flags.DEFINE_string("sizes", "", "Model sizes (configs/sizes.py).",
-                      flag_values=fv)
-  flags.DEFINE_string("methods", "all", "Methods to benchmark.",
-                      flag_values=fv)
-  flags.DEFINE_integer("steps", 10, "Timed steps per method.", flag_values=fv)
-  flags.DEFINE_string("out", "", "Output JSON path.", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", "", "jax.distributed.",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", 0, "jax.distributed.",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", -1, "jax.distributed.", flag_values=fv)
+  for name in COMMANDS[command].flags:
+    define, _, default, text = FLAGS[name]
+    if name == "config":
+      config_flags.DEFINE_config_file("config", None, text, flag_values=fv,
+                                      lock_config=True)
+    else:
+      define(name, default, text, flag_values=fv)
   return fv
+
+
+def usage() -> str:
+  """`nanodo-sam --help`: the commands, one line each."""
+  width = max(map(len, COMMANDS))
+  lines = ["usage: nanodo-sam COMMAND [flags]", "", "commands:"]
+  lines += [f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()]
+  lines += ["", "`nanodo-sam COMMAND --help` lists a command's flags."]
+  return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+  """`nanodo-sam COMMAND --help`: what it does and each of its flags."""
+  c = COMMANDS[command]
+  specs = [f"--{n}={FLAGS[n][1]}" for n in c.flags]
+  width = max(map(len, specs))
+  lines = [f"usage: nanodo-sam {command} [flags]", "", c.summary, "",
+           "flags:"]
+  for name, spec in zip(c.flags, specs):
+    _, _, default, text = FLAGS[name]
+    if default not in (None, ""):
+      text += f" (default: {default})"
+    lines.append(f"  {spec:<{width}}  {text}")
+  return "\n".join(lines)
 
 
 def _add_config_paths(argv) -> list[str]:
@@ -91,6 +132,9 @@ def _parse(command: str, argv) -> flags.FlagValues:
   sys.argv = ["nanodo-sam " + command] + list(argv)
   try:
     fv(sys.argv)
+  except flags.UnrecognizedFlagError as e:
+    _fail(f"unknown flag --{e.flagname} for `nanodo-sam {command}`; "
+          f"`nanodo-sam {command} --help` lists its flags")
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     msg = (lines[-1] if lines and "parsing config file" in lines[0]
@@ -156,16 +200,58 @@ def cmd_train(fv) -> None:
 
 
 def cmd_eval(fv) -> None:
+  """Eval metrics of a checkpoint on the run's eval set, as one JSON line."""
   from nanodo_sam import data as data_lib
   from nanodo_sam import evaluate, sharding
   cfg = _load_run_config(fv.workdir)
   s, state, step = _restore_params(fv.workdir, cfg, fv.step)
-  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
-                                      sharding.batch_sharding(s.mesh))
-  loss = evaluate.eval_loss(eval_step, state.params,
-                            data_lib.eval_batches(cfg),
-                            lambda b: sharding.global_batch(b, s.mesh))
-  print(json.dumps({"step": step, "eval_loss": loss}))
+  eval_step = evaluate.make_eval_step(
+      s.logits_fn, s.state_sharding.params, sharding.batch_sharding(s.mesh),
+      target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
+  metrics = evaluate.eval_metrics(eval_step, state.params,
+                                  data_lib.eval_batches(cfg),
+                                  lambda b: sharding.global_batch(b, s.mesh))
+  print(json.dumps({"step": step, **{f"eval_{k}": v
+                                     for k, v in metrics.items()}}))
+
+
+def cmd_sample(fv) -> None:
+  """Samples from a checkpoint (nanodo_sam/sample.py), printed as text."""
+  import math
+  import time
+  import jax
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import sample as sample_lib
+  for key, least in (("max_new_tokens", 1), ("num_samples", 1), ("top_k", 0)):
+    if getattr(fv, key) < least:
+      raise UsageError(f"--{key}={getattr(fv, key)} must be >= {least}")
+  if not (math.isfinite(fv.temperature) and fv.temperature >= 0):
+    raise UsageError(f"--temperature={fv.temperature} must be a finite "
+                     "number >= 0 (0: greedy)")
+  cfg = _load_run_config(fv.workdir)
+  vocab = data_lib.make_vocab(cfg.data.vocab)
+  prompt = sample_lib.prompt_ids(vocab, fv.prompt, cfg.data.add_bos)
+  num_new = sample_lib.max_new_tokens(len(prompt), cfg.model.L,
+                                      fv.max_new_tokens)
+  if num_new < fv.max_new_tokens:
+    logging.getLogger("nanodo_sam").info(
+        "the prompt (%d tokens) leaves room for %d of the %d new tokens in "
+        "the context model.L=%d", len(prompt), num_new, fv.max_new_tokens,
+        cfg.model.L)
+  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
+  t0 = time.time()
+  new = sample_lib.generate(
+      s.model, state.params, prompt, num_new=num_new,
+      key=jax.random.key(fv.seed), temperature=fv.temperature,
+      top_k=fv.top_k, num_samples=fv.num_samples,
+      vocab_size=vocab.vocab_size, eos_id=vocab.eos_id)
+  logging.getLogger("nanodo_sam").info(
+      "step %d: %d x %d tokens in %.2f s (with compilation)", step,
+      new.shape[0], new.shape[1], time.time() - t0)
+  for i, ids in enumerate(new):
+    if len(new) > 1:
+      print(f"--- sample {i} ---")
+    print(sample_lib.text(vocab, prompt, ids))
 
 
 def cmd_params(fv) -> None:
@@ -261,19 +347,49 @@ def cmd_bench(fv) -> None:
             out=fv.out or "bench.json")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params,
-            "analyze": cmd_analyze, "prune-eval": cmd_prune_eval,
-            "bench": cmd_bench}
+class Command(NamedTuple):
+  fn: Callable
+  summary: str
+  flags: tuple[str, ...]
+
+
+COMMANDS = {
+    "train": Command(cmd_train, "Train a run in --workdir, or resume it.",
+                     ("config", "workdir") + DISTRIBUTED),
+    "eval": Command(cmd_eval, "Eval loss, perplexity, token accuracy and "
+                    "bits per byte of a checkpoint.",
+                    ("workdir", "step") + DISTRIBUTED),
+    "sample": Command(cmd_sample, "Text from a checkpoint in the run's own "
+                      "vocabulary (KV-cached decoding).",
+                      ("workdir", "step", "prompt", "max_new_tokens",
+                       "temperature", "top_k", "seed", "num_samples")),
+    "params": Command(cmd_params, "Total and non-embedding parameter counts "
+                      "of a config.", ("config",)),
+    "analyze": Command(cmd_analyze, "Sharpness of a checkpoint (lambda_max, "
+                       "traces, taus, SAM-edge) -> sharpness.json.",
+                       ("workdir", "step", "num_batches", "num_iters",
+                        "num_probes") + DISTRIBUTED),
+    "prune-eval": Command(cmd_prune_eval, "Eval loss after one-shot "
+                          "magnitude pruning -> prune.json.",
+                          ("workdir", "step", "fractions") + DISTRIBUTED),
+    "bench": Command(cmd_bench, "Step time, tokens/s, MFU and memory per "
+                     "method -> JSON.",
+                     ("config", "sizes", "methods", "steps", "out")),
+}
+HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "help")
 
 
 def main(argv=None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  if not argv or argv[0] in ("-h", "--help", "help"):
-    print(USAGE)
+  if not argv or argv[0] in HELP:
+    print(usage())
     sys.exit(0 if argv else 2)
   command, rest = argv[0], argv[1:]
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+  if any(a in HELP for a in rest):
+    print(command_help(command))
+    sys.exit(0)
   logging.basicConfig(level=logging.INFO,
                       format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "seqio"):
@@ -281,9 +397,10 @@ def main(argv=None) -> None:
   fv = _parse(command, rest)
   from nanodo_sam import sharding
   try:
-    sharding.maybe_initialize_distributed(fv.coordinator_address,
-                                          fv.num_processes, fv.process_id)
-    COMMANDS[command](fv)
+    if "coordinator_address" in fv:
+      sharding.maybe_initialize_distributed(fv.coordinator_address,
+                                            fv.num_processes, fv.process_id)
+    COMMANDS[command].fn(fv)
   except UsageError as e:
     _fail(str(e))
 

@@ -155,6 +155,10 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(data.packing in PACKINGS,
            f"data.packing={data.packing!r} is unknown; use one of "
            f"{', '.join(PACKINGS)}")
+  text_column = data.get("text_column", "text")
+  _require(isinstance(text_column, str) and text_column,
+           f"data.text_column={text_column!r} must name the text field of "
+           "the .jsonl / .parquet files, e.g. 'text'")
   _require(data.eval_mode in EVAL_MODES,
            f"data.eval_mode={data.eval_mode!r} is unknown; use one of "
            f"{', '.join(EVAL_MODES)}")

@@ -1,4 +1,5 @@
-"""Data: seqio Tasks over TFDS or text files, packed into fixed-length rows.
+"""Data: seqio Tasks over TFDS or files (text, JSON-lines, parquet), packed
+into fixed-length rows.
 
 Documents are tokenized and framed BOS + ids + EOS (`data.add_bos`; EOS
 only without it), concatenated and cut into rows. With `data.packing=nanodo`
@@ -11,6 +12,8 @@ document on its own row, padded or cut to L, at most one pass) or packed like
 the training rows. Each process reads only its own shard
 (`seqio.ShardInfo`). The train iterator's position is checkpointable
 (`TrainIterator.save/restore`, tf.data iterator checkpoints).
+`target_bytes` gives the UTF-8 bytes behind each target token (bits per
+byte).
 """
 
 from __future__ import annotations
@@ -73,31 +76,37 @@ def make_vocab(vocab: str):
   return seqio.SentencePieceVocabulary(path)
 
 
-def _file_source(pattern: str):
-  """A seqio source over text (.txt, one document per file) or JSON-lines
-  (.jsonl/.json, optionally .gz, one {"text": ...} document per line)."""
+def _file_source(pattern: str, text_column: str = "text"):
+  """A seqio source over text (.txt, one document per file), JSON-lines
+  (.jsonl/.json, optionally .gz, one {text_column: ...} document per line)
+  or parquet files (`_parquet_source`)."""
   import seqio
   tf = _tf()
   files = sorted(glob.glob(resolve_path(pattern)))
   if not files:
     raise UsageError(f"no files match {pattern!r} (data.train_files / "
-                     "data.eval_files); give a glob of .txt or .jsonl[.gz] "
-                     "files")
+                     "data.eval_files); give a glob of .txt, .jsonl[.gz] "
+                     "or .parquet files")
   stem = [f[:-3] if f.endswith(".gz") else f for f in files]
-  is_json = [s.endswith((".jsonl", ".json")) for s in stem]
-  if len(set(is_json)) != 1:
-    raise UsageError(f"{pattern!r} mixes JSON-lines and plain-text files; "
-                     "use one kind per glob")
+  kinds = {"parquet" if f.endswith(PARQUET) else
+           "json" if s.endswith((".jsonl", ".json")) else "text"
+           for f, s in zip(files, stem)}
+  if len(kinds) != 1:
+    raise UsageError(f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
+                     "files; use one kind per glob")
+  kind = kinds.pop()
+  if kind == "parquet":
+    return _parquet_source(files, text_column)
 
   def parse_json(line):
-    return json.loads(line.numpy().decode("utf-8"))["text"]
+    return json.loads(line.numpy().decode("utf-8"))[text_column]
 
   def dataset_fn(split, shuffle_files, seed=None):
     del split
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle_files:
-      ds = ds.shuffle(len(files), seed=seed)
-    if is_json[0]:
+      ds = _shuffle_once(ds, len(files), seed)
+    if kind == "json":
       ds = ds.interleave(
           lambda f: tf.data.TextLineDataset(
               f, compression_type=tf.where(
@@ -109,6 +118,109 @@ def _file_source(pattern: str):
     return ds.map(lambda f: {"text": tf.io.read_file(f)})
 
   return seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"])
+
+
+PARQUET = ".parquet"
+
+
+def _shuffle_once(ds, n: int, seed):
+  """The files' (or row groups') order, shuffled by the seed, the same in
+  every epoch: a restored iterator does not get back the per-epoch reshuffle
+  of a source-level shuffle (the epoch after a resume came out in another
+  order), while the document and row shuffles after it reshuffle every epoch
+  and resume exactly (tests/test_data.py)."""
+  return ds.shuffle(n, seed=seed, reshuffle_each_iteration=False)
+
+
+def _parquet_row_groups(files: list[str], column: str
+                        ) -> list[tuple[str, int]]:
+  """(file, row group) of every non-empty row group, read from the files'
+  footers only. UsageError for a file that is empty, is not parquet, lacks
+  `column` or holds no text in it."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  units = []
+  for f in files:
+    if os.path.getsize(f) == 0:
+      raise UsageError(f"{f!r} is empty (0 bytes); remove it from "
+                       "data.train_files / data.eval_files")
+    try:
+      with pq.ParquetFile(f) as pf:
+        schema, meta = pf.schema_arrow, pf.metadata
+    except (pa.ArrowException, OSError) as e:
+      raise UsageError(f"{f!r} is not a parquet file "
+                       f"({str(e).splitlines()[0]}); data.train_files / "
+                       "data.eval_files take .parquet, .jsonl[.gz] or .txt "
+                       "files") from None
+    if column not in schema.names:
+      raise UsageError(f"{f!r} has no column {column!r}; its columns are "
+                       f"{schema.names}: set --config.data.text_column to "
+                       "the one holding the text")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise UsageError(f"column {column!r} of {f!r} holds {kind}, not text "
+                       "(data.text_column)")
+    if meta.num_rows == 0:
+      raise UsageError(f"{f!r} has no rows; remove it from "
+                       "data.train_files / data.eval_files")
+    units += [(f, g) for g in range(meta.num_row_groups)
+              if meta.row_group(g).num_rows]
+  return units
+
+
+def _read_row_group(path, group, column) -> np.ndarray:
+  """One row group's non-null texts, UTF-8 (a tf.py_function)."""
+  import pyarrow.parquet as pq
+  with pq.ParquetFile(path.numpy().decode()) as pf:
+    texts = pf.read_row_group(int(group), columns=[column.numpy().decode()]
+                              ).column(0).drop_null().to_pylist()
+  return np.array([t.encode("utf-8") for t in texts], dtype=object)
+
+
+def _parquet_source(files: list[str], column: str):
+  """Parquet files as a seqio source, streamed one row group at a time (the
+  only part of a file in memory). Its shards are the row groups, so each
+  process reads its own (`_read_plan`); the files' order is shuffled by the
+  seed. The tf.data state holds only (file, row group) and the position in
+  it: a checkpointed iterator re-reads that row group on restore."""
+  import seqio
+  tf = _tf()
+  units = _parquet_row_groups(files, column)
+
+  def dataset(units, shuffle: bool, seed):
+    paths, groups = zip(*units)
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), list(groups)))
+    if shuffle:
+      ds = _shuffle_once(ds, len(units), seed)
+
+    def rows(path, group):
+      texts = tf.py_function(_read_row_group, [path, group, column],
+                             tf.string)
+      return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(texts,
+                                                                [None]))
+
+    return ds.flat_map(rows).map(lambda text: {"text": text})
+
+  class ParquetSource(seqio.DataSource):
+    """Row groups of parquet files; a shard is a row group."""
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+      return False
+
+    def list_shards(self, split: str) -> list[str]:
+      del split
+      return [f"{f}#{g}" for f, g in units]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True,
+                    seed=None, shard_info=None, *, sequence_length=None,
+                    use_cached=False, num_epochs=1):
+      del split, sequence_length, use_cached, num_epochs
+      mine = (units if shard_info is None
+              else units[shard_info.index::shard_info.num_shards])
+      return dataset(mine, shuffle, seed)
+
+  return ParquetSource(splits=["train", "validation"])
 
 
 def _check_tfds(name: str, data_dir: str | None) -> None:
@@ -146,7 +258,7 @@ def make_task(data_cfg, *, split_files: str = ""):
     preprocessors.append(functools.partial(_prepend, token=bos))
   preprocessors.append(seqio.preprocessors.append_eos)
   if split_files:
-    source = _file_source(split_files)
+    source = _file_source(split_files, data_cfg.get("text_column", "text"))
     name = "files"
   else:
     data_dir = tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
@@ -354,6 +466,55 @@ def _agree_on_count(n: int) -> int:
     return n
   from jax.experimental import multihost_utils
   return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
+def target_bytes(vocab: str, V: int):
+  """`(inputs, targets) -> bytes` [B, L] (jnp): the UTF-8 bytes each target
+  token adds to the decoded text of its document, for bits per byte
+  (`evaluate.make_eval_step`).
+
+  A token's bytes are those of its piece as the vocabulary decodes it:
+  one per byte of the byte vocabulary; a SentencePiece piece's UTF-8 bytes
+  with its word marker U+2581 as a space (one byte), except the space
+  SentencePiece puts in front of a document (its dummy prefix, removed when
+  decoding), i.e. on a piece right after BOS or EOS. Special pieces (pad,
+  EOS, BOS) and unknown pieces (whose source text is lost) add none, nor do
+  ids beyond the vocabulary. Summed over a document's targets this is the
+  length of `decode(ids)` in UTF-8 (SentencePiece's normalisation, e.g. of
+  whitespace, included).
+  """
+  import jax.numpy as jnp
+  v = make_vocab(vocab)
+  bytes_V = np.zeros(V, np.int32)
+  prefix_V = np.zeros(V, np.int32)
+  starts_doc_V = np.zeros(V, np.int32)
+  tokenizer = getattr(v, "tokenizer", None)
+  if tokenizer is None:  # seqio.ByteVocabulary: specials, then 256 bytes.
+    bytes_V[v.vocab_size - 256:v.vocab_size] = 1
+  else:
+    a = tokenizer.encode("a")
+    strips = (tokenizer.id_to_piece(a[0]).startswith("\u2581")
+              and tokenizer.decode(a) == "a")
+    for i in range(min(tokenizer.get_piece_size(), V)):
+      if tokenizer.is_control(i) or tokenizer.is_unknown(i):
+        continue
+      if tokenizer.is_byte(i):
+        bytes_V[i] = 1
+        continue
+      piece = tokenizer.id_to_piece(i)
+      bytes_V[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+      prefix_V[i] = strips and piece.startswith("\u2581")
+    for special in (bos_id(v), v.eos_id):
+      if special is not None and special < V:
+        starts_doc_V[special] = 1
+  bytes_V, prefix_V, starts_doc_V = map(jnp.asarray,
+                                        (bytes_V, prefix_V, starts_doc_V))
+
+  def fn(inputs_BxL, targets_BxL):
+    return (bytes_V[targets_BxL]
+            - prefix_V[targets_BxL] * starts_doc_V[inputs_BxL])
+
+  return fn
 
 
 def vocab_size(vocab: str) -> int:

@@ -1,8 +1,19 @@
-"""Evaluation: the token-weighted mean loss of a logits function over the
-fixed eval batches (the loop's eval hook, `nanodo-sam eval`, `prune-eval`)."""
+"""Evaluation: loss, perplexity, token accuracy and bits per byte of a logits
+function over the fixed eval batches (the loop's eval hook, `nanodo-sam
+eval`, `analyze`, `prune-eval`).
+
+Every metric is a ratio of sums over the scored (weight > 0) target tokens
+of all batches: loss = sum of token losses (nats) / tokens; perplexity =
+exp(loss); accuracy = tokens whose argmax is the target / tokens; bits per
+byte = sum of token losses / (ln 2 x bytes), where bytes counts the UTF-8
+bytes of the text the scored targets decode to (`data.target_bytes`). Bits
+per byte does not depend on the tokenizer, so it compares a byte-level run
+with a SentencePiece one.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import jax
@@ -11,23 +22,61 @@ import numpy as np
 
 from nanodo_sam.loss import cross_entropy
 
+# The metrics `eval_metrics` returns, in the order they are logged.
+METRICS = ("loss", "perplexity", "accuracy", "bits_per_byte")
+
 
 def make_eval_step(logits_fn: Callable, params_sharding=None,
-                   batch_sharding=None):
-  """Jitted (params, batch) -> (sum of token losses, sum of weights)."""
+                   batch_sharding=None, target_bytes: Callable | None = None):
+  """Jitted (params, batch) -> the batch's sums over scored tokens: "loss"
+  (nats), "weight" (tokens), "correct" (argmax == target) and "bytes"
+  (`target_bytes(inputs, targets)` [B, L] bytes per target; 0 without it)."""
 
   def eval_step(params, batch):
     logits_BxLxV = logits_fn(params, batch["inputs"])
-    w = jnp.sum(batch["weights"])
-    return cross_entropy(logits_BxLxV, batch) * w, w
+    w_BxL = batch["weights"]
+    w = jnp.sum(w_BxL)
+    hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
+    num_bytes = (0.0 if target_bytes is None else
+                 jnp.sum(target_bytes(batch["inputs"], batch["targets"])
+                         * w_BxL))
+    return {"loss": cross_entropy(logits_BxLxV, batch) * w, "weight": w,
+            "correct": jnp.sum(hit_BxL * w_BxL),
+            "bytes": jnp.asarray(num_bytes, jnp.float32)}
 
   if params_sharding is None:
     return jax.jit(eval_step)
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding))
 
 
+def metrics_from_sums(sums: dict) -> dict:
+  """The METRICS (plus "tokens" and "bytes") from summed eval-step outputs.
+  bits_per_byte is NaN when no byte was counted."""
+  tokens, num_bytes = max(sums["weight"], 1.0), sums["bytes"]
+  loss = sums["loss"] / tokens
+  with np.errstate(over="ignore"):
+    perplexity = float(np.exp(loss))
+  return {
+      "loss": loss,
+      "perplexity": perplexity,
+      "accuracy": sums["correct"] / tokens,
+      "bits_per_byte": (sums["loss"] / (math.log(2) * num_bytes)
+                        if num_bytes > 0 else float("nan")),
+      "tokens": sums["weight"],
+      "bytes": num_bytes,
+  }
+
+
+def eval_metrics(eval_step, params, batches: Iterable,
+                 put_batch=lambda b: b) -> dict:
+  """`metrics_from_sums` over `batches` (one host sync at the end; sums in
+  float64 on the host)."""
+  sums = jax.device_get([eval_step(params, put_batch(b)) for b in batches])
+  total = {k: float(np.sum([s[k] for s in sums], dtype=np.float64))
+           for k in ("loss", "weight", "correct", "bytes")}
+  return metrics_from_sums(total)
+
+
 def eval_loss(eval_step, params, batches: Iterable, put_batch=lambda b: b):
-  """Token-weighted mean loss over `batches` (one host sync at the end)."""
-  sums = [eval_step(params, put_batch(b)) for b in batches]
-  total, weight = np.sum(np.asarray(jax.device_get(sums)), axis=0)
-  return float(total / max(weight, 1.0))
+  """Token-weighted mean loss over `batches`."""
+  return eval_metrics(eval_step, params, batches, put_batch)["loss"]

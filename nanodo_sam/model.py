@@ -97,28 +97,64 @@ _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                                out_axis=0)
 
 
+def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array,
+              v_BxSxHxK: jax.Array, mask_TxS: jax.Array | None = None
+              ) -> jax.Array:
+  """Multi-head dot-product attention, the model's one call site: causal over
+  the sequence when `mask_TxS` is None (training, T == S), else queries
+  attend to the keys where the mask is True (decoding against the KV cache).
+  """
+  mask = None if mask_TxS is None else mask_TxS[None, None]
+  return jax.nn.dot_product_attention(
+      q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, is_causal=mask is None,
+      implementation="xla")
+
+
 class CausalAttn(nn.Module):
-  """Causal multi-head self-attention without biases."""
+  """Causal multi-head self-attention without biases.
+
+  With `cache_index` (decoding), the keys and values of x's T tokens go into
+  the "cache" collection ([B, L, H, K] each) at positions cache_index..
+  cache_index+T-1, and the queries attend to every cached position up to
+  their own: the cost of a new token does not grow with the tokens before
+  it beyond the attention over the cache.
+  """
 
   cfg: DoConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array,
+               cache_index: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     Dh = cfg.D // cfg.H
     dtype = DTYPES[cfg.dtype]
     dense = functools.partial(
         nn.DenseGeneral, features=(cfg.H, Dh), axis=-1, use_bias=False,
         dtype=dtype, kernel_init=_kernel_init(cfg, ("embed", "heads", "kv")))
-    q_BxLxHxK = dense(name="query")(x_BxLxD)
-    k_BxLxHxK = dense(name="key")(x_BxLxD)
-    v_BxLxHxK = dense(name="value")(x_BxLxD)
-    out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla")
+    q_BxTxHxK = dense(name="query")(x_BxTxD)
+    k_BxSxHxK = dense(name="key")(x_BxTxD)
+    v_BxSxHxK = dense(name="value")(x_BxTxD)
+    mask_TxS = None
+    if cache_index is not None:
+      B, T = x_BxTxD.shape[:2]
+      shape = (B, cfg.L, cfg.H, Dh)
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, shape,
+                               k_BxSxHxK.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, shape,
+                               v_BxSxHxK.dtype)
+      at = (0, cache_index, 0, 0)
+      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value,
+                                                    k_BxSxHxK, at)
+      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value,
+                                                    v_BxSxHxK, at)
+      k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
+      mask_TxS = (jnp.arange(cfg.L)[None, :]
+                  <= cache_index + jnp.arange(T)[:, None])
+    out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS)
     return nn.DenseGeneral(
         features=cfg.D, axis=(-2, -1), use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("heads", "kv", "embed")),
-        name="attn_out")(out_BxLxHxK)
+        name="attn_out")(out_BxTxHxK)
 
 
 class Mlp(nn.Module):
@@ -154,9 +190,10 @@ class TBlock(nn.Module):
   cfg: DoConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array,
+               cache_index: jax.Array | None = None) -> jax.Array:
     x_BxLxD = x_BxLxD + CausalAttn(self.cfg, name="attn")(
-        _layer_norm(self.cfg, "ln_attn")(x_BxLxD))
+        _layer_norm(self.cfg, "ln_attn")(x_BxLxD), cache_index)
     return x_BxLxD + Mlp(self.cfg, name="mlp")(
         _layer_norm(self.cfg, "ln_mlp")(x_BxLxD))
 
@@ -176,13 +213,17 @@ class TransformerDo(nn.Module):
   With `features_only=True`: the final LayerNorm's output h [B, L, D] (in the
   compute dtype), so that logits = output_logits(params["embed"]
   ["embedding"], h, cfg.stream_dtype); see `output_head`.
+
+  With `decode=True` (sampling; `make_decode_fn`): tokens [B, T] continue the
+  sequence held in the "cache" collection (`init_cache`), whose "index" is
+  the position of their first token; T = the prompt to prefill, then 1.
   """
 
   cfg: DoConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, features_only: bool = False
-               ) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, features_only: bool = False,
+               decode: bool = False) -> jax.Array:
     cfg = self.cfg
     stream = DTYPES[cfg.stream_dtype]
     embed = nn.Embed(
@@ -194,10 +235,17 @@ class TransformerDo(nn.Module):
         embedding_init=nn.with_logical_partitioning(_EMBED_INIT,
                                                     (None, "embed")))
     L = tokens_BxL.shape[1]
-    x_BxLxD = embed(tokens_BxL) + pos_embed(jnp.arange(L)[None, :])
-    block = nn.remat(TBlock) if cfg.remat else TBlock
+    start = None
+    positions_L = jnp.arange(L)
+    if decode:
+      index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+      start = index.value
+      index.value = start + L
+      positions_L = start + positions_L
+    x_BxLxD = embed(tokens_BxL) + pos_embed(positions_L[None, :])
+    block = nn.remat(TBlock) if cfg.remat and not decode else TBlock
     for i in range(cfg.N):
-      x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD)
+      x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, start)
     x_BxLxD = _layer_norm(cfg, "out_ln")(x_BxLxD)
     if features_only:
       return x_BxLxD
@@ -226,6 +274,30 @@ def output_head(model: TransformerDo) -> OutputHead:
 
 def _apply_output(dtype: str, embedding_VxD, x_xD):
   return output_logits(embedding_VxD, x_xD, dtype)
+
+
+def init_cache(model: TransformerDo, batch_size: int):
+  """An empty KV cache for decoding `batch_size` sequences of up to L tokens:
+  keys and values [B, L, H, D/H] per block (compute dtype), index 0."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((batch_size, 1), jnp.int32),
+                         decode=True)["cache"])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def make_decode_fn(model: TransformerDo):
+  """`(params, cache, tokens [B, T]) -> (logits [B, T, V], cache)`: the same
+  forward pass as `make_logits_fn`, for T tokens that continue the cached
+  sequence (positions cache index .. index + T - 1, which must stay < L)."""
+
+  def decode_fn(params, cache, tokens_BxT):
+    logits_BxTxV, updated = model.apply(
+        {"params": params, "cache": cache}, tokens_BxT, decode=True,
+        mutable=["cache"])
+    return logits_BxTxV, updated["cache"]
+
+  return decode_fn
 
 
 def init_params(model: TransformerDo, rng: jax.Array):

@@ -44,6 +44,17 @@ VARIANT_KEYS = ("sam.rho_warmup_steps", "sam.start_step", "sam.end_step",
                 "sam.perturbation_scope", "opt.weight_decay")
 
 
+# results.json keys a run can be ranked by (`RunRecord(metric=...)`, `best`,
+# `make_tables.py --metric`), and whether higher is better.
+METRICS = {
+    "final_eval_loss": False,
+    "best_eval_loss": False,
+    "final_eval_perplexity": False,
+    "final_eval_accuracy": True,
+    "final_eval_bits_per_byte": False,
+}
+
+
 def as_float(x, default=NAN) -> float:
   """float(x), or `default` for None or text."""
   try:
@@ -457,18 +468,21 @@ class Cell:
 
 
 def best(runs: Iterable[RunRecord], by: Iterable[str] = SETTING) -> Cell:
-  """The setting (runs grouped by `by`) with the lowest mean `loss` over its
-  seeds. A setting with a diverged seed is NaN; when every setting diverged,
-  the Cell is NaN at the smallest setting."""
+  """The setting (runs grouped by `by`) with the best mean `loss` (the runs'
+  metric) over its seeds: the lowest, or the highest for a metric where
+  higher is better (`METRICS`). A setting with a diverged seed is NaN; when
+  every setting diverged, the Cell is NaN at the smallest setting."""
   settings = group_by(runs, *by)
   if not settings:
     return Cell()
+  first = next(iter(settings.values()))[0]
+  sign = -1.0 if METRICS.get(first.metric, False) else 1.0
   stats = {s: mean_std(r.loss for r in rs) for s, rs in settings.items()}
   finite = [s for s in stats if math.isfinite(stats[s][0])]
   if not finite:
     s = min(settings, key=_order)
     return Cell(NAN, NAN, len(settings[s]), len(settings), s, settings[s])
-  s = min(finite, key=lambda k: (stats[k][0], _order(k)))
+  s = min(finite, key=lambda k: (sign * stats[k][0], _order(k)))
   return Cell(*stats[s], len(settings[s]), len(settings), s, settings[s])
 
 

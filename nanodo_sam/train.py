@@ -164,6 +164,7 @@ class Run:
   pending: tuple | None = None  # (step, its metrics on device)
   steps_done: int = 0  # steps whose loss was read back finite
   eval_history: list = dataclasses.field(default_factory=list)
+  last_eval: tuple | None = None  # (step, evaluate.eval_metrics' dict)
 
   @property
   def total(self) -> int:
@@ -231,17 +232,23 @@ def _diagnostics(diagnose):
 
 
 def _evaluate(run: Run):
-  """Eval loss over the fixed eval batches, logged and kept in history."""
-  eval_step = evaluate.make_eval_step(run.s.logits_fn,
-                                      run.s.state_sharding.params,
-                                      sharding.batch_sharding(run.s.mesh))
+  """Eval metrics over the fixed eval batches (evaluate.METRICS), logged;
+  the loss is kept in the history."""
+  cfg = run.cfg
+  eval_step = evaluate.make_eval_step(
+      run.s.logits_fn, run.s.state_sharding.params,
+      sharding.batch_sharding(run.s.mesh),
+      target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
 
   def evaluate_hook(run: Run, n: int) -> None:
-    loss = evaluate.eval_loss(eval_step, run.state.params, run.eval_data,
-                              run.put)
-    run.eval_history.append((n, loss))
-    run.writer.write_scalars(n, {"eval/loss": loss})
-    log.info("step %d: eval loss %.4f", n, loss)
+    metrics = evaluate.eval_metrics(eval_step, run.state.params,
+                                    run.eval_data, run.put)
+    run.eval_history.append((n, metrics["loss"]))
+    run.last_eval = (n, metrics)
+    run.writer.write_scalars(n, {f"eval/{k}": metrics[k]
+                                 for k in evaluate.METRICS})
+    log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f, "
+             "bits/byte %.4f", n, *(metrics[k] for k in evaluate.METRICS))
 
   return evaluate_hook
 
@@ -355,10 +362,16 @@ def _results(run: Run, status: str, wall_seconds: float,
   final = (dict(run.eval_history).get(run.total, float("nan"))
            if status == "completed" else float("nan"))
   finite = [l for _, l in run.eval_history if np.isfinite(l)]
+  at, last = run.last_eval or (None, {})
+  final_metrics = {
+      f"final_eval_{k}": (last[k] if at == run.total and status == "completed"
+                          else float("nan"))
+      for k in evaluate.METRICS if k != "loss"}
   n_params = model_lib.non_embedding_params(run.s.model.cfg)
   return {
       "final_eval_loss": final,
       "best_eval_loss": min(finite) if finite else float("nan"),
+      **final_metrics,
       "steps": run.steps_done,
       "tokens": run.steps_done * _tokens_per_step(cfg),
       "method": cfg.sam.method,

@@ -1,13 +1,15 @@
 """Tables 1-6 of the paper from run directories, with the paper's numbers.
 
     python scripts/make_tables.py SWEEP_DIR [SWEEP_DIR ...] [--out=DIR]
-        [--metric=final_eval_loss|best_eval_loss]
+        [--metric=final_eval_loss|best_eval_loss|final_eval_perplexity|
+                  final_eval_accuracy|final_eval_bits_per_byte]
 
 Reads every finished run under the directories (nanodo_sam/runs.py: config,
 results and `sharpness.json` from `nanodo-sam analyze`), groups runs by
 (schedule, model size, nonlinearity, method), picks the best (rho, learning
-rate, other tuned keys) per group on the mean eval loss over seeds
-(`runs.best`), and prints, as markdown, every table of configs/paper.json in
+rate, other tuned keys) per group on the mean of --metric over seeds (the
+final eval loss by default; lower is better except for accuracy;
+`runs.best`), and prints, as markdown, every table of configs/paper.json in
 the paper's layout (which sizes, methods and non-linearities, in its order):
 
   Table 1  2M, fixed-length: AdamW / SAM / Precond SAM / Func-SAM / Precond
@@ -305,7 +307,7 @@ def write_outputs(tables: list[Table], runs: list[RunRecord], out: str,
 
 def render(tables: list[Table], notes: list[str], n_runs: int,
            metric: str) -> str:
-  parts = [f"# Results ({n_runs} runs; eval loss = {metric}; "
+  parts = [f"# Results ({n_runs} runs; ours = {metric}; "
            "paper = published value)"]
   parts += [t.markdown() for t in tables]
   if notes:
@@ -318,7 +320,8 @@ def main(argv=None) -> int:
   p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
   p.add_argument("--out", default="", help="default: FIRST_DIR/tables")
   p.add_argument("--metric", default="final_eval_loss",
-                 choices=("final_eval_loss", "best_eval_loss"))
+                 choices=tuple(runs_lib.METRICS),
+                 help="the results.json key ranked and shown (runs.METRICS)")
   args = p.parse_args(argv)
   for d in args.dirs:
     if not os.path.isdir(d):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -181,3 +182,59 @@ def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
     names = [f"sharpness/tau_{p}{suffix}" for p in ("logit", "func", "cross")]
     for i in range(2):
       assert sum(taus[n][i][1] for n in names) == pytest.approx(1, abs=1e-4)
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+  code, out, _ = _run(capsys, "--help")
+  assert code == 0
+  for name, command in cli.COMMANDS.items():
+    assert f"  {name} " in out and command.summary in out
+  for name, command in cli.COMMANDS.items():
+    code, out, err = _run(capsys, name, "--help")
+    assert code == 0 and not err
+    assert out.startswith(f"usage: nanodo-sam {name} ")
+    listed = re.findall(r"^  --(\w+)=", out, re.M)
+    assert listed == list(command.flags)
+  code, out, _ = _run(capsys, "sample", "-h")
+  assert code == 0 and "--temperature=T" in out and "--fractions" not in out
+  code, _, err = _run(capsys, "eval", "--workdir=x", "--fractions=0,1")
+  _assert_one_line_error(code, err, "unknown flag --fractions for "
+                         "`nanodo-sam eval`")
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("no_column", "has no column 'text'"),
+    ("empty", "is empty (0 bytes)"),
+    ("not_parquet", "is not a parquet file"),
+    ("no_rows", "has no rows"),
+    ("not_text", "holds int64, not text"),
+    ("mixed", "mixes json and parquet files"),
+])
+def test_bad_parquet_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path, capsys, case, pattern):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  data = tmp_path / "data"
+  data.mkdir()
+  pq.write_table(pa.table({"text": ["a good document"] * 3}),
+                 data / "good.parquet")
+  bad = data / "bad.parquet"
+  if case == "no_column":
+    pq.write_table(pa.table({"content": ["x"]}), bad)
+  elif case == "empty":
+    bad.write_bytes(b"")
+  elif case == "not_parquet":
+    bad.write_text('{"text": "a JSON line in a .parquet file"}\n')
+  elif case == "no_rows":
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), bad)
+  elif case == "not_text":
+    pq.write_table(pa.table({"text": [1, 2]}), bad)
+  else:
+    (data / "more.jsonl").write_text('{"text": "x"}\n')
+  workdir = tmp_path / "run"
+  code, _, err = _run(capsys, "train", f"--config={QUICK}",
+                      f"--workdir={workdir}", *TINY,
+                      f"--config.data.train_files={data}/*",
+                      f"--config.data.eval_files={data}/good.parquet")
+  _assert_one_line_error(code, err, pattern)
+  assert not workdir.exists()

@@ -146,3 +146,31 @@ def test_variant_reads_the_defaults_of_configs_base():
   assert runs.RunRecord("r", cfg).variant == \
       "rho_warmup_steps=1000,weight_decay=0.0"
   assert runs.RunRecord("r", {"sam": {"every_k": 5}}).variant == "every_k=5"
+
+
+def test_best_ranks_by_the_chosen_metric_in_its_direction(tmp_path):
+  """Accuracy: the highest mean wins; bits per byte: the lowest;
+  make_tables.py --metric takes any of runs.METRICS."""
+  acc = {0.1: (0.30, 0.32), 0.5: (0.36, 0.34), 1.0: (0.31, 0.33)}
+  bpb = {0.1: (3.1, 3.3), 0.5: (3.4, 3.2), 1.0: (2.9, 3.0)}
+  for rho in acc:
+    for seed in (0, 1):
+      d = tmp_path / f"sam-{rho}-{seed}"
+      fake_run(tmp_path, d.name, method="sam", rho=rho, seed=seed, loss=3.0)
+      res = _json(d / "results.json")
+      res.update(final_eval_accuracy=acc[rho][seed],
+                 final_eval_bits_per_byte=bpb[rho][seed])
+      (d / "results.json").write_text(json.dumps(res))
+  for metric, rho in (("final_eval_accuracy", 0.5),
+                      ("final_eval_bits_per_byte", 1.0)):
+    cell = runs.best(runs.load_runs([str(tmp_path)], metric), by=("rho",))
+    assert cell.setting == (rho,)
+  assert cell.mean == pytest.approx(2.95)
+  from scripts import make_tables
+  assert set(runs.METRICS) >= {"final_eval_perplexity", "final_eval_accuracy",
+                               "final_eval_bits_per_byte"}
+  for metric in runs.METRICS:
+    assert make_tables.main([str(tmp_path), f"--metric={metric}",
+                             f"--out={tmp_path / 'tables'}"]) == 0
+  text = (tmp_path / "tables" / "tables.md").read_text()
+  assert "ours = final_eval_bits_per_byte" in text and "2.9500" in text
