@@ -435,6 +435,8 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
       checkpoint.retain(mngr, workdir, cfg.checkpoint_max_to_keep)
     checkpoint.prune_data_states(workdir, mngr)
     writer.flush()
+    if status is None:  # A crash: end the writers' runs (wandb) here too.
+      writer.close()
   results = _results(run, status, wall_seconds=time.time() - t_start,
                      train_seconds=time.time() - t_loop)
   _write_progress(run, status)
