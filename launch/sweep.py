@@ -23,12 +23,16 @@ setting on more seeds: configs/sweeps/miniature.py).
 Backends:
   local  runs the grid here, `--parallel` at a time (default 1), each run's
          output in OUT/<name>/train.log; runs whose results.json exists are
-         skipped, so an interrupted sweep is resumed by launching it again.
+         skipped, so an interrupted sweep is resumed by launching it again
+         (Ctrl-C stops the runs at a step boundary with a checkpoint; a
+         stopped run has no results.json, so it is resumed).
          A dependent sweep is expanded again after each pass until it lists
          nothing new, so one command runs all its stages.
   slurm  writes OUT/sweep.sbatch, one array task per grid point (each task
          `srun nanodo-sam train ...`; with several tasks per node JAX's
-         multi-process start-up detects SLURM) and prints the sbatch command
+         multi-process start-up detects SLURM) that requeues itself when
+         preempted or near its time limit (`slurm_script`), and prints the
+         sbatch command
          (a dependent sweep: the runs it lists now; launch it again when
          they have finished for the next stage).
   tpu    prints one `gcloud compute tpus tpu-vm ssh TPU --worker=all
@@ -69,6 +73,12 @@ from nanodo_sam.config import UsageError
 # pylint: enable=g-import-not-at-top
 
 BACKENDS = ("local", "slurm", "tpu")
+# `nanodo-sam train`'s exit status when a signal stopped it at a checkpoint
+# (nanodo_sam/preemption.py; not imported: it would load JAX).
+EXIT_PREEMPTED = 75
+# Seconds a stopped run may take to finish its step and checkpoint: the
+# local backend's wait after Ctrl-C, the SLURM script's --signal lead time.
+STOP_GRACE_S = 300
 # How override keys appear in run names ("" = the value alone).
 ABBREV = {
     "sam.method": "",
@@ -265,6 +275,8 @@ def load_sweep(path: str, out: str | None = None,
 
 
 def is_done(run: Run) -> bool:
+  """results.json closes a completed or diverged run; a preempted one has
+  none (its progress.json says so) and is started again."""
   return os.path.isfile(os.path.join(run.workdir, "results.json"))
 
 
@@ -285,12 +297,15 @@ def _manifest(sweep: Sweep, out: str, backend: str) -> None:
   os.replace(tmp, os.path.join(out, "sweep.json"))
 
 
-def _result_line(run: Run) -> str:
+def _result_line(run: Run, rc: int) -> str:
+  if rc == EXIT_PREEMPTED:
+    return "stopped by a signal at a checkpoint; launch again to resume"
   try:
     with open(os.path.join(run.workdir, "results.json")) as f:
       res = json.load(f)
+    loss = res.get("final_eval_loss")
     return (f"{res.get('status')}, eval loss "
-            f"{res.get('final_eval_loss', float('nan')):.4f}")
+            f"{'n/a' if loss is None else f'{loss:.4f}'}")
   except (OSError, ValueError):
     return "no results.json (see train.log)"
 
@@ -334,20 +349,21 @@ def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
         del active[key]
         done = is_done(run)
         failed += not done
-        print(f"[{i}/{total}] {'done' if done else f'FAILED (exit {rc})'} "
-              f"{run.name}: {_result_line(run)} ({time.time() - t_run:.0f}s)",
-              flush=True)
+        state = ("done" if done else "stopped" if rc == EXIT_PREEMPTED
+                 else f"FAILED (exit {rc})")
+        print(f"[{i}/{total}] {state} {run.name}: {_result_line(run, rc)} "
+              f"({time.time() - t_run:.0f}s)", flush=True)
   except KeyboardInterrupt:
     for _, proc, _, _, _ in active.values():
       proc.send_signal(signal.SIGINT)
     for _, proc, log, _, _ in active.values():
-      try:
-        proc.wait(timeout=30)
+      try:  # Each finishes its step and writes a checkpoint (exit 75).
+        proc.wait(timeout=STOP_GRACE_S)
       except subprocess.TimeoutExpired:
         proc.kill()
       log.close()
-    print("interrupted; launch again to resume (finished runs are skipped)",
-          file=sys.stderr)
+    print("interrupted; launch again to resume (finished runs are skipped, "
+          "stopped ones resume from their checkpoint)", file=sys.stderr)
     raise
   print(f"sweep {sweep.name}: {total - failed} of {total} started runs "
         f"finished, {failed} failed, {len(sweep.runs) - total} already done; "
@@ -376,12 +392,25 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       f"#SBATCH --job-name={sweep.name}",
       f"#SBATCH --array={array}",
       f"#SBATCH --output={logs}/%x-%A_%a.out",
+      "#SBATCH --open-mode=append",
+      # Preemption-safe: SIGTERM to this shell STOP_GRACE_S before the time
+      # limit; requeueable when preempted (an --sbatch option may override).
+      f"#SBATCH --signal=B:TERM@{STOP_GRACE_S}",
+      "#SBATCH --requeue",
       *[f"#SBATCH {a}" for a in sbatch_args],
       f"# Sweep {sweep.name} ({n} runs) from {os.path.abspath(sweep.path)}:",
       "# array task i trains grid point i; finished runs (results.json) exit",
       "# at once, so resubmitting the script resumes the sweep. With several",
       "# tasks per job (--ntasks-per-node, --nodes), srun starts one JAX",
       "# process per task and JAX detects the SLURM cluster.",
+      f"# Requeue: {STOP_GRACE_S} s before the time limit (--signal=B:TERM@"
+      f"{STOP_GRACE_S}) or on",
+      "# preemption SLURM sends SIGTERM; the trap below forwards it to srun,",
+      "# which signals every task: each finishes its step, writes a checkpoint",
+      f"# and exits {EXIT_PREEMPTED}, and the task requeues itself (scontrol "
+      "requeue; with",
+      "# --requeue SLURM also requeues preempted jobs). Started again, the",
+      "# same command resumes the run exactly where it stopped.",
       "set -euo pipefail",
       f"cd {shlex.quote(REPO_ROOT)}",
       f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
@@ -399,7 +428,19 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       '  echo "already finished: $WORKDIR"; exit 0',
       "fi",
       'mkdir -p "$WORKDIR"',
-      'srun "${RUN[@]}"',
+      'srun "${RUN[@]}" &',
+      "SRUN_PID=$!",
+      "trap 'kill -TERM \"$SRUN_PID\" 2>/dev/null || true' TERM INT",
+      "# A trapped signal cuts `wait` short: wait until srun has exited.",
+      'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID" || true;'
+      " done",
+      'rc=0; wait "$SRUN_PID" || rc=$?',
+      f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then',
+      '  TASK="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_$SLURM_ARRAY_TASK_ID"',
+      '  echo "stopped at a checkpoint: requeueing $TASK"',
+      '  scontrol requeue "$TASK" && exit 0',
+      "fi",
+      'exit "$rc"',
       "",
   ]
   return "\n".join(lines)

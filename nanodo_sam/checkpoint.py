@@ -2,6 +2,10 @@
 
 `<workdir>/checkpoints/<step>` holds the state, `<workdir>/data_state/<step>`
 the tf.data iterator, so a resumed run continues with the same batches.
+
+The loop keeps only checkpoints it knows are good: orbax deletes nothing by
+itself (max_to_keep=None); `retain` drops all but the newest few once the
+newest one is known good, and `delete` drops one that is not (train.py).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int = 3):
+def checkpoint_manager(workdir: str, read_only: bool = False):
+  """Orbax's manager of `<workdir>/checkpoints`. read_only: for readers
+  (eval, analyze), which create nothing (orbax's own read_only option logs
+  warnings on every use)."""
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=None,
+                                           create=not read_only))
 
 
 def restore_state(mngr, s, step: int | None = None):
@@ -35,6 +42,27 @@ def save(mngr, train_it, workdir: str, step: int, state) -> None:
   """The data position, then the state (orbax saves asynchronously)."""
   train_it.save(data_state_dir(workdir, step))
   mngr.save(step, args=ocp.args.StandardSave(state))
+
+
+def delete(mngr, workdir: str, step: int) -> None:
+  """Drops the checkpoint of `step` and its data position."""
+  mngr.wait_until_finished()
+  if step in mngr.all_steps():
+    mngr.delete(step)
+  _remove_data_state(workdir, step)
+
+
+def retain(mngr, workdir: str, keep: int) -> None:
+  """Drops all but the newest `keep` checkpoints (and data positions)."""
+  mngr.wait_until_finished()
+  for step in sorted(mngr.all_steps())[:-keep]:
+    mngr.delete(step)
+    _remove_data_state(workdir, step)
+
+
+def _remove_data_state(workdir: str, step: int) -> None:
+  if jax.process_index() == 0:
+    shutil.rmtree(data_state_dir(workdir, step), ignore_errors=True)
 
 
 def prune_data_states(workdir: str, mngr) -> None:

@@ -1,7 +1,13 @@
 """`nanodo-sam train|eval|sample|params|analyze|prune-eval|bench`.
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
-Bad input is reported as one line on stderr with exit code 2, before any work.
+Bad input is reported as one line on stderr with exit code 2, before any work
+(and before TensorFlow's start-up lines, which are silenced: that line is the
+first thing on stderr).
+
+Exit status of `train`: 0 completed (or finished before), 1 diverged (or a
+crash), 2 bad input, 75 (preemption.EXIT_PREEMPTED) stopped by SIGTERM/SIGINT
+with a checkpoint written: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Callable, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TF is imported.
@@ -70,13 +77,41 @@ FLAGS = {
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 
 
-def _define_flags(command: str) -> flags.FlagValues:
+def _quiet_tensorflow() -> None:
+  """Imports TensorFlow with file descriptor 2 sent to a temporary file: its
+  C++ start-up writes lines that TF_CPP_MIN_LOG_LEVEL does not reach ("All
+  log messages before absl::InitializeLog() ...", CUDA stub notices), which
+  would otherwise come before a command's own words on stderr. They are
+  shown if the import fails."""
+  if "tensorflow" in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as caught:
+    os.dup2(caught.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except BaseException:
+      os.dup2(saved, 2)
+      caught.seek(0)
+      sys.stderr.write(caught.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def _define_flags(command: str, config=None, argv=()) -> flags.FlagValues:
+  """The flags `command` lists in COMMANDS; `config`: its loaded --config
+  file, which takes the --config.KEY=VALUE overrides in `argv`."""
   fv = flags.FlagValues()
   for name in COMMANDS[command].flags:
     define, _, default, text = FLAGS[name]
     if name == "config":
-      config_flags.DEFINE_config_file("config", None, text, flag_values=fv,
-                                      lock_config=True)
+      if config is not None:
+        config_flags.DEFINE_config_dict("config", config, text,
+                                        flag_values=fv, lock_config=True,
+                                        sys_argv=["nanodo-sam"] + list(argv))
     else:
       define(name, default, text, flag_values=fv)
   return fv
@@ -106,32 +141,37 @@ def command_help(command: str) -> str:
   return "\n".join(lines)
 
 
-def _add_config_paths(argv) -> list[str]:
-  """argv with --config=FILE[:ARG] resolved (`config.find_config_file`: from
-  the working directory, then the repository) and its checkout on sys.path,
-  so config files can `from configs import base` from any working dir."""
+def _load_config(command: str, argv) -> tuple:
+  """(the ConfigDict of --config=FILE[:ARG], argv without that flag).
+
+  The file is found and run by `config.load_config_file` (from the working
+  directory, then the repository; a missing file, a syntax error, a failing
+  or missing get_config is one line), once; the --config.KEY=VALUE
+  overrides then apply to it."""
   from nanodo_sam import config as config_lib
-  out = []
-  for arg in argv:
+  specs, rest, args = [], [], iter(argv)
+  for arg in args:
     if arg.startswith("--config="):
-      try:
-        path, config_arg = config_lib.find_config_file(arg.split("=", 1)[1])
-      except UsageError as e:
-        _fail(str(e))
-      config_lib.add_import_root(path)
-      arg = f"--config={path}" + (f":{config_arg}" if config_arg else "")
-    out.append(arg)
-  return out
+      specs.append(arg.split("=", 1)[1])
+    elif arg == "--config":
+      specs.append(next(args, ""))
+    else:
+      rest.append(arg)
+  if not specs or not specs[-1]:
+    _fail(f"{command} needs --config=FILE (e.g. configs/quickstart.py)")
+  try:
+    return config_lib.load_config_file(specs[-1]), rest
+  except UsageError as e:
+    _fail(str(e))
 
 
 def _parse(command: str, argv) -> flags.FlagValues:
-  fv = _define_flags(command)
-  argv = _add_config_paths(argv)
-  saved_argv = sys.argv
-  # config_flags discovers --config.* overrides by reading sys.argv.
-  sys.argv = ["nanodo-sam " + command] + list(argv)
+  config = None
+  if "config" in COMMANDS[command].flags:
+    config, argv = _load_config(command, argv)
   try:
-    fv(sys.argv)
+    fv = _define_flags(command, config, argv)
+    fv(["nanodo-sam " + command] + list(argv))
   except flags.UnrecognizedFlagError as e:
     _fail(f"unknown flag --{e.flagname} for `nanodo-sam {command}`; "
           f"`nanodo-sam {command} --help` lists its flags")
@@ -145,8 +185,6 @@ def _parse(command: str, argv) -> flags.FlagValues:
              if a.startswith("--config.") and key in a.split("=")[0]]
       msg = f"unknown config key {bad[0] if bad else key!r}"
     _fail(f"{msg} (see configs/base.py for every key)")
-  finally:
-    sys.argv = saved_argv
   return fv
 
 
@@ -166,7 +204,7 @@ def _restore_params(workdir: str, cfg, step: int | None):
   from nanodo_sam import checkpoint
   from nanodo_sam import state as state_lib
   s = state_lib.setup(cfg)
-  mngr = checkpoint.checkpoint_manager(workdir)
+  mngr = checkpoint.checkpoint_manager(workdir, read_only=True)
   steps = mngr.all_steps()
   if not steps:
     raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
@@ -179,6 +217,11 @@ def _restore_params(workdir: str, cfg, step: int | None):
 
 
 def cmd_train(fv) -> None:
+  """Exits 0 (completed), 1 (diverged), 75 (stopped by a signal)."""
+  from nanodo_sam import preemption
+  # First: a SIGTERM from here on ends the run cleanly (exit 75), even one
+  # that comes while it starts up.
+  stop = preemption.StopRequest().install()
   import jax
   from nanodo_sam import config as config_lib
   cfg = fv.config
@@ -188,15 +231,16 @@ def cmd_train(fv) -> None:
                      "--config.workdir=DIR")
   with cfg.unlocked():
     cfg.workdir = workdir
-  # Checked before importing the trainer, whose TensorFlow import prints C++
-  # log lines: a bad config or mesh gives one line, fast.
+  # Checked before TensorFlow is imported: a bad config or mesh is one
+  # line, fast.
   config_lib.validate(cfg, num_devices=jax.device_count())
+  _quiet_tensorflow()
   from nanodo_sam import train as train_lib
-  results = train_lib.train(cfg, workdir)
+  results = train_lib.train(cfg, workdir, stop=stop)
   print(json.dumps({k: v for k, v in results.items()
                     if k != "eval_history"}, indent=2))
-  if results["status"] != "completed":
-    sys.exit(1)
+  sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED}.get(
+      results["status"], 1))
 
 
 def cmd_eval(fv) -> None:
@@ -307,7 +351,8 @@ def cmd_analyze(fv) -> None:
              rho=cfg.sam.rho, learning_rate=lr,
              num_batches=d.num_batches, batch_size=d.batch_size,
              num_iters=d.num_iters, num_probes=d.num_probes)
-  latest = step == max(checkpoint.checkpoint_manager(fv.workdir).all_steps())
+  latest = step == max(checkpoint.checkpoint_manager(
+      fv.workdir, read_only=True).all_steps())
   name = "sharpness.json" if latest else f"sharpness_{step}.json"
   with open(os.path.join(fv.workdir, name), "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)
@@ -400,6 +445,8 @@ def main(argv=None) -> None:
     if "coordinator_address" in fv:
       sharding.maybe_initialize_distributed(fv.coordinator_address,
                                             fv.num_processes, fv.process_id)
+    if command not in ("train", "params"):  # train: after validation.
+      _quiet_tensorflow()
     COMMANDS[command].fn(fv)
   except UsageError as e:
     _fail(str(e))

@@ -8,12 +8,15 @@ to fix it) before anything is compiled or written.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import sys
+from typing import Any, Callable
 
 import ml_collections
 
@@ -115,53 +118,156 @@ def _require(cond: bool, msg: str) -> None:
     raise UsageError(msg)
 
 
+# ------------------------------------------------------ keys: type and range
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """A config key's type and range: a value of one of `types` for which
+  `ok(value)` holds, else UsageError "KEY=VALUE `need`". none_ok: None (an
+  unset placeholder) is allowed."""
+  name: str
+  types: tuple = (str,)
+  ok: Callable[[Any], bool] = lambda v: True
+  need: str = ""
+  none_ok: bool = False
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string",
+          bool: "True or False"}
+
+
+def _integer(name: str, least: int, note: str = "") -> Key:
+  if least == 1:
+    return Key(name, (int,), lambda v: v >= 1,
+               f"must be a positive integer{note}")
+  return Key(name, (int,), lambda v: v >= least,
+             f"must be an integer >= {least}{note}")
+
+
+def _number(name: str, least: float | None = 0.0, below: float | None = None,
+            none_ok: bool = False, note: str = "") -> Key:
+  """A finite number >= least (None: any) and < below (None: no bound)."""
+  need = ("must be a finite number" if least is None else
+          f"must be >= {least:g}" if below is None else
+          f"must lie in [{least:g}, {below:g})")
+  return Key(name, (float,), lambda v: (
+      math.isfinite(v) and (least is None or v >= least)
+      and (below is None or v < below)), need + note, none_ok)
+
+
+def _choice(name: str, options: tuple) -> Key:
+  return Key(name, (str,), lambda v: v in options,
+             f"is unknown; use one of {', '.join(options)}")
+
+
+def _flag(name: str) -> Key:
+  return Key(name, (bool,))
+
+
+# Every key of configs/base.py, in its order (tests/test_cli.py checks that
+# none is missing). A new key is one line here; checks that relate several
+# keys follow in `validate`, and each module checks its own choices
+# (model.DoConfig: nonlinearity, dtype, ...; sam.validate: the method).
+KEYS = (
+    _integer("seed", 0), Key("workdir"), Key("schedule_name"),
+    *(_integer(f"model.{k}", 1) for k in ("D", "H", "N", "F", "L", "V")),
+    Key("model.nonlinearity"), Key("model.dtype"), _flag("model.remat"),
+    Key("model.kernel_init"), Key("model.residual_dtype"),
+    Key("model.size_name"),
+    Key("data.tfds_name"), Key("data.tfds_data_dir"),
+    Key("data.train_split"), Key("data.eval_split"), Key("data.train_files"),
+    Key("data.eval_files"),
+    Key("data.text_column", (str,), bool, "must name the text field of the "
+        ".jsonl / .parquet files, e.g. 'text'"),
+    Key("data.vocab"),
+    _integer("data.batch_size", 1), _integer("data.eval_batch_size", 1),
+    _integer("data.eval_steps", 1),
+    _integer("data.shuffle_buffer", 1, " (1 = no shuffling)"),
+    _flag("data.add_bos"), _choice("data.packing", PACKINGS),
+    _choice("data.eval_mode", EVAL_MODES),
+    _choice("opt.optimizer", OPTIMIZERS), _integer("opt.num_train_steps", 1),
+    _number("opt.peak_learning_rate"),
+    _number("opt.init_learning_rate", none_ok=True, note=" (None: peak/10)"),
+    _number("opt.final_learning_rate", none_ok=True, note=" (None: peak/10)"),
+    _integer("opt.warmup_steps", 0), _choice("opt.decay_type", DECAY_TYPES),
+    _number("opt.weight_decay"), _flag("opt.independent_weight_decay"),
+    Key("opt.weight_decay_exclusions"),  # "scale,embedding": name fragments.
+    _number("opt.b1", below=1), _number("opt.b2", below=1),
+    _number("opt.eps"), _number("opt.clip_by_global_norm", note=" (0: off)"),
+    Key("sam.method"), _number("sam.rho"),
+    _number("sam.phi", least=None, none_ok=True),
+    _integer("sam.rho_warmup_steps", 0), _integer("sam.start_step", 0),
+    _integer("sam.end_step", -1, " (-1: until the end)"),
+    _integer("sam.every_k", 1), _flag("sam.reuse"),
+    Key("sam.precond_normalize"), Key("sam.perturbation_scope"),
+    _integer("grad_accumulation_steps", 1),
+    _integer("eval_every_steps", 0, " (0: only at the end)"),
+    _integer("checkpoint_every_steps", 0, " (0: only at the end)"),
+    _integer("checkpoint_max_to_keep", 1, " (else nothing is left to "
+             "resume from)"),
+    _integer("log_every_steps", 1),
+    _integer("diagnostics.every_steps", 0, " (0: off)"),
+    _integer("diagnostics.num_batches", 1),
+    _integer("diagnostics.batch_size", 1),
+    _integer("diagnostics.num_iters", 0, " (0 leaves out lambda_max)"),
+    _integer("diagnostics.num_probes", 0, " (0 leaves out the traces)"),
+    Key("diagnostics.tol", (float,), lambda v: math.isfinite(v) and v > 0,
+        "must be a positive number"),
+    _flag("diagnostics.on_train_batch"),
+    _flag("wandb.enabled"), Key("wandb.project"),
+    _choice("wandb.mode", WANDB_MODES),
+    *(Key(f"mesh.{axis}", (int,), lambda v: v == -1 or v >= 1,
+          "must be a positive integer, or -1 (the devices left)")
+      for axis in ("data", "fsdp", "tensor")),
+)
+_MISSING = object()
+
+
+def _is(value, types: tuple) -> bool:
+  if isinstance(value, bool):
+    return bool in types
+  if float in types and isinstance(value, numbers.Real):
+    return True
+  if int in types and isinstance(value, numbers.Integral):
+    return True
+  return isinstance(value, tuple(t for t in types if t not in (int, float)))
+
+
+def check_keys(cfg, keys=KEYS) -> None:
+  """Each key's type and range (keys a config lacks, as an old run's
+  config.json may, are skipped)."""
+  for key in keys:
+    value = _get(cfg, key.name, _MISSING)
+    if value is _MISSING or (value is None and key.none_ok):
+      continue
+    kinds = " or ".join(_KINDS[t] for t in key.types)
+    _require(_is(value, key.types),
+             f"{key.name}={value!r} must be {kinds}"
+             + (" or None" if key.none_ok else ""))
+    _require(key.ok(value), f"{key.name}={value!r} {key.need}")
+
+
 def validate(cfg, num_devices: int | None = None) -> None:
-  """Checks the whole config; raises UsageError on the first problem."""
+  """Checks the whole config; raises UsageError on the first problem: each
+  key's type and range (KEYS), then what relates several keys."""
+  check_keys(cfg)
   model_config(cfg)
-  opt, sam, data = cfg.opt, cfg.sam, cfg.data
-  _require(opt.optimizer in OPTIMIZERS,
-           f"opt.optimizer={opt.optimizer!r} is unknown; use one of "
-           f"{', '.join(OPTIMIZERS)}")
-  _require(opt.decay_type in DECAY_TYPES,
-           f"opt.decay_type={opt.decay_type!r} is unknown; use one of "
-           f"{', '.join(DECAY_TYPES)}")
-  _require(opt.num_train_steps > 0, "opt.num_train_steps must be positive")
-  _require(0 <= opt.warmup_steps <= opt.num_train_steps,
+  opt, sam, data, diag = cfg.opt, cfg.sam, cfg.data, cfg.diagnostics
+  _require(opt.warmup_steps <= opt.num_train_steps,
            f"opt.warmup_steps={opt.warmup_steps} must lie in "
            f"[0, opt.num_train_steps={opt.num_train_steps}]")
-  for key in ("peak_learning_rate", "init_learning_rate",
-              "final_learning_rate", "weight_decay", "eps",
-              "clip_by_global_norm"):
-    v = opt[key]
-    if v is None and key in ("init_learning_rate", "final_learning_rate"):
-      continue  # peak / 10.
-    _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-             f"opt.{key}={v} must be a finite number >= 0")
-  _require(0 <= opt.b1 < 1 and 0 <= opt.b2 < 1,
-           "opt.b1 and opt.b2 must lie in [0, 1)")
   _require(not (opt.independent_weight_decay and opt.weight_decay
                 and not opt.peak_learning_rate > 0),
            "opt.independent_weight_decay divides opt.weight_decay by "
            "opt.peak_learning_rate, which is 0; set a positive peak or "
            "--config.opt.independent_weight_decay=False")
-  _require(isinstance(opt.weight_decay_exclusions, str),
-           f"opt.weight_decay_exclusions={opt.weight_decay_exclusions!r} must "
-           "be a string of comma-separated name fragments, e.g. "
-           "'scale,embedding'")
   _require(not (data.add_bos and data.vocab == BYTE_VOCAB),
            "data.add_bos=True but the byte vocabulary has no BOS piece; set "
            "--config.data.add_bos=False (documents are then closed with EOS "
            "only) or use a SentencePiece data.vocab")
-  _require(data.packing in PACKINGS,
-           f"data.packing={data.packing!r} is unknown; use one of "
-           f"{', '.join(PACKINGS)}")
-  text_column = data.get("text_column", "text")
-  _require(isinstance(text_column, str) and text_column,
-           f"data.text_column={text_column!r} must name the text field of "
-           "the .jsonl / .parquet files, e.g. 'text'")
-  _require(data.eval_mode in EVAL_MODES,
-           f"data.eval_mode={data.eval_mode!r} is unknown; use one of "
-           f"{', '.join(EVAL_MODES)}")
   from nanodo_sam import sam as sam_lib
   try:
     sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer,
@@ -169,7 +275,6 @@ def validate(cfg, num_devices: int | None = None) -> None:
                      perturbation_scope=sam.perturbation_scope)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  _require(sam.every_k >= 1, f"sam.every_k={sam.every_k} must be >= 1")
   if sam.get("reuse", False):
     _require(sam.method != "adamw",
              "sam.reuse=True needs a SAM-family sam.method to reuse; set "
@@ -177,40 +282,45 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(sam.every_k > 1,
              "sam.reuse=True does nothing with sam.every_k=1 (every step is "
              "a full one); set sam.every_k > 1 or sam.reuse=False")
-  _require(sam.rho_warmup_steps >= 0 and sam.start_step >= 0,
-           "sam.rho_warmup_steps and sam.start_step must be >= 0")
   _require(sam.end_step < 0 or sam.end_step >= sam.start_step,
            f"sam.end_step={sam.end_step} is before sam.start_step="
            f"{sam.start_step}; use -1 for 'until the end'")
-  for key in ("batch_size", "eval_batch_size", "eval_steps"):
-    _require(data[key] > 0, f"data.{key} must be positive")
-  _require(cfg.grad_accumulation_steps >= 1,
-           "grad_accumulation_steps must be >= 1")
   _require(data.batch_size % cfg.grad_accumulation_steps == 0,
            f"data.batch_size={data.batch_size} is not divisible by "
            f"grad_accumulation_steps={cfg.grad_accumulation_steps}")
-  for key in ("eval_every_steps", "checkpoint_every_steps"):
-    _require(cfg[key] >= 0, f"{key} must be >= 0 (0 = only at the end)")
-  _require(cfg.diagnostics.every_steps >= 0,
-           "diagnostics.every_steps must be >= 0 (0 = off)")
-  if cfg.diagnostics.every_steps:
-    _require(cfg.diagnostics.num_batches >= 1,
-             "diagnostics.num_batches must be >= 1 when diagnostics are on")
-    for key in ("num_iters", "num_probes"):
-      _require(cfg.diagnostics[key] >= 0,
-               f"diagnostics.{key} must be >= 0 (0 leaves out "
-               f"{'lambda_max' if key == 'num_iters' else 'the traces'})")
+  if diag.every_steps:  # Its fixed batch is cut from the eval batches.
+    _require(diag.num_batches <= data.eval_steps,
+             f"diagnostics.num_batches={diag.num_batches} exceeds "
+             f"data.eval_steps={data.eval_steps} eval batches; lower it or "
+             "raise data.eval_steps")
+    _require(diag.batch_size <= data.eval_batch_size,
+             f"diagnostics.batch_size={diag.batch_size} exceeds "
+             f"data.eval_batch_size={data.eval_batch_size} (its rows come "
+             "from the eval batches); lower it or raise data.eval_batch_size")
   if num_devices is not None:
     from nanodo_sam import sharding
     sharding.validate(cfg, num_devices)
 
 
 def check_workdir(cfg, workdir: str) -> None:
-  """A workdir that already holds a run must hold the same model and train
-  state layout (sam.reuse adds a field to the checkpointed state), and the
-  same value of every setting whose default changed when the defaults
-  became Nanodo's (LEGACY_DEFAULTS): resuming an older run with today's
-  defaults would silently switch its optimizer or data framing mid-run."""
+  """The workdir must be a directory (or not exist yet) we can write in. One
+  that already holds a run must hold the same model and train state layout
+  (sam.reuse adds a field to the checkpointed state), and the same value of
+  every setting whose default changed when the defaults became Nanodo's
+  (LEGACY_DEFAULTS): resuming an older run with today's defaults would
+  silently switch its optimizer or data framing mid-run."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = ("is a file" if existing == os.path.abspath(workdir)
+             else f"lies in a file ({existing})")
+    raise UsageError(f"workdir {workdir!r} {where}, not a directory; pass "
+                     "--workdir=DIR, a new or existing run directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f"workdir {workdir!r} is not writable ({existing} is "
+                     "read-only to this user); pass a --workdir you can "
+                     "write to")
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -301,7 +411,28 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f"config {spec!r} failed to load: "
-                     f"{type(e).__name__}: {e}") from None
+    raise UsageError(f"config file {path!r} failed to load: "
+                     f"{_one_line(e)}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UsageError(f"config file {path!r} defines no get_config(); a "
+                     "config file defines get_config() returning an "
+                     "ml_collections.ConfigDict (see configs/quickstart.py)")
+  try:
+    cfg = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(f"config {spec!r}: get_config("
+                     f"{repr(arg) if arg else ''}) failed: {_one_line(e)}"
+                     ) from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise UsageError(f"config {spec!r}: get_config() returned a "
+                     f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
+  return cfg
+
+
+def _one_line(e: Exception) -> str:
+  """An exception as one line: type, message, and for a syntax error where."""
+  if isinstance(e, SyntaxError):
+    return f"SyntaxError: {e.msg} (line {e.lineno})"
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -272,6 +272,18 @@ def make_task(data_cfg, *, split_files: str = ""):
       preprocessors=preprocessors)
 
 
+def _model_task(cfg, split_files: str):
+  """make_task, for a model whose embedding must hold every token id."""
+  task = make_task(cfg.data, split_files=split_files)
+  size = task.output_features["targets"].vocabulary.vocab_size
+  if cfg.model.V < size:
+    raise UsageError(
+        f"model.V={cfg.model.V} is smaller than the {size} tokens of the "
+        f"vocabulary {cfg.data.vocab!r} (data.vocab): larger ids would fall "
+        f"outside the embedding; set --config.model.V={size} or more")
+  return task
+
+
 def _prepend(ds, token: int):
   """BOS in front of every tokenized document (before EOS is appended)."""
   tf = _tf()
@@ -359,7 +371,7 @@ def _host_batch_size(global_batch_size: int) -> int:
 def train_dataset(cfg, seed: int):
   """Infinite, shuffled (by `seed`), packed training batches for this host."""
   tf = _tf()
-  task = make_task(cfg.data, split_files=cfg.data.get("train_files", ""))
+  task = _model_task(cfg, cfg.data.get("train_files", ""))
   split = cfg.data.get("train_split", "train")
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
@@ -415,7 +427,7 @@ def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
   with empty rows, so every document read counts). packed: the first
   eval_steps batches of packed rows (the split repeats if it is shorter).
   """
-  task = make_task(cfg.data, split_files=cfg.data.get("eval_files", ""))
+  task = _model_task(cfg, cfg.data.get("eval_files", ""))
   split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
   check_split(task, split)
   by_source, by_rows = _read_plan(task, split)

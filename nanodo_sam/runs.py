@@ -2,9 +2,10 @@
 tables, figures and reports are built from.
 
 A run directory is what `nanodo-sam train --workdir=DIR` writes: config.json
-(the resolved config), results.json when the run ends, TensorBoard event
-files, and sharpness.json / prune.json after `nanodo-sam analyze` /
-`prune-eval`. `load_runs(paths)` reads every run under the given paths (a
+(the resolved config), progress.json as it goes (eval history so far; status
+"preempted" when a signal stopped it), results.json when it has ended
+(completed or diverged), TensorBoard event files, and sharpness.json /
+prune.json after `nanodo-sam analyze` / `prune-eval`. `load_runs(paths)` reads every run under the given paths (a
 run directory or any folder above runs). On top:
 
   group_by(runs, "method", "rho")  runs by attributes or dotted config keys
@@ -30,7 +31,8 @@ from typing import Any, Callable, Iterable
 from nanodo_sam.config import flatten, load_config_file, to_dict
 
 NAN = float("nan")
-RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json")
+RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json",
+             "progress.json")
 EVENT_FILES = "events.out.tfevents."
 # The paper tables' grouping: what a run is (GROUP) and what was tuned for it
 # (SETTING); `best` picks the SETTING with the lowest mean over seeds.
@@ -124,6 +126,7 @@ class RunRecord:
   sharpness: dict | None = None
   prune: dict | None = None
   metric: str = "final_eval_loss"
+  progress: dict | None = None  # progress.json: the run so far
 
   @property
   def name(self) -> str:
@@ -181,10 +184,12 @@ class RunRecord:
 
   @property
   def status(self) -> str:
-    """results.json's status ("completed", "diverged", ...), or
-    "unfinished" before it exists."""
+    """results.json's status ("completed", "diverged"); before it exists,
+    "preempted" (stopped by a signal at a checkpoint: resumable) or
+    "unfinished" (running, or killed)."""
     if self.results is None:
-      return "unfinished"
+      preempted = (self.progress or {}).get("status") == "preempted"
+      return "preempted" if preempted else "unfinished"
     return self.results.get("status", "completed")
 
   @property
@@ -205,7 +210,11 @@ class RunRecord:
 
   @property
   def eval_history(self) -> list[tuple[int, float]]:
-    return [(int(s), float(l)) for s, l in self._result("eval_history", [])]
+    """Every evaluation (step, loss), across resumes; of an unfinished run,
+    those so far (progress.json)."""
+    history = self._result("eval_history",
+                           (self.progress or {}).get("eval_history", []))
+    return [(int(s), as_float(l)) for s, l in history]
 
   @property
   def loss(self) -> float:
@@ -271,7 +280,8 @@ def read_run(workdir: str, metric: str = "final_eval_loss",
   return RunRecord(workdir=workdir, config=files.get("config.json", {}),
                    results=files.get("results.json"),
                    sharpness=files.get("sharpness.json"),
-                   prune=files.get("prune.json"), metric=metric)
+                   prune=files.get("prune.json"), metric=metric,
+                   progress=files.get("progress.json"))
 
 
 def _is_run(filenames: Iterable[str]) -> bool:

@@ -4,12 +4,15 @@
 and output head, the optimizer, the mesh and the state's shardings;
 `init_state` makes the first state. Both go through one function
 (`_init_fn`) that builds a TrainState: traced abstractly with its logical
-axes for the shardings, run for real for the values.
+axes for the shardings, run for real for the values. A state that cannot fit
+in a device's memory is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
 
 import flax
@@ -76,6 +79,7 @@ def setup(cfg) -> Setup:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nn.unbox(boxed), state_sharding)
+  check_memory(cfg, abstract_state)
   logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
                                   state_sharding.params)
   head = sharding.pin_head(model_lib.output_head(model),
@@ -89,3 +93,35 @@ def init_state(s: Setup, seed: int) -> TrainState:
   init = _init_fn(s.cfg, s.model, s.tx)
   return jax.jit(lambda rng: nn.unbox(init(rng)),
                  out_shardings=s.state_sharding)(jax.random.key(seed))
+
+
+def _bytes_per_device(tree) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def device_memory() -> int:
+  """Bytes of memory of one local device (CPU: the host's, shared by the
+  local devices)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return host // jax.local_device_count()
+
+
+def check_memory(cfg, abstract_state) -> None:
+  """UsageError if the train state and one gradient (a lower bound on what
+  a step holds) exceed a device's memory, saying how much they need."""
+  need = (_bytes_per_device(abstract_state)
+          + _bytes_per_device(abstract_state.params))
+  have = device_memory()
+  if need > have:
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    m = cfg.model
+    raise config_lib.UsageError(
+        f"the model (D={m.D}, N={m.N}, L={m.L}, V={m.V}: {n:,} parameters) "
+        f"needs at least {need / 2**30:.1f} GiB per device for its "
+        f"parameters, gradient and optimizer state, more than the "
+        f"{have / 2**30:.1f} GiB a device has; lower model.L, model.D or "
+        "model.V, or shard the parameters over more devices (mesh.fsdp)")

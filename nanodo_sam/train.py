@@ -7,6 +7,13 @@ reading step N-1's metrics, so the host never waits on the device except
 where a hook asks for it. Everything else a run does at some steps (logging,
 diagnostics, eval, checkpoints) is a `Hook`, listed in `default_hooks`;
 `train(cfg, workdir, hooks=[...])` adds more.
+
+Nothing a run produced is lost when it stops early: progress.json holds the
+eval history as it grows (consistent with the checkpoint a resumed run starts
+from), SIGTERM/SIGINT end it at a step boundary with a checkpoint
+(`preemption`), a non-finite loss keeps only checkpoints whose loss was read
+back finite, and results.json (strict JSON) closes a completed or diverged
+run, which started again then changes nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import preemption
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
@@ -40,7 +48,17 @@ log = logging.getLogger("nanodo_sam")
 
 
 class DivergedError(RuntimeError):
-  """The training loss (or the parameters) became non-finite."""
+  """The training or eval loss (or the parameters) became non-finite."""
+
+
+class Preempted(Exception):
+  """A stop request (SIGTERM/SIGINT) ended the run at a step boundary."""
+
+
+# The run directory's files this module writes (config.json besides).
+RESULTS, PROGRESS = "results.json", "progress.json"
+# results.json statuses of a run that has ended: started again, it is done.
+FINISHED = ("completed", "diverged")
 
 
 # ------------------------------------------------------------------ the step
@@ -124,8 +142,9 @@ class Hook:
     late (after step n is dispatched); run.metrics holds them on the host.
   flush: read back the pending step's metrics first (so a diverged step stops
     the run before the hook acts on its state, and the host waits for it).
-  at_end: also at n = total (AFTER hooks: also when a finished run is
-    started again). first: also at n = 1.
+  at_end: also at n = total (AFTER hooks: also when a run killed after its
+    final checkpoint, before results.json, is started again). first: also
+    at n = 1.
   """
 
   fn: Callable[[Run, int], None]
@@ -158,11 +177,14 @@ class Run:
   mngr: Any  # orbax CheckpointManager
   train_it: data_lib.TrainIterator
   eval_data: list
+  stop: preemption.StopRequest = dataclasses.field(
+      default_factory=preemption.StopRequest)
   hooks: list[Hook] = dataclasses.field(default_factory=list)
   batch: Any = None  # the batch step n takes (BEFORE hooks)
   metrics: dict | None = None  # step n-1's metrics, host (METRICS hooks)
   pending: tuple | None = None  # (step, its metrics on device)
   steps_done: int = 0  # steps whose loss was read back finite
+  # (n, eval loss) of every evaluation of the run, across resumes.
   eval_history: list = dataclasses.field(default_factory=list)
   last_eval: tuple | None = None  # (step, evaluate.eval_metrics' dict)
 
@@ -190,10 +212,32 @@ class Run:
     self.pending = None
     self.metrics = jax.device_get(metrics)
     if not np.isfinite(self.metrics["loss"]):
-      raise DivergedError(f"training loss is {self.metrics['loss']} at step "
-                          f"{step}; the last good checkpoint is kept")
+      # Step `step`'s loss is the loss at theta_step: its checkpoint goes.
+      raise self.diverged(f"training loss is {self.metrics['loss']} at step "
+                          f"{step}", bad_step=step)
     self.steps_done = step + 1
     self.fire(METRICS, step + 1)
+
+  def diverged(self, what: str, bad_step: int | None) -> DivergedError:
+    """The error for a non-finite loss at theta_bad_step (or non-finite
+    parameters), once that state's checkpoint, if any, is deleted: every
+    other one had its loss read back finite (each step's loss is read before
+    the next checkpoint is written), so the newest kept one is good."""
+    if bad_step is not None:
+      checkpoint.delete(self.mngr, self.workdir, bad_step)
+    checkpoint.retain(self.mngr, self.workdir,
+                      self.cfg.checkpoint_max_to_keep)
+    kept = self.mngr.latest_step()
+    ckpts = os.path.join(self.workdir, "checkpoints")
+    if kept is None:
+      return DivergedError(
+          f"{what}; no checkpoint is kept (none was written before it); "
+          "train again with other settings, in a new workdir")
+    return DivergedError(
+        f"{what}; kept checkpoint: step {kept} in {ckpts} (its loss was "
+        "finite). To go on from it with other settings (e.g. a lower "
+        f"opt.peak_learning_rate), delete {self.workdir}/{RESULTS} and train "
+        "again with them")
 
 
 def default_hooks(run: Run, diagnose=None) -> list[Hook]:
@@ -241,14 +285,23 @@ def _evaluate(run: Run):
       target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
 
   def evaluate_hook(run: Run, n: int) -> None:
+    done = n in dict(run.eval_history)  # Recorded before a restart at n.
+    if done and n != run.total:  # (at the end: its metrics for results.json)
+      return
     metrics = evaluate.eval_metrics(eval_step, run.state.params,
                                     run.eval_data, run.put)
-    run.eval_history.append((n, metrics["loss"]))
     run.last_eval = (n, metrics)
+    if done:
+      return
+    run.eval_history.append((n, metrics["loss"]))
     run.writer.write_scalars(n, {f"eval/{k}": metrics[k]
                                  for k in evaluate.METRICS})
     log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f, "
              "bits/byte %.4f", n, *(metrics[k] for k in evaluate.METRICS))
+    _write_progress(run, "running")
+    if not np.isfinite(metrics["loss"]):
+      raise run.diverged(f"eval loss is {metrics['loss']} at step {n}",
+                         bad_step=n)
 
   return evaluate_hook
 
@@ -260,12 +313,18 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _save(run: Run, n: int) -> None:
-  """A checkpoint of theta_n and the data position (none if one exists)."""
-  if run.mngr.latest_step() == n:  # A finished run, started again.
+  """A checkpoint of theta_n and the data position (none if one exists).
+
+  Kept on disk: checkpoint_max_to_keep checkpoints whose loss was read back
+  finite, plus this newest one until step n's loss is read (a non-finite one
+  deletes it: `Run.diverged`). The older ones are dropped here, once the
+  previous save has finished (orbax would wait for it anyway)."""
+  if run.mngr.latest_step() == n:  # Written just before a stop or restart.
     return
   if not bool(_all_finite(run.state.params)):
-    raise DivergedError(f"parameters are non-finite after step {n}; "
-                        "the last good checkpoint is kept")
+    raise run.diverged(f"parameters are non-finite after step {n - 1}",
+                       bad_step=None)
+  checkpoint.retain(run.mngr, run.workdir, run.cfg.checkpoint_max_to_keep)
   checkpoint.save(run.mngr, run.train_it, run.workdir, n, run.state)
 
 
@@ -288,6 +347,8 @@ def _step_fns(s: state_lib.Setup):
 def _loop(run: Run) -> None:
   step_fn = _step_fns(run.s)
   for step in range(run.start, run.total):
+    if run.stop.requested(step):
+      _stop(run, step)
     run.batch = run.put(next(run.train_it))
     run.fire(BEFORE, step)
     run.state, metrics = step_fn(step)(run.state, run.batch)
@@ -295,23 +356,59 @@ def _loop(run: Run) -> None:
     run.pending = (step, metrics)
     run.fire(AFTER, step + 1)
   run.flush()
-  if run.start == run.total:  # Finished before: just the end-of-run hooks.
+  if run.start == run.total:  # Killed before results.json: the end hooks.
     run.fire(AFTER, run.total)
 
 
-def train(cfg, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
-  """Trains (or resumes) a run in `workdir`; returns the results dict.
-  `hooks` run after `default_hooks` at each step count."""
+def _stop(run: Run, n: int) -> None:
+  """Ends the run before step n on a stop request: reads the loss of the
+  step in flight, checkpoints theta_n with the data position (unless this
+  process has taken no step) and raises Preempted."""
+  run.flush()
+  if n > run.start:
+    _save(run, n)
+  log.warning("stopped by %s at step %d: checkpoint written; the same command "
+              "resumes the run (exit status %d)", run.stop.signal, n,
+              preemption.EXIT_PREEMPTED)
+  raise Preempted(run.stop.signal)
+
+
+def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
+          stop: preemption.StopRequest | None = None) -> dict:
+  """Trains (or resumes) a run in `workdir`; returns the results dict, whose
+  status is completed, diverged or preempted (no results.json then).
+  `hooks` run after `default_hooks` at each step count. `stop`: a
+  StopRequest installed earlier (the CLI's); by default one is installed
+  here for the call. A run with a results.json is finished: started again,
+  it returns that file's results and touches nothing."""
   t_start = time.time()
   s = state_lib.setup(cfg)  # Validates everything before touching the disk.
   config_lib.check_workdir(cfg, workdir)
+  results = read_results(workdir)
+  if results is not None and results.get("status") in FINISHED:
+    log.info("the run in %s has finished (%s at step %s); nothing to do (its "
+             "results are in %s)", workdir, results.get("status"),
+             results.get("steps"), os.path.join(workdir, RESULTS))
+    return results
+  own_stop = stop is None
+  stop = preemption.StopRequest().install() if own_stop else stop
+  try:
+    return _train(cfg, workdir, s, hooks, stop, t_start)
+  finally:
+    if own_stop:
+      stop.restore()
+
+
+def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
+           stop: preemption.StopRequest, t_start: float) -> dict:
   train_ds = data_lib.train_dataset(cfg, cfg.seed)
   eval_data = data_lib.eval_batches(cfg)
   diagnose = diagnostics.make_diagnose(cfg, s, eval_data)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(cfg))
+  writers.write_json(os.path.join(workdir, "config.json"),
+                     config_lib.to_dict(cfg))
 
-  mngr = checkpoint.checkpoint_manager(workdir, cfg.checkpoint_max_to_keep)
+  mngr = checkpoint.checkpoint_manager(workdir)
   train_it = data_lib.TrainIterator(train_ds)
   start = mngr.latest_step()
   if start is not None:
@@ -320,6 +417,7 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
     log.info("Resumed from step %d in %s", start, workdir)
   else:
     start, state = 0, state_lib.init_state(s, cfg.seed)
+  history = _history_until(workdir, start)
   writer = writers.make_writer(cfg, workdir)
   if start == 0:
     writers.write_hparams(writer, cfg)
@@ -329,27 +427,75 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
                "unpreconditioned perturbation for this step", cfg.sam.method)
 
   run = Run(cfg, s, workdir, state, start, writer, mngr, train_it, eval_data,
-            steps_done=start)
+            stop=stop, steps_done=start, eval_history=history)
   run.hooks = default_hooks(run, diagnose) + list(hooks)
-  status = "completed"
+  _write_progress(run, "running")
+  status = None  # Stays None if the loop crashes.
   t_loop = time.time()
   try:
     _loop(run)
+    status = "completed"
   except DivergedError as e:
     log.error("%s", e)
     status = "diverged"
+  except Preempted:
+    status = "preempted"
   finally:
     mngr.wait_until_finished()
+    if status == "completed":  # Its final checkpoint's eval was finite.
+      checkpoint.retain(mngr, workdir, cfg.checkpoint_max_to_keep)
     checkpoint.prune_data_states(workdir, mngr)
     writer.flush()
+    if status is None:  # A crash: end the writers' runs (wandb) here too.
+      writer.close()
   results = _results(run, status, wall_seconds=time.time() - t_start,
                      train_seconds=time.time() - t_loop)
-  _write_json(os.path.join(workdir, "results.json"), results)
+  _write_progress(run, status)
+  if status != "preempted":  # A preempted run is not finished.
+    writers.write_json(os.path.join(workdir, RESULTS), results)
   writer.close()
   return results
 
 
-# ------------------------------------------------------------- results.json
+# ------------------------------------------- progress.json and results.json
+
+
+def read_results(workdir: str) -> dict | None:
+  """results.json of the run in `workdir`, or None if it has none."""
+  path = os.path.join(workdir, RESULTS)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.UsageError(
+        f"{path} cannot be read ({e}); move it away to train the run on"
+    ) from None
+
+
+def _history_until(workdir: str, step: int) -> list:
+  """The evaluations progress.json recorded up to `step`, the checkpoint the
+  run resumes from: later ones (after it, before a kill) are redone."""
+  path = os.path.join(workdir, PROGRESS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    history = json.load(f).get("eval_history", [])
+  return [(int(n), float("nan") if loss is None else float(loss))
+          for n, loss in history if int(n) <= step]
+
+
+def _write_progress(run: Run, status: str) -> None:
+  """progress.json: the run so far, rewritten atomically at each eval and
+  whenever the run starts or stops. status: running (or killed while
+  running), preempted, completed, diverged."""
+  progress = {"status": status, "steps": run.steps_done,
+              "checkpoint_step": run.mngr.latest_step(),
+              "eval_history": run.eval_history}
+  if status == "preempted":
+    progress["signal"] = run.stop.signal
+  writers.write_json(os.path.join(run.workdir, PROGRESS), progress)
 
 
 def _tokens_per_step(cfg) -> int:
@@ -358,19 +504,20 @@ def _tokens_per_step(cfg) -> int:
 
 def _results(run: Run, status: str, wall_seconds: float,
              train_seconds: float) -> dict:
+  """The results dict; non-finite values become null on disk."""
   cfg = run.cfg
-  final = (dict(run.eval_history).get(run.total, float("nan"))
-           if status == "completed" else float("nan"))
+  final = (dict(run.eval_history).get(run.total)
+           if status == "completed" else None)
   finite = [l for _, l in run.eval_history if np.isfinite(l)]
   at, last = run.last_eval or (None, {})
   final_metrics = {
       f"final_eval_{k}": (last[k] if at == run.total and status == "completed"
-                          else float("nan"))
+                          else None)
       for k in evaluate.METRICS if k != "loss"}
   n_params = model_lib.non_embedding_params(run.s.model.cfg)
   return {
       "final_eval_loss": final,
-      "best_eval_loss": min(finite) if finite else float("nan"),
+      "best_eval_loss": min(finite) if finite else None,
       **final_metrics,
       "steps": run.steps_done,
       "tokens": run.steps_done * _tokens_per_step(cfg),
@@ -387,16 +534,11 @@ def _results(run: Run, status: str, wall_seconds: float,
       # grow when other jobs share the machine.
       "cpu_seconds": time.process_time(),
       "status": status,
+      # The newest checkpoint kept (None: none): with status diverged, the
+      # last state whose loss was finite.
+      "checkpoint_step": run.mngr.latest_step(),
       "eval_history": run.eval_history,
   }
-
-
-def _write_json(path: str, obj: dict) -> None:
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _format_size(n: int) -> str:

@@ -1,11 +1,15 @@
-"""Where metrics go: clu writers (TensorBoard + log), wandb, the progress line.
+"""Where metrics go: clu writers (TensorBoard + log), wandb, the progress
+line, and the run directory's JSON files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
+import uuid
 
 import jax
 from clu import metric_writers
@@ -15,8 +19,54 @@ from nanodo_sam import config as config_lib
 log = logging.getLogger("nanodo_sam")
 
 
+def strict(obj):
+  """`obj` with every non-finite float (NaN, +-inf) as None, so it is strict
+  JSON (json.dump would write the bare NaN that most parsers reject)."""
+  if isinstance(obj, dict):
+    return {k: strict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict(v) for v in obj]
+  if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+    obj = obj.item()  # numpy / jax scalars
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Strict JSON (`strict`), written atomically (a temporary file, then
+  os.replace: a kill leaves the old file or the new one), by process 0."""
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(strict(obj), f, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(tmp, path)
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_run_id(workdir: str) -> str:
+  """The wandb run id of the run in `workdir`: made once and kept there, so
+  a resumed run continues the same wandb run (and a new run in a new or
+  emptied workdir starts another)."""
+  path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return f.read().strip()
+  run_id = uuid.uuid4().hex[:16]
+  with open(path + ".tmp", "w") as f:
+    f.write(run_id + "\n")
+  os.replace(path + ".tmp", path)
+  return run_id
+
+
 class WandbWriter(metric_writers.MetricWriter):
-  """clu MetricWriter that forwards scalars to wandb (offline works)."""
+  """clu MetricWriter that forwards scalars to wandb (offline works). The
+  run id lives in the workdir (`wandb_run_id`): a resumed run logs into the
+  same wandb run. wandb drops steps at or below the last one it has, so the
+  steps between the checkpoint and the kill are kept from the first attempt
+  (the resumed run computes the same values: resumption is exact)."""
 
   def __init__(self, cfg, workdir: str):
     import wandb
@@ -24,7 +74,7 @@ class WandbWriter(metric_writers.MetricWriter):
     self._run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode,
                            dir=workdir, config=config_lib.to_dict(cfg),
                            name=os.path.basename(os.path.abspath(workdir)),
-                           resume="allow")
+                           id=wandb_run_id(workdir), resume="allow")
 
   def write_scalars(self, step, scalars):
     self._run.log(dict(scalars), step=int(step))

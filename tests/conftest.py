@@ -21,26 +21,47 @@ needs_data = pytest.mark.skipif(not os.path.isdir(TFDS_DIR),
                                 reason="../shared/data is not present")
 
 
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+# configs/quickstart.py shrunk to seconds: byte-level tiny_shakespeare.
+TINY_CONFIG = {
+    "model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
+    "model.V": 259, "data.batch_size": 8, "data.eval_batch_size": 8,
+    "data.eval_steps": 2, "opt.num_train_steps": 20, "opt.warmup_steps": 2,
+    "eval_every_steps": 10, "checkpoint_every_steps": 10,
+    "log_every_steps": 5,
+}
+
+
 def tiny_config(**overrides):
-  """The quickstart config shrunk to seconds: byte-level tiny_shakespeare."""
+  """configs/quickstart.py with TINY_CONFIG and `overrides` ("a.b": value)."""
   from nanodo_sam.config import load_config_file
-  c = load_config_file("configs/quickstart.py")
-  c.model.update(D=32, H=2, N=1, F=64, L=32, V=259)
-  c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.data.eval_steps = 2
-  c.opt.num_train_steps = 20
-  c.opt.warmup_steps = 2
-  c.eval_every_steps = 10
-  c.checkpoint_every_steps = 10
-  c.log_every_steps = 5
-  for k, v in overrides.items():
+  c = load_config_file(QUICKSTART)
+  for k, v in {**TINY_CONFIG, **overrides}.items():
     node = c
     *path, last = k.split(".")
     for p in path:
       node = node[p]
     node[last] = v
   return c
+
+
+def tiny_flags(**overrides) -> list[str]:
+  """The `nanodo-sam train` flags of `tiny_config(**overrides)`."""
+  return [f"--config={QUICKSTART}"] + [
+      f"--config.{k}={v}" for k, v in {**TINY_CONFIG, **overrides}.items()]
+
+
+def listing(root) -> dict:
+  """{relative path: (size, mtime)} of every file and folder under root:
+  equal before and after means nothing on disk was touched."""
+  out = {".": (0, os.stat(root).st_mtime_ns)}
+  for dirpath, dirs, files in os.walk(root):
+    for name in dirs + files:
+      path = os.path.join(dirpath, name)
+      st = os.stat(path)
+      out[os.path.relpath(path, root)] = (
+          st.st_size if name in files else 0, st.st_mtime_ns)
+  return out
 
 
 def read_scalars(workdir, prefix: str) -> dict:
