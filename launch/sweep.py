@@ -70,12 +70,10 @@ from configs.sweeps.authoring import NAME_CHARS, RESERVED, SweepError, \
     SweepSpec, format_value
 from nanodo_sam import config as config_lib
 from nanodo_sam.config import UsageError
+from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
 # pylint: enable=g-import-not-at-top
 
 BACKENDS = ("local", "slurm", "tpu")
-# `nanodo-sam train`'s exit status when a signal stopped it at a checkpoint
-# (nanodo_sam/preemption.py; not imported: it would load JAX).
-EXIT_PREEMPTED = 75
 # Seconds a stopped run may take to finish its step and checkpoint: the
 # local backend's wait after Ctrl-C, the SLURM script's --signal lead time.
 STOP_GRACE_S = 300
