@@ -281,9 +281,9 @@ def test_hooks_fire_on_exactly_their_steps(tmp_path):
 
   # Started again once finished: nothing runs, nothing on disk changes.
   seen.clear()
-  before = _listing(tmp_path)
+  before = listing(tmp_path)
   again = train_lib.train(cfg, str(tmp_path), hooks=hooks)
-  assert not seen and _listing(tmp_path) == before
+  assert not seen and listing(tmp_path) == before
   assert again == json.loads((tmp_path / "results.json").read_text())
   # Killed after its final checkpoint, before results.json: started again,
   # it fires only the at_end hooks on the same final state; the final eval,
@@ -417,6 +417,7 @@ def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
 
   before = listing(workdir)
   caplog.clear()
+  capsys.readouterr()
   assert _main("train", f"--workdir={workdir}", *tiny_flags(**RESUME)) == 0
   assert "has finished (completed at step 60); nothing to do" in caplog.text
   assert json.loads(capsys.readouterr().out)["final_eval_loss"] == \
