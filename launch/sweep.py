@@ -74,6 +74,24 @@ from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
 # pylint: enable=g-import-not-at-top
 
 BACKENDS = ("local", "slurm", "tpu")
+# XLA flags the SLURM script sets for GPUs (MaxText's GPU recipes): overlap
+# collectives with compute (latency-hiding scheduler, pipelined and combined
+# collectives, double-buffered loops) and cuBLAS rather than Triton GEMMs.
+# XLA_FLAGS in the submitting environment or --env=XLA_FLAGS=... replaces
+# them; every flag is checked against the installed jaxlib by
+# tests/test_launch.py (XLA aborts on an unknown one).
+XLA_GPU_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_triton_gemm=false",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+)
 # Seconds a stopped run may take to finish its step and checkpoint: the
 # local backend's wait after Ctrl-C, the SLURM script's --signal lead time.
 STOP_GRACE_S = 300
@@ -412,6 +430,9 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       "set -euo pipefail",
       f"cd {shlex.quote(REPO_ROOT)}",
       f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
+      "# GPU compiler flags (launch/sweep.py XLA_GPU_FLAGS); an XLA_FLAGS set",
+      "# when submitting, or --env=XLA_FLAGS=..., replaces them.",
+      f'export XLA_FLAGS="${{XLA_FLAGS:-{" ".join(XLA_GPU_FLAGS)}}}"',
       *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
       'case "${SLURM_ARRAY_TASK_ID:?not an array task}" in',
   ]

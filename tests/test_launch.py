@@ -219,17 +219,37 @@ def test_slurm_script_runs_through_bash_with_args_intact(tmp_path):
   bindir = tmp_path / "bin"
   bindir.mkdir()
   srun = bindir / "srun"
-  srun.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                  f"json.dump(sys.argv[1:], open({str(tmp_path / 'argv.json')!r}, 'w'))\n")
+  srun.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                  "json.dump([sys.argv[1:], os.environ.get('XLA_FLAGS')], "
+                  f"open({str(tmp_path / 'argv.json')!r}, 'w'))\n")
   srun.chmod(0o755)
   env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}",
              SLURM_ARRAY_TASK_ID="0")
+  env.pop("XLA_FLAGS", None)
   subprocess.run(["bash", str(out / "sweep.sbatch")], check=True, env=env,
                  capture_output=True)
-  argv = json.loads((tmp_path / "argv.json").read_text())
+  argv, xla_flags = json.loads((tmp_path / "argv.json").read_text())
   assert argv[:2] == ["nanodo-sam", "train"]
   assert f"--config.data.vocab={payload}" in argv
   assert not marker.exists()
+  # The GPU compiler flags by default; an XLA_FLAGS set at submission wins.
+  assert xla_flags.split() == list(sw.XLA_GPU_FLAGS)
+  subprocess.run(["bash", str(out / "sweep.sbatch")], check=True,
+                 env=dict(env, XLA_FLAGS="--xla_dump_to=/tmp/x"),
+                 capture_output=True)
+  _, xla_flags = json.loads((tmp_path / "argv.json").read_text())
+  assert xla_flags == "--xla_dump_to=/tmp/x"
+
+
+def test_slurm_xla_gpu_flags_are_known_to_the_installed_xla():
+  """XLA aborts on an unknown flag in XLA_FLAGS; JAX on the CPU parses the
+  GPU ones too, so a flag renamed in a new jaxlib fails here."""
+  code = "import jax; jax.numpy.ones(1).block_until_ready()"
+  for flags in (" ".join(sw.XLA_GPU_FLAGS), "--xla_gpu_no_such_flag=true"):
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, env=dict(os.environ, XLA_FLAGS=flags),
+                          timeout=300)
+    assert (proc.returncode == 0) == ("no_such" not in flags), proc.stderr
 
 
 def test_tpu_commands_quote_every_value(tmp_path, capsys):
