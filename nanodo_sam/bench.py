@@ -10,22 +10,9 @@ after warm-up measures:
   it is latency as the train loop sees it at steady state); for `every_k`
   variants one sample is one whole k-step cycle divided by k;
 - tokens/s = batch_size * L / median step time;
-- model FLOPs per token (one forward + backward of the plain step), counting
-  every matmul and nothing else:
-
-      6 * N_nonembed + 6 * V * D + 12 * n_layers * L * D
-
-  6 * N_nonembed for attention projections and MLP (2 forward, 4 backward per
-  parameter per token; LayerNorm scales are counted too, which is negligible),
-  6 * V * D for the tied output layer (a [D, V] matmul per token; the input
-  lookup is free), 12 * n_layers * L * D for the attention scores and values
-  (q.k over L keys and p.v, 2 * L * D each forward, x3 with backward; the
-  causal mask is not exploited, XLA computes the full L x L product);
-- method FLOPs per token = model FLOPs * (2 * forwards + 4 * backwards) / 6,
-  with the passes of the method's registry entry (`sam.METHODS`; SAM: 2
-  forwards + 2 backwards = 2x);
-- MFU = method FLOPs per token * tokens/s / the device's peak (`PEAK_FLOPS`,
-  dense bf16); n/a on CPU, whose peak is neither known nor meaningful here;
+- model FLOPs per token, the method's factor (its passes) and MFU against
+  the device's dense bf16 peak, as `nanodo_sam/flops.py` defines them (the
+  training log's progress line uses the same functions); MFU is n/a on CPU;
 - compile time (lower + compile of every step kind the variant uses);
 - memory: XLA's buffer assignment for the compiled step,
   `argument + output - alias + temp` bytes from `compiled.memory_analysis()`
@@ -57,6 +44,9 @@ import jax
 import numpy as np
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import flops as flops_lib
+from nanodo_sam.flops import method_flops_factor, model_flops_per_token
+from nanodo_sam.flops import peak_flops
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
@@ -66,16 +56,6 @@ from nanodo_sam import train as train_lib
 from nanodo_sam.config import UsageError
 
 SIZES = config_lib.PAPER_SIZES
-
-# Dense bf16 peak FLOP/s by device kind (substring of `device.device_kind`).
-PEAK_FLOPS = (
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-)
 
 RHO = 0.05
 ANGLE_PHI = math.pi / 4
@@ -144,27 +124,6 @@ def parse_sizes(sizes) -> list[str]:
       raise UsageError(f"--sizes: unknown size {s!r}; use some of "
                        f"{', '.join(SIZES)} (or none for the config's model)")
   return list(sizes)
-
-
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, peak in PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return peak
-  return None
-
-
-def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
-  """6*N_nonembed + 6*V*D + 12*N*L*D (see the module docstring)."""
-  n_nonembed = N * (4 * D * D + 2 * D * F + 2 * D) + D
-  return 6.0 * n_nonembed + 6.0 * V * D + 12.0 * N * L * D
-
-
-def method_flops_factor(method: str, every_k: int = 1) -> float:
-  """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
-  m = sam_lib.METHODS[method]
-  full = (2 * m.forwards + 4 * m.backwards) / 6
-  return (full + (every_k - 1)) / every_k
 
 
 def _variant_config(cfg, size: str | None, v: Variant):
@@ -285,7 +244,7 @@ class _Runner:
         "tokens_per_s": tok_s,
         "model_flops_per_token": flops_tok,
         "method_flops_factor": factor,
-        "mfu": (flops_tok * factor * tok_s / peak) if peak else None,
+        "mfu": flops_lib.mfu(flops_tok * factor, tok_s, 1, peak),
         "compile_s": self.compile_s,
         "memory_bytes": self.memory,
         "device_peak_bytes_in_use": _device_peak_bytes(device),

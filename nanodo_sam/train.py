@@ -35,6 +35,7 @@ from nanodo_sam import config as config_lib
 from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
+from nanodo_sam import flops as flops_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import preemption
@@ -255,8 +256,11 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
 
 def _log_train(run: Run):
   """train/* scalars and the progress line."""
-  progress = writers.Progress(run.start, run.total, _tokens_per_step(run.cfg),
-                              run.writer)
+  progress = writers.Progress(
+      run.start, run.total, _tokens_per_step(run.cfg), run.writer,
+      flops_per_token=flops_lib.step_flops_per_token(run.cfg),
+      num_devices=jax.device_count(),
+      peak_per_device=flops_lib.peak_flops(jax.devices()[0]))
 
   def log_train(run: Run, n: int) -> None:
     run.writer.write_scalars(n, {f"train/{k}": float(v)

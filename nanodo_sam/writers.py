@@ -15,6 +15,7 @@ import jax
 from clu import metric_writers
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import flops as flops_lib
 
 log = logging.getLogger("nanodo_sam")
 
@@ -119,38 +120,48 @@ def make_writer(cfg, workdir: str):
 
 def write_hparams(writer, cfg) -> None:
   """The config's scalar values, flattened to dotted keys."""
-  writer.write_hparams({k: v for k, v in _flat(config_lib.to_dict(cfg)).items()
+  writer.write_hparams({k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
                         if isinstance(v, (int, float, str, bool))})
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 class Progress:
-  """Console line every log_every_steps: loss, steps/s, tokens/s, ETA."""
+  """Console line every log_every_steps: loss, steps/s, tokens/s, TFLOP/s
+  per device and MFU (`flops`: the counts `nanodo-sam bench` uses), ETA."""
 
-  def __init__(self, start: int, total: int, tokens_per_step: int, writer):
+  def __init__(self, start: int, total: int, tokens_per_step: int, writer,
+               flops_per_token: float = 0.0, num_devices: int = 1,
+               peak_per_device: float | None = None):
     self.total, self.tokens_per_step, self.writer = total, tokens_per_step, \
         writer
+    self.flops_per_token, self.num_devices = flops_per_token, num_devices
+    self.peak = peak_per_device
     self.last_step, self.last_time = start, time.time()
+
+  def rates(self, steps_per_sec: float) -> dict:
+    """perf/* scalars at a measured step rate (mfu only with a known peak)."""
+    tokens = steps_per_sec * self.tokens_per_step
+    out = {"perf/steps_per_sec": steps_per_sec,
+           "perf/tokens_per_sec": tokens,
+           "perf/tflops_per_device": (self.flops_per_token * tokens
+                                      / self.num_devices / 1e12)}
+    mfu = flops_lib.mfu(self.flops_per_token, tokens, self.num_devices,
+                        self.peak)
+    if mfu is not None:
+      out["perf/mfu"] = mfu
+    return out
 
   def log(self, step: int, metrics) -> None:
     now = time.time()
     if step > self.last_step and now > self.last_time:
       rate = (step - self.last_step) / (now - self.last_time)
       eta = (self.total - step) / rate
-      self.writer.write_scalars(step, {
-          "perf/steps_per_sec": rate,
-          "perf/tokens_per_sec": rate * self.tokens_per_step})
+      perf = self.rates(rate)
+      self.writer.write_scalars(step, perf)
+      mfu = perf.get("perf/mfu")
       log.info("step %d/%d: loss %.4f, grad_norm %.3f | %.2f steps/s, "
-               "%.0f tokens/s, ETA %s", step, self.total, metrics["loss"],
-               metrics["grad_norm"], rate, rate * self.tokens_per_step,
+               "%.0f tokens/s, %.3g TFLOP/s/device, MFU %s, ETA %s", step,
+               self.total, metrics["loss"], metrics["grad_norm"], rate,
+               perf["perf/tokens_per_sec"], perf["perf/tflops_per_device"],
+               "n/a" if mfu is None else f"{100 * mfu:.1f}%",
                time.strftime("%H:%M:%S", time.gmtime(eta)))
     self.last_step, self.last_time = step, now

@@ -6,7 +6,7 @@
 Each RUN_DIR (or a folder of them; read with nanodo_sam/runs.py) is a
 finished run (config.json, results.json), e.g. of configs/sweeps/reuse.py. Runs are grouped by (method, sam.every_k, sam.reuse)
 and averaged over seeds. Cost is the compute per step relative to AdamW's
-(`bench.method_flops_factor`: a full SAM-family step 2, a plain or reuse step
+(`flops.method_flops_factor`: a full SAM-family step 2, a plain or reuse step
 1, so every_k = k costs 1 + 1/k) and, with --bench, the step time relative to
 AdamW that `nanodo-sam bench` measured for the same variant (its name, e.g.
 `precond_functional_sam:k=5:reuse`). Prints one row per variant, as Markdown
@@ -28,7 +28,7 @@ if _ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top
 from nanodo_sam import runs as runs_lib
-from nanodo_sam.bench import method_flops_factor
+from nanodo_sam.flops import method_flops_factor
 from scripts import figures
 # pylint: enable=g-import-not-at-top
 

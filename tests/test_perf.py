@@ -14,12 +14,15 @@ import pytest
 
 from conftest import needs_data, tiny_config
 from nanodo_sam import bench
+from nanodo_sam import config as config_lib
+from nanodo_sam import flops
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
+from nanodo_sam import writers
 
 ALL = sorted(sam.METHODS)
 B, L, V = 3, 8, 23
@@ -363,12 +366,56 @@ def test_reuse_in_the_train_step():
 def test_flops_formula():
   # 2M at L=512, V=32101: 6 N + 6 V D + 12 n_layers L D.
   n = 2_361_088
-  assert bench.model_flops_per_token(256, 3, 1024, 512, 32101) == (
+  assert flops.model_flops_per_token(256, 3, 1024, 512, 32101) == (
       6 * n + 6 * 32101 * 256 + 12 * 3 * 512 * 256)
-  assert bench.method_flops_factor("adamw") == 1
-  assert bench.method_flops_factor("sam") == 2
-  assert bench.method_flops_factor("angle_sam") == pytest.approx(16 / 6)
-  assert bench.method_flops_factor("sam", every_k=4) == pytest.approx(5 / 4)
+  assert flops.method_flops_factor("adamw") == 1
+  assert flops.method_flops_factor("sam") == 2
+  assert flops.method_flops_factor("angle_sam") == pytest.approx(16 / 6)
+  assert flops.method_flops_factor("sam", every_k=4) == pytest.approx(5 / 4)
+
+
+class _Device:
+  def __init__(self, kind):
+    self.device_kind = kind
+
+
+def test_peaks_mfu_and_the_progress_line_rates_by_hand():
+  for kind, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                     ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA B200", 2250e12),
+                     ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+                     ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
+                     ("cpu", None), ("NVIDIA GeForce RTX 3090", None)]:
+    assert flops.peak_flops(_Device(kind)) == peak, kind
+  # SAM at the 2M shape, 256 x 512 tokens per step, 8 H100s, 1.5 steps/s.
+  cfg = config_lib.load_config_file("configs/c4_fixed_length.py:2M")
+  cfg.sam.method = "sam"
+  per_token = flops.step_flops_per_token(cfg)
+  n = 2_361_088
+  assert per_token == 2 * (6 * n + 6 * 32101 * 256 + 12 * 3 * 512 * 256)
+  written = []
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      written.append((step, scalars))
+
+  progress = writers.Progress(0, 100, 256 * 512, Writer(),
+                              flops_per_token=per_token, num_devices=8,
+                              peak_per_device=989e12)
+  rates = progress.rates(1.5)
+  tokens = 1.5 * 256 * 512
+  assert rates["perf/tokens_per_sec"] == tokens
+  assert rates["perf/tflops_per_device"] == pytest.approx(
+      per_token * tokens / 8 / 1e12)
+  assert rates["perf/mfu"] == pytest.approx(per_token * tokens / (8 * 989e12))
+  # Without a known peak (CPU): throughput and TFLOP/s, no MFU.
+  cpu = writers.Progress(0, 100, 256 * 512, Writer(), per_token, 1, None)
+  assert "perf/mfu" not in cpu.rates(1.5)
+  cpu.last_time -= 2.0  # Two seconds ago, at step 0.
+  cpu.log(4, {"loss": 3.0, "grad_norm": 1.0})
+  (step, scalars), = written
+  assert step == 4 and 1.5 < scalars["perf/steps_per_sec"] < 2.0
+  assert scalars["perf/tflops_per_device"] == pytest.approx(
+      per_token * scalars["perf/tokens_per_sec"] / 1e12)
 
 
 def test_parse_methods():
