@@ -105,7 +105,8 @@ def model_config(cfg):
     return DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V,
                     nonlinearity=m.nonlinearity, dtype=m.dtype,
                     remat=m.remat, kernel_init=m.kernel_init,
-                    residual_dtype=m.residual_dtype)
+                    residual_dtype=m.residual_dtype,
+                    attention=m.get("attention", "xla"))
   except ValueError as e:
     raise UsageError(str(e)) from None
 
@@ -196,9 +197,20 @@ def validate(cfg, num_devices: int | None = None) -> None:
       _require(cfg.diagnostics[key] >= 0,
                f"diagnostics.{key} must be >= 0 (0 leaves out "
                f"{'lambda_max' if key == 'num_iters' else 'the traces'})")
-  if num_devices is not None:
+  profile = cfg.get("profile")
+  if profile is not None and profile.num_steps:
+    _require(profile.num_steps > 0 and profile.start_step >= 1,
+             f"profile.start_step={profile.start_step}, profile.num_steps="
+             f"{profile.num_steps}: trace num_steps > 0 steps from a "
+             "start_step >= 1 (step 0 compiles), or set num_steps=0 (off)")
+  if num_devices is not None:  # Checks against this machine.
+    from nanodo_sam import model as model_lib
     from nanodo_sam import sharding
     sharding.validate(cfg, num_devices)
+    try:
+      model_lib.attention_implementation(model_config(cfg))
+    except ValueError as e:
+      raise UsageError(str(e)) from None
 
 
 def check_workdir(cfg, workdir: str) -> None:
@@ -221,7 +233,7 @@ def check_workdir(cfg, workdir: str) -> None:
   old_model = to_dict(old.model)
   new_model = to_dict(cfg.model)
   diff = sorted(k for k in set(old_model) | set(new_model)
-                if k not in ("remat", "dtype")
+                if k not in ("remat", "dtype", "attention")
                 and old_model.get(k) != new_model.get(k))
   if diff:
     k = diff[0]

@@ -38,6 +38,11 @@ KERNEL_INITS = {
 # float32 features) or "compute" (embeddings, residual stream and output
 # layer in `dtype` too).
 RESIDUAL_DTYPES = ("float32", "compute")
+# The attention kernel (`jax.nn.dot_product_attention`'s implementation):
+# "xla" (scores materialised, every derivative), "cudnn" (cuDNN flash
+# attention: GPU, bfloat16, reverse mode only) or "auto" (cudnn wherever
+# `cudnn_unsupported` finds nothing against it, else xla).
+ATTENTIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class DoConfig:
   remat: bool = False
   kernel_init: str = "xavier_uniform"
   residual_dtype: str = "float32"
+  attention: str = "xla"  # configs/base.py: "auto"
 
   def __post_init__(self):
     if self.nonlinearity not in NONLINEARITIES:
@@ -70,6 +76,9 @@ class DoConfig:
     if self.residual_dtype not in RESIDUAL_DTYPES:
       raise ValueError(f"model.residual_dtype={self.residual_dtype!r} is "
                        f"unknown; use one of {list(RESIDUAL_DTYPES)}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention={self.attention!r} is unknown; use "
+                       f"one of {', '.join(ATTENTIONS)}")
     for name in ("D", "H", "N", "F", "L", "V"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got "
@@ -87,6 +96,49 @@ class DoConfig:
 def non_embedding_params(cfg: DoConfig) -> int:
   """N*(4D^2 + 2DF + 2D) + D: attention, MLP and LayerNorm scales."""
   return cfg.N * (4 * cfg.D**2 + 2 * cfg.D * cfg.F + 2 * cfg.D) + cfg.D
+
+
+def cudnn_unsupported(cfg: DoConfig, backend: str | None = None
+                      ) -> str | None:
+  """Why cuDNN flash attention cannot run this model on `backend` (default:
+  JAX's), or None when it can: an NVIDIA GPU with cuDNN, compute capability
+  8.0 or later, bfloat16 compute and a head dimension that is a multiple of 8
+  up to 128 (256 from Hopper on), the conditions of
+  `jax.nn.dot_product_attention(implementation="cudnn")`."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return f"the {backend} backend has no cuDNN"
+  if cfg.dtype != "bfloat16":
+    return (f"cuDNN flash attention needs bfloat16 inputs, but model.dtype="
+            f"{cfg.dtype}")
+  try:  # JAX's own checks (private: a JAX without them is treated as no).
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    fa.check_cudnn_version()
+    if not fa.check_compute_capability("8.0"):
+      return "cuDNN flash attention needs an NVIDIA GPU of compute " \
+             "capability 8.0 (Ampere) or later"
+    head_max = 256 if fa.check_compute_capability("9.0") else 128
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cuDNN attention is not available ({type(e).__name__}: {e})"
+  head_dim = cfg.D // cfg.H
+  if head_dim % 8 or head_dim > head_max:
+    return (f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
+            f"to {head_max}")
+  return None
+
+
+def attention_implementation(cfg: DoConfig, backend: str | None = None
+                             ) -> str:
+  """"xla" or "cudnn": what `cfg.attention` means on `backend` (default:
+  JAX's). Raises ValueError for "cudnn" where it cannot run."""
+  if cfg.attention == "xla":
+    return "xla"
+  why = cudnn_unsupported(cfg, backend)
+  if cfg.attention == "cudnn" and why:
+    raise ValueError(f"model.attention=cudnn cannot run here: {why}; use "
+                     "--config.model.attention=auto (cuDNN where it can "
+                     "run, XLA elsewhere) or xla")
+  return "xla" if why else "cudnn"
 
 
 def _kernel_init(cfg: DoConfig, axes: tuple[str, ...]):
@@ -114,7 +166,8 @@ class CausalAttn(nn.Module):
     k_BxLxHxK = dense(name="key")(x_BxLxD)
     v_BxLxHxK = dense(name="value")(x_BxLxD)
     out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla")
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
+        implementation=attention_implementation(cfg))
     return nn.DenseGeneral(
         features=cfg.D, axis=(-2, -1), use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("heads", "kv", "embed")),

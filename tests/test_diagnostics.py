@@ -45,11 +45,10 @@ def test_analyze_and_training_diagnostics_agree(tmp_path):
   state = checkpoint.restore_state(checkpoint.checkpoint_manager(
       str(workdir)), s, 2)
   assert int(state.step) == 2
-  sharp = diagnostics.make_sharpness(cfg, s.logits_fn,
-                                     data_lib.eval_batches(cfg))
+  sharp = diagnostics.make_sharpness(cfg, s, data_lib.eval_batches(cfg))
   lr, rho = cfg.opt.peak_learning_rate, cfg.sam.rho
   at_step = diagnostics.to_scalars(sharp(
-      state.params, lr, rho, jax.random.fold_in(state.rng, 2)))
+      state, lr, rho, jax.random.fold_in(state.rng, 2)))
   for k, v in logged.items():
     np.testing.assert_allclose(v, at_step[k], rtol=1e-6, err_msg=k)
 
@@ -58,7 +57,7 @@ def test_analyze_and_training_diagnostics_agree(tmp_path):
   assert analyzed["learning_rate"] == lr and analyzed["rho"] == rho
   for k in EXACT:
     np.testing.assert_allclose(analyzed[k], logged[k], rtol=1e-6, err_msg=k)
-  with_seed = diagnostics.to_scalars(sharp(state.params, lr, rho,
+  with_seed = diagnostics.to_scalars(sharp(state, lr, rho,
                                            jax.random.key(cfg.seed)))
   for k, v in with_seed.items():
     np.testing.assert_allclose(analyzed[k], v, rtol=1e-6, err_msg=k)
