@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   # and the tied output layer in float32 (Nanodo: its embeddings have no
   # dtype); "compute" runs them in `dtype` as well (cheaper, less exact).
   c.model.residual_dtype = "float32"
+  # Attention kernel: auto (cuDNN flash attention on an NVIDIA GPU of compute
+  # capability >= 8.0 with dtype=bfloat16 and head dim D/H a multiple of 8 up
+  # to 128, or 256 on Hopper; XLA everywhere else, TPU and CPU included) | xla
+  # | cudnn (an error where it cannot run). The sharpness diagnostics always
+  # use xla (cuDNN's kernel has no forward-mode derivative).
+  c.model.attention = "auto"
   c.model.size_name = ""          # Label of a paper size (configs/sizes.py).
 
   # Data: seqio Tasks over TFDS or files (nanodo_sam/data.py).
@@ -132,6 +138,12 @@ def get_config() -> ml_collections.ConfigDict:
   # True: lambda_max, ||g||, SAM-edge, 2/lr and eigenvector alignments on the
   # current training minibatch (edge of stability) instead of the fixed set.
   c.diagnostics.on_train_batch = False
+
+  # A profiler trace of steps [start_step, start_step + num_steps) in the
+  # workdir (plugins/profile/, TensorBoard's profile tab), process 0 only.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10       # >= 1: step 0 compiles.
+  c.profile.num_steps = 0         # 0 = off.
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.enabled = False

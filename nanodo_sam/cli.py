@@ -344,7 +344,7 @@ def cmd_analyze(fv) -> None:
   # SAM-edge and 2/lr at the peak learning rate: at the end of a decayed
   # schedule the rate in effect is ~0 and both would be meaningless.
   lr = cfg.opt.peak_learning_rate
-  sharp = diagnostics.make_sharpness(cfg, s.logits_fn, eval_data)
+  sharp = diagnostics.make_sharpness(cfg, s, eval_data)
   out = diagnostics.to_scalars(sharp(state, lr, cfg.sam.rho,
                                      jax.random.key(cfg.seed)))
   out.update(eval_loss=loss, step=step, method=cfg.sam.method,

@@ -108,7 +108,8 @@ def model_config(cfg):
     return DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V,
                     nonlinearity=m.nonlinearity, dtype=m.dtype,
                     remat=m.remat, kernel_init=m.kernel_init,
-                    residual_dtype=m.residual_dtype)
+                    residual_dtype=m.residual_dtype,
+                    attention=m.get("attention", "xla"))
   except ValueError as e:
     raise UsageError(str(e)) from None
 
@@ -176,6 +177,7 @@ KEYS = (
     *(_integer(f"model.{k}", 1) for k in ("D", "H", "N", "F", "L", "V")),
     Key("model.nonlinearity"), Key("model.dtype"), _flag("model.remat"),
     Key("model.kernel_init"), Key("model.residual_dtype"),
+    Key("model.attention"),
     Key("model.size_name"),
     Key("data.tfds_name"), Key("data.tfds_data_dir"),
     Key("data.train_split"), Key("data.eval_split"), Key("data.train_files"),
@@ -217,6 +219,8 @@ KEYS = (
     Key("diagnostics.tol", (float,), lambda v: math.isfinite(v) and v > 0,
         "must be a positive number"),
     _flag("diagnostics.on_train_batch"),
+    _integer("profile.start_step", 1, " (step 0 compiles)"),
+    _integer("profile.num_steps", 0, " (0: off)"),
     _flag("wandb.enabled"), Key("wandb.project"),
     _choice("wandb.mode", WANDB_MODES),
     *(Key(f"mesh.{axis}", (int,), lambda v: v == -1 or v >= 1,
@@ -297,9 +301,19 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"diagnostics.batch_size={diag.batch_size} exceeds "
              f"data.eval_batch_size={data.eval_batch_size} (its rows come "
              "from the eval batches); lower it or raise data.eval_batch_size")
-  if num_devices is not None:
+  profile = cfg.get("profile")
+  if profile is not None and profile.num_steps:
+    _require(profile.start_step >= 1,
+             f"profile.start_step={profile.start_step}: the trace starts at a "
+             "step >= 1 (step 0 compiles), or set profile.num_steps=0 (off)")
+  if num_devices is not None:  # Checks against this machine.
+    from nanodo_sam import model as model_lib
     from nanodo_sam import sharding
     sharding.validate(cfg, num_devices)
+    try:
+      model_lib.attention_implementation(model_config(cfg))
+    except ValueError as e:
+      raise UsageError(str(e)) from None
 
 
 def check_workdir(cfg, workdir: str) -> None:
@@ -335,7 +349,7 @@ def check_workdir(cfg, workdir: str) -> None:
   old_model = to_dict(old.model)
   new_model = to_dict(cfg.model)
   diff = sorted(k for k in set(old_model) | set(new_model)
-                if k not in ("remat", "dtype")
+                if k not in ("remat", "dtype", "attention")
                 and old_model.get(k) != new_model.get(k))
   if diff:
     k = diff[0]

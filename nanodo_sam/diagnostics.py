@@ -22,7 +22,6 @@ from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import sharpness
 from nanodo_sam.config import UsageError
-from nanodo_sam.loss import LogitsFn
 
 
 def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
@@ -49,23 +48,44 @@ def adam_precond(cfg, opt_state):
   return precond
 
 
-def make_sharpness(cfg, logits_fn: LogitsFn, eval_data
-                   ) -> Callable[..., dict[str, jax.Array]]:
-  """Jitted `(state, lr, rho, rng) -> sharpness.diagnostics(...)` on the
-  fixed batch, with diagnostics.{num_iters,num_probes,tol}; with AdamW also
-  the split along P^-1 g, P from the state's optimizer state."""
+def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
+  """`(state, batch, lr, rho, rng) -> sharpness.diagnostics(...)` with
+  diagnostics.{num_iters,num_probes,tol}; with AdamW also the split along
+  P^-1 g, P from the state's optimizer state. `s`: the run's state.Setup.
+
+  Exact whatever the run trains with: the products differentiate
+  `s.diagnostics_logits_fn` (attention "xla": cuDNN's kernel has no
+  forward-mode derivative), every matmul in float32 (no TF32 or bfloat16
+  passes for float32 inputs on GPU or TPU), and the Lanczos basis and the
+  probes are split over the mesh like the parameters.
+  """
   d = cfg.diagnostics
+
+  def fn(state, batch, lr, rho, rng):
+    with jax.default_matmul_precision("float32"):
+      return sharpness.diagnostics(
+          state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
+          rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
+          tol=d.tol, precond=adam_precond(cfg, state.opt_state),
+          params_sharding=s.state_sharding.params)
+
+  return fn
+
+
+def make_sharpness(cfg, s, eval_data) -> Callable[..., dict[str, jax.Array]]:
+  """Jitted `(state, lr, rho, rng) -> sharpness_fn(...)` on the fixed batch
+  (a constant of the compiled function)."""
   batch = fixed_batch(cfg, eval_data)
-  return jax.jit(lambda state, lr, rho, rng: sharpness.diagnostics(
-      state.params, batch, logits_fn=logits_fn, lr=lr, rho=rho,
-      num_iters=d.num_iters, num_probes=d.num_probes, rng=rng, tol=d.tol,
-      precond=adam_precond(cfg, state.opt_state)))
+  fn = sharpness_fn(cfg, s)
+  return jax.jit(lambda state, lr, rho, rng: fn(state, batch, lr, rho, rng))
 
 
 def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   """Jitted `(state, batch, lr, rho, rng) -> sharpness.edge_of_stability`
-  on a training batch, with the configured method's gradient there. `s`: the
-  run's state.Setup (logits_fn, head, state_sharding, mesh)."""
+  on a training batch, with the configured method's gradient there (taken
+  as the train step takes it). `s`: the run's state.Setup (logits_fn, head,
+  diagnostics_logits_fn, state_sharding, mesh); exact as in `sharpness_fn`.
+  """
   d = cfg.diagnostics
 
   def eos(state, batch, lr, rho, rng):
@@ -77,9 +97,11 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
         cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
         rho=rho, phi=cfg.sam.phi, precond=precond,
         precond_normalize=cfg.sam.precond_normalize, head=s.head)
-    return sharpness.edge_of_stability(
-        state.params, batch, sam_grads, logits_fn=s.logits_fn, lr=lr,
-        rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol)
+    with jax.default_matmul_precision("float32"):
+      return sharpness.edge_of_stability(
+          state.params, batch, sam_grads, logits_fn=s.diagnostics_logits_fn,
+          lr=lr, rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol,
+          params_sharding=s.state_sharding.params)
 
   return jax.jit(eos, in_shardings=(s.state_sharding,
                                     sharding.batch_sharding(s.mesh), None,
@@ -105,7 +127,7 @@ def make_diagnose(cfg, s, eval_data
     fn = make_edge_of_stability(cfg, s)
     prefix = "eos"
   else:
-    sharp = make_sharpness(cfg, s.logits_fn, eval_data)
+    sharp = make_sharpness(cfg, s, eval_data)
     fn = lambda state, batch, lr, rho, rng: sharp(state, lr, rho, rng)
     prefix = "sharpness"
 

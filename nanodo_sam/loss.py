@@ -40,3 +40,7 @@ class OutputHead(NamedTuple):
   features: Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> h
   select: Callable[[Any], Any]  # params -> the output layer's own params
   apply: Callable[[Any, jax.Array], jax.Array]  # (those, h_xD) -> logits_xV
+  # Where a [B, ...] array's rows live on the mesh (a NamedSharding splitting
+  # axis 0; `sharding.pin_head` sets it), so the chunked step keeps every
+  # chunk split by rows; None: one device, or let XLA choose.
+  batch_sharding: Any = None

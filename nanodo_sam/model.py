@@ -38,6 +38,11 @@ KERNEL_INITS = {
 # float32 features) or "compute" (embeddings, residual stream and output
 # layer in `dtype` too).
 RESIDUAL_DTYPES = ("float32", "compute")
+# The attention kernel (`jax.nn.dot_product_attention`'s implementation):
+# "xla" (scores materialised, every derivative), "cudnn" (cuDNN flash
+# attention: GPU, bfloat16, reverse mode only) or "auto" (cudnn wherever
+# `cudnn_unsupported` finds nothing against it, else xla).
+ATTENTIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class DoConfig:
   remat: bool = False
   kernel_init: str = "xavier_uniform"
   residual_dtype: str = "float32"
+  attention: str = "xla"  # configs/base.py: "auto"
 
   def __post_init__(self):
     if self.nonlinearity not in NONLINEARITIES:
@@ -70,6 +76,9 @@ class DoConfig:
     if self.residual_dtype not in RESIDUAL_DTYPES:
       raise ValueError(f"model.residual_dtype={self.residual_dtype!r} is "
                        f"unknown; use one of {list(RESIDUAL_DTYPES)}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention={self.attention!r} is unknown; use "
+                       f"one of {', '.join(ATTENTIONS)}")
     for name in ("D", "H", "N", "F", "L", "V"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got "
@@ -89,6 +98,49 @@ def non_embedding_params(cfg: DoConfig) -> int:
   return cfg.N * (4 * cfg.D**2 + 2 * cfg.D * cfg.F + 2 * cfg.D) + cfg.D
 
 
+def cudnn_unsupported(cfg: DoConfig, backend: str | None = None
+                      ) -> str | None:
+  """Why cuDNN flash attention cannot run this model on `backend` (default:
+  JAX's), or None when it can: an NVIDIA GPU with cuDNN, compute capability
+  8.0 or later, bfloat16 compute and a head dimension that is a multiple of 8
+  up to 128 (256 from Hopper on), the conditions of
+  `jax.nn.dot_product_attention(implementation="cudnn")`."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return f"the {backend} backend has no cuDNN"
+  if cfg.dtype != "bfloat16":
+    return (f"cuDNN flash attention needs bfloat16 inputs, but model.dtype="
+            f"{cfg.dtype}")
+  try:  # JAX's own checks (private: a JAX without them is treated as no).
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    fa.check_cudnn_version()
+    if not fa.check_compute_capability("8.0"):
+      return "cuDNN flash attention needs an NVIDIA GPU of compute " \
+             "capability 8.0 (Ampere) or later"
+    head_max = 256 if fa.check_compute_capability("9.0") else 128
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cuDNN attention is not available ({type(e).__name__}: {e})"
+  head_dim = cfg.D // cfg.H
+  if head_dim % 8 or head_dim > head_max:
+    return (f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
+            f"to {head_max}")
+  return None
+
+
+def attention_implementation(cfg: DoConfig, backend: str | None = None
+                             ) -> str:
+  """"xla" or "cudnn": what `cfg.attention` means on `backend` (default:
+  JAX's). Raises ValueError for "cudnn" where it cannot run."""
+  if cfg.attention == "xla":
+    return "xla"
+  why = cudnn_unsupported(cfg, backend)
+  if cfg.attention == "cudnn" and why:
+    raise ValueError(f"model.attention=cudnn cannot run here: {why}; use "
+                     "--config.model.attention=auto (cuDNN where it can "
+                     "run, XLA elsewhere) or xla")
+  return "xla" if why else "cudnn"
+
+
 def _kernel_init(cfg: DoConfig, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(KERNEL_INITS[cfg.kernel_init], axes)
 
@@ -98,16 +150,17 @@ _EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
 
 
 def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array,
-              v_BxSxHxK: jax.Array, mask_TxS: jax.Array | None = None
-              ) -> jax.Array:
+              v_BxSxHxK: jax.Array, mask_TxS: jax.Array | None = None,
+              implementation: str = "xla") -> jax.Array:
   """Multi-head dot-product attention, the model's one call site: causal over
   the sequence when `mask_TxS` is None (training, T == S), else queries
   attend to the keys where the mask is True (decoding against the KV cache).
+  `implementation`: "xla" or "cudnn" (`attention_implementation`).
   """
   mask = None if mask_TxS is None else mask_TxS[None, None]
   return jax.nn.dot_product_attention(
       q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, is_causal=mask is None,
-      implementation="xla")
+      implementation=implementation)
 
 
 class CausalAttn(nn.Module):
@@ -150,7 +203,10 @@ class CausalAttn(nn.Module):
       k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
       mask_TxS = (jnp.arange(cfg.L)[None, :]
                   <= cache_index + jnp.arange(T)[:, None])
-    out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS)
+    # Training and scoring: model.attention's kernel; decoding against the
+    # cache (an explicit mask, one position at a time): XLA's.
+    impl = "xla" if mask_TxS is not None else attention_implementation(cfg)
+    out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS, impl)
     return nn.DenseGeneral(
         features=cfg.D, axis=(-2, -1), use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("heads", "kv", "embed")),

@@ -33,10 +33,12 @@ neither the model nor the trainer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
@@ -135,20 +137,35 @@ def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn,
   return Point(head_params, h_BxLxD, vjp_fn)
 
 
-def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
-  """The fewest chunks of the sequence (a divisor of L) within the budget.
-
-  1 (no chunking) on more than one device for now: inside the scan XLA's SPMD
-  partitioner loses the batch sharding and all-reduces each logits chunk
-  (seen on a 4-device CPU mesh with FSDP), which would trade the memory for a
-  lot of communication; there the logits stay whole, as before.
-  """
-  B, L = p.h_BxLxD.shape[:2]
-  if not chunked or HEAD_CHUNK_ELEMENTS <= 0 or jax.device_count() > 1:
+def _batch_shards(head: OutputHead) -> int:
+  """How many ways a batch's rows are split (`head.batch_sharding`)."""
+  s = head.batch_sharding
+  if s is None or not len(s.spec) or s.spec[0] is None:
     return 1
+  axes = (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
+  return math.prod(s.mesh.shape[a] for a in axes)
+
+
+def _keep_rows(head: OutputHead, x: jax.Array, axis: int = 0) -> jax.Array:
+  """x with its `axis` split like the batch's rows (`head.batch_sharding`);
+  unchanged without one."""
+  s = head.batch_sharding
+  if s is None:
+    return x
+  spec = PartitionSpec(*((None,) * axis + tuple(s.spec[:1])))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(s.mesh, spec))
+
+
+def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
+  """The fewest chunks of the sequence (a divisor of L) whose logits stay
+  within the budget on each device (the rows split `_batch_shards` ways)."""
+  B, L = p.h_BxLxD.shape[:2]
+  if not chunked or HEAD_CHUNK_ELEMENTS <= 0:
+    return 1
+  rows = max(B // _batch_shards(head), 1)
   V = jax.eval_shape(head.apply, p.head_params, p.h_BxLxD[:, :1]).shape[-1]
   for n in range(1, L + 1):
-    if L % n == 0 and B * (L // n) * V <= HEAD_CHUNK_ELEMENTS:
+    if L % n == 0 and rows * (L // n) * V <= HEAD_CHUNK_ELEMENTS:
       return n
   return L
 
@@ -162,8 +179,10 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
   into the loss and its cotangent dL/dF = w (softmax - onehot) and pulled back
   through the output layer one chunk of the sequence at a time (lax.scan), so
   no [B, L, V] tensor is ever alive; dL/dF(b) is recomputed from b's features
-  when a is not b rather than stored. Without one, the logits are the
-  features and this is a plain vjp.
+  when a is not b rather than stored. On a mesh every chunk stays split by
+  rows like the batch (`head.batch_sharding`; without the constraint XLA's
+  partitioner replicates the chunks inside the scan). Without a head, the
+  logits are the features and this is a plain vjp.
   """
   head, chunked = resolve_head(logits_fn, head)
   same = a is b
@@ -174,6 +193,8 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
   weights_BxL = weights_BxL / jnp.maximum(jnp.sum(weights_BxL), 1.0)
 
   def one(h_a, h_b, targets, weights):
+    h_a, h_b, targets, weights = (_keep_rows(head, x)
+                                  for x in (h_a, h_b, targets, weights))
     loss_fn = lambda z: cross_entropy(z, {"targets": targets,
                                           "weights": weights})
     if same:
@@ -182,14 +203,15 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
       logits = head.apply(b.head_params, h_b)
       pull = jax.vjp(head.apply, a.head_params, h_a)[1]
     loss, dlogits = jax.value_and_grad(loss_fn)(logits)
-    return (loss,) + pull(dlogits.astype(logits.dtype))
+    d_head, dh = pull(dlogits.astype(logits.dtype))
+    return loss, d_head, _keep_rows(head, dh)
 
   if n == 1:
     loss, d_head, dh_BxLxD = one(a.h_BxLxD, b.h_BxLxD, batch["targets"],
                                  weights_BxL)
   else:
-    split = lambda x: jnp.moveaxis(
-        x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0)
+    split = lambda x: _keep_rows(head, jnp.moveaxis(
+        x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0), 1)
 
     def body(acc, xs):
       loss, d_head, dh = one(*xs)
@@ -203,7 +225,8 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
     (loss, d_head), dh_nxBxLcxD = jax.lax.scan(
         body, zeros, (split(a.h_BxLxD), split(b.h_BxLxD),
                       split(batch["targets"]), split(weights_BxL)))
-    dh_BxLxD = jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(a.h_BxLxD.shape)
+    dh_BxLxD = _keep_rows(head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(
+        a.h_BxLxD.shape))
     d_head = jax.tree.map(lambda d, p: d.astype(p.dtype), d_head,
                           a.head_params)
   (grads,) = a.vjp_fn((d_head, dh_BxLxD.astype(a.h_BxLxD.dtype)))

@@ -161,11 +161,14 @@ def pin_params(fn, params_sharding):
   return pinned
 
 
-def pin_head(head, params_sharding):
+def pin_head(head, params_sharding, batch_sharding=None):
   """An output head (loss.OutputHead) whose `features` and `select` see the
-  parameters pinned like `pin_params`'s, so the chunked step keeps them too."""
+  parameters pinned like `pin_params`'s, so the chunked step keeps them too;
+  with `batch_sharding` (`batch_sharding(mesh)`) the step also keeps each
+  chunk of the sequence split by rows over the mesh (`sam.head_vjp`)."""
   return head._replace(features=pin_params(head.features, params_sharding),
-                       select=pin_params(head.select, params_sharding))
+                       select=pin_params(head.select, params_sharding),
+                       batch_sharding=batch_sharding)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

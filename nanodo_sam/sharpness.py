@@ -25,7 +25,6 @@ from typing import Any, Callable
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from nanodo_sam.loss import LogitsFn, cross_entropy
 
@@ -70,12 +69,36 @@ def _like(v, params):
 
 
 def _vdot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in
+  return sum(jnp.vdot(x, y, precision=lax.Precision.HIGHEST) for x, y in
              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _norm(a) -> jax.Array:
   return jnp.sqrt(_vdot(a, a))
+
+
+def _random_like(rng: jax.Array, params, sample):
+  """A tree like params, leaf i drawn as sample(key_i, shape, dtype)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+  return treedef.unflatten([sample(k, x.shape, x.dtype)
+                            for k, x in zip(keys, leaves)])
+
+
+def _keep(tree, params_sharding, stacked: bool = False):
+  """tree (stacked: each leaf [K, ...]) split over the mesh like the
+  parameters (`params_sharding`, a tree of NamedShardings like params);
+  unchanged without one."""
+  if params_sharding is None:
+    return tree
+
+  def one(x, s):
+    spec = (None,) + tuple(s.spec) if stacked else tuple(s.spec)
+    return lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
+            *spec)))
+
+  return jax.tree.map(one, tree, params_sharding)
 
 
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
@@ -225,64 +248,86 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
-               num_iters: int = 20, tol: float = 1e-3, rng: jax.Array):
+               num_iters: int = 20, tol: float = 1e-3, rng: jax.Array,
+               params_sharding=None):
   """Largest-magnitude eigenvalue of H by Lanczos with full reorthogonalisation.
 
   At most `num_iters` Hessian-vector products; stops once the Ritz residual
   ||H y - theta y|| <= tol |theta|, which bounds the relative distance of
-  theta to an eigenvalue of H by tol. Memory: num_iters parameter copies.
-  Returns (eigenvalue, unit eigenvector as a params tree, iterations used);
-  the eigenvalue is signed (away from a minimum it may be negative).
+  theta to an eigenvalue of H by tol. Memory: the Krylov basis, num_iters
+  copies of the parameters, kept parameter-shaped (one [num_iters, ...] stack
+  per parameter); with `params_sharding` (the parameters' NamedShardings)
+  each stack is split over the mesh like its parameter, so the basis spreads
+  over the devices as the model does (at 1208M, 20 float32 copies are 107 GB
+  on one device). Returns (eigenvalue, unit eigenvector as a params tree,
+  iterations used); the eigenvalue is signed (away from a minimum it may be
+  negative).
   """
   _check_count("num_iters", num_iters)
   params = _upcast(params)
-  flat, unravel = ravel_pytree(params)
-  k = min(num_iters, flat.size)
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  k = min(num_iters, sum(x.size for x in jax.tree.leaves(params)))
+  keep = lambda t: _keep(t, params_sharding)
+  keep_basis = lambda t: _keep(t, params_sharding, stacked=True)
 
-  def matvec(x):
-    return ravel_pytree(hvp(params, batch, unravel(x), logits_fn=logits_fn))[0]
+  def coefficients(basis_K, w):  # [K]: <q_i, w> for every basis vector q_i
+    return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
+               for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
 
-  q0 = jax.random.normal(rng, flat.shape, flat.dtype)
-  basis_KxP = jnp.zeros((k,) + flat.shape, flat.dtype).at[0].set(
-      q0 / jnp.linalg.norm(q0))
-  zeros_K = jnp.zeros((k,), flat.dtype)
+  def combination(basis_K, c_K):  # sum_i c_i q_i, parameter-shaped
+    return keep(jax.tree.map(lambda b: jnp.tensordot(
+        c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
+                             basis_K))
+
+  q0 = keep(_random_like(rng, params, jax.random.normal))
+  q0 = jax.tree.map(lambda x: x / _norm(q0), q0)
+  basis_K = keep_basis(jax.tree.map(
+      lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0))
+  zeros_K = jnp.zeros((k,), dtype)
 
   def cond(state):
     j, _, _, _, _, _, done = state
     return (j < k) & ~done
 
   def body(state):
-    j, basis_KxP, alpha_K, beta_K, _, _, _ = state
-    w = matvec(basis_KxP[j])
-    alpha_K = alpha_K.at[j].set(jnp.vdot(basis_KxP[j], w))
+    j, basis_K, alpha_K, beta_K, _, _, _ = state
+    q = keep(jax.tree.map(lambda b: b[j], basis_K))
+    w = keep(hvp(params, batch, q, logits_fn=logits_fn))
+    alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
-      w = w - basis_KxP.T @ (basis_KxP @ w)
-    b = jnp.linalg.norm(w)
+      w = jax.tree.map(jnp.subtract, w,
+                       combination(basis_K, coefficients(basis_K, w)))
+    b = _norm(w)
     off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
     t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
     evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
     i = jnp.argmax(jnp.abs(evals_K))
     theta, s_K = evals_K[i], evecs_KxK[:, i]
-    tiny = jnp.finfo(flat.dtype).tiny
+    tiny = jnp.finfo(dtype).tiny
     done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
-    basis_KxP = basis_KxP.at[j + 1].set(w / jnp.maximum(b, tiny), mode="drop")
-    return j + 1, basis_KxP, alpha_K, beta_K.at[j].set(b), theta, s_K, done
+    basis_K = keep_basis(jax.tree.map(
+        lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
+        basis_K, w))
+    return j + 1, basis_K, alpha_K, beta_K.at[j].set(b), theta, s_K, done
 
-  init = (jnp.int32(0), basis_KxP, zeros_K, zeros_K, jnp.zeros((), flat.dtype),
+  init = (jnp.int32(0), basis_K, zeros_K, zeros_K, jnp.zeros((), dtype),
           zeros_K, jnp.array(False))
-  iters, basis_KxP, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
-  y = basis_KxP.T @ s_K
-  return theta, unravel(y / jnp.linalg.norm(y)), iters
+  iters, basis_K, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
+  y = combination(basis_K, s_K)
+  y_norm = _norm(y)
+  return theta, jax.tree.map(lambda x: x / y_norm, y), iters
 
 
-def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng):
-  """Mean and standard error of z^T A z over Rademacher probes z."""
+def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
+                params_sharding=None):
+  """Mean and standard error of z^T A z over Rademacher probes z (one
+  parameter-shaped probe alive at a time, split like the parameters)."""
   _check_count("num_probes", num_probes)
   params = _upcast(params)
-  flat, unravel = ravel_pytree(params)
 
   def probe(key):
-    z = unravel(jax.random.rademacher(key, flat.shape).astype(flat.dtype))
+    z = _keep(_random_like(key, params, jax.random.rademacher),
+              params_sharding)
     return _over_batches(lambda b: quad_one(params, b, z, logits_fn), batch)
 
   values_N = lax.map(probe, jax.random.split(rng, num_probes))
@@ -292,17 +337,20 @@ def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng):
 
 
 def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-                  num_probes: int, rng: jax.Array):
-  """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe)."""
+                  num_probes: int, rng: jax.Array, params_sharding=None):
+  """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe).
+  `params_sharding`: as in `lambda_max`, for the probes."""
   def quad_one(p, b, z, f):
     return _vdot(z, _hvp_one(p, b, z, f))
-  return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng)
+  return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
+                     params_sharding)
 
 
 def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-              num_probes: int, rng: jax.Array):
+              num_probes: int, rng: jax.Array, params_sharding=None):
   """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
-  return _hutchinson(_ggn_quad_one, params, batch, logits_fn, num_probes, rng)
+  return _hutchinson(_ggn_quad_one, params, batch, logits_fn, num_probes, rng,
+                     params_sharding)
 
 
 def sam_edge(lr, rho, grad_norm) -> jax.Array:
@@ -321,8 +369,8 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
 
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
-                direction=None, tol: float = 1e-3, precond=None
-                ) -> dict[str, jax.Array]:
+                direction=None, tol: float = 1e-3, precond=None,
+                params_sharding=None) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -334,7 +382,8 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   `precond` (AdamW's P) also tau_logit_precond, tau_func_precond,
   tau_cross_precond: the split along e = P^-1 g / ||P^-1 g|| at the same
   parameters (paper, appendix B: preconditioning shifts it towards the
-  functional path).
+  functional path). `params_sharding` (the parameters' NamedShardings)
+  splits the Lanczos basis and the probes like the parameters.
   """
   _check_count("num_iters", num_iters, allow_zero=True)
   _check_count("num_probes", num_probes, allow_zero=True)
@@ -350,14 +399,14 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   if num_iters:
     out["lambda_max"], _, _ = lambda_max(
         params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
-        rng=eig_rng)
+        rng=eig_rng, params_sharding=params_sharding)
   if num_probes:
+    traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
+                  params_sharding=params_sharding)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
-        params, batch, logits_fn=logits_fn, num_probes=num_probes,
-        rng=trace_rng)
+        params, batch, **traces)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
-        params, batch, logits_fn=logits_fn, num_probes=num_probes,
-        rng=trace_rng)
+        params, batch, **traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
@@ -372,15 +421,17 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
 
 def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
                       lr, rho, num_iters: int, rng: jax.Array,
-                      tol: float = 1e-3) -> dict[str, jax.Array]:
+                      tol: float = 1e-3, params_sharding=None
+                      ) -> dict[str, jax.Array]:
   """Long & Bartlett's quantities on one (training) minibatch.
 
   lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
   of the SAM-family gradient `sam_grads` lies along the top eigenvector
-  (|cos| with it).
+  (|cos| with it). `params_sharding`: as in `lambda_max`.
   """
   lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
-                               num_iters=num_iters, tol=tol, rng=rng)
+                               num_iters=num_iters, tol=tol, rng=rng,
+                               params_sharding=params_sharding)
   _, g = loss_and_grad(params, batch, logits_fn=logits_fn)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
   g_norm = _norm(g)

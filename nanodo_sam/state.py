@@ -47,6 +47,10 @@ class Setup:
   model: model_lib.TransformerDo
   logits_fn: LogitsFn  # pinned to the parameters' sharding
   head: OutputHead  # the model's output layer, pinned the same way
+  # logits_fn with attention="xla", whatever model.attention says: the
+  # sharpness diagnostics differentiate it forward-over-reverse, and cuDNN's
+  # attention kernel has no forward-mode derivative.
+  diagnostics_logits_fn: LogitsFn
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
   state_sharding: Any
@@ -83,9 +87,14 @@ def setup(cfg) -> Setup:
   logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
                                   state_sharding.params)
   head = sharding.pin_head(model_lib.output_head(model),
-                           state_sharding.params)
-  return Setup(cfg, model, logits_fn, head, tx, mesh, state_sharding,
-               abstract_state)
+                           state_sharding.params,
+                           sharding.batch_sharding(mesh))
+  exact = model_lib.TransformerDo(dataclasses.replace(model.cfg,
+                                                      attention="xla"))
+  diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
+                                              state_sharding.params)
+  return Setup(cfg, model, logits_fn, head, diagnostics_logits_fn, tx, mesh,
+               state_sharding, abstract_state)
 
 
 def init_state(s: Setup, seed: int) -> TrainState:

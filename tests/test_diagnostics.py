@@ -45,8 +45,7 @@ def test_analyze_and_training_diagnostics_agree(tmp_path):
   state = checkpoint.restore_state(checkpoint.checkpoint_manager(
       str(workdir)), s, 2)
   assert int(state.step) == 2
-  sharp = diagnostics.make_sharpness(cfg, s.logits_fn,
-                                     data_lib.eval_batches(cfg))
+  sharp = diagnostics.make_sharpness(cfg, s, data_lib.eval_batches(cfg))
   lr, rho = cfg.opt.peak_learning_rate, cfg.sam.rho
   at_step = diagnostics.to_scalars(sharp(
       state, lr, rho, jax.random.fold_in(state.rng, 2)))
