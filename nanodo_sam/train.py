@@ -251,7 +251,44 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
       Hook(_diagnostics(diagnose), cfg.diagnostics.every_steps, when=BEFORE),
       Hook(_evaluate(run), cfg.eval_every_steps, flush=True, at_end=True),
       Hook(_save, cfg.checkpoint_every_steps, flush=True, at_end=True),
+      *([Hook(_profile(cfg), 1, at_end=True)] if _profiled(cfg) else []),
   ]
+
+
+def _profiled(cfg) -> bool:
+  p = cfg.get("profile")
+  return bool(p and p.num_steps) and jax.process_index() == 0
+
+
+def _profile(cfg):
+  """A jax.profiler trace of steps [profile.start_step, + num_steps) in the
+  workdir (plugins/profile/<time>/*.xplane.pb: TensorBoard's profile tab),
+  on process 0; `_train` ends a trace the run stops inside."""
+  start = cfg.profile.start_step
+  stop = start + cfg.profile.num_steps
+
+  tracing = []
+
+  def profile_hook(run: Run, n: int) -> None:
+    if n == start and n < run.total:  # AFTER hooks: before step n runs.
+      jax.profiler.start_trace(run.workdir)
+      tracing.append(n)
+    elif tracing and n == min(stop, run.total):
+      jax.block_until_ready(run.state)
+      jax.profiler.stop_trace()
+      tracing.clear()
+      log.info("profile of steps %d-%d written to %s", start, n - 1,
+               os.path.join(run.workdir, "plugins", "profile"))
+
+  return profile_hook
+
+
+def _end_profile() -> None:
+  """Stops a trace left running (the run stopped inside the window)."""
+  try:
+    jax.profiler.stop_trace()
+  except RuntimeError:  # None was running.
+    pass
 
 
 def _log_train(run: Run):
@@ -445,6 +482,8 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
   except Preempted:
     status = "preempted"
   finally:
+    if _profiled(cfg):
+      _end_profile()
     mngr.wait_until_finished()
     if status == "completed":  # Its final checkpoint's eval was finite.
       checkpoint.retain(mngr, workdir, cfg.checkpoint_max_to_keep)

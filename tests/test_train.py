@@ -206,6 +206,23 @@ def test_schedules_choose_the_step_on_the_host():
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
 
 
+def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
+  """profile.num_steps=2 from step 1 of a 4-step run: a trace TensorBoard's
+  profile plugin reads (plugins/profile/<time>/*.xplane.pb) and its log line;
+  a window past the end is closed when the run ends."""
+  caplog.set_level(logging.INFO, logger="nanodo_sam")
+  cfg = tiny_config(**{"opt.num_train_steps": 4, "eval_every_steps": 0,
+                       "checkpoint_every_steps": 0, "profile.start_step": 1,
+                       "profile.num_steps": 2})
+  assert train_lib.train(cfg, str(tmp_path / "a"))["status"] == "completed"
+  traces = list((tmp_path / "a" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert "profile of steps 1-2 written to" in caplog.text
+  cfg.profile.start_step, cfg.profile.num_steps = 3, 10
+  assert train_lib.train(cfg, str(tmp_path / "b"))["status"] == "completed"
+  assert list((tmp_path / "b" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
 def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
     tmp_path, monkeypatch):
   """Killed after its step-2 checkpoint and resumed, the run logs into the
