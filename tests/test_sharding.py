@@ -404,6 +404,10 @@ def jobs(request, tmp_path_factory):
     started["mesh"] = Job("mesh", [sys.executable, __file__, "mesh",
                                    str(root / "mesh" / "results.json")],
                           _env(8), str(root / "mesh"))
+  if "scale_results" in wanted:
+    started["scale"] = Job("scale", [sys.executable, __file__, "scale",
+                                     str(root / "scale" / "results.json")],
+                           _env(8), str(root / "scale"))
   if "dist_runs" in wanted:
     assert len(DOC) + 1 == 32
     docs = root / "docs"
@@ -735,8 +739,107 @@ def test_checkpoint_from_one_mesh_restores_on_another(mesh_results):
     assert r["fc1_spec"] == ["fsdp", "tensor"]
 
 
+def worker_scale(out_path: str) -> None:
+  """The diagnostics and the chunked output head on a (2, 4, 1) mesh of 8 CPU
+  devices, against one device; per-device temp memory from XLA's buffer
+  assignment (compiled.memory_analysis()). Writes one JSON file."""
+  import jax
+  from jax.sharding import SingleDeviceSharding
+  from nanodo_sam import model as model_lib
+  from nanodo_sam import sam as sam_lib
+  from nanodo_sam import sharding
+  from nanodo_sam import sharpness
+  from nanodo_sam import state as state_lib
+
+  assert jax.device_count() == 8, jax.devices()
+  res = {}
+  s = state_lib.setup(step_config((2, 4, 1), **{"model.V": 4096}))
+  state = state_lib.init_state(s, seed=0)
+  batch = synthetic_batch(1, 8)
+  gbatch = sharding.global_batch(batch, s.mesh)
+  ps, bs = s.state_sharding.params, sharding.batch_sharding(s.mesh)
+  dev0 = SingleDeviceSharding(jax.devices()[0])
+  params0 = jax.device_put(jax.device_get(state.params), dev0)
+  batch0 = jax.device_put(batch, dev0)
+  exact = model_lib.make_logits_fn(s.model)
+  temp = lambda c: c.memory_analysis().temp_size_in_bytes
+
+  # Lanczos: the basis kept like the parameters (params_sharding) or not.
+  def lanczos(params_sharding):
+    return lambda p, b: sharpness.lambda_max(
+        p, b, logits_fn=exact, num_iters=12, tol=0.0,
+        rng=jax.random.key(0), params_sharding=params_sharding)[0]
+
+  ref = float(jax.jit(lanczos(None))(params0, batch0))
+  runs = {}
+  for name, keep in (("sharded", ps), ("unconstrained", None)):
+    c = jax.jit(lanczos(keep), in_shardings=(ps, bs)).lower(
+        state.params, gbatch).compile()
+    runs[name] = {"lambda_max": float(c(state.params, gbatch)),
+                  "temp_bytes": temp(c)}
+  res["lanczos"] = {"one_device": ref, **runs}
+
+  # The chunked output head on the mesh: the SAM gradient in chunks of the
+  # sequence (rows kept split like the batch) against the whole logits.
+  def make_grads():  # A new function each time: jit traces it afresh.
+    return lambda p, b: sam_lib.gradient(
+        "sam", p, b, logits_fn=s.logits_fn, head=s.head, rho=0.1)[1]
+
+  head = {}
+  for name, budget in (("whole", 0), ("chunked", 8 * 4096)):
+    sam_lib.HEAD_CHUNK_ELEMENTS = budget
+    grads = make_grads()
+    c = jax.jit(grads, in_shardings=(ps, bs)).lower(state.params,
+                                                    gbatch).compile()
+    head[name] = {"grads": c(state.params, gbatch), "temp_bytes": temp(c)}
+  sam_lib.HEAD_CHUNK_ELEMENTS = 0
+  ref_grads = jax.jit(lambda p, b: sam_lib.gradient(
+      "sam", p, b, logits_fn=exact, rho=0.1)[1])(params0, batch0)
+  res["head"] = {
+      "chunked_vs_whole": _max_abs(head["chunked"]["grads"],
+                                   head["whole"]["grads"]),
+      "chunked_vs_one_device": _max_abs(head["chunked"]["grads"], ref_grads),
+      "grads_max": _max_abs_one(ref_grads),
+      "keeps_sharding": all(
+          x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(
+              jax.tree.leaves(head["chunked"]["grads"]), jax.tree.leaves(ps))),
+      "temp_bytes": {k: v["temp_bytes"] for k, v in head.items()}}
+  with open(out_path, "w") as f:
+    json.dump(res, f, indent=2)
+
+
+@pytest.fixture(scope="module")
+def scale_results(jobs):
+  root, started = jobs
+  rc, _, err = started["scale"].wait()
+  assert rc == 0, f"scale worker failed ({rc}):\n{err[-4000:]}"
+  with open(root / "scale" / "results.json") as f:
+    return json.load(f)
+
+
+def test_lanczos_on_a_mesh_equals_one_device_with_its_basis_sharded(
+    scale_results):
+  """lambda_max on the (2, 4, 1) mesh equals one device's, and keeping the
+  Krylov basis split like the parameters lowers each device's temp memory."""
+  r = scale_results["lanczos"]
+  for name in ("sharded", "unconstrained"):
+    assert r[name]["lambda_max"] == pytest.approx(r["one_device"], rel=1e-4)
+  assert r["sharded"]["temp_bytes"] < r["unconstrained"]["temp_bytes"]
+
+
+def test_chunked_head_on_a_mesh_equals_the_whole_logits_and_uses_less(
+    scale_results):
+  r = scale_results["head"]
+  assert r["chunked_vs_whole"] <= 1e-5 * max(1.0, r["grads_max"])
+  assert r["chunked_vs_one_device"] <= 1e-5 * max(1.0, r["grads_max"])
+  assert r["keeps_sharding"]
+  assert r["temp_bytes"]["chunked"] < r["temp_bytes"]["whole"]
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "mesh":
     worker_mesh(sys.argv[2])
+  elif sys.argv[1] == "scale":
+    worker_scale(sys.argv[2])
   else:
     raise SystemExit(f"unknown worker {sys.argv[1]!r}")
