@@ -57,6 +57,14 @@ class Setup:
   abstract_state: Any
 
 
+def _xla_model(model):
+  """`model` with XLA's attention, for what must run on every backend: init
+  (the same parameters) and the diagnostics (cuDNN's kernel has no
+  forward-mode derivative)."""
+  return model_lib.TransformerDo(dataclasses.replace(model.cfg,
+                                                     attention="xla"))
+
+
 def _init_fn(cfg, model, tx):
   """rng -> the first TrainState, its parameters boxed with logical axes."""
 
@@ -78,7 +86,8 @@ def setup(cfg) -> Setup:
   model = model_lib.TransformerDo(config_lib.model_config(cfg))
   tx = optimizer_lib.make_optimizer(cfg.opt)
   mesh = sharding.make_mesh(cfg.mesh)
-  boxed = jax.eval_shape(_init_fn(cfg, model, tx), jax.random.key(0))
+  exact = _xla_model(model)
+  boxed = jax.eval_shape(_init_fn(cfg, exact, tx), jax.random.key(0))
   state_sharding = sharding.logical_to_sharding(boxed, mesh)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -89,8 +98,6 @@ def setup(cfg) -> Setup:
   head = sharding.pin_head(model_lib.output_head(model),
                            state_sharding.params,
                            sharding.batch_sharding(mesh))
-  exact = model_lib.TransformerDo(dataclasses.replace(model.cfg,
-                                                      attention="xla"))
   diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
                                               state_sharding.params)
   return Setup(cfg, model, logits_fn, head, diagnostics_logits_fn, tx, mesh,
@@ -99,7 +106,7 @@ def setup(cfg) -> Setup:
 
 def init_state(s: Setup, seed: int) -> TrainState:
   """The first state, placed with `s.state_sharding`."""
-  init = _init_fn(s.cfg, s.model, s.tx)
+  init = _init_fn(s.cfg, _xla_model(s.model), s.tx)
   return jax.jit(lambda rng: nn.unbox(init(rng)),
                  out_shardings=s.state_sharding)(jax.random.key(seed))
 

@@ -57,6 +57,8 @@ CASES = [
     ("a context that cannot fit", ["--config.model.L=100000000",
                                    "--config.model.D=4096"], "GiB"),
     ("unknown key", ["--config.model.width=3"], "unknown config key"),
+    ("cuDNN attention without a GPU", ["--config.model.attention=cudnn"],
+     "model.attention=cudnn cannot run here"),
     ("workdir is a file", ["--workdir={tmp}/a_file"], "a_file"),
 ]
 

@@ -78,3 +78,44 @@ def test_fixed_batch_takes_the_first_rows_of_the_first_batches():
       np.testing.assert_array_equal(batch[key][i], eval_data[i][key][:3])
   with pytest.raises(UsageError, match="num_batches=2 exceeds"):
     diagnostics.fixed_batch(cfg, eval_data[:1])
+
+
+def test_attention_auto_is_xla_on_cpu_and_cudnn_is_refused():
+  from nanodo_sam import config as config_lib
+  from nanodo_sam import model as model_lib
+  model_cfg = config_lib.model_config(tiny_config(**{"model.attention": "auto"}))
+  assert model_lib.attention_implementation(model_cfg, "cpu") == "xla"
+  cudnn = config_lib.model_config(tiny_config(**{"model.attention": "cudnn"}))
+  with pytest.raises(ValueError, match="model.attention=cudnn cannot run"):
+    model_lib.attention_implementation(cudnn, "cpu")
+
+
+def test_diagnostics_stay_exact_when_training_uses_cudnn(monkeypatch):
+  """A run that trains with attention=cudnn (pretended available here) has
+  diagnostics on XLA's attention: they run on the CPU, where the cuDNN
+  kernel cannot, and equal those of the same run with attention=xla."""
+  from nanodo_sam import model as model_lib
+  monkeypatch.setattr(model_lib, "cudnn_unsupported",
+                      lambda cfg, backend=None: None)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(3, 259, (4, 32)).astype(np.int32),
+           "targets": rng.integers(3, 259, (4, 32)).astype(np.int32),
+           "weights": np.ones((4, 32), np.float32)}
+  out = {}
+  for attention in ("cudnn", "xla"):
+    cfg = tiny_config(**{"model.attention": attention,
+                         "diagnostics.num_iters": 4,
+                         "diagnostics.num_probes": 2})
+    s = state_lib.setup(cfg)
+    state = state_lib.init_state(s, seed=0)
+    if attention == "cudnn":  # The training path really asks for cuDNN.
+      assert model_lib.attention_implementation(s.model.cfg) == "cudnn"
+      with pytest.raises(Exception):
+        jax.jit(s.logits_fn)(state.params, batch["inputs"])
+    fn = diagnostics.sharpness_fn(cfg, s)
+    out[attention] = diagnostics.to_scalars(jax.jit(
+        lambda st, b, fn=fn: fn(st, b, 1e-3, 0.1, jax.random.key(0)))(
+            state, batch))
+  assert out["cudnn"].keys() == out["xla"].keys()
+  for k, v in out["xla"].items():
+    assert out["cudnn"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
