@@ -428,7 +428,9 @@ def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
   assert line.startswith("nanodo-sam: error: workdir") and "model.kernel_init" \
       in line and "--config.model.kernel_init='fan_in_truncated_normal'" in line
   assert sorted(p.name for p in workdir.rglob("*")) == listing
-  # With the old settings passed explicitly it resumes.
+  # With the old settings passed explicitly it resumes (a finished run is
+  # left alone: its results.json goes first to train it further).
+  os.remove(workdir / "results.json")
   subprocess.run(cli + ["train", f"--config={quick}", f"--workdir={workdir}",
                         "--config.opt.num_train_steps=4"] + small + legacy,
                  check=True, capture_output=True, env=env, cwd=ROOT)
