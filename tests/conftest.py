@@ -146,3 +146,30 @@ def fake_run(root, name, *, method, rho, seed, loss, size="2M",
       "eval_history": [[5000, loss + 0.5], [10000, loss]]}))
   if sharpness:
     (d / "sharpness.json").write_text(json.dumps(sharpness))
+
+
+class Crash(Exception):
+  """Raised by `crash_then_resume` in place of a batch: the run dies."""
+
+
+def crash_then_resume(monkeypatch, cfg, workdir: str, at_batch: int) -> dict:
+  """Trains `cfg` in `workdir` until its `at_batch`-th training batch is
+  asked for (the process dies there: Crash), then trains the same config
+  again in the same workdir, which resumes it; returns those results."""
+  import pytest as _pytest
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import train as train_lib
+  real_next = data_lib.TrainIterator.__next__
+  calls = {"n": 0}
+
+  def crashing_next(self):
+    calls["n"] += 1
+    if calls["n"] == at_batch:
+      raise Crash()
+    return real_next(self)
+
+  monkeypatch.setattr(data_lib.TrainIterator, "__next__", crashing_next)
+  with _pytest.raises(Crash):
+    train_lib.train(cfg, workdir)
+  monkeypatch.setattr(data_lib.TrainIterator, "__next__", real_next)
+  return train_lib.train(cfg, workdir)

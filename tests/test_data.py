@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHARED_DATA, SPM_PATH, needs_data, tiny_config
+from conftest import SHARED_DATA, SPM_PATH, crash_then_resume, needs_data, \
+    tiny_config
 from nanodo_sam import data as data_lib
 from nanodo_sam.config import UsageError
 
@@ -215,10 +216,6 @@ def test_file_corpus_position_survives_save_and_restore_across_epochs(
   assert not np.array_equal(next(other)["inputs"], expected[0])
 
 
-class _Crash(Exception):
-  pass
-
-
 def test_a_parquet_corpus_trains_and_resumes_bitwise(tmp_path, monkeypatch):
   import jax
   from nanodo_sam import checkpoint
@@ -228,20 +225,8 @@ def test_a_parquet_corpus_trains_and_resumes_bitwise(tmp_path, monkeypatch):
                         **{"data.shuffle_buffer": 16})
   full = train_lib.train(cfg, str(tmp_path / "full"))
   assert full["status"] == "completed" and np.isfinite(full["final_eval_loss"])
-  real_next = data_lib.TrainIterator.__next__
-  calls = {"n": 0}
-
-  def crashing_next(self):
-    calls["n"] += 1
-    if calls["n"] == 15:  # After the step-10 checkpoint.
-      raise _Crash()
-    return real_next(self)
-
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", crashing_next)
-  with pytest.raises(_Crash):
-    train_lib.train(cfg, str(tmp_path / "resumed"))
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", real_next)
-  resumed = train_lib.train(cfg, str(tmp_path / "resumed"))
+  # Dies at its 15th batch, after the step-10 checkpoint, then resumes.
+  resumed = crash_then_resume(monkeypatch, cfg, str(tmp_path / "resumed"), 15)
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
   s = state_lib.setup(cfg)
   a, b = (checkpoint.restore_state(

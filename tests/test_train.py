@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, listing, needs_data, read_scalars, tiny_config, \
-    tiny_flags
+from conftest import ROOT, crash_then_resume, listing, needs_data, read_scalars, \
+    tiny_config, tiny_flags
 from launch import sweep as sweep_lib
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
@@ -82,10 +82,6 @@ def test_short_tiny_shakespeare_run_lowers_eval_loss(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
-class _Crash(Exception):
-  pass
-
-
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   """Preconditioned F-SAM every 3rd step with sam.reuse: the checkpoint at
   step 10 falls between two full steps, so the resumed run must restore the
@@ -94,20 +90,8 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
                        "sam.rho": 0.05, "sam.every_k": 3, "sam.reuse": True})
   full = train_lib.train(cfg, str(tmp_path / "full"))
 
-  calls = {"n": 0}
-  real_next = data_lib.TrainIterator.__next__
-
-  def crashing_next(self):
-    calls["n"] += 1
-    if calls["n"] == 15:  # Dies mid-run, after the step-10 checkpoint.
-      raise _Crash()
-    return real_next(self)
-
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", crashing_next)
-  with pytest.raises(_Crash):
-    train_lib.train(cfg, str(tmp_path / "resumed"))
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", real_next)
-  resumed = train_lib.train(cfg, str(tmp_path / "resumed"))
+  # Dies mid-run at its 15th batch, after the step-10 checkpoint.
+  resumed = crash_then_resume(monkeypatch, cfg, str(tmp_path / "resumed"), 15)
 
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
   assert resumed["eval_history"][-1] == full["eval_history"][-1]
@@ -231,20 +215,7 @@ def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
   cfg = tiny_config(**{"wandb.enabled": True, "wandb.mode": "offline",
                        "opt.num_train_steps": 4, "eval_every_steps": 0,
                        "checkpoint_every_steps": 2, "log_every_steps": 2})
-  real_next = data_lib.TrainIterator.__next__
-  calls = {"n": 0}
-
-  def crashing_next(self):
-    calls["n"] += 1
-    if calls["n"] == 4:
-      raise _Crash()
-    return real_next(self)
-
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", crashing_next)
-  with pytest.raises(_Crash):
-    train_lib.train(cfg, str(tmp_path))
-  monkeypatch.setattr(data_lib.TrainIterator, "__next__", real_next)
-  res = train_lib.train(cfg, str(tmp_path))
+  res = crash_then_resume(monkeypatch, cfg, str(tmp_path), 4)
   assert res["status"] == "completed"
   run_id = (tmp_path / "wandb_id").read_text().strip()
   runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
