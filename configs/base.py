@@ -10,8 +10,17 @@ Override any key on the command line, e.g.
   nanodo-sam train --config=configs/base.py --config.sam.method=sam
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `nanodo_sam` from any directory.
+  sys.path.insert(0, _ROOT)
+
+from nanodo_sam.loss import HEAD_CHUNK_TOKENS  # pylint: disable=g-import-not-at-top
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -34,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   # configs (quickstart, tests), where bfloat16 is emulated and slower.
   c.model.dtype = "float32"
   c.model.remat = False           # Rematerialise each block in backward.
+  # Tokens per device in one chunk of the output layer + loss (the [B, L, V]
+  # logits are never whole); 0 = whole logits. GPU matmuls want >= ~2K.
+  c.model.head_chunk_tokens = HEAD_CHUNK_TOKENS
   # Attention and MLP kernel init: xavier_uniform (Nanodo's DoConfig default)
   # | fan_in_truncated_normal (this project's before it matched Nanodo).
   c.model.kernel_init = "xavier_uniform"
@@ -120,7 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sam.precond_normalize = "after"  # after: rho P^-1g/|P^-1g|; before.
   c.sam.perturbation_scope = "global"  # global | microbatch (accumulation).
 
-  c.grad_accumulation_steps = 1   # Microbatches per step (lax.scan).
+  # Microbatches per step (lax.scan); 0 = auto: the fewest whose compiled
+  # step fits a device's memory (mesh.device_memory_gb), chosen at start-up.
+  c.grad_accumulation_steps = 1
 
   c.eval_every_steps = 500        # 0 = only at the end.
   c.checkpoint_every_steps = 1000  # 0 = only at the end.
@@ -155,4 +169,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Memory of one device in GiB for the fit checks (auto microbatches, the
+  # refusal of a step that cannot fit); 0 = the device's own. XLA gets
+  # XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's default 0.75) of it.
+  c.mesh.device_memory_gb = 0.0
   return c

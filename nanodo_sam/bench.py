@@ -45,6 +45,7 @@ import numpy as np
 
 from nanodo_sam import config as config_lib
 from nanodo_sam import flops as flops_lib
+from nanodo_sam.hlo_cost import memory_bytes  # noqa: F401 (bench.memory_bytes)
 from nanodo_sam.flops import method_flops_factor, model_flops_per_token
 from nanodo_sam.flops import peak_flops
 from nanodo_sam import model as model_lib
@@ -159,17 +160,6 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
       "targets": rng.integers(0, V, (B, L), dtype=np.int32),
       "weights": np.ones((B, L), np.float32),
   }
-
-
-def memory_bytes(compiled) -> dict:
-  """XLA's buffer assignment for a compiled step (any backend)."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "alias", "temp")}
-  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  return out
 
 
 def _device_peak_bytes(device) -> int | None:

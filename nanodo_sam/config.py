@@ -176,6 +176,7 @@ KEYS = (
     _integer("seed", 0), Key("workdir"), Key("schedule_name"),
     *(_integer(f"model.{k}", 1) for k in ("D", "H", "N", "F", "L", "V")),
     Key("model.nonlinearity"), Key("model.dtype"), _flag("model.remat"),
+    _integer("model.head_chunk_tokens", 0, " (0: whole logits)"),
     Key("model.kernel_init"), Key("model.residual_dtype"),
     Key("model.attention"),
     Key("model.size_name"),
@@ -205,7 +206,8 @@ KEYS = (
     _integer("sam.end_step", -1, " (-1: until the end)"),
     _integer("sam.every_k", 1), _flag("sam.reuse"),
     Key("sam.precond_normalize"), Key("sam.perturbation_scope"),
-    _integer("grad_accumulation_steps", 1),
+    _integer("grad_accumulation_steps", 0, " (0: auto, the fewest "
+             "microbatches that fit)"),
     _integer("eval_every_steps", 0, " (0: only at the end)"),
     _integer("checkpoint_every_steps", 0, " (0: only at the end)"),
     _integer("checkpoint_max_to_keep", 1, " (else nothing is left to "
@@ -226,6 +228,7 @@ KEYS = (
     *(Key(f"mesh.{axis}", (int,), lambda v: v == -1 or v >= 1,
           "must be a positive integer, or -1 (the devices left)")
       for axis in ("data", "fsdp", "tensor")),
+    _number("mesh.device_memory_gb", note=" (0: the device's own)"),
 )
 _MISSING = object()
 
@@ -289,7 +292,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(sam.end_step < 0 or sam.end_step >= sam.start_step,
            f"sam.end_step={sam.end_step} is before sam.start_step="
            f"{sam.start_step}; use -1 for 'until the end'")
-  _require(data.batch_size % cfg.grad_accumulation_steps == 0,
+  _require(data.batch_size % max(cfg.grad_accumulation_steps, 1) == 0,
            f"data.batch_size={data.batch_size} is not divisible by "
            f"grad_accumulation_steps={cfg.grad_accumulation_steps}")
   if diag.every_steps:  # Its fixed batch is cut from the eval batches.

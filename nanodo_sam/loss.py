@@ -12,6 +12,11 @@ import jax.numpy as jnp
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> logits
 
+# Tokens per device in one chunk of the chunked output head (the default of
+# config key model.head_chunk_tokens; docs/benchmarks.md, "Chunk size of the
+# output head", has the measurement behind it).
+HEAD_CHUNK_TOKENS = 4096
+
 
 def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
   """Weighted mean token cross-entropy in nats (0 weight on padding)."""
@@ -44,3 +49,6 @@ class OutputHead(NamedTuple):
   # axis 0; `sharding.pin_head` sets it), so the chunked step keeps every
   # chunk split by rows; None: one device, or let XLA choose.
   batch_sharding: Any = None
+  # At most this many tokens (rows x positions) per device in one chunk of
+  # the sequence (`sam.head_vjp`); 0 keeps the logits whole.
+  chunk_tokens: int = HEAD_CHUNK_TOKENS

@@ -308,6 +308,26 @@ class TransformerDo(nn.Module):
     return output_logits(embed.embedding, x_BxLxD, cfg.stream_dtype)
 
 
+def compute_params(cfg: DoConfig):
+  """params -> params with every block's kernels in the compute dtype, the
+  cast their layers apply first thing anyway (flax's promote_dtype), or None
+  under float32. Done before the layers see them, it lets FSDP gather the
+  weights in the compute dtype (`sharding.pin_params`); the embeddings, the
+  LayerNorm scales and the rest stay as they are."""
+  if DTYPES[cfg.dtype] == jnp.float32:
+    return None
+  dtype = DTYPES[cfg.dtype]
+
+  def cast(params):
+    return {k: (jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype)
+        if getattr(path[-1], "key", None) == "kernel" else x, v)
+                if k.startswith("block_") else v)
+            for k, v in params.items()}
+
+  return cast
+
+
 def make_logits_fn(model: TransformerDo) -> LogitsFn:
   """`(params, inputs) -> logits`, the function every gradient step uses."""
 

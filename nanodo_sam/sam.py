@@ -21,9 +21,11 @@ function `(step: Step) -> grads` and one line in `METHODS`.
 
 Memory: when the caller hands over the model's output layer (`head`, a
 loss.OutputHead; the Nanodo model's is `model.output_head`), the output layer,
-the loss and dL/dF run over chunks of the sequence and are recomputed from the
-features instead of stored, so no step ever holds a [B, L, V] tensor; without
-one the logits are the features and J^T is a plain vjp. `reuse_correction` is
+the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
+tokens per device, config model.head_chunk_tokens) and are recomputed from
+the features instead of stored, so no step ever holds a [B, L, V] tensor;
+without one the logits are the features and J^T is a plain vjp. On a mesh the
+chunk loop moves only scalars between devices (`head_vjp`). `reuse_correction` is
 the LookSAM-style cheap step between full ones (config `sam.reuse`).
 
 This module sees the model only through `logits_fn` and `head`: it imports
@@ -84,14 +86,6 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
 
 
 # ---------------------------------------------------------- shared helpers
-
-# The output layer, the loss and its cotangent run over chunks of the sequence
-# holding at most about this many logits each (16 MiB in float32), when the
-# caller hands over its output layer (`head`, a loss.OutputHead). Set it to
-# 0 to keep the logits whole (faster for the functional methods, which then
-# keep dL/dF(theta) instead of recomputing it; see docs/benchmarks.md).
-HEAD_CHUNK_ELEMENTS = 2**22
-
 
 class Point(NamedTuple):
   """theta or theta + eps seen through logits_fn, up to its output layer.
@@ -157,17 +151,27 @@ def _keep_rows(head: OutputHead, x: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
-  """The fewest chunks of the sequence (a divisor of L) whose logits stay
-  within the budget on each device (the rows split `_batch_shards` ways)."""
+  """The fewest chunks of the sequence (a divisor of L) holding at most
+  `head.chunk_tokens` tokens on each device (the rows split `_batch_shards`
+  ways); 1 (the logits whole) without a real output layer or with
+  chunk_tokens <= 0."""
   B, L = p.h_BxLxD.shape[:2]
-  if not chunked or HEAD_CHUNK_ELEMENTS <= 0:
+  budget = getattr(head, "chunk_tokens", 0)
+  if not chunked or budget <= 0:
     return 1
   rows = max(B // _batch_shards(head), 1)
-  V = jax.eval_shape(head.apply, p.head_params, p.h_BxLxD[:, :1]).shape[-1]
   for n in range(1, L + 1):
-    if L % n == 0 and rows * (L // n) * V <= HEAD_CHUNK_ELEMENTS:
+    if L % n == 0 and rows * (L // n) <= budget:
       return n
   return L
+
+
+def _replicated(head: OutputHead, tree: PyTree) -> PyTree:
+  """`tree` whole on every device (one all-gather, outside any loop)."""
+  s = head.batch_sharding
+  rep = NamedSharding(s.mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep),
+                      tree)
 
 
 def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
@@ -177,60 +181,126 @@ def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
 
   This is the one place logits exist. With a `head` they are computed, turned
   into the loss and its cotangent dL/dF = w (softmax - onehot) and pulled back
-  through the output layer one chunk of the sequence at a time (lax.scan), so
-  no [B, L, V] tensor is ever alive; dL/dF(b) is recomputed from b's features
-  when a is not b rather than stored. On a mesh every chunk stays split by
-  rows like the batch (`head.batch_sharding`; without the constraint XLA's
-  partitioner replicates the chunks inside the scan). Without a head, the
-  logits are the features and this is a plain vjp.
+  through the output layer one chunk of the sequence at a time (lax.scan;
+  `head.chunk_tokens` tokens per device), so no [B, L, V] tensor is ever
+  alive; dL/dF(b) is recomputed from b's features when a is not b rather than
+  stored. Without a head, the logits are the features and this is a plain
+  vjp.
+
+  On a mesh (`head.batch_sharding` splits the rows G ways) the rows are
+  grouped [G, B/G, ...] along the devices and the output layer is gathered
+  once, before the loop; each group accumulates its own part of the output
+  layer's gradient ([G, V, D], one [V, D] per device), and the groups are
+  summed once after the loop (a reduce-scatter into the parameters' layout).
+  Inside the loop only scalars (the loss) cross devices.
   """
   head, chunked = resolve_head(logits_fn, head)
-  same = a is b
   n = _num_chunks(head, chunked, b)
   # cross_entropy divides by max(sum(weights), 1): with the weights divided by
   # the batch's total here, each chunk's value is its share of the batch mean.
   weights_BxL = batch["weights"]
   weights_BxL = weights_BxL / jnp.maximum(jnp.sum(weights_BxL), 1.0)
+  xs = (a.h_BxLxD, b.h_BxLxD, batch["targets"], weights_BxL)
+  if n > 1 and _batch_shards(head) > 1:
+    loss, d_head, dh_BxLxD = _grouped_chunks(a, b, xs, n, head)
+  else:
+    loss, d_head, dh_BxLxD = _chunks(a, b, xs, n, head)
+  (grads,) = a.vjp_fn((d_head, dh_BxLxD.astype(a.h_BxLxD.dtype)))
+  return loss, grads
 
-  def one(h_a, h_b, targets, weights):
-    h_a, h_b, targets, weights = (_keep_rows(head, x)
-                                  for x in (h_a, h_b, targets, weights))
+
+def _chunk_fn(head: OutputHead, same: bool):
+  """(a's head params, b's, h_a, h_b, targets, weights) of one chunk ->
+  (its share of the loss, d head params, dh)."""
+
+  def one(w_a, w_b, h_a, h_b, targets, weights):
     loss_fn = lambda z: cross_entropy(z, {"targets": targets,
                                           "weights": weights})
     if same:
-      logits, pull = jax.vjp(head.apply, a.head_params, h_a)
+      logits, pull = jax.vjp(head.apply, w_a, h_a)
     else:
-      logits = head.apply(b.head_params, h_b)
-      pull = jax.vjp(head.apply, a.head_params, h_a)[1]
+      logits = head.apply(w_b, h_b)
+      pull = jax.vjp(head.apply, w_a, h_a)[1]
     loss, dlogits = jax.value_and_grad(loss_fn)(logits)
     d_head, dh = pull(dlogits.astype(logits.dtype))
+    return loss, d_head, dh
+
+  return one
+
+
+def _f32_zeros(tree: PyTree) -> PyTree:
+  return jax.tree.map(
+      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+      tree)
+
+
+def _chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
+  """The head over n chunks of the sequence, every chunk split by rows like
+  the batch (without the constraint XLA's partitioner replicates the chunks
+  inside the scan)."""
+  one = _chunk_fn(head, a is b)
+
+  def kept(h_a, h_b, targets, weights):
+    h_a, h_b, targets, weights = (_keep_rows(head, x)
+                                  for x in (h_a, h_b, targets, weights))
+    loss, d_head, dh = one(a.head_params, b.head_params, h_a, h_b, targets,
+                           weights)
     return loss, d_head, _keep_rows(head, dh)
 
   if n == 1:
-    loss, d_head, dh_BxLxD = one(a.h_BxLxD, b.h_BxLxD, batch["targets"],
-                                 weights_BxL)
-  else:
-    split = lambda x: _keep_rows(head, jnp.moveaxis(
-        x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0), 1)
+    return kept(*xs)
+  split = lambda x: _keep_rows(head, jnp.moveaxis(
+      x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0), 1)
 
-    def body(acc, xs):
-      loss, d_head, dh = one(*xs)
-      acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
-                         (loss, d_head))
-      return acc, dh
+  def body(acc, chunk):
+    loss, d_head, dh = kept(*chunk)
+    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
+                       (loss, d_head))
+    return acc, dh
 
-    zeros = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-        (jnp.zeros(()), a.head_params))
-    (loss, d_head), dh_nxBxLcxD = jax.lax.scan(
-        body, zeros, (split(a.h_BxLxD), split(b.h_BxLxD),
-                      split(batch["targets"]), split(weights_BxL)))
-    dh_BxLxD = _keep_rows(head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(
-        a.h_BxLxD.shape))
-    d_head = jax.tree.map(lambda d, p: d.astype(p.dtype), d_head,
-                          a.head_params)
-  (grads,) = a.vjp_fn((d_head, dh_BxLxD.astype(a.h_BxLxD.dtype)))
-  return loss, grads
+  zeros = _f32_zeros((jnp.zeros(()), a.head_params))
+  (loss, d_head), dh_nxBxLcxD = jax.lax.scan(body, zeros,
+                                             tuple(split(x) for x in xs))
+  dh_BxLxD = _keep_rows(head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(
+      a.h_BxLxD.shape))
+  return loss, _cast_like(d_head, a.head_params), dh_BxLxD
+
+
+def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
+  """`_chunks` on a mesh without a collective in the loop beyond scalars:
+  rows grouped [G, B/G] along the devices, the output layer gathered once,
+  its gradient accumulated per group and summed over the groups once."""
+  G = _batch_shards(head)
+  one = _chunk_fn(head, a is b)
+  w_a = _replicated(head, a.head_params)
+  w_b = w_a if a is b else _replicated(head, b.head_params)
+  # One copy of a's output layer per group: its cotangent is the group's own
+  # part of the gradient, kept on the group's devices.
+  w_a_G = jax.tree.map(
+      lambda x: _keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a)
+
+  def split(x):  # [B, L, ...] -> [n, G, B/G, L/n, ...], G along the devices.
+    B, L = x.shape[:2]
+    x = x.reshape((G, B // G, n, L // n) + x.shape[2:])
+    return _keep_rows(head, jnp.moveaxis(x, 2, 0), 1)
+
+  grouped = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))
+
+  def body(acc, chunk):
+    chunk = tuple(_keep_rows(head, x) for x in chunk)
+    loss_G, d_head_G, dh = grouped(w_a_G, w_b, *chunk)
+    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
+                       (jnp.sum(loss_G), d_head_G))
+    return acc, _keep_rows(head, dh)
+
+  zeros = _f32_zeros((jnp.zeros(()), w_a_G))
+  zeros = (zeros[0], jax.tree.map(lambda z: _keep_rows(head, z), zeros[1]))
+  (loss, d_head_G), dh_nxGxbxLcxD = jax.lax.scan(
+      body, zeros, tuple(split(x) for x in xs))
+  d_head = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_head_G)
+  dh = jnp.moveaxis(dh_nxGxbxLcxD, 0, 2)  # [G, B/G, n, L/n, D]
+  dh_BxLxD = _keep_rows(head, dh.reshape(a.h_BxLxD.shape))
+  return loss, _cast_like(d_head, a.head_params), dh_BxLxD
 
 
 def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn,

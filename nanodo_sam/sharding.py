@@ -63,12 +63,13 @@ def validate(cfg, num_devices: int, num_processes: int | None = None) -> None:
         f"mesh data x fsdp = {data}x{fsdp} is not a multiple of the "
         f"{num_processes} processes; each process feeds its own rows of the "
         "batch, so put the cross-process axes in mesh.data or mesh.fsdp")
-  per_step = data * fsdp * cfg.grad_accumulation_steps
+  micro = max(cfg.grad_accumulation_steps, 1)  # 0: auto (state.setup).
+  per_step = data * fsdp * micro
   if cfg.data.batch_size % per_step:
     raise UsageError(
         f"data.batch_size={cfg.data.batch_size} is not divisible by "
         f"data x fsdp x grad_accumulation_steps = {data}x{fsdp}x"
-        f"{cfg.grad_accumulation_steps}; choose a multiple of {per_step}")
+        f"{micro}; choose a multiple of {per_step}")
   if cfg.data.eval_batch_size % (data * fsdp):
     raise UsageError(f"data.eval_batch_size={cfg.data.eval_batch_size} is "
                      f"not divisible by data x fsdp = {data * fsdp}")
@@ -143,7 +144,7 @@ def logical_to_sharding(boxed_tree, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def pin_params(fn, params_sharding):
+def pin_params(fn, params_sharding, cast=None):
   """`fn(params, *args)` whose parameters (and, by transposition, their
   gradients) are constrained to `params_sharding`.
 
@@ -153,20 +154,31 @@ def pin_params(fn, params_sharding):
   defeats FSDP. Pinned here, every gradient the step family takes (clean,
   perturbed, functional, logit) is reduce-scattered into the parameters'
   layout and theta + eps stays sharded like theta.
+
+  `cast` (optional, params -> params): the casts to the compute dtype the
+  model applies anyway (`model.compute_params`), done here on each device's
+  shard, so FSDP gathers the weights in the compute dtype (bf16: half the
+  bytes of float32) and their gradients leave in it; the values are those
+  the model computes with either way.
   """
 
   def pinned(params, *args):
-    return fn(jax.lax.with_sharding_constraint(params, params_sharding), *args)
+    params = jax.lax.with_sharding_constraint(params, params_sharding)
+    if cast is not None:
+      params = jax.lax.with_sharding_constraint(cast(params), params_sharding)
+    return fn(params, *args)
 
   return pinned
 
 
-def pin_head(head, params_sharding, batch_sharding=None):
+def pin_head(head, params_sharding, batch_sharding=None, cast=None):
   """An output head (loss.OutputHead) whose `features` and `select` see the
-  parameters pinned like `pin_params`'s, so the chunked step keeps them too;
-  with `batch_sharding` (`batch_sharding(mesh)`) the step also keeps each
-  chunk of the sequence split by rows over the mesh (`sam.head_vjp`)."""
-  return head._replace(features=pin_params(head.features, params_sharding),
+  parameters pinned like `pin_params`'s (`features` cast by `cast` too), so
+  the chunked step keeps them too; with `batch_sharding`
+  (`batch_sharding(mesh)`) the step also keeps each chunk of the sequence
+  split by rows over the mesh (`sam.head_vjp`)."""
+  return head._replace(features=pin_params(head.features, params_sharding,
+                                           cast),
                        select=pin_params(head.select, params_sharding),
                        batch_sharding=batch_sharding)
 

@@ -5,12 +5,16 @@ and output head, the optimizer, the mesh and the state's shardings;
 `init_state` makes the first state. Both go through one function
 (`_init_fn`) that builds a TrainState: traced abstractly with its logical
 axes for the shardings, run for real for the values. A state that cannot fit
-in a device's memory is refused before anything is allocated.
+in a device's memory is refused before anything is allocated; with
+grad_accumulation_steps=0 (auto) `setup` compiles the train step on abstract
+inputs and picks the fewest microbatches whose step fits (`memory_budget`),
+so `train.jit_step(setup(cfg), kind)` is exactly the step the run takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any
@@ -26,7 +30,8 @@ from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sharding
-from nanodo_sam.loss import LogitsFn, OutputHead
+from nanodo_sam import step as step_lib
+from nanodo_sam.loss import HEAD_CHUNK_TOKENS, LogitsFn, OutputHead
 
 
 @flax.struct.dataclass
@@ -55,6 +60,9 @@ class Setup:
   mesh: jax.sharding.Mesh
   state_sharding: Any
   abstract_state: Any
+  # Jitted train steps by step kind that `setup` compiled already (fitting
+  # the microbatches); `train.jit_step` hands them out.
+  steps: dict = dataclasses.field(default_factory=dict)
 
 
 def _xla_model(model):
@@ -93,15 +101,137 @@ def setup(cfg) -> Setup:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       nn.unbox(boxed), state_sharding)
   check_memory(cfg, abstract_state)
+  cast = model_lib.compute_params(model.cfg)  # FSDP gathers in bf16.
   logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
-                                  state_sharding.params)
-  head = sharding.pin_head(model_lib.output_head(model),
-                           state_sharding.params,
-                           sharding.batch_sharding(mesh))
+                                  state_sharding.params, cast)
+  head = sharding.pin_head(
+      model_lib.output_head(model)._replace(
+          chunk_tokens=cfg.model.get("head_chunk_tokens", HEAD_CHUNK_TOKENS)),
+      state_sharding.params, sharding.batch_sharding(mesh), cast)
   diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
                                               state_sharding.params)
-  return Setup(cfg, model, logits_fn, head, diagnostics_logits_fn, tx, mesh,
-               state_sharding, abstract_state)
+  s = Setup(cfg, model, logits_fn, head, diagnostics_logits_fn, tx, mesh,
+            state_sharding, abstract_state)
+  if cfg.grad_accumulation_steps == 0:
+    s = fit_microbatches(s)
+  return s
+
+
+log = logging.getLogger("nanodo_sam")
+GiB = 2**30
+# The share of a device's memory JAX gives XLA on a GPU by default (its
+# XLA_PYTHON_CLIENT_MEM_FRACTION); what mesh.device_memory_gb is scaled by.
+DEFAULT_MEM_FRACTION = 0.75
+
+
+def memory_budget(cfg) -> int:
+  """Bytes a compiled step may use on one device: mesh.device_memory_gb GiB
+  x XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) when set (> 0), else what
+  the device itself reports (`device_memory`)."""
+  gb = float(cfg.mesh.get("device_memory_gb", 0.0) or 0.0)
+  if gb > 0:
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                    DEFAULT_MEM_FRACTION))
+    return int(gb * GiB * fraction)
+  return device_memory()
+
+
+def abstract_batch(s: Setup, rows: int | None = None) -> dict:
+  """A batch of `rows` (default data.batch_size) rows as ShapeDtypeStructs
+  split like the real one: what the step is compiled for before any data."""
+  rows = s.cfg.data.batch_size if rows is None else rows
+  bs = sharding.batch_sharding(s.mesh)
+  tokens = jax.ShapeDtypeStruct((rows, s.cfg.model.L), jnp.int32,
+                                sharding=bs)
+  return {"inputs": tokens, "targets": tokens,
+          "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32,
+                                          sharding=bs)}
+
+
+def step_bytes(compiled) -> int:
+  """Per-device bytes of a compiled step (XLA's buffer assignment):
+  arguments + outputs - donated + temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def compile_step(s: Setup, fn) -> Any:
+  """`fn` (a jitted train step) compiled for `s`'s state and batch shapes
+  (nothing is allocated; JAX reuses it when `fn` is called on them)."""
+  return fn.lower(s.abstract_state, abstract_batch(s)).compile()
+
+
+def _with_microbatches(s: Setup, k: int) -> Setup:
+  cfg = s.cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.grad_accumulation_steps = k
+  return dataclasses.replace(s, cfg=cfg, steps={})
+
+
+def _microbatch_choices(cfg) -> list[int]:
+  """Microbatch counts that split each device's rows evenly, ascending."""
+  data, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  rows = cfg.data.batch_size // (data * fsdp)
+  return [k for k in range(1, rows + 1) if rows % k == 0]
+
+
+def fit_microbatches(s: Setup) -> Setup:
+  """`s` with grad_accumulation_steps resolved from 0 (auto): the fewest
+  microbatches whose compiled step (the largest step kind the run takes)
+  fits `memory_budget`; UsageError when even one row per microbatch does not.
+
+  Tries 1 microbatch, then the next count each compile's temporaries
+  suggest (they shrink about as 1/k), until one fits."""
+  cfg, kind = s.cfg, step_lib.largest_kind(s.cfg)
+  budget = memory_budget(cfg)
+  choices = _microbatch_choices(cfg)
+  tried, k = {}, choices[0]
+  while True:
+    s_k = _with_microbatches(s, k)
+    fn = step_lib.jit_step(s_k, kind)
+    compiled = compile_step(s_k, fn)
+    need = tried[k] = step_bytes(compiled)
+    if need <= budget:
+      s_k.steps[kind] = fn
+      log.info("grad_accumulation_steps=0 (auto): %d microbatch(es) of %d "
+               "rows; the %s step needs %.1f GiB per device of a %.1f GiB "
+               "budget (tried %s)", k, cfg.data.batch_size // k, kind,
+               need / GiB, budget / GiB,
+               ", ".join(f"{i}: {b / GiB:.1f} GiB" for i, b in tried.items()))
+      return s_k
+    bigger = [c for c in choices if c > k]
+    if not bigger:
+      raise config_lib.UsageError(
+          f"the train step does not fit a device even in {k} microbatches "
+          f"(one row each): it needs {need / GiB:.1f} GiB per device, the "
+          f"budget is {budget / GiB:.1f} GiB; set model.remat=True, lower "
+          "model.L or data.batch_size, or use more devices")
+    m = compiled.memory_analysis()
+    fixed = need - m.temp_size_in_bytes
+    want = k * m.temp_size_in_bytes / max(budget - fixed, 1)
+    k = next((c for c in bigger if c >= want), bigger[-1])
+
+
+def check_step_memory(s: Setup, compiled, kind: str) -> None:
+  """UsageError (one line: what, how much, what to change) if a compiled
+  step needs more than `memory_budget` per device."""
+  need, budget = step_bytes(compiled), memory_budget(s.cfg)
+  if need <= budget:
+    return
+  m, k = s.cfg.model, s.cfg.grad_accumulation_steps
+  where = (f"mesh.device_memory_gb={s.cfg.mesh.device_memory_gb:g} x "
+           f"{budget / (s.cfg.mesh.device_memory_gb * GiB):.2f}"
+           if s.cfg.mesh.get("device_memory_gb", 0) else "a device's memory")
+  raise config_lib.UsageError(
+      f"the {kind} train step (D={m.D}, N={m.N}, L={m.L}, batch "
+      f"{s.cfg.data.batch_size} in {k} microbatch(es), remat={m.remat}) "
+      f"needs {need / GiB:.2f} GiB per device, more than the "
+      f"{budget / GiB:.2f} GiB budget ({where}); set "
+      "--config.grad_accumulation_steps=0 (auto) or more microbatches, "
+      "--config.model.remat=True, or lower model.L or data.batch_size")
 
 
 def init_state(s: Setup, seed: int) -> TrainState:

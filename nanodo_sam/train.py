@@ -28,7 +28,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from nanodo_sam import checkpoint
 from nanodo_sam import config as config_lib
@@ -37,12 +36,12 @@ from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
 from nanodo_sam import model as model_lib
-from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import preemption
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
+from nanodo_sam import step as step_lib
 from nanodo_sam import writers
 
 log = logging.getLogger("nanodo_sam")
@@ -64,65 +63,17 @@ FINISHED = ("completed", "diverged")
 
 # ------------------------------------------------------------------ the step
 
-
-def make_train_step(s: state_lib.Setup, method: str, correct: bool = False):
-  """The pure step for one gradient method (jitted by `jit_train_step`).
-
-  With sam.reuse on, a SAM-family step also stores `Reuse(g_method - g,
-  ||g||)` in the state, and `correct=True` (method "adamw") builds the cheap
-  step in between: the plain gradient plus that difference rescaled to the
-  current ||g|| (`sam.reuse_correction`), one forward and one backward.
-  """
-  cfg = s.cfg
-  sam_cfg = cfg.sam
-  schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  store = bool(sam_cfg.get("reuse", False)) and method != "adamw"
-  if correct and (method != "adamw" or not sam_cfg.get("reuse", False)):
-    raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
-                     "with sam.reuse on")
-
-  def step_fn(state: state_lib.TrainState, batch):
-    rho = sam_schedule.rho_at(sam_cfg, state.step)
-    precond = None
-    if method in sam_lib.PRECOND_METHODS:
-      precond, _ = optimizer_lib.adam_preconditioner(
-          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
-    out = sam_lib.accumulated_gradient(
-        method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
-        rho=rho, phi=sam_cfg.phi, precond=precond,
-        precond_normalize=sam_cfg.precond_normalize,
-        num_microbatches=cfg.grad_accumulation_steps,
-        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store)
-    grads, metrics = out.grads, out.metrics
-    reuse = out.reuse if store else state.reuse
-    if correct:
-      grads = sam_lib.reuse_correction(out.grads, reuse.delta,
-                                       reuse.grad_norm)
-      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads),
-                     rho=rho)
-    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
-                   update_norm=optax.tree.norm(updates))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state, reuse=reuse), metrics
-
-  return step_fn
-
-
-def jit_train_step(s: state_lib.Setup, method: str, correct: bool = False):
-  return jax.jit(
-      make_train_step(s, method, correct),
-      in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
-      out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
-      donate_argnums=0)
+make_train_step = step_lib.make_train_step
+jit_train_step = step_lib.jit_train_step
 
 
 def jit_step(s: state_lib.Setup, kind: str):
-  """The compiled step for a `sam_schedule.step_kind`."""
-  if kind == "reuse":
-    return jit_train_step(s, "adamw", correct=True)
-  return jit_train_step(s, s.cfg.sam.method if kind == "sam" else "adamw")
+  """The jitted step for a `sam_schedule.step_kind`: the one `state.setup`
+  compiled when it fitted the microbatches (`Setup.steps`), else a new one
+  (through this module's `jit_train_step`)."""
+  if kind in s.steps:
+    return s.steps[kind]
+  return jit_train_step(s, *step_lib.kind_args(s.cfg, kind))
 
 
 # --------------------------------------------------------------------- hooks
@@ -372,6 +323,19 @@ def _save(run: Run, n: int) -> None:
 # ---------------------------------------------------------------- the loop
 
 
+def _check_step_memory(s: state_lib.Setup) -> None:
+  """Compiles the largest step the run takes on abstract inputs and refuses
+  it (UsageError) if it needs more memory than a device has
+  (`state.check_step_memory`); the loop then runs that compiled step. A
+  wrapped step function that cannot be lowered ahead is left to XLA."""
+  kind = step_lib.largest_kind(s.cfg)
+  fn = jit_step(s, kind)
+  if not hasattr(fn, "lower"):
+    return
+  state_lib.check_step_memory(s, state_lib.compile_step(s, fn), kind)
+  s.steps[kind] = fn
+
+
 def _step_fns(s: state_lib.Setup):
   """step -> the compiled step of its kind, each compiled on first use."""
   compiled = {}
@@ -431,6 +395,7 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
              "results are in %s)", workdir, results.get("status"),
              results.get("steps"), os.path.join(workdir, RESULTS))
     return results
+  _check_step_memory(s)  # Still before the disk: a step that cannot fit.
   own_stop = stop is None
   stop = preemption.StopRequest().install() if own_stop else stop
   try:

@@ -70,9 +70,9 @@ def test_chunked_head_equals_plain_logits_fn(monkeypatch):
   the sequence, gives the unfused result (the logits_fn without its head,
   the plain vjp path) to float32 tolerance."""
   m, params = _model()
-  logits_fn, model_head = model_lib.make_logits_fn(m), model_lib.output_head(m)
+  logits_fn = model_lib.make_logits_fn(m)
+  model_head = model_lib.output_head(m)._replace(chunk_tokens=B * (L // 4))
   batch = _batch()
-  monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", B * (L // 4) * V)
   head, chunked = sam.resolve_head(logits_fn, model_head)
   assert chunked and sam._num_chunks(head, chunked, sam.point(
       params, batch["inputs"], logits_fn, model_head)) == 4
@@ -127,9 +127,9 @@ def test_no_step_holds_a_logits_sized_tensor(monkeypatch):
   logits_fn (closure, jit, sharding pin) with the head handed over
   explicitly chunks the same."""
   Bm, Lm, Vm = 4, 64, 4096
-  monkeypatch.setattr(sam, "HEAD_CHUNK_ELEMENTS", Bm * (Lm // 8) * Vm)
   m, params = _model(D=16, V=Vm, L=Lm)
-  logits_fn, head = model_lib.make_logits_fn(m), model_lib.output_head(m)
+  logits_fn = model_lib.make_logits_fn(m)
+  head = model_lib.output_head(m)._replace(chunk_tokens=Bm * (Lm // 8))
   batch = _batch(Bm, Lm, Vm)
   logits_bytes = Bm * Lm * Vm * 4
   temp = {k: _temp_bytes(k, logits_fn, params, batch, head) for k in (

@@ -781,18 +781,23 @@ def worker_scale(out_path: str) -> None:
 
   # The chunked output head on the mesh: the SAM gradient in chunks of the
   # sequence (rows kept split like the batch) against the whole logits.
-  def make_grads():  # A new function each time: jit traces it afresh.
+  def make_grads(chunk_tokens):
+    h = s.head._replace(chunk_tokens=chunk_tokens)
     return lambda p, b: sam_lib.gradient(
-        "sam", p, b, logits_fn=s.logits_fn, head=s.head, rho=0.1)[1]
+        "sam", p, b, logits_fn=s.logits_fn, head=h, rho=0.1)[1]
 
   head = {}
-  for name, budget in (("whole", 0), ("chunked", 8 * 4096)):
-    sam_lib.HEAD_CHUNK_ELEMENTS = budget
-    grads = make_grads()
+  # 32 rows over 2 x 4 devices: 4 rows per device, 32 tokens per chunk = 4
+  # chunks of the 32 positions. (Each device also holds the output layer
+  # and its gradient, [V, D] each: the logits must outweigh them.)
+  batch = synthetic_batch(2, 32)
+  gbatch = sharding.global_batch(batch, s.mesh)
+  batch0 = jax.device_put(batch, dev0)
+  for name, chunk_tokens in (("whole", 0), ("chunked", 32)):
+    grads = make_grads(chunk_tokens)
     c = jax.jit(grads, in_shardings=(ps, bs)).lower(state.params,
                                                     gbatch).compile()
     head[name] = {"grads": c(state.params, gbatch), "temp_bytes": temp(c)}
-  sam_lib.HEAD_CHUNK_ELEMENTS = 0
   ref_grads = jax.jit(lambda p, b: sam_lib.gradient(
       "sam", p, b, logits_fn=exact, rho=0.1)[1])(params0, batch0)
   res["head"] = {

@@ -1,0 +1,199 @@
+"""What a compiled program moves and computes per call, read from its HLO.
+
+XLA's `cost_analysis()` counts the body of a loop once, and counts no
+collectives; a chunked output head or gradient accumulation runs its body
+many times. `collective_bytes` and `matmul_flops` walk the optimized HLO
+(`compiled.as_text()`) from the entry computation and weight every
+instruction by the trip counts of the loops it sits in (XLA's
+`known_trip_count`; a loop without one counts once and is reported in
+`unknown_loops`).
+
+A collective's bytes are those of its full (unsharded) buffer: an
+all-gather's result, a reduce-scatter's operand, an all-reduce's result, an
+all-to-all's or collective-permute's result. FLOPs are 2 x the
+multiply-adds of every dot and convolution (elementwise work is left out).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+             "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+             "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_COMP = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")  # Header line.
+_INST = re.compile(r"^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9_-]*)\((.*)$")
+_ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+_CALLS = re.compile(
+    r"(?:body|condition|to_apply|calls|true_computation|"
+    r"false_computation)=%([\w.-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(t, tuple(int(d) for d in dims.split(",") if d))
+          for t, dims in _ARRAY.findall(shape) if t in _ITEMSIZE]
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (a tuple: the sum of its arrays)."""
+  return sum(_ITEMSIZE[t] * math.prod(d) for t, d in _arrays(shape))
+
+
+class Program:
+  """An HLO module's computations, instructions and loop multipliers."""
+
+  def __init__(self, hlo_text: str):
+    self.comps: dict[str, list[tuple]] = {}
+    self.shapes: dict[str, str] = {}
+    self.entry = None
+    current = None
+    for line in hlo_text.splitlines():
+      m = _COMP.match(line)
+      if m:  # Computations start unindented; instructions are indented.
+        current = m.group(2)
+        self.comps[current] = []
+        if m.group(1):
+          self.entry = current
+        continue
+      m = _INST.match(line)
+      if m and current is not None:
+        _, name, shape, op, rest = m.groups()
+        self.shapes[name] = shape
+        self.comps[current].append((name, shape, op, rest))
+    self.unknown_loops = 0
+    self.weight = self._weights()
+
+  def _weights(self) -> dict[str, float]:
+    """How many times each computation runs per call of the entry."""
+    weight = collections.defaultdict(float)
+    self.in_loop: set[str] = set()  # Computations run inside a while loop.
+    order = [self.entry]
+    weight[self.entry] = 1.0
+    seen = set()
+    while order:  # Callers before callees: HLO has no recursion.
+      comp = order.pop(0)
+      if comp in seen:
+        continue
+      seen.add(comp)
+      for _, _, op, rest in self.comps.get(comp, ()):
+        callees = _CALLS.findall(rest)
+        for group in _BRANCHES.findall(rest):
+          callees += [c.strip().lstrip("%") for c in group.split(",")]
+        trip = 1
+        if op == "while":
+          t = _TRIP.search(rest)
+          trip = int(t.group(1)) if t else 1
+          self.unknown_loops += t is None
+        for callee in callees:
+          weight[callee] += weight[comp] * trip
+          if op == "while" or comp in self.in_loop:
+            self.in_loop.add(callee)
+          order.append(callee)
+    return weight
+
+  def instructions(self, loops_only: bool = False):
+    """(weight, name, shape, op, rest) of every instruction (loops_only:
+    of those inside a while loop)."""
+    for comp, insts in self.comps.items():
+      if loops_only and comp not in self.in_loop:
+        continue
+      w = self.weight.get(comp, 0.0)
+      for name, shape, op, rest in insts:
+        yield w, name, shape, op, rest
+
+  def operand_shapes(self, rest: str) -> list[str]:
+    args = rest.split(")", 1)[0]
+    return [self.shapes.get(a.strip().lstrip("%"), "")
+            for a in args.split(",") if a.strip()]
+
+
+SCALAR_BYTES = 64  # A collective of at most this many bytes moves scalars.
+
+
+def _collectives(prog: Program, loops_only: bool = False):
+  """(weight, kind, bytes of the full buffer) of every collective."""
+  for w, _, shape, op, rest in prog.instructions(loops_only):
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind not in COLLECTIVES:
+      continue
+    nbytes = shape_bytes(shape)
+    if kind == "reduce-scatter":
+      nbytes = sum(shape_bytes(s) for s in prog.operand_shapes(rest))
+    elif op.endswith("-start") and kind in ("all-gather", "collective-permute"):
+      nbytes = shape_bytes(shape) // 2  # (operand, result) tuple.
+    yield w, kind, nbytes
+
+
+def collective_bytes(hlo_text: str) -> dict:
+  """Loop-weighted bytes per collective kind and their 'total'; 'count'
+  (loop-weighted) per kind; 'in_loops': loop-weighted bytes of the
+  collectives inside while loops that move more than scalars."""
+  prog = Program(hlo_text)
+  out = {k: 0.0 for k in COLLECTIVES}
+  count = {k: 0.0 for k in COLLECTIVES}
+  for w, kind, nbytes in _collectives(prog):
+    out[kind] += w * nbytes
+    count[kind] += w
+  out["total"] = sum(out[k] for k in COLLECTIVES)
+  out["count"] = count
+  out["in_loops"] = sum(w * b for w, _, b in _collectives(prog, True)
+                        if b > SCALAR_BYTES)
+  out["unknown_loops"] = prog.unknown_loops
+  return out
+
+
+def _dims(rest: str, key: str) -> tuple[int, ...]:
+  m = re.search(key + r"=\{([0-9,]*)\}", rest)
+  return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def matmul_flops(hlo_text: str) -> float:
+  """Loop-weighted 2 x multiply-adds of every dot and convolution."""
+  prog = Program(hlo_text)
+  total = 0.0
+  for w, _, shape, op, rest in prog.instructions():
+    if op not in ("dot", "convolution") or not w:
+      continue
+    out = _arrays(shape)
+    lhs = _arrays(prog.operand_shapes(rest)[0]) if op == "dot" else []
+    if not out:
+      continue
+    if op == "dot":
+      contract = math.prod(lhs[0][1][d] for d in _dims(rest, "lhs_contracting_dims")) if lhs else 1
+    else:  # Kernel size x input features: the rhs without its output dim.
+      rhs = _arrays(prog.operand_shapes(rest)[1])
+      contract = math.prod(rhs[0][1]) // max(out[0][1][-1], 1) if rhs else 1
+    total += w * 2 * math.prod(out[0][1]) * contract
+  return total
+
+
+def summary(compiled) -> dict:
+  """Collective bytes by kind, matmul FLOPs and memory of a compiled step."""
+  text = compiled.as_text()
+  coll = collective_bytes(text)
+  return {
+      "collective_bytes": {k: coll[k] for k in (*COLLECTIVES, "total")},
+      "collective_count": coll["count"],
+      "collective_bytes_in_loops": coll["in_loops"],
+      "unknown_loops": coll["unknown_loops"],
+      "matmul_flops": matmul_flops(text),
+      "memory_bytes": memory_bytes(compiled),
+  }
+
+
+def memory_bytes(compiled) -> dict:
+  """XLA's buffer assignment per device (any backend): arguments, outputs,
+  aliased, temporaries, and total = argument + output - alias + temp."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp")}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out

@@ -1,0 +1,92 @@
+"""The jitted train step: a pure `(state, batch) -> (state, metrics)` per
+gradient kind (`sam_schedule.step_kind`: plain, SAM-family, reuse), with
+explicit shardings and the state donated.
+
+Its own module so that `state.setup` can compile it (to fit the microbatches
+to a device's memory) without importing the training loop; `train` re-exports
+`make_train_step`, `jit_train_step` and `jit_step`.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import sam as sam_lib
+from nanodo_sam import sam_schedule
+from nanodo_sam import sharding
+
+
+def make_train_step(s, method: str, correct: bool = False):
+  """The pure step for one gradient method (jitted by `jit_train_step`).
+
+  With sam.reuse on, a SAM-family step also stores `Reuse(g_method - g,
+  ||g||)` in the state, and `correct=True` (method "adamw") builds the cheap
+  step in between: the plain gradient plus that difference rescaled to the
+  current ||g|| (`sam.reuse_correction`), one forward and one backward.
+  """
+  cfg = s.cfg
+  sam_cfg = cfg.sam
+  schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
+  store = bool(sam_cfg.get("reuse", False)) and method != "adamw"
+  if correct and (method != "adamw" or not sam_cfg.get("reuse", False)):
+    raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
+                     "with sam.reuse on")
+
+  def step_fn(state, batch):
+    rho = sam_schedule.rho_at(sam_cfg, state.step)
+    precond = None
+    if method in sam_lib.PRECOND_METHODS:
+      precond, _ = optimizer_lib.adam_preconditioner(
+          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    out = sam_lib.accumulated_gradient(
+        method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
+        rho=rho, phi=sam_cfg.phi, precond=precond,
+        precond_normalize=sam_cfg.precond_normalize,
+        num_microbatches=cfg.grad_accumulation_steps,
+        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store)
+    grads, metrics = out.grads, out.metrics
+    reuse = out.reuse if store else state.reuse
+    if correct:
+      grads = sam_lib.reuse_correction(out.grads, reuse.delta,
+                                       reuse.grad_norm)
+      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads),
+                     rho=rho)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
+                   update_norm=optax.tree.norm(updates))
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state, reuse=reuse), metrics
+
+  return step_fn
+
+
+def jit_train_step(s, method: str, correct: bool = False):
+  return jax.jit(
+      make_train_step(s, method, correct),
+      in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
+      out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
+      donate_argnums=0)
+
+
+def kind_args(cfg, kind: str) -> tuple[str, bool]:
+  """(method, correct) of `jit_train_step` for a `sam_schedule.step_kind`."""
+  if kind == "reuse":
+    return "adamw", True
+  return (cfg.sam.method if kind == "sam" else "adamw"), False
+
+
+def largest_kind(cfg) -> str:
+  """The step kind that holds the most memory: the SAM-family step when the
+  method perturbs, else the plain one."""
+  return "sam" if sam_lib.METHODS[cfg.sam.method].perturbs else "plain"
+
+
+def jit_step(s, kind: str):
+  """The jitted step for a `sam_schedule.step_kind` (the one `s` already
+  compiled, if any: `Setup.steps`)."""
+  if kind in s.steps:
+    return s.steps[kind]
+  return jit_train_step(s, *kind_args(s.cfg, kind))

@@ -1,0 +1,213 @@
+"""The train step at scale, measured by compiling on 8 simulated devices:
+the chunked output head moves only scalars inside its loop, FSDP's traffic per
+step stays near the ideal (collective bytes, loop-weighted, against the f32
+parameter bytes), and the loop-weighted counters in nanodo_sam/hlo_cost.py
+count what they should.
+
+The 8-device checks run this file as a script in a subprocess
+(`python tests/test_scale.py mesh OUT`; fake CPU devices must be configured
+before JAX starts), started once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+  sys.path.insert(0, TESTS)
+
+from conftest import needs_data, tiny_config  # noqa: E402
+from test_sharding import Job, _env, step_config  # noqa: E402
+
+METHODS = ("adamw", "sam", "precond_functional_sam")
+# The issue's bounds: collective bytes per step <= this x f32 parameter bytes.
+RATIO_BOUND = {"adamw": 3.0, "sam": 5.0, "precond_functional_sam": 5.0}
+# Wide and short, like the paper's sizes (parameters outweigh a device's
+# activations), bf16 as configs/c4_*.py; 2 rows x 64 positions per device,
+# chunked 32 tokens at a time: 4 chunks.
+SMALL = {"model.D": 256, "model.H": 4, "model.N": 2, "model.F": 1024,
+         "model.L": 64, "model.V": 2048, "model.dtype": "bfloat16",
+         "model.head_chunk_tokens": 32, "data.batch_size": 16}
+
+
+def worker_mesh(out_path: str) -> None:
+  import jax
+  import jax.numpy as jnp
+  from nanodo_sam import hlo_cost
+  from nanodo_sam import sharding
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import train
+
+  assert jax.device_count() == 8, jax.devices()
+  res = {}
+  for method in METHODS:
+    s = state_lib.setup(step_config((1, 8, 1), **SMALL,
+                                    **{"sam.method": method}))
+    tokens = jax.ShapeDtypeStruct((16, 64), jnp.int32,
+                                  sharding=sharding.batch_sharding(s.mesh))
+    batch = {"inputs": tokens, "targets": tokens,
+             "weights": jax.ShapeDtypeStruct((16, 64), jnp.float32,
+                                             sharding=tokens.sharding)}
+    kind = "plain" if method == "adamw" else "sam"
+    compiled = train.jit_step(s, kind).lower(s.abstract_state,
+                                             batch).compile()
+    text = compiled.as_text()
+    coll = hlo_cost.collective_bytes(text)
+    prog = hlo_cost.Program(text)
+    res[method] = {
+        "bytes": coll["total"], "in_loops": coll["in_loops"],
+        "unknown_loops": coll["unknown_loops"],
+        "param_bytes": sum(x.size * 4 for x in
+                           jax.tree.leaves(s.abstract_state.params)),
+        "trip_counts": sorted(int(w) for c, w in prog.weight.items()
+                              if c in prog.in_loop and w > 1),
+    }
+  with open(out_path, "w") as f:
+    json.dump(res, f, indent=2)
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+  root = tmp_path_factory.mktemp("scale")
+  job = Job("mesh", [sys.executable, __file__, "mesh",
+                     str(root / "results.json")], _env(8), str(root))
+  rc, _, err = job.wait()
+  assert rc == 0, f"scale worker failed ({rc}):\n{err[-4000:]}"
+  with open(root / "results.json") as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunk_loop_moves_only_scalars(mesh_results, method):
+  """The head runs in 4 chunks (a loop of trip count 4 is there) and no
+  collective in any loop moves more than scalars."""
+  r = mesh_results[method]
+  assert r["unknown_loops"] == 0
+  assert 4 in r["trip_counts"], r["trip_counts"]
+  assert r["in_loops"] == 0, r
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp_traffic_is_near_ideal(mesh_results, method):
+  r = mesh_results[method]
+  ratio = r["bytes"] / r["param_bytes"]
+  assert 0.5 < ratio <= RATIO_BOUND[method], (method, ratio)
+
+
+# ------------------------------------------- fitting a device's memory
+
+
+def _bytes_with(s, k):
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import step as step_lib
+  s_k = state_lib._with_microbatches(s, k)
+  return state_lib.step_bytes(state_lib.compile_step(
+      s_k, step_lib.jit_step(s_k, "sam")))
+
+
+def test_auto_microbatches_are_the_fewest_that_fit():
+  """grad_accumulation_steps=0: with a budget between what 1 and 2
+  microbatches need, setup picks 2, and train.jit_step hands out the very
+  step it compiled; with room for 1, it picks 1."""
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import train
+  over = {"sam.method": "sam", "sam.rho": 0.05, "data.batch_size": 8,
+          "model.head_chunk_tokens": 0}
+  s1 = state_lib.setup(tiny_config(**over))
+  need1, need2 = _bytes_with(s1, 1), _bytes_with(s1, 2)
+  assert need2 < need1
+  fraction = state_lib.DEFAULT_MEM_FRACTION
+  for budget, want in (((need1 + need2) / 2, 2), (need1 * 1.01, 1)):
+    gb = budget / fraction / 2**30
+    s = state_lib.setup(tiny_config(**over, **{
+        "grad_accumulation_steps": 0, "mesh.device_memory_gb": gb}))
+    assert s.cfg.grad_accumulation_steps == want, (budget, need1, need2)
+    fn = train.jit_step(s, "sam")
+    assert fn is s.steps["sam"]
+    assert state_lib.step_bytes(state_lib.compile_step(s, fn)) <= budget
+
+
+def test_auto_microbatches_refuse_what_never_fits():
+  from nanodo_sam import state as state_lib
+  from nanodo_sam.config import UsageError
+  with pytest.raises(UsageError, match="does not fit a device even in 8 "
+                     "microbatches"):
+    state_lib.setup(tiny_config(**{"grad_accumulation_steps": 0,
+                                   "data.batch_size": 8,
+                                   "mesh.device_memory_gb": 1e-6}))
+
+
+@needs_data
+def test_a_step_that_cannot_fit_is_refused_before_the_disk(tmp_path):
+  """In a fresh process: one line first on stderr (what, how much, what to
+  change), exit 2, and no workdir."""
+  from test_cli import QUICK, ROOT, TINY
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "nanodo_sam.cli", "train", f"--config={QUICK}",
+       f"--workdir={tmp_path}/run", *TINY, "--config.mesh.device_memory_gb="
+       "0.0001"], capture_output=True, text=True, cwd=ROOT, env=env,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith("nanodo-sam: error: the plain train step"), lines
+  for words in ("GiB per device, more than the", "grad_accumulation_steps",
+                "model.remat=True", "mesh.device_memory_gb=0.0001"):
+    assert words in lines[0], lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------ the HLO counters
+
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]{1,0}) parameter(0)
+  %x = f32[8,8]{1,0} get-tuple-element(%p), index=1
+  %ar = f32[8,8]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
+  %s = f32[] constant(0)
+  %ars = f32[] all-reduce(%s), replica_groups={}, to_apply=%add
+  %d = f32[8,8]{1,0} dot(%x, %ar), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[8,8]{1,0}) tuple(%i, %d)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %c = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8]{1,0} parameter(0)
+  %g = f32[64,8]{1,0} all-gather(%x), dimensions={0}
+  %rs = f32[8,8]{1,0} reduce-scatter(%g), dimensions={0}, to_apply=%add
+  %w = (s32[], f32[8,8]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = f32[8,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_and_flops_are_weighted_by_trip_counts():
+  from nanodo_sam import hlo_cost
+  c = hlo_cost.collective_bytes(HLO)
+  assert c["all-gather"] == 64 * 8 * 4  # The gathered result.
+  assert c["reduce-scatter"] == 64 * 8 * 4  # The scattered operand.
+  assert c["all-reduce"] == 5 * (8 * 8 * 4 + 4)
+  assert c["in_loops"] == 5 * 8 * 8 * 4  # Not the scalar one.
+  assert c["count"]["all-reduce"] == 10
+  assert hlo_cost.matmul_flops(HLO) == 5 * 2 * 8 * 8 * 8
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "mesh":
+    worker_mesh(sys.argv[2])
+  else:
+    raise SystemExit(f"unknown worker {sys.argv[1]!r}")
