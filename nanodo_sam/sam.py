@@ -576,7 +576,8 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
                          num_microbatches: int = 1,
                          perturbation_scope: str = "global",
                          return_reuse: bool = False,
-                         head: OutputHead | None = None) -> GradientResult:
+                         head: OutputHead | None = None,
+                         groups: Groups | None = None) -> GradientResult:
   """`gradient` over `num_microbatches` microbatches summed with lax.scan.
 
   "global" (the paper's semantics): eps comes from the gradient of the whole
@@ -591,6 +592,12 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
 
   return_reuse=True also fills `reuse` with `Reuse(delta = grads - g, ||g||)`,
   what the steps in between carry forward (`reuse_correction`).
+
+  `groups` (on a mesh, with several microbatches; not with the "microbatch"
+  scope): the parameters are gathered once per step (and theta + eps once)
+  and each group of devices accumulates its own part of the gradient over
+  the microbatches, reduced once per scan (`_grouped_sum`), instead of a
+  gather and a reduction per microbatch. The result is the same.
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
            perturbation_scope=perturbation_scope)
@@ -608,6 +615,11 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     return out(*_gradient(method, params, batch, **kw))
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
+  if groups is not None and perturbation_scope == "global":
+    return out(*_grouped_accumulation(
+        entry, params, batch, rho=rho, phi=phi, precond=precond,
+        precond_normalize=precond_normalize, k=num_microbatches,
+        groups=groups))
   micro, frac_k = _microbatches(batch, num_microbatches)
   if perturbation_scope == "microbatch" or not entry.perturbs:
     def one(mb):
@@ -630,6 +642,121 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
                       logits_fn, phi, head))
   grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
   return out(loss, grads, g, _metrics(grads, g, eps, rho))
+
+
+class Groups(NamedTuple):
+  """How `accumulated_gradient` splits a step over the devices' groups.
+
+  `batch_sharding` splits a batch's rows G ways (`sharding.batch_sharding`)
+  and `params_sharding` is the parameters' layout, where the summed
+  gradients go; `logits_fn` and `head` are the model's without sharding
+  constraints (they run on one group's rows with whole parameters); `cast`
+  (optional) the model's cast to its compute dtype, applied before the
+  gather so that it moves compute-dtype weights.
+  """
+
+  batch_sharding: Any
+  params_sharding: Any
+  logits_fn: LogitsFn
+  head: OutputHead | None = None
+  cast: Callable[[PyTree], PyTree] | None = None
+
+
+def _group_count(groups: Groups) -> int:
+  return _batch_shards(OutputHead(None, None, None, groups.batch_sharding))
+
+
+def _grouped(groups: Groups, tree: PyTree) -> PyTree:
+  """Every leaf's axis 0 (the groups) split like the batch's rows."""
+  head = OutputHead(None, None, None, groups.batch_sharding)
+  return jax.tree.map(lambda x: _keep_rows(head, x), tree)
+
+
+def _per_group(groups: Groups, params: PyTree) -> PyTree:
+  """params (cast to the compute dtype on their shards) gathered once, whole
+  on every device, and seen as one copy per group [G, ...], each on its
+  group's devices (no data moves)."""
+  G = _group_count(groups)
+  head = OutputHead(None, None, None, groups.batch_sharding)
+  if groups.cast is not None:
+    params = jax.lax.with_sharding_constraint(groups.cast(params),
+                                              groups.params_sharding)
+  whole = _replicated(head, params)
+  return _grouped(groups, jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole))
+
+
+def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
+  """sum over microbatches i and groups j of frac_ij * fn(params_j, mb_ij),
+  each group accumulating its own sum on its devices ([G, ...] f32); summed
+  over the groups once at the end (a reduce-scatter into the parameters'
+  layout when the caller constrains it)."""
+  run = jax.vmap(fn)
+
+  def body(acc, xs):
+    mb, frac_G = _grouped(groups, xs)
+    out = run(params_G, mb)
+    acc = jax.tree.map(
+        lambda a, o: a + (frac_G.reshape((-1,) + (1,) * (o.ndim - 1))
+                          * o.astype(a.dtype)), acc, out)
+    return _grouped(groups, acc), None
+
+  G = frac_kxG.shape[1]
+  zeros = _grouped(groups, jax.tree.map(
+      lambda x: jnp.zeros((G,) + x.shape,
+                          jnp.promote_types(x.dtype, jnp.float32)), like))
+  acc, _ = jax.lax.scan(body, zeros, (micro_kxG, frac_kxG))
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
+
+
+def _to_params_layout(groups: Groups, grads: PyTree, params: PyTree):
+  """The summed gradient in the parameters' dtype and layout."""
+  return jax.lax.with_sharding_constraint(_cast_like(grads, params),
+                                         groups.params_sharding)
+
+
+def _group_microbatches(batch, k: int, G: int):
+  """[B, ...] -> [k, G, B/(k G), ...] and each piece's share of the weights:
+  microbatch i takes rows i, i+k, ... as `_microbatches` does; within it,
+  group j the rows on group j's devices."""
+  micro, _ = _microbatches(batch, k)
+  micro = jax.tree.map(
+      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro)
+  w = micro["weights"].astype(jnp.float32)
+  w_kxG = jnp.sum(w, axis=tuple(range(2, w.ndim)))
+  return micro, w_kxG / jnp.maximum(jnp.sum(w_kxG), 1.0)
+
+
+def _grouped_accumulation(entry: Method, params, batch, *, rho, phi, precond,
+                          precond_normalize, k: int, groups: Groups):
+  """`accumulated_gradient`'s global-scope result with one gather of theta
+  (and one of theta + eps) per step and one reduction per scan."""
+  G = _group_count(groups)
+  logits_fn, head = groups.logits_fn, groups.head
+  micro, frac = _group_microbatches(batch, k, G)
+  params_G = _per_group(groups, params)
+
+  def clean(p, mb):
+    c = clean_vjp(p, mb, logits_fn, head)
+    return c.loss, c.grads
+
+  one = jax.tree.map(lambda x: x[0, 0], micro)
+  like = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], params_G), one)
+  loss, g = _grouped_sum(clean, params_G, micro, frac, like, groups)
+  g = _to_params_layout(groups, g, params)
+  if not entry.perturbs:
+    return loss, g, g, _metrics(g, g, None, rho)
+  eps = _eps(entry, g, rho, precond, precond_normalize)
+  params_eps = _add(params, eps)
+  both_G = (params_G, _per_group(groups, params_eps))
+
+  def perturbed(both, mb):
+    p, p_eps = both
+    return entry(Step(clean_vjp(p, mb, logits_fn, head), p_eps, mb,
+                      logits_fn, phi, head))
+  grads = _to_params_layout(
+      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params)
+  return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
 # ------------------------------------------------- reuse between steps

@@ -159,13 +159,16 @@ def pin_params(fn, params_sharding, cast=None):
   model applies anyway (`model.compute_params`), done here on each device's
   shard, so FSDP gathers the weights in the compute dtype (bf16: half the
   bytes of float32) and their gradients leave in it; the values are those
-  the model computes with either way.
+  the model computes with either way. params_sharding=None: only the cast.
   """
 
+  pin = ((lambda p: p) if params_sharding is None else
+         (lambda p: jax.lax.with_sharding_constraint(p, params_sharding)))
+
   def pinned(params, *args):
-    params = jax.lax.with_sharding_constraint(params, params_sharding)
+    params = pin(params)
     if cast is not None:
-      params = jax.lax.with_sharding_constraint(cast(params), params_sharding)
+      params = pin(cast(params))
     return fn(params, *args)
 
   return pinned

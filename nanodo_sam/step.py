@@ -9,9 +9,12 @@ to a device's memory) without importing the training loop; `train` re-exports
 
 from __future__ import annotations
 
+import math
+
 import jax
 import optax
 
+from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
@@ -34,6 +37,8 @@ def make_train_step(s, method: str, correct: bool = False):
     raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
                      "with sam.reuse on")
 
+  groups = device_groups(s)
+
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step)
     precond = None
@@ -45,7 +50,8 @@ def make_train_step(s, method: str, correct: bool = False):
         rho=rho, phi=sam_cfg.phi, precond=precond,
         precond_normalize=sam_cfg.precond_normalize,
         num_microbatches=cfg.grad_accumulation_steps,
-        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store)
+        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store,
+        groups=groups)
     grads, metrics = out.grads, out.metrics
     reuse = out.reuse if store else state.reuse
     if correct:
@@ -61,6 +67,30 @@ def make_train_step(s, method: str, correct: bool = False):
                          opt_state=opt_state, reuse=reuse), metrics
 
   return step_fn
+
+
+def device_groups(s) -> sam_lib.Groups | None:
+  """With several microbatches on a mesh that splits the batch (global
+  perturbation scope): how `sam.accumulated_gradient` gathers the weights
+  once per step and reduces the gradient once per pass, each group of
+  devices accumulating its own part over the microbatches. None otherwise
+  (one microbatch, one group, or sam.perturbation_scope=microbatch, whose
+  per-microbatch eps needs the whole microbatch's gradient)."""
+  cfg = s.cfg
+  bs = sharding.batch_sharding(s.mesh)
+  G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
+  if (cfg.grad_accumulation_steps <= 1 or G <= 1
+      or cfg.sam.perturbation_scope != "global"):
+    return None
+  cast = model_lib.compute_params(s.model.cfg)
+  head = model_lib.output_head(s.model)
+  head = head._replace(
+      features=sharding.pin_params(head.features, None, cast),
+      chunk_tokens=s.head.chunk_tokens)
+  return sam_lib.Groups(
+      bs, s.state_sharding.params,
+      sharding.pin_params(model_lib.make_logits_fn(s.model), None, cast),
+      head, cast)
 
 
 def jit_train_step(s, method: str, correct: bool = False):

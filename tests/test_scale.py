@@ -68,8 +68,57 @@ def worker_mesh(out_path: str) -> None:
         "trip_counts": sorted(int(w) for c, w in prog.weight.items()
                               if c in prog.in_loop and w > 1),
     }
+  res["accumulated"] = _accumulated_on_mesh()
   with open(out_path, "w") as f:
     json.dump(res, f, indent=2)
+
+
+def _accumulated_on_mesh() -> dict:
+  """2 microbatches on (1, 8, 1) and (2, 4, 1) meshes (weights gathered once
+  per step, each group's gradient accumulated on its devices) against one
+  unaccumulated step on one device; float32, so equal to rounding."""
+  import dataclasses
+  import jax
+  from jax.sharding import SingleDeviceSharding
+  from nanodo_sam import hlo_cost
+  from nanodo_sam import model as model_lib
+  from nanodo_sam import sharding
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import train
+  from test_sharding import _max_abs, _max_abs_one, synthetic_batch
+  over = {"model.V": 512, "data.batch_size": 32,
+          "model.head_chunk_tokens": 16}
+  batch = synthetic_batch(0, 32)
+  dev0 = SingleDeviceSharding(jax.devices()[0])
+  out = {}
+  for method in METHODS:
+    kind = "plain" if method == "adamw" else "sam"
+    s1 = state_lib.setup(step_config((8, 1, 1), **over,
+                                     **{"sam.method": method}))
+    s1 = dataclasses.replace(s1, logits_fn=model_lib.make_logits_fn(s1.model),
+                             head=model_lib.output_head(s1.model))
+    state0 = jax.device_put(state_lib.init_state(s1, 0), dev0)
+    ref, ref_m = jax.jit(train.make_train_step(s1, method))(
+        state0, jax.device_put(batch, dev0))
+    ref_params = jax.device_get(ref.params)
+    for mesh in ((1, 8, 1), (2, 4, 1)):
+      s = state_lib.setup(step_config(mesh, **over, **{
+          "sam.method": method, "grad_accumulation_steps": 2}))
+      state = state_lib.init_state(s, 0)
+      gb = sharding.global_batch(batch, s.mesh)
+      fn = train.jit_step(s, kind)
+      coll = hlo_cost.collective_bytes(fn.lower(state, gb).compile().as_text())
+      new, m = fn(state, gb)
+      out[f"{method} {mesh}"] = {
+          "loss": float(m["loss"]), "ref_loss": float(ref_m["loss"]),
+          "params_diff": _max_abs(jax.device_get(new.params), ref_params),
+          "params_change": _max_abs(ref_params,
+                                    jax.device_get(state0.params)),
+          "ratio": coll["total"] / sum(x.size * 4 for x in
+                                       jax.tree.leaves(state.params)),
+          "in_loops": coll["in_loops"], "groups": s.mesh.shape["data"]
+          * s.mesh.shape["fsdp"], "max_param": _max_abs_one(ref_params)}
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +147,21 @@ def test_fsdp_traffic_is_near_ideal(mesh_results, method):
   r = mesh_results[method]
   ratio = r["bytes"] / r["param_bytes"]
   assert 0.5 < ratio <= RATIO_BOUND[method], (method, ratio)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accumulated_step_on_a_mesh_equals_one_device(mesh_results, method):
+  """With 2 microbatches each group of devices accumulates its own gradient
+  and reduces it once: the step equals one device's unaccumulated step,
+  no collective beyond scalars runs in any loop, and the traffic stays
+  within the bound."""
+  for mesh in ("(1, 8, 1)", "(2, 4, 1)"):
+    r = mesh_results["accumulated"][f"{method} {mesh}"]
+    assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-5)
+    assert r["params_change"] > 1e-4  # The step moved the parameters ...
+    assert r["params_diff"] <= 1e-6 * max(1.0, r["max_param"])  # ... alike.
+    assert r["in_loops"] == 0, r
+    assert 0.5 < r["ratio"] <= RATIO_BOUND[method], r
 
 
 # ------------------------------------------- fitting a device's memory
