@@ -49,6 +49,9 @@ def c4_config(size: str = sizes.DEFAULT):
   # and output layer stay float32; the diagnostics always run in float32).
   c.model.dtype = "bfloat16"
   c.data.batch_size = 256
+  # Auto: the fewest microbatches whose compiled step fits a device's memory
+  # (state.setup picks and logs it; the result equals the whole batch's).
+  c.grad_accumulation_steps = 0
   c.data.eval_batch_size = 64
   c.data.eval_steps = 64
   c.opt.optimizer = "adamw"
