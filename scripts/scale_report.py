@@ -189,12 +189,26 @@ def main(argv=None) -> int:
   p.add_argument("--devices", type=int, default=8)
   p.add_argument("--memory_gb", type=float, default=80.0)
   p.add_argument("--analyze", action="store_true")
+  p.add_argument("--no_steps", action="store_true",
+                 help="only analyze (with --analyze)")
+  p.add_argument("--append", action="store_true",
+                 help="add the rows to those already in --out")
   p.add_argument("--set", action="append", default=[],
                  help="KEY=VALUE config override, e.g. model.remat=True")
   p.add_argument("--out", default="")
   p.add_argument("--head_chunks", action="store_true",
                  help="only measure the output head's chunk sizes")
+  p.add_argument("--table", default="",
+                 help="only print the table of a JSON file this wrote")
   args = p.parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      report = json.load(f)
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count(" | ") + 1))
+    for r in report["rows"]:
+      print(format_row(r))
+    return 0
   if args.head_chunks:
     rows = {"memory_1208M": head_chunks(4096, 32, 512, 32101,
                                         (512, 1024, 2048, 4096, 8192, 16384),
@@ -212,10 +226,14 @@ def main(argv=None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   overrides = [kv.split("=", 1) for kv in args.set]
   rows = []
+  if args.append and os.path.exists(args.out):  # Add to an earlier run's.
+    with open(args.out) as f:
+      rows = json.load(f)["rows"]
   print(HEADER)
-  print("|" + "---|" * HEADER.count(" | ") + "---|")
+  print("|" + "---|" * (HEADER.count(" | ") + 1))
   for size in args.sizes.split(","):
-    jobs = [("step", m) for m in args.methods.split(",") if m]
+    jobs = [("step", m) for m in args.methods.split(",")
+            if m and not args.no_steps]
     jobs += [("analyze", None)] if args.analyze else []
     for what, method in jobs:
       r = (measure_step(size, method, args.memory_gb, overrides)
