@@ -197,6 +197,35 @@ def test_auto_microbatches_are_the_fewest_that_fit():
     assert state_lib.step_bytes(state_lib.compile_step(s, fn)) <= budget
 
 
+def test_the_checked_step_is_the_step_the_loop_runs():
+  """The memory check compiles the step on abstract inputs; calling the
+  same jitted step on the real state and batch compiles nothing more."""
+  import jax
+  from nanodo_sam import bench
+  from nanodo_sam import sharding
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import train
+  cfg = tiny_config()
+  s = state_lib.setup(cfg)
+  train._check_step_memory(s)
+  fn = s.steps["plain"]
+  assert train.jit_step(s, "plain") is fn
+  state = state_lib.init_state(s, 0)
+  batch = sharding.global_batch(bench.synthetic_batch(cfg), s.mesh)
+  compiles = []
+  listener = lambda event, *a, **k: compiles.append(event) if (
+      event == "/jax/core/compile/backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.block_until_ready(fn(state, batch))
+    after_step = len(compiles)
+    jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(2.0))  # Counted.
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert after_step == 0 and len(compiles) >= 1
+  assert fn._cache_size() == 1
+
+
 def test_auto_microbatches_refuse_what_never_fits():
   from nanodo_sam import state as state_lib
   from nanodo_sam.config import UsageError
