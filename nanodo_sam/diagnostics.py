@@ -7,15 +7,26 @@ lambda_max, traces, SAM-edge); with diagnostics.on_train_batch, Long &
 Bartlett's edge-of-stability set on the current training minibatch
 (`sharpness.edge_of_stability`), including the alignment of g and of the
 configured method's gradient with the top Hessian eigenvector.
+
+At scale both run the products through the model's output layer
+(`exact_head`): the [B, L, V] logits in chunks of the sequence, and every
+activation split by rows over the mesh like the batch (otherwise XLA's
+partitioner gathers whole-batch activations on every device inside the
+forward-over-reverse products).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
@@ -48,6 +59,54 @@ def adam_precond(cfg, opt_state):
   return precond
 
 
+def split_rows(fn, mesh):
+  """`fn(params, inputs_BxL)` (a flax model's apply) with the output of every
+  module it calls kept split by rows like the batch when its leading axis is
+  the batch's (other axes left to XLA): FSDP then gathers the weights rather
+  than the activations."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+
+  def split(params, inputs_BxL):
+    B = inputs_BxL.shape[0]
+
+    def keep(x):
+      if not (isinstance(x, jax.Array) and x.ndim >= 2 and x.shape[0] == B
+              and B % shards == 0):
+        return x
+      spec = P(sharding.BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
+      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def interceptor(next_fun, args, kwargs, context):
+      del context
+      return jax.tree.map(keep, next_fun(*args, **kwargs))
+
+    with nn.intercept_methods(interceptor):
+      return fn(params, inputs_BxL)
+
+  return split
+
+
+def exact_head(s):
+  """The output layer of `s.diagnostics_logits_fn`'s model (attention
+  "xla"), its features split by rows (`split_rows`) and pinned like the
+  train step's head, for the chunked products of `sharpness`."""
+  exact = model_lib.TransformerDo(dataclasses.replace(s.model.cfg,
+                                                      attention="xla"))
+  head = model_lib.output_head(exact)
+  head = head._replace(features=split_rows(head.features, s.mesh))
+  return sharding.pin_head(head, s.state_sharding.params,
+                           sharding.batch_sharding(s.mesh))
+
+
+def chunk_tokens(cfg) -> int:
+  """Tokens per device in one chunk of the diagnostics' output layer: the
+  train step's model.head_chunk_tokens where the config has it (0 = the
+  whole sequence), else sharpness.CHUNK_TOKENS."""
+  n = int(cfg.model.get("head_chunk_tokens", sharpness.CHUNK_TOKENS))
+  return n if n > 0 else cfg.model.L * max(cfg.diagnostics.batch_size,
+                                           cfg.data.batch_size)
+
+
 def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   """`(state, batch, lr, rho, rng) -> sharpness.diagnostics(...)` with
   diagnostics.{num_iters,num_probes,tol}; with AdamW also the split along
@@ -57,9 +116,11 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   `s.diagnostics_logits_fn` (attention "xla": cuDNN's kernel has no
   forward-mode derivative), every matmul in float32 (no TF32 or bfloat16
   passes for float32 inputs on GPU or TPU), and the Lanczos basis and the
-  probes are split over the mesh like the parameters.
+  probes are split over the mesh like the parameters; the logits run in
+  chunks and the activations stay split by rows (`exact_head`).
   """
   d = cfg.diagnostics
+  head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def fn(state, batch, lr, rho, rng):
     with jax.default_matmul_precision("float32"):
@@ -67,7 +128,8 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
           state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
           rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
           tol=d.tol, precond=adam_precond(cfg, state.opt_state),
-          params_sharding=s.state_sharding.params)
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
   return fn
 
@@ -87,6 +149,7 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   diagnostics_logits_fn, state_sharding, mesh); exact as in `sharpness_fn`.
   """
   d = cfg.diagnostics
+  head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def eos(state, batch, lr, rho, rng):
     precond = None
@@ -101,7 +164,8 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
       return sharpness.edge_of_stability(
           state.params, batch, sam_grads, logits_fn=s.diagnostics_logits_fn,
           lr=lr, rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol,
-          params_sharding=s.state_sharding.params)
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
   return jax.jit(eos, in_shardings=(s.state_sharding,
                                     sharding.batch_sharding(s.mesh), None,

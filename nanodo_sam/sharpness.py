@@ -14,6 +14,13 @@ Fixed evaluation batches: every function also accepts a stacked batch whose
 arrays are [K, B, L]. Its loss is the mean over the K per-batch losses, so
 every product is the mean of the per-batch products; `_over_batches` visits
 the K batches one at a time with `lax.scan` (memory of one batch).
+
+Large models: with `head` (the model's output layer, a loss.OutputHead) every
+product runs the output layer, the loss and their derivatives over chunks of
+the sequence (at most `chunk_tokens` tokens per device each), so no
+[B, L, V] logits or logit tangents are ever alive; with the head's
+`batch_sharding` every per-token tensor stays split by rows over the mesh.
+The same numbers as through `logits_fn` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -26,9 +33,15 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from nanodo_sam.loss import LogitsFn, cross_entropy
+from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 Batch = dict[str, Any]
+
+# Tokens per device in one chunk of the output layer when a `head` is given:
+# per chunk about 8 [tokens, V] float32 buffers are alive (logits, softmax,
+# tangent, products), 66 MB each at 512 tokens and V = 32101, and a
+# [512, D] x [D, V] matmul is large enough for a GPU's matrix units.
+CHUNK_TOKENS = 512
 
 
 # ----------------------------------------------------------------- helpers --
@@ -125,10 +138,18 @@ def _logit_hessian_vp(logits_BxLxV, u_BxLxV, weights_BxL) -> jax.Array:
   diag(p) - p p^T is never materialised, so memory stays O(B L V).
   """
   dtype = _compute_dtype(logits_BxLxV.dtype)
+  return _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV,
+                                  _token_scale(weights_BxL, dtype))
+
+
+def _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV, scale_BxL) -> jax.Array:
+  """`_logit_hessian_vp` with the per-token scale w_t / sum(w) given (a chunk
+  of the sequence needs the whole batch's sum)."""
+  dtype = _compute_dtype(logits_BxLxV.dtype)
   p_BxLxV = jax.nn.softmax(logits_BxLxV.astype(dtype), axis=-1)
   pu_BxLxV = p_BxLxV * u_BxLxV.astype(dtype)
   hu_BxLxV = pu_BxLxV - p_BxLxV * jnp.sum(pu_BxLxV, axis=-1, keepdims=True)
-  return hu_BxLxV * _token_scale(weights_BxL, dtype)[..., None]
+  return hu_BxLxV * scale_BxL.astype(dtype)[..., None]
 
 
 # ------------------------------------------------- single-batch products --
@@ -176,38 +197,230 @@ def _product(one_fn, params, batch, v, logits_fn):
   return _over_batches(lambda b: one_fn(params, b, v, logits_fn), batch)
 
 
+# ------------------------------------ the same products, output layer chunked --
+
+
+def _row_shards(head: OutputHead) -> int:
+  """How many ways a batch's rows are split (`head.batch_sharding`)."""
+  s = head.batch_sharding
+  if s is None or not len(s.spec) or s.spec[0] is None:
+    return 1
+  axes = (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
+  return math.prod(s.mesh.shape[a] for a in axes)
+
+
+def _keep_rows(head: OutputHead, x: jax.Array, axis: int = 0) -> jax.Array:
+  """x with its `axis` split like the batch's rows; unchanged without a
+  `head.batch_sharding` or when the rows do not divide evenly."""
+  s = head.batch_sharding
+  if s is None or x.shape[axis] % _row_shards(head):
+    return x
+  spec = jax.sharding.PartitionSpec(*((None,) * axis + tuple(s.spec[:1])))
+  return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(s.mesh,
+                                                                    spec))
+
+
+def _num_chunks(head: OutputHead, B: int, L: int, chunk_tokens: int) -> int:
+  """The fewest chunks of the sequence (a divisor of L) of at most
+  `chunk_tokens` tokens on each device (the rows split `_row_shards` ways)."""
+  rows = max(B // _row_shards(head), 1)
+  for n in range(1, L + 1):
+    if L % n == 0 and rows * (L // n) <= chunk_tokens:
+      return n
+  return L
+
+
+def _over_chunks(fn, head: OutputHead, n: int, *xs_BxL):
+  """fn(*chunks of xs) -> (tree summed over chunks, [B, Lc, ...] array
+  concatenated over chunks, or None): the sequence axis (1) of every x cut
+  into n chunks visited one at a time by `lax.scan`, every chunk split by
+  rows like the batch. Sums accumulate in at least float32."""
+  xs_BxL = tuple(_keep_rows(head, x) for x in xs_BxL)
+  if n == 1:
+    return fn(*xs_BxL)
+
+  def split(x):
+    x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:])
+    return _keep_rows(head, jnp.moveaxis(x, 1, 0), 1)
+
+  def body(total, chunk):
+    summed, per_token = fn(*(_keep_rows(head, x) for x in chunk))
+    total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, summed)
+    return total, per_token
+
+  summed_shapes = jax.eval_shape(lambda *c: fn(*c)[0],
+                                 *(jax.ShapeDtypeStruct(
+                                     (x.shape[0], x.shape[1] // n)
+                                     + x.shape[2:], x.dtype) for x in xs_BxL))
+  zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, _compute_dtype(t.dtype)),
+                       summed_shapes)
+  total, per_token = lax.scan(body, zeros, tuple(split(x) for x in xs_BxL))
+  total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, summed_shapes)
+  if per_token is not None:
+    per_token = jnp.moveaxis(per_token, 0, 1)
+    per_token = _keep_rows(head, per_token.reshape(
+        (per_token.shape[0], -1) + per_token.shape[3:]))
+  return total, per_token
+
+
+def _weighted_ce(logits_xV, targets_x, scale_x) -> jax.Array:
+  """sum_t scale_t CE_t: with scale = w / sum(w) of the whole batch, a
+  chunk's share of `cross_entropy`."""
+  logits_xV = logits_xV.astype(_compute_dtype(logits_xV.dtype))
+  logz_x = jax.nn.logsumexp(logits_xV, axis=-1)
+  target_x = jnp.take_along_axis(logits_xV, targets_x[..., None],
+                                 axis=-1)[..., 0]
+  return jnp.sum((logz_x - target_x) * scale_x.astype(logits_xV.dtype))
+
+
+def _features(head: OutputHead, batch: Batch):
+  """p -> (the output layer's parameters, features h [B, L, D] kept split by
+  rows)."""
+  return lambda p: (head.select(p),
+                    _keep_rows(head, head.features(p, batch["inputs"])))
+
+
+def _scale(head: OutputHead, batch: Batch) -> jax.Array:
+  return _keep_rows(head, _token_scale(batch["weights"], jnp.float32))
+
+
+def _pullback(params, batch, head, n, fixed_r: bool):
+  """(L, J^T r) with r = dL/dlogits, chunk by chunk: the gradient, or with
+  `fixed_r` J^T r with r held constant under differentiation (H_F's
+  integrand, see `_functional_vp_one`)."""
+  (hp, h_BxLxD), vjp_fn = jax.vjp(_features(head, batch), params)
+
+  def chunk(h_c, targets_c, scale_c):
+    logits_c, pull = jax.vjp(head.apply, hp, h_c)
+    loss_c, r_c = jax.value_and_grad(_weighted_ce)(logits_c, targets_c,
+                                                   scale_c)
+    if fixed_r:
+      r_c = lax.stop_gradient(r_c)
+    d_hp, dh_c = pull(r_c.astype(logits_c.dtype))
+    return (loss_c, d_hp), dh_c
+
+  (loss, d_hp), dh_BxLxD = _over_chunks(chunk, head, n, h_BxLxD,
+                                        batch["targets"], _scale(head, batch))
+  (grads,) = vjp_fn((d_hp, dh_BxLxD.astype(h_BxLxD.dtype)))
+  return loss, grads
+
+
+def _chunked_ops(head: OutputHead, chunk_tokens: int):
+  """The one-batch products of the section above, output layer chunked."""
+
+  def chunks(batch):
+    B, L = batch["inputs"].shape
+    return _num_chunks(head, B, L, chunk_tokens)
+
+  def rows(batch):
+    return {k: _keep_rows(head, x) for k, x in batch.items()}
+
+  def loss_grad(params, batch):
+    batch = rows(batch)
+    return _pullback(params, batch, head, chunks(batch), False)
+
+  def hvp_one(params, batch, v, _):
+    batch = rows(batch)
+    return jax.jvp(lambda p: _pullback(p, batch, head, chunks(batch),
+                                       False)[1], (params,), (v,))[1]
+
+  def functional_one(params, batch, v, _):
+    batch = rows(batch)
+    return jax.jvp(lambda p: _pullback(p, batch, head, chunks(batch),
+                                       True)[1], (params,), (v,))[1]
+
+  def ggn_vp_one(params, batch, v, _):
+    batch = rows(batch)
+    (hp, h_BxLxD), lin = jax.linearize(_features(head, batch), params)
+    dhp, dh_BxLxD = lin(v)
+
+    def chunk(h_c, dh_c, scale_c):
+      logits_c, u_c = jax.jvp(head.apply, (hp, h_c), (dhp, dh_c))
+      hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
+      d_hp, dh_out_c = jax.vjp(head.apply, hp, h_c)[1](
+          hu_c.astype(logits_c.dtype))
+      return d_hp, dh_out_c
+
+    d_hp, dh_out = _over_chunks(chunk, head, chunks(batch), h_BxLxD,
+                                dh_BxLxD, _scale(head, batch))
+    (out,) = jax.linear_transpose(lin, params)(
+        (d_hp, dh_out.astype(h_BxLxD.dtype)))
+    return out
+
+  def ggn_quad_one(params, batch, v, _):
+    batch = rows(batch)
+    (hp, h_BxLxD), (dhp, dh_BxLxD) = jax.jvp(_features(head, batch),
+                                             (params,), (v,))
+
+    def chunk(h_c, dh_c, scale_c):
+      logits_c, u_c = jax.jvp(head.apply, (hp, h_c), (dhp, dh_c))
+      hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
+      return jnp.sum(hu_c * u_c.astype(hu_c.dtype)), None
+
+    return _over_chunks(chunk, head, chunks(batch), h_BxLxD, dh_BxLxD,
+                        _scale(head, batch))[0]
+
+  return {"hvp": hvp_one, "ggn_vp": ggn_vp_one, "func": functional_one,
+          "ggn_quad": ggn_quad_one, "loss_grad": loss_grad}
+
+
+def _ops(logits_fn: LogitsFn, head: OutputHead | None,
+         chunk_tokens: int = CHUNK_TOKENS):
+  """The one-batch products {hvp, ggn_vp, func, ggn_quad: (params, batch,
+  v, logits_fn) -> ...; loss_grad: (params, batch) -> (L, g)}: through
+  `logits_fn` whole, or with `head` chunked over the sequence."""
+  if head is not None:
+    _check_count("chunk_tokens", chunk_tokens)
+    return _chunked_ops(head, chunk_tokens)
+  return {"hvp": _hvp_one, "ggn_vp": _ggn_vp_one, "func": _functional_vp_one,
+          "ggn_quad": _ggn_quad_one,
+          "loss_grad": lambda p, b: jax.value_and_grad(_loss)(p, b,
+                                                              logits_fn)}
+
+
 # ------------------------------------------------------------ public API --
 
 
-def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn):
-  """H v, exact, forward-over-reverse (jvp of grad)."""
-  return _product(_hvp_one, params, batch, v, logits_fn)
+def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+        head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS):
+  """H v, exact, forward-over-reverse (jvp of grad). With `head` (the
+  model's output layer) the logits run in chunks of `chunk_tokens` tokens
+  per device (module docstring); so for every function below."""
+  return _product(_ops(logits_fn, head, chunk_tokens)["hvp"], params, batch,
+                  v, logits_fn)
 
 
-def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+           head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS):
   """H_G v = J^T [d^2 L/dlogits^2] J v: jvp, softmax-CE Hessian, vjp."""
-  return _product(_ggn_vp_one, params, batch, v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens)["ggn_vp"], params,
+                  batch, v, logits_fn)
 
 
-def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+                          head: OutputHead | None = None,
+                          chunk_tokens: int = CHUNK_TOKENS):
   """H_F v = H v - H_G v (computed directly, see `_functional_vp_one`)."""
-  return _product(_functional_vp_one, params, batch, v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens)["func"], params, batch,
+                  v, logits_fn)
 
 
-def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn):
+def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS):
   """(L, dL/dtheta); on a [K, B, L] batch the mean over the K batches."""
   params = _upcast(params)
-  return _over_batches(
-      lambda b: jax.value_and_grad(_loss)(params, b, logits_fn), batch)
+  loss_grad = _ops(logits_fn, head, chunk_tokens)["loss_grad"]
+  return _over_batches(lambda b: loss_grad(params, b), batch)
 
 
-def _split(params, batch: Batch, e, logits_fn: LogitsFn
+def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops
            ) -> dict[str, jax.Array]:
   """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
   e_norm = _norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
-  d_logit = ggn_vp(params, batch, e, logits_fn=logits_fn)
-  d_func = functional_hessian_vp(params, batch, e, logits_fn=logits_fn)
+  d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
+  d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
   logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
   cross, delta_sq = 2.0 * _vdot(d_logit, d_func), _vdot(delta, delta)
@@ -227,7 +440,9 @@ def preconditioned(grads, precond):
 
 
 def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
-                  direction=None, precond=None) -> dict[str, jax.Array]:
+                  direction=None, precond=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
   """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
 
   e = g/||g|| (the SAM direction) unless `direction` is given (normalised
@@ -239,17 +454,20 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   delta_func_norm, delta_norm.
   """
   params = _upcast(params)
-  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn)
+  ops = _ops(logits_fn, head, chunk_tokens)
+  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn, head=head,
+                             chunk_tokens=chunk_tokens)
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
   return {"loss": loss, "grad_norm": _norm(grad),
-          **_split(params, batch, e, logits_fn)}
+          **_split(params, batch, e, logits_fn, ops)}
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
                num_iters: int = 20, tol: float = 1e-3, rng: jax.Array,
-               params_sharding=None):
+               params_sharding=None, head: OutputHead | None = None,
+               chunk_tokens: int = CHUNK_TOKENS):
   """Largest-magnitude eigenvalue of H by Lanczos with full reorthogonalisation.
 
   At most `num_iters` Hessian-vector products; stops once the Ritz residual
@@ -292,7 +510,8 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   def body(state):
     j, basis_K, alpha_K, beta_K, _, _, _ = state
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
-    w = keep(hvp(params, batch, q, logits_fn=logits_fn))
+    w = keep(hvp(params, batch, q, logits_fn=logits_fn, head=head,
+                 chunk_tokens=chunk_tokens))
     alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
       w = jax.tree.map(jnp.subtract, w,
@@ -337,20 +556,26 @@ def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
 
 
 def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-                  num_probes: int, rng: jax.Array, params_sharding=None):
+                  num_probes: int, rng: jax.Array, params_sharding=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe).
   `params_sharding`: as in `lambda_max`, for the probes."""
+  hvp_one = _ops(logits_fn, head, chunk_tokens)["hvp"]
+
   def quad_one(p, b, z, f):
-    return _vdot(z, _hvp_one(p, b, z, f))
+    return _vdot(z, hvp_one(p, b, z, f))
   return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
                      params_sharding)
 
 
 def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-              num_probes: int, rng: jax.Array, params_sharding=None):
+              num_probes: int, rng: jax.Array, params_sharding=None,
+              head: OutputHead | None = None,
+              chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
-  return _hutchinson(_ggn_quad_one, params, batch, logits_fn, num_probes, rng,
-                     params_sharding)
+  return _hutchinson(_ops(logits_fn, head, chunk_tokens)["ggn_quad"], params,
+                     batch, logits_fn, num_probes, rng, params_sharding)
 
 
 def sam_edge(lr, rho, grad_norm) -> jax.Array:
@@ -370,7 +595,8 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
                 direction=None, tol: float = 1e-3, precond=None,
-                params_sharding=None) -> dict[str, jax.Array]:
+                params_sharding=None, head: OutputHead | None = None,
+                chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -383,7 +609,9 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   tau_cross_precond: the split along e = P^-1 g / ||P^-1 g|| at the same
   parameters (paper, appendix B: preconditioning shifts it towards the
   functional path). `params_sharding` (the parameters' NamedShardings)
-  splits the Lanczos basis and the probes like the parameters.
+  splits the Lanczos basis and the probes like the parameters; `head`
+  (the model's output layer, its `batch_sharding` set on a mesh) chunks the
+  logits by `chunk_tokens` tokens per device and keeps them split by rows.
   """
   _check_count("num_iters", num_iters, allow_zero=True)
   _check_count("num_probes", num_probes, allow_zero=True)
@@ -393,16 +621,18 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
     raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
                      "for no SAM)")
   eig_rng, trace_rng = jax.random.split(rng)
-  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction)
+  chunked = dict(head=head, chunk_tokens=chunk_tokens)
+  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
+                      **chunked)
   out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
                              "tau_cross")}
   if num_iters:
     out["lambda_max"], _, _ = lambda_max(
         params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
-        rng=eig_rng, params_sharding=params_sharding)
+        rng=eig_rng, params_sharding=params_sharding, **chunked)
   if num_probes:
     traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
-                  params_sharding=params_sharding)
+                  params_sharding=params_sharding, **chunked)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
         params, batch, **traces)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
@@ -411,9 +641,10 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
     params32 = _upcast(params)
-    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn)
+    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn, **chunked)
     split = _split(params32, batch,
-                   preconditioned(grad, _like(precond, params32)), logits_fn)
+                   preconditioned(grad, _like(precond, params32)), logits_fn,
+                   _ops(logits_fn, head, chunk_tokens))
     out.update({f"{k}_precond": split[k]
                 for k in ("tau_logit", "tau_func", "tau_cross")})
   return out
@@ -421,18 +652,22 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
 
 def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
                       lr, rho, num_iters: int, rng: jax.Array,
-                      tol: float = 1e-3, params_sharding=None
+                      tol: float = 1e-3, params_sharding=None,
+                      head: OutputHead | None = None,
+                      chunk_tokens: int = CHUNK_TOKENS
                       ) -> dict[str, jax.Array]:
   """Long & Bartlett's quantities on one (training) minibatch.
 
   lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
   of the SAM-family gradient `sam_grads` lies along the top eigenvector
-  (|cos| with it). `params_sharding`: as in `lambda_max`.
+  (|cos| with it). `params_sharding`, `head`, `chunk_tokens`: as in
+  `diagnostics`.
   """
+  chunked = dict(head=head, chunk_tokens=chunk_tokens)
   lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
                                num_iters=num_iters, tol=tol, rng=rng,
-                               params_sharding=params_sharding)
-  _, g = loss_and_grad(params, batch, logits_fn=logits_fn)
+                               params_sharding=params_sharding, **chunked)
+  _, g = loss_and_grad(params, batch, logits_fn=logits_fn, **chunked)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
   g_norm = _norm(g)
   tiny = jnp.finfo(g_norm.dtype).tiny
