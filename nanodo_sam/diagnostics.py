@@ -9,21 +9,18 @@ Bartlett's edge-of-stability set on the current training minibatch
 configured method's gradient with the top Hessian eigenvector.
 
 At scale both run the products through the model's output layer
-(`exact_head`): the [B, L, V] logits in chunks of the sequence, and every
-activation split by rows over the mesh like the batch (otherwise XLA's
-partitioner gathers whole-batch activations on every device inside the
-forward-over-reverse products).
+(`exact_head`): the [B, L, V] logits in chunks of the sequence, each device
+on its own rows of the batch (otherwise XLA's partitioner gathers
+whole-batch activations on every device inside the forward-over-reverse
+products).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from nanodo_sam import model as model_lib
@@ -59,43 +56,14 @@ def adam_precond(cfg, opt_state):
   return precond
 
 
-def split_rows(fn, mesh):
-  """`fn(params, inputs_BxL)` (a flax model's apply) with the output of every
-  module it calls kept split by rows like the batch when its leading axis is
-  the batch's (other axes left to XLA): FSDP then gathers the weights rather
-  than the activations."""
-  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-
-  def split(params, inputs_BxL):
-    B = inputs_BxL.shape[0]
-
-    def keep(x):
-      if not (isinstance(x, jax.Array) and x.ndim >= 2 and x.shape[0] == B
-              and B % shards == 0):
-        return x
-      spec = P(sharding.BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
-      return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    def interceptor(next_fun, args, kwargs, context):
-      del context
-      return jax.tree.map(keep, next_fun(*args, **kwargs))
-
-    with nn.intercept_methods(interceptor):
-      return fn(params, inputs_BxL)
-
-  return split
-
-
 def exact_head(s):
   """The output layer of `s.diagnostics_logits_fn`'s model (attention
-  "xla"), its features split by rows (`split_rows`) and pinned like the
-  train step's head, for the chunked products of `sharpness`."""
+  "xla"), with the mesh's batch sharding: `sharpness` then runs each product
+  on every device's own rows (shard_map) and chunks the logits."""
   exact = model_lib.TransformerDo(dataclasses.replace(s.model.cfg,
                                                       attention="xla"))
-  head = model_lib.output_head(exact)
-  head = head._replace(features=split_rows(head.features, s.mesh))
-  return sharding.pin_head(head, s.state_sharding.params,
-                           sharding.batch_sharding(s.mesh))
+  return model_lib.output_head(exact)._replace(
+      batch_sharding=sharding.batch_sharding(s.mesh))
 
 
 def chunk_tokens(cfg) -> int:
@@ -117,7 +85,7 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   forward-mode derivative), every matmul in float32 (no TF32 or bfloat16
   passes for float32 inputs on GPU or TPU), and the Lanczos basis and the
   probes are split over the mesh like the parameters; the logits run in
-  chunks and the activations stay split by rows (`exact_head`).
+  chunks, each device on its own rows (`exact_head`).
   """
   d = cfg.diagnostics
   head, tokens = exact_head(s), chunk_tokens(cfg)

@@ -200,66 +200,51 @@ def _product(one_fn, params, batch, v, logits_fn):
 # ------------------------------------ the same products, output layer chunked --
 
 
-def _row_shards(head: OutputHead) -> int:
-  """How many ways a batch's rows are split (`head.batch_sharding`)."""
+def _row_axes(head: OutputHead) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over (`head.batch_sharding`)."""
   s = head.batch_sharding
   if s is None or not len(s.spec) or s.spec[0] is None:
-    return 1
-  axes = (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
-  return math.prod(s.mesh.shape[a] for a in axes)
+    return ()
+  return (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
 
 
-def _keep_rows(head: OutputHead, x: jax.Array, axis: int = 0) -> jax.Array:
-  """x with its `axis` split like the batch's rows; unchanged without a
-  `head.batch_sharding` or when the rows do not divide evenly."""
-  s = head.batch_sharding
-  if s is None or x.shape[axis] % _row_shards(head):
-    return x
-  spec = jax.sharding.PartitionSpec(*((None,) * axis + tuple(s.spec[:1])))
-  return lax.with_sharding_constraint(x, jax.sharding.NamedSharding(s.mesh,
-                                                                    spec))
-
-
-def _num_chunks(head: OutputHead, B: int, L: int, chunk_tokens: int) -> int:
+def _num_chunks(rows: int, L: int, chunk_tokens: int) -> int:
   """The fewest chunks of the sequence (a divisor of L) of at most
-  `chunk_tokens` tokens on each device (the rows split `_row_shards` ways)."""
-  rows = max(B // _row_shards(head), 1)
+  `chunk_tokens` tokens over `rows` rows."""
   for n in range(1, L + 1):
     if L % n == 0 and rows * (L // n) <= chunk_tokens:
       return n
   return L
 
 
-def _over_chunks(fn, head: OutputHead, n: int, *xs_BxL):
+def _over_chunks(fn, n: int, *xs_BxL):
   """fn(*chunks of xs) -> (tree summed over chunks, [B, Lc, ...] array
   concatenated over chunks, or None): the sequence axis (1) of every x cut
-  into n chunks visited one at a time by `lax.scan`, every chunk split by
-  rows like the batch. Sums accumulate in at least float32."""
-  xs_BxL = tuple(_keep_rows(head, x) for x in xs_BxL)
+  into n chunks visited one at a time by `lax.scan`. Sums accumulate in at
+  least float32."""
   if n == 1:
     return fn(*xs_BxL)
 
   def split(x):
     x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:])
-    return _keep_rows(head, jnp.moveaxis(x, 1, 0), 1)
+    return jnp.moveaxis(x, 1, 0)
 
   def body(total, chunk):
-    summed, per_token = fn(*(_keep_rows(head, x) for x in chunk))
+    summed, per_token = fn(*chunk)
     total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, summed)
     return total, per_token
 
-  summed_shapes = jax.eval_shape(lambda *c: fn(*c)[0],
-                                 *(jax.ShapeDtypeStruct(
-                                     (x.shape[0], x.shape[1] // n)
-                                     + x.shape[2:], x.dtype) for x in xs_BxL))
+  summed_shapes = jax.eval_shape(lambda *c: fn(*c)[0], *(
+      jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // n) + x.shape[2:],
+                           x.dtype) for x in xs_BxL))
   zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, _compute_dtype(t.dtype)),
                        summed_shapes)
   total, per_token = lax.scan(body, zeros, tuple(split(x) for x in xs_BxL))
   total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, summed_shapes)
   if per_token is not None:
     per_token = jnp.moveaxis(per_token, 0, 1)
-    per_token = _keep_rows(head, per_token.reshape(
-        (per_token.shape[0], -1) + per_token.shape[3:]))
+    per_token = per_token.reshape((per_token.shape[0], -1)
+                                  + per_token.shape[3:])
   return total, per_token
 
 
@@ -273,25 +258,37 @@ def _weighted_ce(logits_xV, targets_x, scale_x) -> jax.Array:
   return jnp.sum((logz_x - target_x) * scale_x.astype(logits_xV.dtype))
 
 
-def _features(head: OutputHead, batch: Batch):
-  """p -> (the output layer's parameters, features h [B, L, D] kept split by
-  rows)."""
-  return lambda p: (head.select(p),
-                    _keep_rows(head, head.features(p, batch["inputs"])))
+class _Rows:
+  """The rows of a batch one device holds, the output layer that runs on
+  them, and how to sum over every device's rows (`axes`: the mesh axes the
+  rows are split over; none on one device)."""
+
+  def __init__(self, head: OutputHead, batch: Batch, chunk_tokens: int,
+               axes: tuple[str, ...] = ()):
+    self.head, self.batch, self.axes = head, batch, axes
+    B, L = batch["inputs"].shape
+    self.n = _num_chunks(B, L, chunk_tokens)
+    w_BxL = batch["weights"].astype(jnp.float32)
+    # cross_entropy's w_t / max(sum w, 1), the sum over every device's rows.
+    self.scale_BxL = w_BxL / jnp.maximum(self.sum(jnp.sum(w_BxL)), 1.0)
+
+  def sum(self, tree):
+    return lax.psum(tree, self.axes) if self.axes else tree
+
+  def features(self, p):
+    """(the output layer's parameters, features h [B, L, D])."""
+    return self.head.select(p), self.head.features(p, self.batch["inputs"])
 
 
-def _scale(head: OutputHead, batch: Batch) -> jax.Array:
-  return _keep_rows(head, _token_scale(batch["weights"], jnp.float32))
-
-
-def _pullback(params, batch, head, n, fixed_r: bool):
-  """(L, J^T r) with r = dL/dlogits, chunk by chunk: the gradient, or with
-  `fixed_r` J^T r with r held constant under differentiation (H_F's
-  integrand, see `_functional_vp_one`)."""
-  (hp, h_BxLxD), vjp_fn = jax.vjp(_features(head, batch), params)
+def _pullback(params, rows: _Rows, fixed_r: bool):
+  """This device's (L, J^T r), r = dL/dlogits, chunk by chunk: the
+  gradient, or with `fixed_r` J^T r with r held constant under
+  differentiation (H_F's integrand, see `_functional_vp_one`)."""
+  (hp, h_BxLxD), vjp_fn = jax.vjp(rows.features, params)
+  apply = rows.head.apply
 
   def chunk(h_c, targets_c, scale_c):
-    logits_c, pull = jax.vjp(head.apply, hp, h_c)
+    logits_c, pull = jax.vjp(apply, hp, h_c)
     loss_c, r_c = jax.value_and_grad(_weighted_ce)(logits_c, targets_c,
                                                    scale_c)
     if fixed_r:
@@ -299,69 +296,94 @@ def _pullback(params, batch, head, n, fixed_r: bool):
     d_hp, dh_c = pull(r_c.astype(logits_c.dtype))
     return (loss_c, d_hp), dh_c
 
-  (loss, d_hp), dh_BxLxD = _over_chunks(chunk, head, n, h_BxLxD,
-                                        batch["targets"], _scale(head, batch))
+  (loss, d_hp), dh_BxLxD = _over_chunks(chunk, rows.n, h_BxLxD,
+                                        rows.batch["targets"], rows.scale_BxL)
   (grads,) = vjp_fn((d_hp, dh_BxLxD.astype(h_BxLxD.dtype)))
   return loss, grads
 
 
-def _chunked_ops(head: OutputHead, chunk_tokens: int):
-  """The one-batch products of the section above, output layer chunked."""
+def _local_ops(rows: _Rows):
+  """The one-batch products on this device's rows (before the sum over
+  devices): {name: (params, v) -> value}."""
+  apply = rows.head.apply
 
-  def chunks(batch):
-    B, L = batch["inputs"].shape
-    return _num_chunks(head, B, L, chunk_tokens)
+  def hvp_one(params, v):
+    return jax.jvp(lambda p: _pullback(p, rows, False)[1], (params,), (v,))[1]
 
-  def rows(batch):
-    return {k: _keep_rows(head, x) for k, x in batch.items()}
+  def functional_one(params, v):
+    return jax.jvp(lambda p: _pullback(p, rows, True)[1], (params,), (v,))[1]
 
-  def loss_grad(params, batch):
-    batch = rows(batch)
-    return _pullback(params, batch, head, chunks(batch), False)
-
-  def hvp_one(params, batch, v, _):
-    batch = rows(batch)
-    return jax.jvp(lambda p: _pullback(p, batch, head, chunks(batch),
-                                       False)[1], (params,), (v,))[1]
-
-  def functional_one(params, batch, v, _):
-    batch = rows(batch)
-    return jax.jvp(lambda p: _pullback(p, batch, head, chunks(batch),
-                                       True)[1], (params,), (v,))[1]
-
-  def ggn_vp_one(params, batch, v, _):
-    batch = rows(batch)
-    (hp, h_BxLxD), lin = jax.linearize(_features(head, batch), params)
+  def ggn_vp_one(params, v):
+    (hp, h_BxLxD), lin = jax.linearize(rows.features, params)
     dhp, dh_BxLxD = lin(v)
 
     def chunk(h_c, dh_c, scale_c):
-      logits_c, u_c = jax.jvp(head.apply, (hp, h_c), (dhp, dh_c))
+      logits_c, u_c = jax.jvp(apply, (hp, h_c), (dhp, dh_c))
       hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
-      d_hp, dh_out_c = jax.vjp(head.apply, hp, h_c)[1](
-          hu_c.astype(logits_c.dtype))
+      d_hp, dh_out_c = jax.vjp(apply, hp, h_c)[1](hu_c.astype(logits_c.dtype))
       return d_hp, dh_out_c
 
-    d_hp, dh_out = _over_chunks(chunk, head, chunks(batch), h_BxLxD,
-                                dh_BxLxD, _scale(head, batch))
+    d_hp, dh_out = _over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD,
+                                rows.scale_BxL)
     (out,) = jax.linear_transpose(lin, params)(
         (d_hp, dh_out.astype(h_BxLxD.dtype)))
     return out
 
-  def ggn_quad_one(params, batch, v, _):
-    batch = rows(batch)
-    (hp, h_BxLxD), (dhp, dh_BxLxD) = jax.jvp(_features(head, batch),
-                                             (params,), (v,))
+  def ggn_quad_one(params, v):
+    (hp, h_BxLxD), (dhp, dh_BxLxD) = jax.jvp(rows.features, (params,), (v,))
 
     def chunk(h_c, dh_c, scale_c):
-      logits_c, u_c = jax.jvp(head.apply, (hp, h_c), (dhp, dh_c))
+      logits_c, u_c = jax.jvp(apply, (hp, h_c), (dhp, dh_c))
       hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
       return jnp.sum(hu_c * u_c.astype(hu_c.dtype)), None
 
-    return _over_chunks(chunk, head, chunks(batch), h_BxLxD, dh_BxLxD,
-                        _scale(head, batch))[0]
+    return _over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL)[0]
 
   return {"hvp": hvp_one, "ggn_vp": ggn_vp_one, "func": functional_one,
-          "ggn_quad": ggn_quad_one, "loss_grad": loss_grad}
+          "ggn_quad": ggn_quad_one,
+          "loss_grad": lambda params, v: _pullback(params, rows, False)}
+
+
+def _chunked(name: str, head: OutputHead, chunk_tokens: int):
+  """The one-batch product `name` through the output head, chunked.
+
+  With `head.batch_sharding` it runs under `shard_map`: each device takes
+  its rows of the batch and the whole parameters (gathered once per
+  product), computes its rows' share, and the shares are summed over the
+  devices (psum). No activation, logit or tangent of another device's rows
+  is ever gathered: XLA's partitioner, left alone, gathers whole-batch
+  activations on every device inside the forward-over-reverse products.
+  """
+  axes = _row_axes(head)
+  local = head._replace(batch_sharding=None)
+
+  def run(params, batch, v, axes=()):
+    rows = _Rows(local, batch, chunk_tokens, axes)
+    return rows.sum(_local_ops(rows)[name](params, v))
+
+  def one(params, batch, v=(), logits_fn=None):
+    del logits_fn
+    B = batch["inputs"].shape[0]
+    shards = math.prod(head.batch_sharding.mesh.shape[a] for a in axes) \
+        if axes else 1
+    if shards == 1 or B % shards:
+      return run(params, batch, v)
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        lambda p, b, u: run(p, b, u, axes), mesh=head.batch_sharding.mesh,
+        in_specs=(spec(), spec(axes), spec()), out_specs=spec(),
+        check_vma=False)(params, batch, v)
+
+  return one
+
+
+def _chunked_ops(head: OutputHead, chunk_tokens: int):
+  """The one-batch products of the section above, output layer chunked."""
+  ops = {k: _chunked(k, head, chunk_tokens)
+         for k in ("hvp", "ggn_vp", "func", "ggn_quad")}
+  loss_grad = _chunked("loss_grad", head, chunk_tokens)
+  ops["loss_grad"] = lambda params, batch: loss_grad(params, batch)
+  return ops
 
 
 def _ops(logits_fn: LogitsFn, head: OutputHead | None,
