@@ -114,6 +114,13 @@ def _keep(tree, params_sharding, stacked: bool = False):
   return jax.tree.map(one, tree, params_sharding)
 
 
+def _after(x, *deps):
+  """x, but only once `deps` are computed: orders independent products so
+  that each one's parameter-sized buffers (gathered weights, tangents) are
+  freed before the next one's are made. Identity on values."""
+  return lax.optimization_barrier((x, deps))[0]
+
+
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
   least = 0 if allow_zero else 1
   if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
@@ -442,6 +449,7 @@ def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops
   e_norm = _norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
   d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
+  params, e = _after((params, e), d_logit)
   d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
   logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
@@ -482,6 +490,7 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
+  params = _after(params, e)
   return {"loss": loss, "grad_norm": _norm(grad),
           **_split(params, batch, e, logits_fn, ops)}
 
@@ -649,21 +658,25 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
                              "tau_cross")}
   if num_iters:
+    params = _after(params, out)
     out["lambda_max"], _, _ = lambda_max(
         params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
         rng=eig_rng, params_sharding=params_sharding, **chunked)
   if num_probes:
     traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
                   params_sharding=params_sharding, **chunked)
+    params = _after(params, out)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
         params, batch, **traces)
+    params = _after(params, out)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
         params, batch, **traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
-    params32 = _upcast(params)
+    params32 = _upcast(_after(params, out))
     _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn, **chunked)
+    params32 = _after(params32, grad)
     split = _split(params32, batch,
                    preconditioned(grad, _like(precond, params32)), logits_fn,
                    _ops(logits_fn, head, chunk_tokens))
