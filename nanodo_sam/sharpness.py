@@ -351,56 +351,107 @@ def _local_ops(rows: _Rows):
           "loss_grad": lambda params, v: _pullback(params, rows, False)}
 
 
-def _chunked(name: str, head: OutputHead, chunk_tokens: int):
+def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
+  """Inside shard_map: this device's share x of a parameter-shaped sum ->
+  its slice of the sum over the devices in `axes`, laid out as `spec` (the
+  parameter's PartitionSpec): reduce-scattered along the dimensions split
+  over row axes, psum over the other row axes, sliced along the dimensions
+  split over other mesh axes (their devices hold the same sum)."""
+  summed = []
+  for d, entry in enumerate(tuple(spec)):
+    names = () if entry is None else (
+        (entry,) if isinstance(entry, str) else tuple(entry))
+    if names and all(n in axes for n in names):
+      x = lax.psum_scatter(x, names, scatter_dimension=d, tiled=True)
+      summed += names
+    elif names:
+      rows_here = tuple(n for n in names if n in axes)
+      if rows_here:
+        x = lax.psum(x, rows_here)
+        summed += rows_here
+      index = 0
+      for n in names:
+        index = index * mesh.shape[n] + lax.axis_index(n)
+      size = x.shape[d] // math.prod(mesh.shape[n] for n in names)
+      x = lax.dynamic_slice_in_dim(x, index * size, size, d)
+  rest = tuple(a for a in axes if a not in summed)
+  return lax.psum(x, rest) if rest else x
+
+
+def _chunked(name: str, head: OutputHead, chunk_tokens: int,
+             params_sharding=None):
   """The one-batch product `name` through the output head, chunked.
 
   With `head.batch_sharding` it runs under `shard_map`: each device takes
   its rows of the batch and the whole parameters (gathered once per
   product), computes its rows' share, and the shares are summed over the
-  devices (psum). No activation, logit or tangent of another device's rows
-  is ever gathered: XLA's partitioner, left alone, gathers whole-batch
-  activations on every device inside the forward-over-reverse products.
+  devices, reduce-scattered straight into the parameters' layout
+  (`params_sharding`; without it, psum to every device). No activation,
+  logit or tangent of another device's rows is ever gathered: XLA's
+  partitioner, left alone, gathers whole-batch activations on every device
+  inside the forward-over-reverse products.
   """
   axes = _row_axes(head)
   local = head._replace(batch_sharding=None)
+  spec = jax.sharding.PartitionSpec
+  pspecs = (None if params_sharding is None else
+            jax.tree.map(lambda s: s.spec, params_sharding))
 
-  def run(params, batch, v, axes=()):
+  def sum_params(tree, mesh):
+    if pspecs is None:
+      return jax.tree.map(lambda x: lax.psum(x, axes), tree)
+    return jax.tree.map(lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree,
+                        pspecs)
+
+  params_out = spec() if pspecs is None else pspecs
+  out_specs = {"ggn_quad": spec(), "loss_grad": (spec(), params_out)}.get(
+      name, params_out)
+
+  def run(params, batch, v):
+    rows = _Rows(local, batch, chunk_tokens)
+    return _local_ops(rows)[name](params, v)
+
+  def run_on_rows(params, batch, v, mesh):
     rows = _Rows(local, batch, chunk_tokens, axes)
-    return rows.sum(_local_ops(rows)[name](params, v))
+    out = _local_ops(rows)[name](params, v)
+    if name == "ggn_quad":
+      return lax.psum(out, axes)
+    if name == "loss_grad":
+      return lax.psum(out[0], axes), sum_params(out[1], mesh)
+    return sum_params(out, mesh)
 
   def one(params, batch, v=(), logits_fn=None):
     del logits_fn
     B = batch["inputs"].shape[0]
-    shards = math.prod(head.batch_sharding.mesh.shape[a] for a in axes) \
-        if axes else 1
+    mesh = head.batch_sharding.mesh if axes else None
+    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
     if shards == 1 or B % shards:
       return run(params, batch, v)
-    spec = jax.sharding.PartitionSpec
     return jax.shard_map(
-        lambda p, b, u: run(p, b, u, axes), mesh=head.batch_sharding.mesh,
-        in_specs=(spec(), spec(axes), spec()), out_specs=spec(),
+        lambda p, b, u: run_on_rows(p, b, u, mesh), mesh=mesh,
+        in_specs=(spec(), spec(axes), spec()), out_specs=out_specs,
         check_vma=False)(params, batch, v)
 
   return one
 
 
-def _chunked_ops(head: OutputHead, chunk_tokens: int):
+def _chunked_ops(head: OutputHead, chunk_tokens: int, params_sharding=None):
   """The one-batch products of the section above, output layer chunked."""
-  ops = {k: _chunked(k, head, chunk_tokens)
+  ops = {k: _chunked(k, head, chunk_tokens, params_sharding)
          for k in ("hvp", "ggn_vp", "func", "ggn_quad")}
-  loss_grad = _chunked("loss_grad", head, chunk_tokens)
+  loss_grad = _chunked("loss_grad", head, chunk_tokens, params_sharding)
   ops["loss_grad"] = lambda params, batch: loss_grad(params, batch)
   return ops
 
 
 def _ops(logits_fn: LogitsFn, head: OutputHead | None,
-         chunk_tokens: int = CHUNK_TOKENS):
+         chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
   """The one-batch products {hvp, ggn_vp, func, ggn_quad: (params, batch,
   v, logits_fn) -> ...; loss_grad: (params, batch) -> (L, g)}: through
   `logits_fn` whole, or with `head` chunked over the sequence."""
   if head is not None:
     _check_count("chunk_tokens", chunk_tokens)
-    return _chunked_ops(head, chunk_tokens)
+    return _chunked_ops(head, chunk_tokens, params_sharding)
   return {"hvp": _hvp_one, "ggn_vp": _ggn_vp_one, "func": _functional_vp_one,
           "ggn_quad": _ggn_quad_one,
           "loss_grad": lambda p, b: jax.value_and_grad(_loss)(p, b,
@@ -411,35 +462,41 @@ def _ops(logits_fn: LogitsFn, head: OutputHead | None,
 
 
 def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn,
-        head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS):
+        head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+        params_sharding=None):
   """H v, exact, forward-over-reverse (jvp of grad). With `head` (the
   model's output layer) the logits run in chunks of `chunk_tokens` tokens
-  per device (module docstring); so for every function below."""
-  return _product(_ops(logits_fn, head, chunk_tokens)["hvp"], params, batch,
-                  v, logits_fn)
+  per device (module docstring), and on a mesh the product comes out laid
+  out as `params_sharding` (the parameters' NamedShardings) where given; so
+  for every function below."""
+  return _product(_ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"],
+                  params, batch, v, logits_fn)
 
 
 def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
-           head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS):
+           head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+           params_sharding=None):
   """H_G v = J^T [d^2 L/dlogits^2] J v: jvp, softmax-CE Hessian, vjp."""
-  return _product(_ops(logits_fn, head, chunk_tokens)["ggn_vp"], params,
-                  batch, v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["ggn_vp"], params, batch, v, logits_fn)
 
 
 def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
                           head: OutputHead | None = None,
-                          chunk_tokens: int = CHUNK_TOKENS):
+                          chunk_tokens: int = CHUNK_TOKENS,
+                          params_sharding=None):
   """H_F v = H v - H_G v (computed directly, see `_functional_vp_one`)."""
-  return _product(_ops(logits_fn, head, chunk_tokens)["func"], params, batch,
-                  v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["func"], params, batch, v, logits_fn)
 
 
 def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
                   head: OutputHead | None = None,
-                  chunk_tokens: int = CHUNK_TOKENS):
+                  chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
   """(L, dL/dtheta); on a [K, B, L] batch the mean over the K batches."""
   params = _upcast(params)
-  loss_grad = _ops(logits_fn, head, chunk_tokens)["loss_grad"]
+  loss_grad = _ops(logits_fn, head, chunk_tokens,
+                   params_sharding)["loss_grad"]
   return _over_batches(lambda b: loss_grad(params, b), batch)
 
 
@@ -472,7 +529,8 @@ def preconditioned(grads, precond):
 def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
                   direction=None, precond=None,
                   head: OutputHead | None = None,
-                  chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
+                  chunk_tokens: int = CHUNK_TOKENS,
+                  params_sharding=None) -> dict[str, jax.Array]:
   """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
 
   e = g/||g|| (the SAM direction) unless `direction` is given (normalised
@@ -484,9 +542,10 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   delta_func_norm, delta_norm.
   """
   params = _upcast(params)
-  ops = _ops(logits_fn, head, chunk_tokens)
+  ops = _ops(logits_fn, head, chunk_tokens, params_sharding)
   loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn, head=head,
-                             chunk_tokens=chunk_tokens)
+                             chunk_tokens=chunk_tokens,
+                             params_sharding=params_sharding)
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
@@ -542,7 +601,7 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
     j, basis_K, alpha_K, beta_K, _, _, _ = state
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
     w = keep(hvp(params, batch, q, logits_fn=logits_fn, head=head,
-                 chunk_tokens=chunk_tokens))
+                 chunk_tokens=chunk_tokens, params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
       w = jax.tree.map(jnp.subtract, w,
@@ -592,7 +651,7 @@ def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
                   chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe).
   `params_sharding`: as in `lambda_max`, for the probes."""
-  hvp_one = _ops(logits_fn, head, chunk_tokens)["hvp"]
+  hvp_one = _ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"]
 
   def quad_one(p, b, z, f):
     return _vdot(z, hvp_one(p, b, z, f))
@@ -605,7 +664,8 @@ def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
               head: OutputHead | None = None,
               chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
-  return _hutchinson(_ops(logits_fn, head, chunk_tokens)["ggn_quad"], params,
+  return _hutchinson(_ops(logits_fn, head, chunk_tokens,
+                          params_sharding)["ggn_quad"], params,
                      batch, logits_fn, num_probes, rng, params_sharding)
 
 
@@ -654,7 +714,7 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   eig_rng, trace_rng = jax.random.split(rng)
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
   dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
-                      **chunked)
+                      params_sharding=params_sharding, **chunked)
   out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
                              "tau_cross")}
   if num_iters:
@@ -675,11 +735,12 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
     params32 = _upcast(_after(params, out))
-    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn, **chunked)
+    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn,
+                            params_sharding=params_sharding, **chunked)
     params32 = _after(params32, grad)
     split = _split(params32, batch,
                    preconditioned(grad, _like(precond, params32)), logits_fn,
-                   _ops(logits_fn, head, chunk_tokens))
+                   _ops(logits_fn, head, chunk_tokens, params_sharding))
     out.update({f"{k}_precond": split[k]
                 for k in ("tau_logit", "tau_func", "tau_cross")})
   return out
@@ -702,7 +763,8 @@ def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
   lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
                                num_iters=num_iters, tol=tol, rng=rng,
                                params_sharding=params_sharding, **chunked)
-  _, g = loss_and_grad(params, batch, logits_fn=logits_fn, **chunked)
+  _, g = loss_and_grad(params, batch, logits_fn=logits_fn,
+                       params_sharding=params_sharding, **chunked)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
   g_norm = _norm(g)
   tiny = jnp.finfo(g_norm.dtype).tiny

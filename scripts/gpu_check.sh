@@ -58,9 +58,10 @@ if [[ "$DRY_RUN" == 1 ]]; then
   SIZES="2M"
   BENCH_CFG="configs/c4_fixed_length.py:2M"
   SHAPE=(--config.model.L=64 --config.model.V=259 --config.data.vocab=byte
-         --config.data.batch_size="${BATCH:-8}")
+         --config.data.add_bos=False --config.data.batch_size="${BATCH:-8}")
   STEPS="${STEPS:-2}"
   TRAIN_SIZE="2M"
+  SHAPE_TRAIN=(--config.model.L=64)
 else
   SIZES="23.9M,117.9M"
   BENCH_CFG="configs/c4_fixed_length.py:23.9M"
@@ -80,6 +81,8 @@ START=$SECONDS
 FAILED=0
 
 # run NAME CMD...: CMD under the time left of the budget; one JSON line.
+# EXPECT_RC (default 0) is the exit code that counts as success; with
+# EXPECT_MSG, the command's first output line must also contain it.
 run() {
   local name="$1"; shift
   local left=$((BUDGET_S - (SECONDS - START)))
@@ -89,12 +92,17 @@ run() {
     echo "== $name: skipped, the ${BUDGET_S}s budget is spent" | tee -a "$LOG"
   else
     echo "== $name (${left}s left): $*" | tee -a "$LOG"
-    timeout --kill-after=10 "$left" "$@" >> "$LOG" 2>&1
+    timeout --kill-after=10 "$left" "$@" > "$WORK/$name.out" 2>&1
     rc=$?
+    cat "$WORK/$name.out" >> "$LOG"
   fi
   local expect="${EXPECT_RC:-0}"
   local ok=false
   [[ "$rc" == "$expect" ]] && ok=true
+  if [[ -n "${EXPECT_MSG:-}" ]] && ! grep -v '^[WIEF][0-9]\{4\} \|^WARNING: All log' \
+      "$WORK/$name.out" 2>/dev/null | head -1 | grep -qF -- "$EXPECT_MSG"; then
+    ok=false
+  fi
   [[ "$ok" == true ]] || FAILED=1
   "$PY" -c 'import json, sys; print(json.dumps({"name": sys.argv[1], "rc": int(sys.argv[2]), "expected_rc": int(sys.argv[3]), "ok": sys.argv[4] == "true", "wall_s": int(sys.argv[5]), "command": sys.argv[6:]}))' \
     "$name" "$rc" "$expect" "$ok" "$((SECONDS - t0))" "$@" >> "$STEPS_JSONL"
@@ -126,9 +134,11 @@ EOF
 
 # 2. Bench: both attention kernels (cuDNN is refused on a CPU: exit 2).
 for attn in xla cudnn; do
-  expect=0
-  [[ "$DRY_RUN" == 1 && "$attn" == cudnn ]] && expect=2
-  EXPECT_RC=$expect run "bench_$attn" "${NANODO[@]}" bench \
+  expect=0 msg=""
+  if [[ "$DRY_RUN" == 1 && "$attn" == cudnn ]]; then
+    expect=2 msg="model.attention=cudnn"
+  fi
+  EXPECT_RC=$expect EXPECT_MSG=$msg run "bench_$attn" "${NANODO[@]}" bench \
     --config="$BENCH_CFG" --sizes="$SIZES" \
     --methods=adamw,sam,precond_functional_sam --steps="$STEPS" \
     --config.model.attention="$attn" "${SHAPE[@]}" \
@@ -147,7 +157,8 @@ run profile "${NANODO[@]}" train \
   --config.data.eval_files="$WORK/data/eval/*.txt" \
   --config.data.vocab=byte --config.data.add_bos=False \
   --config.data.eval_mode=packed --config.model.V=259 \
-  "${SHAPE[@]}" --config.data.eval_batch_size=8 --config.data.eval_steps=1 \
+  --config.data.batch_size="${BATCH:-$([[ "$DRY_RUN" == 1 ]] && echo 8 || echo 32)}" \
+  ${SHAPE_TRAIN[@]+"${SHAPE_TRAIN[@]}"} --config.data.eval_batch_size=8 --config.data.eval_steps=1 \
   --config.opt.num_train_steps=20 --config.opt.warmup_steps=2 \
   --config.eval_every_steps=20 --config.checkpoint_every_steps=20 \
   --config.log_every_steps=5 \
