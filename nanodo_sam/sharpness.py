@@ -19,8 +19,10 @@ Large models: with `head` (the model's output layer, a loss.OutputHead) every
 product runs the output layer, the loss and their derivatives over chunks of
 the sequence (at most `chunk_tokens` tokens per device each), so no
 [B, L, V] logits or logit tangents are ever alive; with the head's
-`batch_sharding` every per-token tensor stays split by rows over the mesh.
-The same numbers as through `logits_fn` (up to float rounding).
+`batch_sharding` (a mesh) each device computes its own rows' share under
+`shard_map` (`_chunked`). `head.features` must then be the plain model
+(no sharding constraints of its own). The same numbers as through
+`logits_fn` (up to float rounding).
 """
 
 from __future__ import annotations
