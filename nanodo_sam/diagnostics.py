@@ -7,15 +7,23 @@ lambda_max, traces, SAM-edge); with diagnostics.on_train_batch, Long &
 Bartlett's edge-of-stability set on the current training minibatch
 (`sharpness.edge_of_stability`), including the alignment of g and of the
 configured method's gradient with the top Hessian eigenvector.
+
+At scale both run the products through the model's output layer
+(`exact_head`): the [B, L, V] logits in chunks of the sequence, each device
+on its own rows of the batch (otherwise XLA's partitioner gathers
+whole-batch activations on every device inside the forward-over-reverse
+products).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
@@ -48,6 +56,25 @@ def adam_precond(cfg, opt_state):
   return precond
 
 
+def exact_head(s):
+  """The output layer of `s.diagnostics_logits_fn`'s model (attention
+  "xla"), with the mesh's batch sharding: `sharpness` then runs each product
+  on every device's own rows (shard_map) and chunks the logits."""
+  exact = model_lib.TransformerDo(dataclasses.replace(s.model.cfg,
+                                                      attention="xla"))
+  return model_lib.output_head(exact)._replace(
+      batch_sharding=sharding.batch_sharding(s.mesh))
+
+
+def chunk_tokens(cfg) -> int:
+  """Tokens per device in one chunk of the diagnostics' output layer: the
+  train step's model.head_chunk_tokens where the config has it (0 = the
+  whole sequence), else sharpness.CHUNK_TOKENS."""
+  n = int(cfg.model.get("head_chunk_tokens", sharpness.CHUNK_TOKENS))
+  return n if n > 0 else cfg.model.L * max(cfg.diagnostics.batch_size,
+                                           cfg.data.batch_size)
+
+
 def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   """`(state, batch, lr, rho, rng) -> sharpness.diagnostics(...)` with
   diagnostics.{num_iters,num_probes,tol}; with AdamW also the split along
@@ -57,9 +84,11 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   `s.diagnostics_logits_fn` (attention "xla": cuDNN's kernel has no
   forward-mode derivative), every matmul in float32 (no TF32 or bfloat16
   passes for float32 inputs on GPU or TPU), and the Lanczos basis and the
-  probes are split over the mesh like the parameters.
+  probes are split over the mesh like the parameters; the logits run in
+  chunks, each device on its own rows (`exact_head`).
   """
   d = cfg.diagnostics
+  head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def fn(state, batch, lr, rho, rng):
     with jax.default_matmul_precision("float32"):
@@ -67,7 +96,8 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
           state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
           rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
           tol=d.tol, precond=adam_precond(cfg, state.opt_state),
-          params_sharding=s.state_sharding.params)
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
   return fn
 
@@ -87,6 +117,7 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   diagnostics_logits_fn, state_sharding, mesh); exact as in `sharpness_fn`.
   """
   d = cfg.diagnostics
+  head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def eos(state, batch, lr, rho, rng):
     precond = None
@@ -101,7 +132,8 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
       return sharpness.edge_of_stability(
           state.params, batch, sam_grads, logits_fn=s.diagnostics_logits_fn,
           lr=lr, rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol,
-          params_sharding=s.state_sharding.params)
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
   return jax.jit(eos, in_shardings=(s.state_sharding,
                                     sharding.batch_sharding(s.mesh), None,

@@ -14,6 +14,15 @@ Fixed evaluation batches: every function also accepts a stacked batch whose
 arrays are [K, B, L]. Its loss is the mean over the K per-batch losses, so
 every product is the mean of the per-batch products; `_over_batches` visits
 the K batches one at a time with `lax.scan` (memory of one batch).
+
+Large models: with `head` (the model's output layer, a loss.OutputHead) every
+product runs the output layer, the loss and their derivatives over chunks of
+the sequence (at most `chunk_tokens` tokens per device each), so no
+[B, L, V] logits or logit tangents are ever alive; with the head's
+`batch_sharding` (a mesh) each device computes its own rows' share under
+`shard_map` (`_chunked`). `head.features` must then be the plain model
+(no sharding constraints of its own). The same numbers as through
+`logits_fn` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -26,9 +35,15 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from nanodo_sam.loss import LogitsFn, cross_entropy
+from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 Batch = dict[str, Any]
+
+# Tokens per device in one chunk of the output layer when a `head` is given:
+# per chunk about 8 [tokens, V] float32 buffers are alive (logits, softmax,
+# tangent, products), 66 MB each at 512 tokens and V = 32101, and a
+# [512, D] x [D, V] matmul is large enough for a GPU's matrix units.
+CHUNK_TOKENS = 512
 
 
 # ----------------------------------------------------------------- helpers --
@@ -101,6 +116,13 @@ def _keep(tree, params_sharding, stacked: bool = False):
   return jax.tree.map(one, tree, params_sharding)
 
 
+def _after(x, *deps):
+  """x, but only once `deps` are computed: orders independent products so
+  that each one's parameter-sized buffers (gathered weights, tangents) are
+  freed before the next one's are made. Identity on values."""
+  return lax.optimization_barrier((x, deps))[0]
+
+
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
   least = 0 if allow_zero else 1
   if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
@@ -125,10 +147,18 @@ def _logit_hessian_vp(logits_BxLxV, u_BxLxV, weights_BxL) -> jax.Array:
   diag(p) - p p^T is never materialised, so memory stays O(B L V).
   """
   dtype = _compute_dtype(logits_BxLxV.dtype)
+  return _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV,
+                                  _token_scale(weights_BxL, dtype))
+
+
+def _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV, scale_BxL) -> jax.Array:
+  """`_logit_hessian_vp` with the per-token scale w_t / sum(w) given (a chunk
+  of the sequence needs the whole batch's sum)."""
+  dtype = _compute_dtype(logits_BxLxV.dtype)
   p_BxLxV = jax.nn.softmax(logits_BxLxV.astype(dtype), axis=-1)
   pu_BxLxV = p_BxLxV * u_BxLxV.astype(dtype)
   hu_BxLxV = pu_BxLxV - p_BxLxV * jnp.sum(pu_BxLxV, axis=-1, keepdims=True)
-  return hu_BxLxV * _token_scale(weights_BxL, dtype)[..., None]
+  return hu_BxLxV * scale_BxL.astype(dtype)[..., None]
 
 
 # ------------------------------------------------- single-batch products --
@@ -176,38 +206,310 @@ def _product(one_fn, params, batch, v, logits_fn):
   return _over_batches(lambda b: one_fn(params, b, v, logits_fn), batch)
 
 
+# ------------------------------------ the same products, output layer chunked --
+
+
+def _row_axes(head: OutputHead) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over (`head.batch_sharding`)."""
+  s = head.batch_sharding
+  if s is None or not len(s.spec) or s.spec[0] is None:
+    return ()
+  return (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
+
+
+def _num_chunks(rows: int, L: int, chunk_tokens: int) -> int:
+  """The fewest chunks of the sequence (a divisor of L) of at most
+  `chunk_tokens` tokens over `rows` rows."""
+  for n in range(1, L + 1):
+    if L % n == 0 and rows * (L // n) <= chunk_tokens:
+      return n
+  return L
+
+
+def _over_chunks(fn, n: int, *xs_BxL):
+  """fn(*chunks of xs) -> (tree summed over chunks, [B, Lc, ...] array
+  concatenated over chunks, or None): the sequence axis (1) of every x cut
+  into n chunks visited one at a time by `lax.scan`. Sums accumulate in at
+  least float32."""
+  if n == 1:
+    return fn(*xs_BxL)
+
+  def split(x):
+    x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def body(total, chunk):
+    summed, per_token = fn(*chunk)
+    total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, summed)
+    return total, per_token
+
+  summed_shapes = jax.eval_shape(lambda *c: fn(*c)[0], *(
+      jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // n) + x.shape[2:],
+                           x.dtype) for x in xs_BxL))
+  zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, _compute_dtype(t.dtype)),
+                       summed_shapes)
+  total, per_token = lax.scan(body, zeros, tuple(split(x) for x in xs_BxL))
+  total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, summed_shapes)
+  if per_token is not None:
+    per_token = jnp.moveaxis(per_token, 0, 1)
+    per_token = per_token.reshape((per_token.shape[0], -1)
+                                  + per_token.shape[3:])
+  return total, per_token
+
+
+def _weighted_ce(logits_xV, targets_x, scale_x) -> jax.Array:
+  """sum_t scale_t CE_t: with scale = w / sum(w) of the whole batch, a
+  chunk's share of `cross_entropy`."""
+  logits_xV = logits_xV.astype(_compute_dtype(logits_xV.dtype))
+  logz_x = jax.nn.logsumexp(logits_xV, axis=-1)
+  target_x = jnp.take_along_axis(logits_xV, targets_x[..., None],
+                                 axis=-1)[..., 0]
+  return jnp.sum((logz_x - target_x) * scale_x.astype(logits_xV.dtype))
+
+
+class _Rows:
+  """The rows of a batch one device holds, the output layer that runs on
+  them, and how to sum over every device's rows (`axes`: the mesh axes the
+  rows are split over; none on one device)."""
+
+  def __init__(self, head: OutputHead, batch: Batch, chunk_tokens: int,
+               axes: tuple[str, ...] = ()):
+    self.head, self.batch, self.axes = head, batch, axes
+    B, L = batch["inputs"].shape
+    self.n = _num_chunks(B, L, chunk_tokens)
+    w_BxL = batch["weights"].astype(jnp.float32)
+    # cross_entropy's w_t / max(sum w, 1), the sum over every device's rows.
+    self.scale_BxL = w_BxL / jnp.maximum(self.sum(jnp.sum(w_BxL)), 1.0)
+
+  def sum(self, tree):
+    return lax.psum(tree, self.axes) if self.axes else tree
+
+  def features(self, p):
+    """(the output layer's parameters, features h [B, L, D])."""
+    return self.head.select(p), self.head.features(p, self.batch["inputs"])
+
+
+def _pullback(params, rows: _Rows, fixed_r: bool):
+  """This device's (L, J^T r), r = dL/dlogits, chunk by chunk: the
+  gradient, or with `fixed_r` J^T r with r held constant under
+  differentiation (H_F's integrand, see `_functional_vp_one`)."""
+  (hp, h_BxLxD), vjp_fn = jax.vjp(rows.features, params)
+  apply = rows.head.apply
+
+  def chunk(h_c, targets_c, scale_c):
+    logits_c, pull = jax.vjp(apply, hp, h_c)
+    loss_c, r_c = jax.value_and_grad(_weighted_ce)(logits_c, targets_c,
+                                                   scale_c)
+    if fixed_r:
+      r_c = lax.stop_gradient(r_c)
+    d_hp, dh_c = pull(r_c.astype(logits_c.dtype))
+    return (loss_c, d_hp), dh_c
+
+  (loss, d_hp), dh_BxLxD = _over_chunks(chunk, rows.n, h_BxLxD,
+                                        rows.batch["targets"], rows.scale_BxL)
+  (grads,) = vjp_fn((d_hp, dh_BxLxD.astype(h_BxLxD.dtype)))
+  return loss, grads
+
+
+def _local_ops(rows: _Rows):
+  """The one-batch products on this device's rows (before the sum over
+  devices): {name: (params, v) -> value}."""
+  apply = rows.head.apply
+
+  def hvp_one(params, v):
+    return jax.jvp(lambda p: _pullback(p, rows, False)[1], (params,), (v,))[1]
+
+  def functional_one(params, v):
+    return jax.jvp(lambda p: _pullback(p, rows, True)[1], (params,), (v,))[1]
+
+  def ggn_vp_one(params, v):
+    (hp, h_BxLxD), lin = jax.linearize(rows.features, params)
+    dhp, dh_BxLxD = lin(v)
+
+    def chunk(h_c, dh_c, scale_c):
+      logits_c, u_c = jax.jvp(apply, (hp, h_c), (dhp, dh_c))
+      hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
+      d_hp, dh_out_c = jax.vjp(apply, hp, h_c)[1](hu_c.astype(logits_c.dtype))
+      return d_hp, dh_out_c
+
+    d_hp, dh_out = _over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD,
+                                rows.scale_BxL)
+    (out,) = jax.linear_transpose(lin, params)(
+        (d_hp, dh_out.astype(h_BxLxD.dtype)))
+    return out
+
+  def ggn_quad_one(params, v):
+    (hp, h_BxLxD), (dhp, dh_BxLxD) = jax.jvp(rows.features, (params,), (v,))
+
+    def chunk(h_c, dh_c, scale_c):
+      logits_c, u_c = jax.jvp(apply, (hp, h_c), (dhp, dh_c))
+      hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
+      return jnp.sum(hu_c * u_c.astype(hu_c.dtype)), None
+
+    return _over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL)[0]
+
+  return {"hvp": hvp_one, "ggn_vp": ggn_vp_one, "func": functional_one,
+          "ggn_quad": ggn_quad_one,
+          "loss_grad": lambda params, v: _pullback(params, rows, False)}
+
+
+def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
+  """Inside shard_map: this device's share x of a parameter-shaped sum ->
+  its slice of the sum over the devices in `axes`, laid out as `spec` (the
+  parameter's PartitionSpec): reduce-scattered along the dimensions split
+  over row axes, psum over the other row axes, sliced along the dimensions
+  split over other mesh axes (their devices hold the same sum)."""
+  summed = []
+  for d, entry in enumerate(tuple(spec)):
+    names = () if entry is None else (
+        (entry,) if isinstance(entry, str) else tuple(entry))
+    if names and all(n in axes for n in names):
+      x = lax.psum_scatter(x, names, scatter_dimension=d, tiled=True)
+      summed += names
+    elif names:
+      rows_here = tuple(n for n in names if n in axes)
+      if rows_here:
+        x = lax.psum(x, rows_here)
+        summed += rows_here
+      index = 0
+      for n in names:
+        index = index * mesh.shape[n] + lax.axis_index(n)
+      size = x.shape[d] // math.prod(mesh.shape[n] for n in names)
+      x = lax.dynamic_slice_in_dim(x, index * size, size, d)
+  rest = tuple(a for a in axes if a not in summed)
+  return lax.psum(x, rest) if rest else x
+
+
+def _chunked(name: str, head: OutputHead, chunk_tokens: int,
+             params_sharding=None):
+  """The one-batch product `name` through the output head, chunked.
+
+  With `head.batch_sharding` it runs under `shard_map`: each device takes
+  its rows of the batch and the whole parameters (gathered once per
+  product), computes its rows' share, and the shares are summed over the
+  devices, reduce-scattered straight into the parameters' layout
+  (`params_sharding`; without it, psum to every device). No activation,
+  logit or tangent of another device's rows is ever gathered: XLA's
+  partitioner, left alone, gathers whole-batch activations on every device
+  inside the forward-over-reverse products.
+  """
+  axes = _row_axes(head)
+  local = head._replace(batch_sharding=None)
+  spec = jax.sharding.PartitionSpec
+  pspecs = (None if params_sharding is None else
+            jax.tree.map(lambda s: s.spec, params_sharding))
+
+  def sum_params(tree, mesh):
+    if pspecs is None:
+      return jax.tree.map(lambda x: lax.psum(x, axes), tree)
+    return jax.tree.map(lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree,
+                        pspecs)
+
+  params_out = spec() if pspecs is None else pspecs
+  out_specs = {"ggn_quad": spec(), "loss_grad": (spec(), params_out)}.get(
+      name, params_out)
+
+  def run(params, batch, v):
+    rows = _Rows(local, batch, chunk_tokens)
+    return _local_ops(rows)[name](params, v)
+
+  def run_on_rows(params, batch, v, mesh):
+    rows = _Rows(local, batch, chunk_tokens, axes)
+    out = _local_ops(rows)[name](params, v)
+    if name == "ggn_quad":
+      return lax.psum(out, axes)
+    if name == "loss_grad":
+      return lax.psum(out[0], axes), sum_params(out[1], mesh)
+    return sum_params(out, mesh)
+
+  def one(params, batch, v=(), logits_fn=None):
+    del logits_fn
+    B = batch["inputs"].shape[0]
+    mesh = head.batch_sharding.mesh if axes else None
+    shards = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if shards == 1 or B % shards:
+      return run(params, batch, v)
+    return jax.shard_map(
+        lambda p, b, u: run_on_rows(p, b, u, mesh), mesh=mesh,
+        in_specs=(spec(), spec(axes), spec()), out_specs=out_specs,
+        check_vma=False)(params, batch, v)
+
+  return one
+
+
+def _chunked_ops(head: OutputHead, chunk_tokens: int, params_sharding=None):
+  """The one-batch products of the section above, output layer chunked."""
+  ops = {k: _chunked(k, head, chunk_tokens, params_sharding)
+         for k in ("hvp", "ggn_vp", "func", "ggn_quad")}
+  loss_grad = _chunked("loss_grad", head, chunk_tokens, params_sharding)
+  ops["loss_grad"] = lambda params, batch: loss_grad(params, batch)
+  return ops
+
+
+def _ops(logits_fn: LogitsFn, head: OutputHead | None,
+         chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
+  """The one-batch products {hvp, ggn_vp, func, ggn_quad: (params, batch,
+  v, logits_fn) -> ...; loss_grad: (params, batch) -> (L, g)}: through
+  `logits_fn` whole, or with `head` chunked over the sequence."""
+  if head is not None:
+    _check_count("chunk_tokens", chunk_tokens)
+    return _chunked_ops(head, chunk_tokens, params_sharding)
+  return {"hvp": _hvp_one, "ggn_vp": _ggn_vp_one, "func": _functional_vp_one,
+          "ggn_quad": _ggn_quad_one,
+          "loss_grad": lambda p, b: jax.value_and_grad(_loss)(p, b,
+                                                              logits_fn)}
+
+
 # ------------------------------------------------------------ public API --
 
 
-def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn):
-  """H v, exact, forward-over-reverse (jvp of grad)."""
-  return _product(_hvp_one, params, batch, v, logits_fn)
+def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+        head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+        params_sharding=None):
+  """H v, exact, forward-over-reverse (jvp of grad). With `head` (the
+  model's output layer) the logits run in chunks of `chunk_tokens` tokens
+  per device (module docstring), and on a mesh the product comes out laid
+  out as `params_sharding` (the parameters' NamedShardings) where given; so
+  for every function below."""
+  return _product(_ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"],
+                  params, batch, v, logits_fn)
 
 
-def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+           head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+           params_sharding=None):
   """H_G v = J^T [d^2 L/dlogits^2] J v: jvp, softmax-CE Hessian, vjp."""
-  return _product(_ggn_vp_one, params, batch, v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["ggn_vp"], params, batch, v, logits_fn)
 
 
-def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn):
+def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+                          head: OutputHead | None = None,
+                          chunk_tokens: int = CHUNK_TOKENS,
+                          params_sharding=None):
   """H_F v = H v - H_G v (computed directly, see `_functional_vp_one`)."""
-  return _product(_functional_vp_one, params, batch, v, logits_fn)
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["func"], params, batch, v, logits_fn)
 
 
-def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn):
+def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
   """(L, dL/dtheta); on a [K, B, L] batch the mean over the K batches."""
   params = _upcast(params)
-  return _over_batches(
-      lambda b: jax.value_and_grad(_loss)(params, b, logits_fn), batch)
+  loss_grad = _ops(logits_fn, head, chunk_tokens,
+                   params_sharding)["loss_grad"]
+  return _over_batches(lambda b: loss_grad(params, b), batch)
 
 
-def _split(params, batch: Batch, e, logits_fn: LogitsFn
+def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops
            ) -> dict[str, jax.Array]:
   """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
   e_norm = _norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
-  d_logit = ggn_vp(params, batch, e, logits_fn=logits_fn)
-  d_func = functional_hessian_vp(params, batch, e, logits_fn=logits_fn)
+  d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
+  params, e = _after((params, e), d_logit)
+  d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
   logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
   cross, delta_sq = 2.0 * _vdot(d_logit, d_func), _vdot(delta, delta)
@@ -227,7 +529,10 @@ def preconditioned(grads, precond):
 
 
 def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
-                  direction=None, precond=None) -> dict[str, jax.Array]:
+                  direction=None, precond=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS,
+                  params_sharding=None) -> dict[str, jax.Array]:
   """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
 
   e = g/||g|| (the SAM direction) unless `direction` is given (normalised
@@ -239,17 +544,22 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   delta_func_norm, delta_norm.
   """
   params = _upcast(params)
-  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn)
+  ops = _ops(logits_fn, head, chunk_tokens, params_sharding)
+  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn, head=head,
+                             chunk_tokens=chunk_tokens,
+                             params_sharding=params_sharding)
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
+  params = _after(params, e)
   return {"loss": loss, "grad_norm": _norm(grad),
-          **_split(params, batch, e, logits_fn)}
+          **_split(params, batch, e, logits_fn, ops)}
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
                num_iters: int = 20, tol: float = 1e-3, rng: jax.Array,
-               params_sharding=None):
+               params_sharding=None, head: OutputHead | None = None,
+               chunk_tokens: int = CHUNK_TOKENS):
   """Largest-magnitude eigenvalue of H by Lanczos with full reorthogonalisation.
 
   At most `num_iters` Hessian-vector products; stops once the Ritz residual
@@ -292,7 +602,8 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   def body(state):
     j, basis_K, alpha_K, beta_K, _, _, _ = state
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
-    w = keep(hvp(params, batch, q, logits_fn=logits_fn))
+    w = keep(hvp(params, batch, q, logits_fn=logits_fn, head=head,
+                 chunk_tokens=chunk_tokens, params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
       w = jax.tree.map(jnp.subtract, w,
@@ -337,20 +648,27 @@ def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
 
 
 def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-                  num_probes: int, rng: jax.Array, params_sharding=None):
+                  num_probes: int, rng: jax.Array, params_sharding=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe).
   `params_sharding`: as in `lambda_max`, for the probes."""
+  hvp_one = _ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"]
+
   def quad_one(p, b, z, f):
-    return _vdot(z, _hvp_one(p, b, z, f))
+    return _vdot(z, hvp_one(p, b, z, f))
   return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
                      params_sharding)
 
 
 def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
-              num_probes: int, rng: jax.Array, params_sharding=None):
+              num_probes: int, rng: jax.Array, params_sharding=None,
+              head: OutputHead | None = None,
+              chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
-  return _hutchinson(_ggn_quad_one, params, batch, logits_fn, num_probes, rng,
-                     params_sharding)
+  return _hutchinson(_ops(logits_fn, head, chunk_tokens,
+                          params_sharding)["ggn_quad"], params,
+                     batch, logits_fn, num_probes, rng, params_sharding)
 
 
 def sam_edge(lr, rho, grad_norm) -> jax.Array:
@@ -370,7 +688,8 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
                 direction=None, tol: float = 1e-3, precond=None,
-                params_sharding=None) -> dict[str, jax.Array]:
+                params_sharding=None, head: OutputHead | None = None,
+                chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -383,7 +702,9 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   tau_cross_precond: the split along e = P^-1 g / ||P^-1 g|| at the same
   parameters (paper, appendix B: preconditioning shifts it towards the
   functional path). `params_sharding` (the parameters' NamedShardings)
-  splits the Lanczos basis and the probes like the parameters.
+  splits the Lanczos basis and the probes like the parameters; `head`
+  (the model's output layer, its `batch_sharding` set on a mesh) chunks the
+  logits by `chunk_tokens` tokens per device and keeps them split by rows.
   """
   _check_count("num_iters", num_iters, allow_zero=True)
   _check_count("num_probes", num_probes, allow_zero=True)
@@ -393,27 +714,35 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
     raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
                      "for no SAM)")
   eig_rng, trace_rng = jax.random.split(rng)
-  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction)
+  chunked = dict(head=head, chunk_tokens=chunk_tokens)
+  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
+                      params_sharding=params_sharding, **chunked)
   out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
                              "tau_cross")}
   if num_iters:
+    params = _after(params, out)
     out["lambda_max"], _, _ = lambda_max(
         params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
-        rng=eig_rng, params_sharding=params_sharding)
+        rng=eig_rng, params_sharding=params_sharding, **chunked)
   if num_probes:
     traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
-                  params_sharding=params_sharding)
+                  params_sharding=params_sharding, **chunked)
+    params = _after(params, out)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
         params, batch, **traces)
+    params = _after(params, out)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
         params, batch, **traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
-    params32 = _upcast(params)
-    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn)
+    params32 = _upcast(_after(params, out))
+    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn,
+                            params_sharding=params_sharding, **chunked)
+    params32 = _after(params32, grad)
     split = _split(params32, batch,
-                   preconditioned(grad, _like(precond, params32)), logits_fn)
+                   preconditioned(grad, _like(precond, params32)), logits_fn,
+                   _ops(logits_fn, head, chunk_tokens, params_sharding))
     out.update({f"{k}_precond": split[k]
                 for k in ("tau_logit", "tau_func", "tau_cross")})
   return out
@@ -421,18 +750,23 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
 
 def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
                       lr, rho, num_iters: int, rng: jax.Array,
-                      tol: float = 1e-3, params_sharding=None
+                      tol: float = 1e-3, params_sharding=None,
+                      head: OutputHead | None = None,
+                      chunk_tokens: int = CHUNK_TOKENS
                       ) -> dict[str, jax.Array]:
   """Long & Bartlett's quantities on one (training) minibatch.
 
   lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
   of the SAM-family gradient `sam_grads` lies along the top eigenvector
-  (|cos| with it). `params_sharding`: as in `lambda_max`.
+  (|cos| with it). `params_sharding`, `head`, `chunk_tokens`: as in
+  `diagnostics`.
   """
+  chunked = dict(head=head, chunk_tokens=chunk_tokens)
   lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
                                num_iters=num_iters, tol=tol, rng=rng,
-                               params_sharding=params_sharding)
-  _, g = loss_and_grad(params, batch, logits_fn=logits_fn)
+                               params_sharding=params_sharding, **chunked)
+  _, g = loss_and_grad(params, batch, logits_fn=logits_fn,
+                       params_sharding=params_sharding, **chunked)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
   g_norm = _norm(g)
   tiny = jnp.finfo(g_norm.dtype).tiny

@@ -355,3 +355,65 @@ def test_bad_arguments_raise_value_error():
   flat_batch = jax.tree.map(lambda x: x.reshape(-1), batch)
   with pytest.raises(ValueError, match=r"\[K, B, L\]"):
     sharpness.hvp(params, flat_batch, params, logits_fn=logits_fn)
+
+
+def _transformer_head():
+  """The Transformer of `_transformer` split at its output layer."""
+  from nanodo_sam.model import output_head
+  model = TransformerDo(DoConfig(D=8, H=2, N=1, F=16, L=4, V=V))
+  return output_head(model)
+
+
+def _chunked_products(params, batch, v, *, logits_fn, head, chunk_tokens):
+  kw = dict(logits_fn=logits_fn, head=head, chunk_tokens=chunk_tokens)
+  z = jax.tree.map(jnp.sign, v)
+  return {"H": sharpness.hvp(params, batch, v, **kw),
+          "HG": sharpness.ggn_vp(params, batch, v, **kw),
+          "HF": sharpness.functional_hessian_vp(params, batch, v, **kw),
+          "grad": sharpness.loss_and_grad(params, batch, **kw)[1],
+          "zHGz": sharpness._ops(logits_fn, head, chunk_tokens)["ggn_quad"](
+              params, batch, z, logits_fn)}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 8])
+def test_chunked_output_layer_matches_dense_hessians(chunk_tokens):
+  """With the output head, the products run over 4, 2 and 1 chunks of the
+  L=4 sequence (B=2 rows: 1, 2 and 4 tokens a row per chunk) and still equal
+  the dense H, H_G, H_F (the same 1e-5 as the whole-logits products: float32
+  rounding of sums over a few hundred terms), and the gradient and
+  z^T H_G z too."""
+  d = _dense("transformer")
+  fn = jax.jit(functools.partial(_chunked_products, logits_fn=d["logits_fn"],
+                                 head=_transformer_head(),
+                                 chunk_tokens=chunk_tokens))
+  assert sharpness._num_chunks(2, 4, chunk_tokens) == {
+      1: 4, 4: 2, 8: 1}[chunk_tokens]
+  v = jax.random.normal(jax.random.key(10), d["flat"].shape)
+  got = fn(d["params"], d["batch"], d["unravel"](v))
+  for key in ("H", "HG", "HF"):
+    assert _rel(_flat(got[key]), d[key] @ v) < 1e-5, key
+  assert _rel(_flat(got["grad"]), d["grad"]) < 1e-5
+  z = jnp.sign(v)
+  assert abs(float(got["zHGz"]) - float(z @ d["HG"] @ z)) < 1e-5 * float(
+      jnp.abs(z) @ jnp.abs(d["HG"]) @ jnp.abs(z))
+
+
+def test_chunked_diagnostics_equal_the_whole_logits():
+  """Every number of `diagnostics` (Lanczos, traces, both tau splits) is the
+  same through the chunked output head as through the whole logits: the
+  same probes and start vector, sums in another order (float32 rounding,
+  relative 1e-5; Lanczos at tol=0 runs all its iterations either way)."""
+  params, logits_fn = _transformer()
+  batch = _batch(0)
+  precond = jax.tree.map(lambda p: 1.0 + jnp.abs(p), params)
+  kw = dict(logits_fn=logits_fn, lr=1e-2, rho=0.1, num_iters=4, num_probes=3,
+            tol=0.0, precond=precond)
+  whole = jax.jit(lambda p, b: sharpness.diagnostics(
+      p, b, rng=jax.random.key(0), **kw))(params, batch)
+  chunked = jax.jit(lambda p, b: sharpness.diagnostics(
+      p, b, rng=jax.random.key(0), head=_transformer_head(), chunk_tokens=2,
+      **kw))(params, batch)
+  assert whole.keys() == chunked.keys() and "tau_func_precond" in whole
+  for k in whole:
+    np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-5, atol=1e-7,
+                               err_msg=k)
