@@ -589,8 +589,7 @@ class Source:
     reading the split's shards in order (`check_shard`) up to a byte budget
     (a user's dataset may be terabytes: `nanodo-sam data --check` reads
     all)."""
-    cause = (getattr(e, "message", "") or str(e)).strip().splitlines()
-    cause = cause[0] if cause else type(e).__name__
+    cause = _error_text(e)
     where = ""
     try:
       found = find_damaged(self.shards())
@@ -681,8 +680,16 @@ def check_shard(path: str, expected: int | None = None,
         pass
     return None
   except Exception as e:  # pylint: disable=broad-except
-    text = (getattr(e, "message", "") or str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+    return f"{type(e).__name__}: {_error_text(e)}"
+
+
+def _error_text(e: Exception) -> str:
+  """The first line of a (TensorFlow) error, without TF's op decorations."""
+  import re
+  lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
+  text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "",
+                lines[0] if lines else type(e).__name__)
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)[:300]
 
 
 def _check_json_lines(path: str, text_column: str) -> str | None:
