@@ -71,9 +71,9 @@ FLAGS = {
     "seed": (flags.DEFINE_integer, "S", 0, "Sampling seed."),
     "num_samples": (flags.DEFINE_integer, "M", 1,
                     "Samples of the same prompt (one batch)."),
-    "check": (flags.DEFINE_boolean, "", False,
+    "check": (flags.DEFINE_boolean, "true|false", False,
               "Read every shard once and list the damaged ones (exit 65 "
-              "if any)."),
+              "if any); --check alone is true."),
     "coordinator_address": (flags.DEFINE_string, "HOST:PORT", "",
                             "jax.distributed coordinator (multi-process)."),
     "num_processes": (flags.DEFINE_integer, "N", 0,
@@ -136,8 +136,7 @@ def usage() -> str:
 def command_help(command: str) -> str:
   """`nanodo-sam COMMAND --help`: what it does and each of its flags."""
   c = COMMANDS[command]
-  specs = [f"--{n}" + (f"={FLAGS[n][1]}" if FLAGS[n][1] else "")
-           for n in c.flags]
+  specs = [f"--{n}={FLAGS[n][1]}" for n in c.flags]
   width = max(map(len, specs))
   lines = [f"usage: nanodo-sam {command} [flags]", "", c.summary, "",
            "flags:"]

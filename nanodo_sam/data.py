@@ -596,7 +596,8 @@ class Source:
     except Exception:  # pylint: disable=broad-except
       found = None
     if found and found[0]:
-      where = f" in {found[0]} ({found[1]})"
+      where = f" in {found[0]}" + ("" if cause in found[1]
+                                   else f" ({found[1]})")
     elif found is not None:
       where = (" (the damaged file was not found in the first "
                f"{_BUDGET >> 30} GiB: `nanodo-sam data --check` reads all)")
