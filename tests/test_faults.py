@@ -22,6 +22,7 @@ from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
 from nanodo_sam import data_check
+from nanodo_sam import runs as runs_lib
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
@@ -249,6 +250,7 @@ def test_a_full_disk_ends_in_one_line_exit_74_and_the_same_command_resumes(
   assert progress["checkpoint_step"] == 10
   assert progress["error"] in line
   assert not (workdir / "results.json").exists()
+  assert runs_lib.read_run(str(workdir)).status == "save_failed"
   assert os.listdir(workdir / "checkpoints") == ["10"]  # No tmp directory.
   assert os.listdir(workdir / "data_state") == ["10"]
 
@@ -294,7 +296,8 @@ def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
   [line] = [l for l in err.splitlines() if l.startswith("nanodo-sam")]
   assert line.startswith(f"nanodo-sam: error: reading the {split} split of "
                          "TFDS dataset 'tiny_shakespeare")
-  assert f"failed in {shard} (DataLossError: truncated record" in line
+  assert f"failed in {shard}: truncated record" in line
+  assert "(DataLossError)" in line
   assert "nanodo-sam data --check" in line
   assert not (tmp_path / "run" / "checkpoints" / "10").exists()
 
