@@ -135,9 +135,10 @@ def restore_latest(mngr, s, workdir: str, train_it=None,
       continue
     for bad, why in failed:
       where = _move_aside(mngr, workdir, bad) if move_aside else None
-      log.warning("checkpoint %d in %s cannot be read (%s); %sresuming from "
-                  "checkpoint %d", bad, mngr.directory, why,
-                  f"moved it to {where}; " if where else "", step)
+      log.warning("checkpoint %d in %s cannot be read (%s); %s checkpoint %d",
+                  bad, mngr.directory, why,
+                  f"moved it to {where}; resuming from" if where else "using",
+                  step)
     if failed and move_aside:
       mngr.reload()
     return step, state
@@ -269,7 +270,8 @@ def finish_failed(mngr, workdir: str, failed: SaveFailed) -> SaveFailed:
     pass
   if jax.process_index() == 0:
     remove_unfinished(workdir)
-    if not os.path.isdir(os.path.join(str(mngr.directory), str(failed.step))):
+    if failed.step is not None and not os.path.isdir(
+        os.path.join(str(mngr.directory), str(failed.step))):
       shutil.rmtree(data_state_dir(workdir, failed.step), ignore_errors=True)
   mngr.reload()
   intact = mngr.latest_step()
