@@ -1,4 +1,4 @@
-"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|bench`.
+"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench`.
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work
