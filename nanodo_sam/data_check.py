@@ -35,7 +35,8 @@ def shards(data_cfg) -> list[tuple[str, str, int | None]]:
   if len(kinds) < 2:  # Some split comes from TFDS: check all of its splits.
     import tensorflow_datasets as tfds
     data_dir = data_lib.tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
-    data_lib._check_tfds(data_cfg.tfds_name, data_dir)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    data_lib._check_tfds(data_cfg.tfds_name, data_dir)
     info = tfds.builder(data_cfg.tfds_name, data_dir=data_dir).info
     for split in sorted(info.splits.keys()):
       s = info.splits[split]
