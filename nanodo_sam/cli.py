@@ -1,4 +1,4 @@
-"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|bench`.
+"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench`.
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work
@@ -6,8 +6,12 @@ Bad input is reported as one line on stderr with exit code 2, before any work
 first thing on stderr).
 
 Exit status of `train`: 0 completed (or finished before), 1 diverged (or a
-crash), 2 bad input, 75 (preemption.EXIT_PREEMPTED) stopped by SIGTERM/SIGINT
-with a checkpoint written: run the same command again to resume.
+crash), 2 bad input, 65 (data.EXIT_DATA_ERROR) the data could not be read (a
+damaged shard: `nanodo-sam data --check` lists them), 74
+(checkpoint.EXIT_SAVE_FAILED) a checkpoint could not be written (a full
+disk; the one before is intact), 75 (preemption.EXIT_PREEMPTED) stopped by
+SIGTERM/SIGINT with a checkpoint written. After 74 or 75 (once there is
+space), the same command resumes the run.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ FLAGS = {
     "seed": (flags.DEFINE_integer, "S", 0, "Sampling seed."),
     "num_samples": (flags.DEFINE_integer, "M", 1,
                     "Samples of the same prompt (one batch)."),
+    "check": (flags.DEFINE_boolean, "true|false", False,
+              "Read every shard once and list the damaged ones (exit 65 "
+              "if any); --check alone is true."),
     "coordinator_address": (flags.DEFINE_string, "HOST:PORT", "",
                             "jax.distributed coordinator (multi-process)."),
     "num_processes": (flags.DEFINE_integer, "N", 0,
@@ -212,8 +219,18 @@ def _restore_params(workdir: str, cfg, step: int | None):
   if step is not None and step not in steps:
     raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
                      f"available steps: {sorted(steps)}")
-  step = max(steps) if step is None else step
-  return s, checkpoint.restore_state(mngr, s, step), step
+  if step is None:  # The newest readable one (as train resumes from).
+    step, state = checkpoint.restore_latest(mngr, s, workdir,
+                                            move_aside=False)
+    return s, state, step
+  try:
+    return s, checkpoint.restore_state(mngr, s, step), step
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(
+        f"checkpoint {step} in {workdir!r} cannot be read "
+        f"({checkpoint.describe_error(e)}); the others: "
+        f"{sorted(set(steps) - {step})} (without --step: the newest "
+        "readable one)") from None
 
 
 def cmd_train(fv) -> None:
@@ -236,11 +253,13 @@ def cmd_train(fv) -> None:
   config_lib.validate(cfg, num_devices=jax.device_count())
   _quiet_tensorflow()
   from nanodo_sam import train as train_lib
+  from nanodo_sam import checkpoint
   results = train_lib.train(cfg, workdir, stop=stop)
   print(json.dumps({k: v for k, v in results.items()
                     if k != "eval_history"}, indent=2))
-  sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED}.get(
-      results["status"], 1))
+  sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED,
+            train_lib.SAVE_FAILED: checkpoint.EXIT_SAVE_FAILED}.get(
+                results["status"], 1))
 
 
 def cmd_eval(fv) -> None:
@@ -385,6 +404,18 @@ def cmd_prune_eval(fv) -> None:
   print(f"wrote {path}")
 
 
+def cmd_data(fv) -> None:
+  """`data --check`: every shard of the config's data read once; exits
+  data.EXIT_DATA_ERROR if any is damaged."""
+  from nanodo_sam import data as data_lib
+  from nanodo_sam import data_check
+  if not fv.check:
+    raise UsageError("nothing to do: `nanodo-sam data --check --config=FILE` "
+                     "reads every shard of the config's data")
+  if data_check.check(fv.config.data):
+    sys.exit(data_lib.EXIT_DATA_ERROR)
+
+
 def cmd_bench(fv) -> None:
   """Step time, tokens/s, MFU, compile time and memory per size and method."""
   from nanodo_sam import bench
@@ -417,6 +448,9 @@ COMMANDS = {
     "prune-eval": Command(cmd_prune_eval, "Eval loss after one-shot "
                           "magnitude pruning -> prune.json.",
                           ("workdir", "step", "fractions") + DISTRIBUTED),
+    "data": Command(cmd_data, "Read every shard of a config's dataset "
+                    "once and list the damaged ones (--check).",
+                    ("config", "check")),
     "bench": Command(cmd_bench, "Step time, tokens/s, MFU and memory per "
                      "method -> JSON.",
                      ("config", "sizes", "methods", "steps", "out")),
@@ -440,6 +474,7 @@ def main(argv=None) -> None:
   for noisy in ("absl", "jax", "orbax", "tensorflow", "seqio"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   fv = _parse(command, rest)
+  from nanodo_sam import data as data_lib  # (TensorFlow: imported later)
   from nanodo_sam import sharding
   try:
     if "coordinator_address" in fv:
@@ -450,6 +485,9 @@ def main(argv=None) -> None:
     COMMANDS[command].fn(fv)
   except UsageError as e:
     _fail(str(e))
+  except data_lib.DataError as e:  # A damaged shard: one line.
+    print(f"nanodo-sam: error: {e}", file=sys.stderr)
+    sys.exit(data_lib.EXIT_DATA_ERROR)
 
 
 if __name__ == "__main__":

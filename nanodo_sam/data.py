@@ -394,18 +394,21 @@ def train_dataset(cfg, seed: int):
 
 
 class TrainIterator:
-  """Numpy batches from a tf.data pipeline whose position can be saved."""
+  """Numpy batches from a tf.data pipeline whose position can be saved.
+  `source` (a `Source`): a read error is DataError naming it."""
 
-  def __init__(self, ds):
+  def __init__(self, ds, source: Source | None = None):
     tf = _tf()
     self._it = iter(ds)
     self._ckpt = tf.train.Checkpoint(iterator=self._it)
+    self._source = source
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in next(self._it).items()}
+    with reading(self._source):
+      return {k: v.numpy() for k, v in next(self._it).items()}
 
   def save(self, directory: str) -> None:
     import jax
@@ -427,6 +430,11 @@ def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
   with empty rows, so every document read counts). packed: the first
   eval_steps batches of packed rows (the split repeats if it is shorter).
   """
+  with reading(Source(cfg.data, "eval")):
+    return _eval_batches(cfg)
+
+
+def _eval_batches(cfg) -> list[dict[str, np.ndarray]]:
   task = _model_task(cfg, cfg.data.get("eval_files", ""))
   split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
   check_split(task, split)
@@ -535,3 +543,166 @@ def vocab_size(vocab: str) -> int:
 
 def decode(vocab: str, ids: Any) -> str:
   return make_vocab(vocab).decode(np.asarray(ids).tolist())
+
+
+# ------------------------------------------------------------ damaged data
+
+# sysexits.h EX_DATAERR: the data could not be read (a damaged shard).
+EXIT_DATA_ERROR = 65
+
+
+class DataError(Exception):
+  """Reading the input data failed: one line naming the dataset, the split
+  and, where it can be found, the damaged file."""
+
+
+class Source:
+  """The data a run reads for `kind` ("train" or "eval"), as the user named
+  it: `name` (TFDS dataset or file glob), `split`, and `shards()`."""
+
+  def __init__(self, data_cfg, kind: str):
+    self.data_cfg, self.kind = data_cfg, kind
+    self.files = data_cfg.get(f"{kind}_files", "")
+    if self.files:
+      self.name, self.split = f"files {self.files!r}", kind
+    else:
+      self.name = f"TFDS dataset {data_cfg.tfds_name!r}"
+      self.split = (data_cfg.get("train_split", "train") if kind == "train"
+                    else data_cfg.eval_split)
+
+  def shards(self) -> list[tuple[str, int | None]]:
+    """(file, records it should hold, if known) of every shard of the
+    split: the glob's files, or the TFDS split's files and the record
+    counts of its dataset_info.json."""
+    if self.files:
+      return [(f, None) for f in sorted(glob.glob(resolve_path(self.files)))]
+    import tensorflow_datasets as tfds
+    builder = tfds.builder(
+        self.data_cfg.tfds_name,
+        data_dir=tfds_data_dir(self.data_cfg.get("tfds_data_dir", "")))
+    info = builder.info.splits[self.split]
+    return [(str(p), int(n))
+            for p, n in zip(info.filepaths, info.shard_lengths)]
+
+  def error(self, e: Exception) -> DataError:
+    """The DataError for read error `e`: the damaged file is looked for by
+    reading the split's shards in order (`check_shard`) up to a byte budget
+    (a user's dataset may be terabytes: `nanodo-sam data --check` reads
+    all)."""
+    cause = _error_text(e)
+    where = ""
+    try:
+      found = find_damaged(self.shards())
+    except Exception:  # pylint: disable=broad-except
+      found = None
+    if found and found[0]:
+      where = f" in {found[0]}" + ("" if cause in found[1]
+                                   else f" ({found[1]})")
+    elif found is not None:
+      where = (" (the damaged file was not found in the first "
+               f"{_BUDGET >> 30} GiB: `nanodo-sam data --check` reads all)")
+    return DataError(
+        f"reading the {self.split} split of {self.name} failed{where}: "
+        f"{cause} ({type(e).__name__}); replace the damaged file (`nanodo-sam"
+        " data --check --config=...` lists every damaged one), then run the "
+        "same command again")
+
+
+def reading(source: Source | None) -> _Reading:
+  """Context: a TensorFlow read error (tf.errors.OpError: a truncated or
+  corrupted record, a bad gzip stream, a parse error) becomes the source's
+  DataError."""
+  return _Reading(source)
+
+
+class _Reading:
+
+  def __init__(self, source: Source | None):
+    self.source = source
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if self.source is None or e is None:
+      return False
+    import tensorflow as tf  # Loaded by now: the error is TensorFlow's.
+    if isinstance(e, tf.errors.OpError) and not isinstance(
+        e, tf.errors.OutOfRangeError):
+      raise self.source.error(e) from None
+    return False
+
+
+_BUDGET = 1 << 30  # bytes read to find a damaged shard after a read error
+
+
+def find_damaged(shards, budget: int = _BUDGET):
+  """(file, why) of the first damaged shard, ("", "") if none was found
+  within `budget` bytes of reading, None if every shard is sound."""
+  used = 0
+  for path, expected in shards:
+    why = check_shard(path, expected)
+    if why:
+      return path, why
+    used += os.path.getsize(path) if os.path.exists(path) else 0
+    if used > budget:
+      return "", ""
+  return None
+
+
+def check_shard(path: str, expected: int | None = None,
+                text_column: str = "text") -> str | None:
+  """Reads one shard once; None if it is sound, else why not. TFRecord
+  files: every record with its checksums, and the count against
+  `expected` (a file cut at a record boundary); JSON lines (.gz): every
+  line parsed, with `text_column`; parquet: every row group's column;
+  text: every byte."""
+  import tensorflow as tf
+  try:
+    if not os.path.exists(path) and "://" not in path:
+      return "missing"
+    if ".tfrecord" in os.path.basename(path):
+      n = int(tf.data.TFRecordDataset(path).reduce(
+          np.int64(0), lambda count, _: count + 1))
+      if expected is not None and n != expected:
+        return f"{n} records, its dataset_info.json says {expected}"
+      return None
+    stem = path[:-3] if path.endswith(".gz") else path
+    if stem.endswith((".jsonl", ".json")):
+      return _check_json_lines(path, text_column)
+    if path.endswith(PARQUET):
+      import pyarrow.parquet as pq
+      with pq.ParquetFile(path) as pf:
+        for g in range(pf.metadata.num_row_groups):
+          pf.read_row_group(g, columns=[text_column])
+      return None
+    with tf.io.gfile.GFile(path, "rb") as f:
+      while f.read(1 << 24):
+        pass
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {_error_text(e)}"
+
+
+def _error_text(e: Exception) -> str:
+  """The first line of a (TensorFlow) error, without TF's op decorations."""
+  import re
+  lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
+  text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "",
+                lines[0] if lines else type(e).__name__)
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)[:300]
+
+
+def _check_json_lines(path: str, text_column: str) -> str | None:
+  import gzip
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    for i, line in enumerate(f, 1):  # (a blank line fails training too)
+      try:
+        doc = json.loads(line)
+      except ValueError as e:
+        return f"line {i}: not JSON ({e})"
+      if not isinstance(doc, dict) or not isinstance(doc.get(text_column),
+                                                     str):
+        return f"line {i}: no text in {text_column!r}"
+  return None

@@ -185,11 +185,13 @@ class RunRecord:
   @property
   def status(self) -> str:
     """results.json's status ("completed", "diverged"); before it exists,
-    "preempted" (stopped by a signal at a checkpoint: resumable) or
-    "unfinished" (running, or killed)."""
+    "preempted" (stopped by a signal at a checkpoint: resumable),
+    "save_failed" (a checkpoint could not be written, e.g. a full disk:
+    resumable once there is space) or "unfinished" (running, or killed)."""
     if self.results is None:
-      preempted = (self.progress or {}).get("status") == "preempted"
-      return "preempted" if preempted else "unfinished"
+      status = (self.progress or {}).get("status")
+      return status if status in ("preempted", "save_failed") else \
+          "unfinished"
     return self.results.get("status", "completed")
 
   @property

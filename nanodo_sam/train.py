@@ -59,6 +59,9 @@ class Preempted(Exception):
 RESULTS, PROGRESS = "results.json", "progress.json"
 # results.json statuses of a run that has ended: started again, it is done.
 FINISHED = ("completed", "diverged")
+# progress.json status of a run whose checkpoint could not be written (a
+# full disk): the same command resumes it (checkpoint.EXIT_SAVE_FAILED).
+SAVE_FAILED = "save_failed"
 
 
 # ------------------------------------------------------------------ the step
@@ -139,6 +142,7 @@ class Run:
   # (n, eval loss) of every evaluation of the run, across resumes.
   eval_history: list = dataclasses.field(default_factory=list)
   last_eval: tuple | None = None  # (step, evaluate.eval_metrics' dict)
+  save_error: str | None = None  # the line of a failed save
 
   @property
   def total(self) -> int:
@@ -381,7 +385,8 @@ def _stop(run: Run, n: int) -> None:
 def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
           stop: preemption.StopRequest | None = None) -> dict:
   """Trains (or resumes) a run in `workdir`; returns the results dict, whose
-  status is completed, diverged or preempted (no results.json then).
+  status is completed, diverged, preempted or save_failed (no results.json
+  for these two: the same call resumes them).
   `hooks` run after `default_hooks` at each step count. `stop`: a
   StopRequest installed earlier (the CLI's); by default one is installed
   here for the call. A run with a results.json is finished: started again,
@@ -411,18 +416,18 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
   eval_data = data_lib.eval_batches(cfg)
   diagnose = diagnostics.make_diagnose(cfg, s, eval_data)
   os.makedirs(workdir, exist_ok=True)
-  writers.write_json(os.path.join(workdir, "config.json"),
-                     config_lib.to_dict(cfg))
-
+  checkpoint.remove_unfinished(workdir)
   mngr = checkpoint.checkpoint_manager(workdir)
-  train_it = data_lib.TrainIterator(train_ds)
-  start = mngr.latest_step()
+  train_it = data_lib.TrainIterator(train_ds,
+                                    data_lib.Source(cfg.data, "train"))
+  # The newest readable checkpoint (unreadable newer ones moved aside).
+  start, state = checkpoint.restore_latest(mngr, s, workdir, train_it)
   if start is not None:
-    state = checkpoint.restore_state(mngr, s, start)
-    train_it.restore(checkpoint.data_state_dir(workdir, start))
     log.info("Resumed from step %d in %s", start, workdir)
   else:
     start, state = 0, state_lib.init_state(s, cfg.seed)
+  writers.write_json(os.path.join(workdir, "config.json"),
+                     config_lib.to_dict(cfg))
   history = _history_until(workdir, start)
   writer = writers.make_writer(cfg, workdir)
   if start == 0:
@@ -439,30 +444,62 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
   status = None  # Stays None if the loop crashes.
   t_loop = time.time()
   try:
-    _loop(run)
-    status = "completed"
-  except DivergedError as e:
-    log.error("%s", e)
-    status = "diverged"
-  except Preempted:
-    status = "preempted"
+    try:
+      _loop(run)
+      status = "completed"
+    except DivergedError as e:
+      log.error("%s", e)
+      status = "diverged"
+    except Preempted:
+      status = "preempted"
+    mngr.wait_until_finished()  # The last save: SaveFailed if it failed.
+  except Exception as e:  # pylint: disable=broad-except
+    failed = checkpoint.as_save_failed(e, workdir)  # (or a full disk)
+    if failed is None:
+      raise
+    run.save_error = checkpoint.finish_failed(mngr, workdir, failed).message
+    log.error("%s", run.save_error)
+    status = SAVE_FAILED
   finally:
     if _profiled(cfg):
       _end_profile()
-    mngr.wait_until_finished()
+    _wait(mngr, status)
     if status == "completed":  # Its final checkpoint's eval was finite.
       checkpoint.retain(mngr, workdir, cfg.checkpoint_max_to_keep)
     checkpoint.prune_data_states(workdir, mngr)
-    writer.flush()
+    if status != SAVE_FAILED:  # (events lost on a full disk are redone)
+      writer.flush()
     if status is None:  # A crash: end the writers' runs (wandb) here too.
       writer.close()
   results = _results(run, status, wall_seconds=time.time() - t_start,
                      train_seconds=time.time() - t_loop)
   _write_progress(run, status)
-  if status != "preempted":  # A preempted run is not finished.
+  if status in FINISHED:  # A preempted run, or a failed save, is not.
     writers.write_json(os.path.join(workdir, RESULTS), results)
-  writer.close()
+  _close(writer, status)
   return results
+
+
+def _wait(mngr, status: str | None) -> None:
+  """Waits for the last save; after a crash (status None), a failure of
+  that save is left out: the crash is what the user must see."""
+  try:
+    mngr.wait_until_finished()
+  except checkpoint.SaveFailed:
+    if status is not None:
+      raise
+
+
+def _close(writer, status: str) -> None:
+  """Closes the writers; after a failed save their errors (a full disk) are
+  left out: the run already ends with the one line that says why."""
+  if status != SAVE_FAILED:
+    writer.close()
+    return
+  try:
+    writer.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 # ------------------------------------------- progress.json and results.json
@@ -503,6 +540,13 @@ def _write_progress(run: Run, status: str) -> None:
               "eval_history": run.eval_history}
   if status == "preempted":
     progress["signal"] = run.stop.signal
+  if status == SAVE_FAILED:
+    progress["error"] = run.save_error
+    try:  # The failed save's space is freed, but the disk may still be full.
+      writers.write_json(os.path.join(run.workdir, PROGRESS), progress)
+    except OSError as e:
+      log.error("progress.json could not be updated either (%s)", e)
+    return
   writers.write_json(os.path.join(run.workdir, PROGRESS), progress)
 
 
