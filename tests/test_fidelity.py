@@ -1,7 +1,7 @@
 """Fidelity to Nanodo, the code the paper's numbers came out of.
 
-Tests marked `needs_nanodo` import Nanodo's own source from
-../shared/reference/nanodo (skipped when it is absent): the forward pass on
+Tests marked `needs_nanodo` import Nanodo's own source from $NANODO_SRC (a
+checkout of google-deepmind/nanodo; skipped when it is unset): the forward pass on
 the same parameters, the initial distribution of every kernel, the bfloat16
 path and one AdamW update. The rest checks the options against formulas
 written here: per-document evaluation by hand, independent weight decay, and
@@ -20,16 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, SPM_PATH, needs_data, tiny_config
+from conftest import NANODO_SRC, ROOT, SPM_PATH, needs_nanodo, tiny_config
 from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 
-NANODO = os.path.abspath(os.path.join(ROOT, "..", "shared", "reference",
-                                      "nanodo"))
-needs_nanodo = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(NANODO, "nanodo")),
-    reason="../shared/reference/nanodo is not present")
+NANODO = os.path.abspath(NANODO_SRC) if NANODO_SRC else ""
 
 
 def _nanodo(module: str):
@@ -271,7 +267,6 @@ def _files_config(tmp_path, **overrides):
   return c
 
 
-@needs_data
 def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
   import seqio
   cfg = _files_config(tmp_path)
@@ -316,7 +311,6 @@ def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
-@needs_data
 def test_training_rows_follow_nanodos_framing(tmp_path):
   from nanodo_sam import data as data_lib
   cfg = _files_config(tmp_path)
@@ -342,7 +336,6 @@ def test_training_rows_follow_nanodos_framing(tmp_path):
   assert batch["inputs"].shape == (2, L) and batch["weights"].all()
 
 
-@needs_data
 def test_per_document_eval_reads_one_pass_and_pads_the_last_batch(tmp_path):
   from nanodo_sam import data as data_lib
   cfg = _files_config(tmp_path, **{"data.eval_batch_size": 3,
@@ -385,7 +378,6 @@ def test_base_defaults_are_nanodos():
 # ------------------------------------------------ runs that predate this
 
 
-@needs_data
 def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
     tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import needs_data, tiny_config
+from conftest import tiny_config
 from nanodo_sam import bench
 from nanodo_sam import config as config_lib
 from nanodo_sam import flops
@@ -215,7 +215,6 @@ def test_no_recompilation_after_the_first_step_of_each_kind(compiles):
     assert int(state.step) == 6 and np.isfinite(float(metrics["loss"]))
 
 
-@needs_data
 def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
   """The loop dispatches step N before it fetches step N-1's metrics, so the
   host never waits for the step it just dispatched."""

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(TESTS)
 if TESTS not in sys.path:
   sys.path.insert(0, TESTS)
 
-from conftest import TFDS_DIR, tiny_config  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 METHODS = ["adamw", "sam", "functional_sam", "precond_functional_sam"]
@@ -99,7 +99,6 @@ def _env(devices: int) -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
       [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  env.setdefault("TFDS_DATA_DIR", TFDS_DIR)
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   env["XLA_FLAGS"] += "".join(f" --{k}={v}" for k, v in FAST_COMPILE.items())
   return env

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, crash_then_resume, listing, needs_data, read_scalars, \
+from conftest import ROOT, crash_then_resume, listing, read_scalars, \
     tiny_config, tiny_flags
 from launch import sweep as sweep_lib
 from nanodo_sam import checkpoint
@@ -25,8 +25,6 @@ from nanodo_sam import runs as runs_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
-
-pytestmark = needs_data
 
 
 def _params(workdir, cfg, step=None):
