@@ -18,6 +18,7 @@ byte).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -308,21 +309,30 @@ SHIPPED_TFDS = {
 }
 
 
-def _tfds_builder(name: str, data_dir: str | None):
-  """tfds.builder, with TFDS's own log lines (e.g. "Variant folder ... has
-  no dataset_info.json") held back: the caller reports in one line."""
+@contextlib.contextmanager
+def _tfds_quiet():
+  """Holds back TFDS's log lines below ERROR (e.g. "Variant folder ... has
+  no dataset_info.json" from is_prepared): the caller reports in one line."""
   import logging
-  import tensorflow_datasets as tfds
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
   try:
-    return tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # DatasetNotFoundError and friends.
-    raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
-                     f"{str(e).splitlines()[0]}") from None
+    yield
   finally:
     absl_log.setLevel(level)
+
+
+def _tfds_prepared(name: str, data_dir: str | None):
+  """(builder, whether the dataset is prepared in data_dir)."""
+  import tensorflow_datasets as tfds
+  with _tfds_quiet():
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends.
+      raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
+                       f"{str(e).splitlines()[0]}") from None
+    return builder, builder.is_prepared()
 
 
 def tfds_source(data_cfg):
@@ -339,8 +349,8 @@ def tfds_source(data_cfg):
   data_dir = configured or os.environ.get("TFDS_DATA_DIR") or None
   shipped = data_cfg.get("use_shipped", False) and name in SHIPPED_TFDS
   if data_dir is not None or not shipped:
-    builder = _tfds_builder(name, data_dir)
-    if builder.is_prepared():
+    builder, prepared = _tfds_prepared(name, data_dir)
+    if prepared:
       return seqio.TfdsDataSource(name, tfds_data_dir=data_dir)
     if data_cfg.get("download", False):
       builder.download_and_prepare()
@@ -494,8 +504,8 @@ def _host_batch_size(global_batch_size: int) -> int:
 
 def train_dataset(cfg, seed: int):
   """Infinite, shuffled (by `seed`), packed training batches for this host."""
+  task = _model_task(cfg, cfg.data.get("train_files", ""))  # Checks first.
   tf = _tf()
-  task = _model_task(cfg, cfg.data.get("train_files", ""))
   split = cfg.data.get("train_split", "train")
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
