@@ -168,8 +168,21 @@ def test_bfloat16_logits_are_no_further_from_float32_than_nanodos():
         lambda p, t: low.apply({"params": p}, t),
         lambda p, t: f32.apply({"params": p}, t), ours_params, tokens)
   rms, worst = errors["float32"]
-  assert rms <= theirs[0] * 1.001 and worst <= theirs[1] * 1.001, (
-      errors, theirs)
+  # The rms is a mean over 4 x 128 x 2048 = 1M squared errors (sampling
+  # noise ~1/sqrt(2M) = 0.07%): ours keeps the residual stream and output
+  # layer in float32 where Nanodo's is bfloat16 throughout, so it must be no
+  # larger.
+  assert rms <= theirs[0] * 1.001, (errors, theirs)
+  # The max is one extreme draw out of 1M, set by where each program rounds
+  # to bfloat16 and by the machine's kernels. Nanodo's logits are bfloat16
+  # (8 significant bits), ours float32: its worst error depends on where its
+  # largest logits fall between bfloat16 values, by up to half a bfloat16
+  # ulp of the largest logit, 2^(floor(log2 max|z|) - 8) (0.0156 here, max|z|
+  # 5.3; seen: ours 0.0369 vs 0.0376 on one Xeon, 0.0414 vs 0.0376 on
+  # another).
+  z = np.asarray(f32.apply({"params": ours_params}, tokens))
+  half_ulp = 2.0 ** (np.floor(np.log2(np.abs(z).max())) - 8)
+  assert worst <= theirs[1] + half_ulp, (errors, theirs, half_ulp)
   # The old path (bfloat16 residual stream and output layer) is further off.
   assert errors["compute"][0] > rms
 

@@ -415,16 +415,24 @@ def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
 def test_killed_at_every_kind_of_point_resumes_exactly(tmp_path, reference):
   """Five SIGKILLs in one run: before any checkpoint, right after an eval
   whose step's checkpoint is not yet written (20), between a checkpoint and
-  an eval (step 45), after the final eval before the final checkpoint,
-  and before results.json."""
+  an eval (step 46), after the final eval before the final checkpoint,
+  and before results.json. Checkpoints are saved asynchronously: the
+  after_eval and before_results kills come after the run has waited for its
+  saves, so exactly the due ones are on disk; a `batch` kill may land while
+  a save is in flight (lost: a matter of timing, not a fault), so there
+  only none that was not due may be on disk. Either way the run must end
+  exactly as the uninterrupted one."""
   workdir = tmp_path / "run"
-  for point, at, ckpts, evals in [
+  for point, at, due, evals in [
       ("batch", 8, [], []), ("after_eval", 20, [], [10, 20]),
       ("batch", 46, [20, 40], [10, 20, 30, 40]),
       ("after_eval", 60, [20, 40], [10, 20, 30, 40, 50, 60]),
       ("before_results", 0, [20, 40, 60], [10, 20, 30, 40, 50, 60])]:
     progress = _killed(tmp_path, workdir, point, at)
-    assert _steps(workdir) == ckpts, point
+    if point == "batch":
+      assert set(_steps(workdir)) <= set(due), (point, _steps(workdir))
+    else:
+      assert _steps(workdir) == due, point
     assert [n for n, _ in progress["eval_history"]] == evals, point
   assert _main("train", f"--workdir={workdir}", *tiny_flags(**RESUME)) == 0
   _assert_same_run(workdir, reference)
