@@ -128,6 +128,7 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # Trains with diagnostics, then analyze and prune-eval.
 def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, _, _ = _run(capsys, "train", f"--config={QUICK}",

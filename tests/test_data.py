@@ -211,6 +211,7 @@ def test_file_corpus_position_survives_save_and_restore_across_epochs(
   assert not np.array_equal(next(other)["inputs"], expected[0])
 
 
+@pytest.mark.slow  # Three training runs.
 def test_a_parquet_corpus_trains_and_resumes_bitwise(tmp_path, monkeypatch):
   import jax
   from nanodo_sam import checkpoint

@@ -16,6 +16,7 @@ from nanodo_sam import runs as runs_lib
 from scripts import make_tables as mt
 
 
+@pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_sweep_to_tables_to_figures(tiny_sweep, capsys):
   out = tiny_sweep  # launch.sweep trained these (tests/conftest.py).
   names = list(TINY_RUNS)

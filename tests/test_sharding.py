@@ -707,6 +707,7 @@ def dist_runs(jobs):
   return root, runs
 
 
+@pytest.mark.slow  # Three CLI runs, two of them one two-process run.
 def test_two_process_run_equals_one_process_run(dist_runs):
   """2 processes x 1 CPU device (jax.distributed, gloo) against 1 process x 2
   devices, both on mesh fsdp=2 through `nanodo-sam train`.

@@ -381,6 +381,7 @@ def _assert_same_run(workdir, reference):
   return res
 
 
+@pytest.mark.slow  # Two SIGKILLed runs and two resumptions.
 def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
     tmp_path, reference, capsys, caplog):
   """SIGKILLed right after the eval at step 30 (checkpoint 20 on disk), then
