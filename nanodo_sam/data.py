@@ -35,8 +35,8 @@ from nanodo_sam.config import BYTE_VOCAB, UsageError
 SHIPPED = "shipped:"  # data.vocab "shipped:FILE": FILE of data_files.
 T5_VOCAB_FILE = "c4_t5_sentencepiece_cc_all.32000.100extra.model"
 # The T5 C4 vocabulary's SHA-256: a run directory written before the package
-# shipped it names another copy (e.g. ../shared/data/<T5_VOCAB_FILE>); where
-# that path is gone, the shipped copy stands in for it if it has this hash.
+# shipped it names another copy (a folder beside the checkout); where that
+# path is gone, the shipped copy stands in for it if it has this hash.
 T5_VOCAB_SHA256 = (
     "15d8dfa11996e0d1e8645897ec4d70b1dec6a7cb6d87df0daf560a3cde479006")
 TINY_SHAKESPEARE_TXT = "tiny_shakespeare/input.txt"  # karpathy/char-rnn's.
