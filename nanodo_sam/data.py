@@ -336,12 +336,12 @@ def _tfds_prepared(name: str, data_dir: str | None):
 
 
 def tfds_source(data_cfg):
-  """The seqio source of data.tfds_name, read from the first of:
-  data.tfds_data_dir (a folder or gs:// bucket), $TFDS_DATA_DIR, the copy
-  shipped with the package (data.use_shipped; SHIPPED_TFDS), TFDS's default
-  folder (~/tensorflow_datasets). data.download=True lets TFDS download and
-  prepare it (in data.tfds_data_dir, $TFDS_DATA_DIR or the default folder)
-  when the first two do not hold it; otherwise its absence is a UsageError
+  """The seqio source of data.tfds_name: from data.tfds_data_dir (a folder
+  or gs:// bucket; it must hold the dataset), else $TFDS_DATA_DIR if it holds
+  it, else the copy shipped with the package (data.use_shipped and a name in
+  SHIPPED_TFDS), else TFDS's default folder (~/tensorflow_datasets). Where
+  the folder read (not the shipped copy) lacks it, data.download=True lets
+  TFDS download and prepare it there; otherwise its absence is a UsageError
   saying how to get it. Only reads the dataset's metadata."""
   import seqio
   name = data_cfg.tfds_name
