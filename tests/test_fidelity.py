@@ -1,9 +1,9 @@
 """Fidelity to Nanodo, the code the paper's numbers came out of.
 
 Tests marked `needs_nanodo` import Nanodo's own source from $NANODO_SRC (a
-checkout of google-deepmind/nanodo; skipped when it is unset): the forward pass on
-the same parameters, the initial distribution of every kernel, the bfloat16
-path and one AdamW update. The rest checks the options against formulas
+checkout of google-deepmind/nanodo; skipped when it is unset): the forward
+pass on the same parameters, the initial distribution of every kernel, the
+bfloat16 path and one AdamW update. The rest checks the options against formulas
 written here: per-document evaluation by hand, independent weight decay, and
 old run directories (which predate the Nanodo defaults).
 """
