@@ -10,8 +10,9 @@ runs) fits in about two hours on 2 CPU cores:
     paper (2M):  D256 H4 N3 F1024, L 512, batch 256, 10K steps, 1.31B tokens
     miniature:   D64  H1 N2 F256,  L 64,  batch 16,  MINI_STEPS steps
 
-The C4 subset shipped with the package (1,000 training documents, about 0.5M T5 tokens) is
-read for about 0.6 epochs, so, as in the paper, no batch is seen twice. The
+The C4 subset shipped with the package (1,000 training documents, about 0.5M
+T5 tokens) is read for about 0.6 epochs, so, as in the paper, no batch is
+seen twice. The
 evaluation set is all 200 validation documents of the subset, one per row,
 cut to L. Float32 compute (bfloat16 is emulated on a CPU).
 
