@@ -12,9 +12,9 @@ runs) fits in about two hours on 2 CPU cores:
 
 The C4 subset shipped with the package (1,000 training documents, about 0.5M
 T5 tokens) is read for about 0.6 epochs, so, as in the paper, no batch is
-seen twice. The
-evaluation set is all 200 validation documents of the subset, one per row,
-cut to L. Float32 compute (bfloat16 is emulated on a CPU).
+seen twice. The evaluation set is all 200 validation documents of the
+subset, one per row, cut to L. Float32 compute (bfloat16 is emulated on a
+CPU).
 
 Config argument: options joined by "+", none by default:
   byte  the byte vocabulary (V = 259) instead of the C4 SentencePiece one
