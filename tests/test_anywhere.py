@@ -258,3 +258,38 @@ def test_a_fresh_clone_trains_the_quickstart_and_the_miniature(tmp_path):
             "--config.checkpoint_every_steps=0")
   results = json.loads(out)
   assert results["steps"] == 1 and np.isfinite(results["final_eval_loss"])
+
+
+def test_a_wheel_carries_the_data_and_finds_it(tmp_path):
+  """A non-editable install: the wheel holds every shipped file, and the
+  package, imported from the unpacked wheel, finds them."""
+  import importlib.util
+  import zipfile
+  # Built with this environment's setuptools where it has one (offline).
+  local = (["--no-build-isolation"] if importlib.util.find_spec("setuptools")
+           else [])
+  subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps",
+                  "-q", "-w", str(tmp_path / "dist"), *local],
+                 check=True, capture_output=True, timeout=600)
+  (wheel,) = (tmp_path / "dist").glob("nanodo_sam-*.whl")
+  tracked = subprocess.run(
+      ["git", "ls-files", "nanodo_sam/data_files"], cwd=ROOT, check=True,
+      capture_output=True, text=True).stdout.split()
+  assert len(tracked) == 15, tracked
+  with zipfile.ZipFile(wheel) as z:
+    assert set(tracked) <= set(z.namelist())
+    z.extractall(tmp_path / "site")
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+  p = subprocess.run(
+      [sys.executable, "-c",
+       "import nanodo_sam, json\n"
+       "from nanodo_sam import data\n"
+       "print(json.dumps([nanodo_sam.__file__, data.vocab_path("
+       "'shipped:' + data.T5_VOCAB_FILE), data.shipped_path("
+       "data.TINY_SHAKESPEARE_TXT)]))"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+  where, vocab, text = json.loads(p.stdout)
+  for path in (where, vocab, text):
+    assert path.startswith(str(tmp_path / "site")), path
+  assert hashlib.sha256(open(vocab, "rb").read()).hexdigest() == \
+      data_lib.T5_VOCAB_SHA256
