@@ -21,6 +21,7 @@ EXACT = ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross",
          "sam_edge", "two_over_lr")
 
 
+@pytest.mark.slow  # Trains with diagnostics, then analyze.
 def test_analyze_and_training_diagnostics_agree(tmp_path):
   """On the checkpointed theta_2, the numbers the loop logged before step 2
   are `diagnostics.make_sharpness` at that step's lr, rho and key; `analyze

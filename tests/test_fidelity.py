@@ -391,6 +391,7 @@ def test_base_defaults_are_nanodos():
 # ------------------------------------------------ runs that predate this
 
 
+@pytest.mark.slow  # Trains and resumes runs.
 def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
     tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)

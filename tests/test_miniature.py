@@ -11,6 +11,9 @@ import os
 
 import pytest
 
+# The study's runs and report end to end (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 TINY = {"model.D": 16, "model.N": 1, "model.H": 1, "model.F": 32,
         "model.L": 16, "data.batch_size": 4, "data.eval_batch_size": 4,

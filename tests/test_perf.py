@@ -120,6 +120,7 @@ def _wrappers(params):
   }
 
 
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_no_step_holds_a_logits_sized_tensor(monkeypatch):
   """V = 4096 >> D: one f32 [B, L, V] is far bigger than everything else. In
   8 chunks no method's temporaries reach even one of them (the plain path
@@ -248,6 +249,7 @@ def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ALL)
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_bfloat16_compute_every_method(method):
   """One train step in bfloat16 compute: float32 logits, loss, gradients,
   parameters and optimizer state; everything finite."""
@@ -430,6 +432,7 @@ def test_parse_methods():
     bench.parse_sizes("3M")
 
 
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_bench_runs_and_writes_json(tmp_path):
   cfg = tiny_config()
   out = tmp_path / "bench.json"

@@ -111,6 +111,7 @@ def test_prompt_longer_than_the_context_is_refused():
   assert sample_lib.max_new_tokens(4, 32, 10) == 10
 
 
+@pytest.mark.slow  # Trains, then the sample command.
 def test_sample_command_on_a_trained_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, _, _ = _run(capsys, "train", f"--config={QUICK}",

@@ -102,6 +102,7 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
     tmp_path, capsys, caplog):
   """SGD at a learning rate that blows up within a few steps, a checkpoint
@@ -158,6 +159,7 @@ def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
     ("sam", {}), ("functional_sam", {}), ("logit_sam", {}),
     ("angle_sam", {"sam.phi": 0.5}), ("precond_sam", {}),
 ])
+@pytest.mark.slow  # End-to-end training runs.
 def test_each_method_trains_and_logs_its_metrics(tmp_path, method, extra):
   cfg = tiny_config(**{"sam.method": method, "sam.rho": 0.05,
                        "opt.num_train_steps": 6, "eval_every_steps": 0,
@@ -188,6 +190,7 @@ def test_schedules_choose_the_step_on_the_host():
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
   """profile.num_steps=2 from step 1 of a 4-step run: a trace TensorBoard's
   profile plugin reads (plugins/profile/<time>/*.xplane.pb) and its log line;
@@ -205,6 +208,7 @@ def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
   assert list((tmp_path / "b" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
     tmp_path, monkeypatch):
   """Killed after its step-2 checkpoint and resumed, the run logs into the
@@ -439,6 +443,7 @@ def test_killed_at_every_kind_of_point_resumes_exactly(tmp_path, reference):
   _assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_sigterm_checkpoints_then_the_same_command_resumes_bitwise(
     tmp_path, reference):
   """SIGTERM during a run: it finishes the step in flight, checkpoints that
