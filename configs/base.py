@@ -64,15 +64,27 @@ def get_config() -> ml_collections.ConfigDict:
   # Data: seqio Tasks over TFDS or files (nanodo_sam/data.py).
   c.data = ml_collections.ConfigDict()
   c.data.tfds_name = "c4/en:3.1.0"
-  c.data.tfds_data_dir = ""       # "" = $TFDS_DATA_DIR or ../shared/data/...
+  # A folder or gs:// bucket holding the prepared TFDS dataset; "" =
+  # $TFDS_DATA_DIR, else ~/tensorflow_datasets (TFDS's default).
+  c.data.tfds_data_dir = ""
+  # True: read the copy shipped with the package (nanodo_sam/data_files:
+  # tiny_shakespeare, and of c4/en:3.1.0 a 1,000-document subset) when
+  # neither tfds_data_dir nor $TFDS_DATA_DIR holds the dataset. False here:
+  # the paper's configs train on the full C4.
+  c.data.use_shipped = False
+  # True: TFDS downloads and prepares a dataset that is not there (needs
+  # internet; the full C4 is large). False: its absence is an error saying
+  # how to get it.
+  c.data.download = False
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   # Glob of .txt, .jsonl[.gz] or .parquet files: overrides TFDS.
   c.data.train_files = ""
   c.data.eval_files = ""          # Glob for evaluation (with train_files).
   c.data.text_column = "text"     # The text field of .jsonl / .parquet rows.
-  # SentencePiece model path (local or gs://) or "byte".
-  c.data.vocab = "../shared/data/c4_t5_sentencepiece_cc_all.32000.100extra.model"
+  # A SentencePiece model: "shipped:FILE" (a file shipped with the package:
+  # the T5 C4 vocabulary, 32,101 pieces), a path (local or gs://); or "byte".
+  c.data.vocab = "shipped:c4_t5_sentencepiece_cc_all.32000.100extra.model"
   c.data.batch_size = 256         # Global batch, in sequences.
   c.data.eval_batch_size = 64
   # Eval batches, in order: per_document reads at most one pass of the split.

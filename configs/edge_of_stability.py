@@ -25,8 +25,9 @@ lines, 260,434 bytes) from the raw input.txt and points data.train_files /
 data.eval_files at them (the TFDS tiny_shakespeare splits are different:
 90% / 5% / 5% by characters). The files are written once into a cache folder
 ($NANODO_SAM_CACHE, default ~/.cache/nanodo_sam) when the config is loaded.
-The raw file is ../shared/data/manual/tiny_shakespeare_input.txt relative to
-the repository, or $TINY_SHAKESPEARE_TXT (karpathy/char-rnn's input.txt).
+The raw file is the copy shipped with the package
+(nanodo_sam/data_files/tiny_shakespeare/input.txt, karpathy/char-rnn's
+input.txt), or $TINY_SHAKESPEARE_TXT.
 
 Config arguments:
   configs/edge_of_stability.py          their setting (eta 0.1, rho 0.1 by
@@ -63,12 +64,11 @@ if _ROOT not in sys.path:  # `from configs import ...` from any directory.
 
 from configs import base  # pylint: disable=g-import-not-at-top
 from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
+from nanodo_sam import data as data_lib  # pylint: disable=g-import-not-at-top
 
 LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 RHOS = (0.0, 0.1, 0.3, 1.0)
 TEST_LINES = 10_000  # "The last 10000 lines ... were set aside as a test set"
-RAW_FILE = os.path.join(_ROOT, "..", "shared", "data", "manual",
-                        "tiny_shakespeare_input.txt")
 
 
 def _cache_dir() -> str:
@@ -95,14 +95,15 @@ def tiny_shakespeare_split(raw_file: str = "", cache_dir: str = "",
   Written into <cache_dir>/tiny_shakespeare_<hash of the input>/ and reused;
   each file is one document (the data pipeline packs it into rows).
   """
-  raw_file = raw_file or os.environ.get("TINY_SHAKESPEARE_TXT", RAW_FILE)
+  raw_file = raw_file or os.environ.get("TINY_SHAKESPEARE_TXT") or (
+      data_lib.shipped_path(data_lib.TINY_SHAKESPEARE_TXT))
   raw_file = os.path.abspath(os.path.expanduser(raw_file))
   if not os.path.isfile(raw_file):
     raise ValueError(
         f"tiny_shakespeare text not found at {raw_file!r}; set "
         "TINY_SHAKESPEARE_TXT to karpathy/char-rnn's "
-        "data/tinyshakespeare/input.txt (offline copy: ../shared/data/manual/"
-        "tiny_shakespeare_input.txt)")
+        "data/tinyshakespeare/input.txt, or unset it for the copy shipped "
+        "with the package")
   with open(raw_file, "rb") as f:
     text = f.read()
   lines = text.splitlines(keepends=True)

@@ -12,6 +12,7 @@ def get_config():
   c = base.get_config()
   c.model.update(D=128, H=4, N=2, F=512, L=128, V=259)
   c.data.tfds_name = "tiny_shakespeare:1.0.0"
+  c.data.use_shipped = True  # The text shipped with the package, offline.
   c.data.vocab = "byte"
   c.data.add_bos = False
   c.data.eval_mode = "packed"

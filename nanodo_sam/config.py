@@ -97,6 +97,9 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
     for part in parents:
       node = node.setdefault(part, {})
     node.setdefault(last, value)
+  # Runs made before data.use_shipped existed read $TFDS_DATA_DIR, else a
+  # copy of the data the package now ships.
+  raw.setdefault("data", {}).setdefault("use_shipped", True)
   return ml_collections.ConfigDict(raw)
 
 
@@ -181,6 +184,7 @@ KEYS = (
     Key("model.attention"),
     Key("model.size_name"),
     Key("data.tfds_name"), Key("data.tfds_data_dir"),
+    _flag("data.use_shipped"), _flag("data.download"),
     Key("data.train_split"), Key("data.eval_split"), Key("data.train_files"),
     Key("data.eval_files"),
     Key("data.text_column", (str,), bool, "must name the text field of the "

@@ -18,6 +18,7 @@ byte).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -28,7 +29,18 @@ import numpy as np
 
 from nanodo_sam.config import BYTE_VOCAB, UsageError
 
-SHARED_DATA_DIR = os.path.join("..", "shared", "data")
+# The small public data shipped in the package (nanodo_sam/data_files; its
+# README.md gives each file's source and licence), found with
+# importlib.resources so that an installed wheel reads it too.
+SHIPPED = "shipped:"  # data.vocab "shipped:FILE": FILE of data_files.
+T5_VOCAB_FILE = "c4_t5_sentencepiece_cc_all.32000.100extra.model"
+# The T5 C4 vocabulary's SHA-256: a run directory written before the package
+# shipped it names another copy (a folder beside the checkout); where that
+# path is gone, the shipped copy stands in for it if it has this hash.
+T5_VOCAB_SHA256 = (
+    "15d8dfa11996e0d1e8645897ec4d70b1dec6a7cb6d87df0daf560a3cde479006")
+TINY_SHAKESPEARE_TXT = "tiny_shakespeare/input.txt"  # karpathy/char-rnn's.
+SHIPPED_TFDS_DIR = "tensorflow_datasets"  # c4/en:3.1.0: a 1,000-doc subset.
 
 
 def _tf():
@@ -37,19 +49,41 @@ def _tf():
   return tf
 
 
+def shipped_path(name: str) -> str:
+  """The path of `name` in the package's data_files (installed or not)."""
+  import importlib.resources
+  path = importlib.resources.files("nanodo_sam") / "data_files" / name
+  if not path.exists():
+    raise FileNotFoundError(f"{name!r} is not among the package's data "
+                            f"files ({path}); reinstall nanodo-sam")
+  return str(path)
+
+
 def resolve_path(path: str) -> str:
   """Expands ~ and $VARS; keeps remote paths (gs://...) as they are."""
   return os.path.expanduser(os.path.expandvars(path))
 
 
-def tfds_data_dir(configured: str = "") -> str | None:
-  """Where TFDS data is read: the config, $TFDS_DATA_DIR, or ../shared/data."""
-  if configured:
-    return resolve_path(configured)
-  if os.environ.get("TFDS_DATA_DIR"):
-    return os.environ["TFDS_DATA_DIR"]
-  local = os.path.join(SHARED_DATA_DIR, "tensorflow_datasets")
-  return os.path.abspath(local) if os.path.isdir(local) else None
+def _sha256(path: str) -> str:
+  import hashlib
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def vocab_path(vocab: str) -> str:
+  """The file behind data.vocab: "shipped:FILE" is the package's copy; a
+  local path that is gone and names the T5 C4 vocabulary (a run made before
+  the package shipped it) is the shipped copy when that has the recorded
+  hash; any other path is itself (~ and $VARS expanded)."""
+  if vocab.startswith(SHIPPED):
+    return shipped_path(vocab[len(SHIPPED):])
+  path = resolve_path(vocab)
+  if ("://" not in path and not os.path.exists(path)
+      and os.path.basename(path) == T5_VOCAB_FILE):
+    shipped = shipped_path(T5_VOCAB_FILE)
+    if _sha256(shipped) == T5_VOCAB_SHA256:
+      return shipped
+  return path
 
 
 def bos_id(vocab) -> int | None:
@@ -62,17 +96,21 @@ def bos_id(vocab) -> int | None:
 
 
 def make_vocab(vocab: str):
-  """`byte` or a SentencePiece model path (local or remote)."""
+  """`byte` or a SentencePiece model: "shipped:FILE" or a path (local or
+  remote; `vocab_path`)."""
   import seqio
   if vocab == BYTE_VOCAB:
     return seqio.ByteVocabulary()
-  path = resolve_path(vocab)
+  try:
+    path = vocab_path(vocab)
+  except FileNotFoundError as e:
+    raise UsageError(f"vocabulary file not found: {e} (data.vocab)") from None
   if "://" not in path and not os.path.exists(path):
     raise UsageError(
         f"vocabulary file not found: {path!r} (data.vocab); pass "
-        "--config.data.vocab=PATH to a SentencePiece .model file (an offline "
-        "copy of the T5 C4 vocabulary is ../shared/data/"
-        "c4_t5_sentencepiece_cc_all.32000.100extra.model) or 'byte'")
+        "--config.data.vocab=PATH to a SentencePiece .model file, "
+        f"{SHIPPED}{T5_VOCAB_FILE} (the T5 C4 vocabulary shipped with the "
+        "package) or 'byte'")
   return seqio.SentencePieceVocabulary(path)
 
 
@@ -223,20 +261,118 @@ def _parquet_source(files: list[str], column: str):
   return ParquetSource(splits=["train", "validation"])
 
 
-def _check_tfds(name: str, data_dir: str | None) -> None:
-  """A prepared TFDS dataset must be there: we never download."""
-  import tensorflow_datasets as tfds
+# TFDS datasets whose copy ships with the package, read when the config
+# allows it (data.use_shipped) and neither data.tfds_data_dir nor
+# $TFDS_DATA_DIR holds them: name -> a function returning its seqio source.
+def _shipped_c4():
+  import seqio
+  return seqio.TfdsDataSource("c4/en:3.1.0",
+                              tfds_data_dir=shipped_path(SHIPPED_TFDS_DIR))
+
+
+def _shipped_tiny_shakespeare():
+  """tiny_shakespeare from the shipped text, split as TFDS's builder splits
+  it (the first 90% of the characters, then 5% and 5%; each split one
+  example): the examples of TFDS's tiny_shakespeare:1.0.0."""
+  import seqio
+  tf = _tf()
+  with open(shipped_path(TINY_SHAKESPEARE_TXT), encoding="utf-8") as f:
+    text = f.read()
+  i = int(len(text) * 0.9)
+  rest = text[i:]
+  j = int(len(rest) * 0.5)
+  splits = {"train": text[:i], "validation": rest[:j], "test": rest[j:]}
+
+  class TextSplits(seqio.DataSource):
+    """One example per split, the whole of it; one shard."""
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+      return False
+
+    def list_shards(self, split: str) -> list[str]:
+      return [split]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True,
+                    seed=None, shard_info=None, *, sequence_length=None,
+                    use_cached=False, num_epochs=1):
+      del shuffle, seed, shard_info, sequence_length, use_cached, num_epochs
+      return tf.data.Dataset.from_tensors({"text": splits[split]})
+
+  return TextSplits(splits=list(splits))
+
+
+SHIPPED_TFDS = {
+    "c4/en:3.1.0": _shipped_c4, "c4/en": _shipped_c4,
+    "tiny_shakespeare:1.0.0": _shipped_tiny_shakespeare,
+    "tiny_shakespeare": _shipped_tiny_shakespeare,
+}
+
+
+@contextlib.contextmanager
+def _tfds_quiet():
+  """Holds back TFDS's log lines below ERROR (e.g. "Variant folder ... has
+  no dataset_info.json" from is_prepared): the caller reports in one line."""
+  import logging
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # DatasetNotFoundError and friends.
-    raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
-                     f"{str(e).splitlines()[0]}") from None
-  if not builder.is_prepared():
-    raise UsageError(
-        f"dataset {name!r} not found in TFDS data dir {data_dir!r} (looked "
-        f"in {builder.data_dir}); set TFDS_DATA_DIR or "
-        "--config.data.tfds_data_dir to the folder that holds it (offline "
-        "copies: ../shared/data/tensorflow_datasets)")
+    yield
+  finally:
+    absl_log.setLevel(level)
+
+
+def _tfds_prepared(name: str, data_dir: str | None):
+  """(builder, whether the dataset is prepared in data_dir)."""
+  import tensorflow_datasets as tfds
+  with _tfds_quiet():
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends.
+      raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
+                       f"{str(e).splitlines()[0]}") from None
+    return builder, builder.is_prepared()
+
+
+def tfds_source(data_cfg):
+  """The seqio source of data.tfds_name: from data.tfds_data_dir (a folder
+  or gs:// bucket; it must hold the dataset), else $TFDS_DATA_DIR if it holds
+  it, else the copy shipped with the package (data.use_shipped and a name in
+  SHIPPED_TFDS), else TFDS's default folder (~/tensorflow_datasets). Where
+  the folder read (not the shipped copy) lacks it, data.download=True lets
+  TFDS download and prepare it there; otherwise its absence is a UsageError
+  saying how to get it. Only reads the dataset's metadata."""
+  import seqio
+  name = data_cfg.tfds_name
+  configured = resolve_path(data_cfg.get("tfds_data_dir", ""))
+  data_dir = configured or os.environ.get("TFDS_DATA_DIR") or None
+  shipped = data_cfg.get("use_shipped", False) and name in SHIPPED_TFDS
+  if data_dir is not None or not shipped:
+    builder, prepared = _tfds_prepared(name, data_dir)
+    if prepared:
+      return seqio.TfdsDataSource(name, tfds_data_dir=data_dir)
+    if data_cfg.get("download", False):
+      builder.download_and_prepare()
+      return seqio.TfdsDataSource(name, tfds_data_dir=data_dir)
+    if configured or not shipped:
+      raise UsageError(_missing(name, data_dir, builder.data_dir))
+  return SHIPPED_TFDS[name]()
+
+
+def _missing(name: str, data_dir: str | None, looked: str) -> str:
+  """The one line for a TFDS dataset that is not there."""
+  where = ("TFDS's default folder" if data_dir is None
+           else f"TFDS data dir {data_dir!r}")
+  shipped = (f"; a copy ships with the package: --config.data.use_shipped="
+             "True" + (" (C4: a 1,000-document subset)"
+                       if name.startswith("c4") else "")
+             if name in SHIPPED_TFDS else "")
+  return (f"dataset {name!r} not found in {where} (looked in {looked}); set "
+          "TFDS_DATA_DIR or --config.data.tfds_data_dir to the folder or "
+          "gs:// bucket holding it prepared, or pass "
+          "--config.data.download=True to let TFDS download and prepare it"
+          f"{shipped}")
 
 
 def make_task(data_cfg, *, split_files: str = ""):
@@ -261,9 +397,7 @@ def make_task(data_cfg, *, split_files: str = ""):
     source = _file_source(split_files, data_cfg.get("text_column", "text"))
     name = "files"
   else:
-    data_dir = tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
-    _check_tfds(data_cfg.tfds_name, data_dir)
-    source = seqio.TfdsDataSource(data_cfg.tfds_name, tfds_data_dir=data_dir)
+    source = tfds_source(data_cfg)
     name = data_cfg.tfds_name
   return seqio.Task(
       name.replace("/", "_").replace(":", "_"),
@@ -370,8 +504,8 @@ def _host_batch_size(global_batch_size: int) -> int:
 
 def train_dataset(cfg, seed: int):
   """Infinite, shuffled (by `seed`), packed training batches for this host."""
+  task = _model_task(cfg, cfg.data.get("train_files", ""))  # Checks first.
   tf = _tf()
-  task = _model_task(cfg, cfg.data.get("train_files", ""))
   split = cfg.data.get("train_split", "train")
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(

@@ -1,7 +1,8 @@
 """Side by side with Nanodo's own source: init, bfloat16 logits, one step.
 
-    python scripts/compare_nanodo.py [--nanodo=../shared/reference/nanodo]
-        [--out=compare_nanodo.json]
+    python scripts/compare_nanodo.py [--nanodo=PATH] [--out=compare_nanodo.json]
+
+--nanodo is a checkout of google-deepmind/nanodo (default: $NANODO_SRC).
 
 Prints a markdown table and writes JSON (the numbers in docs/fidelity.md):
 for the paper's 2M shape at initialisation (V = 32,101, L = 512), on Nanodo's
@@ -30,14 +31,14 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--nanodo", default=os.path.join(_ROOT, "..", "shared",
-                                                  "reference", "nanodo"))
+  p.add_argument("--nanodo", default=os.environ.get("NANODO_SRC", ""))
   p.add_argument("--out", default="compare_nanodo.json")
   p.add_argument("--batch", type=int, default=4)
   args = p.parse_args(argv)
   if not os.path.isdir(os.path.join(args.nanodo, "nanodo")):
     print(f"compare_nanodo: error: no Nanodo source in {args.nanodo!r}; pass "
-          "--nanodo=PATH to a google-deepmind/nanodo checkout", file=sys.stderr)
+          "--nanodo=PATH (or set NANODO_SRC) to a google-deepmind/nanodo "
+          "checkout", file=sys.stderr)
     return 2
   sys.path.insert(0, os.path.abspath(args.nanodo))
   import jax

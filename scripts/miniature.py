@@ -634,7 +634,6 @@ def render(claims: list[Claim], times: dict, out_dir: str, setup: str
       "## Commands",
       "",
       "```bash",
-      "export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)",
       "python -m launch.sweep configs/sweeps/miniature.py --backend=local "
       "--parallel=2 \\",
       "    --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache",

@@ -1,4 +1,9 @@
-"""Shared fixtures: offline data paths, small configs and run directories."""
+"""Shared fixtures: data paths, small configs and run directories.
+
+Every test reads the data shipped with the package (nanodo_sam/data_files),
+whatever the machine holds: $TFDS_DATA_DIR is unset here (a test that needs
+it sets it). Tests that compare with Nanodo's own source read it from
+$NANODO_SRC (a checkout of google-deepmind/nanodo) and skip without it."""
 
 import json
 import os
@@ -7,18 +12,19 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
-TFDS_DIR = os.path.join(SHARED_DATA, "tensorflow_datasets")
-SPM_PATH = os.path.join(SHARED_DATA,
-                        "c4_t5_sentencepiece_cc_all.32000.100extra.model")
-
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-os.environ.setdefault("TFDS_DATA_DIR", TFDS_DIR)
+os.environ.pop("TFDS_DATA_DIR", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-needs_data = pytest.mark.skipif(not os.path.isdir(TFDS_DIR),
-                                reason="../shared/data is not present")
+from nanodo_sam import data as _data  # noqa: E402  (after sys.path)
+
+SPM_PATH = _data.shipped_path(_data.T5_VOCAB_FILE)  # The T5 C4 vocabulary.
+TINY_SHAKESPEARE_TXT = _data.shipped_path(_data.TINY_SHAKESPEARE_TXT)
+NANODO_SRC = os.environ.get("NANODO_SRC", "")
+needs_nanodo = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(NANODO_SRC, "nanodo")),
+    reason="NANODO_SRC is not set to a checkout of google-deepmind/nanodo")
 
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -106,8 +112,6 @@ def tiny_sweep(tmp_path_factory):
   prune-eval` runs on the second (a run with sharpness diagnostics and
   `analyze`'s sharpness.json: tests/test_cli.py). Returns the sweep's output
   directory, holding TINY_RUNS."""
-  if not os.path.isdir(TFDS_DIR):
-    pytest.skip("../shared/data is not present")
   from configs.sweeps import authoring
   from launch import sweep as sw
   from nanodo_sam import cli

@@ -8,10 +8,7 @@ import sys
 
 import pytest
 
-from conftest import needs_data
 from test_cli import QUICK, ROOT, TINY, _assert_one_line_error, _run
-
-pytestmark = needs_data
 
 
 def _snapshot(path) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_data
+from conftest import ROOT
 from nanodo_sam import cli
 
 QUICK = os.path.join(ROOT, "configs", "quickstart.py")
@@ -76,7 +76,6 @@ def test_precond_method_refuses_sgd(tmp_path, capsys):
   _assert_one_line_error(code, err, "precond")
 
 
-@needs_data
 def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, out, _ = _run(capsys, "train", f"--config={QUICK}",
@@ -129,7 +128,7 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
   assert not workdir.exists()
 
 
-@needs_data
+@pytest.mark.slow  # Trains with diagnostics, then analyze and prune-eval.
 def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, _, _ = _run(capsys, "train", f"--config={QUICK}",

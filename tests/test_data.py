@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SHARED_DATA, SPM_PATH, crash_then_resume, needs_data, \
+from conftest import SPM_PATH, TINY_SHAKESPEARE_TXT, crash_then_resume, \
     tiny_config
 from nanodo_sam import data as data_lib
 from nanodo_sam.config import UsageError
@@ -38,7 +38,6 @@ def test_pack_concatenates_with_eos_and_splits_round_trip(packing, row):
                                 0.0 if packing == "nanodo" else 1.0)
 
 
-@needs_data
 def test_tiny_shakespeare_bytes_decode_to_the_raw_text():
   cfg = tiny_config(**{"data.packing": "shifted"})
   batches = data_lib.eval_batches(cfg)
@@ -46,13 +45,11 @@ def test_tiny_shakespeare_bytes_decode_to_the_raw_text():
   b = batches[0]
   assert b["inputs"].shape == (8, 32) and b["inputs"].dtype == np.int32
   assert b["weights"].dtype == np.float32 and b["weights"].min() == 1.0
-  raw = open(os.path.join(SHARED_DATA, "manual",
-                          "tiny_shakespeare_input.txt")).read()
+  raw = open(TINY_SHAKESPEARE_TXT).read()
   text = data_lib.decode("byte", b["inputs"][0])
   assert len(text) > 20 and text in raw
 
 
-@needs_data
 def test_eval_batches_are_fixed_and_train_order_follows_the_seed():
   cfg = tiny_config()
   a, b = data_lib.eval_batches(cfg), data_lib.eval_batches(cfg)
@@ -65,7 +62,6 @@ def test_eval_batches_are_fixed_and_train_order_follows_the_seed():
   assert not np.array_equal(first, next(s1)["inputs"])
 
 
-@needs_data
 def test_train_iterator_position_survives_save_and_restore(tmp_path):
   cfg = tiny_config()
   it = data_lib.TrainIterator(data_lib.train_dataset(cfg, 3))
@@ -79,7 +75,6 @@ def test_train_iterator_position_survives_save_and_restore(tmp_path):
     np.testing.assert_array_equal(next(fresh)["inputs"], e)
 
 
-@needs_data
 def test_c4_with_the_t5_sentencepiece_vocabulary():
   cfg = tiny_config()
   cfg.data.tfds_name = "c4/en:3.1.0"
@@ -216,6 +211,7 @@ def test_file_corpus_position_survives_save_and_restore_across_epochs(
   assert not np.array_equal(next(other)["inputs"], expected[0])
 
 
+@pytest.mark.slow  # Three training runs.
 def test_a_parquet_corpus_trains_and_resumes_bitwise(tmp_path, monkeypatch):
   import jax
   from nanodo_sam import checkpoint

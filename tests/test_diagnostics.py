@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import needs_data, read_scalars, tiny_config
+from conftest import read_scalars, tiny_config
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
@@ -21,7 +21,7 @@ EXACT = ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross",
          "sam_edge", "two_over_lr")
 
 
-@needs_data
+@pytest.mark.slow  # Trains with diagnostics, then analyze.
 def test_analyze_and_training_diagnostics_agree(tmp_path):
   """On the checkpointed theta_2, the numbers the loop logged before step 2
   are `diagnostics.make_sharpness` at that step's lr, rho and key; `analyze

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import needs_data, read_scalars, tiny_config
+from conftest import TINY_SHAKESPEARE_TXT, read_scalars, tiny_config
 from nanodo_sam import checkpoint
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam_schedule
@@ -131,7 +131,6 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-@needs_data
 def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
     tmp_path, monkeypatch):
   k, total = 3, 5
@@ -180,7 +179,6 @@ def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
   assert diff > 1e-6  # ... which are not AdamW's.
 
 
-@needs_data
 def test_edge_of_stability_run_logs_lambda_max_and_sam_edge(tmp_path):
   lr, rho = 0.2, 0.3
   cfg = tiny_config(**{
@@ -232,7 +230,6 @@ def test_edge_of_stability_split_holds_out_the_last_10000_lines(
     eos.tiny_shakespeare_split(str(tmp_path / "missing.txt"))
 
 
-@needs_data
 def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
                                                           tmp_path):
   from configs import edge_of_stability as eos
@@ -247,7 +244,7 @@ def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
     assert c.model.V == 259 and c.data.vocab == "byte"
   m = full.model
   assert (m.N, m.H, m.D, m.L, full.data.batch_size) == (6, 8, 128, 64, 128)
-  raw = open(eos.RAW_FILE, "rb").read()
+  raw = open(TINY_SHAKESPEARE_TXT, "rb").read()
   train, test = (open(f, "rb").read() for f in
                  (full.data.train_files, full.data.eval_files))
   assert train + test == raw and len(test.splitlines()) == 10_000

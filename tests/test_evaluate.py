@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import SPM_PATH, needs_data, read_scalars, tiny_config
+from conftest import SPM_PATH, read_scalars, tiny_config
 from nanodo_sam import config as config_lib
 from nanodo_sam import data as data_lib
 from nanodo_sam import evaluate
@@ -55,8 +55,6 @@ def _eval_set(tmp_path, vocab, add_bos):
 @pytest.mark.parametrize("vocab,add_bos", [("byte", False), (SPM_PATH, True)],
                          ids=["byte", "sentencepiece"])
 def test_metrics_equal_sums_computed_by_hand(tmp_path, vocab, add_bos):
-  if vocab != "byte" and not os.path.exists(vocab):
-    pytest.skip("../shared/data is not present")
   cfg, batches = _eval_set(tmp_path, vocab, add_bos)
   v = data_lib.make_vocab(vocab)
   model = model_lib.TransformerDo(config_lib.model_config(cfg))
@@ -105,7 +103,6 @@ def test_bits_per_byte_is_nan_without_a_byte_count():
   assert math.isnan(m["bits_per_byte"])
 
 
-@needs_data
 def test_a_run_records_every_metric_and_eval_reproduces_them(tmp_path,
                                                             capsys):
   cfg = tiny_config()

@@ -1,9 +1,9 @@
 """Fidelity to Nanodo, the code the paper's numbers came out of.
 
-Tests marked `needs_nanodo` import Nanodo's own source from
-../shared/reference/nanodo (skipped when it is absent): the forward pass on
-the same parameters, the initial distribution of every kernel, the bfloat16
-path and one AdamW update. The rest checks the options against formulas
+Tests marked `needs_nanodo` import Nanodo's own source from $NANODO_SRC (a
+checkout of google-deepmind/nanodo; skipped when it is unset): the forward
+pass on the same parameters, the initial distribution of every kernel, the
+bfloat16 path and one AdamW update. The rest checks the options against formulas
 written here: per-document evaluation by hand, independent weight decay, and
 old run directories (which predate the Nanodo defaults).
 """
@@ -20,16 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, SPM_PATH, needs_data, tiny_config
+from conftest import NANODO_SRC, ROOT, SPM_PATH, needs_nanodo, tiny_config
 from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 
-NANODO = os.path.abspath(os.path.join(ROOT, "..", "shared", "reference",
-                                      "nanodo"))
-needs_nanodo = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(NANODO, "nanodo")),
-    reason="../shared/reference/nanodo is not present")
+NANODO = os.path.abspath(NANODO_SRC) if NANODO_SRC else ""
 
 
 def _nanodo(module: str):
@@ -172,8 +168,21 @@ def test_bfloat16_logits_are_no_further_from_float32_than_nanodos():
         lambda p, t: low.apply({"params": p}, t),
         lambda p, t: f32.apply({"params": p}, t), ours_params, tokens)
   rms, worst = errors["float32"]
-  assert rms <= theirs[0] * 1.001 and worst <= theirs[1] * 1.001, (
-      errors, theirs)
+  # The rms is a mean over 4 x 128 x 2048 = 1M squared errors (sampling
+  # noise ~1/sqrt(2M) = 0.07%): ours keeps the residual stream and output
+  # layer in float32 where Nanodo's is bfloat16 throughout, so it must be no
+  # larger.
+  assert rms <= theirs[0] * 1.001, (errors, theirs)
+  # The max is one extreme draw out of 1M, set by where each program rounds
+  # to bfloat16 and by the machine's kernels. Nanodo's logits are bfloat16
+  # (8 significant bits), ours float32: its worst error depends on where its
+  # largest logits fall between bfloat16 values, by up to half a bfloat16
+  # ulp of the largest logit, 2^(floor(log2 max|z|) - 8) (0.0156 here, max|z|
+  # 5.3; seen: ours 0.0369 vs 0.0376 on one Xeon, 0.0414 vs 0.0376 on
+  # another).
+  z = np.asarray(f32.apply({"params": ours_params}, tokens))
+  half_ulp = 2.0 ** (np.floor(np.log2(np.abs(z).max())) - 8)
+  assert worst <= theirs[1] + half_ulp, (errors, theirs, half_ulp)
   # The old path (bfloat16 residual stream and output layer) is further off.
   assert errors["compute"][0] > rms
 
@@ -271,7 +280,6 @@ def _files_config(tmp_path, **overrides):
   return c
 
 
-@needs_data
 def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
   import seqio
   cfg = _files_config(tmp_path)
@@ -316,7 +324,6 @@ def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
-@needs_data
 def test_training_rows_follow_nanodos_framing(tmp_path):
   from nanodo_sam import data as data_lib
   cfg = _files_config(tmp_path)
@@ -342,7 +349,6 @@ def test_training_rows_follow_nanodos_framing(tmp_path):
   assert batch["inputs"].shape == (2, L) and batch["weights"].all()
 
 
-@needs_data
 def test_per_document_eval_reads_one_pass_and_pads_the_last_batch(tmp_path):
   from nanodo_sam import data as data_lib
   cfg = _files_config(tmp_path, **{"data.eval_batch_size": 3,
@@ -385,7 +391,7 @@ def test_base_defaults_are_nanodos():
 # ------------------------------------------------ runs that predate this
 
 
-@needs_data
+@pytest.mark.slow  # Trains and resumes runs.
 def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
     tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)

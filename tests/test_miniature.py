@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from conftest import needs_data
+# The study's runs and report end to end (minutes on 2 cores).
+pytestmark = pytest.mark.slow
 
-pytestmark = needs_data
 
 TINY = {"model.D": 16, "model.N": 1, "model.H": 1, "model.F": 32,
         "model.L": 16, "data.batch_size": 4, "data.eval_batch_size": 4,

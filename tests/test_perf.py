@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import needs_data, tiny_config
+from conftest import tiny_config
 from nanodo_sam import bench
 from nanodo_sam import config as config_lib
 from nanodo_sam import flops
@@ -120,6 +120,7 @@ def _wrappers(params):
   }
 
 
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_no_step_holds_a_logits_sized_tensor(monkeypatch):
   """V = 4096 >> D: one f32 [B, L, V] is far bigger than everything else. In
   8 chunks no method's temporaries reach even one of them (the plain path
@@ -215,7 +216,6 @@ def test_no_recompilation_after_the_first_step_of_each_kind(compiles):
     assert int(state.step) == 6 and np.isfinite(float(metrics["loss"]))
 
 
-@needs_data
 def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
   """The loop dispatches step N before it fetches step N-1's metrics, so the
   host never waits for the step it just dispatched."""
@@ -249,6 +249,7 @@ def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ALL)
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_bfloat16_compute_every_method(method):
   """One train step in bfloat16 compute: float32 logits, loss, gradients,
   parameters and optimizer state; everything finite."""
@@ -431,6 +432,7 @@ def test_parse_methods():
     bench.parse_sizes("3M")
 
 
+@pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_bench_runs_and_writes_json(tmp_path):
   cfg = tiny_config()
   out = tmp_path / "bench.json"

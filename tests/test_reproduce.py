@@ -10,13 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY_RUNS, fake_run, needs_data
+from conftest import TINY_RUNS, fake_run
 from launch import sweep as sw
 from nanodo_sam import runs as runs_lib
 from scripts import make_tables as mt
 
 
-@needs_data
+@pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_sweep_to_tables_to_figures(tiny_sweep, capsys):
   out = tiny_sweep  # launch.sweep trained these (tests/conftest.py).
   names = list(TINY_RUNS)

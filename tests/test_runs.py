@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TINY_RUNS, fake_run, needs_data
+from conftest import TINY_RUNS, fake_run
 from nanodo_sam import runs
 
 
@@ -19,7 +19,7 @@ def _json(path):
   return json.loads(path.read_text())
 
 
-@needs_data
+@pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_load_runs_reads_every_file_of_a_real_run(tiny_sweep):
   found = runs.load_runs([str(tiny_sweep)])
   assert [r.name for r in found] == list(TINY_RUNS)
@@ -48,7 +48,7 @@ def test_load_runs_reads_every_file_of_a_real_run(tiny_sweep):
   assert runs.read_run(pfs.workdir).results == pfs.results
 
 
-@needs_data
+@pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_scalars_match_tensorboard_and_results(tiny_sweep):
   from tensorboard.backend.event_processing import event_accumulator as ea
   from tensorboard.util import tensor_util
@@ -77,7 +77,7 @@ def test_scalars_match_tensorboard_and_results(tiny_sweep):
     assert r.scalars(["eval/loss"]) == {"eval/loss": scalars["eval/loss"]}
 
 
-@needs_data
+@pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_grouping_and_paired_differences_on_real_runs(tiny_sweep, tmp_path):
   found = runs.load_runs([str(tiny_sweep)])
   assert runs.varying_keys(found) == ["sam.method", "sam.rho"]

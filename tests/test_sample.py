@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, SPM_PATH, needs_data
+from conftest import ROOT, SPM_PATH
 from nanodo_sam import data as data_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import sample as sample_lib
@@ -62,8 +62,6 @@ def test_greedy_sampling_is_the_argmax_of_a_full_forward(vocab, add_bos):
   """Greedy decoding with the cache picks, at every generated position, the
   argmax of one full forward pass over prompt + generated tokens; the prompt
   is framed as the run's documents (BOS first with add_bos)."""
-  if vocab != "byte" and not os.path.exists(vocab):
-    pytest.skip("../shared/data is not present")
   v = data_lib.make_vocab(vocab)
   model, params = _model(V=v.vocab_size, L=32)
   prompt = sample_lib.prompt_ids(v, "To be, or not to be", add_bos)
@@ -113,7 +111,7 @@ def test_prompt_longer_than_the_context_is_refused():
   assert sample_lib.max_new_tokens(4, 32, 10) == 10
 
 
-@needs_data
+@pytest.mark.slow  # Trains, then the sample command.
 def test_sample_command_on_a_trained_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
   code, _, _ = _run(capsys, "train", f"--config={QUICK}",

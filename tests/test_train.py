@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, crash_then_resume, listing, needs_data, read_scalars, \
+from conftest import ROOT, crash_then_resume, listing, read_scalars, \
     tiny_config, tiny_flags
 from launch import sweep as sweep_lib
 from nanodo_sam import checkpoint
@@ -25,8 +25,6 @@ from nanodo_sam import runs as runs_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
-
-pytestmark = needs_data
 
 
 def _params(workdir, cfg, step=None):
@@ -104,6 +102,7 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
     tmp_path, capsys, caplog):
   """SGD at a learning rate that blows up within a few steps, a checkpoint
@@ -160,6 +159,7 @@ def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
     ("sam", {}), ("functional_sam", {}), ("logit_sam", {}),
     ("angle_sam", {"sam.phi": 0.5}), ("precond_sam", {}),
 ])
+@pytest.mark.slow  # End-to-end training runs.
 def test_each_method_trains_and_logs_its_metrics(tmp_path, method, extra):
   cfg = tiny_config(**{"sam.method": method, "sam.rho": 0.05,
                        "opt.num_train_steps": 6, "eval_every_steps": 0,
@@ -190,6 +190,7 @@ def test_schedules_choose_the_step_on_the_host():
   np.testing.assert_allclose(rhos, [0.01, 0.05, 0.1, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
   """profile.num_steps=2 from step 1 of a 4-step run: a trace TensorBoard's
   profile plugin reads (plugins/profile/<time>/*.xplane.pb) and its log line;
@@ -207,6 +208,7 @@ def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
   assert list((tmp_path / "b" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
     tmp_path, monkeypatch):
   """Killed after its step-2 checkpoint and resumed, the run logs into the
@@ -383,6 +385,7 @@ def _assert_same_run(workdir, reference):
   return res
 
 
+@pytest.mark.slow  # Two SIGKILLed runs and two resumptions.
 def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
     tmp_path, reference, capsys, caplog):
   """SIGKILLed right after the eval at step 30 (checkpoint 20 on disk), then
@@ -417,21 +420,30 @@ def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
 def test_killed_at_every_kind_of_point_resumes_exactly(tmp_path, reference):
   """Five SIGKILLs in one run: before any checkpoint, right after an eval
   whose step's checkpoint is not yet written (20), between a checkpoint and
-  an eval (step 45), after the final eval before the final checkpoint,
-  and before results.json."""
+  an eval (step 46), after the final eval before the final checkpoint,
+  and before results.json. Checkpoints are saved asynchronously: the
+  after_eval and before_results kills come after the run has waited for its
+  saves, so exactly the due ones are on disk; a `batch` kill may land while
+  a save is in flight (lost: a matter of timing, not a fault), so there
+  only none that was not due may be on disk. Either way the run must end
+  exactly as the uninterrupted one."""
   workdir = tmp_path / "run"
-  for point, at, ckpts, evals in [
+  for point, at, due, evals in [
       ("batch", 8, [], []), ("after_eval", 20, [], [10, 20]),
       ("batch", 46, [20, 40], [10, 20, 30, 40]),
       ("after_eval", 60, [20, 40], [10, 20, 30, 40, 50, 60]),
       ("before_results", 0, [20, 40, 60], [10, 20, 30, 40, 50, 60])]:
     progress = _killed(tmp_path, workdir, point, at)
-    assert _steps(workdir) == ckpts, point
+    if point == "batch":
+      assert set(_steps(workdir)) <= set(due), (point, _steps(workdir))
+    else:
+      assert _steps(workdir) == due, point
     assert [n for n, _ in progress["eval_history"]] == evals, point
   assert _main("train", f"--workdir={workdir}", *tiny_flags(**RESUME)) == 0
   _assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_sigterm_checkpoints_then_the_same_command_resumes_bitwise(
     tmp_path, reference):
   """SIGTERM during a run: it finishes the step in flight, checkpoints that

@@ -7,7 +7,6 @@ run for both methods, so it is trained once). 9 runs and their analyses took
 21 CPU-minutes on 2 cores (with the JAX compilation cache); results in
 docs/experiments.md:
 
-  export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)
   python -m launch.sweep configs/sweeps/late_phase.py --backend=local \
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   for run in runs/late_phase/*/; do nanodo-sam analyze --workdir=$run; done

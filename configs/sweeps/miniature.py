@@ -1,7 +1,7 @@
 """The paper in miniature (docs/miniature.md): every run of the study.
 
 The model and data are configs/miniature.py's (Nanodo's defaults, D64 N2 on
-the offline C4 subset). Two stages, both in this one file:
+the C4 subset shipped with the package). Two stages, both in this one file:
 
   1. Needs nothing:
      - AdamW, C4 SentencePiece vocabulary, seeds 0-3, the logit/functional
@@ -23,7 +23,6 @@ the offline C4 subset). Two stages, both in this one file:
 The local launcher expands a sweep again after each pass, so one command runs
 both stages (and resumes either after a kill):
 
-  export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)
   python -m launch.sweep configs/sweeps/miniature.py --backend=local \\
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   python scripts/miniature.py runs/miniature     # -> docs/miniature.md
