@@ -335,15 +335,16 @@ def _tfds_prepared(name: str, data_dir: str | None):
     return builder, builder.is_prepared()
 
 
-def tfds_source(data_cfg):
-  """The seqio source of data.tfds_name: from data.tfds_data_dir (a folder
-  or gs:// bucket; it must hold the dataset), else $TFDS_DATA_DIR if it holds
-  it, else the copy shipped with the package (data.use_shipped and a name in
-  SHIPPED_TFDS), else TFDS's default folder (~/tensorflow_datasets). Where
-  the folder read (not the shipped copy) lacks it, data.download=True lets
-  TFDS download and prepare it there; otherwise its absence is a UsageError
-  saying how to get it. Only reads the dataset's metadata."""
-  import seqio
+def tfds_choice(data_cfg, prepare: bool = False
+                ) -> tuple[str | None, bool]:
+  """Where data.tfds_name is read from, as (TFDS data dir, shipped):
+  data.tfds_data_dir (a folder or gs:// bucket; it must hold the dataset),
+  else $TFDS_DATA_DIR if it holds it, else the copy shipped with the package
+  (shipped=True: data.use_shipped and a name in SHIPPED_TFDS), else TFDS's
+  default folder (~/tensorflow_datasets, data dir None). Where the folder
+  read (not the shipped copy) lacks it, `prepare` with data.download=True
+  lets TFDS download and prepare it there; otherwise its absence is a
+  UsageError saying how to get it. Only reads the dataset's metadata."""
   name = data_cfg.tfds_name
   configured = resolve_path(data_cfg.get("tfds_data_dir", ""))
   data_dir = configured or os.environ.get("TFDS_DATA_DIR") or None
@@ -351,13 +352,40 @@ def tfds_source(data_cfg):
   if data_dir is not None or not shipped:
     builder, prepared = _tfds_prepared(name, data_dir)
     if prepared:
-      return seqio.TfdsDataSource(name, tfds_data_dir=data_dir)
-    if data_cfg.get("download", False):
+      return data_dir, False
+    if prepare and data_cfg.get("download", False):
       builder.download_and_prepare()
-      return seqio.TfdsDataSource(name, tfds_data_dir=data_dir)
+      return data_dir, False
     if configured or not shipped:
       raise UsageError(_missing(name, data_dir, builder.data_dir))
-  return SHIPPED_TFDS[name]()
+  return None, True
+
+
+def tfds_source(data_cfg):
+  """The seqio source of data.tfds_name, read where `tfds_choice` says."""
+  import seqio
+  data_dir, shipped = tfds_choice(data_cfg, prepare=True)
+  if shipped:
+    return SHIPPED_TFDS[data_cfg.tfds_name]()
+  return seqio.TfdsDataSource(data_cfg.tfds_name, tfds_data_dir=data_dir)
+
+
+def tfds_files(data_cfg) -> dict[str, list[tuple[str, int | None]]]:
+  """{split: [(file, records it should hold, if known)]} of the files
+  data.tfds_name is read from (`tfds_choice`): the TFDS splits' shards and
+  the record counts of their dataset_info.json, or the shipped text."""
+  import tensorflow_datasets as tfds
+  name = data_cfg.tfds_name
+  data_dir, shipped = tfds_choice(data_cfg)
+  if shipped and name.startswith("tiny_shakespeare"):
+    text = shipped_path(TINY_SHAKESPEARE_TXT)  # One file, split on reading.
+    return {s: [(text, None)] for s in ("train", "validation", "test")}
+  if shipped:
+    data_dir = shipped_path(SHIPPED_TFDS_DIR)
+  info = tfds.builder(name, data_dir=data_dir).info
+  splits = {k: info.splits[k] for k in sorted(info.splits.keys())}
+  return {k: [(str(p), int(n)) for p, n in zip(v.filepaths, v.shard_lengths)]
+          for k, v in splits.items()}
 
 
 def _missing(name: str, data_dir: str | None, looked: str) -> str:
@@ -706,17 +734,10 @@ class Source:
 
   def shards(self) -> list[tuple[str, int | None]]:
     """(file, records it should hold, if known) of every shard of the
-    split: the glob's files, or the TFDS split's files and the record
-    counts of its dataset_info.json."""
+    split: the glob's files, or the TFDS split's (`tfds_files`)."""
     if self.files:
       return [(f, None) for f in sorted(glob.glob(resolve_path(self.files)))]
-    import tensorflow_datasets as tfds
-    builder = tfds.builder(
-        self.data_cfg.tfds_name,
-        data_dir=tfds_data_dir(self.data_cfg.get("tfds_data_dir", "")))
-    info = builder.info.splits[self.split]
-    return [(str(p), int(n))
-            for p, n in zip(info.filepaths, info.shard_lengths)]
+    return tfds_files(self.data_cfg)[self.split]
 
   def error(self, e: Exception) -> DataError:
     """The DataError for read error `e`: the damaged file is looked for by

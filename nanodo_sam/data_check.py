@@ -2,7 +2,7 @@
 lists the damaged ones.
 
 The shards are those of every split of the TFDS dataset (data.tfds_name,
-read from data.tfds_data_dir / $TFDS_DATA_DIR), or the files of
+read where training reads it: `data.tfds_choice`), or the files of
 data.train_files and data.eval_files. Each is read whole by
 `data.check_shard`: TFRecord shards record by record with their checksums
 and against the record counts of dataset_info.json, JSON lines parsed,
@@ -33,15 +33,9 @@ def shards(data_cfg) -> list[tuple[str, str, int | None]]:
                                 f"(data.{kind}_files)")
     out += [(f"{src.name}", f, n) for f, n in files]
   if len(kinds) < 2:  # Some split comes from TFDS: check all of its splits.
-    import tensorflow_datasets as tfds
-    data_dir = data_lib.tfds_data_dir(data_cfg.get("tfds_data_dir", ""))
-    # pylint: disable-next=protected-access
-    data_lib._check_tfds(data_cfg.tfds_name, data_dir)
-    info = tfds.builder(data_cfg.tfds_name, data_dir=data_dir).info
-    for split in sorted(info.splits.keys()):
-      s = info.splits[split]
-      out += [(f"TFDS dataset {data_cfg.tfds_name!r}, split {split}", str(p),
-               int(n)) for p, n in zip(s.filepaths, s.shard_lengths)]
+    for split, files in data_lib.tfds_files(data_cfg).items():
+      out += [(f"TFDS dataset {data_cfg.tfds_name!r}, split {split}", f, n)
+              for f, n in files]
   unique = []
   for what, f, n in out:
     if f not in seen:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, TFDS_DIR, listing, needs_data, tiny_config, \
+from conftest import ROOT, listing, tiny_config, \
     tiny_flags
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
@@ -26,7 +26,6 @@ from nanodo_sam import runs as runs_lib
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
-pytestmark = needs_data
 
 # 30 steps, an eval and a checkpoint every 10, all kept.
 RUN = {"opt.num_train_steps": 30, "eval_every_steps": 10,
@@ -268,34 +267,51 @@ def test_a_full_disk_ends_in_one_line_exit_74_and_the_same_command_resumes(
 # ---------------------------------------------------------- damaged data
 
 
+C4 = "c4/en:3.1.0"
+
+
 @pytest.fixture
 def tfds_copy(tmp_path):
-  """A copy of the offline tiny_shakespeare (never modify the shared one)."""
+  """A copy of the C4 subset shipped with the package (never modify it)."""
   root = tmp_path / "tfds"
-  shutil.copytree(os.path.join(TFDS_DIR, "tiny_shakespeare"),
-                  root / "tiny_shakespeare")
+  shutil.copytree(data_lib.shipped_path(data_lib.SHIPPED_TFDS_DIR), root)
   return root
 
 
-def _shard(root, split):
-  return (root / "tiny_shakespeare" / "1.0.0" /
-          f"tiny_shakespeare-{split}.tfrecord-00000-of-00001")
+def c4_flags(tfds_dir) -> list[str]:
+  """The tiny run's flags reading C4 (byte vocabulary) from `tfds_dir`."""
+  return [*tiny_flags(), f"--config.data.tfds_name={C4}",
+          "--config.data.use_shipped=False",
+          f"--config.data.tfds_data_dir={tfds_dir}"]
+
+
+def _shard(root, split, i=0):
+  n = {"train": 8, "validation": 2}[split]
+  return (root / "c4" / "en" / "3.1.0" /
+          f"__local_c4_builder-{split}.tfrecord-{i:05d}-of-{n:05d}")
+
+
+def _records(root, split, i) -> int:
+  """The record count dataset_info.json gives shard i of `split`."""
+  with open(root / "c4" / "en" / "3.1.0" / "dataset_info.json") as f:
+    info = json.load(f)
+  [sp] = [x for x in info["splits"] if x["name"] == split]
+  return int(sp["shardLengths"][i])
 
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
     tmp_path, tfds_copy, capfd, split):
   shard = _shard(tfds_copy, split)
-  os.truncate(shard, os.path.getsize(shard) // 2)
+  os.truncate(shard, 1000)  # Inside its first record: read at once.
   capfd.readouterr()
-  code = _main("train", f"--workdir={tmp_path / 'run'}", *tiny_flags(),
-               f"--config.data.tfds_data_dir={tfds_copy}")
+  code = _main("train", f"--workdir={tmp_path / 'run'}", *c4_flags(tfds_copy))
   err = capfd.readouterr().err
   assert code == data_lib.EXIT_DATA_ERROR == 65
   assert "Traceback" not in err, err
   [line] = [l for l in err.splitlines() if l.startswith("nanodo-sam")]
   assert line.startswith(f"nanodo-sam: error: reading the {split} split of "
-                         "TFDS dataset 'tiny_shakespeare")
+                         f"TFDS dataset '{C4}")
   assert f"failed in {shard}: truncated record" in line
   assert "(DataLossError)" in line
   assert "nanodo-sam data --check" in line
@@ -304,24 +320,26 @@ def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
 
 def test_data_check_reads_every_shard_and_lists_the_damaged_ones(
     tfds_copy, capfd):
-  flags = [*tiny_flags(), f"--config.data.tfds_data_dir={tfds_copy}"]
+  flags = c4_flags(tfds_copy)
   capfd.readouterr()
   assert _main("data", "--check", *flags) == 0
-  assert "checked 3 shards" in capfd.readouterr().out  # train, val, test
+  assert "checked 10 shards" in capfd.readouterr().out  # 8 train, 2 val
   # One cut in the middle of a record, one at a record boundary (0 bytes:
   # readable, but short of the records dataset_info.json counts).
   os.truncate(_shard(tfds_copy, "train"), 1000)
-  os.truncate(_shard(tfds_copy, "test"), 0)
+  os.truncate(_shard(tfds_copy, "validation", 1), 0)
   assert _main("data", "--check", *flags) == data_lib.EXIT_DATA_ERROR
   out = capfd.readouterr().out.splitlines()
   damaged = {l.split()[1]: l for l in out if l.startswith("damaged: ")}
-  assert sorted(damaged) == sorted(str(_shard(tfds_copy, s))
-                                   for s in ("train", "test"))
-  assert "split train): DataLossError: truncated record" in damaged[
-      str(_shard(tfds_copy, "train"))]
-  assert "split test): 0 records, its dataset_info.json says 1" in damaged[
-      str(_shard(tfds_copy, "test"))]
-  assert out[-1].startswith("checked 3 shards") and "2 damaged" in out[-1]
+  train, val = (str(_shard(tfds_copy, "train")),
+                str(_shard(tfds_copy, "validation", 1)))
+  assert sorted(damaged) == sorted([train, val])
+  assert "split train): DataLossError: truncated record" in damaged[train]
+  n = _records(tfds_copy, "validation", 1)
+  assert n > 0
+  assert (f"split validation): 0 records, its dataset_info.json says {n}"
+          in damaged[val])
+  assert out[-1].startswith("checked 10 shards") and "2 damaged" in out[-1]
 
 
 def test_data_check_of_file_corpora(tmp_path):

@@ -22,7 +22,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
   sys.path.insert(0, TESTS)
 
-from conftest import needs_data, tiny_config  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 from test_sharding import Job, _env, step_config  # noqa: E402
 
 METHODS = ("adamw", "sam", "precond_functional_sam")
@@ -236,7 +236,6 @@ def test_auto_microbatches_refuse_what_never_fits():
                                    "mesh.device_memory_gb": 1e-6}))
 
 
-@needs_data
 def test_a_step_that_cannot_fit_is_refused_before_the_disk(tmp_path):
   """In a fresh process: one line first on stderr (what, how much, what to
   change), exit 2, and no workdir."""
