@@ -361,6 +361,14 @@ def tfds_choice(data_cfg, prepare: bool = False
   return None, True
 
 
+def check_available(data_cfg) -> None:
+  """The TFDS dataset a config reads is there (`tfds_choice`; prepared
+  first with data.download=True), else one-line UsageError: asked before
+  any compile or write."""
+  if not (data_cfg.get("train_files", "") and data_cfg.get("eval_files", "")):
+    tfds_choice(data_cfg, prepare=True)
+
+
 def tfds_source(data_cfg):
   """The seqio source of data.tfds_name, read where `tfds_choice` says."""
   import seqio

@@ -392,6 +392,7 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
   here for the call. A run with a results.json is finished: started again,
   it returns that file's results and touches nothing."""
   t_start = time.time()
+  data_lib.check_available(cfg.data)  # Before setup's compiles: one line.
   s = state_lib.setup(cfg)  # Validates everything before touching the disk.
   config_lib.check_workdir(cfg, workdir)
   results = read_results(workdir)

@@ -27,6 +27,11 @@ if TESTS not in sys.path:
 
 from conftest import tiny_config  # noqa: E402
 
+# One 8-device worker computes every case (~90 s on 2 cores): CI runs it
+# with the slow tests; tests/test_sharpness.py checks the chunked products
+# against dense Hessians in the default set.
+pytestmark = pytest.mark.slow
+
 B, L = 8, 32  # One row per device; 4 chunks of 8 tokens with CHUNK = 8.
 CHUNK = 8
 KEYS = ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross",

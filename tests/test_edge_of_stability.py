@@ -94,7 +94,7 @@ def _spy_on_steps(monkeypatch):
   real = train_lib.jit_train_step
   used, passes, fns, batches = [], {}, {}, []
 
-  def spy(s, method):
+  def spy(s, method, correct=False):
     passes.setdefault(method, 0)
 
     def count(fn):
@@ -107,7 +107,8 @@ def _spy_on_steps(monkeypatch):
     # runs the head's `features` and the chunked output layer.
     fn = real(dataclasses.replace(
         s, logits_fn=count(s.logits_fn),
-        head=s.head._replace(features=count(s.head.features))), method)
+        head=s.head._replace(features=count(s.head.features))), method,
+        correct)
     fns[method] = fn
 
     def call(state, batch):

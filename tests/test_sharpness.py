@@ -398,6 +398,7 @@ def test_chunked_output_layer_matches_dense_hessians(chunk_tokens):
       jnp.abs(z) @ jnp.abs(d["HG"]) @ jnp.abs(z))
 
 
+@pytest.mark.slow  # ~40 s; the chunked products are checked in the default set
 def test_chunked_diagnostics_equal_the_whole_logits():
   """Every number of `diagnostics` (Lanczos, traces, both tau splits) is the
   same through the chunked output head as through the whole logits: the
