@@ -90,6 +90,7 @@ def test_attention_auto_is_xla_on_cpu_and_cudnn_is_refused():
     model_lib.attention_implementation(cudnn, "cpu")
 
 
+@pytest.mark.slow  # ~40 s on 2 cores
 def test_diagnostics_stay_exact_when_training_uses_cudnn(monkeypatch):
   """A run that trains with attention=cudnn (pretended available here) has
   diagnostics on XLA's attention: they run on the CPU, where the cuDNN

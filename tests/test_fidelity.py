@@ -280,6 +280,7 @@ def _files_config(tmp_path, **overrides):
   return c
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: trains a run first
 def test_per_document_eval_equals_the_loss_computed_by_hand(tmp_path):
   import seqio
   cfg = _files_config(tmp_path)
