@@ -119,8 +119,27 @@ def _keep(tree, params_sharding, stacked: bool = False):
 def _after(x, *deps):
   """x, but only once `deps` are computed: orders independent products so
   that each one's parameter-sized buffers (gathered weights, tangents) are
-  freed before the next one's are made. Identity on values."""
-  return lax.optimization_barrier((x, deps))[0]
+  freed before the next one's are made. Identity on values.
+
+  Besides the optimization barrier (which XLA's CPU compiler drops before
+  scheduling), x's floating leaves get an exact zero computed from `deps`
+  (0 * a finite sum of one leaf), so nothing of x (e.g. the gather of the
+  whole parameters inside a product) can be scheduled or hoisted before
+  `deps` exist."""
+  x = lax.optimization_barrier((x, deps))[0]
+  floats = [d for d in jax.tree.leaves(deps)
+            if jnp.issubdtype(jnp.result_type(d), jnp.floating)]
+  if not floats:
+    return x
+  s = jnp.sum(min(floats, key=jnp.size)).astype(jnp.float32)
+  zero = jnp.where(jnp.isfinite(s), s, 0.0) * 0.0
+
+  def tie(a):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return a
+    return a + zero.astype(a.dtype)
+
+  return jax.tree.map(tie, x)
 
 
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
@@ -602,7 +621,9 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   def body(state):
     j, basis_K, alpha_K, beta_K, _, _, _ = state
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
-    w = keep(hvp(params, batch, q, logits_fn=logits_fn, head=head,
+    # params tied to this iteration: else XLA hoists the product's gather of
+    # the whole parameters out of the loop and holds it across every step.
+    w = keep(hvp(_after(params, q), batch, q, logits_fn=logits_fn, head=head,
                  chunk_tokens=chunk_tokens, params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
@@ -639,7 +660,8 @@ def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
   def probe(key):
     z = _keep(_random_like(key, params, jax.random.rademacher),
               params_sharding)
-    return _over_batches(lambda b: quad_one(params, b, z, logits_fn), batch)
+    p = _after(params, z)  # gathered per probe, not hoisted (`lambda_max`)
+    return _over_batches(lambda b: quad_one(p, b, z, logits_fn), batch)
 
   values_N = lax.map(probe, jax.random.split(rng, num_probes))
   stderr = (jnp.std(values_N, ddof=1) / math.sqrt(num_probes)
