@@ -119,8 +119,27 @@ def _keep(tree, params_sharding, stacked: bool = False):
 def _after(x, *deps):
   """x, but only once `deps` are computed: orders independent products so
   that each one's parameter-sized buffers (gathered weights, tangents) are
-  freed before the next one's are made. Identity on values."""
-  return lax.optimization_barrier((x, deps))[0]
+  freed before the next one's are made. Identity on values.
+
+  Besides the optimization barrier (which XLA's CPU compiler drops before
+  scheduling), x's floating leaves get an exact zero computed from `deps`
+  (0 * a finite sum of one leaf), so nothing of x (e.g. the gather of the
+  whole parameters inside a product) can be scheduled or hoisted before
+  `deps` exist."""
+  x = lax.optimization_barrier((x, deps))[0]
+  floats = [d for d in jax.tree.leaves(deps)
+            if jnp.issubdtype(jnp.result_type(d), jnp.floating)]
+  if not floats:
+    return x
+  s = jnp.sum(min(floats, key=jnp.size)).astype(jnp.float32)
+  zero = jnp.where(jnp.isfinite(s), s, 0.0) * 0.0
+
+  def tie(a):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return a
+    return a + zero.astype(a.dtype)
+
+  return jax.tree.map(tie, x)
 
 
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
@@ -502,13 +521,14 @@ def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
   return _over_batches(lambda b: loss_grad(params, b), batch)
 
 
-def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops
-           ) -> dict[str, jax.Array]:
+def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops,
+           params_sharding=None) -> dict[str, jax.Array]:
   """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
   e_norm = _norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
   d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
-  params, e = _after((params, e), d_logit)
+  params, e = (_keep(t, params_sharding)
+               for t in _after((params, e), d_logit))
   d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
   logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
@@ -551,9 +571,9 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
-  params = _after(params, e)
+  params = _keep(_after(params, e), params_sharding)
   return {"loss": loss, "grad_norm": _norm(grad),
-          **_split(params, batch, e, logits_fn, ops)}
+          **_split(params, batch, e, logits_fn, ops, params_sharding)}
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
@@ -602,7 +622,9 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   def body(state):
     j, basis_K, alpha_K, beta_K, _, _, _ = state
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
-    w = keep(hvp(params, batch, q, logits_fn=logits_fn, head=head,
+    # params tied to this iteration: else XLA hoists the product's gather of
+    # the whole parameters out of the loop and holds it across every step.
+    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn, head=head,
                  chunk_tokens=chunk_tokens, params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(_vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
@@ -639,7 +661,9 @@ def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
   def probe(key):
     z = _keep(_random_like(key, params, jax.random.rademacher),
               params_sharding)
-    return _over_batches(lambda b: quad_one(params, b, z, logits_fn), batch)
+    # gathered per probe, not hoisted (`lambda_max`)
+    p = _keep(_after(params, z), params_sharding)
+    return _over_batches(lambda b: quad_one(p, b, z, logits_fn), batch)
 
   values_N = lax.map(probe, jax.random.split(rng, num_probes))
   stderr = (jnp.std(values_N, ddof=1) / math.sqrt(num_probes)
@@ -720,29 +744,30 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
                              "tau_cross")}
   if num_iters:
-    params = _after(params, out)
+    params = _keep(_after(params, out), params_sharding)
     out["lambda_max"], _, _ = lambda_max(
         params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
         rng=eig_rng, params_sharding=params_sharding, **chunked)
   if num_probes:
     traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
                   params_sharding=params_sharding, **chunked)
-    params = _after(params, out)
+    params = _keep(_after(params, out), params_sharding)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
         params, batch, **traces)
-    params = _after(params, out)
+    params = _keep(_after(params, out), params_sharding)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
         params, batch, **traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
-    params32 = _upcast(_after(params, out))
+    params32 = _keep(_upcast(_after(params, out)), params_sharding)
     _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn,
                             params_sharding=params_sharding, **chunked)
-    params32 = _after(params32, grad)
+    params32 = _keep(_after(params32, grad), params_sharding)
     split = _split(params32, batch,
                    preconditioned(grad, _like(precond, params32)), logits_fn,
-                   _ops(logits_fn, head, chunk_tokens, params_sharding))
+                   _ops(logits_fn, head, chunk_tokens, params_sharding),
+                   params_sharding)
     out.update({f"{k}_precond": split[k]
                 for k in ("tau_logit", "tau_func", "tau_cross")})
   return out

@@ -41,6 +41,9 @@ def measure(size: str, num_iters: int, num_probes: int) -> dict:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
     cfg.diagnostics.num_iters, cfg.diagnostics.num_probes = (num_iters,
                                                              num_probes)
+    # analyze runs no train step: no microbatch search, and a simulated CPU
+    # device stands for an 80 GB GPU.
+    cfg.grad_accumulation_steps, cfg.mesh.device_memory_gb = 1, 80.0
   s = state_lib.setup(cfg)
   rows = cfg.diagnostics.batch_size * cfg.diagnostics.num_batches
   tokens = jax.ShapeDtypeStruct((rows, cfg.model.L), jnp.int32,
