@@ -111,12 +111,13 @@ def test_diagnostics_stay_exact_when_training_uses_cudnn(monkeypatch):
     state = state_lib.init_state(s, seed=0)
     if attention == "cudnn":  # The training path really asks for cuDNN.
       assert model_lib.attention_implementation(s.model.cfg) == "cudnn"
-      with pytest.raises(Exception):
+      with pytest.raises(RuntimeError, match="cuDNN is not detected"):
         jax.jit(s.logits_fn)(state.params, batch["inputs"])
     fn = diagnostics.sharpness_fn(cfg, s)
     out[attention] = diagnostics.to_scalars(jax.jit(
         lambda st, b, fn=fn: fn(st, b, 1e-3, 0.1, jax.random.key(0)))(
             state, batch))
   assert out["cudnn"].keys() == out["xla"].keys()
+  assert set(EXACT) | {"lambda_max", "hessian_trace"} <= out["xla"].keys()
   for k, v in out["xla"].items():
     assert out["cudnn"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k

@@ -172,9 +172,10 @@ def worker(out_path: str) -> None:
                                           jax.tree.leaves(want))),
       "max_abs": max(float(np.max(np.abs(np.asarray(w))))
                      for w in jax.tree.leaves(want)),
-      "keeps_sharding": all(
-          g.sharding.is_equivalent_to(w, g.ndim) for g, w in zip(
-              jax.tree.leaves(got), jax.tree.leaves(ps2))),
+      "keeps_sharding": len(jax.tree.leaves(got)) == len(
+          jax.tree.leaves(ps2)) > 0 and all(
+              g.sharding.is_equivalent_to(w, g.ndim) for g, w in zip(
+                  jax.tree.leaves(got), jax.tree.leaves(ps2))),
       "tensor_split": sum("tensor" in str(w.spec)
                           for w in jax.tree.leaves(ps2))}
   with open(out_path, "w") as f:

@@ -52,7 +52,9 @@ def test_load_runs_reads_every_file_of_a_real_run(tiny_sweep):
 def test_scalars_match_tensorboard_and_results(tiny_sweep):
   from tensorboard.backend.event_processing import event_accumulator as ea
   from tensorboard.util import tensor_util
-  for r in runs.load_runs([str(tiny_sweep)]):
+  found = runs.load_runs([str(tiny_sweep)])
+  assert [r.name for r in found] == list(TINY_RUNS)
+  for r in found:
     acc = ea.EventAccumulator(r.workdir, size_guidance={ea.TENSORS: 0})
     acc.Reload()
     reference = {}

@@ -135,7 +135,9 @@ def _ref(method, params, batch, logits_fn, rho, eps=None):
 
 
 def _close(a, b, rtol, atol=0.0):
-  np.testing.assert_allclose(_flat(a), _flat(b), rtol=rtol, atol=atol)
+  flat_a = _flat(a)
+  assert flat_a.size > 0  # Two empty trees would agree vacuously.
+  np.testing.assert_allclose(flat_a, _flat(b), rtol=rtol, atol=atol)
 
 
 def _step(method, params, batch, logits_fn, rho, **kw):
@@ -316,6 +318,7 @@ def test_zero_gradient_stays_finite(method):
       method in sam.PRECOND_METHODS) else {}
   loss, grads, metrics = _step(method, params, batch, logits_fn, 0.1, **kw)
   assert loss == 0
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
   assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(grads))
   for name, value in metrics.items():
     assert jnp.isfinite(value), name

@@ -96,6 +96,7 @@ def test_sampling_follows_the_seed_and_top_k():
   assert not np.array_equal(draw(0), draw(1))
   # With top_k=3 every token is among the 3 most likely at its position.
   new = draw(2, top_k=3)
+  assert new.shape[0] == 4 and new.shape[1] > 0, new.shape
   for row in new:
     seq = np.array(prompt + row.tolist())
     logits_LxV = model.apply({"params": params}, seq[None])[0]

@@ -77,9 +77,20 @@ def synthetic_batch(seed: int, batch_size: int, seq_len: int = 32,
 
 def _max_abs(tree_a, tree_b) -> float:
   import jax
+  a_leaves, b_leaves = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
+  assert len(a_leaves) == len(b_leaves), (len(a_leaves), len(b_leaves))
   return max(float(np.max(np.abs(np.asarray(a, np.float64) -
                                  np.asarray(b, np.float64))))
-             for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+             for a, b in zip(a_leaves, b_leaves))
+
+
+def _keeps_sharding(tree, want) -> bool:
+  """Whether every array of `tree` is laid out as its counterpart in `want`
+  (a tree of shardings); False for no arrays or a different count."""
+  import jax
+  xs, ws = jax.tree.leaves(tree), jax.tree.leaves(want)
+  return bool(xs) and len(xs) == len(ws) and all(
+      x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(xs, ws))
 
 
 def _max_abs_one(tree) -> float:
@@ -335,9 +346,7 @@ def worker_mesh(out_path: str) -> None:
         "bytes": kernel(state.params).nbytes,
         "device_bytes": kernel(state.params).addressable_shards[0].data.nbytes,
     }
-    same = lambda tree, want: all(
-        x.sharding.is_equivalent_to(w, x.ndim)
-        for x, w in zip(jax.tree.leaves(tree), jax.tree.leaves(want)))
+    same = _keeps_sharding
     r["outputs_keep_sharding"] = {
         m: {"params": same(out[m]["state"].params, s.state_sharding.params),
             "opt_state": same(out[m]["state"].opt_state,
@@ -671,7 +680,8 @@ def test_perturbation_and_preconditioner_keep_the_param_sharding(mesh_results):
     assert r["precond_keeps_sharding"], shape
     assert r["grads_keep_sharding"], shape
     for m in METHODS:  # Unpinned outputs: new params and AdamW state.
-      assert all(r["outputs_keep_sharding"][m].values()), (shape, m, r)
+      assert r["outputs_keep_sharding"][m] == {
+          "params": True, "opt_state": True}, (shape, m, r)
   # Pure data parallelism gathers nothing: the only collectives are the
   # gradient (and metric) all-reduces.
   assert mesh_results["meshes"][str((8, 1, 1))]["collectives"][
@@ -858,9 +868,7 @@ def worker_scale(out_path: str) -> None:
                                    head["whole"]["grads"]),
       "chunked_vs_one_device": _max_abs(head["chunked"]["grads"], ref_grads),
       "grads_max": _max_abs_one(ref_grads),
-      "keeps_sharding": all(
-          x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(
-              jax.tree.leaves(head["chunked"]["grads"]), jax.tree.leaves(ps))),
+      "keeps_sharding": _keeps_sharding(head["chunked"]["grads"], ps),
       "temp_bytes": {k: v["temp_bytes"] for k, v in head.items()}}
   with open(out_path, "w") as f:
     json.dump(res, f, indent=2)
