@@ -1,6 +1,7 @@
-"""SAM and the edge of stability (Long & Bartlett, JMLR 2024; papers/002).
+"""SAM and the edge of stability (Long & Bartlett, JMLR 2024).
 
-Their language-model experiment: an autoregressive character-level Transformer
+Their language-model experiment ("Sharpness-Aware Minimization and the Edge
+of Stability"): an autoregressive character-level Transformer
 (6 layers, 8 heads, width 128, sequences of 64 characters) trained with
 minibatch SAM (minibatches of 128) and cross-entropy on tiny_shakespeare, the
 last 10,000 lines held out as the test set; plain SGD (no momentum, no weight

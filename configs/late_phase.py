@@ -1,4 +1,7 @@
-"""Late-phase SAM (Zhou et al., ICLR 2025; papers/003) on a small C4 model.
+"""Late-phase SAM (Zhou et al., ICLR 2025) on a small C4 model.
+
+Zhou, Wang, Mao, Li and Yan, "Sharpness-Aware Minimization Efficiently
+Selects Flatter Minima Late in Training" (ICLR 2025).
 
 Their finding (on CIFAR with SGD): switching from the plain optimizer to SAM
 only for the last few epochs reaches nearly the flat minima and the test

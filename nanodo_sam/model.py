@@ -25,7 +25,7 @@ from nanodo_sam.loss import LogitsFn, OutputHead
 NONLINEARITIES = {"gelu": nn.gelu, "relu": nn.relu}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Initialisers of the attention and MLP kernels. xavier_uniform is Nanodo's
-# (`DoConfig.kernel_init`); fan_in_truncated_normal was this project's before
+# (`DoConfig.kernel_init`); fan_in_truncated_normal was the default before
 # it matched Nanodo (the MLP's first layer at 1.58x Nanodo's std, the second
 # at 0.79x). Embeddings always use Nanodo's fan-in normal.
 KERNEL_INITS = {

@@ -5,8 +5,8 @@ gives the loss L(theta) and g = grad L(theta). Methods that perturb share one
 perturbation eps = rho * d / ||d|| with d = g, or d = g / P for the
 preconditioned variants (P = sqrt(nu_hat) + eps_adam from AdamW), and then
 differ only in which Jacobian and which logit cotangent meet, J(a)^T dL/dF(b)
-for points a, b in {theta, theta + eps} (`head_vjp`; paper 004, eqs. 2, 10-12,
-19):
+for points a, b in {theta, theta + eps} (`head_vjp`;
+Singh et al. 2025, eqs. 2, 10-12, 19):
 
   sam                   J(theta+eps)^T dL/dF(theta+eps) = grad L(theta+eps)
   functional_sam        J(theta+eps)^T dL/dF(theta)      (functional path)

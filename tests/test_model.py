@@ -8,7 +8,7 @@ import pytest
 
 from nanodo_sam import model as model_lib
 
-PAPER_SIZES = {  # (D, H, N) -> non-embedding parameters (DESIGN.md)
+PAPER_SIZES = {  # (D, H, N) -> non-embedding parameters (appendix A.1)
     (256, 4, 3): 2_361_088,
     (576, 9, 6): 23_895_360,
     (768, 12, 6): 42_477_312,

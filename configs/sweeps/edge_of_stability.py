@@ -1,4 +1,4 @@
-"""Long & Bartlett's tiny_shakespeare grid (papers/002): SAM with SGD at every
+"""Long & Bartlett's (2024) tiny_shakespeare grid: SAM with SGD at every
 learning rate eta in {0.01, 0.02, 0.05, 0.1, 0.2, 0.5} x rho in {0, 0.1, 0.3,
 1.0} (rho = 0 is plain SGD), one seed; 24 runs of configs/edge_of_stability.py
 (6 layers, width 128, batch 128, 20K steps, lambda_max every 100 steps).

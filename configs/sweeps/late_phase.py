@@ -1,4 +1,4 @@
-"""Late-phase SAM (papers/003) on a small C4 model: the switch point sweep.
+"""Late-phase SAM (Zhou et al. 2025) on a small C4 model: the switch points.
 
 AdamW until sam.start_step, then SAM (rho 0.1) or Precond Functional SAM
 (rho 0.5) until the end, for a switch at 0%, 50%, 75% and 90% of the 200
