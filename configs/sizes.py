@@ -1,8 +1,7 @@
 """The paper's five model sizes (appendix A.1), selectable by name.
 
 Sizes are named by their non-embedding parameter count
-N*(4D^2 + 2DF + 2D) + D (attention, MLP and LayerNorm scales;
-model.non_embedding_params):
+N*(4D^2 + 2DF + 2D) + D (attention, MLP and LayerNorm scales; DESIGN.md):
 
     name     D     H   N   F       non-embedding   + embeddings (V=32101, L=512)
     2M       256   4   3   1024        2,361,088        10,710,016
