@@ -3,7 +3,7 @@
 The defaults are Nanodo's wherever the paper is silent (the paper's numbers
 came out of Nanodo; docs/fidelity.md has the row-by-row comparison), so a run
 from this file or from configs/c4_*.py is comparable with the paper's tables.
-The earlier defaults, from before they matched Nanodo, are kept as named
+The settings this project used before it matched Nanodo are kept as named
 options (`config.LEGACY_DEFAULTS` lists them).
 
 Override any key on the command line, e.g.
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # logits are never whole); 0 = whole logits. GPU matmuls want >= ~2K.
   c.model.head_chunk_tokens = HEAD_CHUNK_TOKENS
   # Attention and MLP kernel init: xavier_uniform (Nanodo's DoConfig default)
-  # | fan_in_truncated_normal (the default before it matched Nanodo).
+  # | fan_in_truncated_normal (this project's before it matched Nanodo).
   c.model.kernel_init = "xavier_uniform"
   # Under dtype=bfloat16: "float32" keeps the embeddings, the residual stream
   # and the tied output layer in float32 (Nanodo: its embeddings have no

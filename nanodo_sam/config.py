@@ -30,7 +30,7 @@ DECAY_TYPES = ("cosine", "linear", "constant")
 BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
 PACKINGS = ("nanodo", "shifted")
 EVAL_MODES = ("per_document", "packed")
-# The earlier defaults, from before they became Nanodo's
+# The settings this project used before its defaults became Nanodo's
 # (docs/fidelity.md), by config key. A run directory whose config.json lacks
 # one of these keys was trained with this value; `legacy_defaults(c)` sets
 # them all (the companion studies in docs/experiments.md were measured so).
