@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nanodo_sam import tree_math
 from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
@@ -55,33 +56,16 @@ PyTree = Any
 # ---------------------------------------------------------------- tree maths
 
 
-def _norm(tree: PyTree) -> jax.Array:
-  """Global L2 norm, accumulated in at least float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(
-      jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
-      for x in leaves))
-
-
-def _dot(a: PyTree, b: PyTree) -> jax.Array:
-  return sum(
-      jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) *
-              y.astype(jnp.promote_types(y.dtype, jnp.float32)))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def cosine(a: PyTree, b: PyTree) -> jax.Array:
   """cos(a, b); 0 (not NaN) when either side is zero."""
-  dot = _dot(a, b)
-  denom = _norm(a) * _norm(b)
+  dot = tree_math.vdot(a, b)
+  denom = tree_math.norm(a) * tree_math.norm(b)
   return dot / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
 
 
 def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
   """rho * tree / (||tree|| + NORM_EPS)."""
-  scale = rho / (_norm(tree) + NORM_EPS)
+  scale = rho / (tree_math.norm(tree) + NORM_EPS)
   return jax.tree.map(lambda x: (scale * x).astype(x.dtype), tree)
 
 
@@ -518,8 +502,8 @@ def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
 
 def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
   return {
-      "grad_norm": _norm(g),
-      "perturbation_norm": (_norm(eps) if eps is not None
+      "grad_norm": tree_math.norm(g),
+      "perturbation_norm": (tree_math.norm(eps) if eps is not None
                             else jnp.zeros((), jnp.float32)),
       "cosine": cosine(grads, g),
       "rho": rho,
@@ -543,22 +527,6 @@ def _microbatches(batch: dict[str, Any], k: int):
   w_k = jnp.sum(micro["weights"].astype(jnp.float32),
                 axis=tuple(range(1, micro["weights"].ndim)))
   return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
-
-
-def _weighted_sum(fn, micro, frac_k, like):
-  """sum_i frac_i * fn(microbatch_i), one microbatch live at a time."""
-
-  def body(acc, xs):
-    mb, frac = xs
-    out = fn(mb)
-    return jax.tree.map(lambda a, o: a + frac * o.astype(a.dtype), acc,
-                        out), None
-
-  zeros = jax.tree.map(
-      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      like)
-  acc, _ = jax.lax.scan(body, zeros, (micro, frac_k))
-  return acc
 
 
 class GradientResult(NamedTuple):
@@ -607,7 +575,8 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
       return GradientResult(loss, grads, metrics)
     delta = jax.tree.map(
         lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-    return GradientResult(loss, grads, metrics, Reuse(delta, _norm(g)))
+    return GradientResult(loss, grads, metrics,
+                          Reuse(delta, tree_math.norm(g)))
 
   kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
             precond_normalize=precond_normalize, head=head)
@@ -626,21 +595,21 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
       loss, grads, g, metrics = _gradient(method, params, mb, **kw)
       return loss, grads, (g if return_reuse else None), metrics
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-    loss, grads, g, metrics = _weighted_sum(one, micro, frac_k, shapes)
+    loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
     return out(loss, _cast_like(grads, params), g, metrics)
 
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
     return c.loss, c.grads
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
-  loss, g = _weighted_sum(clean, micro, frac_k, shapes)
+  loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
   eps = _eps(entry, g, rho, precond, precond_normalize)
   params_eps = _add(params, eps)
 
   def perturbed(mb):
     return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
                       logits_fn, phi, head))
-  grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
+  grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
   return out(loss, grads, g, _metrics(grads, g, eps, rho))
 
 
@@ -692,20 +661,11 @@ def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
   over the groups once at the end (a reduce-scatter into the parameters'
   layout when the caller constrains it)."""
   run = jax.vmap(fn)
-
-  def body(acc, xs):
-    mb, frac_G = _grouped(groups, xs)
-    out = run(params_G, mb)
-    acc = jax.tree.map(
-        lambda a, o: a + (frac_G.reshape((-1,) + (1,) * (o.ndim - 1))
-                          * o.astype(a.dtype)), acc, out)
-    return _grouped(groups, acc), None
-
   G = frac_kxG.shape[1]
-  zeros = _grouped(groups, jax.tree.map(
-      lambda x: jnp.zeros((G,) + x.shape,
-                          jnp.promote_types(x.dtype, jnp.float32)), like))
-  acc, _ = jax.lax.scan(body, zeros, (micro_kxG, frac_kxG))
+  like_G = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like)
+  acc = tree_math.scan_sum(lambda mb: run(params_G, mb), micro_kxG, frac_kxG,
+                           like_G, constrain=lambda t: _grouped(groups, t))
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
 
 
@@ -787,7 +747,7 @@ def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
   """
   g_norm_at_measure = jnp.asarray(g_norm_at_measure, jnp.float32)
   scale = jnp.where(g_norm_at_measure > 0,
-                    _norm(g) / jnp.where(g_norm_at_measure > 0,
+                    tree_math.norm(g) / jnp.where(g_norm_at_measure > 0,
                                          g_norm_at_measure, 1.0), 0.0)
   return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 
