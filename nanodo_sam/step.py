@@ -41,10 +41,8 @@ def make_train_step(s, method: str, correct: bool = False):
 
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step)
-    precond = None
-    if method in sam_lib.PRECOND_METHODS:
-      precond, _ = optimizer_lib.adam_preconditioner(
-          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+               if method in sam_lib.PRECOND_METHODS else None)
     out = sam_lib.accumulated_gradient(
         method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
         rho=rho, phi=sam_cfg.phi, precond=precond,
