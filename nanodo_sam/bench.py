@@ -224,8 +224,7 @@ class _Runner:
         "method": self.v.name,
         "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
         "batch_size": c.data.batch_size, "dtype": m.dtype,
-        "non_embedding_params": model_lib.non_embedding_params(
-            model_lib.DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V)),
+        "non_embedding_params": model_lib.non_embedding_params(m),
         "step_s_median": median,
         "step_s_p10": float(np.percentile(times, 10)),
         "step_s_p90": float(np.percentile(times, 90)),
