@@ -25,8 +25,9 @@ the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
 tokens per device, config model.head_chunk_tokens) and are recomputed from
 the features instead of stored, so no step ever holds a [B, L, V] tensor;
 without one the logits are the features and J^T is a plain vjp. On a mesh the
-chunk loop moves only scalars between devices (`head_vjp`). `reuse_correction` is
-the LookSAM-style cheap step between full ones (config `sam.reuse`).
+chunk loop moves only scalars between devices (`head_vjp`).
+`reuse_correction` is the LookSAM-style cheap step between full ones (config
+`sam.reuse`).
 
 This module sees the model only through `logits_fn` and `head`: it imports
 neither the model nor the trainer.
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import tree_math
 from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
@@ -404,8 +406,25 @@ METHODS: dict[str, Method] = {
     "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
                                      precond=True),
 }
+# The plain step's key: the base optimizer's own gradient, no perturbation.
+PLAIN = "adamw"
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)
+
+
+def is_plain(method: str) -> bool:
+  """Whether `method` takes the plain step (it has no perturbation): the
+  trainer then compiles and schedules only the plain step."""
+  return not METHODS[method].perturbs
+
+
+def label(method: str, optimizer: str = "adamw") -> str:
+  """The method's name in tables and figure legends. The plain step is
+  named by its base optimizer ("AdamW", "SGD", "Momentum"), the others by
+  the registry ("SAM", "Func-SAM", ...)."""
+  if is_plain(method):
+    return optimizer_lib.LABELS.get(optimizer, optimizer)
+  return METHODS[method].label
 
 
 # ------------------------------------------------------------ validation

@@ -25,17 +25,18 @@ def make_train_step(s, method: str, correct: bool = False):
   """The pure step for one gradient method (jitted by `jit_train_step`).
 
   With sam.reuse on, a SAM-family step also stores `Reuse(g_method - g,
-  ||g||)` in the state, and `correct=True` (method "adamw") builds the cheap
+  ||g||)` in the state, and `correct=True` (the plain method) builds the cheap
   step in between: the plain gradient plus that difference rescaled to the
   current ||g|| (`sam.reuse_correction`), one forward and one backward.
   """
   cfg = s.cfg
   sam_cfg = cfg.sam
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  store = bool(sam_cfg.get("reuse", False)) and method != "adamw"
-  if correct and (method != "adamw" or not sam_cfg.get("reuse", False)):
-    raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
-                     "with sam.reuse on")
+  reuse_on = bool(sam_cfg.get("reuse", False))
+  store = reuse_on and not sam_lib.is_plain(method)
+  if correct and not (sam_lib.is_plain(method) and reuse_on):
+    raise ValueError(f"correct=True is the sam.reuse step: method "
+                     f"{sam_lib.PLAIN!r} with sam.reuse on")
 
   groups = device_groups(s)
 
@@ -102,14 +103,14 @@ def jit_train_step(s, method: str, correct: bool = False):
 def kind_args(cfg, kind: str) -> tuple[str, bool]:
   """(method, correct) of `jit_train_step` for a `sam_schedule.step_kind`."""
   if kind == "reuse":
-    return "adamw", True
-  return (cfg.sam.method if kind == "sam" else "adamw"), False
+    return sam_lib.PLAIN, True
+  return (cfg.sam.method if kind == "sam" else sam_lib.PLAIN), False
 
 
 def largest_kind(cfg) -> str:
   """The step kind that holds the most memory: the SAM-family step when the
   method perturbs, else the plain one."""
-  return "sam" if sam_lib.METHODS[cfg.sam.method].perturbs else "plain"
+  return "plain" if sam_lib.is_plain(cfg.sam.method) else "sam"
 
 
 def jit_step(s, kind: str):
