@@ -588,34 +588,57 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
            perturbation_scope=perturbation_scope)
-
-  def out(loss, grads, g, metrics):
-    if not return_reuse:
-      return GradientResult(loss, grads, metrics)
-    delta = jax.tree.map(
-        lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-    return GradientResult(loss, grads, metrics,
-                          Reuse(delta, tree_math.norm(g)))
-
   kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
             precond_normalize=precond_normalize, head=head)
   if num_microbatches == 1:
-    return out(*_gradient(method, params, batch, **kw))
-  entry = METHODS[method]
+    result = _gradient(method, params, batch, **kw)
+  elif groups is not None and perturbation_scope == "global":
+    result = _grouped_accumulation(
+        METHODS[method], params, batch,
+        rho=jnp.asarray(rho, jnp.result_type(float)), phi=phi,
+        precond=precond, precond_normalize=precond_normalize,
+        k=num_microbatches, groups=groups)
+  elif perturbation_scope == "microbatch" or is_plain(method):
+    result = _per_microbatch(method, params, batch, num_microbatches,
+                             keep_g=return_reuse, **kw)
+  else:
+    result = _global_accumulation(METHODS[method], params, batch,
+                                  num_microbatches, **kw)
+  return _gradient_result(*result, return_reuse=return_reuse)
+
+
+def _gradient_result(loss, grads, g, metrics, return_reuse: bool
+                     ) -> GradientResult:
+  """`accumulated_gradient`'s result; with `return_reuse` also what the
+  reuse steps carry: Reuse(grads - g in float32, ||g||)."""
+  if not return_reuse:
+    return GradientResult(loss, grads, metrics)
+  delta = jax.tree.map(
+      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
+  return GradientResult(loss, grads, metrics,
+                        Reuse(delta, tree_math.norm(g)))
+
+
+def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
+  """(loss, grads, g or None, metrics): `_gradient` on each of k
+  microbatches (its own eps, for a perturbing method), summed by weight."""
+  micro, frac_k = _microbatches(batch, k)
+
+  def one(mb):
+    loss, grads, g, metrics = _gradient(method, params, mb, **kw)
+    return loss, grads, (g if keep_g else None), metrics
+  shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
+  loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
+  return loss, _cast_like(grads, params), g, metrics
+
+
+def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
+                         rho, phi, precond, precond_normalize, head):
+  """(loss, grads, g, metrics) with eps from the whole batch's gradient:
+  one scan over the k microbatches for g, a second for the method's
+  gradient at theta + eps."""
   rho = jnp.asarray(rho, jnp.result_type(float))
-  if groups is not None and perturbation_scope == "global":
-    return out(*_grouped_accumulation(
-        entry, params, batch, rho=rho, phi=phi, precond=precond,
-        precond_normalize=precond_normalize, k=num_microbatches,
-        groups=groups))
-  micro, frac_k = _microbatches(batch, num_microbatches)
-  if perturbation_scope == "microbatch" or not entry.perturbs:
-    def one(mb):
-      loss, grads, g, metrics = _gradient(method, params, mb, **kw)
-      return loss, grads, (g if return_reuse else None), metrics
-    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-    loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
-    return out(loss, _cast_like(grads, params), g, metrics)
+  micro, frac_k = _microbatches(batch, k)
 
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
@@ -629,7 +652,7 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
                       logits_fn, phi, head))
   grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
-  return out(loss, grads, g, _metrics(grads, g, eps, rho))
+  return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
 class Groups(NamedTuple):

@@ -563,6 +563,33 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
           **_split(params, batch, e, logits_fn, ops, params_sharding)}
 
 
+def _coefficients(basis_K, w) -> jax.Array:
+  """[K]: <q_i, w> for every vector q_i of a stacked basis (leaves [K, ...])."""
+  return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
+             for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
+
+
+def _combination(basis_K, c_K):
+  """sum_i c_i q_i over a stacked basis, parameter-shaped."""
+  return jax.tree.map(lambda b: jnp.tensordot(
+      c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
+                      basis_K)
+
+
+def _ritz(alpha_K, beta_K, b, j, tol):
+  """(theta, s_K, done): the largest-magnitude eigenpair of the Lanczos
+  tridiagonal after step j (diagonal alpha_K, off-diagonal beta_K; b the new
+  residual's norm), and whether its residual |b s_j| <= tol |theta|."""
+  off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
+  t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
+  evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
+  i = jnp.argmax(jnp.abs(evals_K))
+  theta, s_K = evals_K[i], evecs_KxK[:, i]
+  tiny = jnp.finfo(alpha_K.dtype).tiny
+  done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
+  return theta, s_K, done
+
+
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
                num_iters: int = 20, tol: float = 1e-3, rng: jax.Array,
                params_sharding=None, head: OutputHead | None = None,
@@ -587,15 +614,6 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   keep = lambda t: _keep(t, params_sharding)
   keep_basis = lambda t: _keep(t, params_sharding, stacked=True)
 
-  def coefficients(basis_K, w):  # [K]: <q_i, w> for every basis vector q_i
-    return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
-               for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
-
-  def combination(basis_K, c_K):  # sum_i c_i q_i, parameter-shaped
-    return keep(jax.tree.map(lambda b: jnp.tensordot(
-        c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
-                             basis_K))
-
   q0 = keep(_random_like(rng, params, jax.random.normal))
   q0 = jax.tree.map(lambda x: x / tree_math.norm(q0), q0)
   basis_K = keep_basis(jax.tree.map(
@@ -611,20 +629,16 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
     # params tied to this iteration: else XLA hoists the product's gather of
     # the whole parameters out of the loop and holds it across every step.
-    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn, head=head,
-                 chunk_tokens=chunk_tokens, params_sharding=params_sharding))
+    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn,
+                 head=head, chunk_tokens=chunk_tokens,
+                 params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(tree_math.vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
-      w = jax.tree.map(jnp.subtract, w,
-                       combination(basis_K, coefficients(basis_K, w)))
+      w = jax.tree.map(jnp.subtract, w, keep(
+          _combination(basis_K, _coefficients(basis_K, w))))
     b = tree_math.norm(w)
-    off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
-    t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
-    evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
-    i = jnp.argmax(jnp.abs(evals_K))
-    theta, s_K = evals_K[i], evecs_KxK[:, i]
+    theta, s_K, done = _ritz(alpha_K, beta_K, b, j, tol)
     tiny = jnp.finfo(dtype).tiny
-    done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
     basis_K = keep_basis(jax.tree.map(
         lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
         basis_K, w))
@@ -633,7 +647,7 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   init = (jnp.int32(0), basis_K, zeros_K, zeros_K, jnp.zeros((), dtype),
           zeros_K, jnp.array(False))
   iters, basis_K, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
-  y = combination(basis_K, s_K)
+  y = keep(_combination(basis_K, s_K))
   y_norm = tree_math.norm(y)
   return theta, jax.tree.map(lambda x: x / y_norm, y), iters
 
@@ -696,6 +710,15 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
   return 4.0 / (lr * (1.0 + jnp.sqrt(1.0 + 8.0 * ratio)))
 
 
+def _check_lr_rho(lr, rho) -> None:
+  """ValueError on a concrete lr <= 0 or rho < 0 (traced values pass)."""
+  if isinstance(lr, (int, float)) and not lr > 0:
+    raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
+  if isinstance(rho, (int, float)) and not rho >= 0:
+    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
+                     "for no SAM)")
+
+
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
                 direction=None, tol: float = 1e-3, precond=None,
@@ -719,11 +742,7 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   """
   _check_count("num_iters", num_iters, allow_zero=True)
   _check_count("num_probes", num_probes, allow_zero=True)
-  if isinstance(lr, (int, float)) and not lr > 0:
-    raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
-  if isinstance(rho, (int, float)) and not rho >= 0:
-    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
-                     "for no SAM)")
+  _check_lr_rho(lr, rho)
   eig_rng, trace_rng = jax.random.split(rng)
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
   dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
