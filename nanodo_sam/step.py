@@ -19,6 +19,7 @@ from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
+from nanodo_sam import tree_math
 
 
 def make_train_step(s, method: str, correct: bool = False):
@@ -61,7 +62,7 @@ def make_train_step(s, method: str, correct: bool = False):
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
-                   update_norm=optax.tree.norm(updates))
+                   update_norm=tree_math.norm(updates))
     return state.replace(step=state.step + 1, params=params,
                          opt_state=opt_state, reuse=reuse), metrics
 
