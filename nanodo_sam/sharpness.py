@@ -210,7 +210,7 @@ def _product(one_fn, params, batch, v, logits_fn):
   return _over_batches(lambda b: one_fn(params, b, v, logits_fn), batch)
 
 
-# ------------------------------------ the same products, output layer chunked --
+# ----------------------------------- the same products, output layer chunked --
 
 
 def _row_axes(head: OutputHead) -> tuple[str, ...]:
