@@ -29,6 +29,8 @@ if _ROOT not in sys.path:  # `from configs import ...` from any directory.
 
 from configs import base  # pylint: disable=g-import-not-at-top
 from nanodo_sam.config import PAPER_SIZES as SIZES  # pylint: disable=g-import-not-at-top
+from nanodo_sam import model as model_lib  # pylint: disable=g-import-not-at-top
+from types import SimpleNamespace as NS  # pylint: disable=g-import-not-at-top
 DEFAULT = "2M"
 
 
@@ -44,13 +46,12 @@ def resolve(name: str) -> str:
 
 
 def non_embedding_params(name: str) -> int:
-  s = SIZES[resolve(name)]
-  return s["N"] * (4 * s["D"]**2 + 2 * s["D"] * s["F"] + 2 * s["D"]) + s["D"]
+  return model_lib.non_embedding_params(NS(**SIZES[resolve(name)]))
 
 
 def embedding_params(name: str, V: int = 32101, L: int = 512) -> int:
   """Token embedding (tied with the output layer) + learned positions."""
-  return (V + L) * SIZES[resolve(name)]["D"]
+  return model_lib.embedding_params(NS(V=V, L=L, **SIZES[resolve(name)]))
 
 
 def total_params(name: str, V: int = 32101, L: int = 512) -> int:

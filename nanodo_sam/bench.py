@@ -94,7 +94,7 @@ def parse_variant(spec: str) -> Variant:
     else:
       raise UsageError(f"--methods: bad option {opt!r} in {spec!r}; use "
                        "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse")
-  if not sam_lib.METHODS[method].perturbs and (every_k > 1 or reuse):
+  if sam_lib.is_plain(method) and (every_k > 1 or reuse):
     raise UsageError(f"--methods: {spec!r}: {method} is the plain gradient; "
                      "it takes no :k= or :reuse")
   if reuse and every_k == 1:
@@ -222,10 +222,10 @@ class _Runner:
     return {
         "size": self.size or f"D{m.D}-N{m.N}",
         "method": self.v.name,
+        "optimizer": c.opt.optimizer,
         "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
         "batch_size": c.data.batch_size, "dtype": m.dtype,
-        "non_embedding_params": model_lib.non_embedding_params(
-            model_lib.DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V)),
+        "non_embedding_params": model_lib.non_embedding_params(m),
         "step_s_median": median,
         "step_s_p10": float(np.percentile(times, 10)),
         "step_s_p90": float(np.percentile(times, 90)),
@@ -330,7 +330,8 @@ def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json",
 
 
 def _add_ratios(rows: list[dict]) -> None:
-  base = {(r["size"]): r for r in rows if r["method"] == "adamw"}
+  base = {r["size"]: r for r in rows
+          if r["method"] in sam_lib.METHODS and sam_lib.is_plain(r["method"])}
   for r in rows:
     b = base.get(r["size"])
     r["time_vs_adamw"] = r["step_s_median"] / b["step_s_median"] if b else None
@@ -352,9 +353,15 @@ def _cpu_model() -> str:
   return platform.processor()
 
 
-COLUMNS = ("size", "method", "step ms", "p10-p90 ms", "x AdamW",
-           "CPU x AdamW", "tokens/s", "GFLOP/tok", "MFU", "compile s",
-           "memory MB", "x AdamW")
+def columns(optimizer: str = "adamw") -> tuple[str, ...]:
+  """The table's header. The ratios ("x AdamW") are to the plain step of
+  the same size, named by its optimizer (`sam.label`)."""
+  x = "x " + sam_lib.label(sam_lib.PLAIN, optimizer)
+  return ("size", "method", "step ms", "p10-p90 ms", x, "CPU " + x,
+          "tokens/s", "GFLOP/tok", "MFU", "compile s", "memory MB", x)
+
+
+RATIO_COLUMNS = (4, 5, 11)  # the indices of the ratios in `columns()`
 
 
 def _cells(r: dict) -> list[str]:
@@ -373,13 +380,16 @@ def _cells(r: dict) -> list[str]:
 
 
 def format_row(r: dict) -> str:
-  return "  ".join(f"{k}={v}" for k, v in zip(COLUMNS, _cells(r))
-                   if "x AdamW" not in k)
+  """One row as `column=value` pairs, without the ratios (not known yet)."""
+  cols = columns(r.get("optimizer", "adamw"))
+  return "  ".join(f"{k}={v}" for i, (k, v) in enumerate(zip(cols, _cells(r)))
+                   if i not in RATIO_COLUMNS)
 
 
 def format_table(rows: list[dict]) -> str:
   """A GitHub markdown table."""
-  lines = ["| " + " | ".join(COLUMNS) + " |",
-           "|" + "|".join("---" for _ in COLUMNS) + "|"]
+  cols = columns(rows[0].get("optimizer", "adamw") if rows else "adamw")
+  lines = ["| " + " | ".join(cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
   lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
   return "\n".join(lines)

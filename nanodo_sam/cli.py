@@ -329,7 +329,7 @@ def cmd_params(fv) -> None:
   print(json.dumps({"total_params": total,
                     "non_embedding_params":
                         model_lib.non_embedding_params(mcfg),
-                    "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D}))
+                    "embedding_params": model_lib.embedding_params(mcfg)}))
 
 
 SHARPNESS_COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",

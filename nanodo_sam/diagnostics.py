@@ -45,17 +45,6 @@ def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
           for key in eval_data[0]}
 
 
-def adam_precond(cfg, opt_state):
-  """AdamW's P from an optimizer state (all ones before its first update),
-  or None for another optimizer: the preconditioned direction of the
-  sharpness decomposition (tau_*_precond)."""
-  if cfg.opt.optimizer != "adamw":
-    return None
-  precond, _ = optimizer_lib.adam_preconditioner(opt_state, b2=cfg.opt.b2,
-                                                 eps=cfg.opt.eps)
-  return precond
-
-
 def exact_head(s):
   """The output layer of `s.diagnostics_logits_fn`'s model (attention
   "xla"), with the mesh's batch sharding: `sharpness` then runs each product
@@ -91,11 +80,12 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def fn(state, batch, lr, rho, rng):
+    precond = optimizer_lib.adam_precond(state.opt_state, cfg.opt)
     with jax.default_matmul_precision("float32"):
       return sharpness.diagnostics(
           state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
           rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
-          tol=d.tol, precond=adam_precond(cfg, state.opt_state),
+          tol=d.tol, precond=precond,
           params_sharding=s.state_sharding.params, head=head,
           chunk_tokens=tokens)
 
@@ -120,10 +110,8 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def eos(state, batch, lr, rho, rng):
-    precond = None
-    if cfg.sam.method in sam_lib.PRECOND_METHODS:
-      precond, _ = optimizer_lib.adam_preconditioner(
-          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+               if cfg.sam.method in sam_lib.PRECOND_METHODS else None)
     _, sam_grads, _ = sam_lib.gradient(
         cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
         rho=rho, phi=cfg.sam.phi, precond=precond,

@@ -21,6 +21,11 @@ both count with these functions, so their TFLOP/s and MFU figures agree.
 
 from __future__ import annotations
 
+import types
+
+from nanodo_sam import model as model_lib
+from nanodo_sam import sam as sam_lib
+
 # Dense (no sparsity) bfloat16 peak FLOP/s per device, by a substring of
 # `jax.Device.device_kind` (first match wins). Vendor figures: NVIDIA H100
 # SXM / H200 989.4 TFLOP/s, A100 312, B200 2250; Google TPU v4 275, v5e 197,
@@ -51,13 +56,13 @@ def peak_flops(device) -> float | None:
 
 def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
   """6*N_nonembed + 6*V*D + 12*N*L*D (see the module docstring)."""
-  n_nonembed = N * (4 * D * D + 2 * D * F + 2 * D) + D
+  n_nonembed = model_lib.non_embedding_params(
+      types.SimpleNamespace(N=N, D=D, F=F))
   return 6.0 * n_nonembed + 6.0 * V * D + 12.0 * N * L * D
 
 
 def method_flops_factor(method: str, every_k: int = 1) -> float:
   """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
-  from nanodo_sam import sam as sam_lib  # pylint: disable=g-import-not-at-top
   m = sam_lib.METHODS[method]
   full = (2 * m.forwards + 4 * m.backwards) / 6
   return (full + (every_k - 1)) / every_k

@@ -93,9 +93,16 @@ class DoConfig:
     return "float32" if self.residual_dtype == "float32" else self.dtype
 
 
-def non_embedding_params(cfg: DoConfig) -> int:
-  """N*(4D^2 + 2DF + 2D) + D: attention, MLP and LayerNorm scales."""
+def non_embedding_params(cfg) -> int:
+  """N*(4D^2 + 2DF + 2D) + D: attention, MLP and LayerNorm scales. `cfg`:
+  anything with N, D and F (a DoConfig, the config's `model` block)."""
   return cfg.N * (4 * cfg.D**2 + 2 * cfg.D * cfg.F + 2 * cfg.D) + cfg.D
+
+
+def embedding_params(cfg) -> int:
+  """(V + L) D: the token embedding (tied with the output layer) and the
+  learned positions. `cfg`: anything with V, L and D."""
+  return (cfg.V + cfg.L) * cfg.D
 
 
 def cudnn_unsupported(cfg: DoConfig, backend: str | None = None

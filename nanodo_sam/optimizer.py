@@ -100,6 +100,8 @@ def _momentum(c, lr):
 
 
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "momentum": _momentum}
+# How tables and legends name each optimizer (and its plain step).
+LABELS = {"adamw": "AdamW", "sgd": "SGD", "momentum": "Momentum"}
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -112,21 +114,41 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   return tx
 
 
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+  """The one AdamW moment state inside `opt_state`; ValueError otherwise."""
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam)
+          if is_adam(x)]
+  if len(adam) != 1:
+    raise ValueError("AdamW's moments are read from exactly one AdamW state "
+                     "in the optimizer; use opt.optimizer='adamw'")
+  return adam[0]
+
+
 def adam_preconditioner(opt_state, *, b2: float, eps: float):
   """AdamW's own P = sqrt(nu_hat) + eps (eq. 12), read from its state.
 
   Returns (P, has_second_moment). Before the first update (count 0) there is
   no second moment yet and P is all ones (the unpreconditioned step).
   """
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  adam = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam)
-          if is_adam(x)]
-  if len(adam) != 1:
-    raise ValueError("the preconditioned methods need exactly one AdamW "
-                     "state in the optimizer; use opt.optimizer='adamw'")
-  nu, count = adam[0].nu, adam[0].count
+  adam = _adam_state(opt_state)
+  nu, count = adam.nu, adam.count
   has_moment = count > 0
   bias = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)
   precond = jax.tree.map(
       lambda n: jnp.where(has_moment, jnp.sqrt(n / bias) + eps, 1.0), nu)
   return precond, has_moment
+
+
+def adam_precond(opt_state, opt_cfg):
+  """P of `adam_preconditioner` for the config's opt.b2 and opt.eps (all ones
+  before the first update), or None when opt.optimizer is not AdamW."""
+  if opt_cfg.optimizer != "adamw":
+    return None
+  return adam_preconditioner(opt_state, b2=opt_cfg.b2, eps=opt_cfg.eps)[0]
+
+
+def first_moment(opt_state):
+  """AdamW's first moment mu (an EMA of the gradients with opt.b1, not bias
+  corrected; zeros before the first update), read from its state."""
+  return _adam_state(opt_state).mu

@@ -25,8 +25,9 @@ the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
 tokens per device, config model.head_chunk_tokens) and are recomputed from
 the features instead of stored, so no step ever holds a [B, L, V] tensor;
 without one the logits are the features and J^T is a plain vjp. On a mesh the
-chunk loop moves only scalars between devices (`head_vjp`). `reuse_correction` is
-the LookSAM-style cheap step between full ones (config `sam.reuse`).
+chunk loop moves only scalars between devices (`head_vjp`).
+`reuse_correction` is the LookSAM-style cheap step between full ones (config
+`sam.reuse`).
 
 This module sees the model only through `logits_fn` and `head`: it imports
 neither the model nor the trainer.
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import tree_math
 from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
@@ -55,33 +58,16 @@ PyTree = Any
 # ---------------------------------------------------------------- tree maths
 
 
-def _norm(tree: PyTree) -> jax.Array:
-  """Global L2 norm, accumulated in at least float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(
-      jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
-      for x in leaves))
-
-
-def _dot(a: PyTree, b: PyTree) -> jax.Array:
-  return sum(
-      jnp.sum(x.astype(jnp.promote_types(x.dtype, jnp.float32)) *
-              y.astype(jnp.promote_types(y.dtype, jnp.float32)))
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def cosine(a: PyTree, b: PyTree) -> jax.Array:
   """cos(a, b); 0 (not NaN) when either side is zero."""
-  dot = _dot(a, b)
-  denom = _norm(a) * _norm(b)
+  dot = tree_math.vdot(a, b)
+  denom = tree_math.norm(a) * tree_math.norm(b)
   return dot / jnp.maximum(denom, jnp.finfo(denom.dtype).tiny)
 
 
 def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
   """rho * tree / (||tree|| + NORM_EPS)."""
-  scale = rho / (_norm(tree) + NORM_EPS)
+  scale = rho / (tree_math.norm(tree) + NORM_EPS)
   return jax.tree.map(lambda x: (scale * x).astype(x.dtype), tree)
 
 
@@ -420,8 +406,25 @@ METHODS: dict[str, Method] = {
     "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
                                      precond=True),
 }
+# The plain step's key: the base optimizer's own gradient, no perturbation.
+PLAIN = "adamw"
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)
+
+
+def is_plain(method: str) -> bool:
+  """Whether `method` takes the plain step (it has no perturbation): the
+  trainer then compiles and schedules only the plain step."""
+  return not METHODS[method].perturbs
+
+
+def label(method: str, optimizer: str = "adamw") -> str:
+  """The method's name in tables and figure legends. The plain step is
+  named by its base optimizer ("AdamW", "SGD", "Momentum"), the others by
+  the registry ("SAM", "Func-SAM", ...)."""
+  if is_plain(method):
+    return optimizer_lib.LABELS.get(optimizer, optimizer)
+  return METHODS[method].label
 
 
 # ------------------------------------------------------------ validation
@@ -518,8 +521,8 @@ def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
 
 def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
   return {
-      "grad_norm": _norm(g),
-      "perturbation_norm": (_norm(eps) if eps is not None
+      "grad_norm": tree_math.norm(g),
+      "perturbation_norm": (tree_math.norm(eps) if eps is not None
                             else jnp.zeros((), jnp.float32)),
       "cosine": cosine(grads, g),
       "rho": rho,
@@ -543,22 +546,6 @@ def _microbatches(batch: dict[str, Any], k: int):
   w_k = jnp.sum(micro["weights"].astype(jnp.float32),
                 axis=tuple(range(1, micro["weights"].ndim)))
   return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
-
-
-def _weighted_sum(fn, micro, frac_k, like):
-  """sum_i frac_i * fn(microbatch_i), one microbatch live at a time."""
-
-  def body(acc, xs):
-    mb, frac = xs
-    out = fn(mb)
-    return jax.tree.map(lambda a, o: a + frac * o.astype(a.dtype), acc,
-                        out), None
-
-  zeros = jax.tree.map(
-      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      like)
-  acc, _ = jax.lax.scan(body, zeros, (micro, frac_k))
-  return acc
 
 
 class GradientResult(NamedTuple):
@@ -601,47 +588,71 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
            perturbation_scope=perturbation_scope)
-
-  def out(loss, grads, g, metrics):
-    if not return_reuse:
-      return GradientResult(loss, grads, metrics)
-    delta = jax.tree.map(
-        lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-    return GradientResult(loss, grads, metrics, Reuse(delta, _norm(g)))
-
   kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
             precond_normalize=precond_normalize, head=head)
   if num_microbatches == 1:
-    return out(*_gradient(method, params, batch, **kw))
-  entry = METHODS[method]
+    result = _gradient(method, params, batch, **kw)
+  elif groups is not None and perturbation_scope == "global":
+    result = _grouped_accumulation(
+        METHODS[method], params, batch,
+        rho=jnp.asarray(rho, jnp.result_type(float)), phi=phi,
+        precond=precond, precond_normalize=precond_normalize,
+        k=num_microbatches, groups=groups)
+  elif perturbation_scope == "microbatch" or is_plain(method):
+    result = _per_microbatch(method, params, batch, num_microbatches,
+                             keep_g=return_reuse, **kw)
+  else:
+    result = _global_accumulation(METHODS[method], params, batch,
+                                  num_microbatches, **kw)
+  return _gradient_result(*result, return_reuse=return_reuse)
+
+
+def _gradient_result(loss, grads, g, metrics, return_reuse: bool
+                     ) -> GradientResult:
+  """`accumulated_gradient`'s result; with `return_reuse` also what the
+  reuse steps carry: Reuse(grads - g in float32, ||g||)."""
+  if not return_reuse:
+    return GradientResult(loss, grads, metrics)
+  delta = jax.tree.map(
+      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
+  return GradientResult(loss, grads, metrics,
+                        Reuse(delta, tree_math.norm(g)))
+
+
+def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
+  """(loss, grads, g or None, metrics): `_gradient` on each of k
+  microbatches (its own eps, for a perturbing method), summed by weight."""
+  micro, frac_k = _microbatches(batch, k)
+
+  def one(mb):
+    loss, grads, g, metrics = _gradient(method, params, mb, **kw)
+    return loss, grads, (g if keep_g else None), metrics
+  shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
+  loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
+  return loss, _cast_like(grads, params), g, metrics
+
+
+def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
+                         rho, phi, precond, precond_normalize, head):
+  """(loss, grads, g, metrics) with eps from the whole batch's gradient:
+  one scan over the k microbatches for g, a second for the method's
+  gradient at theta + eps."""
   rho = jnp.asarray(rho, jnp.result_type(float))
-  if groups is not None and perturbation_scope == "global":
-    return out(*_grouped_accumulation(
-        entry, params, batch, rho=rho, phi=phi, precond=precond,
-        precond_normalize=precond_normalize, k=num_microbatches,
-        groups=groups))
-  micro, frac_k = _microbatches(batch, num_microbatches)
-  if perturbation_scope == "microbatch" or not entry.perturbs:
-    def one(mb):
-      loss, grads, g, metrics = _gradient(method, params, mb, **kw)
-      return loss, grads, (g if return_reuse else None), metrics
-    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-    loss, grads, g, metrics = _weighted_sum(one, micro, frac_k, shapes)
-    return out(loss, _cast_like(grads, params), g, metrics)
+  micro, frac_k = _microbatches(batch, k)
 
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
     return c.loss, c.grads
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
-  loss, g = _weighted_sum(clean, micro, frac_k, shapes)
+  loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
   eps = _eps(entry, g, rho, precond, precond_normalize)
   params_eps = _add(params, eps)
 
   def perturbed(mb):
     return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
                       logits_fn, phi, head))
-  grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
-  return out(loss, grads, g, _metrics(grads, g, eps, rho))
+  grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
+  return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
 class Groups(NamedTuple):
@@ -692,20 +703,11 @@ def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
   over the groups once at the end (a reduce-scatter into the parameters'
   layout when the caller constrains it)."""
   run = jax.vmap(fn)
-
-  def body(acc, xs):
-    mb, frac_G = _grouped(groups, xs)
-    out = run(params_G, mb)
-    acc = jax.tree.map(
-        lambda a, o: a + (frac_G.reshape((-1,) + (1,) * (o.ndim - 1))
-                          * o.astype(a.dtype)), acc, out)
-    return _grouped(groups, acc), None
-
   G = frac_kxG.shape[1]
-  zeros = _grouped(groups, jax.tree.map(
-      lambda x: jnp.zeros((G,) + x.shape,
-                          jnp.promote_types(x.dtype, jnp.float32)), like))
-  acc, _ = jax.lax.scan(body, zeros, (micro_kxG, frac_kxG))
+  like_G = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like)
+  acc = tree_math.scan_sum(lambda mb: run(params_G, mb), micro_kxG, frac_kxG,
+                           like_G, constrain=lambda t: _grouped(groups, t))
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
 
 
@@ -787,7 +789,7 @@ def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
   """
   g_norm_at_measure = jnp.asarray(g_norm_at_measure, jnp.float32)
   scale = jnp.where(g_norm_at_measure > 0,
-                    _norm(g) / jnp.where(g_norm_at_measure > 0,
+                    tree_math.norm(g) / jnp.where(g_norm_at_measure > 0,
                                          g_norm_at_measure, 1.0), 0.0)
   return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 

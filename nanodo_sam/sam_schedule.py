@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from nanodo_sam import sam as sam_lib
+
 
 def rho_at(sam_cfg, step):
   """rho, warmed up linearly from 0 over rho_warmup_steps."""
@@ -20,7 +22,7 @@ def rho_at(sam_cfg, step):
 
 def uses_sam_step(sam_cfg, step: int) -> bool:
   """Whether step `step` takes the configured SAM-family gradient."""
-  if sam_cfg.method == "adamw" or step < sam_cfg.start_step:
+  if sam_lib.is_plain(sam_cfg.method) or step < sam_cfg.start_step:
     return False
   if 0 <= sam_cfg.end_step <= step:
     return False
@@ -33,6 +35,7 @@ def step_kind(sam_cfg, step: int) -> str:
   gradient plus the carried correction) or "plain"."""
   if uses_sam_step(sam_cfg, step):
     return "sam"
-  in_window = (sam_cfg.method != "adamw" and step >= sam_cfg.start_step
+  in_window = (not sam_lib.is_plain(sam_cfg.method)
+               and step >= sam_cfg.start_step
                and not 0 <= sam_cfg.end_step <= step)
   return "reuse" if in_window and sam_cfg.get("reuse", False) else "plain"

@@ -35,6 +35,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from nanodo_sam import tree_math
 from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 Batch = dict[str, Any]
@@ -59,14 +60,7 @@ def _over_batches(fn: Callable[[Batch], Any], batch: Batch) -> Any:
         f"batch['inputs'] has shape {batch['inputs'].shape}; pass [B, L] or a "
         "stack of K evaluation batches [K, B, L]")
   K = batch["inputs"].shape[0]
-  shapes = jax.eval_shape(fn, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batch))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  def body(total, one_batch):
-    return jax.tree.map(jnp.add, total, fn(one_batch)), None
-
-  total, _ = lax.scan(body, zeros, batch)
+  total = tree_math.scan_sum(fn, batch)
   return jax.tree.map(lambda t: t / K, total)
 
 
@@ -81,15 +75,6 @@ def _upcast(params):
 
 def _like(v, params):
   return jax.tree.map(lambda x, p: jnp.asarray(x, p.dtype), v, params)
-
-
-def _vdot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y, precision=lax.Precision.HIGHEST) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _norm(a) -> jax.Array:
-  return jnp.sqrt(_vdot(a, a))
 
 
 def _random_like(rng: jax.Array, params, sample):
@@ -225,7 +210,7 @@ def _product(one_fn, params, batch, v, logits_fn):
   return _over_batches(lambda b: one_fn(params, b, v, logits_fn), batch)
 
 
-# ------------------------------------ the same products, output layer chunked --
+# ----------------------------------- the same products, output layer chunked --
 
 
 def _row_axes(head: OutputHead) -> tuple[str, ...]:
@@ -524,15 +509,17 @@ def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
 def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops,
            params_sharding=None) -> dict[str, jax.Array]:
   """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
-  e_norm = _norm(e)
+  e_norm = tree_math.norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
   d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
   params, e = (_keep(t, params_sharding)
                for t in _after((params, e), d_logit))
   d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
-  logit_sq, func_sq = _vdot(d_logit, d_logit), _vdot(d_func, d_func)
-  cross, delta_sq = 2.0 * _vdot(d_logit, d_func), _vdot(delta, delta)
+  logit_sq = tree_math.vdot(d_logit, d_logit)
+  func_sq = tree_math.vdot(d_func, d_func)
+  cross = 2.0 * tree_math.vdot(d_logit, d_func)
+  delta_sq = tree_math.vdot(delta, delta)
   return {
       "tau_logit": logit_sq / delta_sq,
       "tau_func": func_sq / delta_sq,
@@ -572,8 +559,35 @@ def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
   params = _keep(_after(params, e), params_sharding)
-  return {"loss": loss, "grad_norm": _norm(grad),
+  return {"loss": loss, "grad_norm": tree_math.norm(grad),
           **_split(params, batch, e, logits_fn, ops, params_sharding)}
+
+
+def _coefficients(basis_K, w) -> jax.Array:
+  """[K]: <q_i, w> for every vector q_i of a stacked basis (leaves [K, ...])."""
+  return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
+             for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
+
+
+def _combination(basis_K, c_K):
+  """sum_i c_i q_i over a stacked basis, parameter-shaped."""
+  return jax.tree.map(lambda b: jnp.tensordot(
+      c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
+                      basis_K)
+
+
+def _ritz(alpha_K, beta_K, b, j, tol):
+  """(theta, s_K, done): the largest-magnitude eigenpair of the Lanczos
+  tridiagonal after step j (diagonal alpha_K, off-diagonal beta_K; b the new
+  residual's norm), and whether its residual |b s_j| <= tol |theta|."""
+  off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
+  t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
+  evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
+  i = jnp.argmax(jnp.abs(evals_K))
+  theta, s_K = evals_K[i], evecs_KxK[:, i]
+  tiny = jnp.finfo(alpha_K.dtype).tiny
+  done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
+  return theta, s_K, done
 
 
 def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
@@ -600,17 +614,8 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   keep = lambda t: _keep(t, params_sharding)
   keep_basis = lambda t: _keep(t, params_sharding, stacked=True)
 
-  def coefficients(basis_K, w):  # [K]: <q_i, w> for every basis vector q_i
-    return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
-               for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
-
-  def combination(basis_K, c_K):  # sum_i c_i q_i, parameter-shaped
-    return keep(jax.tree.map(lambda b: jnp.tensordot(
-        c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
-                             basis_K))
-
   q0 = keep(_random_like(rng, params, jax.random.normal))
-  q0 = jax.tree.map(lambda x: x / _norm(q0), q0)
+  q0 = jax.tree.map(lambda x: x / tree_math.norm(q0), q0)
   basis_K = keep_basis(jax.tree.map(
       lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0))
   zeros_K = jnp.zeros((k,), dtype)
@@ -624,20 +629,16 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
     # params tied to this iteration: else XLA hoists the product's gather of
     # the whole parameters out of the loop and holds it across every step.
-    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn, head=head,
-                 chunk_tokens=chunk_tokens, params_sharding=params_sharding))
-    alpha_K = alpha_K.at[j].set(_vdot(q, w))
+    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn,
+                 head=head, chunk_tokens=chunk_tokens,
+                 params_sharding=params_sharding))
+    alpha_K = alpha_K.at[j].set(tree_math.vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
-      w = jax.tree.map(jnp.subtract, w,
-                       combination(basis_K, coefficients(basis_K, w)))
-    b = _norm(w)
-    off_K = beta_K[:-1]  # beta_K[j] is not yet set: T is the leading j+1 block
-    t_KxK = jnp.diag(alpha_K) + jnp.diag(off_K, 1) + jnp.diag(off_K, -1)
-    evals_K, evecs_KxK = jnp.linalg.eigh(t_KxK)
-    i = jnp.argmax(jnp.abs(evals_K))
-    theta, s_K = evals_K[i], evecs_KxK[:, i]
+      w = jax.tree.map(jnp.subtract, w, keep(
+          _combination(basis_K, _coefficients(basis_K, w))))
+    b = tree_math.norm(w)
+    theta, s_K, done = _ritz(alpha_K, beta_K, b, j, tol)
     tiny = jnp.finfo(dtype).tiny
-    done = (jnp.abs(b * s_K[j]) <= tol * jnp.abs(theta)) | (b <= tiny)
     basis_K = keep_basis(jax.tree.map(
         lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
         basis_K, w))
@@ -646,8 +647,8 @@ def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
   init = (jnp.int32(0), basis_K, zeros_K, zeros_K, jnp.zeros((), dtype),
           zeros_K, jnp.array(False))
   iters, basis_K, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
-  y = combination(basis_K, s_K)
-  y_norm = _norm(y)
+  y = keep(_combination(basis_K, s_K))
+  y_norm = tree_math.norm(y)
   return theta, jax.tree.map(lambda x: x / y_norm, y), iters
 
 
@@ -680,7 +681,7 @@ def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
   hvp_one = _ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"]
 
   def quad_one(p, b, z, f):
-    return _vdot(z, hvp_one(p, b, z, f))
+    return tree_math.vdot(z, hvp_one(p, b, z, f))
   return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
                      params_sharding)
 
@@ -709,6 +710,15 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
   return 4.0 / (lr * (1.0 + jnp.sqrt(1.0 + 8.0 * ratio)))
 
 
+def _check_lr_rho(lr, rho) -> None:
+  """ValueError on a concrete lr <= 0 or rho < 0 (traced values pass)."""
+  if isinstance(lr, (int, float)) and not lr > 0:
+    raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
+  if isinstance(rho, (int, float)) and not rho >= 0:
+    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
+                     "for no SAM)")
+
+
 def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
                 num_iters: int, num_probes: int, rng: jax.Array,
                 direction=None, tol: float = 1e-3, precond=None,
@@ -732,11 +742,7 @@ def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
   """
   _check_count("num_iters", num_iters, allow_zero=True)
   _check_count("num_probes", num_probes, allow_zero=True)
-  if isinstance(lr, (int, float)) and not lr > 0:
-    raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
-  if isinstance(rho, (int, float)) and not rho >= 0:
-    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
-                     "for no SAM)")
+  _check_lr_rho(lr, rho)
   eig_rng, trace_rng = jax.random.split(rng)
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
   dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
@@ -793,7 +799,7 @@ def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
   _, g = loss_and_grad(params, batch, logits_fn=logits_fn,
                        params_sharding=params_sharding, **chunked)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
-  g_norm = _norm(g)
+  g_norm = tree_math.norm(g)
   tiny = jnp.finfo(g_norm.dtype).tiny
   return {
       "lambda_max": lam,
@@ -801,7 +807,8 @@ def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
       "grad_norm": g_norm,
       "sam_edge": sam_edge(lr, rho, g_norm),
       "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
-      "grad_alignment": jnp.abs(_vdot(g, vec)) / jnp.maximum(g_norm, tiny),
-      "sam_grad_alignment": jnp.abs(_vdot(sam_grads, vec)) / jnp.maximum(
-          _norm(sam_grads), tiny),
+      "grad_alignment": (jnp.abs(tree_math.vdot(g, vec))
+                         / jnp.maximum(g_norm, tiny)),
+      "sam_grad_alignment": (jnp.abs(tree_math.vdot(sam_grads, vec))
+                             / jnp.maximum(tree_math.norm(sam_grads), tiny)),
   }

@@ -19,32 +19,32 @@ from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
+from nanodo_sam import tree_math
 
 
 def make_train_step(s, method: str, correct: bool = False):
   """The pure step for one gradient method (jitted by `jit_train_step`).
 
   With sam.reuse on, a SAM-family step also stores `Reuse(g_method - g,
-  ||g||)` in the state, and `correct=True` (method "adamw") builds the cheap
+  ||g||)` in the state, and `correct=True` (the plain method) builds the cheap
   step in between: the plain gradient plus that difference rescaled to the
   current ||g|| (`sam.reuse_correction`), one forward and one backward.
   """
   cfg = s.cfg
   sam_cfg = cfg.sam
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  store = bool(sam_cfg.get("reuse", False)) and method != "adamw"
-  if correct and (method != "adamw" or not sam_cfg.get("reuse", False)):
-    raise ValueError("correct=True is the sam.reuse step: method 'adamw' "
-                     "with sam.reuse on")
+  reuse_on = bool(sam_cfg.get("reuse", False))
+  store = reuse_on and not sam_lib.is_plain(method)
+  if correct and not (sam_lib.is_plain(method) and reuse_on):
+    raise ValueError(f"correct=True is the sam.reuse step: method "
+                     f"{sam_lib.PLAIN!r} with sam.reuse on")
 
   groups = device_groups(s)
 
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step)
-    precond = None
-    if method in sam_lib.PRECOND_METHODS:
-      precond, _ = optimizer_lib.adam_preconditioner(
-          state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+               if method in sam_lib.PRECOND_METHODS else None)
     out = sam_lib.accumulated_gradient(
         method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
         rho=rho, phi=sam_cfg.phi, precond=precond,
@@ -62,7 +62,7 @@ def make_train_step(s, method: str, correct: bool = False):
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
-                   update_norm=optax.tree.norm(updates))
+                   update_norm=tree_math.norm(updates))
     return state.replace(step=state.step + 1, params=params,
                          opt_state=opt_state, reuse=reuse), metrics
 
@@ -104,14 +104,14 @@ def jit_train_step(s, method: str, correct: bool = False):
 def kind_args(cfg, kind: str) -> tuple[str, bool]:
   """(method, correct) of `jit_train_step` for a `sam_schedule.step_kind`."""
   if kind == "reuse":
-    return "adamw", True
-  return (cfg.sam.method if kind == "sam" else "adamw"), False
+    return sam_lib.PLAIN, True
+  return (cfg.sam.method if kind == "sam" else sam_lib.PLAIN), False
 
 
 def largest_kind(cfg) -> str:
   """The step kind that holds the most memory: the SAM-family step when the
   method perturbs, else the plain one."""
-  return "sam" if sam_lib.METHODS[cfg.sam.method].perturbs else "plain"
+  return "plain" if sam_lib.is_plain(cfg.sam.method) else "sam"
 
 
 def jit_step(s, kind: str):

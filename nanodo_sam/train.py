@@ -124,13 +124,13 @@ class Run:
   """A run in progress: what the loop keeps and hands to every hook."""
 
   cfg: Any
-  s: state_lib.Setup
+  setup: state_lib.Setup
   workdir: str
   state: state_lib.TrainState
   start: int  # the step this process started (or resumed) from
   writer: Any
-  mngr: Any  # orbax CheckpointManager
-  train_it: data_lib.TrainIterator
+  checkpoint_manager: Any  # orbax CheckpointManager of workdir/checkpoints
+  train_iter: data_lib.TrainIterator
   eval_data: list
   stop: preemption.StopRequest = dataclasses.field(
       default_factory=preemption.StopRequest)
@@ -149,7 +149,7 @@ class Run:
     return self.cfg.opt.num_train_steps
 
   def put(self, host_batch: dict) -> dict:
-    return sharding.global_batch(host_batch, self.s.mesh)
+    return sharding.global_batch(host_batch, self.setup.mesh)
 
   def fire(self, when: str, n: int) -> None:
     """Runs the `when` hooks due at step count n, in registration order."""
@@ -180,10 +180,10 @@ class Run:
     other one had its loss read back finite (each step's loss is read before
     the next checkpoint is written), so the newest kept one is good."""
     if bad_step is not None:
-      checkpoint.delete(self.mngr, self.workdir, bad_step)
-    checkpoint.retain(self.mngr, self.workdir,
+      checkpoint.delete(self.checkpoint_manager, self.workdir, bad_step)
+    checkpoint.retain(self.checkpoint_manager, self.workdir,
                       self.cfg.checkpoint_max_to_keep)
-    kept = self.mngr.latest_step()
+    kept = self.checkpoint_manager.latest_step()
     ckpts = os.path.join(self.workdir, "checkpoints")
     if kept is None:
       return DivergedError(
@@ -276,8 +276,8 @@ def _evaluate(run: Run):
   the loss is kept in the history."""
   cfg = run.cfg
   eval_step = evaluate.make_eval_step(
-      run.s.logits_fn, run.s.state_sharding.params,
-      sharding.batch_sharding(run.s.mesh),
+      run.setup.logits_fn, run.setup.state_sharding.params,
+      sharding.batch_sharding(run.setup.mesh),
       target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
 
   def evaluate_hook(run: Run, n: int) -> None:
@@ -315,13 +315,14 @@ def _save(run: Run, n: int) -> None:
   finite, plus this newest one until step n's loss is read (a non-finite one
   deletes it: `Run.diverged`). The older ones are dropped here, once the
   previous save has finished (orbax would wait for it anyway)."""
-  if run.mngr.latest_step() == n:  # Written just before a stop or restart.
+  manager = run.checkpoint_manager
+  if manager.latest_step() == n:  # Written just before a stop or restart.
     return
   if not bool(_all_finite(run.state.params)):
     raise run.diverged(f"parameters are non-finite after step {n - 1}",
                        bad_step=None)
-  checkpoint.retain(run.mngr, run.workdir, run.cfg.checkpoint_max_to_keep)
-  checkpoint.save(run.mngr, run.train_it, run.workdir, n, run.state)
+  checkpoint.retain(manager, run.workdir, run.cfg.checkpoint_max_to_keep)
+  checkpoint.save(manager, run.train_iter, run.workdir, n, run.state)
 
 
 # ---------------------------------------------------------------- the loop
@@ -354,11 +355,11 @@ def _step_fns(s: state_lib.Setup):
 
 
 def _loop(run: Run) -> None:
-  step_fn = _step_fns(run.s)
+  step_fn = _step_fns(run.setup)
   for step in range(run.start, run.total):
     if run.stop.requested(step):
       _stop(run, step)
-    run.batch = run.put(next(run.train_it))
+    run.batch = run.put(next(run.train_iter))
     run.fire(BEFORE, step)
     run.state, metrics = step_fn(step)(run.state, run.batch)
     run.flush()  # Step - 1's metrics, now that step is dispatched.
@@ -413,16 +414,34 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
 
 def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
            stop: preemption.StopRequest, t_start: float) -> dict:
+  run = _open_run(cfg, workdir, s, stop)
+  run.hooks = run.hooks + list(hooks)
+  _write_progress(run, "running")
+  t_loop = time.time()
+  status = _run_to_the_end(run)
+  results = _results(run, status, wall_seconds=time.time() - t_start,
+                     train_seconds=time.time() - t_loop)
+  _write_progress(run, status)
+  if status in FINISHED:  # A preempted run, or a failed save, is not.
+    writers.write_json(os.path.join(workdir, RESULTS), results)
+  _close(run.writer, status)
+  return results
+
+
+def _open_run(cfg, workdir: str, s: state_lib.Setup,
+              stop: preemption.StopRequest) -> Run:
+  """The run in `workdir` at its newest readable checkpoint (unreadable
+  newer ones moved aside), or at step 0, with its data, writers and
+  default hooks; config.json written."""
   train_ds = data_lib.train_dataset(cfg, cfg.seed)
   eval_data = data_lib.eval_batches(cfg)
   diagnose = diagnostics.make_diagnose(cfg, s, eval_data)
   os.makedirs(workdir, exist_ok=True)
   checkpoint.remove_unfinished(workdir)
-  mngr = checkpoint.checkpoint_manager(workdir)
-  train_it = data_lib.TrainIterator(train_ds,
-                                    data_lib.Source(cfg.data, "train"))
-  # The newest readable checkpoint (unreadable newer ones moved aside).
-  start, state = checkpoint.restore_latest(mngr, s, workdir, train_it)
+  manager = checkpoint.checkpoint_manager(workdir)
+  train_iter = data_lib.TrainIterator(train_ds,
+                                      data_lib.Source(cfg.data, "train"))
+  start, state = checkpoint.restore_latest(manager, s, workdir, train_iter)
   if start is not None:
     log.info("Resumed from step %d in %s", start, workdir)
   else:
@@ -437,13 +456,18 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
         and sam_schedule.uses_sam_step(cfg.sam, 0)):
       log.info("step 0: AdamW has no second moment yet; %s uses the "
                "unpreconditioned perturbation for this step", cfg.sam.method)
+  run = Run(cfg, s, workdir, state, start, writer, manager, train_iter,
+            eval_data, stop=stop, steps_done=start, eval_history=history)
+  run.hooks = default_hooks(run, diagnose)
+  return run
 
-  run = Run(cfg, s, workdir, state, start, writer, mngr, train_it, eval_data,
-            stop=stop, steps_done=start, eval_history=history)
-  run.hooks = default_hooks(run, diagnose) + list(hooks)
-  _write_progress(run, "running")
+
+def _run_to_the_end(run: Run) -> str | None:
+  """Runs the loop; returns the run's status (completed, diverged,
+  preempted, save_failed) once the last save is done and the writers are
+  flushed. A crash is raised (the writers closed first)."""
+  cfg, workdir, manager = run.cfg, run.workdir, run.checkpoint_manager
   status = None  # Stays None if the loop crashes.
-  t_loop = time.time()
   try:
     try:
       _loop(run)
@@ -453,39 +477,34 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
       status = "diverged"
     except Preempted:
       status = "preempted"
-    mngr.wait_until_finished()  # The last save: SaveFailed if it failed.
+    manager.wait_until_finished()  # The last save: SaveFailed if it failed.
   except Exception as e:  # pylint: disable=broad-except
     failed = checkpoint.as_save_failed(e, workdir)  # (or a full disk)
     if failed is None:
       raise
-    run.save_error = checkpoint.finish_failed(mngr, workdir, failed).message
+    run.save_error = checkpoint.finish_failed(manager, workdir,
+                                              failed).message
     log.error("%s", run.save_error)
     status = SAVE_FAILED
   finally:
     if _profiled(cfg):
       _end_profile()
-    _wait(mngr, status)
+    _wait(manager, status)
     if status == "completed":  # Its final checkpoint's eval was finite.
-      checkpoint.retain(mngr, workdir, cfg.checkpoint_max_to_keep)
-    checkpoint.prune_data_states(workdir, mngr)
+      checkpoint.retain(manager, workdir, cfg.checkpoint_max_to_keep)
+    checkpoint.prune_data_states(workdir, manager)
     if status != SAVE_FAILED:  # (events lost on a full disk are redone)
-      writer.flush()
+      run.writer.flush()
     if status is None:  # A crash: end the writers' runs (wandb) here too.
-      writer.close()
-  results = _results(run, status, wall_seconds=time.time() - t_start,
-                     train_seconds=time.time() - t_loop)
-  _write_progress(run, status)
-  if status in FINISHED:  # A preempted run, or a failed save, is not.
-    writers.write_json(os.path.join(workdir, RESULTS), results)
-  _close(writer, status)
-  return results
+      run.writer.close()
+  return status
 
 
-def _wait(mngr, status: str | None) -> None:
+def _wait(manager, status: str | None) -> None:
   """Waits for the last save; after a crash (status None), a failure of
   that save is left out: the crash is what the user must see."""
   try:
-    mngr.wait_until_finished()
+    manager.wait_until_finished()
   except checkpoint.SaveFailed:
     if status is not None:
       raise
@@ -537,7 +556,7 @@ def _write_progress(run: Run, status: str) -> None:
   whenever the run starts or stops. status: running (or killed while
   running), preempted, completed, diverged."""
   progress = {"status": status, "steps": run.steps_done,
-              "checkpoint_step": run.mngr.latest_step(),
+              "checkpoint_step": run.checkpoint_manager.latest_step(),
               "eval_history": run.eval_history}
   if status == "preempted":
     progress["signal"] = run.stop.signal
@@ -567,7 +586,7 @@ def _results(run: Run, status: str, wall_seconds: float,
       f"final_eval_{k}": (last[k] if at == run.total and status == "completed"
                           else None)
       for k in evaluate.METRICS if k != "loss"}
-  n_params = model_lib.non_embedding_params(run.s.model.cfg)
+  n_params = model_lib.non_embedding_params(run.setup.model.cfg)
   return {
       "final_eval_loss": final,
       "best_eval_loss": min(finite) if finite else None,
@@ -589,7 +608,7 @@ def _results(run: Run, status: str, wall_seconds: float,
       "status": status,
       # The newest checkpoint kept (None: none): with status diverged, the
       # last state whose loss was finite.
-      "checkpoint_step": run.mngr.latest_step(),
+      "checkpoint_step": run.checkpoint_manager.latest_step(),
       "eval_history": run.eval_history,
   }
 

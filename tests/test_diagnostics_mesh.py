@@ -69,6 +69,7 @@ def worker(out_path: str) -> None:
   from jax.sharding import SingleDeviceSharding
   from nanodo_sam import diagnostics
   from nanodo_sam import model as model_lib
+  from nanodo_sam import optimizer as optimizer_lib
   from nanodo_sam import sharding
   from nanodo_sam import sharpness
   from nanodo_sam import state as state_lib
@@ -125,8 +126,8 @@ def worker(out_path: str) -> None:
   run = jax.jit(lambda st, b: fn(st, b, 1e-3, 0.1, jax.random.key(0)),
                 in_shardings=(s.state_sharding, bs))
   run0 = jax.jit(lambda st, b: sharpness.diagnostics(
-      st.params, b, logits_fn=exact, precond=diagnostics.adam_precond(
-          cfg, st.opt_state), **args))
+      st.params, b, logits_fn=exact, precond=optimizer_lib.adam_precond(
+          st.opt_state, cfg.opt), **args))
   res["sharpness_fn"] = {
       "mesh": diagnostics.to_scalars(run(state, gbatch)),
       "one_device": diagnostics.to_scalars(run0(state0, batch0))}

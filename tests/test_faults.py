@@ -191,7 +191,7 @@ if mode == "write":
 def fill(run, n):
   if n != 10:
     return
-  run.mngr.wait_until_finished()
+  run.checkpoint_manager.wait_until_finished()
   position = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
                  os.walk(checkpoint.data_state_dir(workdir, 10)) for f in fs)
   free = shutil.disk_usage(workdir).free

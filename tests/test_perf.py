@@ -432,6 +432,13 @@ def test_parse_methods():
     bench.parse_sizes("3M")
 
 
+def test_bench_ratios_are_to_the_plain_step_named_by_its_optimizer():
+  assert bench.columns()[4:6] == ("x AdamW", "CPU x AdamW")
+  cols = bench.columns("sgd")
+  assert [cols[i] for i in bench.RATIO_COLUMNS] == ["x SGD", "CPU x SGD",
+                                                    "x SGD"]
+
+
 @pytest.mark.slow  # Compiles several train steps (minutes on 2 cores).
 def test_bench_runs_and_writes_json(tmp_path):
   cfg = tiny_config()

@@ -158,6 +158,16 @@ def test_registry():
   assert set(sam.PHI_METHODS) == {"angle_sam"}
 
 
+def test_the_plain_step_is_known_from_the_registry_and_named_by_its_optimizer():
+  # Exactly one method takes the plain step: the trainer runs `sam.PLAIN`
+  # for every plain or reuse step.
+  assert [m for m in sam.METHODS if sam.is_plain(m)] == [sam.PLAIN]
+  assert [sam.label(sam.PLAIN, o) for o in ("adamw", "sgd", "momentum")] == [
+      "AdamW", "SGD", "Momentum"]
+  assert sam.label("functional_sam", "sgd") == "Func-SAM"
+  assert sam.label("precond_sam") == "Precond SAM"
+
+
 def test_adamw_is_plain_gradient(problem):
   params, logits_fn, batch = problem
   loss, grads, metrics = _step("adamw", params, batch, logits_fn, 0.1)

@@ -313,7 +313,7 @@ if point == "after_eval":
     write_progress(run, status)
     if status == "running" and run.eval_history[-1:] and \\
         run.eval_history[-1][0] == at and run.steps_done == at:
-      run.mngr.wait_until_finished()
+      run.checkpoint_manager.wait_until_finished()
       die()
   train._write_progress = wrapped
 elif point == "before_results":
