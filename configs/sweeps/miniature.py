@@ -13,7 +13,7 @@ the C4 subset shipped with the package). Two stages, both in this one file:
      - the rho grid at seed 0 (the tuning seed; Figure 3 at equal compute):
        GRID, centred on the paper's best values (SAM 0.1, Precond Func-SAM
        0.5; Precond SAM and Func-SAM, for which the paper gives none, on
-       configs/sweeps/common.py's default 0.2), x {0.5, 1, 2}, wider for
+       nanodo_sam/paper_sweeps.py's default 0.2), x {0.5, 1, 2}, wider for
        SAM and Precond Func-SAM.
   2. Once every grid run has finished: each SAM-family method at the rho
      with the lowest final eval loss at seed 0, on seeds 1-3 (Table 1's
@@ -23,7 +23,7 @@ the C4 subset shipped with the package). Two stages, both in this one file:
 The local launcher expands a sweep again after each pass, so one command runs
 both stages (and resumes either after a kill):
 
-  python -m launch.sweep configs/sweeps/miniature.py --backend=local \\
+  nanodo-sam sweep configs/sweeps/miniature.py --backend=local \\
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   python scripts/miniature.py runs/miniature     # -> docs/miniature.md
 """
@@ -32,7 +32,7 @@ import json
 import math
 import os
 
-from configs.sweeps.authoring import SweepSpec
+from nanodo_sam.sweep_spec import SweepSpec
 
 CONFIG = "configs/miniature.py"
 METHODS = ("sam", "precond_sam", "functional_sam", "precond_functional_sam")

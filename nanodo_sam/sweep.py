@@ -1,15 +1,15 @@
 """Expand a sweep file into runs and launch them: locally, on SLURM, on TPU VMs.
 
-    python -m launch.sweep configs/sweeps/table1.py --backend=local \
+    nanodo-sam sweep configs/sweeps/table1.py --backend=local \
         [--out=runs/table1] [--parallel=N] [--dry-run] [--only=REGEX] \
         [--set=KEY=VALUE ...] [--train-cmd=CMD]
-    python -m launch.sweep configs/sweeps/table2.py --backend=slurm \
+    nanodo-sam sweep configs/sweeps/table2.py --backend=slurm \
         --sbatch=--gpus-per-node=8 --sbatch=--time=48:00:00
-    python -m launch.sweep configs/sweeps/table2.py --backend=tpu \
+    nanodo-sam sweep configs/sweeps/table2.py --backend=tpu \
         --tpu=my-v4-32 --zone=us-central2-b
 
 A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a
-`SweepSpec` (configs/sweeps/authoring.py: name, config, overrides, runs; the
+`SweepSpec` (nanodo_sam/sweep_spec.py: name, config, overrides, runs; the
 grid helpers `method_runs`, `grid` and `around` live there too). This module
 checks every override key against its config, names the runs and starts them.
 A run's workdir is OUT/<name>, the name built from its overrides in order
@@ -61,18 +61,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `python launch/sweep.py` from anywhere.
-  sys.path.insert(0, REPO_ROOT)
-
-# pylint: disable=g-import-not-at-top
-from configs.sweeps.authoring import NAME_CHARS, RESERVED, SweepError, \
-    SweepSpec, format_value
 from nanodo_sam import config as config_lib
 from nanodo_sam.config import UsageError
 from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
-# pylint: enable=g-import-not-at-top
+from nanodo_sam.sweep_spec import NAME_CHARS, RESERVED, SweepError, \
+    SweepSpec, format_value
 
+# Runs start here, and config paths inside it are given relative to it.
+REPO_ROOT = config_lib.REPO_ROOT
+
+PROG = "nanodo-sam sweep"
 BACKENDS = ("local", "slurm", "tpu")
 # XLA flags the SLURM script sets for GPUs (MaxText's GPU recipes): overlap
 # collectives with compute (latency-hiding scheduler, pipelined and combined
@@ -219,9 +217,7 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
                      "configs/sweeps/table1.py")
   if not path.endswith(".py"):
     raise SweepError(f"sweep file {path!r} is not a .py file")
-  config_lib.add_import_root(path)
-  if REPO_ROOT not in sys.path:  # `from configs.sweeps import ...`.
-    sys.path.insert(0, REPO_ROOT)
+  config_lib.import_package_of(path)  # For `from configs import base`.
   module_name = "_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -430,7 +426,7 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       "set -euo pipefail",
       f"cd {shlex.quote(REPO_ROOT)}",
       f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
-      "# GPU compiler flags (launch/sweep.py XLA_GPU_FLAGS); an XLA_FLAGS set",
+      "# GPU compiler flags (nanodo_sam/sweep.py XLA_GPU_FLAGS); an XLA_FLAGS set",
       "# when submitting, or --env=XLA_FLAGS=..., replaces them.",
       f'export XLA_FLAGS="${{XLA_FLAGS:-{" ".join(XLA_GPU_FLAGS)}}}"',
       *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
@@ -491,12 +487,12 @@ def tpu_commands(sweep: Sweep, train_cmd: list[str], tpu: str, zone: str,
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    print(f"launch.sweep: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m launch.sweep",
+  p = _Parser(prog=PROG,
               description="Expand a sweep file and launch its runs.")
   p.add_argument("sweep_file")
   p.add_argument("--backend", default="local",
@@ -571,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       train_cmd = ["nanodo-sam", "train"]
   except UsageError as e:
-    print(f"launch.sweep: error: {e}", file=sys.stderr)
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
 
   if args.dry_run:
@@ -623,13 +619,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(cmds))
     return 0
   except UsageError as e:
-    print(f"launch.sweep: error: {e}", file=sys.stderr)
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
 
-
-if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except BrokenPipeError:  # Output piped into `head`.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(1)
