@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, crash_then_resume, listing, read_scalars, \
     tiny_config, tiny_flags
-from launch import sweep as sweep_lib
+from nanodo_sam import sweep as sweep_lib
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
