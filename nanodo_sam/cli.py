@@ -56,7 +56,7 @@ FLAGS = {
     "fractions": (flags.DEFINE_string, "F,F,...", "0,0.1,0.2,0.3,0.4,0.5",
                   "Fractions of non-embedding weights to prune."),
     "sizes": (flags.DEFINE_string, "S,S,...", "",
-              "Model sizes of configs/sizes.py (default: the config's)."),
+              "Model sizes of nanodo_sam/sizes.py (default: the config's)."),
     "methods": (flags.DEFINE_string, "M,M,...", "all",
                 "Methods (sam.METHODS names, variants like sam:k=5) or all."),
     "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),

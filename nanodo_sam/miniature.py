@@ -61,7 +61,7 @@ PRUNE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 # "After the first few steps" (Figure 2): diagnostics from this step on.
 SETTLED_STEP = 40
-# The paper's Table 1 order, best first (configs/paper.json).
+# The paper's Table 1 order, best first (nanodo_sam/paper.json).
 PAPER_ORDER = tuple(sorted(published.column("table1", "method"),
                            key=lambda m: published.value("table1", method=m)))
 HOLDS, FAILS, UNSURE = ("holds", "does not hold",

@@ -5,7 +5,7 @@
 
 Reads eval_history from each run's results.json (nanodo_sam/runs.py). For
 every (schedule, size, nonlinearity) found (one panel each) and every method,
-draws the curve of the best (rho, lr) setting (`runs.best`, make_tables'
+draws the curve of the best (rho, lr) setting (`runs.best`, `nanodo-sam tables`'
 choice), averaged over seeds; --all draws every run instead. Default output:
 COMMON_PARENT/figures/eval_curves.png.
 """
