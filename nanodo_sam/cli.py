@@ -480,6 +480,8 @@ def _run_own_args(fn: Callable, argv) -> None:
   """Runs a command that parses its own arguments; exits with its code."""
   try:
     sys.exit(fn(argv))
+  except UsageError as e:
+    _fail(str(e))
   except BrokenPipeError:  # Output piped into `head`.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(1)
