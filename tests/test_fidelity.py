@@ -414,3 +414,21 @@ def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
                         "--config.opt.num_train_steps=4"] + small + legacy,
                  check=True, capture_output=True, env=env, cwd=ROOT)
   assert json.loads((workdir / "results.json").read_text())["steps"] == 4
+
+
+def test_nanodo_source_is_imported_by_path_without_sys_path(tmp_path):
+  """nanodo_ref.load reads a checkout's `nanodo` package (whose modules
+  import each other as `nanodo.X`) without adding it to sys.path."""
+  pkg = tmp_path / "nanodo"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "helper.py").write_text("X = 3\n")
+  (pkg / "model.py").write_text("from nanodo import helper\nY = helper.X + 1\n")
+  before = list(sys.path)
+  try:
+    module = nanodo_ref.load(str(tmp_path), "model")
+    assert module.Y == 4 and module.__file__ == str(pkg / "model.py")
+    assert sys.path == before
+  finally:
+    for name in [m for m in sys.modules if m.split(".")[0] == "nanodo"]:
+      del sys.modules[name]

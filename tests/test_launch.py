@@ -374,3 +374,22 @@ def test_loading_every_config_and_sweep_writes_nothing(tmp_path,
     assert sweep.runs, name
   assert [p for p in home.rglob("*")] == []
   assert sorted(os.listdir(tmp_path)) == ["home"]
+
+
+def test_a_config_file_imports_from_its_own_checkout(tmp_path):
+  """`from configs import base` in a config file loaded by path reads the
+  configs/ folder beside it (a copy elsewhere here), not the first one on
+  sys.path (the loader adds nothing to sys.path)."""
+  import shutil
+  copy = tmp_path / "elsewhere" / "configs"
+  shutil.copytree(os.path.join(ROOT, "configs"), copy)
+  (copy / "base.py").write_text((copy / "base.py").read_text().replace(
+      'c.schedule_name = ""', 'c.schedule_name = "from_the_copy"'))
+  code = ("import sys; from nanodo_sam import config as c; "
+          f"cfg = c.load_config_file({str(copy / 'quickstart.py')!r}); "
+          "print(cfg.schedule_name, sys.modules['configs'].__file__)")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                     capture_output=True, env=dict(os.environ,
+                                                   PYTHONPATH=ROOT))
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["from_the_copy", str(copy / "__init__.py")]

@@ -1,5 +1,6 @@
 """Table 5: GeLU vs ReLU at 2M, fixed-length, for Precond Functional SAM,
-Precond SAM and AdamW (3 seeds): the rows of Table 5 in nanodo_sam/paper.json."""
+Precond SAM and AdamW (3 seeds): the rows of Table 5 in
+nanodo_sam/paper.json."""
 
 from nanodo_sam import paper
 from nanodo_sam import paper_sweeps as common
