@@ -389,17 +389,17 @@ def _check_sbatch_token(value: str, what: str) -> None:
                      "(sbatch splits #SBATCH lines on spaces)")
 
 
-def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
-                 sbatch_args: Sequence[str] = (), parallel: int = 0,
-                 env: dict | None = None) -> str:
-  """One sbatch array script: array task i runs grid point i."""
+def _slurm_header(sweep: Sweep, out: str, sbatch_args: Sequence[str],
+                  parallel: int, env: dict | None) -> list[str]:
+  """The sbatch script's options, comments and environment, up to the
+  `case` over array tasks."""
   n = len(sweep.runs)
   array = f"0-{n - 1}" + (f"%{parallel}" if parallel else "")
   logs = os.path.join(out, "logs")
   _check_sbatch_token(logs, "--out")
   for a in sbatch_args:
     _check_sbatch_token(a, "--sbatch")
-  lines = [
+  return [
       "#!/bin/bash",
       f"#SBATCH --job-name={sweep.name}",
       f"#SBATCH --array={array}",
@@ -432,6 +432,13 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
       'case "${SLURM_ARRAY_TASK_ID:?not an array task}" in',
   ]
+
+
+def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
+                 sbatch_args: Sequence[str] = (), parallel: int = 0,
+                 env: dict | None = None) -> str:
+  """One sbatch array script: array task i runs grid point i."""
+  lines = _slurm_header(sweep, out, sbatch_args, parallel, env)
   for i, run in enumerate(sweep.runs):
     lines.append(f"  {i}) WORKDIR={shlex.quote(run.workdir)}")
     lines.append(f"     RUN=({shell_join(train_cmd + run.train_args())}) ;;")
@@ -538,87 +545,115 @@ def _key_values(items: Sequence[str], what: str, key_re: str) -> dict:
   return out
 
 
+@dataclass
+class _Plan:
+  """The command line, checked: what `main` launches."""
+  sweep: Sweep
+  out: str
+  extra: dict
+  env: dict
+  only: re.Pattern | None
+  train_cmd: list[str]
+
+
+def _plan(args) -> _Plan:
+  """Checks every argument and loads the sweep; SweepError (one line)
+  before anything is started or written."""
+  if args.backend not in BACKENDS:
+    raise SweepError(f"unknown backend {args.backend!r}; use one of "
+                     f"{', '.join(BACKENDS)}")
+  if args.parallel < 0:
+    raise SweepError(f"--parallel={args.parallel} must be >= 1")
+  extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
+  env = _key_values(args.env, "--env", r"[A-Za-z_]\w*")
+  if args.backend == "tpu" and not (args.tpu and args.zone):
+    raise SweepError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
+  try:
+    only = re.compile(args.only) if args.only else None
+  except re.error as e:
+    raise SweepError(f"--only={args.only!r} is not a regex: {e}") from None
+  sweep = load_sweep(args.sweep_file, args.out or None, extra)
+  out = os.path.abspath(args.out or os.path.join("runs", sweep.name))
+  if only:
+    sweep.runs = [r for r in sweep.runs if only.search(r.name)]
+    if not sweep.runs:
+      raise SweepError(f"--only={args.only!r} matches no run")
+  if args.train_cmd:
+    train_cmd = shlex.split(args.train_cmd)
+  elif args.backend == "local":
+    train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
+  else:
+    train_cmd = ["nanodo-sam", "train"]
+  return _Plan(sweep, out, extra, env, only, train_cmd)
+
+
+def _dry_run(plan: _Plan) -> int:
+  """Prints the runs, their overrides and the first command."""
+  sweep = plan.sweep
+  print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
+        f"{sweep.config}, out {plan.out} (dry run: nothing started or "
+        "written)")
+  for i, run in enumerate(sweep.runs):
+    state = "done" if is_done(run) else "todo"
+    kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
+    cfg = f" [{run.config}]" if run.config != sweep.config else ""
+    print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
+  if sweep.runs and sweep.runs[0].common:
+    print("every run: " + " ".join(
+        f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
+  print("command: " + shell_join(plan.train_cmd + sweep.runs[0].train_args()))
+  return 0
+
+
+def _launch_local(plan: _Plan, args) -> int:
+  """Runs the sweep here; a dependent sweep is expanded again after each
+  pass until it lists nothing new."""
+  sweep, failed, seen = plan.sweep, 0, set()
+  while True:
+    new = [r for r in sweep.runs if r.name not in seen]
+    seen.update(r.name for r in sweep.runs)
+    if not new:
+      break
+    failed += run_local(dataclasses.replace(sweep, runs=new), plan.out,
+                        plan.train_cmd, max(args.parallel, 1), plan.env)
+    if not sweep.dependent or failed:
+      break
+    sweep = load_sweep(args.sweep_file, plan.out, plan.extra)
+    if plan.only:
+      sweep.runs = [r for r in sweep.runs if plan.only.search(r.name)]
+  return 1 if failed else 0
+
+
+def _launch(plan: _Plan, args) -> int:
+  if args.backend == "local":
+    return _launch_local(plan, args)
+  sweep, out = plan.sweep, plan.out
+  if args.backend == "slurm":
+    script = slurm_script(sweep, out, plan.train_cmd, args.sbatch,
+                          args.parallel, plan.env)
+    _manifest(sweep, out, "slurm")
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    path = os.path.join(out, "sweep.sbatch")
+    with open(path, "w") as f:
+      f.write(script)
+    print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
+    print(f"  sbatch {shlex.quote(path)}")
+    return 0
+  cmds = tpu_commands(sweep, plan.train_cmd, args.tpu, args.zone,
+                      args.project, args.remote_dir, plan.env)
+  print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
+        "another (--out is a path on the TPU VM: use a shared disk or a "
+        "gcsfuse mount so checkpoints outlive it)")
+  print("\n".join(cmds))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """`nanodo-sam sweep`: 0 done, 1 a run failed, 2 bad input."""
   args = _parser().parse_args(argv)
   try:
-    if args.backend not in BACKENDS:
-      raise SweepError(f"unknown backend {args.backend!r}; use one of "
-                       f"{', '.join(BACKENDS)}")
-    if args.parallel < 0:
-      raise SweepError(f"--parallel={args.parallel} must be >= 1")
-    extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
-    env = _key_values(args.env, "--env", r"[A-Za-z_]\w*")
-    if args.backend == "tpu" and not (args.tpu and args.zone):
-      raise SweepError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
-    try:
-      only = re.compile(args.only) if args.only else None
-    except re.error as e:
-      raise SweepError(f"--only={args.only!r} is not a regex: {e}") from None
-    sweep = load_sweep(args.sweep_file, args.out or None, extra)
-    out = os.path.abspath(args.out or os.path.join("runs", sweep.name))
-    if only:
-      sweep.runs = [r for r in sweep.runs if only.search(r.name)]
-      if not sweep.runs:
-        raise SweepError(f"--only={args.only!r} matches no run")
-    if args.train_cmd:
-      train_cmd = shlex.split(args.train_cmd)
-    elif args.backend == "local":
-      train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
-    else:
-      train_cmd = ["nanodo-sam", "train"]
+    plan = _plan(args)
+    return _dry_run(plan) if args.dry_run else _launch(plan, args)
   except UsageError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-
-  if args.dry_run:
-    print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
-          f"{sweep.config}, out {out} (dry run: nothing started or written)")
-    for i, run in enumerate(sweep.runs):
-      state = "done" if is_done(run) else "todo"
-      kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
-      cfg = f" [{run.config}]" if run.config != sweep.config else ""
-      print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
-    if sweep.runs and sweep.runs[0].common:
-      print("every run: " + " ".join(
-          f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
-    print("command: " + shell_join(train_cmd + sweep.runs[0].train_args()))
-    return 0
-
-  try:
-    if args.backend == "local":
-      failed, seen = 0, set()
-      while True:  # A dependent sweep may list more runs once some finish.
-        new = [r for r in sweep.runs if r.name not in seen]
-        seen.update(r.name for r in sweep.runs)
-        if not new:
-          break
-        failed += run_local(dataclasses.replace(sweep, runs=new), out,
-                            train_cmd, max(args.parallel, 1), env)
-        if not sweep.dependent or failed:
-          break
-        sweep = load_sweep(args.sweep_file, out, extra)
-        if only:
-          sweep.runs = [r for r in sweep.runs if only.search(r.name)]
-      return 1 if failed else 0
-    if args.backend == "slurm":
-      script = slurm_script(sweep, out, train_cmd, args.sbatch, args.parallel,
-                            env)
-      _manifest(sweep, out, "slurm")
-      os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-      path = os.path.join(out, "sweep.sbatch")
-      with open(path, "w") as f:
-        f.write(script)
-      print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
-      print(f"  sbatch {shlex.quote(path)}")
-      return 0
-    cmds = tpu_commands(sweep, train_cmd, args.tpu, args.zone, args.project,
-                        args.remote_dir, env)
-    print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
-          "another (--out is a path on the TPU VM: use a shared disk or a "
-          "gcsfuse mount so checkpoints outlive it)")
-    print("\n".join(cmds))
-    return 0
-  except UsageError as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-
