@@ -702,7 +702,7 @@ def render(claims: list[Claim], times: dict, out_dir: str, setup: str
   return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("out", help="the sweep's output folder (runs/miniature)")
   p.add_argument("--doc", default=os.path.join(config_lib.REPO_ROOT, "docs",
@@ -711,50 +711,46 @@ def main(argv=None) -> int:
                  help="folder for the PNGs (default: the doc's folder)")
   p.add_argument("--no-analyze", action="store_true",
                  help="do not run analyze / prune-eval on missing runs")
-  args = p.parse_args(argv)
-  if not os.path.isdir(args.out):
-    print(f"miniature: error: {args.out!r} is not a directory; pass the "
-          "sweep's output folder, e.g. runs/miniature", file=sys.stderr)
-    return 2
-  fig_dir = args.figures or os.path.dirname(os.path.abspath(args.doc))
-  runs = load_runs(args.out)
-  best = best_rhos(args.out)
-  # What this script measured before (analysis seconds per run, the
-  # training split's token count), so a second call repeats nothing.
-  memo_path = os.path.join(args.out, "miniature_report.json")
+  return p
+
+
+def _read_memo(out: str) -> tuple[str, dict]:
+  """(path, what the report measured before: analysis seconds per run, the
+  training split's token count), so a second call repeats nothing."""
+  path = os.path.join(out, "miniature_report.json")
   memo = {"analysis_seconds": {}, "train_tokens": None}
-  if os.path.isfile(memo_path):
-    with open(memo_path) as f:
+  if os.path.isfile(path):
+    with open(path) as f:
       memo.update(json.load(f))
+  return path, memo
 
-  def save_memo():
-    with open(memo_path + ".tmp", "w") as f:
-      json.dump(memo, f, indent=2)
-    os.replace(memo_path + ".tmp", memo_path)
 
-  spent = memo["analysis_seconds"]
-  if not args.no_analyze:
-    todo = [r for rs in table_runs(runs, best).values() for r in rs]
-    for path, s in ensure_analysis(todo).items():
-      spent[path] = spent.get(path, 0.0) + s
-      save_memo()
-    runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
+def _save_memo(path: str, memo: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(memo, f, indent=2)
+  os.replace(path + ".tmp", path)
 
-  c1, t5 = claim_logit_dominance(runs)
-  c2, byte = claim_vocabulary(runs, t5)
-  c3 = claim_preconditioning(runs, best)
-  c4, stats_by = claim_table1(runs, best)
+
+def _seed_noise(runs, best) -> float:
+  """The rms over methods of the seed std of (method - AdamW) losses."""
   groups = table_runs(runs, best)
   adamw = {r.seed: r.loss for r in groups.get("adamw", [])}
   diffs = [np.std([r.loss - adamw[r.seed] for r in rs if r.seed in adamw],
                   ddof=1)
            for m, rs in groups.items() if m != "adamw" and len(rs) > 1]
-  noise = float(np.sqrt(np.mean(np.square(diffs)))) if diffs else math.nan
+  return float(np.sqrt(np.mean(np.square(diffs)))) if diffs else math.nan
+
+
+def _claims_and_figures(runs, best, fig_dir: str) -> list[Claim]:
+  """Every claim's verdict, and the three figures beside the doc."""
+  c1, t5 = claim_logit_dominance(runs)
+  c2, byte = claim_vocabulary(runs, t5)
+  c3 = claim_preconditioning(runs, best)
+  c4, _ = claim_table1(runs, best)
+  noise = _seed_noise(runs, best)
   c5, rho_curves = claim_rho(runs, noise)
   c6 = claim_sharpness(runs, best)
   c7, prune_curves = claim_pruning(runs, best)
-  claims = [c1, c2, c3, c4, c5, c6, c7]
-
   if t5:
     t5_pre = {r.seed: tau_series(r, "_precond") for r in runs
               if r.method == "adamw" and not _byte(r) and r.seed in t5}
@@ -764,18 +760,38 @@ def main(argv=None) -> int:
     if byte:
       panels.append(("V = 259 (bytes), e = g", byte))
     plot_taus(panels, os.path.join(fig_dir, "miniature_taus.png"))
+    c1.detail += "\n\n![taus over training](miniature_taus.png)"
   base = _find(runs, method="adamw", seed=TUNING_SEED)
   if rho_curves and base is not None:
     plot_rho(rho_curves, base.loss, noise if math.isfinite(noise) else 0.0,
              os.path.join(fig_dir, "miniature_rho.png"))
   if prune_curves:
     plot_pruning(prune_curves, os.path.join(fig_dir, "miniature_pruning.png"))
-  if t5:
-    c1.detail += "\n\n![taus over training](miniature_taus.png)"
+  return [c1, c2, c3, c4, c5, c6, c7]
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  if not os.path.isdir(args.out):
+    print(f"miniature: error: {args.out!r} is not a directory; pass the "
+          "sweep's output folder, e.g. runs/miniature", file=sys.stderr)
+    return 2
+  fig_dir = args.figures or os.path.dirname(os.path.abspath(args.doc))
+  runs = load_runs(args.out)
+  best = best_rhos(args.out)
+  memo_path, memo = _read_memo(args.out)
+  spent = memo["analysis_seconds"]
+  if not args.no_analyze:
+    todo = [r for rs in table_runs(runs, best).values() for r in rs]
+    for path, s in ensure_analysis(todo).items():
+      spent[path] = spent.get(path, 0.0) + s
+      _save_memo(memo_path, memo)
+    runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
+  claims = _claims_and_figures(runs, best, fig_dir)
   t5_cfg = next((r.config for r in runs if not _byte(r)), None)
   if t5_cfg and memo["train_tokens"] is None:
     memo["train_tokens"] = train_tokens(t5_cfg)
-    save_memo()
+    _save_memo(memo_path, memo)
   setup = setup_text(t5_cfg, memo["train_tokens"]) if t5_cfg else ""
   text = render(claims, study_time(runs, spent), args.out, setup)
   os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
@@ -785,4 +801,3 @@ def main(argv=None) -> int:
   for c in claims:
     print(f"- {c.title}: {c.verdict}")
   return 0
-

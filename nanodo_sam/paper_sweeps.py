@@ -16,7 +16,7 @@ from nanodo_sam.sweep_spec import around, method_runs
 
 FIXED_LENGTH = "configs/c4_fixed_length.py"
 CHINCHILLA = "configs/c4_chinchilla.py"
-# Tables 2 and 3's sizes and methods, in the paper's order (nanodo_sam/paper.json).
+# Tables 2 and 3's sizes and methods, in the paper's order (paper.json).
 SIZES = paper.column("table2", "size")
 TABLE_METHODS = paper.column("table2", "method")
 LEARNING_RATES = (1e-3,)
