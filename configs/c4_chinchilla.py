@@ -22,54 +22,31 @@ The parameter count is a config choice, given after the size:
 data.batch_size or model.* on the command line does not recompute the steps:
 pass --config.opt.num_train_steps too.
 
-Everything else is configs/c4_fixed_length.py (AdamW lr 1e-3, wd 0.1, batch
+Everything else is configs/c4_fixed_length.py's (AdamW lr 1e-3, wd 0.1, batch
 256 x 512, C4 with the T5 vocabulary); warmup is 10% of the steps (<= 1000).
 """
 
-import math
 import os
-import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `from configs import ...` from any directory.
-  sys.path.insert(0, _ROOT)
-
-from configs import c4_fixed_length  # pylint: disable=g-import-not-at-top
-from configs import sizes  # pylint: disable=g-import-not-at-top
+from nanodo_sam import config as config_lib
+from nanodo_sam import sizes
 
 SCHEDULE_NAME = "chinchilla"
-TOKENS_PER_PARAM = 20
-PARAM_COUNTS = ("non_embedding", "total")
-
-
-def param_count(size: str, which: str = "non_embedding", V: int = 32101,
-                L: int = 512) -> int:
-  if which not in PARAM_COUNTS:
-    raise ValueError(f"chinchilla_params={which!r} is unknown; use one of "
-                     f"{', '.join(PARAM_COUNTS)} (e.g. "
-                     "--config=configs/c4_chinchilla.py:23.9M,total)")
-  if which == "total":
-    return sizes.total_params(size, V, L)
-  return sizes.non_embedding_params(size)
-
-
-def chinchilla_steps(size: str, which: str = "non_embedding",
-                     tokens_per_step: int = 256 * 512) -> int:
-  """ceil(20 * P / tokens_per_step)."""
-  return math.ceil(TOKENS_PER_PARAM * param_count(size, which) /
-                   tokens_per_step)
+FIXED_LENGTH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            "c4_fixed_length.py")
 
 
 def get_config(arg: str = sizes.DEFAULT):
   """arg: 'SIZE' or 'SIZE,non_embedding' or 'SIZE,total'."""
   size, _, which = (arg or sizes.DEFAULT).partition(",")
   which = which.strip() or "non_embedding"
-  c = c4_fixed_length.c4_config(size)
+  sizes.param_count(size, which)  # A bad SIZE or count: its own error.
+  c = config_lib.load_config_file(f"{FIXED_LENGTH}:{sizes.resolve(size)}")
   c.schedule_name = SCHEDULE_NAME
   c.chinchilla_params = which
-  steps = chinchilla_steps(c.model.size_name, which,
-                           c.data.batch_size * c.model.L)
+  steps = sizes.chinchilla_steps(c.model.size_name, which,
+                                 c.data.batch_size * c.model.L)
   c.opt.num_train_steps = steps
-  c.opt.warmup_steps = c4_fixed_length.warmup_steps(steps)
+  c.opt.warmup_steps = sizes.warmup_steps(steps)
   c.eval_every_steps = max(steps // 20, 1)
   return c

@@ -7,7 +7,7 @@ optax's convention at lr 1e-3, the paper's other statement), on C4
 `c4/en:3.1.0` with the T5 SentencePiece vocabulary; evaluation on C4
 validation, one document per row (Nanodo's evaluator).
 
-The size is the config argument (default 2M; names in configs/sizes.py):
+The size is the config argument (default 2M; names in nanodo_sam/sizes.py):
   nanodo-sam train --config=configs/c4_fixed_length.py:23.9M --workdir=DIR
 
 Not stated in the paper, Nanodo's defaults (configs/base.py, docs/fidelity.md):
@@ -18,27 +18,16 @@ first 10% of the steps (at most 1000) and an evaluation set of 64 x 64
 validation documents every 500 steps.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `from configs import ...` from any directory.
-  sys.path.insert(0, _ROOT)
-
-from configs import sizes  # pylint: disable=g-import-not-at-top
+from configs import base
+from nanodo_sam import sizes
 
 SCHEDULE_NAME = "fixed_length"
 NUM_TRAIN_STEPS = 10_000
 
 
-def warmup_steps(num_train_steps: int) -> int:
-  """10% of the run, capped at 1000 steps (our choice; the paper is silent)."""
-  return max(1, min(1000, num_train_steps // 10))
-
-
 def c4_config(size: str = sizes.DEFAULT):
   """The settings both C4 schedules share, at model size `size`."""
-  c = sizes.get_config(size)
+  c = sizes.apply(base.get_config(), size or sizes.DEFAULT)
   c.data.tfds_name = "c4/en:3.1.0"
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -68,6 +57,6 @@ def get_config(size: str = sizes.DEFAULT):
   c = c4_config(size)
   c.schedule_name = SCHEDULE_NAME
   c.opt.num_train_steps = NUM_TRAIN_STEPS
-  c.opt.warmup_steps = warmup_steps(NUM_TRAIN_STEPS)
+  c.opt.warmup_steps = sizes.warmup_steps(NUM_TRAIN_STEPS)
   c.eval_every_steps = 500
   return c

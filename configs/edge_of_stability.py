@@ -24,8 +24,9 @@ The data split is theirs: `tiny_shakespeare_split()` derives a train file
 (the first 30,000 lines, 854,960 bytes) and a test file (the last 10,000
 lines, 260,434 bytes) from the raw input.txt and points data.train_files /
 data.eval_files at them (the TFDS tiny_shakespeare splits are different:
-90% / 5% / 5% by characters). The files are written once into a cache folder
-($NANODO_SAM_CACHE, default ~/.cache/nanodo_sam) when the config is loaded.
+90% / 5% / 5% by characters). Loading the config writes nothing: the files
+are written once into a cache folder ($NANODO_SAM_CACHE, default
+~/.cache/nanodo_sam) when a run first reads them (nanodo_sam/text_split.py).
 The raw file is the copy shipped with the package
 (nanodo_sam/data_files/tiny_shakespeare/input.txt, karpathy/char-rnn's
 input.txt), or $TINY_SHAKESPEARE_TXT.
@@ -55,71 +56,17 @@ wall-clock time, 8-12 hours on a V100), how often lambda_max is measured and
 with how many Lanczos iterations, and the evaluation set size.
 """
 
-import hashlib
-import os
-import sys
+from configs import base
+from nanodo_sam import config as config_lib
+from nanodo_sam import data as data_lib
+from nanodo_sam import text_split
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `from configs import ...` from any directory.
-  sys.path.insert(0, _ROOT)
-
-from configs import base  # pylint: disable=g-import-not-at-top
-from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
-from nanodo_sam import data as data_lib  # pylint: disable=g-import-not-at-top
-
-LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-RHOS = (0.0, 0.1, 0.3, 1.0)
 TEST_LINES = 10_000  # "The last 10000 lines ... were set aside as a test set"
 
 
-def _cache_dir() -> str:
-  return os.path.expanduser(os.environ.get(
-      "NANODO_SAM_CACHE", os.path.join("~", ".cache", "nanodo_sam")))
-
-
-def _write_once(path: str, data: bytes) -> None:
-  """Writes `data` to `path` unless it already holds exactly that (atomic)."""
-  if os.path.isfile(path) and os.path.getsize(path) == len(data):
-    with open(path, "rb") as f:
-      if f.read() == data:
-        return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def tiny_shakespeare_split(raw_file: str = "", cache_dir: str = "",
-                           test_lines: int = TEST_LINES) -> tuple[str, str]:
-  """(train.txt, test.txt): all but the last `test_lines` lines, and those.
-
-  Written into <cache_dir>/tiny_shakespeare_<hash of the input>/ and reused;
-  each file is one document (the data pipeline packs it into rows).
-  """
-  raw_file = raw_file or os.environ.get("TINY_SHAKESPEARE_TXT") or (
-      data_lib.shipped_path(data_lib.TINY_SHAKESPEARE_TXT))
-  raw_file = os.path.abspath(os.path.expanduser(raw_file))
-  if not os.path.isfile(raw_file):
-    raise ValueError(
-        f"tiny_shakespeare text not found at {raw_file!r}; set "
-        "TINY_SHAKESPEARE_TXT to karpathy/char-rnn's "
-        "data/tinyshakespeare/input.txt, or unset it for the copy shipped "
-        "with the package")
-  with open(raw_file, "rb") as f:
-    text = f.read()
-  lines = text.splitlines(keepends=True)
-  if len(lines) <= test_lines:
-    raise ValueError(f"{raw_file!r} has {len(lines)} lines; the split needs "
-                     f"more than {test_lines}")
-  digest = hashlib.sha1(text).hexdigest()[:12]
-  out = os.path.join(cache_dir or _cache_dir(),
-                     f"tiny_shakespeare_{digest}_last{test_lines}")
-  os.makedirs(out, exist_ok=True)
-  train_path = os.path.join(out, "train.txt")
-  test_path = os.path.join(out, "test.txt")
-  _write_once(train_path, b"".join(lines[:-test_lines]))
-  _write_once(test_path, b"".join(lines[-test_lines:]))
-  return train_path, test_path
+def tiny_shakespeare_split() -> tuple[str, str]:
+  """(train.txt, test.txt) of the split: their paths (nothing written)."""
+  return text_split.split_paths(data_lib.tiny_shakespeare_txt(), TEST_LINES)
 
 
 def get_config(arg: str = ""):

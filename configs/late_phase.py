@@ -29,22 +29,13 @@ The sweep over switch points {0, 0.5, 0.75, 0.9, 1.0} x {sam,
 precond_functional_sam} is configs/sweeps/late_phase.py; plot it with
 scripts/plot_late_phase.py. Compute in AdamW-step equivalents: a step before
 the switch counts 1, one after it 2 (both SAM-family methods take 2 forward
-and 2 backward passes).
+and 2 backward passes; nanodo_sam.sam_schedule.adamw_step_equivalents).
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `from configs import ...` from any directory.
-  sys.path.insert(0, _ROOT)
-
-from configs import base  # pylint: disable=g-import-not-at-top
-from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
+from configs import base
+from nanodo_sam import config as config_lib
 
 NUM_TRAIN_STEPS = 200
-SWITCH_FRACTIONS = (0.0, 0.5, 0.75, 0.9, 1.0)
-RHO = {"sam": 0.1, "precond_functional_sam": 0.5}  # The paper's best values.
 
 
 def switch_step(fraction: float, num_train_steps: int = NUM_TRAIN_STEPS
@@ -54,15 +45,6 @@ def switch_step(fraction: float, num_train_steps: int = NUM_TRAIN_STEPS
     raise ValueError(f"switch fraction {fraction!r} must lie in [0, 1]; use "
                      "e.g. configs/late_phase.py:0.75")
   return int(round(fraction * num_train_steps))
-
-
-def adamw_step_equivalents(num_train_steps: int, start_step: int,
-                           method: str) -> int:
-  """Cost of a run: plain steps count 1, SAM-family steps 2."""
-  if method == "adamw":
-    return num_train_steps
-  start = min(max(start_step, 0), num_train_steps)
-  return start + 2 * (num_train_steps - start)
 
 
 def get_config(arg: str = ""):
@@ -87,7 +69,7 @@ def get_config(arg: str = ""):
   c.opt.decay_type = "cosine"
   c.opt.weight_decay = 0.1
   c.sam.method = "sam"
-  c.sam.rho = RHO["sam"]
+  c.sam.rho = 0.1                  # The paper's best for SAM.
   c.sam.start_step = switch_step(fraction, NUM_TRAIN_STEPS)
   c.eval_every_steps = 50
   c.checkpoint_every_steps = 0     # Only the final one (for analyze).

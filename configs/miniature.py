@@ -26,17 +26,10 @@ Config argument: options joined by "+", none by default:
 
   nanodo-sam train --config=configs/miniature.py --workdir=runs/mini \\
       --config.sam.method=precond_functional_sam --config.sam.rho=0.5
-  python -m launch.sweep configs/sweeps/miniature.py --backend=local
+  nanodo-sam sweep configs/sweeps/miniature.py --backend=local
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # `from configs import ...` from any directory.
-  sys.path.insert(0, _ROOT)
-
-from configs import base  # pylint: disable=g-import-not-at-top
+from configs import base
 
 MINI_STEPS = 300
 OPTIONS = ("byte", "taus")

@@ -52,11 +52,12 @@ from nanodo_sam import model as model_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
+from nanodo_sam import sizes as sizes_lib
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 from nanodo_sam.config import UsageError
 
-SIZES = config_lib.PAPER_SIZES
+SIZES = sizes_lib.SIZES
 
 RHO = 0.05
 ANGLE_PHI = math.pi / 4

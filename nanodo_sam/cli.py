@@ -1,4 +1,5 @@
-"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench`.
+"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|sweep|
+tables`.
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work
@@ -55,7 +56,7 @@ FLAGS = {
     "fractions": (flags.DEFINE_string, "F,F,...", "0,0.1,0.2,0.3,0.4,0.5",
                   "Fractions of non-embedding weights to prune."),
     "sizes": (flags.DEFINE_string, "S,S,...", "",
-              "Model sizes of configs/sizes.py (default: the config's)."),
+              "Model sizes of nanodo_sam/sizes.py (default: the config's)."),
     "methods": (flags.DEFINE_string, "M,M,...", "all",
                 "Methods (sam.METHODS names, variants like sam:k=5) or all."),
     "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),
@@ -423,10 +424,23 @@ def cmd_bench(fv) -> None:
             out=fv.out or "bench.json")
 
 
+def cmd_sweep(argv) -> int:
+  """`nanodo-sam sweep SWEEP_FILE --backend=...`: nanodo_sam/sweep.py."""
+  from nanodo_sam import sweep
+  return sweep.main(argv)
+
+
+def cmd_tables(argv) -> int:
+  """`nanodo-sam tables RUNS_DIR ...`: nanodo_sam/tables.py."""
+  from nanodo_sam import tables
+  return tables.main(argv)
+
+
 class Command(NamedTuple):
   fn: Callable
   summary: str
   flags: tuple[str, ...]
+  own_args: bool = False  # fn(argv) parses its own arguments (argparse).
 
 
 COMMANDS = {
@@ -454,8 +468,23 @@ COMMANDS = {
     "bench": Command(cmd_bench, "Step time, tokens/s, MFU and memory per "
                      "method -> JSON.",
                      ("config", "sizes", "methods", "steps", "out")),
+    "sweep": Command(cmd_sweep, "Expand a sweep file and launch its runs "
+                     "(local, SLURM, TPU VM).", (), own_args=True),
+    "tables": Command(cmd_tables, "The paper's tables from run directories, "
+                      "beside its numbers.", (), own_args=True),
 }
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "help")
+
+
+def _run_own_args(fn: Callable, argv) -> None:
+  """Runs a command that parses its own arguments; exits with its code."""
+  try:
+    sys.exit(fn(argv))
+  except UsageError as e:
+    _fail(str(e))
+  except BrokenPipeError:  # Output piped into `head`.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
 
 
 def main(argv=None) -> None:
@@ -466,6 +495,8 @@ def main(argv=None) -> None:
   command, rest = argv[0], argv[1:]
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+  if COMMANDS[command].own_args:
+    _run_own_args(COMMANDS[command].fn, rest)
   if any(a in HELP for a in rest):
     print(command_help(command))
     sys.exit(0)

@@ -48,14 +48,6 @@ LEGACY_DEFAULTS = {
     "opt.b2": 0.95,
     "opt.eps": 1e-8,
 }
-# The paper's model sizes by name (appendix A.1; table in configs/sizes.py).
-PAPER_SIZES = {
-    "2M": dict(D=256, H=4, N=3, F=1024),
-    "23.9M": dict(D=576, H=9, N=6, F=2304),
-    "42.5M": dict(D=768, H=12, N=6, F=3072),
-    "117.9M": dict(D=1280, H=20, N=6, F=5120),
-    "1208M": dict(D=4096, H=64, N=6, F=16384),
-}
 
 
 def to_dict(cfg) -> dict:
@@ -395,7 +387,7 @@ def find_config_file(spec: str) -> tuple[str, str]:
   A relative PATH is looked up from the working directory, then from the
   repository root, so `configs/x.py` works from anywhere. UsageError (one
   line) when it is not a .py file or does not exist. The one resolver behind
-  `nanodo-sam --config=`, `launch.sweep` and the tests.
+  `nanodo-sam --config=`, `nanodo-sam sweep` and the tests.
   """
   path, _, arg = spec.partition(":")
   if not path.endswith(".py"):
@@ -411,22 +403,35 @@ def find_config_file(spec: str) -> tuple[str, str]:
   return os.path.abspath(found), arg
 
 
-def add_import_root(path: str) -> None:
-  """Puts the folder holding `path`'s top package (the checkout, for
-  configs/x.py) first on sys.path, so config files can `from configs import
-  base` whatever the working directory."""
-  root = os.path.dirname(os.path.abspath(path))
-  while os.path.isfile(os.path.join(root, "__init__.py")):
-    root = os.path.dirname(root)
-  if root not in sys.path:
-    sys.path.insert(0, root)
+def import_package_of(path: str) -> None:
+  """Makes the package holding `path` (`configs`, for configs/x.py)
+  importable by name, without touching sys.path, so a config file can
+  `from configs import base` whatever the working directory: its top folder
+  is registered in sys.modules (replacing a `configs` from elsewhere)."""
+  top = os.path.dirname(os.path.abspath(path))
+  if not os.path.isfile(os.path.join(top, "__init__.py")):
+    return
+  while os.path.isfile(os.path.join(os.path.dirname(top), "__init__.py")):
+    top = os.path.dirname(top)
+  name = os.path.basename(top)
+  known = sys.modules.get(name)
+  if known is not None and [os.path.abspath(p) for p in getattr(
+      known, "__path__", [])] == [top]:
+    return
+  for loaded in [m for m in sys.modules if m.startswith(name + ".")]:
+    del sys.modules[loaded]
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(top, "__init__.py"), submodule_search_locations=[top])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """The ConfigDict of 'PATH.py[:ARG]': the file's get_config(ARG), or
   get_config() without an ARG. UsageError (one line) if it fails."""
   path, arg = find_config_file(spec)
-  add_import_root(path)
+  import_package_of(path)
   module_spec = importlib.util.spec_from_file_location(
       "_config_" + re.sub(r"\W", "_", path), path)
   module = importlib.util.module_from_spec(module_spec)

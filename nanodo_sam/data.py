@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nanodo_sam import text_split
 from nanodo_sam.config import BYTE_VOCAB, UsageError
 
 # The small public data shipped in the package (nanodo_sam/data_files; its
@@ -57,6 +58,13 @@ def shipped_path(name: str) -> str:
     raise FileNotFoundError(f"{name!r} is not among the package's data "
                             f"files ({path}); reinstall nanodo-sam")
   return str(path)
+
+
+def tiny_shakespeare_txt() -> str:
+  """The raw tiny_shakespeare text: $TINY_SHAKESPEARE_TXT, else the copy
+  shipped with the package."""
+  return (os.environ.get("TINY_SHAKESPEARE_TXT")
+          or shipped_path(TINY_SHAKESPEARE_TXT))
 
 
 def resolve_path(path: str) -> str:
@@ -120,6 +128,11 @@ def _file_source(pattern: str, text_column: str = "text"):
   or parquet files (`_parquet_source`)."""
   import seqio
   tf = _tf()
+  try:  # A held-out split a config names is written on first read.
+    text_split.write_if_missing(resolve_path(pattern),
+                                {"tiny_shakespeare": tiny_shakespeare_txt()})
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   files = sorted(glob.glob(resolve_path(pattern)))
   if not files:
     raise UsageError(f"no files match {pattern!r} (data.train_files / "

@@ -13,7 +13,8 @@ run directory or any folder above runs). On top:
   best(runs)                       the best setting by mean loss over seeds
   paired_differences(a, b)         per-seed loss differences of two settings
 
-scripts/make_tables.py and scripts/plot_*.py read runs only through here.
+`nanodo-sam tables` (nanodo_sam/tables.py) and scripts/plot_*.py read runs
+only through here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ VARIANT_KEYS = ("sam.rho_warmup_steps", "sam.start_step", "sam.end_step",
 
 
 # results.json keys a run can be ranked by (`RunRecord(metric=...)`, `best`,
-# `make_tables.py --metric`), and whether higher is better.
+# `nanodo-sam tables --metric`), and whether higher is better.
 METRICS = {
     "final_eval_loss": False,
     "best_eval_loss": False,

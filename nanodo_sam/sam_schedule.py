@@ -39,3 +39,13 @@ def step_kind(sam_cfg, step: int) -> str:
                and step >= sam_cfg.start_step
                and not 0 <= sam_cfg.end_step <= step)
   return "reuse" if in_window and sam_cfg.get("reuse", False) else "plain"
+
+
+def adamw_step_equivalents(num_train_steps: int, start_step: int,
+                           method: str) -> int:
+  """Cost of a run switching to `method` at `start_step`: plain steps count
+  1, SAM-family steps 2 (two forward and two backward passes)."""
+  if method == "adamw":
+    return num_train_steps
+  start = min(max(start_step, 0), num_train_steps)
+  return start + 2 * (num_train_steps - start)

@@ -1,1 +1,2 @@
-"""Result scripts: make_tables.py (Tables 1-6) and plot_*.py (Figures 1-5)."""
+"""Figure scripts (plot_*.py), the miniature report and the scale checks;
+the tables are `nanodo-sam tables`."""

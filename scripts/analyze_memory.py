@@ -23,10 +23,6 @@ import os
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
 
 def measure(size: str, num_iters: int, num_probes: int) -> dict:
   import jax

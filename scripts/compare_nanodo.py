@@ -23,11 +23,6 @@ import json
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))
-
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,41 +35,40 @@ def main(argv=None) -> int:
           "--nanodo=PATH (or set NANODO_SRC) to a google-deepmind/nanodo "
           "checkout", file=sys.stderr)
     return 2
-  sys.path.insert(0, os.path.abspath(args.nanodo))
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import test_fidelity as tf  # The parameter mapping, written once.
   from nanodo_sam import model as model_lib
+  from nanodo_sam import nanodo_ref as ref
 
   shape = dict(D=256, H=4, N=3, F=1024, L=512, V=32101)
-  nanodo = tf._nanodo_model(**shape)
-  params = tf._init_nanodo(nanodo, shape["L"])
-  mapped = tf.to_project(params, shape["N"])
+  nanodo = ref.model(args.nanodo, **shape)
+  params = ref.init(nanodo, shape["L"])
+  mapped = ref.to_project(params, shape["N"])
   tokens = jax.random.randint(jax.random.key(1), (args.batch, shape["L"]), 0,
                               shape["V"])
   out = {"shape": shape, "batch": args.batch, "init_std_vs_nanodo": {}}
 
-  theirs = tf._kernels(tf.to_project(params, shape["N"]))
+  theirs = ref.kernels(ref.to_project(params, shape["N"]))
   for init in ("xavier_uniform", "fan_in_truncated_normal"):
-    ours = tf._kernels(model_lib.init_params(
-        tf._project_model(**shape, kernel_init=init), jax.random.key(0)))
+    ours = ref.kernels(model_lib.init_params(
+        ref.project_model(**shape, kernel_init=init), jax.random.key(0)))
     out["init_std_vs_nanodo"][init] = {
         k.split("']['", 1)[1].rstrip("']").replace("']['", "/"):
             float(ours[k].std() / theirs[k].std())
         for k in ours if "block_0" in k}
 
-  f32 = tf._project_model(**shape)
+  f32 = ref.project_model(**shape)
   apply = lambda m: jax.jit(lambda p, t: m.apply({"params": p}, t))
   ours_f32 = np.asarray(apply(f32)(mapped, tokens))
   nano_f32 = np.asarray(apply(nanodo)(params, tokens))
   out["float32_max_abs_diff_vs_nanodo"] = float(np.abs(ours_f32 - nano_f32)
                                                 .max())
   errors = {}
-  nb = tf._nanodo_model(**shape, dtype=jnp.bfloat16)
+  nb = ref.model(args.nanodo, **shape, dtype=jnp.bfloat16)
   low = {"nanodo": np.asarray(apply(nb)(params, tokens)) - nano_f32}
   for residual in ("float32", "compute"):
-    m = tf._project_model(**shape, dtype="bfloat16", residual_dtype=residual)
+    m = ref.project_model(**shape, dtype="bfloat16", residual_dtype=residual)
     low[f"project residual_dtype={residual}"] = np.asarray(
         apply(m)(mapped, tokens)) - ours_f32
   for name, d in low.items():

@@ -25,9 +25,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nanodo_sam import figures  # pylint: disable=g-import-not-at-top
 from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
 plt = figures.pyplot()
 import numpy as np  # pylint: disable=g-import-not-at-top
 

@@ -5,7 +5,7 @@
 
 Reads eval_history from each run's results.json (nanodo_sam/runs.py). For
 every (schedule, size, nonlinearity) found (one panel each) and every method,
-draws the curve of the best (rho, lr) setting (`runs.best`, make_tables'
+draws the curve of the best (rho, lr) setting (`runs.best`, `nanodo-sam tables`'
 choice), averaged over seeds; --all draws every run instead. Default output:
 COMMON_PARENT/figures/eval_curves.png.
 """
@@ -13,13 +13,10 @@ COMMON_PARENT/figures/eval_curves.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
+from nanodo_sam import figures
+from nanodo_sam import runs as runs_lib
 
 
 def mean_curve(runs) -> tuple[list[int], list[float]]:

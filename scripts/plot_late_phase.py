@@ -10,7 +10,7 @@ configs/sweeps/late_phase.py, analysed with `nanodo-sam analyze
 without it get blank sharpness cells). The switch point is sam.start_step as
 a fraction of opt.num_train_steps; an AdamW run is the 100% point of every
 method. Compute is in AdamW-step equivalents: plain steps count 1, SAM-family
-steps 2 (configs/late_phase.adamw_step_equivalents). Prints one row per
+steps 2 (nanodo_sam.sam_schedule.adamw_step_equivalents). Prints one row per
 (method, switch point), as Markdown with --table, and writes a 4-panel PNG
 (default: COMMON_PARENT/figures/late_phase.png).
 """
@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+from nanodo_sam import figures
+from nanodo_sam import runs as runs_lib
+from nanodo_sam.sam_schedule import adamw_step_equivalents
 
-from scripts import figures  # pylint: disable=g-import-not-at-top
 plt = figures.pyplot()
-
-from configs.late_phase import adamw_step_equivalents  # pylint: disable=g-import-not-at-top
-from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
 
 NAN = float("nan")
 

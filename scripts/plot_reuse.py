@@ -19,18 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-# pylint: disable=g-import-not-at-top
+from nanodo_sam import figures
 from nanodo_sam import runs as runs_lib
 from nanodo_sam.flops import method_flops_factor
-from scripts import figures
-# pylint: enable=g-import-not-at-top
 
 
 def load_run(run: runs_lib.RunRecord) -> dict:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
+from nanodo_sam import figures
+from nanodo_sam import runs as runs_lib
 
 
 def rho_curve(runs):

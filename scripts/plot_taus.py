@@ -13,12 +13,10 @@ COMMON_PARENT/figures/taus.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
-from scripts import figures  # pylint: disable=g-import-not-at-top
+from nanodo_sam import figures
+from nanodo_sam import runs as runs_lib
 
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 LABELS = {"tau_logit": "τ_logit", "tau_func": "τ_func",

@@ -7,17 +7,14 @@ $NANODO_SRC (a checkout of google-deepmind/nanodo) and skip without it."""
 
 import json
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 os.environ.pop("TFDS_DATA_DIR", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from nanodo_sam import data as _data  # noqa: E402  (after sys.path)
+from nanodo_sam import data as _data  # noqa: E402  (after the environment)
 
 SPM_PATH = _data.shipped_path(_data.T5_VOCAB_FILE)  # The T5 C4 vocabulary.
 TINY_SHAKESPEARE_TXT = _data.shipped_path(_data.TINY_SHAKESPEARE_TXT)
@@ -107,13 +104,13 @@ TINY_RUNS = ("adamw-lr0.003-seed0",
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory):
-  """Real run directories, made once: `launch.sweep` trains AdamW and Precond
+  """Real run directories, made once: `nanodo-sam sweep` trains AdamW and Precond
   Func-SAM (rho 0.1) for 10 steps on the TINY model, then `nanodo-sam
   prune-eval` runs on the second (a run with sharpness diagnostics and
   `analyze`'s sharpness.json: tests/test_cli.py). Returns the sweep's output
   directory, holding TINY_RUNS."""
-  from configs.sweeps import authoring
-  from launch import sweep as sw
+  from nanodo_sam import sweep as sw
+  from nanodo_sam import sweep_spec as authoring
   from nanodo_sam import cli
   root = tmp_path_factory.mktemp("tiny_sweep")
   spec = {"name": "e2e", "config": "configs/quickstart.py", "overrides": TINY,

@@ -97,7 +97,7 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
 
 def test_config_file_found_from_any_directory(tmp_path, monkeypatch, capsys):
   """--config=configs/x.py resolves from the working directory, then the
-  repository (config.find_config_file, as launch.sweep does); a missing
+  repository (config.find_config_file, as `nanodo-sam sweep` does); a missing
   file is one line."""
   monkeypatch.chdir(tmp_path)
   code, out, _ = _run(capsys, "params", "--config=configs/quickstart.py:",

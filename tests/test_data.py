@@ -247,3 +247,22 @@ def test_text_column_names_the_jsonl_field_and_parquet_column(tmp_path):
                              "data.eval_mode": "per_document"})
     row = data_lib.eval_batches(cfg)[0]["inputs"][0]
     assert data_lib.decode("byte", row) == text
+
+
+def test_a_named_text_split_is_written_when_first_read(tmp_path,
+                                                       monkeypatch):
+  """configs/edge_of_stability.py names its tiny_shakespeare split without
+  writing it; the pipeline writes it when a run first reads it."""
+  from nanodo_sam import text_split
+  monkeypatch.delenv("TINY_SHAKESPEARE_TXT", raising=False)
+  train, test = text_split.split_paths(TINY_SHAKESPEARE_TXT, 10_000,
+                                       str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  cfg = tiny_config(**{"data.train_files": train, "data.eval_files": test,
+                       "data.eval_mode": "packed"})
+  batches = data_lib.eval_batches(cfg)
+  assert len(batches) == cfg.data.eval_steps
+  raw = open(TINY_SHAKESPEARE_TXT, "rb").read()
+  assert open(train, "rb").read() + open(test, "rb").read() == raw
+  assert data_lib.decode("byte", batches[0]["inputs"][0])[:20] in \
+      open(test, encoding="utf-8").read()

@@ -217,24 +217,39 @@ def test_edge_of_stability_run_logs_lambda_max_and_sam_edge(tmp_path):
 
 def test_edge_of_stability_split_holds_out_the_last_10000_lines(
     tmp_path, monkeypatch):
-  from configs import edge_of_stability as eos
+  from nanodo_sam import text_split
   raw = tmp_path / "input.txt"
   lines = [f"line {i}\n".encode() for i in range(10_005)] + [b"no newline"]
   raw.write_bytes(b"".join(lines))
-  train, test = eos.tiny_shakespeare_split(str(raw), str(tmp_path / "cache"))
+  cache = str(tmp_path / "cache")
+  paths = text_split.split_paths(str(raw), 10_000, cache)
+  assert not os.path.exists(cache)  # Naming the files writes nothing.
+  train, test = text_split.write_split(str(raw), 10_000, cache)
+  assert (train, test) == paths
   train_b, test_b = open(train, "rb").read(), open(test, "rb").read()
   assert train_b + test_b == raw.read_bytes()
   assert test_b.splitlines(keepends=True) == lines[-10_000:]
-  assert eos.tiny_shakespeare_split(str(raw), str(tmp_path / "cache")) == \
+  assert text_split.write_split(str(raw), 10_000, cache) == \
       (train, test)  # Reused, not rewritten.
   with pytest.raises(ValueError, match="TINY_SHAKESPEARE_TXT"):
-    eos.tiny_shakespeare_split(str(tmp_path / "missing.txt"))
+    text_split.write_split(str(tmp_path / "missing.txt"), 10_000)
+  # A run's first read writes a missing split, from the same input only.
+  os.remove(test)
+  assert text_split.write_if_missing(test, {"tiny_shakespeare": str(raw)})
+  assert open(test, "rb").read() == test_b
+  assert not text_split.write_if_missing(test, {"tiny_shakespeare": str(raw)})
+  os.remove(test)
+  with pytest.raises(ValueError, match="hash differs"):
+    text_split.write_if_missing(test, {"tiny_shakespeare":
+                                       TINY_SHAKESPEARE_TXT})
 
 
 def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
                                                           tmp_path):
   from configs import edge_of_stability as eos
   from nanodo_sam import config as config_lib
+  from nanodo_sam import sweep as sweep_lib
+  from nanodo_sam import text_split
   monkeypatch.setenv("NANODO_SAM_CACHE", str(tmp_path))
   full, reduced = eos.get_config(), eos.get_config("reduced")
   for c in (full, reduced):
@@ -245,17 +260,27 @@ def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
     assert c.model.V == 259 and c.data.vocab == "byte"
   m = full.model
   assert (m.N, m.H, m.D, m.L, full.data.batch_size) == (6, 8, 128, 64, 128)
+  assert os.listdir(tmp_path) == []  # Loading the configs wrote nothing.
+  for path in (full.data.train_files, full.data.eval_files):
+    text_split.write_if_missing(path, {"tiny_shakespeare":
+                                       TINY_SHAKESPEARE_TXT})
   raw = open(TINY_SHAKESPEARE_TXT, "rb").read()
   train, test = (open(f, "rb").read() for f in
                  (full.data.train_files, full.data.eval_files))
   assert train + test == raw and len(test.splitlines()) == 10_000
-  assert eos.LEARNING_RATES == (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-  assert eos.RHOS == (0.0, 0.1, 0.3, 1.0)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sw = sweep_lib.load_sweep(os.path.join(root, "configs", "sweeps",
+                                         "edge_of_stability.py"),
+                            out=str(tmp_path / "runs"))
+  lrs = {r.overrides["opt.peak_learning_rate"] for r in sw.runs}
+  rhos = {r.overrides["sam.rho"] for r in sw.runs}
+  assert sorted(lrs) == [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+  assert sorted(rhos) == [0.0, 0.1, 0.3, 1.0]
 
 
 def test_late_phase_sweep_switch_points_and_compute():
   from configs import late_phase
-  from launch import sweep as sweep_lib
+  from nanodo_sam import sweep as sweep_lib
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   sw = sweep_lib.load_sweep(os.path.join(root, "configs", "sweeps",
                                          "late_phase.py"), out="/nonexistent")
@@ -268,7 +293,7 @@ def test_late_phase_sweep_switch_points_and_compute():
   expected = {round(f * total) for f in (0.0, 0.5, 0.75, 0.9)}
   assert starts["sam"] == starts["precond_functional_sam"] == expected
   assert starts["adamw"] == {total}  # The 100% point, shared by both.
-  eq = late_phase.adamw_step_equivalents
+  eq = sam_schedule.adamw_step_equivalents
   assert eq(total, 0, "sam") == 2 * total
   assert eq(total, total, "sam") == eq(total, 0, "adamw") == total
   assert eq(200, 150, "precond_functional_sam") == 150 + 2 * 50

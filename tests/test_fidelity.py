@@ -23,48 +23,23 @@ import pytest
 from conftest import NANODO_SRC, ROOT, SPM_PATH, needs_nanodo, tiny_config
 from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
+from nanodo_sam import nanodo_ref
 from nanodo_sam import optimizer as optimizer_lib
 
 NANODO = os.path.abspath(NANODO_SRC) if NANODO_SRC else ""
 
 
 def _nanodo(module: str):
-  if NANODO not in sys.path:
-    sys.path.insert(0, NANODO)
-  import importlib
-  return importlib.import_module(f"nanodo.{module}")
+  return nanodo_ref.load(NANODO, module)
 
 
 def _nanodo_model(D, H, N, F, L, V, dtype=jnp.float32):
-  nm = _nanodo("model")
-  return nm.TransformerDo(nm.DoConfig(D=D, H=H, L=L, N=N, V=V, F=F,
-                                      dtype=dtype))
+  return nanodo_ref.model(NANODO, D, H, N, F, L, V, dtype)
 
 
-def _init_nanodo(m, L, seed=0):
-  return nn.unbox(m.init(jax.random.key(seed),
-                         jnp.zeros((1, L), jnp.int32))["params"])
-
-
-def to_project(p, N: int):
-  """Nanodo's parameter tree in this project's layout (same arrays)."""
-  out = {"embed": p["embed"], "pos_embed": p["pos_embed"],
-         "out_ln": p["out_ln"]}
-  for i in range(N):
-    b = p[f"blocks_{i}"]
-    attn = b["CausalAttn_0"]
-    out[f"block_{i}"] = {
-        "ln_attn": b["LayerNorm_0"], "ln_mlp": b["LayerNorm_1"],
-        "attn": {"query": attn["query"], "key": attn["key"],
-                 "value": attn["value"], "attn_out": attn["attn_out_proj"]},
-        "mlp": {"fc1": b["Mlp_0"]["Dense_0"], "fc2": b["Mlp_0"]["Dense_1"]},
-    }
-  return out
-
-
-def _project_model(D, H, N, F, L, V, **kw):
-  return model_lib.TransformerDo(
-      model_lib.DoConfig(D=D, H=H, N=N, F=F, L=L, V=V, **kw))
+_init_nanodo = nanodo_ref.init
+to_project = nanodo_ref.to_project
+_project_model = nanodo_ref.project_model
 
 
 SHAPE_2M = dict(D=256, H=4, N=3, F=1024, L=64, V=512)
@@ -95,10 +70,7 @@ STAND_INS = {"2M": dict(D=256, H=4, F=1024), "23.9M": dict(D=576, H=9, F=2304),
              "117.9M": dict(D=1280, H=20, F=5120)}
 
 
-def _kernels(params):
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for path, x in jax.tree_util.tree_leaves_with_path(params)
-          if "kernel" in jax.tree_util.keystr(path)}
+_kernels = nanodo_ref.kernels
 
 
 @needs_nanodo
@@ -442,3 +414,21 @@ def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
                         "--config.opt.num_train_steps=4"] + small + legacy,
                  check=True, capture_output=True, env=env, cwd=ROOT)
   assert json.loads((workdir / "results.json").read_text())["steps"] == 4
+
+
+def test_nanodo_source_is_imported_by_path_without_sys_path(tmp_path):
+  """nanodo_ref.load reads a checkout's `nanodo` package (whose modules
+  import each other as `nanodo.X`) without adding it to sys.path."""
+  pkg = tmp_path / "nanodo"
+  pkg.mkdir()
+  (pkg / "__init__.py").write_text("")
+  (pkg / "helper.py").write_text("X = 3\n")
+  (pkg / "model.py").write_text("from nanodo import helper\nY = helper.X + 1\n")
+  before = list(sys.path)
+  try:
+    module = nanodo_ref.load(str(tmp_path), "model")
+    assert module.Y == 4 and module.__file__ == str(pkg / "model.py")
+    assert sys.path == before
+  finally:
+    for name in [m for m in sys.modules if m.split(".")[0] == "nanodo"]:
+      del sys.modules[name]

@@ -1,4 +1,4 @@
-"""launch/sweep.py: grid expansion, naming, skip-existing, dry-run, SLURM and
+"""nanodo_sam/sweep.py (`nanodo-sam sweep`): grid expansion, naming, skip-existing, dry-run, SLURM and
 TPU command generation, shell quoting, bad input. No training here (a fake
 training command stands in); tests/test_reproduce.py trains for real."""
 
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from configs.sweeps import authoring
-from launch import sweep as sw
 from nanodo_sam import config as config_lib
+from nanodo_sam import sweep as sw
+from nanodo_sam import sweep_spec as authoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "a b'; rm -rf /"
@@ -103,7 +103,9 @@ def test_paper_rho_centres_and_sizes():
 
 
 def test_sizes_and_chinchilla_steps():
-  from configs import c4_chinchilla, c4_fixed_length, sizes
+  from configs import c4_chinchilla, c4_fixed_length
+  from configs import sizes as sizes_config
+  from nanodo_sam import sizes
   from nanodo_sam import model as model_lib
   expected = {"2M": 2_361_088, "23.9M": 23_895_360, "42.5M": 42_477_312,
               "117.9M": 117_981_440, "1208M": 1_208_012_800}
@@ -121,7 +123,7 @@ def test_sizes_and_chinchilla_steps():
   assert total.opt.num_train_steps == -(-20 * sizes.total_params("23.9M")
                                         // 131072)
   with pytest.raises(ValueError, match="unknown model size"):
-    sizes.get_config("7B")
+    sizes_config.get_config("7B")
 
 
 def test_run_names_are_safe_and_deterministic():
@@ -322,9 +324,72 @@ def test_sweep_spec_checks_itself(spec, message):
 
 def test_cli_entry_point_bad_backend_exit_2(tmp_path):
   sweep = write_sweep(tmp_path, [{"seed": 0}])
-  r = subprocess.run([sys.executable, "-m", "launch.sweep", sweep,
-                      "--backend=nope"], cwd=ROOT, capture_output=True,
-                     text=True)
+  r = subprocess.run([sys.executable, "-m", "nanodo_sam.cli", "sweep", sweep,
+                      "--backend=nope"], cwd=tmp_path, capture_output=True,
+                     text=True, env=dict(os.environ, PYTHONPATH=ROOT))
   assert r.returncode == 2
-  assert r.stderr.strip() == ("launch.sweep: error: unknown backend 'nope'; "
-                              "use one of local, slurm, tpu")
+  assert r.stderr.strip() == ("nanodo-sam sweep: error: unknown backend "
+                              "'nope'; use one of local, slurm, tpu")
+  assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command,flag", [("sweep", "--backend"),
+                                          ("tables", "--metric")])
+def test_installed_entry_point_help(command, flag, tmp_path):
+  """The console script pip installs (`nanodo-sam`, pyproject.toml) runs
+  the package's commands from any directory."""
+  exe = os.path.join(os.path.dirname(sys.executable), "nanodo-sam")
+  if not os.path.isfile(exe):
+    pytest.skip(f"no installed nanodo-sam beside {sys.executable}")
+  r = subprocess.run([exe, command, "--help"], cwd=tmp_path,
+                     capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith(f"usage: nanodo-sam {command}")
+  assert flag in r.stdout
+
+
+def test_loading_every_config_and_sweep_writes_nothing(tmp_path,
+                                                       monkeypatch):
+  """Config and sweep files are read by path from anywhere; loading them
+  writes nothing (data a config names is prepared when a run reads it)."""
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.delenv("NANODO_SAM_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+  monkeypatch.chdir(tmp_path)
+  configs = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                   if f.endswith(".py") and f != "__init__.py")
+  sweeps = sorted(f for f in os.listdir(os.path.join(ROOT, "configs",
+                                                     "sweeps"))
+                  if f.endswith(".py") and f != "__init__.py")
+  assert len(configs) >= 8 and len(sweeps) >= 11
+  for name in configs:
+    cfg = config_lib.load_config_file(os.path.join(ROOT, "configs", name))
+    assert "model" in cfg, name
+  for name in sweeps:
+    sweep = sw.load_sweep(os.path.join(ROOT, "configs", "sweeps", name),
+                          out=str(tmp_path / "runs" / name))
+    assert sweep.runs, name
+  assert [p for p in home.rglob("*")] == []
+  assert sorted(os.listdir(tmp_path)) == ["home"]
+
+
+def test_a_config_file_imports_from_its_own_checkout(tmp_path):
+  """`from configs import base` in a config file loaded by path reads the
+  configs/ folder beside it (a copy elsewhere here), not the first one on
+  sys.path (the loader adds nothing to sys.path)."""
+  import shutil
+  copy = tmp_path / "elsewhere" / "configs"
+  shutil.copytree(os.path.join(ROOT, "configs"), copy)
+  (copy / "base.py").write_text((copy / "base.py").read_text().replace(
+      'c.schedule_name = ""', 'c.schedule_name = "from_the_copy"'))
+  code = ("import sys; from nanodo_sam import config as c; "
+          f"cfg = c.load_config_file({str(copy / 'quickstart.py')!r}); "
+          "print(cfg.schedule_name, sys.modules['configs'].__file__)")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
+                     capture_output=True, env=dict(os.environ,
+                                                   PYTHONPATH=ROOT))
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["from_the_copy", str(copy / "__init__.py")]

@@ -1,7 +1,8 @@
 """The miniature study's path from runs to report, on tiny real runs.
 
 Trains the study's runs shrunk to seconds (a smaller rho grid, one evaluation
-seed, a 16-wide model, 6 steps), then runs scripts/miniature.py on them: it
+seed, a 16-wide model, 6 steps), then runs the report (nanodo_sam/miniature.py,
+scripts/miniature.py) on them: it
 must analyse the Table 1 runs, write every claim with the numbers the runs
 produced, draw the figures, and not repeat the analysis when run again.
 """
@@ -35,14 +36,14 @@ def _config(options: str, **overrides):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-  from configs.sweeps import miniature as sweep
+  from nanodo_sam import miniature as sweep  # The study's grid and seeds.
   from nanodo_sam import train as train_lib
   mp = pytest.MonkeyPatch()
   mp.setattr(sweep, "METHODS", ("sam", "precond_functional_sam"))
   mp.setattr(sweep, "GRID", {"sam": (0.05, 0.2),
                              "precond_functional_sam": (0.5,)})
   mp.setattr(sweep, "EVAL_SEEDS", (1,))
-  from scripts import miniature
+  from nanodo_sam import miniature
   mp.setattr(miniature, "ANALYZE_FLAGS", ("--num_iters=3", "--num_probes=2"))
   out = tmp_path_factory.mktemp("miniature")
   runs = {}
@@ -68,7 +69,7 @@ def study(tmp_path_factory):
 
 
 def test_report_from_runs(study, tmp_path):
-  from scripts import miniature
+  from nanodo_sam import miniature
   out, runs, best, _ = study
   doc = tmp_path / "miniature.md"
   assert miniature.main([str(out), f"--doc={doc}"]) == 0

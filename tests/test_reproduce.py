@@ -1,4 +1,4 @@
-"""Reproduction pipeline: launch.sweep (local) -> training -> make_tables ->
+"""Reproduction pipeline: `nanodo-sam sweep` (local) -> training -> tables ->
 figures, end to end on a tiny model (the `tiny_sweep` fixture of
 tests/conftest.py); the table logic on synthetic runs; and
 one-shot magnitude pruning (nanodo_sam/prune.py, Figure 5)."""
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUNS, fake_run
-from launch import sweep as sw
 from nanodo_sam import runs as runs_lib
-from scripts import make_tables as mt
+from nanodo_sam import sweep as sw
+from nanodo_sam import tables as mt
 
 
 @pytest.mark.slow  # A real sweep (tiny_sweep).
 def test_sweep_to_tables_to_figures(tiny_sweep, capsys):
-  out = tiny_sweep  # launch.sweep trained these (tests/conftest.py).
+  out = tiny_sweep  # `nanodo-sam sweep` trained these (tests/conftest.py).
   names = list(TINY_RUNS)
   for name in names:
     res = json.loads((out / name / "results.json").read_text())
@@ -173,6 +173,11 @@ def test_make_tables_bad_input(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and "not a directory" in err[0] and \
       "no results.json" in err[1]
+  with pytest.raises(SystemExit) as e:  # argparse's error: one line too.
+    mt.main([str(tmp_path), "--metric=nope"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1
+  assert err[0].startswith("nanodo-sam tables: error: argument --metric")
 
 
 # ----------------------------------------------------------------- pruning

@@ -1,5 +1,5 @@
 """nanodo_sam/runs.py: reading real run directories (the `tiny_sweep` of
-tests/conftest.py, trained through launch.sweep; sharpness.json and tau
+tests/conftest.py, trained through `nanodo-sam sweep`; sharpness.json and tau
 scalars in tests/test_cli.py) against their files and TensorBoard's own
 reader, and the statistics (best setting by mean over seeds, paired
 differences by seed, grouping) against values computed here."""
@@ -152,7 +152,7 @@ def test_variant_reads_the_defaults_of_configs_base():
 
 def test_best_ranks_by_the_chosen_metric_in_its_direction(tmp_path):
   """Accuracy: the highest mean wins; bits per byte: the lowest;
-  make_tables.py --metric takes any of runs.METRICS."""
+  `nanodo-sam tables --metric` takes any of runs.METRICS."""
   acc = {0.1: (0.30, 0.32), 0.5: (0.36, 0.34), 1.0: (0.31, 0.33)}
   bpb = {0.1: (3.1, 3.3), 0.5: (3.4, 3.2), 1.0: (2.9, 3.0)}
   for rho in acc:
@@ -168,7 +168,7 @@ def test_best_ranks_by_the_chosen_metric_in_its_direction(tmp_path):
     cell = runs.best(runs.load_runs([str(tmp_path)], metric), by=("rho",))
     assert cell.setting == (rho,)
   assert cell.mean == pytest.approx(2.95)
-  from scripts import make_tables
+  from nanodo_sam import tables as make_tables
   assert set(runs.METRICS) >= {"final_eval_perplexity", "final_eval_accuracy",
                                "final_eval_bits_per_byte"}
   for metric in runs.METRICS:

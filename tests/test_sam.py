@@ -447,7 +447,7 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   from conftest import fake_run, tiny_config
   from nanodo_sam import bench
   from nanodo_sam import config as config_lib
-  from scripts import make_tables
+  from nanodo_sam import tables as make_tables
   monkeypatch.setitem(sam.METHODS, "half_sam",
                       sam.Method(_half_sam, "Half-SAM"))
   params, logits_fn = _mlp()

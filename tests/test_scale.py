@@ -18,9 +18,6 @@ import sys
 
 import pytest
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-if TESTS not in sys.path:
-  sys.path.insert(0, TESTS)
 
 from conftest import tiny_config  # noqa: E402
 from test_sharding import Job, _env, step_config  # noqa: E402

@@ -31,8 +31,6 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-if TESTS not in sys.path:
-  sys.path.insert(0, TESTS)
 
 from conftest import tiny_config  # noqa: E402
 

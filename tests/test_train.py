@@ -15,7 +15,6 @@ import pytest
 
 from conftest import ROOT, crash_then_resume, listing, read_scalars, \
     tiny_config, tiny_flags
-from launch import sweep as sweep_lib
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
@@ -24,6 +23,7 @@ from nanodo_sam import preemption
 from nanodo_sam import runs as runs_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import state as state_lib
+from nanodo_sam import sweep as sweep_lib
 from nanodo_sam import train as train_lib
 
 

@@ -5,13 +5,13 @@ steps, lambda_max of the minibatch Hessian every 15 steps); eta in {0.2, 0.5}
 (2/eta = 10 and 4), rho in {0, 0.3, 1.0}. 6 runs took 14 CPU-minutes on 2
 cores; results in docs/experiments.md:
 
-  python -m launch.sweep configs/sweeps/edge_of_stability_reduced.py \
+  nanodo-sam sweep configs/sweeps/edge_of_stability_reduced.py \
       --backend=local --env=JAX_COMPILATION_CACHE_DIR=runs/jax_cache
   python scripts/plot_edge_of_stability.py runs/edge_of_stability_reduced/* \
       --out=docs/edge_of_stability_reduced.png
 """
 
-from configs.sweeps.authoring import SweepSpec, method_runs
+from nanodo_sam.sweep_spec import SweepSpec, method_runs
 
 LEARNING_RATES = (0.2, 0.5)
 RHOS = (0.0, 0.3, 1.0)

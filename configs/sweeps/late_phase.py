@@ -7,7 +7,7 @@ run for both methods, so it is trained once). 9 runs and their analyses took
 21 CPU-minutes on 2 cores (with the JAX compilation cache); results in
 docs/experiments.md:
 
-  python -m launch.sweep configs/sweeps/late_phase.py --backend=local \
+  nanodo-sam sweep configs/sweeps/late_phase.py --backend=local \
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   for run in runs/late_phase/*/; do nanodo-sam analyze --workdir=$run; done
   python scripts/plot_late_phase.py runs/late_phase/* --out=late_phase.png
@@ -15,17 +15,17 @@ docs/experiments.md:
 Run names start with the switch fraction (`0.75-sam-rho0.1`).
 """
 
-from configs import late_phase
-from configs.sweeps.authoring import SweepSpec
+from nanodo_sam.sweep_spec import SweepSpec
 
 CONFIG = "configs/late_phase.py"
 METHODS = ("sam", "precond_functional_sam")
-FRACTIONS = tuple(f for f in late_phase.SWITCH_FRACTIONS if f < 1.0)
+RHO = {"sam": 0.1, "precond_functional_sam": 0.5}  # The paper's best values.
+FRACTIONS = (0.0, 0.5, 0.75, 0.9)  # And 1.0: AdamW throughout.
 
 
 def get_sweep():
   runs = [{"config": f"{CONFIG}:{f}", "sam.method": m,
-           "sam.rho": late_phase.RHO[m]}
+           "sam.rho": RHO[m]}
           for m in METHODS for f in FRACTIONS]
   runs.append({"config": f"{CONFIG}:1.0", "sam.method": "adamw",
                "sam.rho": 0.0})

@@ -11,12 +11,12 @@ AdamW-step equivalents (a full step 2, a plain or reuse step 1) and in the
 step times `nanodo-sam bench` measures side by side (the command is in
 docs/benchmarks.md, with the results; 63 minutes on 2 CPU cores):
 
-  python -m launch.sweep configs/sweeps/reuse.py --backend=local \
+  nanodo-sam sweep configs/sweeps/reuse.py --backend=local \
       --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   python scripts/plot_reuse.py runs/reuse/*/ --bench=bench_reuse.json --table
 """
 
-from configs.sweeps.authoring import SweepSpec
+from nanodo_sam.sweep_spec import SweepSpec
 
 CONFIG = "configs/late_phase.py:0.0"
 METHOD, RHO = "precond_functional_sam", 0.5

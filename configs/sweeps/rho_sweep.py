@@ -2,8 +2,8 @@
 compute (23.9M, fixed-length 10K steps), with AdamW as the rho = 0 reference.
 Plot with scripts/plot_rho.py."""
 
-from configs.sweeps import common
-from configs.sweeps.authoring import SweepSpec, method_runs
+from nanodo_sam import paper_sweeps as common
+from nanodo_sam.sweep_spec import SweepSpec, method_runs
 
 RHOS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 SEEDS = (0,)

@@ -6,14 +6,14 @@ SentencePiece vocabulary) on the C4 subset shipped with the package, 200 steps o
 tokens; SAM and Precond Functional SAM x rho in {0.1, 0.5} x one seed, with
 sharpness diagnostics (tau decomposition) every 50 steps.
 
-  python -m launch.sweep configs/sweeps/smoke.py --backend=local --parallel=1
-  python scripts/make_tables.py runs/smoke
+  nanodo-sam sweep configs/sweeps/smoke.py --backend=local --parallel=1
+  nanodo-sam tables runs/smoke
   python scripts/plot_eval_curves.py runs/smoke
   python scripts/plot_rho.py runs/smoke
   python scripts/plot_taus.py runs/smoke/*
 """
 
-from configs.sweeps.authoring import SweepSpec, method_runs
+from nanodo_sam.sweep_spec import SweepSpec, method_runs
 
 COMMON = {
     "schedule_name": "smoke",

@@ -1,15 +1,15 @@
 """Table 1: direct vs indirect paths at 2M, fixed-length (10K steps).
 
 AdamW, SAM, Precond SAM, Functional SAM and Precond Functional SAM (the rows
-of Table 1 in configs/paper.json), each over its rho grid
-(configs/sweeps/common.py) x learning rate x 3 seeds (the paper quotes seed
+of Table 1 in nanodo_sam/paper.json), each over its rho grid
+(nanodo_sam/paper_sweeps.py) x learning rate x 3 seeds (the paper quotes seed
 standard deviations in the fourth decimal).
-  python -m launch.sweep configs/sweeps/table1.py --backend=local --dry-run
+  nanodo-sam sweep configs/sweeps/table1.py --backend=local --dry-run
 """
 
-from configs import paper
-from configs.sweeps import common
-from configs.sweeps.authoring import SweepSpec, method_runs
+from nanodo_sam import paper
+from nanodo_sam import paper_sweeps as common
+from nanodo_sam.sweep_spec import SweepSpec, method_runs
 
 METHODS = paper.column("table1", "method")
 SEEDS = (0, 1, 2)

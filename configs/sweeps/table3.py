@@ -3,14 +3,13 @@
 Steps = ceil(20 x non-embedding params / 131,072) per size (see
 configs/c4_chinchilla.py). Tables 4 and 6 are the sharpness of the best runs
 at 23.9M and 117.9M: run `nanodo-sam analyze --workdir=RUN` on them (it writes
-sharpness.json) before scripts/make_tables.py.
+sharpness.json) before `nanodo-sam tables`.
 """
 
-from configs.sweeps import common
-from configs.sweeps import table2
-from configs.sweeps.authoring import SweepSpec
+from nanodo_sam import paper_sweeps as common
+from nanodo_sam.sweep_spec import SweepSpec
 
 
 def get_sweep():
   return SweepSpec(name="table3", config=common.CHINCHILLA,
-                   runs=table2.size_runs(common.CHINCHILLA))
+                   runs=common.size_runs(common.CHINCHILLA))

@@ -1,9 +1,10 @@
 """Table 5: GeLU vs ReLU at 2M, fixed-length, for Precond Functional SAM,
-Precond SAM and AdamW (3 seeds): the rows of Table 5 in configs/paper.json."""
+Precond SAM and AdamW (3 seeds): the rows of Table 5 in
+nanodo_sam/paper.json."""
 
-from configs import paper
-from configs.sweeps import common
-from configs.sweeps.authoring import SweepSpec, method_runs
+from nanodo_sam import paper
+from nanodo_sam import paper_sweeps as common
+from nanodo_sam.sweep_spec import SweepSpec, method_runs
 
 METHODS = paper.column("table5", "method")
 SEEDS = (0, 1, 2)

@@ -1,15 +1,15 @@
 """Expand a sweep file into runs and launch them: locally, on SLURM, on TPU VMs.
 
-    python -m launch.sweep configs/sweeps/table1.py --backend=local \
+    nanodo-sam sweep configs/sweeps/table1.py --backend=local \
         [--out=runs/table1] [--parallel=N] [--dry-run] [--only=REGEX] \
         [--set=KEY=VALUE ...] [--train-cmd=CMD]
-    python -m launch.sweep configs/sweeps/table2.py --backend=slurm \
+    nanodo-sam sweep configs/sweeps/table2.py --backend=slurm \
         --sbatch=--gpus-per-node=8 --sbatch=--time=48:00:00
-    python -m launch.sweep configs/sweeps/table2.py --backend=tpu \
+    nanodo-sam sweep configs/sweeps/table2.py --backend=tpu \
         --tpu=my-v4-32 --zone=us-central2-b
 
 A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a
-`SweepSpec` (configs/sweeps/authoring.py: name, config, overrides, runs; the
+`SweepSpec` (nanodo_sam/sweep_spec.py: name, config, overrides, runs; the
 grid helpers `method_runs`, `grid` and `around` live there too). This module
 checks every override key against its config, names the runs and starts them.
 A run's workdir is OUT/<name>, the name built from its overrides in order
@@ -61,18 +61,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `python launch/sweep.py` from anywhere.
-  sys.path.insert(0, REPO_ROOT)
-
-# pylint: disable=g-import-not-at-top
-from configs.sweeps.authoring import NAME_CHARS, RESERVED, SweepError, \
-    SweepSpec, format_value
 from nanodo_sam import config as config_lib
 from nanodo_sam.config import UsageError
 from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
-# pylint: enable=g-import-not-at-top
+from nanodo_sam.sweep_spec import NAME_CHARS, RESERVED, SweepError, \
+    SweepSpec, format_value
 
+# Runs start here, and config paths inside it are given relative to it.
+REPO_ROOT = config_lib.REPO_ROOT
+
+PROG = "nanodo-sam sweep"
 BACKENDS = ("local", "slurm", "tpu")
 # XLA flags the SLURM script sets for GPUs (MaxText's GPU recipes): overlap
 # collectives with compute (latency-hiding scheduler, pipelined and combined
@@ -219,9 +217,7 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
                      "configs/sweeps/table1.py")
   if not path.endswith(".py"):
     raise SweepError(f"sweep file {path!r} is not a .py file")
-  config_lib.add_import_root(path)
-  if REPO_ROOT not in sys.path:  # `from configs.sweeps import ...`.
-    sys.path.insert(0, REPO_ROOT)
+  config_lib.import_package_of(path)  # For `from configs import base`.
   module_name = "_sweep_" + re.sub(r"\W", "_", os.path.abspath(path))
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
@@ -393,17 +389,17 @@ def _check_sbatch_token(value: str, what: str) -> None:
                      "(sbatch splits #SBATCH lines on spaces)")
 
 
-def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
-                 sbatch_args: Sequence[str] = (), parallel: int = 0,
-                 env: dict | None = None) -> str:
-  """One sbatch array script: array task i runs grid point i."""
+def _slurm_header(sweep: Sweep, out: str, sbatch_args: Sequence[str],
+                  parallel: int, env: dict | None) -> list[str]:
+  """The sbatch script's options, comments and environment, up to the
+  `case` over array tasks."""
   n = len(sweep.runs)
   array = f"0-{n - 1}" + (f"%{parallel}" if parallel else "")
   logs = os.path.join(out, "logs")
   _check_sbatch_token(logs, "--out")
   for a in sbatch_args:
     _check_sbatch_token(a, "--sbatch")
-  lines = [
+  return [
       "#!/bin/bash",
       f"#SBATCH --job-name={sweep.name}",
       f"#SBATCH --array={array}",
@@ -430,12 +426,19 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
       "set -euo pipefail",
       f"cd {shlex.quote(REPO_ROOT)}",
       f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
-      "# GPU compiler flags (launch/sweep.py XLA_GPU_FLAGS); an XLA_FLAGS set",
-      "# when submitting, or --env=XLA_FLAGS=..., replaces them.",
+      "# GPU compiler flags (nanodo_sam/sweep.py XLA_GPU_FLAGS); an XLA_FLAGS",
+      "# set when submitting, or --env=XLA_FLAGS=..., replaces them.",
       f'export XLA_FLAGS="${{XLA_FLAGS:-{" ".join(XLA_GPU_FLAGS)}}}"',
       *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
       'case "${SLURM_ARRAY_TASK_ID:?not an array task}" in',
   ]
+
+
+def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
+                 sbatch_args: Sequence[str] = (), parallel: int = 0,
+                 env: dict | None = None) -> str:
+  """One sbatch array script: array task i runs grid point i."""
+  lines = _slurm_header(sweep, out, sbatch_args, parallel, env)
   for i, run in enumerate(sweep.runs):
     lines.append(f"  {i}) WORKDIR={shlex.quote(run.workdir)}")
     lines.append(f"     RUN=({shell_join(train_cmd + run.train_args())}) ;;")
@@ -491,12 +494,12 @@ def tpu_commands(sweep: Sweep, train_cmd: list[str], tpu: str, zone: str,
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    print(f"launch.sweep: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m launch.sweep",
+  p = _Parser(prog=PROG,
               description="Expand a sweep file and launch its runs.")
   p.add_argument("sweep_file")
   p.add_argument("--backend", default="local",
@@ -542,94 +545,115 @@ def _key_values(items: Sequence[str], what: str, key_re: str) -> dict:
   return out
 
 
+@dataclass
+class _Plan:
+  """The command line, checked: what `main` launches."""
+  sweep: Sweep
+  out: str
+  extra: dict
+  env: dict
+  only: re.Pattern | None
+  train_cmd: list[str]
+
+
+def _plan(args) -> _Plan:
+  """Checks every argument and loads the sweep; SweepError (one line)
+  before anything is started or written."""
+  if args.backend not in BACKENDS:
+    raise SweepError(f"unknown backend {args.backend!r}; use one of "
+                     f"{', '.join(BACKENDS)}")
+  if args.parallel < 0:
+    raise SweepError(f"--parallel={args.parallel} must be >= 1")
+  extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
+  env = _key_values(args.env, "--env", r"[A-Za-z_]\w*")
+  if args.backend == "tpu" and not (args.tpu and args.zone):
+    raise SweepError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
+  try:
+    only = re.compile(args.only) if args.only else None
+  except re.error as e:
+    raise SweepError(f"--only={args.only!r} is not a regex: {e}") from None
+  sweep = load_sweep(args.sweep_file, args.out or None, extra)
+  out = os.path.abspath(args.out or os.path.join("runs", sweep.name))
+  if only:
+    sweep.runs = [r for r in sweep.runs if only.search(r.name)]
+    if not sweep.runs:
+      raise SweepError(f"--only={args.only!r} matches no run")
+  if args.train_cmd:
+    train_cmd = shlex.split(args.train_cmd)
+  elif args.backend == "local":
+    train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
+  else:
+    train_cmd = ["nanodo-sam", "train"]
+  return _Plan(sweep, out, extra, env, only, train_cmd)
+
+
+def _dry_run(plan: _Plan) -> int:
+  """Prints the runs, their overrides and the first command."""
+  sweep = plan.sweep
+  print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
+        f"{sweep.config}, out {plan.out} (dry run: nothing started or "
+        "written)")
+  for i, run in enumerate(sweep.runs):
+    state = "done" if is_done(run) else "todo"
+    kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
+    cfg = f" [{run.config}]" if run.config != sweep.config else ""
+    print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
+  if sweep.runs and sweep.runs[0].common:
+    print("every run: " + " ".join(
+        f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
+  print("command: " + shell_join(plan.train_cmd + sweep.runs[0].train_args()))
+  return 0
+
+
+def _launch_local(plan: _Plan, args) -> int:
+  """Runs the sweep here; a dependent sweep is expanded again after each
+  pass until it lists nothing new."""
+  sweep, failed, seen = plan.sweep, 0, set()
+  while True:
+    new = [r for r in sweep.runs if r.name not in seen]
+    seen.update(r.name for r in sweep.runs)
+    if not new:
+      break
+    failed += run_local(dataclasses.replace(sweep, runs=new), plan.out,
+                        plan.train_cmd, max(args.parallel, 1), plan.env)
+    if not sweep.dependent or failed:
+      break
+    sweep = load_sweep(args.sweep_file, plan.out, plan.extra)
+    if plan.only:
+      sweep.runs = [r for r in sweep.runs if plan.only.search(r.name)]
+  return 1 if failed else 0
+
+
+def _launch(plan: _Plan, args) -> int:
+  if args.backend == "local":
+    return _launch_local(plan, args)
+  sweep, out = plan.sweep, plan.out
+  if args.backend == "slurm":
+    script = slurm_script(sweep, out, plan.train_cmd, args.sbatch,
+                          args.parallel, plan.env)
+    _manifest(sweep, out, "slurm")
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    path = os.path.join(out, "sweep.sbatch")
+    with open(path, "w") as f:
+      f.write(script)
+    print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
+    print(f"  sbatch {shlex.quote(path)}")
+    return 0
+  cmds = tpu_commands(sweep, plan.train_cmd, args.tpu, args.zone,
+                      args.project, args.remote_dir, plan.env)
+  print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
+        "another (--out is a path on the TPU VM: use a shared disk or a "
+        "gcsfuse mount so checkpoints outlive it)")
+  print("\n".join(cmds))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  """`nanodo-sam sweep`: 0 done, 1 a run failed, 2 bad input."""
   args = _parser().parse_args(argv)
   try:
-    if args.backend not in BACKENDS:
-      raise SweepError(f"unknown backend {args.backend!r}; use one of "
-                       f"{', '.join(BACKENDS)}")
-    if args.parallel < 0:
-      raise SweepError(f"--parallel={args.parallel} must be >= 1")
-    extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
-    env = _key_values(args.env, "--env", r"[A-Za-z_]\w*")
-    if args.backend == "tpu" and not (args.tpu and args.zone):
-      raise SweepError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
-    try:
-      only = re.compile(args.only) if args.only else None
-    except re.error as e:
-      raise SweepError(f"--only={args.only!r} is not a regex: {e}") from None
-    sweep = load_sweep(args.sweep_file, args.out or None, extra)
-    out = os.path.abspath(args.out or os.path.join("runs", sweep.name))
-    if only:
-      sweep.runs = [r for r in sweep.runs if only.search(r.name)]
-      if not sweep.runs:
-        raise SweepError(f"--only={args.only!r} matches no run")
-    if args.train_cmd:
-      train_cmd = shlex.split(args.train_cmd)
-    elif args.backend == "local":
-      train_cmd = [sys.executable, "-m", "nanodo_sam.cli", "train"]
-    else:
-      train_cmd = ["nanodo-sam", "train"]
+    plan = _plan(args)
+    return _dry_run(plan) if args.dry_run else _launch(plan, args)
   except UsageError as e:
-    print(f"launch.sweep: error: {e}", file=sys.stderr)
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
-
-  if args.dry_run:
-    print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
-          f"{sweep.config}, out {out} (dry run: nothing started or written)")
-    for i, run in enumerate(sweep.runs):
-      state = "done" if is_done(run) else "todo"
-      kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
-      cfg = f" [{run.config}]" if run.config != sweep.config else ""
-      print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
-    if sweep.runs and sweep.runs[0].common:
-      print("every run: " + " ".join(
-          f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
-    print("command: " + shell_join(train_cmd + sweep.runs[0].train_args()))
-    return 0
-
-  try:
-    if args.backend == "local":
-      failed, seen = 0, set()
-      while True:  # A dependent sweep may list more runs once some finish.
-        new = [r for r in sweep.runs if r.name not in seen]
-        seen.update(r.name for r in sweep.runs)
-        if not new:
-          break
-        failed += run_local(dataclasses.replace(sweep, runs=new), out,
-                            train_cmd, max(args.parallel, 1), env)
-        if not sweep.dependent or failed:
-          break
-        sweep = load_sweep(args.sweep_file, out, extra)
-        if only:
-          sweep.runs = [r for r in sweep.runs if only.search(r.name)]
-      return 1 if failed else 0
-    if args.backend == "slurm":
-      script = slurm_script(sweep, out, train_cmd, args.sbatch, args.parallel,
-                            env)
-      _manifest(sweep, out, "slurm")
-      os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-      path = os.path.join(out, "sweep.sbatch")
-      with open(path, "w") as f:
-        f.write(script)
-      print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
-      print(f"  sbatch {shlex.quote(path)}")
-      return 0
-    cmds = tpu_commands(sweep, train_cmd, args.tpu, args.zone, args.project,
-                        args.remote_dir, env)
-    print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
-          "another (--out is a path on the TPU VM: use a shared disk or a "
-          "gcsfuse mount so checkpoints outlive it)")
-    print("\n".join(cmds))
-    return 0
-  except UsageError as e:
-    print(f"launch.sweep: error: {e}", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except BrokenPipeError:  # Output piped into `head`.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(1)

@@ -1,6 +1,6 @@
 """Tables 1-6 of the paper from run directories, with the paper's numbers.
 
-    python scripts/make_tables.py SWEEP_DIR [SWEEP_DIR ...] [--out=DIR]
+    nanodo-sam tables SWEEP_DIR [SWEEP_DIR ...] [--out=DIR]
         [--metric=final_eval_loss|best_eval_loss|final_eval_perplexity|
                   final_eval_accuracy|final_eval_bits_per_byte]
 
@@ -9,7 +9,7 @@ results and `sharpness.json` from `nanodo-sam analyze`), groups runs by
 (schedule, model size, nonlinearity, method), picks the best (rho, learning
 rate, other tuned keys) per group on the mean of --metric over seeds (the
 final eval loss by default; lower is better except for accuracy;
-`runs.best`), and prints, as markdown, every table of configs/paper.json in
+`runs.best`), and prints, as markdown, every table of nanodo_sam/paper.json in
 the paper's layout (which sizes, methods and non-linearities, in its order):
 
   Table 1  2M, fixed-length: AdamW / SAM / Precond SAM / Func-SAM / Precond
@@ -39,13 +39,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top
-from configs import paper
+from nanodo_sam import paper
 from nanodo_sam import runs as runs_lib
 from nanodo_sam.runs import NAN, Cell, RunRecord, best, method_label
-# pylint: enable=g-import-not-at-top
+
+PROG = "nanodo-sam tables"
 
 SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "ggn_trace")
 
@@ -212,7 +210,7 @@ def table_nonlinearities(groups, key: str, title: str) -> Table | None:
 
 
 def paper_table(groups, key: str) -> Table | None:
-  """One table of configs/paper.json, laid out by what its rows vary."""
+  """One table of nanodo_sam/paper.json, laid out by what its rows vary."""
   info = paper.info(key)
   title = f"{info['source']}: {info['caption'].rstrip('.')}"
   if len(paper.column(key, "size")) > 1:
@@ -315,8 +313,16 @@ def render(tables: list[Table], notes: list[str], n_runs: int,
   return "\n\n".join(parts)
 
 
+class _Parser(argparse.ArgumentParser):
+  """Bad arguments: one line on stderr, exit code 2."""
+
+  def error(self, message):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
   p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
   p.add_argument("--out", default="", help="default: FIRST_DIR/tables")
   p.add_argument("--metric", default="final_eval_loss",
@@ -325,12 +331,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   for d in args.dirs:
     if not os.path.isdir(d):
-      print(f"make_tables: error: {d!r} is not a directory", file=sys.stderr)
+      print(f"{PROG}: error: {d!r} is not a directory", file=sys.stderr)
       return 2
   runs = load_runs(args.dirs, args.metric,
                    warn=lambda m: print(m, file=sys.stderr))
   if not runs:
-    print(f"make_tables: error: no results.json under {', '.join(args.dirs)};"
+    print(f"{PROG}: error: no results.json under {', '.join(args.dirs)};"
           " finish some runs first", file=sys.stderr)
     return 2
   tables, notes = build_tables(runs)
@@ -341,10 +347,3 @@ def main(argv=None) -> int:
   print(f"\n(markdown and CSV written to {out})")
   return 0
 
-
-if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except BrokenPipeError:  # Output piped into `head`.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(1)

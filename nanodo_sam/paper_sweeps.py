@@ -6,15 +6,17 @@ considered"), and 0.5, 0.5, 0.4, 0.4 for Precond Functional-SAM at 23.9M,
 42.5M, 117.9M, 1208M. Methods/sizes without a published value get the wide
 grid WIDE_RHOS. At 1208M (the paper tuned rho "at a much coarser level" there)
 only the centre is run, to keep the cost down. The learning rate is the
-paper's globally tuned 1e-3; widen LEARNING_RATES to sweep it too.
+paper's globally tuned 1e-3; widen LEARNING_RATES to sweep it too. The
+sweep files of the paper's tables (configs/sweeps/table*.py) are built from
+these.
 """
 
-from configs import paper
-from configs.sweeps.authoring import around
+from nanodo_sam import paper
+from nanodo_sam.sweep_spec import around, method_runs
 
 FIXED_LENGTH = "configs/c4_fixed_length.py"
 CHINCHILLA = "configs/c4_chinchilla.py"
-# Tables 2 and 3's sizes and methods, in the paper's order (configs/paper.json).
+# Tables 2 and 3's sizes and methods, in the paper's order (paper.json).
 SIZES = paper.column("table2", "size")
 TABLE_METHODS = paper.column("table2", "method")
 LEARNING_RATES = (1e-3,)
@@ -42,3 +44,15 @@ def rho_grid(method: str, size: str) -> list[float]:
   if center is None:
     return list(WIDE_RHOS)
   return around(center, (0.5, 1.0, 2.0))
+
+
+def size_runs(config: str, seeds=(0,)) -> list[dict]:
+  """Tables 2 and 3's grid: every size x method x rho x learning rate x
+  seed, each run on `config` at its size."""
+  runs = []
+  for size in SIZES:
+    runs += method_runs(
+        TABLE_METHODS, {m: rho_grid(m, size) for m in TABLE_METHODS},
+        learning_rates=LEARNING_RATES, seeds=seeds,
+        fixed={"config": f"{config}:{size}"})
+  return runs

@@ -11,8 +11,8 @@ A sweep file (configs/sweeps/NAME.py) defines `get_sweep()` returning a
 Each run is a dict of config overrides (`--config.KEY=VALUE` of `nanodo-sam
 train`); the reserved key "config" replaces the sweep's config for that run
 (e.g. another size: "configs/c4_fixed_length.py:23.9M"). The spec checks its
-own shape when built; `python -m launch.sweep` then checks every key against
-the config and names the runs (launch/sweep.py).
+own shape when built; `nanodo-sam sweep` then checks every key against the
+config and names the runs (nanodo_sam/sweep.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The paper's published numbers (configs/paper.json), table by table.
+"""The paper's published numbers (nanodo_sam/paper.json), table by table.
 
 Reference data, not results of this code: the "paper" columns of
-scripts/make_tables.py, and the layout of the paper's tables (which sizes,
-methods and non-linearities, in the paper's order) that the tables and the
-sweeps in configs/sweeps/ follow. NaN where the paper reports NaN (the run
-diverged).
+`nanodo-sam tables` (nanodo_sam/tables.py), and the layout of the paper's
+tables (which sizes, methods and non-linearities, in the paper's order) that
+the tables and the sweeps in configs/sweeps/ follow. NaN where the paper
+reports NaN (the run diverged).
 """
 
 from __future__ import annotations

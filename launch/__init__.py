@@ -1,1 +1,0 @@
-"""Sweep expansion and launchers (local, SLURM, TPU VM): see launch/sweep.py."""
