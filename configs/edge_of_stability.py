@@ -62,7 +62,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
-from configs import base  # pylint: disable=g-import-not-at-top
+from nanodo_sam import keys  # pylint: disable=g-import-not-at-top
 from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
 from nanodo_sam import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -126,7 +126,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"unknown config argument {arg!r}; use "
                      "configs/edge_of_stability.py or "
                      "configs/edge_of_stability.py:reduced")
-  c = base.get_config()
+  c = keys.defaults()
   c.schedule_name = "edge_of_stability" + ("_reduced" if arg == "reduced"
                                            else "")
   config_lib.legacy_defaults(c)

@@ -36,7 +36,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
-from configs import base  # pylint: disable=g-import-not-at-top
+from nanodo_sam import keys  # pylint: disable=g-import-not-at-top
 from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
 
 NUM_TRAIN_STEPS = 200
@@ -68,7 +68,7 @@ def get_config(arg: str = ""):
   except ValueError:
     raise ValueError(f"config argument {arg!r} is not a switch fraction; use "
                      "e.g. configs/late_phase.py:0.75") from None
-  c = config_lib.legacy_defaults(base.get_config())
+  c = config_lib.legacy_defaults(keys.defaults())
   c.schedule_name = "late_phase"
   c.model.update(D=64, H=2, N=2, F=256, L=64, V=32101)
   c.model.size_name = "late_phase"

@@ -36,7 +36,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
-from configs import base  # pylint: disable=g-import-not-at-top
+from nanodo_sam import keys  # pylint: disable=g-import-not-at-top
 
 MINI_STEPS = 300
 OPTIONS = ("byte", "taus")
@@ -50,7 +50,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"config argument {arg!r}: unknown {unknown}; use "
                      f"options from {list(OPTIONS)} joined by '+', e.g. "
                      "configs/miniature.py:byte+taus")
-  c = base.get_config()
+  c = keys.defaults()
   c.schedule_name = "miniature"
   c.model.update(D=64, H=1, N=2, F=256, L=64, V=32101)
   c.model.size_name = "miniature"

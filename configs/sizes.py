@@ -27,7 +27,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
-from configs import base  # pylint: disable=g-import-not-at-top
+from nanodo_sam import keys  # pylint: disable=g-import-not-at-top
 from nanodo_sam.config import PAPER_SIZES as SIZES  # pylint: disable=g-import-not-at-top
 DEFAULT = "2M"
 
@@ -67,4 +67,4 @@ def apply(c, name: str):
 
 def get_config(size: str = DEFAULT):
   """The base config (configs/base.py) at model size `size`."""
-  return apply(base.get_config(), size or DEFAULT)
+  return apply(keys.defaults(), size or DEFAULT)

@@ -8,28 +8,19 @@ to fix it) before anything is compiled or written.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
-import math
-import numbers
 import os
 import re
 import sys
-from typing import Any, Callable
 
 import ml_collections
 
+from nanodo_sam import keys as keys_lib
+from nanodo_sam.errors import UsageError, one_line as _one_line
 
-class UsageError(ValueError):
-  """Bad input: reported as one line and exit code 2 by the CLI."""
 
-
-OPTIMIZERS = ("adamw", "sgd", "momentum")
-DECAY_TYPES = ("cosine", "linear", "constant")
-BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
-PACKINGS = ("nanodo", "shifted")
-EVAL_MODES = ("per_document", "packed")
+BYTE_VOCAB = keys_lib.BYTE_VOCAB
 # The settings this project used before its defaults became Nanodo's
 # (docs/fidelity.md), by config key. A run directory whose config.json lacks
 # one of these keys was trained with this value; `legacy_defaults(c)` sets
@@ -62,13 +53,7 @@ def to_dict(cfg) -> dict:
   return json.loads(cfg.to_json_best_effort())
 
 
-def _get(cfg, key: str, default=None):
-  node = cfg
-  for part in key.split("."):
-    if part not in node:
-      return default
-    node = node[part]
-  return node
+_get = keys_lib.get
 
 
 def _set(cfg, key: str, value) -> None:
@@ -122,143 +107,9 @@ def _require(cond: bool, msg: str) -> None:
     raise UsageError(msg)
 
 
-# ------------------------------------------------------ keys: type and range
-
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-@dataclasses.dataclass(frozen=True)
-class Key:
-  """A config key's type and range: a value of one of `types` for which
-  `ok(value)` holds, else UsageError "KEY=VALUE `need`". none_ok: None (an
-  unset placeholder) is allowed."""
-  name: str
-  types: tuple = (str,)
-  ok: Callable[[Any], bool] = lambda v: True
-  need: str = ""
-  none_ok: bool = False
-
-
-_KINDS = {int: "an integer", float: "a number", str: "a string",
-          bool: "True or False"}
-
-
-def _integer(name: str, least: int, note: str = "") -> Key:
-  if least == 1:
-    return Key(name, (int,), lambda v: v >= 1,
-               f"must be a positive integer{note}")
-  return Key(name, (int,), lambda v: v >= least,
-             f"must be an integer >= {least}{note}")
-
-
-def _number(name: str, least: float | None = 0.0, below: float | None = None,
-            none_ok: bool = False, note: str = "") -> Key:
-  """A finite number >= least (None: any) and < below (None: no bound)."""
-  need = ("must be a finite number" if least is None else
-          f"must be >= {least:g}" if below is None else
-          f"must lie in [{least:g}, {below:g})")
-  return Key(name, (float,), lambda v: (
-      math.isfinite(v) and (least is None or v >= least)
-      and (below is None or v < below)), need + note, none_ok)
-
-
-def _choice(name: str, options: tuple) -> Key:
-  return Key(name, (str,), lambda v: v in options,
-             f"is unknown; use one of {', '.join(options)}")
-
-
-def _flag(name: str) -> Key:
-  return Key(name, (bool,))
-
-
-# Every key of configs/base.py, in its order (tests/test_cli.py checks that
-# none is missing). A new key is one line here; checks that relate several
-# keys follow in `validate`, and each module checks its own choices
-# (model.DoConfig: nonlinearity, dtype, ...; sam.validate: the method).
-KEYS = (
-    _integer("seed", 0), Key("workdir"), Key("schedule_name"),
-    *(_integer(f"model.{k}", 1) for k in ("D", "H", "N", "F", "L", "V")),
-    Key("model.nonlinearity"), Key("model.dtype"), _flag("model.remat"),
-    _integer("model.head_chunk_tokens", 0, " (0: whole logits)"),
-    Key("model.kernel_init"), Key("model.residual_dtype"),
-    Key("model.attention"),
-    Key("model.size_name"),
-    Key("data.tfds_name"), Key("data.tfds_data_dir"),
-    _flag("data.use_shipped"), _flag("data.download"),
-    Key("data.train_split"), Key("data.eval_split"), Key("data.train_files"),
-    Key("data.eval_files"),
-    Key("data.text_column", (str,), bool, "must name the text field of the "
-        ".jsonl / .parquet files, e.g. 'text'"),
-    Key("data.vocab"),
-    _integer("data.batch_size", 1), _integer("data.eval_batch_size", 1),
-    _integer("data.eval_steps", 1),
-    _integer("data.shuffle_buffer", 1, " (1 = no shuffling)"),
-    _flag("data.add_bos"), _choice("data.packing", PACKINGS),
-    _choice("data.eval_mode", EVAL_MODES),
-    _choice("opt.optimizer", OPTIMIZERS), _integer("opt.num_train_steps", 1),
-    _number("opt.peak_learning_rate"),
-    _number("opt.init_learning_rate", none_ok=True, note=" (None: peak/10)"),
-    _number("opt.final_learning_rate", none_ok=True, note=" (None: peak/10)"),
-    _integer("opt.warmup_steps", 0), _choice("opt.decay_type", DECAY_TYPES),
-    _number("opt.weight_decay"), _flag("opt.independent_weight_decay"),
-    Key("opt.weight_decay_exclusions"),  # "scale,embedding": name fragments.
-    _number("opt.b1", below=1), _number("opt.b2", below=1),
-    _number("opt.eps"), _number("opt.clip_by_global_norm", note=" (0: off)"),
-    Key("sam.method"), _number("sam.rho"),
-    _number("sam.phi", least=None, none_ok=True),
-    _integer("sam.rho_warmup_steps", 0), _integer("sam.start_step", 0),
-    _integer("sam.end_step", -1, " (-1: until the end)"),
-    _integer("sam.every_k", 1), _flag("sam.reuse"),
-    Key("sam.precond_normalize"), Key("sam.perturbation_scope"),
-    _integer("grad_accumulation_steps", 0, " (0: auto, the fewest "
-             "microbatches that fit)"),
-    _integer("eval_every_steps", 0, " (0: only at the end)"),
-    _integer("checkpoint_every_steps", 0, " (0: only at the end)"),
-    _integer("checkpoint_max_to_keep", 1, " (else nothing is left to "
-             "resume from)"),
-    _integer("log_every_steps", 1),
-    _integer("diagnostics.every_steps", 0, " (0: off)"),
-    _integer("diagnostics.num_batches", 1),
-    _integer("diagnostics.batch_size", 1),
-    _integer("diagnostics.num_iters", 0, " (0 leaves out lambda_max)"),
-    _integer("diagnostics.num_probes", 0, " (0 leaves out the traces)"),
-    Key("diagnostics.tol", (float,), lambda v: math.isfinite(v) and v > 0,
-        "must be a positive number"),
-    _flag("diagnostics.on_train_batch"),
-    _integer("profile.start_step", 1, " (step 0 compiles)"),
-    _integer("profile.num_steps", 0, " (0: off)"),
-    _flag("wandb.enabled"), Key("wandb.project"),
-    _choice("wandb.mode", WANDB_MODES),
-    *(Key(f"mesh.{axis}", (int,), lambda v: v == -1 or v >= 1,
-          "must be a positive integer, or -1 (the devices left)")
-      for axis in ("data", "fsdp", "tensor")),
-    _number("mesh.device_memory_gb", note=" (0: the device's own)"),
-)
-_MISSING = object()
-
-
-def _is(value, types: tuple) -> bool:
-  if isinstance(value, bool):
-    return bool in types
-  if float in types and isinstance(value, numbers.Real):
-    return True
-  if int in types and isinstance(value, numbers.Integral):
-    return True
-  return isinstance(value, tuple(t for t in types if t not in (int, float)))
-
-
-def check_keys(cfg, keys=KEYS) -> None:
-  """Each key's type and range (keys a config lacks, as an old run's
-  config.json may, are skipped)."""
-  for key in keys:
-    value = _get(cfg, key.name, _MISSING)
-    if value is _MISSING or (value is None and key.none_ok):
-      continue
-    kinds = " or ".join(_KINDS[t] for t in key.types)
-    _require(_is(value, key.types),
-             f"{key.name}={value!r} must be {kinds}"
-             + (" or None" if key.none_ok else ""))
-    _require(key.ok(value), f"{key.name}={value!r} {key.need}")
+# Every key's type and range: the one table of keys (keys.py).
+KEYS = keys_lib.KEYS
+check_keys = keys_lib.check
 
 
 def validate(cfg, num_devices: int | None = None) -> None:
@@ -449,11 +300,3 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise UsageError(f"config {spec!r}: get_config() returned a "
                      f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
   return cfg
-
-
-def _one_line(e: Exception) -> str:
-  """An exception as one line: type, message, and for a syntax error where."""
-  if isinstance(e, SyntaxError):
-    return f"SyntaxError: {e.msg} (line {e.lineno})"
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__

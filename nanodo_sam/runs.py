@@ -28,7 +28,8 @@ import struct
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from nanodo_sam.config import flatten, load_config_file, to_dict
+from nanodo_sam import keys
+from nanodo_sam.config import flatten, to_dict
 
 NAN = float("nan")
 RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json",
@@ -77,9 +78,9 @@ def _lookup(tree: dict, key: str, default=None):
 
 @functools.cache
 def base_defaults() -> dict[str, Any]:
-  """configs/base.py's values, flattened: the defaults `variant` compares
-  against."""
-  return flatten(to_dict(load_config_file("configs/base.py")))
+  """The default config's values, flattened: the defaults `variant`
+  compares against."""
+  return flatten(to_dict(keys.defaults()))
 
 
 def _methods() -> dict:

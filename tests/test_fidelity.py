@@ -198,8 +198,8 @@ def test_adamw_update_equals_nanodos_optimizer():
   opt.independent_weight_decay = True
   opt.weight_decay_exclusion_names = ("scale",)
   theirs = nano_opt.get_optimizer(opt)
-  from configs import base
-  ours_cfg = base.get_config().opt
+  from nanodo_sam import keys
+  ours_cfg = keys.defaults().opt
   ours_cfg.update(num_train_steps=20, warmup_steps=4,
                   weight_decay_exclusions="scale")
   # Our defaults are Nanodo's: init and final peak/10, b2 0.98, eps 1e-9.
@@ -229,8 +229,8 @@ def test_adamw_update_equals_nanodos_optimizer():
 
 @pytest.mark.parametrize("peak", [1e-3, 3e-3, 1e-2])
 def test_independent_decay_per_step_is_fixed_when_the_peak_changes(peak):
-  from configs import base
-  c = base.get_config().opt
+  from nanodo_sam import keys
+  c = keys.defaults().opt
   c.update(peak_learning_rate=peak, warmup_steps=0, num_train_steps=10,
            decay_type="constant")
   assert c.independent_weight_decay and c.weight_decay == 1e-4
@@ -248,8 +248,8 @@ def test_independent_decay_per_step_is_fixed_when_the_peak_changes(peak):
 
 
 def test_schedule_ends_default_to_a_tenth_of_the_peak():
-  from configs import base
-  c = base.get_config().opt
+  from nanodo_sam import keys
+  c = keys.defaults().opt
   c.update(peak_learning_rate=2e-3, warmup_steps=10, num_train_steps=100)
   lr = optimizer_lib.learning_rate_schedule(c)
   np.testing.assert_allclose([lr(0), lr(10), lr(100)], [2e-4, 2e-3, 2e-4],
@@ -372,8 +372,9 @@ def test_byte_vocabulary_with_bos_is_one_clear_error():
 
 
 def test_base_defaults_are_nanodos():
-  from configs import base, c4_fixed_length
-  for c in (base.get_config(), c4_fixed_length.get_config("23.9M")):
+  from configs import c4_fixed_length
+  from nanodo_sam import keys
+  for c in (keys.defaults(), c4_fixed_length.get_config("23.9M")):
     assert (c.model.kernel_init, c.model.residual_dtype) == (
         "xavier_uniform", "float32")
     assert (c.opt.b1, c.opt.b2, c.opt.eps) == (0.9, 0.98, 1e-9)
@@ -382,7 +383,7 @@ def test_base_defaults_are_nanodos():
     assert (c.data.add_bos, c.data.packing, c.data.eval_mode) == (
         True, "nanodo", "per_document")
   # Every legacy key is a real key with a different value today.
-  c = base.get_config()
+  c = keys.defaults()
   for key, old in config_lib.LEGACY_DEFAULTS.items():
     assert config_lib._get(c, key, "missing") != "missing", key
   assert any(config_lib._get(c, k) != v
