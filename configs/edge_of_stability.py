@@ -45,7 +45,7 @@ Config arguments:
   python scripts/plot_edge_of_stability.py runs/eos/* --out=eos.png
 
 The project's settings from before its defaults became Nanodo's
-(`config.LEGACY_DEFAULTS`: fan-in truncated normal init, packed rows of L+1
+(`rundir.LEGACY_DEFAULTS`: fan-in truncated normal init, packed rows of L+1
 bytes without BOS, packed evaluation) are kept here, which is how the results
 in docs/experiments.md were measured.
 
@@ -63,7 +63,7 @@ if _ROOT not in sys.path:  # `from configs import ...` from any directory.
   sys.path.insert(0, _ROOT)
 
 from nanodo_sam import keys  # pylint: disable=g-import-not-at-top
-from nanodo_sam import config as config_lib  # pylint: disable=g-import-not-at-top
+from nanodo_sam import rundir  # pylint: disable=g-import-not-at-top
 from nanodo_sam import data as data_lib  # pylint: disable=g-import-not-at-top
 
 LEARNING_RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -129,7 +129,7 @@ def get_config(arg: str = ""):
   c = keys.defaults()
   c.schedule_name = "edge_of_stability" + ("_reduced" if arg == "reduced"
                                            else "")
-  config_lib.legacy_defaults(c)
+  rundir.legacy_defaults(c)
   c.model.update(D=128, H=8, N=6, F=512, L=64, V=259)
   c.model.size_name = "eos"
   train_file, test_file = tiny_shakespeare_split()

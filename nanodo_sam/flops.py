@@ -21,6 +21,8 @@ both count with these functions, so their TFLOP/s and MFU figures agree.
 
 from __future__ import annotations
 
+from nanodo_sam import sam as sam_lib
+
 # Dense (no sparsity) bfloat16 peak FLOP/s per device, by a substring of
 # `jax.Device.device_kind` (first match wins). Vendor figures: NVIDIA H100
 # SXM / H200 989.4 TFLOP/s, A100 312, B200 2250; Google TPU v4 275, v5e 197,
@@ -57,7 +59,6 @@ def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
 
 def method_flops_factor(method: str, every_k: int = 1) -> float:
   """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
-  from nanodo_sam import sam as sam_lib  # pylint: disable=g-import-not-at-top
   m = sam_lib.METHODS[method]
   full = (2 * m.forwards + 4 * m.backwards) / 6
   return (full + (every_k - 1)) / every_k

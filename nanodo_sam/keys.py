@@ -5,8 +5,8 @@ config file starts from (configs/base.py returns it); `check(cfg)` checks each
 key's type and range against the same table. The defaults are Nanodo's
 wherever the paper is silent (docs/fidelity.md has the row-by-row
 comparison), so a run from the defaults or from configs/c4_*.py is comparable
-with the paper's tables. Checks that relate several keys come after these
-(config.validate).
+with the paper's tables. Checks that relate several keys live with the module
+that owns them; `validation.validate` asks each.
 
 Override any key on the command line, e.g.
   nanodo-sam train --config=configs/base.py --config.sam.method=sam
@@ -23,7 +23,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from nanodo_sam.errors import UsageError
-from nanodo_sam.loss import HEAD_CHUNK_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +81,10 @@ def _mesh_axis(axis: str, default: int) -> Key:
              "must be a positive integer, or -1 (the devices left)")
 
 
+# Tokens per device in one chunk of the chunked output head (loss.py);
+# docs/benchmarks.md, "Chunk size of the output head", has the measurement
+# behind it.
+HEAD_CHUNK_TOKENS = 4096
 BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
 
 _RUN = (
@@ -96,32 +99,34 @@ _MODEL = (  # The Nanodo Transformer (nanodo_sam/model.py); 2M size.
     _int("model.F", 1024, 1, "MLP hidden width (4D in the paper)."),
     _int("model.L", 512, 1, "Sequence length (tokens per row)."),
     _int("model.V", 32101, 1, "Vocabulary size (>= the vocabulary's)."),
-    _str("model.nonlinearity", "gelu", "gelu | relu (Table 5)."),
-    _str("model.dtype", "float32",
-         "Compute dtype: float32 | bfloat16. Nanodo defaults to bfloat16, as "
-         "do configs/c4_*.py; float32 here because the defaults also start "
-         "the CPU configs (quickstart, tests), where bfloat16 is emulated "
-         "and slower."),
+    choice("model.nonlinearity", "gelu", ("gelu", "relu"),
+           "The MLP nonlinearity (Table 5)."),
+    choice("model.dtype", "float32", ("float32", "bfloat16"),
+           "Compute dtype. Nanodo defaults to bfloat16, as "
+           "do configs/c4_*.py; float32 here because the defaults also start "
+           "the CPU configs (quickstart, tests), where bfloat16 is emulated "
+           "and slower."),
     _flag("model.remat", False, "Rematerialise each block in backward."),
     _int("model.head_chunk_tokens", HEAD_CHUNK_TOKENS, 0,
          "Tokens per device in one chunk of the output layer + loss (the "
          "[B, L, V] logits are never whole); 0 = whole logits. GPU matmuls "
          "want >= ~2K.", " (0: whole logits)"),
-    _str("model.kernel_init", "xavier_uniform",
-         "Attention and MLP kernel init: xavier_uniform (Nanodo's DoConfig "
-         "default) | fan_in_truncated_normal (the legacy default)."),
-    _str("model.residual_dtype", "float32",
-         "Under dtype=bfloat16: float32 keeps the embeddings, the residual "
-         "stream and the tied output layer in float32 (Nanodo: its "
-         "embeddings have no dtype); compute runs them in `dtype` as well "
-         "(cheaper, less exact)."),
-    _str("model.attention", "auto",
-         "Attention kernel: auto (cuDNN flash attention on an NVIDIA GPU of "
-         "compute capability >= 8.0 with dtype=bfloat16 and head dim D/H a "
-         "multiple of 8 up to 128, or 256 on Hopper; XLA everywhere else, "
-         "TPU and CPU included) | xla | cudnn (an error where it cannot "
-         "run). The sharpness diagnostics always use xla (cuDNN's kernel "
-         "has no forward-mode derivative)."),
+    choice("model.kernel_init", "xavier_uniform",
+           ("xavier_uniform", "fan_in_truncated_normal"),
+           "Attention and MLP kernel init: xavier_uniform (Nanodo's DoConfig "
+           "default) | fan_in_truncated_normal (the legacy default)."),
+    choice("model.residual_dtype", "float32", ("float32", "compute"),
+           "Under dtype=bfloat16: float32 keeps the embeddings, the residual "
+           "stream and the tied output layer in float32 (Nanodo: its "
+           "embeddings have no dtype); compute runs them in `dtype` as well "
+           "(cheaper, less exact)."),
+    choice("model.attention", "auto", ("auto", "xla", "cudnn"),
+           "Attention kernel: auto (cuDNN flash attention on an NVIDIA GPU of "
+           "compute capability >= 8.0 with dtype=bfloat16 and head dim D/H a "
+           "multiple of 8 up to 128, or 256 on Hopper; XLA everywhere else, "
+           "TPU and CPU included) | xla | cudnn (an error where it cannot "
+           "run). The sharpness diagnostics always use xla (cuDNN's kernel "
+           "has no forward-mode derivative)."),
     _str("model.size_name", "", "Label of a paper size (configs/sizes.py)."),
 )
 _DATA = (  # seqio Tasks over TFDS or files (nanodo_sam/data.py).
@@ -321,6 +326,13 @@ def _is(value, types: tuple) -> bool:
   if int in types and isinstance(value, numbers.Integral):
     return True
   return isinstance(value, tuple(t for t in types if t not in (int, float)))
+
+
+def check_choice(name: str, value) -> None:
+  """UsageError unless `value` is one of key `name`'s choices."""
+  key = BY_NAME[name]
+  if not key.ok(value):
+    raise UsageError(f"{name}={value!r} {key.need}")
 
 
 def check(cfg, keys=KEYS) -> None:

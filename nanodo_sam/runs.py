@@ -28,12 +28,16 @@ import struct
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from nanodo_sam import keys
+from nanodo_sam import rundir
 from nanodo_sam.config import flatten, to_dict
 
 NAN = float("nan")
-RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json",
-             "progress.json")
+# The run directory's files (rundir.py names the trainer's).
+RUN_FILES = (rundir.CONFIG, rundir.RESULTS, "sharpness.json", "prune.json",
+             rundir.PROGRESS)
 EVENT_FILES = "events.out.tfevents."
 # The paper tables' grouping: what a run is (GROUP) and what was tuned for it
 # (SETTING); `best` picks the SETTING with the lowest mean over seeds.
@@ -276,15 +280,15 @@ def read_run(workdir: str, metric: str = "final_eval_loss",
     try:
       files[name] = _read_json(path)
     except (OSError, ValueError) as e:
-      if name in ("config.json", "results.json"):
+      if name in (rundir.CONFIG, rundir.RESULTS):
         warn(f"note: skipping {workdir}: {e}")
         return None
       warn(f"note: ignoring {path}: {e}")
-  return RunRecord(workdir=workdir, config=files.get("config.json", {}),
-                   results=files.get("results.json"),
+  return RunRecord(workdir=workdir, config=files.get(rundir.CONFIG, {}),
+                   results=files.get(rundir.RESULTS),
                    sharpness=files.get("sharpness.json"),
                    prune=files.get("prune.json"), metric=metric,
-                   progress=files.get("progress.json"))
+                   progress=files.get(rundir.PROGRESS))
 
 
 def _is_run(filenames: Iterable[str]) -> bool:
@@ -360,7 +364,6 @@ def _value(v) -> float | None:
   if v.HasField("simple_value"):
     return float(v.simple_value)
   if v.HasField("tensor"):  # TF2 summaries (clu): a scalar tensor.
-    import numpy as np  # pylint: disable=g-import-not-at-top
     t = v.tensor
     if t.tensor_shape.dim and math.prod(d.size for d in t.tensor_shape.dim
                                         ) != 1:

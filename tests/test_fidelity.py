@@ -24,6 +24,8 @@ from conftest import NANODO_SRC, ROOT, SPM_PATH, needs_nanodo, tiny_config
 from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import rundir
+from nanodo_sam import validation
 
 NANODO = os.path.abspath(NANODO_SRC) if NANODO_SRC else ""
 
@@ -364,11 +366,11 @@ def test_per_document_eval_reads_one_pass_and_pads_the_last_batch(tmp_path):
 def test_byte_vocabulary_with_bos_is_one_clear_error():
   cfg = tiny_config(**{"data.add_bos": True})
   with pytest.raises(config_lib.UsageError, match="no BOS"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   for key, value in (("data.packing", "zigzag"),
                      ("data.eval_mode", "sometimes")):
     with pytest.raises(config_lib.UsageError, match=key):
-      config_lib.validate(tiny_config(**{key: value}))
+      validation.validate(tiny_config(**{key: value}))
 
 
 def test_base_defaults_are_nanodos():
@@ -384,10 +386,10 @@ def test_base_defaults_are_nanodos():
         True, "nanodo", "per_document")
   # Every legacy key is a real key with a different value today.
   c = keys.defaults()
-  for key, old in config_lib.LEGACY_DEFAULTS.items():
-    assert config_lib._get(c, key, "missing") != "missing", key
-  assert any(config_lib._get(c, k) != v
-             for k, v in config_lib.LEGACY_DEFAULTS.items())
+  for key, old in rundir.LEGACY_DEFAULTS.items():
+    assert keys.get(c, key, "missing") != "missing", key
+  assert any(keys.get(c, k) != v
+             for k, v in rundir.LEGACY_DEFAULTS.items())
 
 
 # ------------------------------------------------ runs that predate this
@@ -404,7 +406,7 @@ def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
            "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
            "--config.data.eval_steps=2", "--config.opt.warmup_steps=1",
            "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0"]
-  legacy = [f"--config.{k}={v}" for k, v in config_lib.LEGACY_DEFAULTS.items()]
+  legacy = [f"--config.{k}={v}" for k, v in rundir.LEGACY_DEFAULTS.items()]
   workdir = tmp_path / "old"
   subprocess.run(cli + ["train", f"--config={quick}", f"--workdir={workdir}",
                         "--config.opt.num_train_steps=2"] + small + legacy,
