@@ -17,9 +17,8 @@ import sys
 
 import ml_collections
 
+# UsageError is errors.py's; config.UsageError is the same class.
 from nanodo_sam.errors import UsageError, one_line as _one_line
-
-__all__ = ["UsageError"]  # Raised here; the name modules import it by.
 
 # The paper's model sizes by name (appendix A.1; table in configs/sizes.py).
 PAPER_SIZES = {

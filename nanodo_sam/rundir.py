@@ -138,7 +138,8 @@ def history_until(workdir: str, step: int) -> list:
 
 
 def _check_writable(workdir: str) -> None:
-  """The workdir is a directory (or does not exist yet) we can write in."""
+  """The workdir is a directory (or does not exist yet) this user can
+  write in."""
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -181,12 +182,12 @@ def _check_same_run(cfg, old, workdir: str) -> None:
 
 
 def check_workdir(cfg, workdir: str) -> None:
-  """The workdir must be a directory (or not exist yet) we can write in. One
-  that already holds a run must hold the same model and train state layout
-  (sam.reuse adds a field to the checkpointed state), and the same value of
-  every setting whose default changed when the defaults became Nanodo's
-  (LEGACY_DEFAULTS): resuming an older run with today's defaults would
-  silently switch its optimizer or data framing mid-run."""
+  """The workdir must be a directory (or not exist yet) this user can write
+  in. One that already holds a run must hold the same model and train state
+  layout (sam.reuse adds a field to the checkpointed state), and the same
+  value of every setting whose default changed when the defaults became
+  Nanodo's (LEGACY_DEFAULTS): resuming an older run with today's defaults
+  would silently switch its optimizer or data framing mid-run."""
   _check_writable(workdir)
   path = os.path.join(workdir, CONFIG)
   if os.path.exists(path):

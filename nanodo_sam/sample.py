@@ -31,7 +31,7 @@ import numpy as np
 
 from nanodo_sam import data as data_lib
 from nanodo_sam import model as model_lib
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 
 def prompt_ids(vocab, text: str, add_bos: bool) -> list[int]:

@@ -106,9 +106,9 @@ def setup(cfg) -> Setup:
   cast = model_lib.compute_params(model.cfg)  # FSDP gathers in bf16.
   logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
                                   state_sharding.params, cast)
+  chunk = cfg.model.get("head_chunk_tokens", keys.HEAD_CHUNK_TOKENS)
   head = sharding.pin_head(
-      model_lib.output_head(model)._replace(
-          chunk_tokens=cfg.model.get("head_chunk_tokens", keys.HEAD_CHUNK_TOKENS)),
+      model_lib.output_head(model)._replace(chunk_tokens=chunk),
       state_sharding.params, sharding.batch_sharding(mesh), cast)
   diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
                                               state_sharding.params)
