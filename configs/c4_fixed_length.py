@@ -18,7 +18,7 @@ first 10% of the steps (at most 1000) and an evaluation set of 64 x 64
 validation documents every 500 steps.
 """
 
-from configs import base
+from nanodo_sam import keys
 from nanodo_sam import sizes
 
 SCHEDULE_NAME = "fixed_length"
@@ -27,7 +27,7 @@ NUM_TRAIN_STEPS = 10_000
 
 def c4_config(size: str = sizes.DEFAULT):
   """The settings both C4 schedules share, at model size `size`."""
-  c = sizes.apply(base.get_config(), size or sizes.DEFAULT)
+  c = sizes.apply(keys.defaults(), size or sizes.DEFAULT)
   c.data.tfds_name = "c4/en:3.1.0"
   c.data.train_split = "train"
   c.data.eval_split = "validation"

@@ -47,7 +47,7 @@ Config arguments:
   python scripts/plot_edge_of_stability.py runs/eos/* --out=eos.png
 
 The project's settings from before its defaults became Nanodo's
-(`config.LEGACY_DEFAULTS`: fan-in truncated normal init, packed rows of L+1
+(`rundir.LEGACY_DEFAULTS`: fan-in truncated normal init, packed rows of L+1
 bytes without BOS, packed evaluation) are kept here, which is how the results
 in docs/experiments.md were measured.
 
@@ -56,8 +56,8 @@ wall-clock time, 8-12 hours on a V100), how often lambda_max is measured and
 with how many Lanczos iterations, and the evaluation set size.
 """
 
-from configs import base
-from nanodo_sam import config as config_lib
+from nanodo_sam import keys
+from nanodo_sam import rundir
 from nanodo_sam import data as data_lib
 from nanodo_sam import text_split
 
@@ -74,10 +74,10 @@ def get_config(arg: str = ""):
     raise ValueError(f"unknown config argument {arg!r}; use "
                      "configs/edge_of_stability.py or "
                      "configs/edge_of_stability.py:reduced")
-  c = base.get_config()
+  c = keys.defaults()
   c.schedule_name = "edge_of_stability" + ("_reduced" if arg == "reduced"
                                            else "")
-  config_lib.legacy_defaults(c)
+  rundir.legacy_defaults(c)
   c.model.update(D=128, H=8, N=6, F=512, L=64, V=259)
   c.model.size_name = "eos"
   train_file, test_file = tiny_shakespeare_split()

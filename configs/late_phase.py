@@ -17,7 +17,7 @@ The model is tiny (D64 H2 N2 F256, 98,624 non-embedding parameters, rows of
 train documents) with the T5 SentencePiece vocabulary (V = 32,101); 200
 steps of 8 x 64 tokens, AdamW at peak learning rate 3e-3 with 20 warmup steps and cosine decay to 0,
 weight decay 0.1 (optax convention), b2 = 0.95: the project's settings from
-before its defaults became Nanodo's (`config.LEGACY_DEFAULTS`), with which the
+before its defaults became Nanodo's (`rundir.LEGACY_DEFAULTS`), with which the
 results in docs/experiments.md and docs/benchmarks.md were measured. The switch point is the config
 argument, as a fraction of the run (default 1.0: AdamW throughout):
 
@@ -32,8 +32,8 @@ the switch counts 1, one after it 2 (both SAM-family methods take 2 forward
 and 2 backward passes; nanodo_sam.sam_schedule.adamw_step_equivalents).
 """
 
-from configs import base
-from nanodo_sam import config as config_lib
+from nanodo_sam import keys
+from nanodo_sam import rundir
 
 NUM_TRAIN_STEPS = 200
 
@@ -53,7 +53,7 @@ def get_config(arg: str = ""):
   except ValueError:
     raise ValueError(f"config argument {arg!r} is not a switch fraction; use "
                      "e.g. configs/late_phase.py:0.75") from None
-  c = config_lib.legacy_defaults(base.get_config())
+  c = rundir.legacy_defaults(keys.defaults())
   c.schedule_name = "late_phase"
   c.model.update(D=64, H=2, N=2, F=256, L=64, V=32101)
   c.model.size_name = "late_phase"

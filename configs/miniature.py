@@ -29,7 +29,7 @@ Config argument: options joined by "+", none by default:
   nanodo-sam sweep configs/sweeps/miniature.py --backend=local
 """
 
-from configs import base
+from nanodo_sam import keys
 
 MINI_STEPS = 300
 OPTIONS = ("byte", "taus")
@@ -43,7 +43,7 @@ def get_config(arg: str = ""):
     raise ValueError(f"config argument {arg!r}: unknown {unknown}; use "
                      f"options from {list(OPTIONS)} joined by '+', e.g. "
                      "configs/miniature.py:byte+taus")
-  c = base.get_config()
+  c = keys.defaults()
   c.schedule_name = "miniature"
   c.model.update(D=64, H=1, N=2, F=256, L=64, V=32101)
   c.model.size_name = "miniature"

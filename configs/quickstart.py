@@ -5,11 +5,11 @@ piece, so documents are closed with EOS only and evaluation reads packed rows;
 everything else is base.py's (Nanodo's) defaults.
 """
 
-from configs import base
+from nanodo_sam import keys
 
 
 def get_config():
-  c = base.get_config()
+  c = keys.defaults()
   c.model.update(D=128, H=4, N=2, F=512, L=128, V=259)
   c.data.tfds_name = "tiny_shakespeare:1.0.0"
   c.data.use_shipped = True  # The text shipped with the package, offline.

@@ -3,10 +3,10 @@
   nanodo-sam params --config=configs/sizes.py:23.9M
 """
 
-from configs import base
+from nanodo_sam import keys
 from nanodo_sam import sizes
 
 
 def get_config(size: str = sizes.DEFAULT):
-  """The base config (configs/base.py) at model size `size`."""
-  return sizes.apply(base.get_config(), size or sizes.DEFAULT)
+  """The default config (nanodo_sam/keys.py) at model size `size`."""
+  return sizes.apply(keys.defaults(), size or sizes.DEFAULT)

@@ -54,8 +54,9 @@ from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import sizes as sizes_lib
 from nanodo_sam import state as state_lib
+from nanodo_sam import validation
 from nanodo_sam import train as train_lib
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 SIZES = sizes_lib.SIZES
 
@@ -290,8 +291,8 @@ def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json",
     raise UsageError(f"--steps={steps} must be >= 1")
   for size in sizes:  # Validate every row before any work.
     for v in variants:
-      config_lib.validate(_variant_config(cfg, size, v),
-                                    num_devices=jax.device_count())
+      validation.validate(_variant_config(cfg, size, v),
+                          num_devices=jax.device_count())
   device = jax.devices()[0]
   if interleave is None:
     interleave = device.platform == "cpu"

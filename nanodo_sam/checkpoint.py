@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 
-from nanodo_sam.config import UsageError
+from nanodo_sam import state as state_lib
+from nanodo_sam.errors import UsageError
 
 log = logging.getLogger("nanodo_sam")
 
@@ -114,6 +116,39 @@ def restore_state(mngr, s, step: int | None = None):
   `s.abstract_state` (a state.Setup's)."""
   step = mngr.latest_step() if step is None else step
   return mngr.restore(step, args=ocp.args.StandardRestore(s.abstract_state))
+
+
+class Restored(NamedTuple):
+  """A run's checkpoint, ready to evaluate, sample or analyze."""
+  setup: Any  # state.Setup of the run's config (model, shardings, mesh)
+  state: Any  # its TrainState (analyze reads the optimizer state too)
+  step: int
+
+
+def restore_run(workdir: str, cfg, step: int | None = None) -> Restored:
+  """The checkpoint at `step` (default: the newest readable one, as train
+  resumes from) of the run in `workdir` whose config is `cfg`; UsageError
+  (one line) when there is none or it cannot be read. Touches nothing."""
+  s = state_lib.setup(cfg)
+  mngr = checkpoint_manager(workdir, read_only=True)
+  steps = mngr.all_steps()
+  if not steps:
+    raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
+                     "or point --workdir at a run directory")
+  if step is not None and step not in steps:
+    raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
+                     f"available steps: {sorted(steps)}")
+  if step is None:
+    step, state = restore_latest(mngr, s, workdir, move_aside=False)
+    return Restored(s, state, step)
+  try:
+    return Restored(s, restore_state(mngr, s, step), step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UsageError(
+        f"checkpoint {step} in {workdir!r} cannot be read "
+        f"({describe_error(e)}); the others: "
+        f"{sorted(set(steps) - {step})} (without --step: the newest "
+        "readable one)") from None
 
 
 def restore_latest(mngr, s, workdir: str, train_it=None,

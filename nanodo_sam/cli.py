@@ -1,5 +1,7 @@
 """`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|sweep|
-tables`.
+tables`: the commands, their flags and help, parsed here; what each does is in
+commands.py, imported only once a command's flags parse (so usage, --help
+and a bad flag answer at once, without importing JAX).
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work
@@ -17,19 +19,21 @@ space), the same command resumes the run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import tempfile
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # Before TF is imported.
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from ml_collections import config_flags
 
-from nanodo_sam.config import UsageError
+from nanodo_sam import config as config_lib
+from nanodo_sam.errors import UsageError
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
 
 def _fail(msg: str) -> None:
   print(f"nanodo-sam: error: {msg}", file=sys.stderr)
@@ -85,30 +89,6 @@ FLAGS = {
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 
 
-def _quiet_tensorflow() -> None:
-  """Imports TensorFlow with file descriptor 2 sent to a temporary file: its
-  C++ start-up writes lines that TF_CPP_MIN_LOG_LEVEL does not reach ("All
-  log messages before absl::InitializeLog() ...", CUDA stub notices), which
-  would otherwise come before a command's own words on stderr. They are
-  shown if the import fails."""
-  if "tensorflow" in sys.modules:
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as caught:
-    os.dup2(caught.fileno(), 2)
-    try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-    except BaseException:
-      os.dup2(saved, 2)
-      caught.seek(0)
-      sys.stderr.write(caught.read().decode(errors="replace"))
-      raise
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
 def _define_flags(command: str, config=None, argv=()) -> flags.FlagValues:
   """The flags `command` lists in COMMANDS; `config`: its loaded --config
   file, which takes the --config.KEY=VALUE overrides in `argv`."""
@@ -156,7 +136,6 @@ def _load_config(command: str, argv) -> tuple:
   directory, then the repository; a missing file, a syntax error, a failing
   or missing get_config is one line), once; the --config.KEY=VALUE
   overrides then apply to it."""
-  from nanodo_sam import config as config_lib
   specs, rest, args = [], [], iter(argv)
   for arg in args:
     if arg.startswith("--config="):
@@ -196,290 +175,55 @@ def _parse(command: str, argv) -> flags.FlagValues:
   return fv
 
 
-def _load_run_config(workdir: str | None):
-  from nanodo_sam import config as config_lib
-  if not workdir:
-    raise UsageError("--workdir=DIR is required")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UsageError(f"no run in {workdir!r} (no config.json); train one with"
-                     " `nanodo-sam train --config=... --workdir=DIR`")
-  return config_lib.from_json_file(path)
-
-
-def _restore_params(workdir: str, cfg, step: int | None):
-  """(Setup, state, step) from a run directory's checkpoint."""
-  from nanodo_sam import checkpoint
-  from nanodo_sam import state as state_lib
-  s = state_lib.setup(cfg)
-  mngr = checkpoint.checkpoint_manager(workdir, read_only=True)
-  steps = mngr.all_steps()
-  if not steps:
-    raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
-                     "or point --workdir at a run directory")
-  if step is not None and step not in steps:
-    raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
-                     f"available steps: {sorted(steps)}")
-  if step is None:  # The newest readable one (as train resumes from).
-    step, state = checkpoint.restore_latest(mngr, s, workdir,
-                                            move_aside=False)
-    return s, state, step
-  try:
-    return s, checkpoint.restore_state(mngr, s, step), step
-  except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(
-        f"checkpoint {step} in {workdir!r} cannot be read "
-        f"({checkpoint.describe_error(e)}); the others: "
-        f"{sorted(set(steps) - {step})} (without --step: the newest "
-        "readable one)") from None
-
-
-def cmd_train(fv) -> None:
-  """Exits 0 (completed), 1 (diverged), 75 (stopped by a signal)."""
-  from nanodo_sam import preemption
-  # First: a SIGTERM from here on ends the run cleanly (exit 75), even one
-  # that comes while it starts up.
-  stop = preemption.StopRequest().install()
-  import jax
-  from nanodo_sam import config as config_lib
-  cfg = fv.config
-  workdir = fv.workdir or cfg.workdir
-  if not workdir:
-    raise UsageError("no workdir; pass --workdir=DIR or "
-                     "--config.workdir=DIR")
-  with cfg.unlocked():
-    cfg.workdir = workdir
-  # Checked before TensorFlow is imported: a bad config or mesh is one
-  # line, fast.
-  config_lib.validate(cfg, num_devices=jax.device_count())
-  _quiet_tensorflow()
-  from nanodo_sam import train as train_lib
-  from nanodo_sam import checkpoint
-  results = train_lib.train(cfg, workdir, stop=stop)
-  print(json.dumps({k: v for k, v in results.items()
-                    if k != "eval_history"}, indent=2))
-  sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED,
-            train_lib.SAVE_FAILED: checkpoint.EXIT_SAVE_FAILED}.get(
-                results["status"], 1))
-
-
-def cmd_eval(fv) -> None:
-  """Eval metrics of a checkpoint on the run's eval set, as one JSON line."""
-  from nanodo_sam import data as data_lib
-  from nanodo_sam import evaluate, sharding
-  cfg = _load_run_config(fv.workdir)
-  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
-  eval_step = evaluate.make_eval_step(
-      s.logits_fn, s.state_sharding.params, sharding.batch_sharding(s.mesh),
-      target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
-  metrics = evaluate.eval_metrics(eval_step, state.params,
-                                  data_lib.eval_batches(cfg),
-                                  lambda b: sharding.global_batch(b, s.mesh))
-  print(json.dumps({"step": step, **{f"eval_{k}": v
-                                     for k, v in metrics.items()}}))
-
-
-def cmd_sample(fv) -> None:
-  """Samples from a checkpoint (nanodo_sam/sample.py), printed as text."""
-  import math
-  import time
-  import jax
-  from nanodo_sam import data as data_lib
-  from nanodo_sam import sample as sample_lib
-  for key, least in (("max_new_tokens", 1), ("num_samples", 1), ("top_k", 0)):
-    if getattr(fv, key) < least:
-      raise UsageError(f"--{key}={getattr(fv, key)} must be >= {least}")
-  if not (math.isfinite(fv.temperature) and fv.temperature >= 0):
-    raise UsageError(f"--temperature={fv.temperature} must be a finite "
-                     "number >= 0 (0: greedy)")
-  cfg = _load_run_config(fv.workdir)
-  vocab = data_lib.make_vocab(cfg.data.vocab)
-  prompt = sample_lib.prompt_ids(vocab, fv.prompt, cfg.data.add_bos)
-  num_new = sample_lib.max_new_tokens(len(prompt), cfg.model.L,
-                                      fv.max_new_tokens)
-  if num_new < fv.max_new_tokens:
-    logging.getLogger("nanodo_sam").info(
-        "the prompt (%d tokens) leaves room for %d of the %d new tokens in "
-        "the context model.L=%d", len(prompt), num_new, fv.max_new_tokens,
-        cfg.model.L)
-  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
-  t0 = time.time()
-  new = sample_lib.generate(
-      s.model, state.params, prompt, num_new=num_new,
-      key=jax.random.key(fv.seed), temperature=fv.temperature,
-      top_k=fv.top_k, num_samples=fv.num_samples,
-      vocab_size=vocab.vocab_size, eos_id=vocab.eos_id)
-  logging.getLogger("nanodo_sam").info(
-      "step %d: %d x %d tokens in %.2f s (with compilation)", step,
-      new.shape[0], new.shape[1], time.time() - t0)
-  for i, ids in enumerate(new):
-    if len(new) > 1:
-      print(f"--- sample {i} ---")
-    print(sample_lib.text(vocab, prompt, ids))
-
-
-def cmd_params(fv) -> None:
-  import jax
-  import numpy as np
-  from nanodo_sam import config as config_lib
-  from nanodo_sam import model as model_lib
-  mcfg = config_lib.model_config(fv.config)
-  shapes = model_lib.abstract_params(model_lib.TransformerDo(mcfg))
-  import flax.linen as nn
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
-  print(json.dumps({"total_params": total,
-                    "non_embedding_params":
-                        model_lib.non_embedding_params(mcfg),
-                    "embedding_params": model_lib.embedding_params(mcfg)}))
-
-
-SHARPNESS_COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",
-                     "tau_logit", "tau_func", "tau_cross", "tau_logit_precond",
-                     "tau_func_precond", "tau_cross_precond", "sam_edge",
-                     "two_over_lr")
-
-
-def cmd_analyze(fv) -> None:
-  """Sharpness of a checkpoint (Table 4 columns) -> sharpness.json."""
-  import jax
-  from nanodo_sam import checkpoint
-  from nanodo_sam import data as data_lib
-  from nanodo_sam import diagnostics, evaluate, sharding
-  cfg = _load_run_config(fv.workdir)
-  d = cfg.diagnostics
-  for key in ("num_batches", "num_iters", "num_probes"):
-    value = getattr(fv, key)
-    if value is not None:
-      least = 1 if key == "num_batches" else 0  # 0: leave that metric out
-      if value < least:
-        raise UsageError(f"--{key}={value} must be >= {least}")
-      d[key] = value
-  cfg.data.eval_steps = max(cfg.data.eval_steps, d.num_batches)
-  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
-  eval_data = data_lib.eval_batches(cfg)
-  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
-                                      sharding.batch_sharding(s.mesh))
-  loss = evaluate.eval_loss(eval_step, state.params, eval_data,
-                            lambda b: sharding.global_batch(b, s.mesh))
-  # SAM-edge and 2/lr at the peak learning rate: at the end of a decayed
-  # schedule the rate in effect is ~0 and both would be meaningless.
-  lr = cfg.opt.peak_learning_rate
-  sharp = diagnostics.make_sharpness(cfg, s, eval_data)
-  out = diagnostics.to_scalars(sharp(state, lr, cfg.sam.rho,
-                                     jax.random.key(cfg.seed)))
-  out.update(eval_loss=loss, step=step, method=cfg.sam.method,
-             rho=cfg.sam.rho, learning_rate=lr,
-             num_batches=d.num_batches, batch_size=d.batch_size,
-             num_iters=d.num_iters, num_probes=d.num_probes)
-  latest = step == max(checkpoint.checkpoint_manager(
-      fv.workdir, read_only=True).all_steps())
-  name = "sharpness.json" if latest else f"sharpness_{step}.json"
-  with open(os.path.join(fv.workdir, name), "w") as f:
-    json.dump(out, f, indent=2, sort_keys=True)
-  print(f"| step | {' | '.join(SHARPNESS_COLUMNS)} |")
-  print("|---" * (len(SHARPNESS_COLUMNS) + 1) + "|")
-  print(f"| {step} | " + " | ".join(
-      f"{out[k]:.4g}" if k in out else "n/a" for k in SHARPNESS_COLUMNS)
-        + " |")
-  print(f"wrote {os.path.join(fv.workdir, name)}")
-
-
-def cmd_prune_eval(fv) -> None:
-  """One-shot global magnitude pruning of a checkpoint -> prune.json."""
-  import jax
-  from nanodo_sam import data as data_lib
-  from nanodo_sam import evaluate, prune, sharding
-  fractions = prune.parse_fractions(fv.fractions)  # Before any work.
-  cfg = _load_run_config(fv.workdir)
-  s, state, step = _restore_params(fv.workdir, cfg, fv.step)
-  eval_step = evaluate.make_eval_step(s.logits_fn, s.state_sharding.params,
-                                      sharding.batch_sharding(s.mesh))
-  batches = data_lib.eval_batches(cfg)
-  put = lambda b: sharding.global_batch(b, s.mesh)
-  rows = prune.prune_eval(
-      state.params, fractions,
-      lambda p: evaluate.eval_loss(eval_step, p, batches, put),
-      put_params=lambda p: jax.device_put(p, s.state_sharding.params))
-  path = prune.write_prune_json(fv.workdir, rows, step=step, cfg=cfg)
-  print(prune.format_table(rows))
-  print(f"wrote {path}")
-
-
-def cmd_data(fv) -> None:
-  """`data --check`: every shard of the config's data read once; exits
-  data.EXIT_DATA_ERROR if any is damaged."""
-  from nanodo_sam import data as data_lib
-  from nanodo_sam import data_check
-  if not fv.check:
-    raise UsageError("nothing to do: `nanodo-sam data --check --config=FILE` "
-                     "reads every shard of the config's data")
-  if data_check.check(fv.config.data):
-    sys.exit(data_lib.EXIT_DATA_ERROR)
-
-
-def cmd_bench(fv) -> None:
-  """Step time, tokens/s, MFU, compile time and memory per size and method."""
-  from nanodo_sam import bench
-  bench.run(fv.config, fv.sizes, fv.methods, steps=fv.steps,
-            out=fv.out or "bench.json")
-
-
-def cmd_sweep(argv) -> int:
-  """`nanodo-sam sweep SWEEP_FILE --backend=...`: nanodo_sam/sweep.py."""
-  from nanodo_sam import sweep
-  return sweep.main(argv)
-
-
-def cmd_tables(argv) -> int:
-  """`nanodo-sam tables RUNS_DIR ...`: nanodo_sam/tables.py."""
-  from nanodo_sam import tables
-  return tables.main(argv)
-
-
 class Command(NamedTuple):
-  fn: Callable
+  fn: str  # the function of commands.py that runs it (own_args: MODULE.FUNC)
   summary: str
   flags: tuple[str, ...]
   own_args: bool = False  # fn(argv) parses its own arguments (argparse).
 
 
 COMMANDS = {
-    "train": Command(cmd_train, "Train a run in --workdir, or resume it.",
+    "train": Command("cmd_train",
+                     "Train a run in --workdir, or resume it.",
                      ("config", "workdir") + DISTRIBUTED),
-    "eval": Command(cmd_eval, "Eval loss, perplexity, token accuracy and "
+    "eval": Command("cmd_eval", "Eval loss, perplexity, token accuracy and "
                     "bits per byte of a checkpoint.",
                     ("workdir", "step") + DISTRIBUTED),
-    "sample": Command(cmd_sample, "Text from a checkpoint in the run's own "
-                      "vocabulary (KV-cached decoding).",
+    "sample": Command("cmd_sample", "Text from a checkpoint in the run's "
+                      "own vocabulary (KV-cached decoding).",
                       ("workdir", "step", "prompt", "max_new_tokens",
                        "temperature", "top_k", "seed", "num_samples")),
-    "params": Command(cmd_params, "Total and non-embedding parameter counts "
-                      "of a config.", ("config",)),
-    "analyze": Command(cmd_analyze, "Sharpness of a checkpoint (lambda_max, "
-                       "traces, taus, SAM-edge) -> sharpness.json.",
+    "params": Command("cmd_params", "Total and non-embedding parameter "
+                      "counts of a config.", ("config",)),
+    "analyze": Command("cmd_analyze", "Sharpness of a checkpoint "
+                       "(lambda_max, traces, taus, SAM-edge) -> "
+                       "sharpness.json.",
                        ("workdir", "step", "num_batches", "num_iters",
                         "num_probes") + DISTRIBUTED),
-    "prune-eval": Command(cmd_prune_eval, "Eval loss after one-shot "
+    "prune-eval": Command("cmd_prune_eval", "Eval loss after one-shot "
                           "magnitude pruning -> prune.json.",
                           ("workdir", "step", "fractions") + DISTRIBUTED),
-    "data": Command(cmd_data, "Read every shard of a config's dataset "
+    "data": Command("cmd_data", "Read every shard of a config's dataset "
                     "once and list the damaged ones (--check).",
                     ("config", "check")),
-    "bench": Command(cmd_bench, "Step time, tokens/s, MFU and memory per "
+    "bench": Command("cmd_bench", "Step time, tokens/s, MFU and memory per "
                      "method -> JSON.",
                      ("config", "sizes", "methods", "steps", "out")),
-    "sweep": Command(cmd_sweep, "Expand a sweep file and launch its runs "
+    "sweep": Command("sweep.main", "Expand a sweep file and launch its runs "
                      "(local, SLURM, TPU VM).", (), own_args=True),
-    "tables": Command(cmd_tables, "The paper's tables from run directories, "
+    "tables": Command("tables.main", "The paper's tables from run directories, "
                       "beside its numbers.", (), own_args=True),
 }
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "help")
 
 
-def _run_own_args(fn: Callable, argv) -> None:
-  """Runs a command that parses its own arguments; exits with its code."""
+def _run_own_args(fn: str, argv) -> None:
+  """Runs `nanodo_sam.MODULE.FUNC(argv)`, a command that parses its own
+  arguments (argparse); exits with its code."""
+  module, func = fn.split(".")
   try:
-    sys.exit(fn(argv))
+    sys.exit(getattr(importlib.import_module(f"nanodo_sam.{module}"), func)(
+        argv))
   except UsageError as e:
     _fail(str(e))
   except BrokenPipeError:  # Output piped into `head`.
@@ -505,20 +249,12 @@ def main(argv=None) -> None:
   for noisy in ("absl", "jax", "orbax", "tensorflow", "seqio"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   fv = _parse(command, rest)
-  from nanodo_sam import data as data_lib  # (TensorFlow: imported later)
-  from nanodo_sam import sharding
   try:
-    if "coordinator_address" in fv:
-      sharding.maybe_initialize_distributed(fv.coordinator_address,
-                                            fv.num_processes, fv.process_id)
-    if command not in ("train", "params"):  # train: after validation.
-      _quiet_tensorflow()
-    COMMANDS[command].fn(fv)
+    # Lazy: usage, --help and bad flags answer without importing JAX.
+    from nanodo_sam import commands  # pylint: disable=g-import-not-at-top
+    commands.run(COMMANDS[command].fn, fv)
   except UsageError as e:
     _fail(str(e))
-  except data_lib.DataError as e:  # A damaged shard: one line.
-    print(f"nanodo-sam: error: {e}", file=sys.stderr)
-    sys.exit(data_lib.EXIT_DATA_ERROR)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import gzip
+import hashlib
+import importlib.resources
 import json
+import logging
 import os
+import re
 from typing import Any, Iterator
 
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from nanodo_sam import text_split
-from nanodo_sam.config import BYTE_VOCAB, UsageError
+from nanodo_sam.errors import UsageError
+from nanodo_sam.keys import BYTE_VOCAB
 
 # The small public data shipped in the package (nanodo_sam/data_files; its
 # README.md gives each file's source and licence), found with
@@ -44,15 +53,40 @@ TINY_SHAKESPEARE_TXT = "tiny_shakespeare/input.txt"  # karpathy/char-rnn's.
 SHIPPED_TFDS_DIR = "tensorflow_datasets"  # c4/en:3.1.0: a 1,000-doc subset.
 
 
+# TensorFlow, TFDS, seqio (which imports TensorFlow) and pyarrow are
+# imported on first use: TensorFlow takes seconds to import and only feeds
+# the data, so a bad config is reported before it; pyarrow only reads
+# parquet files.
+
+
 def _tf():
-  import tensorflow as tf  # Deferred: TF is slow to import and only feeds data.
+  import tensorflow as tf  # Lazy: see above.
   tf.config.set_visible_devices([], "GPU")
   return tf
 
 
+def _tfds():
+  import tensorflow_datasets as tfds  # Lazy: see above.
+  return tfds
+
+
+def _seqio():
+  import seqio  # Lazy: see above.
+  return seqio
+
+
+def _pyarrow():
+  import pyarrow as pa  # Lazy: see above.
+  return pa
+
+
+def _parquet():
+  import pyarrow.parquet as pq  # Lazy: see above.
+  return pq
+
+
 def shipped_path(name: str) -> str:
   """The path of `name` in the package's data_files (installed or not)."""
-  import importlib.resources
   path = importlib.resources.files("nanodo_sam") / "data_files" / name
   if not path.exists():
     raise FileNotFoundError(f"{name!r} is not among the package's data "
@@ -73,7 +107,6 @@ def resolve_path(path: str) -> str:
 
 
 def _sha256(path: str) -> str:
-  import hashlib
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
@@ -106,7 +139,7 @@ def bos_id(vocab) -> int | None:
 def make_vocab(vocab: str):
   """`byte` or a SentencePiece model: "shipped:FILE" or a path (local or
   remote; `vocab_path`)."""
-  import seqio
+  seqio = _seqio()
   if vocab == BYTE_VOCAB:
     return seqio.ByteVocabulary()
   try:
@@ -126,7 +159,7 @@ def _file_source(pattern: str, text_column: str = "text"):
   """A seqio source over text (.txt, one document per file), JSON-lines
   (.jsonl/.json, optionally .gz, one {text_column: ...} document per line)
   or parquet files (`_parquet_source`)."""
-  import seqio
+  seqio = _seqio()
   tf = _tf()
   try:  # A held-out split a config names is written on first read.
     text_split.write_if_missing(resolve_path(pattern),
@@ -188,8 +221,7 @@ def _parquet_row_groups(files: list[str], column: str
   """(file, row group) of every non-empty row group, read from the files'
   footers only. UsageError for a file that is empty, is not parquet, lacks
   `column` or holds no text in it."""
-  import pyarrow as pa
-  import pyarrow.parquet as pq
+  pa, pq = _pyarrow(), _parquet()
   units = []
   for f in files:
     if os.path.getsize(f) == 0:
@@ -221,7 +253,7 @@ def _parquet_row_groups(files: list[str], column: str
 
 def _read_row_group(path, group, column) -> np.ndarray:
   """One row group's non-null texts, UTF-8 (a tf.py_function)."""
-  import pyarrow.parquet as pq
+  pq = _parquet()
   with pq.ParquetFile(path.numpy().decode()) as pf:
     texts = pf.read_row_group(int(group), columns=[column.numpy().decode()]
                               ).column(0).drop_null().to_pylist()
@@ -234,7 +266,7 @@ def _parquet_source(files: list[str], column: str):
   process reads its own (`_read_plan`); the files' order is shuffled by the
   seed. The tf.data state holds only (file, row group) and the position in
   it: a checkpointed iterator re-reads that row group on restore."""
-  import seqio
+  seqio = _seqio()
   tf = _tf()
   units = _parquet_row_groups(files, column)
 
@@ -278,7 +310,7 @@ def _parquet_source(files: list[str], column: str):
 # allows it (data.use_shipped) and neither data.tfds_data_dir nor
 # $TFDS_DATA_DIR holds them: name -> a function returning its seqio source.
 def _shipped_c4():
-  import seqio
+  seqio = _seqio()
   return seqio.TfdsDataSource("c4/en:3.1.0",
                               tfds_data_dir=shipped_path(SHIPPED_TFDS_DIR))
 
@@ -287,7 +319,7 @@ def _shipped_tiny_shakespeare():
   """tiny_shakespeare from the shipped text, split as TFDS's builder splits
   it (the first 90% of the characters, then 5% and 5%; each split one
   example): the examples of TFDS's tiny_shakespeare:1.0.0."""
-  import seqio
+  seqio = _seqio()
   tf = _tf()
   with open(shipped_path(TINY_SHAKESPEARE_TXT), encoding="utf-8") as f:
     text = f.read()
@@ -326,7 +358,6 @@ SHIPPED_TFDS = {
 def _tfds_quiet():
   """Holds back TFDS's log lines below ERROR (e.g. "Variant folder ... has
   no dataset_info.json" from is_prepared): the caller reports in one line."""
-  import logging
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
@@ -338,7 +369,7 @@ def _tfds_quiet():
 
 def _tfds_prepared(name: str, data_dir: str | None):
   """(builder, whether the dataset is prepared in data_dir)."""
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   with _tfds_quiet():
     try:
       builder = tfds.builder(name, data_dir=data_dir)
@@ -384,7 +415,7 @@ def check_available(data_cfg) -> None:
 
 def tfds_source(data_cfg):
   """The seqio source of data.tfds_name, read where `tfds_choice` says."""
-  import seqio
+  seqio = _seqio()
   data_dir, shipped = tfds_choice(data_cfg, prepare=True)
   if shipped:
     return SHIPPED_TFDS[data_cfg.tfds_name]()
@@ -395,7 +426,7 @@ def tfds_files(data_cfg) -> dict[str, list[tuple[str, int | None]]]:
   """{split: [(file, records it should hold, if known)]} of the files
   data.tfds_name is read from (`tfds_choice`): the TFDS splits' shards and
   the record counts of their dataset_info.json, or the shipped text."""
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   name = data_cfg.tfds_name
   data_dir, shipped = tfds_choice(data_cfg)
   if shipped and name.startswith("tiny_shakespeare"):
@@ -426,7 +457,7 @@ def _missing(name: str, data_dir: str | None, looked: str) -> str:
 
 def make_task(data_cfg, *, split_files: str = ""):
   """The seqio Task for a config: TFDS name, or text files when given."""
-  import seqio
+  seqio = _seqio()
   vocab = make_vocab(data_cfg.vocab)
   preprocessors = [
       functools.partial(seqio.preprocessors.rekey,
@@ -517,8 +548,7 @@ def _to_batch(rows, packing: str = "nanodo", pad_id: int = 0):
 
 
 def _shard_info():
-  import jax
-  import seqio
+  seqio = _seqio()
   return seqio.ShardInfo(index=jax.process_index(),
                          num_shards=jax.process_count())
 
@@ -543,7 +573,6 @@ def _read_plan(task, split: str):
 
 
 def _host_batch_size(global_batch_size: int) -> int:
-  import jax
   n = jax.process_count()
   if global_batch_size % n:
     raise UsageError(f"batch size {global_batch_size} is not divisible by the "
@@ -594,12 +623,10 @@ class TrainIterator:
       return {k: v.numpy() for k, v in next(self._it).items()}
 
   def save(self, directory: str) -> None:
-    import jax
     os.makedirs(directory, exist_ok=True)
     self._ckpt.write(os.path.join(directory, f"process_{jax.process_index()}"))
 
   def restore(self, directory: str) -> None:
-    import jax
     self._ckpt.read(os.path.join(
         directory, f"process_{jax.process_index()}")).assert_consumed()
 
@@ -664,10 +691,8 @@ def _document_batches(ds, seq_len: int, batch_size: int, by_rows,
 
 def _agree_on_count(n: int) -> int:
   """The largest n over processes (all must run the same eval steps)."""
-  import jax
   if jax.process_count() == 1:
     return n
-  from jax.experimental import multihost_utils
   return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
@@ -686,7 +711,6 @@ def target_bytes(vocab: str, V: int):
   length of `decode(ids)` in UTF-8 (SentencePiece's normalisation, e.g. of
   whitespace, included).
   """
-  import jax.numpy as jnp
   v = make_vocab(vocab)
   bytes_V = np.zeros(V, np.int32)
   prefix_V = np.zeros(V, np.int32)
@@ -833,7 +857,7 @@ def check_shard(path: str, expected: int | None = None,
   `expected` (a file cut at a record boundary); JSON lines (.gz): every
   line parsed, with `text_column`; parquet: every row group's column;
   text: every byte."""
-  import tensorflow as tf
+  tf = _tf()
   try:
     if not os.path.exists(path) and "://" not in path:
       return "missing"
@@ -847,7 +871,7 @@ def check_shard(path: str, expected: int | None = None,
     if stem.endswith((".jsonl", ".json")):
       return _check_json_lines(path, text_column)
     if path.endswith(PARQUET):
-      import pyarrow.parquet as pq
+      pq = _parquet()
       with pq.ParquetFile(path) as pf:
         for g in range(pf.metadata.num_row_groups):
           pf.read_row_group(g, columns=[text_column])
@@ -862,7 +886,6 @@ def check_shard(path: str, expected: int | None = None,
 
 def _error_text(e: Exception) -> str:
   """The first line of a (TensorFlow) error, without TF's op decorations."""
-  import re
   lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
   text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "",
                 lines[0] if lines else type(e).__name__)
@@ -870,7 +893,6 @@ def _error_text(e: Exception) -> str:
 
 
 def _check_json_lines(path: str, text_column: str) -> str | None:
-  import gzip
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     for i, line in enumerate(f, 1):  # (a blank line fails training too)
@@ -882,3 +904,12 @@ def _check_json_lines(path: str, text_column: str) -> str | None:
                                                      str):
         return f"line {i}: no text in {text_column!r}"
   return None
+
+
+def validate(data_cfg) -> None:
+  """The data.* keys fit together; UsageError (one line) otherwise."""
+  if data_cfg.add_bos and data_cfg.vocab == BYTE_VOCAB:
+    raise UsageError(
+        "data.add_bos=True but the byte vocabulary has no BOS piece; set "
+        "--config.data.add_bos=False (documents are then closed with EOS "
+        "only) or use a SentencePiece data.vocab")

@@ -2,7 +2,7 @@
 rho and random key `sharpness.py` is called. Shared by the training loop
 (every diagnostics.every_steps) and `nanodo-sam analyze` (a checkpoint).
 
-Two sets: on the fixed eval batches (default), `sharpness.diagnostics` (taus,
+Two sets: on the fixed eval batches (default), `sharpness.measure` (taus,
 lambda_max, traces, SAM-edge); with diagnostics.on_train_batch, Long &
 Bartlett's edge-of-stability set on the current training minibatch
 (`sharpness.edge_of_stability`), including the alignment of g and of the
@@ -29,7 +29,7 @@ from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import sharpness
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 
 def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
@@ -65,7 +65,7 @@ def chunk_tokens(cfg) -> int:
 
 
 def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
-  """`(state, batch, lr, rho, rng) -> sharpness.diagnostics(...)` with
+  """`(state, batch, lr, rho, rng) -> sharpness.measure(...)` with
   diagnostics.{num_iters,num_probes,tol}; with AdamW also the split along
   P^-1 g, P from the state's optimizer state. `s`: the run's state.Setup.
 
@@ -82,7 +82,7 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   def fn(state, batch, lr, rho, rng):
     precond = optimizer_lib.adam_precond(state.opt_state, cfg.opt)
     with jax.default_matmul_precision("float32"):
-      return sharpness.diagnostics(
+      return sharpness.measure(
           state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
           rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
           tol=d.tol, precond=precond,
@@ -157,3 +157,21 @@ def make_diagnose(cfg, s, eval_data
                          sam_schedule.rho_at(cfg.sam, step), rng), prefix)
 
   return diagnose
+
+
+def validate(cfg) -> None:
+  """The diagnostics.* keys fit the eval batches their fixed batch is cut
+  from; UsageError (one line) otherwise."""
+  diag, data = cfg.diagnostics, cfg.data
+  if not diag.every_steps:
+    return
+  if diag.num_batches > data.eval_steps:
+    raise UsageError(
+        f"diagnostics.num_batches={diag.num_batches} exceeds "
+        f"data.eval_steps={data.eval_steps} eval batches; lower it or "
+        "raise data.eval_steps")
+  if diag.batch_size > data.eval_batch_size:
+    raise UsageError(
+        f"diagnostics.batch_size={diag.batch_size} exceeds "
+        f"data.eval_batch_size={data.eval_batch_size} (its rows come from "
+        "the eval batches); lower it or raise data.eval_batch_size")

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanodo_sam import data as data_lib
+from nanodo_sam import sharding
 from nanodo_sam.loss import cross_entropy
 
 # The metrics `eval_metrics` returns, in the order they are logged.
@@ -47,6 +49,16 @@ def make_eval_step(logits_fn: Callable, params_sharding=None,
   if params_sharding is None:
     return jax.jit(eval_step)
   return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding))
+
+
+def eval_step_for(s):
+  """The eval step of a `state.Setup`, the one the loop, `eval`, `analyze`
+  and `prune-eval` use: its logits function and shardings, with the bytes
+  per target of its vocabulary (bits per byte)."""
+  cfg = s.cfg
+  return make_eval_step(
+      s.logits_fn, s.state_sharding.params, sharding.batch_sharding(s.mesh),
+      target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
 
 
 def metrics_from_sums(sums: dict) -> dict:

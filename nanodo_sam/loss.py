@@ -10,12 +10,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> logits
+# Tokens per device in one chunk of the chunked output head: the default of
+# config key model.head_chunk_tokens.
+from nanodo_sam.keys import HEAD_CHUNK_TOKENS
 
-# Tokens per device in one chunk of the chunked output head (the default of
-# config key model.head_chunk_tokens; docs/benchmarks.md, "Chunk size of the
-# output head", has the measurement behind it).
-HEAD_CHUNK_TOKENS = 4096
+LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> logits
 
 
 def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:

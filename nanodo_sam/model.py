@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanodo_sam import keys
+from nanodo_sam.errors import UsageError
 from nanodo_sam.loss import LogitsFn, OutputHead
 
 NONLINEARITIES = {"gelu": nn.gelu, "relu": nn.relu}
@@ -37,12 +39,15 @@ KERNEL_INITS = {
 # (Nanodo: float32 embeddings and residual stream, output layer on the
 # float32 features) or "compute" (embeddings, residual stream and output
 # layer in `dtype` too).
-RESIDUAL_DTYPES = ("float32", "compute")
+RESIDUAL_DTYPES = keys.BY_NAME["model.residual_dtype"].choices
 # The attention kernel (`jax.nn.dot_product_attention`'s implementation):
 # "xla" (scores materialised, every derivative), "cudnn" (cuDNN flash
 # attention: GPU, bfloat16, reverse mode only) or "auto" (cudnn wherever
 # `cudnn_unsupported` finds nothing against it, else xla).
-ATTENTIONS = ("auto", "xla", "cudnn")
+ATTENTIONS = keys.BY_NAME["model.attention"].choices
+# DoConfig's fields whose values are choices of the key table.
+CHOICES = ("nonlinearity", "dtype", "kernel_init", "residual_dtype",
+           "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,34 +68,29 @@ class DoConfig:
   attention: str = "xla"  # configs/base.py: "auto"
 
   def __post_init__(self):
-    if self.nonlinearity not in NONLINEARITIES:
-      raise ValueError(
-          f"model.nonlinearity={self.nonlinearity!r} is unknown; use one of "
-          f"{sorted(NONLINEARITIES)}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype={self.dtype!r} is unknown; use one of "
-                       f"{sorted(DTYPES)}")
-    if self.kernel_init not in KERNEL_INITS:
-      raise ValueError(f"model.kernel_init={self.kernel_init!r} is unknown; "
-                       f"use one of {sorted(KERNEL_INITS)}")
-    if self.residual_dtype not in RESIDUAL_DTYPES:
-      raise ValueError(f"model.residual_dtype={self.residual_dtype!r} is "
-                       f"unknown; use one of {list(RESIDUAL_DTYPES)}")
-    if self.attention not in ATTENTIONS:
-      raise ValueError(f"model.attention={self.attention!r} is unknown; use "
-                       f"one of {', '.join(ATTENTIONS)}")
+    for name in CHOICES:  # The key table's choices (keys.py).
+      keys.check_choice(f"model.{name}", getattr(self, name))
     for name in ("D", "H", "N", "F", "L", "V"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name} must be positive, got "
+        raise UsageError(f"model.{name} must be positive, got "
                          f"{getattr(self, name)}")
     if self.D % self.H:
-      raise ValueError(f"model.D={self.D} is not divisible by model.H={self.H}; "
-                       "choose D = H * head_dim")
+      raise UsageError(f"model.D={self.D} is not divisible by model.H="
+                       f"{self.H}; choose D = H * head_dim")
 
   @property
   def stream_dtype(self) -> str:
     """Dtype of the embeddings, the residual stream and the output layer."""
     return "float32" if self.residual_dtype == "float32" else self.dtype
+
+
+def from_config(cfg) -> DoConfig:
+  """The config's model section as a DoConfig (UsageError if it is bad)."""
+  m = cfg.model
+  return DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V,
+                  nonlinearity=m.nonlinearity, dtype=m.dtype, remat=m.remat,
+                  kernel_init=m.kernel_init, residual_dtype=m.residual_dtype,
+                  attention=m.get("attention", "xla"))
 
 
 def non_embedding_params(cfg) -> int:
@@ -137,12 +137,12 @@ def cudnn_unsupported(cfg: DoConfig, backend: str | None = None
 def attention_implementation(cfg: DoConfig, backend: str | None = None
                              ) -> str:
   """"xla" or "cudnn": what `cfg.attention` means on `backend` (default:
-  JAX's). Raises ValueError for "cudnn" where it cannot run."""
+  JAX's). Raises UsageError for "cudnn" where it cannot run."""
   if cfg.attention == "xla":
     return "xla"
   why = cudnn_unsupported(cfg, backend)
   if cfg.attention == "cudnn" and why:
-    raise ValueError(f"model.attention=cudnn cannot run here: {why}; use "
+    raise UsageError(f"model.attention=cudnn cannot run here: {why}; use "
                      "--config.model.attention=auto (cuDNN where it can "
                      "run, XLA elsewhere) or xla")
   return "xla" if why else "cudnn"

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanodo_sam.errors import UsageError
+
 # An unset init/final learning rate is this fraction of the peak (Nanodo's
 # default config: peak 1.6e-3, init and final 1.6e-4).
 DEFAULT_END_FRACTION = 0.1
@@ -152,3 +154,14 @@ def first_moment(opt_state):
   """AdamW's first moment mu (an EMA of the gradients with opt.b1, not bias
   corrected; zeros before the first update), read from its state."""
   return _adam_state(opt_state).mu
+def validate(opt_cfg) -> None:
+  """The opt.* keys fit together; UsageError (one line) otherwise."""
+  if opt_cfg.warmup_steps > opt_cfg.num_train_steps:
+    raise UsageError(f"opt.warmup_steps={opt_cfg.warmup_steps} must lie in "
+                     f"[0, opt.num_train_steps={opt_cfg.num_train_steps}]")
+  if (opt_cfg.independent_weight_decay and opt_cfg.weight_decay
+      and not opt_cfg.peak_learning_rate > 0):
+    raise UsageError(
+        "opt.independent_weight_decay divides opt.weight_decay by "
+        "opt.peak_learning_rate, which is 0; set a positive peak or "
+        "--config.opt.independent_weight_decay=False")

@@ -20,6 +20,9 @@ import logging
 import signal
 import threading
 
+import jax
+from jax.experimental import multihost_utils
+
 log = logging.getLogger("nanodo_sam")
 
 # sysexits.h EX_TEMPFAIL ("temporary failure, try again"): what a requeueing
@@ -29,7 +32,6 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _multi_process() -> bool:
-  import jax
   return getattr(jax.distributed, "is_initialized", lambda: False)()
 
 
@@ -72,7 +74,6 @@ class StopRequest:
   def requested(self, step: int) -> bool:
     """Call at every step, with the same steps on every process."""
     if _multi_process():
-      from jax.experimental import multihost_utils
       if multihost_utils.reached_preemption_sync_point(step):
         self.signal = self.signal or "SIGTERM"
         return True

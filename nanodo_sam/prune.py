@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 EMBEDDINGS = ("embed", "pos_embed")
 

@@ -29,11 +29,16 @@ import struct
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from nanodo_sam.config import flatten, load_config_file, to_dict
+import numpy as np
+
+from nanodo_sam import keys
+from nanodo_sam import rundir
+from nanodo_sam.config import flatten, to_dict
 
 NAN = float("nan")
-RUN_FILES = ("config.json", "results.json", "sharpness.json", "prune.json",
-             "progress.json")
+# The run directory's files (rundir.py names the trainer's).
+RUN_FILES = (rundir.CONFIG, rundir.RESULTS, "sharpness.json", "prune.json",
+             rundir.PROGRESS)
 EVENT_FILES = "events.out.tfevents."
 # The paper tables' grouping: what a run is (GROUP) and what was tuned for it
 # (SETTING); `best` picks the SETTING with the lowest mean over seeds.
@@ -78,9 +83,9 @@ def _lookup(tree: dict, key: str, default=None):
 
 @functools.cache
 def base_defaults() -> dict[str, Any]:
-  """configs/base.py's values, flattened: the defaults `variant` compares
-  against."""
-  return flatten(to_dict(load_config_file("configs/base.py")))
+  """The default config's values, flattened: the defaults `variant`
+  compares against."""
+  return flatten(to_dict(keys.defaults()))
 
 
 def _methods() -> dict:
@@ -95,10 +100,13 @@ def method_entry(method: str):
   return _methods().get(method)
 
 
-def method_label(method: str) -> str:
-  """The method's name as the paper writes it (the registry's label)."""
-  entry = method_entry(method)
-  return entry.label if entry else method
+def method_label(method: str, optimizer: str = "adamw") -> str:
+  """The method's name as the paper writes it (`sam.label`: the plain step
+  is named by its base optimizer); an unknown method's own name."""
+  if method_entry(method) is None:
+    return method
+  from nanodo_sam.sam import label  # pylint: disable=g-import-not-at-top
+  return label(method, optimizer)
 
 
 def perturbs(method: str) -> bool:
@@ -249,7 +257,7 @@ class RunRecord:
   @property
   def label(self) -> str:
     """"Precond Func-SAM ρ=0.5" (the method's label and radius)."""
-    text = method_label(self.method)
+    text = method_label(self.method, self.get("opt.optimizer", "adamw"))
     return text + (f" ρ={self.rho:g}" if perturbs(self.method) else "")
 
   def scalars(self, tags: Iterable[str] | None = None, prefix: str = ""
@@ -276,15 +284,15 @@ def read_run(workdir: str, metric: str = "final_eval_loss",
     try:
       files[name] = _read_json(path)
     except (OSError, ValueError) as e:
-      if name in ("config.json", "results.json"):
+      if name in (rundir.CONFIG, rundir.RESULTS):
         warn(f"note: skipping {workdir}: {e}")
         return None
       warn(f"note: ignoring {path}: {e}")
-  return RunRecord(workdir=workdir, config=files.get("config.json", {}),
-                   results=files.get("results.json"),
+  return RunRecord(workdir=workdir, config=files.get(rundir.CONFIG, {}),
+                   results=files.get(rundir.RESULTS),
                    sharpness=files.get("sharpness.json"),
                    prune=files.get("prune.json"), metric=metric,
-                   progress=files.get("progress.json"))
+                   progress=files.get(rundir.PROGRESS))
 
 
 def _is_run(filenames: Iterable[str]) -> bool:
@@ -360,7 +368,6 @@ def _value(v) -> float | None:
   if v.HasField("simple_value"):
     return float(v.simple_value)
   if v.HasField("tensor"):  # TF2 summaries (clu): a scalar tensor.
-    import numpy as np  # pylint: disable=g-import-not-at-top
     t = v.tensor
     if t.tensor_shape.dim and math.prod(d.size for d in t.tensor_shape.dim
                                         ) != 1:

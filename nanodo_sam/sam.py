@@ -443,7 +443,7 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
              perturbation_scope: str = "global") -> None:
   """Raise ValueError (one line: what is wrong and how to fix it) on a bad
   method/rho/phi/optimizer/option combination: the one check of the step's
-  options (config.validate calls it). Traced rho is not checked."""
+  options (sam_schedule.validate calls it). Traced rho is not checked."""
   if method not in METHODS:
     raise ValueError(f"sam.method={method!r} is unknown; use one of "
                      f"{sorted(METHODS)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nanodo_sam import sam as sam_lib
+from nanodo_sam.errors import UsageError
 
 
 def rho_at(sam_cfg, step):
@@ -45,7 +46,29 @@ def adamw_step_equivalents(num_train_steps: int, start_step: int,
                            method: str) -> int:
   """Cost of a run switching to `method` at `start_step`: plain steps count
   1, SAM-family steps 2 (two forward and two backward passes)."""
-  if method == "adamw":
+  if sam_lib.is_plain(method):
     return num_train_steps
   start = min(max(start_step, 0), num_train_steps)
   return start + 2 * (num_train_steps - start)
+def validate(cfg) -> None:
+  """The sam.* keys (the method's options: `sam.validate`; the schedule's)
+  fit together and with opt.optimizer; UsageError (one line) otherwise."""
+  sam = cfg.sam
+  try:
+    sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=cfg.opt.optimizer,
+                     precond_normalize=sam.precond_normalize,
+                     perturbation_scope=sam.perturbation_scope)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if sam.get("reuse", False):
+    if not sam_lib.METHODS[sam.method].perturbs:
+      raise UsageError(
+          "sam.reuse=True needs a SAM-family sam.method to reuse; set "
+          "sam.method (e.g. functional_sam) or sam.reuse=False")
+    if sam.every_k <= 1:
+      raise UsageError(
+          "sam.reuse=True does nothing with sam.every_k=1 (every step is a "
+          "full one); set sam.every_k > 1 or sam.reuse=False")
+  if 0 <= sam.end_step < sam.start_step:
+    raise UsageError(f"sam.end_step={sam.end_step} is before sam.start_step="
+                     f"{sam.start_step}; use -1 for 'until the end'")

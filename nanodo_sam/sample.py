@@ -29,15 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanodo_sam import data as data_lib
 from nanodo_sam import model as model_lib
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 
 def prompt_ids(vocab, text: str, add_bos: bool) -> list[int]:
   """The prompt as the model saw documents begin: [BOS] + ids with
   `add_bos`; without it, the ids, or [EOS] (a document boundary) when the
   prompt is empty."""
-  from nanodo_sam import data as data_lib
   ids = list(vocab.encode(text)) if text else []
   if add_bos:
     return [data_lib.bos_id(vocab)] + ids
@@ -129,6 +129,5 @@ def text(vocab, prompt: list[int], new_ids: np.ndarray) -> str:
     if i == vocab.eos_id:
       break
     ids.append(i)
-  from nanodo_sam import data as data_lib
   bos = data_lib.bos_id(vocab)
   return vocab.decode([i for i in ids if i != bos])

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 log = logging.getLogger("nanodo_sam")
 

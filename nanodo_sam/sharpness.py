@@ -719,11 +719,11 @@ def _check_lr_rho(lr, rho) -> None:
                      "for no SAM)")
 
 
-def diagnostics(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
-                num_iters: int, num_probes: int, rng: jax.Array,
-                direction=None, tol: float = 1e-3, precond=None,
-                params_sharding=None, head: OutputHead | None = None,
-                chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
+def measure(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
+            num_iters: int, num_probes: int, rng: jax.Array,
+            direction=None, tol: float = 1e-3, precond=None,
+            params_sharding=None, head: OutputHead | None = None,
+            chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -790,7 +790,7 @@ def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
   lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
   of the SAM-family gradient `sam_grads` lies along the top eigenvector
   (|cos| with it). `params_sharding`, `head`, `chunk_tokens`: as in
-  `diagnostics`.
+  `measure`.
   """
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
   lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,

@@ -25,13 +25,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nanodo_sam import config as config_lib
+from nanodo_sam import keys
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sharding
 from nanodo_sam import step as step_lib
-from nanodo_sam.loss import HEAD_CHUNK_TOKENS, LogitsFn, OutputHead
+from nanodo_sam import validation
+from nanodo_sam.errors import UsageError
+from nanodo_sam.loss import LogitsFn, OutputHead
 
 
 @flax.struct.dataclass
@@ -90,8 +92,8 @@ def _init_fn(cfg, model, tx):
 
 def setup(cfg) -> Setup:
   """Validates the config and builds model, optimizer, mesh and shardings."""
-  config_lib.validate(cfg, num_devices=jax.device_count())
-  model = model_lib.TransformerDo(config_lib.model_config(cfg))
+  validation.validate(cfg, num_devices=jax.device_count())
+  model = model_lib.TransformerDo(model_lib.from_config(cfg))
   tx = optimizer_lib.make_optimizer(cfg.opt)
   mesh = sharding.make_mesh(cfg.mesh)
   exact = _xla_model(model)
@@ -104,9 +106,9 @@ def setup(cfg) -> Setup:
   cast = model_lib.compute_params(model.cfg)  # FSDP gathers in bf16.
   logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
                                   state_sharding.params, cast)
+  chunk = cfg.model.get("head_chunk_tokens", keys.HEAD_CHUNK_TOKENS)
   head = sharding.pin_head(
-      model_lib.output_head(model)._replace(
-          chunk_tokens=cfg.model.get("head_chunk_tokens", HEAD_CHUNK_TOKENS)),
+      model_lib.output_head(model)._replace(chunk_tokens=chunk),
       state_sharding.params, sharding.batch_sharding(mesh), cast)
   diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
                                               state_sharding.params)
@@ -204,7 +206,7 @@ def fit_microbatches(s: Setup) -> Setup:
       return s_k
     bigger = [c for c in choices if c > k]
     if not bigger:
-      raise config_lib.UsageError(
+      raise UsageError(
           f"the train step does not fit a device even in {k} microbatches "
           f"(one row each): it needs {need / GiB:.1f} GiB per device, the "
           f"budget is {budget / GiB:.1f} GiB; set model.remat=True, lower "
@@ -225,7 +227,7 @@ def check_step_memory(s: Setup, compiled, kind: str) -> None:
   where = (f"mesh.device_memory_gb={s.cfg.mesh.device_memory_gb:g} x "
            f"{budget / (s.cfg.mesh.device_memory_gb * GiB):.2f}"
            if s.cfg.mesh.get("device_memory_gb", 0) else "a device's memory")
-  raise config_lib.UsageError(
+  raise UsageError(
       f"the {kind} train step (D={m.D}, N={m.N}, L={m.L}, batch "
       f"{s.cfg.data.batch_size} in {k} microbatch(es), remat={m.remat}) "
       f"needs {need / GiB:.2f} GiB per device, more than the "
@@ -265,7 +267,7 @@ def check_memory(cfg, abstract_state) -> None:
   if need > have:
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     m = cfg.model
-    raise config_lib.UsageError(
+    raise UsageError(
         f"the model (D={m.D}, N={m.N}, L={m.L}, V={m.V}: {n:,} parameters) "
         f"needs at least {need / 2**30:.1f} GiB per device for its "
         f"parameters, gradient and optimizer state, more than the "

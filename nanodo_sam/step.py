@@ -20,6 +20,7 @@ from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import tree_math
+from nanodo_sam.errors import UsageError
 
 
 def make_train_step(s, method: str, correct: bool = False):
@@ -120,3 +121,12 @@ def jit_step(s, kind: str):
   if kind in s.steps:
     return s.steps[kind]
   return jit_train_step(s, *kind_args(s.cfg, kind))
+
+
+def validate(cfg) -> None:
+  """The batch splits into grad_accumulation_steps microbatches."""
+  k = max(cfg.grad_accumulation_steps, 1)
+  if cfg.data.batch_size % k:
+    raise UsageError(f"data.batch_size={cfg.data.batch_size} is not "
+                     "divisible by grad_accumulation_steps="
+                     f"{cfg.grad_accumulation_steps}")

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from nanodo_sam import config as config_lib
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
 from nanodo_sam.sweep_spec import NAME_CHARS, RESERVED, SweepError, \
     SweepSpec, format_value

@@ -22,7 +22,7 @@ import itertools
 import re
 from typing import Any, Sequence
 
-from nanodo_sam.config import UsageError
+from nanodo_sam.errors import UsageError
 
 RESERVED = ("config",)  # Run keys that are not config overrides.
 NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")  # Not allowed in names.

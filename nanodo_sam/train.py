@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanodo_sam import checkpoint
-from nanodo_sam import config as config_lib
 from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
+from nanodo_sam import rundir
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
@@ -56,7 +56,7 @@ class Preempted(Exception):
 
 
 # The run directory's files this module writes (config.json besides).
-RESULTS, PROGRESS = "results.json", "progress.json"
+RESULTS, PROGRESS = rundir.RESULTS, rundir.PROGRESS
 # results.json statuses of a run that has ended: started again, it is done.
 FINISHED = ("completed", "diverged")
 # progress.json status of a run whose checkpoint could not be written (a
@@ -274,11 +274,7 @@ def _diagnostics(diagnose):
 def _evaluate(run: Run):
   """Eval metrics over the fixed eval batches (evaluate.METRICS), logged;
   the loss is kept in the history."""
-  cfg = run.cfg
-  eval_step = evaluate.make_eval_step(
-      run.setup.logits_fn, run.setup.state_sharding.params,
-      sharding.batch_sharding(run.setup.mesh),
-      target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V))
+  eval_step = evaluate.eval_step_for(run.setup)
 
   def evaluate_hook(run: Run, n: int) -> None:
     done = n in dict(run.eval_history)  # Recorded before a restart at n.
@@ -384,19 +380,23 @@ def _stop(run: Run, n: int) -> None:
 
 
 def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
-          stop: preemption.StopRequest | None = None) -> dict:
+          stop: preemption.StopRequest | None = None,
+          setup: state_lib.Setup | None = None) -> dict:
   """Trains (or resumes) a run in `workdir`; returns the results dict, whose
   status is completed, diverged, preempted or save_failed (no results.json
   for these two: the same call resumes them).
   `hooks` run after `default_hooks` at each step count. `stop`: a
   StopRequest installed earlier (the CLI's); by default one is installed
-  here for the call. A run with a results.json is finished: started again,
-  it returns that file's results and touches nothing."""
+  here for the call. `setup`: state.setup(cfg) if made already (the CLI
+  makes it before importing TensorFlow). A run with a results.json is
+  finished: started again, it returns that file's results and touches
+  nothing."""
   t_start = time.time()
   data_lib.check_available(cfg.data)  # Before setup's compiles: one line.
-  s = state_lib.setup(cfg)  # Validates everything before touching the disk.
-  config_lib.check_workdir(cfg, workdir)
-  results = read_results(workdir)
+  # Validates everything before touching the disk.
+  s = setup or state_lib.setup(cfg)
+  rundir.check_workdir(cfg, workdir)
+  results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
     log.info("the run in %s has finished (%s at step %s); nothing to do (its "
              "results are in %s)", workdir, results.get("status"),
@@ -446,9 +446,8 @@ def _open_run(cfg, workdir: str, s: state_lib.Setup,
     log.info("Resumed from step %d in %s", start, workdir)
   else:
     start, state = 0, state_lib.init_state(s, cfg.seed)
-  writers.write_json(os.path.join(workdir, "config.json"),
-                     config_lib.to_dict(cfg))
-  history = _history_until(workdir, start)
+  rundir.write_config(workdir, cfg)
+  history = rundir.history_until(workdir, start)
   writer = writers.make_writer(cfg, workdir)
   if start == 0:
     writers.write_hparams(writer, cfg)
@@ -523,32 +522,6 @@ def _close(writer, status: str) -> None:
 
 
 # ------------------------------------------- progress.json and results.json
-
-
-def read_results(workdir: str) -> dict | None:
-  """results.json of the run in `workdir`, or None if it has none."""
-  path = os.path.join(workdir, RESULTS)
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise config_lib.UsageError(
-        f"{path} cannot be read ({e}); move it away to train the run on"
-    ) from None
-
-
-def _history_until(workdir: str, step: int) -> list:
-  """The evaluations progress.json recorded up to `step`, the checkpoint the
-  run resumes from: later ones (after it, before a kill) are redone."""
-  path = os.path.join(workdir, PROGRESS)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    history = json.load(f).get("eval_history", [])
-  return [(int(n), float("nan") if loss is None else float(loss))
-          for n, loss in history if int(n) <= step]
 
 
 def _write_progress(run: Run, status: str) -> None:

@@ -1,12 +1,10 @@
-"""Where metrics go: clu writers (TensorBoard + log), wandb, the progress
-line, and the run directory's JSON files.
+"""Where metrics go: clu writers (TensorBoard + log), wandb and the progress
+line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -16,32 +14,10 @@ from clu import metric_writers
 
 from nanodo_sam import config as config_lib
 from nanodo_sam import flops as flops_lib
+# The run directory's JSON writer, here too for the loop's other files.
+from nanodo_sam.rundir import write_json  # pylint: disable=unused-import
 
 log = logging.getLogger("nanodo_sam")
-
-
-def strict(obj):
-  """`obj` with every non-finite float (NaN, +-inf) as None, so it is strict
-  JSON (json.dump would write the bare NaN that most parsers reject)."""
-  if isinstance(obj, dict):
-    return {k: strict(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [strict(v) for v in obj]
-  if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
-    obj = obj.item()  # numpy / jax scalars
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  return obj
-
-
-def write_json(path: str, obj: dict) -> None:
-  """Strict JSON (`strict`), written atomically (a temporary file, then
-  os.replace: a kill leaves the old file or the new one), by process 0."""
-  if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(strict(obj), f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, path)
 
 
 WANDB_ID_FILE = "wandb_id"
@@ -70,7 +46,7 @@ class WandbWriter(metric_writers.MetricWriter):
   (the resumed run computes the same values: resumption is exact)."""
 
   def __init__(self, cfg, workdir: str):
-    import wandb
+    import wandb  # Lazy: optional (wandb.enabled), and slow to import.
     self._wandb = wandb
     self._run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode,
                            dir=workdir, config=config_lib.to_dict(cfg),
@@ -120,7 +96,8 @@ def make_writer(cfg, workdir: str):
 
 def write_hparams(writer, cfg) -> None:
   """The config's scalar values, flattened to dotted keys."""
-  writer.write_hparams({k: v for k, v in config_lib.flatten(config_lib.to_dict(cfg)).items()
+  flat = config_lib.flatten(config_lib.to_dict(cfg))
+  writer.write_hparams({k: v for k, v in flat.items()
                         if isinstance(v, (int, float, str, bool))})
 
 

@@ -18,6 +18,7 @@ from conftest import ROOT, SPM_PATH, TINY_SHAKESPEARE_TXT, tiny_config
 from nanodo_sam import cli
 from nanodo_sam import config as config_lib
 from nanodo_sam import data as data_lib
+from nanodo_sam import rundir
 from nanodo_sam.config import UsageError
 
 # TFDS's tiny_shakespeare:1.0.0 split sizes, in characters (its catalog:
@@ -204,7 +205,7 @@ def test_an_old_run_directory_evaluates_and_resumes(tmp_path, monkeypatch,
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   os.remove(os.path.join(workdir, "results.json"))
   _old_style(workdir)
-  old = config_lib.from_json_file(os.path.join(workdir, "config.json"))
+  old = rundir.read_config(workdir)
   assert old.data.use_shipped and not os.path.exists(old.data.vocab)
   with pytest.raises(SystemExit) as e:
     cli.main(["eval", f"--workdir={workdir}"])

@@ -128,6 +128,19 @@ def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow  # A one-step run (~28 s on the shared 2-core CPU).
+def test_train_validates_the_config_once(tmp_path, capsys, monkeypatch):
+  from nanodo_sam import validation
+  calls, validate = [], validation.validate
+  monkeypatch.setattr(validation, "validate",
+                      lambda *a, **k: calls.append(a) or validate(*a, **k))
+  code, _, _ = _run(capsys, "train", f"--config={QUICK}",
+                    f"--workdir={tmp_path / 'run'}", *TINY,
+                    "--config.opt.num_train_steps=1")
+  assert code == 0 and (tmp_path / "run" / "results.json").exists()
+  assert len(calls) == 1
+
+
 @pytest.mark.slow  # Trains with diagnostics, then analyze and prune-eval.
 def test_analyze_and_prune_eval_on_a_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"

@@ -81,11 +81,10 @@ def test_fixed_batch_takes_the_first_rows_of_the_first_batches():
 
 
 def test_attention_auto_is_xla_on_cpu_and_cudnn_is_refused():
-  from nanodo_sam import config as config_lib
   from nanodo_sam import model as model_lib
-  model_cfg = config_lib.model_config(tiny_config(**{"model.attention": "auto"}))
+  model_cfg = model_lib.from_config(tiny_config(**{"model.attention": "auto"}))
   assert model_lib.attention_implementation(model_cfg, "cpu") == "xla"
-  cudnn = config_lib.model_config(tiny_config(**{"model.attention": "cudnn"}))
+  cudnn = model_lib.from_config(tiny_config(**{"model.attention": "cudnn"}))
   with pytest.raises(ValueError, match="model.attention=cudnn cannot run"):
     model_lib.attention_implementation(cudnn, "cpu")
 

@@ -92,7 +92,7 @@ def worker(out_path: str) -> None:
   res = {}
 
   # One device, the whole logits: the reference.
-  one = jax.jit(lambda p, b, q: sharpness.diagnostics(
+  one = jax.jit(lambda p, b, q: sharpness.measure(
       p, b, logits_fn=exact, precond=q, **args))
   res["one_device"] = diagnostics.to_scalars(one(state0.params, batch0,
                                                  precond0))
@@ -101,7 +101,7 @@ def worker(out_path: str) -> None:
   ps, bs = s.state_sharding.params, sharding.batch_sharding(s.mesh)
 
   def on_mesh(head, chunk_tokens):
-    return jax.jit(lambda p, b, q: sharpness.diagnostics(
+    return jax.jit(lambda p, b, q: sharpness.measure(
         p, b, logits_fn=s.diagnostics_logits_fn, precond=q,
         params_sharding=ps, head=head, chunk_tokens=chunk_tokens, **args),
                    in_shardings=(ps, bs, ps)).lower(
@@ -123,7 +123,7 @@ def worker(out_path: str) -> None:
   fn = diagnostics.sharpness_fn(cfg, s)
   run = jax.jit(lambda st, b: fn(st, b, 1e-3, 0.1, jax.random.key(0)),
                 in_shardings=(s.state_sharding, bs))
-  run0 = jax.jit(lambda st, b: sharpness.diagnostics(
+  run0 = jax.jit(lambda st, b: sharpness.measure(
       st.params, b, logits_fn=exact, precond=optimizer_lib.adam_precond(
           st.opt_state, cfg.opt), **args))
   res["sharpness_fn"] = {

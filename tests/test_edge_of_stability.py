@@ -250,10 +250,11 @@ def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
   from nanodo_sam import config as config_lib
   from nanodo_sam import sweep as sweep_lib
   from nanodo_sam import text_split
+  from nanodo_sam import validation
   monkeypatch.setenv("NANODO_SAM_CACHE", str(tmp_path))
   full, reduced = eos.get_config(), eos.get_config("reduced")
   for c in (full, reduced):
-    config_lib.validate(c)
+    validation.validate(c)
     assert (c.opt.optimizer, c.opt.decay_type, c.opt.warmup_steps,
             c.opt.weight_decay) == ("sgd", "constant", 0, 0.0)
     assert c.sam.method == "sam" and c.diagnostics.on_train_batch

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from conftest import SPM_PATH, read_scalars, tiny_config
-from nanodo_sam import config as config_lib
 from nanodo_sam import data as data_lib
 from nanodo_sam import evaluate
 from nanodo_sam import model as model_lib
@@ -57,7 +56,7 @@ def _eval_set(tmp_path, vocab, add_bos):
 def test_metrics_equal_sums_computed_by_hand(tmp_path, vocab, add_bos):
   cfg, batches = _eval_set(tmp_path, vocab, add_bos)
   v = data_lib.make_vocab(vocab)
-  model = model_lib.TransformerDo(config_lib.model_config(cfg))
+  model = model_lib.TransformerDo(model_lib.from_config(cfg))
   params = model_lib.init_params(model, jax.random.key(0))
   logits_fn = model_lib.make_logits_fn(model)
   eval_step = evaluate.make_eval_step(

@@ -25,6 +25,8 @@ from nanodo_sam import config as config_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import nanodo_ref
 from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import rundir
+from nanodo_sam import validation
 
 NANODO = os.path.abspath(NANODO_SRC) if NANODO_SRC else ""
 
@@ -170,8 +172,8 @@ def test_adamw_update_equals_nanodos_optimizer():
   opt.independent_weight_decay = True
   opt.weight_decay_exclusion_names = ("scale",)
   theirs = nano_opt.get_optimizer(opt)
-  from configs import base
-  ours_cfg = base.get_config().opt
+  from nanodo_sam import keys
+  ours_cfg = keys.defaults().opt
   ours_cfg.update(num_train_steps=20, warmup_steps=4,
                   weight_decay_exclusions="scale")
   # Our defaults are Nanodo's: init and final peak/10, b2 0.98, eps 1e-9.
@@ -201,8 +203,8 @@ def test_adamw_update_equals_nanodos_optimizer():
 
 @pytest.mark.parametrize("peak", [1e-3, 3e-3, 1e-2])
 def test_independent_decay_per_step_is_fixed_when_the_peak_changes(peak):
-  from configs import base
-  c = base.get_config().opt
+  from nanodo_sam import keys
+  c = keys.defaults().opt
   c.update(peak_learning_rate=peak, warmup_steps=0, num_train_steps=10,
            decay_type="constant")
   assert c.independent_weight_decay and c.weight_decay == 1e-4
@@ -220,8 +222,8 @@ def test_independent_decay_per_step_is_fixed_when_the_peak_changes(peak):
 
 
 def test_schedule_ends_default_to_a_tenth_of_the_peak():
-  from configs import base
-  c = base.get_config().opt
+  from nanodo_sam import keys
+  c = keys.defaults().opt
   c.update(peak_learning_rate=2e-3, warmup_steps=10, num_train_steps=100)
   lr = optimizer_lib.learning_rate_schedule(c)
   np.testing.assert_allclose([lr(0), lr(10), lr(100)], [2e-4, 2e-3, 2e-4],
@@ -336,16 +338,17 @@ def test_per_document_eval_reads_one_pass_and_pads_the_last_batch(tmp_path):
 def test_byte_vocabulary_with_bos_is_one_clear_error():
   cfg = tiny_config(**{"data.add_bos": True})
   with pytest.raises(config_lib.UsageError, match="no BOS"):
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   for key, value in (("data.packing", "zigzag"),
                      ("data.eval_mode", "sometimes")):
     with pytest.raises(config_lib.UsageError, match=key):
-      config_lib.validate(tiny_config(**{key: value}))
+      validation.validate(tiny_config(**{key: value}))
 
 
 def test_base_defaults_are_nanodos():
-  from configs import base, c4_fixed_length
-  for c in (base.get_config(), c4_fixed_length.get_config("23.9M")):
+  from configs import c4_fixed_length
+  from nanodo_sam import keys
+  for c in (keys.defaults(), c4_fixed_length.get_config("23.9M")):
     assert (c.model.kernel_init, c.model.residual_dtype) == (
         "xavier_uniform", "float32")
     assert (c.opt.b1, c.opt.b2, c.opt.eps) == (0.9, 0.98, 1e-9)
@@ -354,11 +357,11 @@ def test_base_defaults_are_nanodos():
     assert (c.data.add_bos, c.data.packing, c.data.eval_mode) == (
         True, "nanodo", "per_document")
   # Every legacy key is a real key with a different value today.
-  c = base.get_config()
-  for key, old in config_lib.LEGACY_DEFAULTS.items():
-    assert config_lib._get(c, key, "missing") != "missing", key
-  assert any(config_lib._get(c, k) != v
-             for k, v in config_lib.LEGACY_DEFAULTS.items())
+  c = keys.defaults()
+  for key, old in rundir.LEGACY_DEFAULTS.items():
+    assert keys.get(c, key, "missing") != "missing", key
+  assert any(keys.get(c, k) != v
+             for k, v in rundir.LEGACY_DEFAULTS.items())
 
 
 # ------------------------------------------------ runs that predate this
@@ -375,7 +378,7 @@ def test_a_run_from_before_the_nanodo_defaults_restores_or_is_refused(
            "--config.data.batch_size=8", "--config.data.eval_batch_size=8",
            "--config.data.eval_steps=2", "--config.opt.warmup_steps=1",
            "--config.eval_every_steps=0", "--config.checkpoint_every_steps=0"]
-  legacy = [f"--config.{k}={v}" for k, v in config_lib.LEGACY_DEFAULTS.items()]
+  legacy = [f"--config.{k}={v}" for k, v in rundir.LEGACY_DEFAULTS.items()]
   workdir = tmp_path / "old"
   subprocess.run(cli + ["train", f"--config={quick}", f"--workdir={workdir}",
                         "--config.opt.num_train_steps=2"] + small + legacy,

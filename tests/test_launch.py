@@ -13,6 +13,7 @@ import pytest
 from nanodo_sam import config as config_lib
 from nanodo_sam import sweep as sw
 from nanodo_sam import sweep_spec as authoring
+from nanodo_sam import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "a b'; rm -rf /"
@@ -84,7 +85,7 @@ def test_paper_sweeps_expand_to_valid_configs(name, count, tmp_path):
       continue
     checked.add(key)
     cfg = _config_for(run)
-    config_lib.validate(cfg)
+    validation.validate(cfg)
 
 
 def test_paper_rho_centres_and_sizes():
@@ -111,7 +112,7 @@ def test_sizes_and_chinchilla_steps():
               "117.9M": 117_981_440, "1208M": 1_208_012_800}
   for name, n in expected.items():
     cfg = c4_fixed_length.get_config(name)
-    assert model_lib.non_embedding_params(config_lib.model_config(cfg)) == n
+    assert model_lib.non_embedding_params(model_lib.from_config(cfg)) == n
     assert cfg.model.size_name == name and cfg.opt.num_train_steps == 10_000
     assert cfg.data.batch_size * cfg.model.L == 131_072
   steps = {n: c4_chinchilla.get_config(n).opt.num_train_steps

@@ -277,6 +277,7 @@ def test_reuse_sweep_and_its_table(tmp_path, capsys):
   groups runs by variant, averages seeds, prices every_k=k at 1 + 1/k and
   reads the measured step-time ratio from a bench JSON."""
   from nanodo_sam import config as config_lib
+  from nanodo_sam import validation
   from scripts import plot_reuse
   s = sw.load_sweep(os.path.join(sw.REPO_ROOT, "configs", "sweeps",
                                  "reuse.py"), out=str(tmp_path / "runs"))
@@ -289,7 +290,7 @@ def test_reuse_sweep_and_its_table(tmp_path, capsys):
       for part in path:
         node = node[part]
       node[last] = value
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   names = {r.name for r in s.runs}
   assert "precond_functional_sam-rho0.5-k5-reusetrue-seed1" in names
   losses = {("adamw", 1, False): 6.70, ("precond_functional_sam", 1, False):

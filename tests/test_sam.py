@@ -448,6 +448,7 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   from nanodo_sam import bench
   from nanodo_sam import config as config_lib
   from nanodo_sam import tables as make_tables
+  from nanodo_sam import validation
   monkeypatch.setitem(sam.METHODS, "half_sam",
                       sam.Method(_half_sam, "Half-SAM"))
   params, logits_fn = _mlp()
@@ -459,10 +460,10 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   _close(grads, ref, rtol=1e-4, atol=1e-6)
   assert _passes("half_sam") == (2, 2) and _matmuls("half_sam") == 12
 
-  config_lib.validate(tiny_config(**{"sam.method": "half_sam",
+  validation.validate(tiny_config(**{"sam.method": "half_sam",
                                      "sam.rho": 0.1}))
   with pytest.raises(config_lib.UsageError, match="'half_samm' is unknown"):
-    config_lib.validate(tiny_config(**{"sam.method": "half_samm"}))
+    validation.validate(tiny_config(**{"sam.method": "half_samm"}))
 
   assert "half_sam" in [v.name for v in bench.parse_methods("all")]
   (row,) = bench.run(tiny_config(), [], "half_sam", steps=1, out=None)["rows"]

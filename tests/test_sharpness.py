@@ -191,7 +191,7 @@ def test_preconditioned_decomposition_matches_dense():
   got = _jit(sharpness.decomposition, d["logits_fn"])(
       d["params"], d["batch"], precond=precond)
   diag = jax.jit(functools.partial(
-      sharpness.diagnostics, logits_fn=d["logits_fn"], num_iters=4,
+      sharpness.measure, logits_fn=d["logits_fn"], num_iters=4,
       num_probes=2))(d["params"], d["batch"], lr=0.1, rho=0.1,
                      rng=jax.random.key(0), precond=precond)
   for key in want:
@@ -292,7 +292,7 @@ def test_bfloat16_model_products_are_float32():
 def test_diagnostics_is_jittable_and_consistent():
   params, logits_fn = _mlp()
   batch = _batch(0)
-  fn = jax.jit(functools.partial(sharpness.diagnostics, logits_fn=logits_fn,
+  fn = jax.jit(functools.partial(sharpness.measure, logits_fn=logits_fn,
                                  num_iters=40, num_probes=8))
   out = fn(params, batch, lr=0.05, rho=0.1, rng=jax.random.key(0))
   assert set(out) == {
@@ -315,12 +315,12 @@ def test_diagnostics_is_jittable_and_consistent():
 def test_diagnostics_with_zero_iterations_and_probes_gives_the_taus_alone():
   params, logits_fn = _mlp()
   batch = _batch(0)
-  full = sharpness.diagnostics(params, batch, logits_fn=logits_fn, lr=0.1,
-                               rho=0.05, num_iters=5, num_probes=2,
-                               rng=jax.random.key(0))
-  taus = sharpness.diagnostics(params, batch, logits_fn=logits_fn, lr=0.1,
-                               rho=0.05, num_iters=0, num_probes=0,
-                               rng=jax.random.key(0))
+  full = sharpness.measure(params, batch, logits_fn=logits_fn, lr=0.1,
+                           rho=0.05, num_iters=5, num_probes=2,
+                           rng=jax.random.key(0))
+  taus = sharpness.measure(params, batch, logits_fn=logits_fn, lr=0.1,
+                           rho=0.05, num_iters=0, num_probes=0,
+                           rng=jax.random.key(0))
   left_out = {"lambda_max", "hessian_trace", "hessian_trace_stderr",
               "ggn_trace", "ggn_trace_stderr"}
   assert set(taus) == set(full) - left_out
@@ -340,7 +340,7 @@ def test_diagnostics_rejects_bad_arguments(kwargs, match):
   args = dict(logits_fn=logits_fn, lr=0.1, rho=0.05, num_iters=5,
               num_probes=2, rng=jax.random.key(0))
   with pytest.raises(ValueError, match=match):
-    sharpness.diagnostics(params, _batch(0), **{**args, **kwargs})
+    sharpness.measure(params, _batch(0), **{**args, **kwargs})
 
 
 def test_bad_arguments_raise_value_error():
@@ -409,9 +409,9 @@ def test_chunked_diagnostics_equal_the_whole_logits():
   precond = jax.tree.map(lambda p: 1.0 + jnp.abs(p), params)
   kw = dict(logits_fn=logits_fn, lr=1e-2, rho=0.1, num_iters=4, num_probes=3,
             tol=0.0, precond=precond)
-  whole = jax.jit(lambda p, b: sharpness.diagnostics(
+  whole = jax.jit(lambda p, b: sharpness.measure(
       p, b, rng=jax.random.key(0), **kw))(params, batch)
-  chunked = jax.jit(lambda p, b: sharpness.diagnostics(
+  chunked = jax.jit(lambda p, b: sharpness.measure(
       p, b, rng=jax.random.key(0), head=_transformer_head(), chunk_tokens=2,
       **kw))(params, batch)
   assert whole.keys() == chunked.keys() and "tau_func_precond" in whole

@@ -1,0 +1,111 @@
+"""The package's shape, read from its source with `ast`: no import cycle
+among its modules (imports inside functions counted), no function over 60
+lines."""
+
+import ast
+import os
+
+import nanodo_sam
+
+PACKAGE = os.path.dirname(os.path.abspath(nanodo_sam.__file__))
+MAX_LINES = 60
+
+
+def _modules() -> dict[str, ast.Module]:
+  """{module name: its syntax tree} for every nanodo_sam/*.py."""
+  out = {}
+  for name in sorted(os.listdir(PACKAGE)):
+    if name.endswith(".py"):
+      with open(os.path.join(PACKAGE, name)) as f:
+        out[name[:-3]] = ast.parse(f.read(), filename=name)
+  return out
+
+
+def _imports(tree: ast.Module, names: set[str]) -> set[str]:
+  """The package modules `tree` imports, at any depth (inside functions
+  too): `import nanodo_sam.x`, `from nanodo_sam import x`, `from
+  nanodo_sam.x import y`."""
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        parts = alias.name.split(".")
+        if parts[0] == "nanodo_sam" and len(parts) > 1:
+          out.add(parts[1])
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      parts = node.module.split(".")
+      if parts[0] != "nanodo_sam" or node.level:
+        continue
+      if len(parts) > 1:
+        out.add(parts[1])
+      else:
+        out.update(a.name for a in node.names if a.name in names)
+  return out
+
+
+def _graph() -> dict[str, set[str]]:
+  modules = _modules()
+  names = set(modules)
+  return {name: _imports(tree, names) - {"__init__"}
+          for name, tree in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle as [a, b, ..., a], or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == "open":
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state:
+        found = visit(dep)
+        if found:
+          return found
+    stack.pop()
+    state[node] = "done"
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_the_graph_sees_imports_at_any_depth():
+  graph = _graph()
+  assert len(graph) >= 20
+  assert "errors" in graph["config"]  # at the top
+  assert "commands" in graph["cli"]  # inside main
+  assert "train" in graph["commands"]  # inside cmd_train
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle():
+  cycle = _cycle(_graph())
+  assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _long_functions() -> list[str]:
+  out = []
+  for name, tree in _modules().items():
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        n = node.end_lineno - node.lineno + 1
+        if n > MAX_LINES:
+          out.append(f"{name}.py:{node.lineno} {node.name} ({n} lines)")
+  return out
+
+
+def test_no_function_over_60_lines():
+  long = _long_functions()
+  assert not long, (f"{len(long)} functions over {MAX_LINES} lines: "
+                    + "; ".join(long))
