@@ -88,9 +88,8 @@ def cmd_train(fv) -> None:
   with cfg.unlocked():
     cfg.workdir = workdir
   # Validated (once, by setup) before TensorFlow is imported: a bad config
-  # or mesh is one line, fast.
-  s = state_lib.setup(cfg)
-  quiet_tensorflow()
+  # or mesh is one line, fast; then the data is asked for, before compiles.
+  s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg))
   # Lazy: the training loop's writers import TensorFlow (clu).
   from nanodo_sam import train as train_lib
   results = train_lib.train(cfg, workdir, stop=stop, setup=s)
@@ -99,6 +98,13 @@ def cmd_train(fv) -> None:
   sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED,
             train_lib.SAVE_FAILED: checkpoint.EXIT_SAVE_FAILED}.get(
                 results["status"], 1))
+
+
+def _data_ready(cfg) -> None:
+  """The config's data is there (one line if not); TensorFlow, which the
+  check may import, is imported quietly first."""
+  quiet_tensorflow()
+  data_lib.check_available(cfg.data)
 
 
 def _put(s):

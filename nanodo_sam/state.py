@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -90,9 +90,13 @@ def _init_fn(cfg, model, tx):
   return init
 
 
-def setup(cfg) -> Setup:
-  """Validates the config and builds model, optimizer, mesh and shardings."""
+def setup(cfg, before_compile: Callable[[], None] | None = None) -> Setup:
+  """Validates the config and builds model, optimizer, mesh and shardings.
+  `before_compile`: a further check run after validation and before any
+  compile (the trainer's: is the data there), so its one line comes fast."""
   validation.validate(cfg, num_devices=jax.device_count())
+  if before_compile is not None:
+    before_compile()
   model = model_lib.TransformerDo(model_lib.from_config(cfg))
   tx = optimizer_lib.make_optimizer(cfg.opt)
   mesh = sharding.make_mesh(cfg.mesh)

@@ -388,13 +388,14 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
   `hooks` run after `default_hooks` at each step count. `stop`: a
   StopRequest installed earlier (the CLI's); by default one is installed
   here for the call. `setup`: state.setup(cfg) if made already (the CLI
-  makes it before importing TensorFlow). A run with a results.json is
+  makes it, asking data.check_available before its compiles). A run with a results.json is
   finished: started again, it returns that file's results and touches
   nothing."""
   t_start = time.time()
-  data_lib.check_available(cfg.data)  # Before setup's compiles: one line.
-  # Validates everything before touching the disk.
-  s = setup or state_lib.setup(cfg)
+  # Validates everything, then asks for the data, before any compile or
+  # touching the disk.
+  s = setup or state_lib.setup(
+      cfg, before_compile=lambda: data_lib.check_available(cfg.data))
   rundir.check_workdir(cfg, workdir)
   results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
