@@ -19,6 +19,7 @@ space), the same command resumes the run.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys

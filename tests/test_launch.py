@@ -384,10 +384,15 @@ def test_a_config_file_imports_from_its_own_checkout(tmp_path):
   import shutil
   copy = tmp_path / "elsewhere" / "configs"
   shutil.copytree(os.path.join(ROOT, "configs"), copy)
-  (copy / "base.py").write_text((copy / "base.py").read_text().replace(
-      'c.schedule_name = ""', 'c.schedule_name = "from_the_copy"'))
+  (copy / "base.py").write_text(
+      "from nanodo_sam import keys\n\n\ndef get_config():\n"
+      "  c = keys.defaults()\n  c.schedule_name = 'from_the_copy'\n"
+      "  return c\n")
+  (copy / "mine.py").write_text(
+      "from configs import base\n\n\ndef get_config():\n"
+      "  return base.get_config()\n")
   code = ("import sys; from nanodo_sam import config as c; "
-          f"cfg = c.load_config_file({str(copy / 'quickstart.py')!r}); "
+          f"cfg = c.load_config_file({str(copy / 'mine.py')!r}); "
           "print(cfg.schedule_name, sys.modules['configs'].__file__)")
   r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, text=True,
                      capture_output=True, env=dict(os.environ,
