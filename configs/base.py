@@ -130,7 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The gradient step (nanodo_sam/sam.py).
   c.sam = ml_collections.ConfigDict()
   # adamw | sam | functional_sam | logit_sam | angle_sam | precond_sam |
-  # precond_functional_sam.
+  # precond_functional_sam | adaptive_sam | gsam | momentum_sam
+  # (docs/sam_variants.md).
   c.sam.method = "adamw"
   c.sam.rho = 0.0                 # Perturbation radius.
   c.sam.phi = config_dict.placeholder(float)  # Angle-SAM angle (radians).
@@ -143,6 +144,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.sam.reuse = False
   c.sam.precond_normalize = "after"  # after: rho P^-1g/|P^-1g|; before.
   c.sam.perturbation_scope = "global"  # global | microbatch (accumulation).
+  # GSAM's weight of -g_orth (gsam, precond_gsam; 0 = SAM); needed there.
+  c.sam.alpha = config_dict.placeholder(float)
+  # ASAM's eta in T = |theta| + eta (adaptive methods); None = 0.01.
+  c.sam.adaptive_eta = config_dict.placeholder(float)
+  # constant | lr: rho follows the learning rate from rho_min (at the lowest
+  # rate) to rho (at the peak), GSAM's schedule; any method.
+  c.sam.rho_schedule = "constant"
+  c.sam.rho_min = config_dict.placeholder(float)  # With 'lr'; None = 0.
 
   # Microbatches per step (lax.scan); 0 = auto: the fewest whose compiled
   # step fits a device's memory (mesh.device_memory_gb), chosen at start-up.

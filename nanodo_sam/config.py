@@ -210,6 +210,9 @@ KEYS = (
     _integer("sam.end_step", -1, " (-1: until the end)"),
     _integer("sam.every_k", 1), _flag("sam.reuse"),
     Key("sam.precond_normalize"), Key("sam.perturbation_scope"),
+    _number("sam.alpha", none_ok=True), _number("sam.adaptive_eta",
+                                                none_ok=True),
+    Key("sam.rho_schedule"), _number("sam.rho_min", none_ok=True),
     _integer("grad_accumulation_steps", 0, " (0: auto, the fewest "
              "microbatches that fit)"),
     _integer("eval_every_steps", 0, " (0: only at the end)"),
@@ -283,9 +286,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
   try:
     sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer,
                      precond_normalize=sam.precond_normalize,
-                     perturbation_scope=sam.perturbation_scope)
+                     perturbation_scope=sam.perturbation_scope,
+                     alpha=sam.get("alpha"),
+                     adaptive_eta=sam.get("adaptive_eta"))
   except ValueError as e:
     raise UsageError(str(e)) from None
+  _validate_rho_schedule(sam)
   if sam.get("reuse", False):
     _require(sam.method != "adamw",
              "sam.reuse=True needs a SAM-family sam.method to reuse; set "
@@ -321,6 +327,21 @@ def validate(cfg, num_devices: int | None = None) -> None:
       model_lib.attention_implementation(model_config(cfg))
     except ValueError as e:
       raise UsageError(str(e)) from None
+
+
+def _validate_rho_schedule(sam) -> None:
+  """sam.rho_schedule and sam.rho_min (sam_schedule.rho_at)."""
+  from nanodo_sam import sam_schedule
+  schedule, rho_min = sam.get("rho_schedule", "constant"), sam.get("rho_min")
+  _require(schedule in sam_schedule.RHO_SCHEDULES,
+           f"sam.rho_schedule={schedule!r} is unknown; use 'constant' or "
+           "'lr' (rho follows the learning rate from sam.rho_min to sam.rho)")
+  _require(rho_min is None or schedule == "lr",
+           f"sam.rho_min={rho_min!r} is ignored by sam.rho_schedule="
+           f"{schedule!r}; unset sam.rho_min or set sam.rho_schedule='lr'")
+  _require(rho_min is None or rho_min <= sam.rho,
+           f"sam.rho_min={rho_min!r} exceeds sam.rho={sam.rho!r} (the "
+           "largest rho, at the peak learning rate); lower sam.rho_min")
 
 
 def check_workdir(cfg, workdir: str) -> None:

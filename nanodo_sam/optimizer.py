@@ -112,6 +112,22 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   return tx
 
 
+def first_moment(opt_state):
+  """The optimizer's first moment, a tree like the params (Momentum-SAM's
+  direction): AdamW's mu (before bias correction; only its direction is
+  used) or SGD with momentum's trace; zeros before the first update."""
+  kinds = (optax.ScaleByAdamState, optax.TraceState)
+  is_state = lambda x: isinstance(x, kinds)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
+           if is_state(x)]
+  if len(found) != 1:
+    raise ValueError("the momentum methods need exactly one first moment in "
+                     "the optimizer; use opt.optimizer='adamw' or 'momentum'")
+  state = found[0]
+  return state.mu if isinstance(state, optax.ScaleByAdamState) else (
+      state.trace)
+
+
 def adam_preconditioner(opt_state, *, b2: float, eps: float):
   """AdamW's own P = sqrt(nu_hat) + eps (eq. 12), read from its state.
 

@@ -9,13 +9,40 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from nanodo_sam import optimizer as optimizer_lib
 
-def rho_at(sam_cfg, step):
-  """rho, warmed up linearly from 0 over rho_warmup_steps."""
+RHO_SCHEDULES = ("constant", "lr")
+
+
+def rho_at(sam_cfg, step, opt_cfg=None):
+  """rho at `step`: sam.rho ('constant') or, with sam.rho_schedule='lr',
+  following the learning rate between sam.rho_min (at the schedule's lowest
+  rate) and sam.rho (at its peak), as GSAM does (Zhuang et al. 2022); then
+  warmed up linearly from 0 over rho_warmup_steps. 'lr' needs `opt_cfg`."""
+  rho = jnp.asarray(sam_cfg.rho, jnp.float32)
+  if sam_cfg.get("rho_schedule", "constant") == "lr":
+    rho = _follow_lr(sam_cfg, step, opt_cfg)
   if sam_cfg.rho_warmup_steps <= 0:
-    return jnp.asarray(sam_cfg.rho, jnp.float32)
+    return rho
   frac = jnp.minimum((step + 1) / sam_cfg.rho_warmup_steps, 1.0)
-  return sam_cfg.rho * frac.astype(jnp.float32)
+  return rho * frac.astype(jnp.float32)
+
+
+def _follow_lr(sam_cfg, step, opt_cfg):
+  """rho_min + (rho - rho_min) (lr - lr_min) / (lr_max - lr_min)."""
+  if opt_cfg is None:
+    raise ValueError("sam.rho_schedule='lr' needs the opt config")
+  lr = optimizer_lib.learning_rate_schedule(opt_cfg)(step)
+  lr_max = opt_cfg.peak_learning_rate
+  lr_min = min(optimizer_lib.final_learning_rate(opt_cfg),
+               optimizer_lib.init_learning_rate(opt_cfg)
+               if opt_cfg.warmup_steps > 0 else lr_max)
+  rho_min = sam_cfg.get("rho_min")
+  rho_min = 0.0 if rho_min is None else rho_min
+  if lr_max <= lr_min:
+    return jnp.asarray(sam_cfg.rho, jnp.float32)
+  frac = (jnp.asarray(lr, jnp.float32) - lr_min) / (lr_max - lr_min)
+  return (rho_min + (sam_cfg.rho - rho_min) * frac).astype(jnp.float32)
 
 
 def uses_sam_step(sam_cfg, step: int) -> bool:

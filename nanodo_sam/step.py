@@ -40,14 +40,18 @@ def make_train_step(s, method: str, correct: bool = False):
   groups = device_groups(s)
 
   def step_fn(state, batch):
-    rho = sam_schedule.rho_at(sam_cfg, state.step)
-    precond = None
+    rho = sam_schedule.rho_at(sam_cfg, state.step, cfg.opt)
+    precond = momentum = None
     if method in sam_lib.PRECOND_METHODS:
       precond, _ = optimizer_lib.adam_preconditioner(
           state.opt_state, b2=cfg.opt.b2, eps=cfg.opt.eps)
+    if method in sam_lib.MOMENTUM_METHODS:
+      momentum = optimizer_lib.first_moment(state.opt_state)
     out = sam_lib.accumulated_gradient(
         method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
-        rho=rho, phi=sam_cfg.phi, precond=precond,
+        rho=rho, phi=sam_cfg.phi, alpha=sam_cfg.get("alpha"),
+        adaptive_eta=sam_cfg.get("adaptive_eta"), momentum=momentum,
+        precond=precond,
         precond_normalize=sam_cfg.precond_normalize,
         num_microbatches=cfg.grad_accumulation_steps,
         perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store,
