@@ -1,0 +1,353 @@
+"""ASAM, GSAM, Momentum-SAM and their combinations against formulas written
+independently here (docs/sam_variants.md), and plain SAM against optax's.
+
+The problems are test_sam.py's: a tiny Nanodo Transformer and a pure-jnp
+tanh MLP, float32, and the MLP in float64 where an identity should hold to
+rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from nanodo_sam import config as config_lib
+from nanodo_sam import optimizer as optimizer_lib
+from nanodo_sam import sam
+from nanodo_sam import sam_schedule
+from test_sam import _batch, _mlp, _passes, _transformer
+
+RHO = 0.05
+
+
+@pytest.fixture(params=["transformer", "mlp"])
+def problem(request):
+  make = _transformer if request.param == "transformer" else _mlp
+  params, logits_fn = make()
+  return params, logits_fn, _batch()
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+# ------------------------------------------------------------ references
+
+
+def _loss(flat, unravel, batch, logits_fn):
+  logits = logits_fn(unravel(flat), batch["inputs"])
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+  w = batch["weights"]
+  return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _grad_at(params, batch, logits_fn):
+  """flat theta -> flat grad L(theta), with the unravel of `params`."""
+  flat, unravel = ravel_pytree(params)
+  return flat, unravel, jax.grad(
+      lambda f: _loss(f, unravel, batch, logits_fn))
+
+
+def _ref_asam(params, batch, logits_fn, rho, eta):
+  theta, unravel, grad = _grad_at(params, batch, logits_fn)
+  g = grad(theta)
+  t = jnp.abs(theta) + eta
+  eps = rho * t * t * g / jnp.linalg.norm(t * g)
+  return grad(theta + eps)
+
+
+def _ref_gsam(params, batch, logits_fn, rho, alpha):
+  theta, unravel, grad = _grad_at(params, batch, logits_fn)
+  g = grad(theta)
+  g_p = grad(theta + rho * g / jnp.linalg.norm(g))
+  g_orth = g - (jnp.dot(g, g_p) / jnp.dot(g_p, g_p)) * g_p
+  return g_p - alpha * g_orth
+
+
+def _ref_msam(params, batch, logits_fn, rho, m):
+  theta, unravel, grad = _grad_at(params, batch, logits_fn)
+  m = ravel_pytree(m)[0]
+  point = theta - rho * m / jnp.linalg.norm(m)
+  return _loss(point, unravel, batch, logits_fn), grad(point)
+
+
+def _momentum(params, seed=3):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+
+
+def _flat(tree):
+  return ravel_pytree(tree)[0]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-7):
+  a, b = _flat(a) if not isinstance(a, jax.Array) else a, (
+      _flat(b) if not isinstance(b, jax.Array) else b)
+  err = jnp.linalg.norm(a - b) / jnp.linalg.norm(b)
+  assert err <= rtol or jnp.abs(a - b).max() <= atol, float(err)
+
+
+def _step(method, params, batch, logits_fn, rho=RHO, **kw):
+  return sam.gradient(method, params, batch, logits_fn=logits_fn, rho=rho,
+                      **kw)
+
+
+# -------------------------------------------------- each method's formula
+
+
+@pytest.mark.parametrize("eta", [0.01, 0.5])
+def test_adaptive_sam_is_its_formula(problem, eta):
+  params, logits_fn, batch = problem
+  _, grads, metrics = _step("adaptive_sam", params, batch, logits_fn,
+                            adaptive_eta=eta)
+  _close(grads, _ref_asam(params, batch, logits_fn, RHO, eta))
+  # ||eps|| is not rho: the step is rho in theta / T's coordinates.
+  assert abs(float(metrics["perturbation_norm"]) - RHO) > 1e-4
+
+
+def test_adaptive_sam_default_eta_is_the_official_one(problem):
+  params, logits_fn, batch = problem
+  _close(_step("adaptive_sam", params, batch, logits_fn)[1],
+         _ref_asam(params, batch, logits_fn, RHO, 0.01))
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_gsam_is_its_formula(problem, alpha):
+  params, logits_fn, batch = problem
+  _, grads, _ = _step("gsam", params, batch, logits_fn, alpha=alpha)
+  _close(grads, _ref_gsam(params, batch, logits_fn, RHO, alpha))
+  sam_grads = _step("sam", params, batch, logits_fn)[1]
+  assert jnp.abs(_flat(grads) - _flat(sam_grads)).max() > 1e-6
+
+
+def test_momentum_sam_is_its_formula(problem):
+  params, logits_fn, batch = problem
+  m = _momentum(params)
+  loss, grads, metrics = _step("momentum_sam", params, batch, logits_fn,
+                               momentum=m)
+  ref_loss, ref_grads = _ref_msam(params, batch, logits_fn, RHO, m)
+  _close(grads, ref_grads)
+  # Its one pass is at theta + eps: the loss it reports is there.
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["perturbation_norm"], RHO, rtol=1e-5)
+
+
+# ---------------------------------------------------- limits and identities
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("adaptive_sam", {}), ("gsam", {"alpha": 0.5}),
+    ("momentum_sam", {"momentum": "m"}),
+])
+def test_rho_zero_gives_g(problem, method, kw):
+  params, logits_fn, batch = problem
+  kw = {k: (_momentum(params) if v == "m" else v) for k, v in kw.items()}
+  _, grads, _ = _step(method, params, batch, logits_fn, rho=0.0, **kw)
+  _close(grads, _grad_at(params, batch, logits_fn)[2](_flat(params)))
+
+
+def test_gsam_alpha_zero_is_sam(x64):
+  params, logits_fn = _mlp(np.float64)
+  batch = _batch(dtype=np.float64)
+  gsam = _step("gsam", params, batch, logits_fn, alpha=0.0)[1]
+  _close(gsam, _step("sam", params, batch, logits_fn)[1], rtol=1e-12)
+
+
+def test_asam_eta_zero_at_theta_one_is_sam(x64):
+  params, logits_fn = _mlp(np.float64)
+  params = jax.tree.map(jnp.ones_like, params)
+  batch = _batch(dtype=np.float64)
+  asam = _step("adaptive_sam", params, batch, logits_fn, adaptive_eta=0.0)
+  _close(asam[1], _step("sam", params, batch, logits_fn)[1], rtol=1e-12)
+
+
+def test_msam_with_zero_or_no_momentum_is_g(problem):
+  params, logits_fn, batch = problem
+  g = _grad_at(params, batch, logits_fn)[2](_flat(params))
+  for m in (None, jax.tree.map(jnp.zeros_like, params)):
+    loss, grads, metrics = _step("momentum_sam", params, batch, logits_fn,
+                                 momentum=m)
+    _close(grads, g)
+    assert metrics["perturbation_norm"] == 0
+
+
+def test_passes():
+  """The registry's costs (bench's FLOPs), counted in the eager step
+  (test_sam.py's counter; it gives GSAM alpha 0.3)."""
+  for method, cost in (("adaptive_sam", (2, 2)), ("gsam", (2, 2)),
+                       ("momentum_sam", (1, 1))):
+    entry = sam.METHODS[method]
+    assert _passes(method) == cost == (entry.forwards, entry.backwards)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("gsam", {"alpha": 0.4}), ("adaptive_sam", {}),
+    ("momentum_sam", {"momentum": "m"}),
+])
+def test_accumulation_equals_one_full_batch_step(method, kw):
+  """Global scope: microbatches give the whole batch's step, GSAM's
+  projection included (applied once to the summed gradients)."""
+  params, logits_fn = _mlp()
+  batch = dict(_batch(), weights=jnp.ones((3, 4), jnp.float32))
+  kw = {k: (_momentum(params) if v == "m" else v) for k, v in kw.items()}
+  full = _step(method, params, batch, logits_fn, **kw)
+  acc = sam.accumulated_gradient(method, params, batch, logits_fn=logits_fn,
+                                 rho=RHO, num_microbatches=3, **kw)
+  _close(acc.grads, full[1])
+  np.testing.assert_allclose(acc.loss, full[0], rtol=1e-6)
+
+
+# ------------------------------------------- plain SAM against optax's
+
+
+def test_sam_with_adamw_matches_optax_contrib_sam(x64):
+  """Two full updates of SAM + AdamW: sam.gradient then optax.adamw against
+  optax.contrib.sam(adamw, normalize + sgd(rho), opaque_mode=True), an
+  implementation this project did not write."""
+  params, logits_fn = _mlp(np.float64)
+  batches = [_batch(s, np.float64) for s in (0, 1)]
+  rho, lr = 0.05, 1e-2
+  adamw = lambda: optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-9,
+                              weight_decay=0.1)
+  ref_tx = optax.contrib.sam(
+      adamw(), optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+      sync_period=2, opaque_mode=True)
+  tx = adamw()
+  loss_fn = lambda p, b: _loss(_flat(p), ravel_pytree(p)[1], b, logits_fn)
+  ours, theirs = params, params
+  ours_state, theirs_state = tx.init(params), ref_tx.init(params)
+  for batch in batches:
+    _, grads, _ = _step("sam", ours, batch, logits_fn, rho=rho)
+    updates, ours_state = tx.update(grads, ours_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    grad_fn = jax.grad(lambda p, _, b=batch: loss_fn(p, b))
+    updates, theirs_state = ref_tx.update(
+        grad_fn(theirs, 0), theirs_state, theirs, grad_fn=grad_fn)
+    theirs = optax.apply_updates(theirs, updates)
+  moved = jnp.linalg.norm(_flat(theirs) - _flat(params))
+  assert moved > 1e-3
+  # Relative to the distance moved (the loss is taken in float32).
+  err = jnp.linalg.norm(_flat(ours) - _flat(theirs)) / moved
+  assert err < 1e-5, float(err)
+
+
+# ---------------------------------------------------- rho follows lr
+
+
+def test_rho_follows_the_learning_rate():
+  """GSAM's rho_t = rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max -
+  lr_min): warmup 1e-3 -> 1e-2 over 10 steps, cosine to 1e-3 at 110."""
+  cfg = config_lib.load_config_file("configs/base.py")
+  cfg.opt.update(num_train_steps=110, warmup_steps=10,
+                 peak_learning_rate=1e-2, decay_type="cosine")
+  cfg.sam.update(method="gsam", rho=0.2, alpha=0.1, rho_schedule="lr",
+                 rho_min=0.05)
+  config_lib.validate(cfg)
+  rho = lambda s: float(sam_schedule.rho_at(cfg.sam, s, cfg.opt))
+  expected = {0: 0.05, 5: 0.05 + 0.15 * 0.5, 10: 0.2, 60: 0.05 + 0.15 * 0.5,
+              110: 0.05}
+  for step, want in expected.items():
+    np.testing.assert_allclose(rho(step), want, rtol=1e-5, err_msg=step)
+  cfg.sam.rho_min = None  # Unset: 0 at the lowest rate.
+  np.testing.assert_allclose(rho(60), 0.1, rtol=1e-5)
+  cfg.sam.rho_schedule = "constant"
+  assert rho(60) == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="gsam", rho=0.1), "needs GSAM's sam.alpha"),
+    (dict(method="sam", rho=0.1, alpha=0.2), "sam.alpha=0.2 is ignored"),
+    (dict(method="sam", rho=0.1, adaptive_eta=0.1),
+     "adaptive_eta=0.1 is ignored.*adaptive_sam"),
+    (dict(method="gsam", rho=0.1, alpha=-0.5), "alpha=-0.5 must be >= 0"),
+    (dict(method="adaptive_sam", rho=0.1, adaptive_eta=-1.0),
+     "adaptive_eta=-1.0 must be >= 0"),
+    (dict(method="momentum_sam", rho=0.1, optimizer="sgd"),
+     "first moment.*'adamw' or 'momentum'"),
+])
+def test_validate_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match) as info:
+    sam.validate(**kwargs)
+  assert "\n" not in str(info.value)
+
+
+def test_validate_accepts():
+  sam.validate("momentum_sam", 0.1, optimizer="momentum")
+  sam.validate("adaptive_sam", 0.1, adaptive_eta=0.0)
+  sam.validate("gsam", 0.1, alpha=0.0)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"sam.method": "sam", "sam.alpha": 0.1}, "sam.alpha=0.1 is ignored"),
+    ({"sam.method": "momentum_sam", "opt.optimizer": "sgd"},
+     "first moment"),
+    ({"sam.rho_min": 0.01}, "rho_min=0.01 is ignored by sam.rho_schedule"),
+    ({"sam.rho_schedule": "cosine"}, "rho_schedule='cosine' is unknown"),
+    ({"sam.rho_schedule": "lr", "sam.rho_min": 0.5}, "exceeds sam.rho"),
+    ({"sam.method": "gsam", "sam.alpha": -1.0}, "sam.alpha=-1.0 must be"),
+])
+def test_config_validation_is_one_line(overrides, match):
+  from conftest import tiny_config
+  cfg = tiny_config(**{"sam.method": "sam", "sam.rho": 0.1, **overrides})
+  with pytest.raises(config_lib.UsageError, match=match) as info:
+    config_lib.validate(cfg)
+  assert "\n" not in str(info.value)
+
+
+# --------------------------------------------- the optimizer's first moment
+
+
+@pytest.mark.parametrize("name", ["adamw", "momentum"])
+def test_first_moment_is_the_optimizers(name):
+  from conftest import tiny_config
+  cfg = tiny_config(**{"opt.optimizer": name, "opt.weight_decay": 0.0})
+  tx = optimizer_lib.make_optimizer(cfg.opt)
+  params, _ = _mlp()
+  state = tx.init(params)
+  assert all(bool(jnp.all(x == 0)) for x in
+             jax.tree.leaves(optimizer_lib.first_moment(state)))
+  g = _momentum(params, seed=5)
+  _, state = tx.update(g, state, params)
+  m = optimizer_lib.first_moment(state)
+  # After one update: AdamW's mu = (1 - b1) g; SGD-momentum's trace = g.
+  scale = (1 - cfg.opt.b1) if name == "adamw" else 1.0
+  _close(m, jax.tree.map(lambda x: scale * x, g), rtol=1e-6)
+  with pytest.raises(ValueError, match="first moment"):
+    optimizer_lib.first_moment(optax.sgd(0.1).init(params))
+
+
+def test_train_step_hands_momentum_sam_adamws_first_moment():
+  """The jitted train step: no first moment at step 0 (the plain step), then
+  eps = -rho mu/||mu|| with AdamW's mu from the state it is given."""
+  from conftest import tiny_config
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import step as step_lib
+  cfg = tiny_config(**{"sam.method": "momentum_sam", "sam.rho": 0.1,
+                       "model.L": 8, "data.batch_size": 2})
+  s = state_lib.setup(cfg)
+  state = state_lib.init_state(s, 0)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 259, (2, 8)).astype(np.int32),
+           "targets": rng.integers(0, 259, (2, 8)).astype(np.int32),
+           "weights": np.ones((2, 8), np.float32)}
+  run = step_lib.jit_train_step(s, "momentum_sam")
+  state, metrics = run(state, batch)
+  assert metrics["perturbation_norm"] == 0
+  params = jax.device_get(state.params)
+  mu = jax.device_get(optimizer_lib.first_moment(state.opt_state))
+  want_loss, want_g = _ref_msam(params, batch, s.logits_fn, 0.1, mu)
+  _, metrics = run(state, batch)
+  np.testing.assert_allclose(metrics["perturbation_norm"], 0.1, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], jnp.linalg.norm(want_g),
+                             rtol=1e-5)
