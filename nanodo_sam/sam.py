@@ -487,6 +487,13 @@ METHODS: dict[str, Method] = {
     "gsam": Method(_sam, "GSAM", uses_alpha=True, combine=_surrogate_gap),
     "momentum_sam": Method(_plain, "Momentum-SAM", forwards=1, backwards=1,
                            direction="momentum", lookahead=True),
+    # Combinations none of the public codebases has (docs/sam_variants.md).
+    "functional_adaptive_sam": Method(_functional_sam, "Func-ASAM",
+                                      direction="adaptive"),
+    "functional_momentum_sam": Method(_functional_sam, "Func-Momentum-SAM",
+                                      direction="momentum"),
+    "precond_gsam": Method(_sam, "Precond GSAM", precond=True,
+                           uses_alpha=True, combine=_surrogate_gap),
 }
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)

@@ -21,7 +21,7 @@ from nanodo_sam.loss import cross_entropy
 B, L, V = 3, 4, 11
 ALL = sorted(sam.METHODS)
 PHI = {"angle_sam": 0.7}
-ALPHA = {"gsam": 0.3}  # GSAM's needed option (tests/test_sam_variants.py)
+ALPHA = {"gsam": 0.3, "precond_gsam": 0.3}  # GSAM's needed option (tests/test_sam_variants.py)
 
 
 def _phi(method):
@@ -154,8 +154,10 @@ def test_registry():
   assert set(sam.METHODS) == {
       "adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
       "precond_sam", "precond_functional_sam", "adaptive_sam", "gsam",
-      "momentum_sam"}
-  assert set(sam.PRECOND_METHODS) == {"precond_sam", "precond_functional_sam"}
+      "momentum_sam", "functional_adaptive_sam", "functional_momentum_sam",
+      "precond_gsam"}
+  assert set(sam.PRECOND_METHODS) == {"precond_sam", "precond_functional_sam",
+                                      "precond_gsam"}
   assert set(sam.PHI_METHODS) == {"angle_sam"}
   assert set(ALPHA) == set(sam.ALPHA_METHODS)
 

@@ -139,6 +139,64 @@ def test_momentum_sam_is_its_formula(problem):
   np.testing.assert_allclose(metrics["perturbation_norm"], RHO, rtol=1e-5)
 
 
+# ------------------------------------------------------- combinations
+
+
+def _ref_functional(params, batch, logits_fn, eps_flat):
+  """J(theta + eps)^T dL/dF(theta), eps flat."""
+  theta, unravel = ravel_pytree(params)
+  logits = lambda f: logits_fn(unravel(f), batch["inputs"])
+  def loss_of_logits(z):
+    logp = jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    w = batch["weights"]
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+  dlogits = jax.grad(loss_of_logits)(logits(theta))
+  _, pull = jax.vjp(logits, theta + eps_flat)
+  return pull(dlogits.astype(logits(theta).dtype))[0]
+
+
+def test_functional_adaptive_sam_is_its_formula(problem):
+  params, logits_fn, batch = problem
+  theta, _, grad = _grad_at(params, batch, logits_fn)
+  g = grad(theta)
+  t = jnp.abs(theta) + 0.1
+  eps = RHO * t * t * g / jnp.linalg.norm(t * g)
+  _, grads, _ = _step("functional_adaptive_sam", params, batch, logits_fn,
+                      adaptive_eta=0.1)
+  _close(grads, _ref_functional(params, batch, logits_fn, eps))
+
+
+def test_functional_momentum_sam_is_its_formula(problem):
+  params, logits_fn, batch = problem
+  m = _momentum(params)
+  m_flat = _flat(m)
+  eps = -RHO * m_flat / jnp.linalg.norm(m_flat)
+  loss, grads, _ = _step("functional_momentum_sam", params, batch, logits_fn,
+                         momentum=m)
+  _close(grads, _ref_functional(params, batch, logits_fn, eps))
+  theta, unravel, _ = _grad_at(params, batch, logits_fn)
+  # Unlike momentum_sam, its clean pass (and loss) is at theta.
+  np.testing.assert_allclose(loss, _loss(theta, unravel, batch, logits_fn),
+                             rtol=1e-5)
+
+
+def test_precond_gsam_is_its_formula(problem):
+  params, logits_fn, batch = problem
+  rng = np.random.default_rng(7)
+  P = jax.tree.map(
+      lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params)
+  theta, _, grad = _grad_at(params, batch, logits_fn)
+  g, p = grad(theta), _flat(P)
+  g_p = grad(theta + RHO * (g / p) / jnp.linalg.norm(g / p))
+  ref = g_p - 0.3 * (g - (jnp.dot(g, g_p) / jnp.dot(g_p, g_p)) * g_p)
+  _, grads, _ = _step("precond_gsam", params, batch, logits_fn, alpha=0.3,
+                      precond=P)
+  _close(grads, ref)
+  plain = _step("gsam", params, batch, logits_fn, alpha=0.3)[1]
+  assert jnp.abs(_flat(grads) - _flat(plain)).max() > 1e-6
+
+
 # ---------------------------------------------------- limits and identities
 
 
@@ -182,7 +240,10 @@ def test_passes():
   """The registry's costs (bench's FLOPs), counted in the eager step
   (test_sam.py's counter; it gives GSAM alpha 0.3)."""
   for method, cost in (("adaptive_sam", (2, 2)), ("gsam", (2, 2)),
-                       ("momentum_sam", (1, 1))):
+                       ("momentum_sam", (1, 1)),
+                       ("functional_adaptive_sam", (2, 2)),
+                       ("functional_momentum_sam", (2, 2)),
+                       ("precond_gsam", (2, 2))):
     entry = sam.METHODS[method]
     assert _passes(method) == cost == (entry.forwards, entry.backwards)
 
