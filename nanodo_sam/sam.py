@@ -46,7 +46,7 @@ from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
 PRECOND_NORMALIZE = ("after", "before")
-PERTURBATION_SCOPES = ("global", "microbatch")
+PERTURBATION_SCOPES = ("global", "microbatch", "replica")
 OPTIMIZERS_WITH_PRECOND = ("adamw",)
 # Optimizers whose state holds a first moment (Momentum-SAM's direction):
 # AdamW's mu, SGD with momentum's trace.
@@ -546,8 +546,9 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
                      "applied to g/||g||)")
   if perturbation_scope not in PERTURBATION_SCOPES:
     raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
-                     "unknown; use 'global' (eps from the whole batch) or "
-                     "'microbatch' (each microbatch its own eps)")
+                     "unknown; use 'global' (eps from the whole batch), "
+                     "'microbatch' (each microbatch its own eps) or "
+                     "'replica' (each data-parallel shard its own eps)")
 
 
 def _validate_variant_options(method: str, optimizer: str, alpha,
@@ -737,6 +738,11 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
 
   A `lookahead` method (eps known before the step) takes every microbatch's
   pass at the same theta + eps, whatever the scope.
+
+  "replica" (with `groups`, on a mesh): each shard of the batch's rows takes
+  the step on its own rows, its own eps from its own gradient, and the
+  shards' results are averaged (`_replica_gradient`); without `groups` (one
+  shard) it is "global".
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
            perturbation_scope=perturbation_scope, alpha=alpha,
@@ -752,6 +758,9 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     return GradientResult(loss, grads, metrics, Reuse(delta, _norm(g)))
 
   kw = dict(logits_fn=logits_fn, rho=rho, opts=opts, head=head)
+  if perturbation_scope == "replica" and groups is not None:
+    return out(*_replica_gradient(method, params, batch, rho=rho, opts=opts,
+                                  k=num_microbatches, groups=groups))
   if num_microbatches == 1:
     return out(*_gradient(method, params, batch, **kw))
   entry = METHODS[method]
@@ -903,6 +912,45 @@ def _grouped_accumulation(entry: Method, params, batch, *, rho,
       groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params)
   grads = _combine(entry, grads, g, opts)
   return loss, grads, g, _metrics(grads, g, eps, rho)
+
+
+def _replica_gradient(method: str, params, batch, *, rho, opts: Options,
+                      k: int, groups: Groups):
+  """perturbation_scope='replica': shard_map over the batch's axes
+  (`groups.batch_sharding`); each of the G shards takes the whole method on
+  its B/G rows (its own eps from its own gradient: m-sharpness with m = B/G,
+  the data-parallel default of Foret et al.'s code and optax.contrib.sam's
+  `batch_axis_name`), over k microbatches with the global scope inside the
+  shard; the results are averaged with each shard's share of the loss
+  weights. The parameters are gathered whole onto every device."""
+  spec = groups.batch_sharding.spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec)
+  static = dict(phi=opts.phi, alpha=opts.alpha,
+                adaptive_eta=opts.adaptive_eta,
+                precond_normalize=opts.precond_normalize)
+
+  def local(args, batch):
+    params, precond, momentum, rho = args
+    res = accumulated_gradient(
+        method, params, batch, logits_fn=groups.logits_fn, head=groups.head,
+        rho=rho, precond=precond, momentum=momentum, num_microbatches=k,
+        return_reuse=True, **static)
+    g = jax.tree.map(lambda x, d: x.astype(jnp.float32) - d, res.grads,
+                     res.reuse.delta)
+    w = jnp.sum(batch["weights"].astype(jnp.float32))
+    frac = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
+    mean = lambda tree: jax.tree.map(
+        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree)
+    return mean((res.loss, res.grads, g, res.metrics))
+
+  args = (params, opts.precond, opts.momentum, jnp.asarray(rho, jnp.float32))
+  specs = (jax.tree.map(lambda _: PartitionSpec(), args),
+           jax.tree.map(lambda _: PartitionSpec(axes), batch))
+  loss, grads, g, metrics = jax.shard_map(
+      local, mesh=groups.batch_sharding.mesh, in_specs=specs,
+      out_specs=PartitionSpec(), check_vma=False)(args, batch)
+  return (loss, _to_params_layout(groups, grads, params),
+          _to_params_layout(groups, g, params), metrics)
 
 
 # ------------------------------------------------- reuse between steps

@@ -79,12 +79,15 @@ def device_groups(s) -> sam_lib.Groups | None:
   once per step and reduces the gradient once per pass, each group of
   devices accumulating its own part over the microbatches. None otherwise
   (one microbatch, one group, or sam.perturbation_scope=microbatch, whose
-  per-microbatch eps needs the whole microbatch's gradient)."""
+  per-microbatch eps needs the whole microbatch's gradient). With
+  sam.perturbation_scope=replica, always on such a mesh: the shards' own
+  steps run their unconstrained model (`sam._replica_gradient`)."""
   cfg = s.cfg
   bs = sharding.batch_sharding(s.mesh)
   G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
-  if (cfg.grad_accumulation_steps <= 1 or G <= 1
-      or cfg.sam.perturbation_scope != "global"):
+  scope = cfg.sam.perturbation_scope
+  if G <= 1 or scope == "microbatch" or (
+      scope == "global" and cfg.grad_accumulation_steps <= 1):
     return None
   cast = model_lib.compute_params(s.model.cfg)
   head = model_lib.output_head(s.model)

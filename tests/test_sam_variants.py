@@ -412,3 +412,80 @@ def test_train_step_hands_momentum_sam_adamws_first_moment():
   np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], jnp.linalg.norm(want_g),
                              rtol=1e-5)
+
+
+# ------------------------------------------- per-replica perturbations
+
+REPLICA_CASES = (("sam", {}), ("gsam", {"alpha": 0.3}),
+                 ("adaptive_sam", {}), ("momentum_sam", {"momentum": "m"}),
+                 ("functional_sam", {}))
+
+
+def _replica_errors() -> dict:
+  """On 8 simulated devices (mesh data 4 x fsdp 2): perturbation_scope=
+  replica against a loop over the 8 shards of rows computed on one device,
+  each with its own step, averaged by the shards' loss weights. Also how far
+  the global scope's result is (the check is not vacuous)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  params, _ = _mlp()
+  from test_sam import _mlp_logits
+  mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  groups = sam.Groups(rows, NamedSharding(mesh, P()), _mlp_logits)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.integers(0, 11, (16, 4)).astype(np.int32),
+           "targets": rng.integers(0, 11, (16, 4)).astype(np.int32),
+           "weights": (rng.uniform(size=(16, 4)) > 0.3).astype(np.float32)}
+  sharded = jax.device_put(batch, rows)
+  out = {}
+  for method, kw in REPLICA_CASES:
+    kw = {k: (_momentum(params) if v == "m" else v) for k, v in kw.items()}
+    shards = [jax.tree.map(lambda x, j=j: x[2 * j:2 * j + 2], batch)
+              for j in range(8)]
+    w = np.array([s["weights"].sum() for s in shards])
+    steps = [_step(method, params, s, _mlp_logits, **kw) for s in shards]
+    ref = sum(wj * _flat(st[1]) for wj, st in zip(w, steps)) / w.sum()
+    ref_loss = sum(wj * st[0] for wj, st in zip(w, steps)) / w.sum()
+    whole = _flat(_step(method, params, batch, _mlp_logits, **kw)[1])
+    for k in (1, 2):
+      run = jax.jit(lambda p, b, k=k, kw=kw: sam.accumulated_gradient(
+          method, p, b, logits_fn=_mlp_logits, rho=RHO, num_microbatches=k,
+          perturbation_scope="replica", groups=groups, **kw))
+      res = run(params, sharded)
+      got = _flat(res.grads)
+      out[f"{method}/k{k}"] = {
+          "err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+          "loss_err": float(abs(res.loss - ref_loss) / abs(ref_loss)),
+          "vs_global": float(jnp.linalg.norm(got - whole)
+                             / jnp.linalg.norm(ref))}
+  return out
+
+
+@pytest.mark.slow  # ~40 s: 8 simulated devices in a subprocess.
+def test_replica_scope_is_each_shards_own_step(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  here = os.path.dirname(os.path.abspath(__file__))
+  root = os.path.dirname(here)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=os.pathsep.join([root, here]))
+  path = tmp_path / "replica.json"
+  subprocess.run([sys.executable, __file__, str(path)], env=env, cwd=root,
+                 check=True, timeout=900)
+  errors = json.loads(path.read_text())
+  assert len(errors) == 2 * len(REPLICA_CASES)
+  for name, e in errors.items():
+    assert e["err"] < 1e-5 and e["loss_err"] < 1e-5, (name, e)
+    if not name.startswith("momentum_sam"):  # Its eps is the batch's m.
+      assert e["vs_global"] > 1e-3, (name, e)
+
+
+if __name__ == "__main__":
+  import json
+  import sys
+  assert jax.device_count() == 8, jax.devices()
+  with open(sys.argv[1], "w") as f:
+    json.dump(_replica_errors(), f)
