@@ -414,6 +414,27 @@ def test_train_step_hands_momentum_sam_adamws_first_moment():
                              rtol=1e-5)
 
 
+# ------------------------------------------------ sweeps and benchmarks
+
+
+def test_every_method_in_the_rho_sweep_gets_a_valid_config(monkeypatch):
+  """configs/sweeps/rho_sweep.py over all of sam.METHODS: each run's config
+  passes validation (the options a method needs are filled in)."""
+  from configs.sweeps import rho_sweep
+  from nanodo_sam import bench
+  monkeypatch.setattr(rho_sweep, "METHODS", tuple(sam.METHODS))
+  runs = rho_sweep.get_sweep().runs
+  assert {r["sam.method"] for r in runs} == set(sam.METHODS)
+  base = config_lib.load_config_file(rho_sweep.get_sweep().config)
+  for run in runs:
+    cfg = base.copy_and_resolve_references()
+    for key, value in run.items():
+      config_lib._set(cfg, key, value)
+    config_lib.validate(cfg)
+  # nanodo-sam bench --methods=all reads the same registry.
+  assert set(sam.METHODS) <= {v.name for v in bench.parse_methods("all")}
+
+
 # ------------------------------------------- per-replica perturbations
 
 REPLICA_CASES = (("sam", {}), ("gsam", {"alpha": 0.3}),
