@@ -19,6 +19,10 @@ rho H_G e (Gauss-Newton / functional-Hessian split of the loss Hessian), so
 sam = logit_sam + functional_sam - g + O(rho^2). Adding a method is one
 function `(step: Step) -> grads` and one line in `METHODS`.
 
+The public codebases' variants differ in where eps points (`Method.direction`:
+ASAM's T^2 g, Momentum-SAM's -m) or in a final combination (GSAM's
+projection, `Method.combine`); docs/sam_variants.md lists them all.
+
 Memory: when the caller hands over the model's output layer (`head`, a
 loss.OutputHead; the Nanodo model's is `model.output_head`), the output layer,
 the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
