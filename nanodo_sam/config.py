@@ -282,16 +282,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
            "data.add_bos=True but the byte vocabulary has no BOS piece; set "
            "--config.data.add_bos=False (documents are then closed with EOS "
            "only) or use a SentencePiece data.vocab")
-  from nanodo_sam import sam as sam_lib
-  try:
-    sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=opt.optimizer,
-                     precond_normalize=sam.precond_normalize,
-                     perturbation_scope=sam.perturbation_scope,
-                     alpha=sam.get("alpha"),
-                     adaptive_eta=sam.get("adaptive_eta"))
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  _validate_rho_schedule(sam)
+  _validate_sam(sam, opt.optimizer)
   if sam.get("reuse", False):
     _require(sam.method != "adamw",
              "sam.reuse=True needs a SAM-family sam.method to reuse; set "
@@ -327,6 +318,20 @@ def validate(cfg, num_devices: int | None = None) -> None:
       model_lib.attention_implementation(model_config(cfg))
     except ValueError as e:
       raise UsageError(str(e)) from None
+
+
+def _validate_sam(sam, optimizer: str) -> None:
+  """The step's options (sam.validate), then the rho schedule's."""
+  from nanodo_sam import sam as sam_lib
+  try:
+    sam_lib.validate(sam.method, sam.rho, sam.phi, optimizer=optimizer,
+                     precond_normalize=sam.precond_normalize,
+                     perturbation_scope=sam.perturbation_scope,
+                     alpha=sam.get("alpha"),
+                     adaptive_eta=sam.get("adaptive_eta"))
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  _validate_rho_schedule(sam)
 
 
 def _validate_rho_schedule(sam) -> None:

@@ -740,13 +740,9 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   the microbatches, reduced once per scan (`_grouped_sum`), instead of a
   gather and a reduction per microbatch. The result is the same.
 
-  A `lookahead` method (eps known before the step) takes every microbatch's
-  pass at the same theta + eps, whatever the scope.
-
-  "replica" (with `groups`, on a mesh): each shard of the batch's rows takes
-  the step on its own rows, its own eps from its own gradient, and the
-  shards' results are averaged (`_replica_gradient`); without `groups` (one
-  shard) it is "global".
+  "replica" (on a mesh, with `groups`): each shard of the rows its own eps
+  (`_replica_gradient`); without `groups` it is "global". A `lookahead`
+  method's passes are all at the same theta + eps, whatever the scope.
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
            perturbation_scope=perturbation_scope, alpha=alpha,
@@ -782,6 +778,14 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
     shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
     loss, grads, g, metrics = _weighted_sum(one, micro, frac_k, shapes)
     return out(loss, _cast_like(grads, params), g, metrics)
+  return out(*_global_accumulation(entry, params, micro, frac_k, rho=rho,
+                                   opts=opts, logits_fn=logits_fn, head=head))
+
+
+def _global_accumulation(entry: Method, params, micro, frac_k, *, rho,
+                         opts: Options, logits_fn, head):
+  """The global scope over microbatches: g summed (first scan), eps from it,
+  then the method's gradient at that eps summed (second scan)."""
 
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
@@ -793,10 +797,10 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
 
   def perturbed(mb):
     return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
-                      logits_fn, phi, head))
+                      logits_fn, opts.phi, head))
   grads = _cast_like(_weighted_sum(perturbed, micro, frac_k, g), params)
   grads = _combine(entry, grads, _cast_like(g, params), opts)
-  return out(loss, grads, g, _metrics(grads, g, eps, rho))
+  return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
 class Groups(NamedTuple):
