@@ -435,6 +435,26 @@ def test_every_method_in_the_rho_sweep_gets_a_valid_config(monkeypatch):
   assert set(sam.METHODS) <= {v.name for v in bench.parse_methods("all")}
 
 
+def test_variants_table_pairs_seeds_with_adamw(tmp_path):
+  from conftest import fake_run
+  from scripts import variants_table
+  for seed, adamw, gsam in ((0, 7.0, 6.9), (1, 7.2, 7.0)):
+    fake_run(tmp_path, f"adamw-{seed}", method="adamw", rho=0.0, seed=seed,
+             loss=adamw)
+    fake_run(tmp_path, f"gsam-{seed}", method="gsam", rho=0.1, seed=seed,
+             loss=gsam)
+  fake_run(tmp_path, "gsam-2", method="gsam", rho=0.2, seed=0, loss=7.3)
+  from nanodo_sam import runs as runs_lib
+  rows = {r["label"]: r for r in variants_table.rows(runs_lib.load_runs(
+      [str(tmp_path)], finished=True, warn=lambda _: None))}
+  assert set(rows) == {"AdamW", "GSAM ρ=0.1", "GSAM ρ=0.2"}
+  assert rows["GSAM ρ=0.1"]["seeds"] == [0, 1]
+  np.testing.assert_allclose(rows["GSAM ρ=0.1"]["loss"], 6.95)
+  np.testing.assert_allclose(rows["GSAM ρ=0.1"]["vs_adamw"], -0.15)
+  np.testing.assert_allclose(rows["GSAM ρ=0.2"]["vs_adamw"], 0.3)
+  assert variants_table.table(str(tmp_path)).startswith("5 of ? runs")
+
+
 # ------------------------------------------- per-replica perturbations
 
 REPLICA_CASES = (("sam", {}), ("gsam", {"alpha": 0.3}),
