@@ -143,7 +143,8 @@ def get_config() -> ml_collections.ConfigDict:
   # the last measured (method gradient - g), rescaled to the current ||g||.
   c.sam.reuse = False
   c.sam.precond_normalize = "after"  # after: rho P^-1g/|P^-1g|; before.
-  c.sam.perturbation_scope = "global"  # global | microbatch (accumulation).
+  # global | microbatch (each its own eps) | replica (each data shard its own).
+  c.sam.perturbation_scope = "global"
   # GSAM's weight of -g_orth (gsam, precond_gsam; 0 = SAM); needed there.
   c.sam.alpha = config_dict.placeholder(float)
   # ASAM's eta in T = |theta| + eta (adaptive methods); None = 0.01.
