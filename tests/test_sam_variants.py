@@ -499,10 +499,55 @@ def _replica_errors() -> dict:
           "loss_err": float(abs(res.loss - ref_loss) / abs(ref_loss)),
           "vs_global": float(jnp.linalg.norm(got - whole)
                              / jnp.linalg.norm(ref))}
+  out.update(_replica_train_step_errors())
   return out
 
 
-@pytest.mark.slow  # ~40 s: 8 simulated devices in a subprocess.
+def _replica_train_step_errors() -> dict:
+  """The jitted train step with sam.perturbation_scope=replica (GSAM, SGD at
+  learning rate 1, so the update is the gradient) against the loop over
+  the 8 shards of rows with the model's own logits function."""
+  from conftest import tiny_config
+  from nanodo_sam import model as model_lib
+  from nanodo_sam import sharding
+  from nanodo_sam import state as state_lib
+  from nanodo_sam import step as step_lib
+  rng = np.random.default_rng(1)
+  batch = {"inputs": rng.integers(3, 259, (16, 8)).astype(np.int32),
+           "targets": rng.integers(3, 259, (16, 8)).astype(np.int32),
+           "weights": (rng.uniform(size=(16, 8)) > 0.2).astype(np.float32)}
+  out = {}
+  for k in (1, 2):
+    cfg = tiny_config(**{
+        "sam.method": "gsam", "sam.alpha": 0.3, "sam.rho": RHO,
+        "sam.perturbation_scope": "replica", "grad_accumulation_steps": k,
+        "model.L": 8, "data.batch_size": 16, "mesh.data": 4, "mesh.fsdp": 2,
+        "opt.optimizer": "sgd", "opt.peak_learning_rate": 1.0,
+        "opt.weight_decay": 0.0, "opt.warmup_steps": 0,
+        "opt.decay_type": "constant"})
+    s = state_lib.setup(cfg)
+    state = state_lib.init_state(s, 0)
+    params = jax.device_get(state.params)
+    new, metrics = step_lib.jit_train_step(s, "gsam")(
+        state, sharding.global_batch(batch, s.mesh))
+    got = _flat(params) - _flat(jax.device_get(new.params))
+    logits_fn = model_lib.make_logits_fn(s.model)
+    shards = [jax.tree.map(lambda x, j=j: x[2 * j:2 * j + 2], batch)
+              for j in range(8)]
+    w = np.array([b["weights"].sum() for b in shards])
+    ref = sum(wj * _flat(_step("gsam", params, b, logits_fn, alpha=0.3)[1])
+              for wj, b in zip(w, shards)) / w.sum()
+    whole = _flat(_step("gsam", params, batch, logits_fn, alpha=0.3)[1])
+    out[f"train_step/k{k}"] = {
+        "err": float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)),
+        "loss_err": float(abs(metrics["loss"] - _step(
+            "adamw", params, batch, logits_fn)[0])),
+        "vs_global": float(jnp.linalg.norm(got - whole)
+                           / jnp.linalg.norm(ref))}
+  return out
+
+
+@pytest.mark.slow  # ~1 min: 8 simulated devices in a subprocess.
 def test_replica_scope_is_each_shards_own_step(tmp_path):
   import json
   import os
@@ -517,7 +562,7 @@ def test_replica_scope_is_each_shards_own_step(tmp_path):
   subprocess.run([sys.executable, __file__, str(path)], env=env, cwd=root,
                  check=True, timeout=900)
   errors = json.loads(path.read_text())
-  assert len(errors) == 2 * len(REPLICA_CASES)
+  assert len(errors) == 2 * len(REPLICA_CASES) + 2
   for name, e in errors.items():
     assert e["err"] < 1e-5 and e["loss_err"] < 1e-5, (name, e)
     if not name.startswith("momentum_sam"):  # Its eps is the batch's m.
