@@ -38,12 +38,10 @@ import json
 import math
 import platform
 import time
-from typing import Any
 
 import jax
 import numpy as np
 
-from nanodo_sam import config as config_lib
 from nanodo_sam import flops as flops_lib
 from nanodo_sam.hlo_cost import memory_bytes  # noqa: F401 (bench.memory_bytes)
 from nanodo_sam.flops import method_flops_factor, model_flops_per_token
@@ -62,6 +60,7 @@ SIZES = sizes_lib.SIZES
 
 RHO = 0.05
 ANGLE_PHI = math.pi / 4
+GSAM_ALPHA = 0.1  # alpha does not change the cost
 CHEAP_VARIANTS = ("precond_functional_sam:k=2", "precond_functional_sam:k=5",
                   "precond_functional_sam:k=5:reuse")
 WARMUP_STEPS = 2
@@ -140,6 +139,8 @@ def _variant_config(cfg, size: str | None, v: Variant):
     c.sam.method = v.method
     c.sam.rho = RHO if entry.perturbs else 0.0
     c.sam.phi = ANGLE_PHI if entry.uses_phi else None
+    c.sam.alpha = GSAM_ALPHA if entry.uses_alpha else None
+    c.sam.adaptive_eta = None
     c.sam.every_k = v.every_k
     c.sam.start_step = 0
     c.sam.end_step = -1
@@ -315,6 +316,7 @@ def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json",
       "interleaved": interleave,
       "rho": RHO,
       "angle_phi": ANGLE_PHI,
+      "gsam_alpha": GSAM_ALPHA,
       "flops_formula": "model_flops_per_token = 6*N_nonembed + 6*V*D + "
                        "12*n_layers*L*D; method FLOPs = model FLOPs * "
                        "(2*forwards + 4*backwards)/6",

@@ -154,7 +154,8 @@ def make_diagnose(cfg, s, eval_data
   def diagnose(state, batch, step):
     rng = jax.random.fold_in(state.rng, step)
     return to_scalars(fn(state, batch, schedule(step),
-                         sam_schedule.rho_at(cfg.sam, step), rng), prefix)
+                         sam_schedule.rho_at(cfg.sam, step, cfg.opt), rng),
+                      prefix)
 
   return diagnose
 

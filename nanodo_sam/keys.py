@@ -216,7 +216,8 @@ _SAM = (  # The gradient step (nanodo_sam/sam.py).
     _str("sam.method", "adamw",
          "adamw (the plain step) or a method of sam.METHODS: sam | "
          "functional_sam | logit_sam | angle_sam | precond_sam | "
-         "precond_functional_sam ..."),
+         "precond_functional_sam | adaptive_sam | gsam | momentum_sam ... "
+         "(docs/sam_variants.md)"),
     _num("sam.rho", 0.0, "Perturbation radius."),
     _num("sam.phi", None, "Angle-SAM angle (radians).", least=None),
     _int("sam.rho_warmup_steps", 0, 0, "rho grows linearly from 0 over this."),
@@ -231,7 +232,18 @@ _SAM = (  # The gradient step (nanodo_sam/sam.py).
     _str("sam.precond_normalize", "after",
          "after: rho P^-1g/|P^-1g|; before."),
     _str("sam.perturbation_scope", "global",
-         "global | microbatch (with gradient accumulation)."),
+         "global | microbatch (each microbatch its own eps) | replica (each "
+         "data-parallel shard its own eps)."),
+    _num("sam.alpha", None, "GSAM's weight of -g_orth (gsam, precond_gsam; "
+         "0 = SAM); needed there."),
+    _num("sam.adaptive_eta", None, "ASAM's eta in T = |theta| + eta (the "
+         "adaptive methods); unset = 0.01."),
+    choice("sam.rho_schedule", "constant", ("constant", "lr"),
+           "constant, or lr: rho follows the learning rate from sam.rho_min "
+           "(at the lowest rate) to sam.rho (at the peak), GSAM's schedule; "
+           "any method."),
+    _num("sam.rho_min", None, "With sam.rho_schedule='lr': rho at the "
+         "lowest learning rate; unset = 0."),
 )
 _LOOP = (
     _int("grad_accumulation_steps", 1, 0,

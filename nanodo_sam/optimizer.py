@@ -125,6 +125,20 @@ def _adam_state(opt_state) -> optax.ScaleByAdamState:
     raise ValueError("AdamW's moments are read from exactly one AdamW state "
                      "in the optimizer; use opt.optimizer='adamw'")
   return adam[0]
+def first_moment(opt_state):
+  """The optimizer's first moment, a tree like the params (Momentum-SAM's
+  direction): AdamW's mu (before bias correction; only its direction is
+  used) or SGD with momentum's trace; zeros before the first update."""
+  kinds = (optax.ScaleByAdamState, optax.TraceState)
+  is_state = lambda x: isinstance(x, kinds)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
+           if is_state(x)]
+  if len(found) != 1:
+    raise ValueError("the momentum methods need exactly one first moment in "
+                     "the optimizer; use opt.optimizer='adamw' or 'momentum'")
+  state = found[0]
+  return state.mu if isinstance(state, optax.ScaleByAdamState) else (
+      state.trace)
 
 
 def adam_preconditioner(opt_state, *, b2: float, eps: float):
@@ -150,10 +164,6 @@ def adam_precond(opt_state, opt_cfg):
   return adam_preconditioner(opt_state, b2=opt_cfg.b2, eps=opt_cfg.eps)[0]
 
 
-def first_moment(opt_state):
-  """AdamW's first moment mu (an EMA of the gradients with opt.b1, not bias
-  corrected; zeros before the first update), read from its state."""
-  return _adam_state(opt_state).mu
 def validate(opt_cfg) -> None:
   """The opt.* keys fit together; UsageError (one line) otherwise."""
   if opt_cfg.warmup_steps > opt_cfg.num_train_steps:

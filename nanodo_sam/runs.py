@@ -49,6 +49,8 @@ SETTING = ("rho", "lr", "variant")
 # value differs from configs/base.py's.
 VARIANT_KEYS = ("sam.rho_warmup_steps", "sam.start_step", "sam.end_step",
                 "sam.every_k", "sam.precond_normalize", "sam.phi",
+                "sam.alpha", "sam.adaptive_eta", "sam.rho_schedule",
+                "sam.rho_min",
                 "sam.perturbation_scope", "opt.weight_decay")
 
 

@@ -19,6 +19,10 @@ rho H_G e (Gauss-Newton / functional-Hessian split of the loss Hessian), so
 sam = logit_sam + functional_sam - g + O(rho^2). Adding a method is one
 function `(step: Step) -> grads` and one line in `METHODS`.
 
+The public codebases' variants differ in where eps points (`Method.direction`:
+ASAM's T^2 g, Momentum-SAM's -m) or in a final combination (GSAM's
+projection, `Method.combine`); docs/sam_variants.md lists them all.
+
 Memory: when the caller hands over the model's output layer (`head`, a
 loss.OutputHead; the Nanodo model's is `model.output_head`), the output layer,
 the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
@@ -49,8 +53,16 @@ from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
 PRECOND_NORMALIZE = ("after", "before")
-PERTURBATION_SCOPES = ("global", "microbatch")
+PERTURBATION_SCOPES = ("global", "microbatch", "replica")
 OPTIMIZERS_WITH_PRECOND = ("adamw",)
+# Optimizers whose state holds a first moment (Momentum-SAM's direction):
+# AdamW's mu, SGD with momentum's trace.
+OPTIMIZERS_WITH_MOMENTUM = ("adamw", "momentum")
+# Where eps points (`Method.direction`): along g (SAM), along T^2 g with T =
+# |theta| + eta (ASAM, Kwon et al. 2021), or against the optimizer's first
+# moment m (Momentum-SAM, Becker et al. 2024).
+DIRECTIONS = ("gradient", "adaptive", "momentum")
+ADAPTIVE_ETA = 0.01  # ASAM's eta when unset (the official code's value)
 
 PyTree = Any
 
@@ -314,6 +326,43 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
   return _scale_to(jax.tree.map(divide, grads, precond), rho)
 
 
+def adaptive_perturbation(grads: PyTree, params: PyTree, rho,
+                          eta: float = ADAPTIVE_ETA) -> PyTree:
+  """ASAM's eps = rho T^2 g / ||T g||, T = |theta| + eta elementwise: the
+  SAM ascent step in the coordinates theta / T, where a rescaling of the
+  weights that leaves the network's function unchanged leaves it unchanged
+  too (Kwon et al. 2021, eq. 12)."""
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  t = jax.tree.map(lambda p: jnp.abs(f32(p)) + eta, params)
+  tg = jax.tree.map(lambda t, g: t * f32(g), t, grads)
+  scale = rho / (tree_math.norm(tg) + NORM_EPS)
+  return jax.tree.map(lambda t, x, g: (scale * t * x).astype(g.dtype),
+                      t, tg, grads)
+
+
+def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree
+                          ) -> PyTree:
+  """Momentum-SAM's eps = -rho m / ||m||, m the optimizer's first moment
+  (a tree like `like`); zero when m is None or 0 (the first step), so the
+  step then takes the plain gradient."""
+  if momentum is None:
+    return jax.tree.map(jnp.zeros_like, like)
+  eps = _scale_to(jax.tree.map(jnp.negative, momentum), rho)
+  return jax.tree.map(lambda e, x: e.astype(x.dtype), eps, like)
+
+
+class Options(NamedTuple):
+  """The step's options beyond rho; each is read only by the methods whose
+  registry entry uses it (`validate` refuses the others)."""
+
+  phi: float | None = None  # Angle-SAM's angle
+  alpha: float | None = None  # GSAM's weight of -g_orth
+  precond: PyTree | None = None  # AdamW's P (precond methods)
+  precond_normalize: str = "after"
+  adaptive_eta: float | None = None  # ASAM's eta (None: ADAPTIVE_ETA)
+  momentum: PyTree | None = None  # the optimizer's first moment
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
   """What a method sees: the clean pass and the perturbed parameters."""
@@ -375,6 +424,16 @@ def _angle_sam(step: Step) -> PyTree:
       g, g_logit, g_func)
 
 
+def _surrogate_gap(g_p: PyTree, g: PyTree, alpha) -> PyTree:
+  """GSAM's g_p - alpha g_orth, g_orth = g - (<g, g_p>/||g_p||^2) g_p: the
+  part of g orthogonal to g_p, descended to shrink the surrogate gap
+  L(theta + eps) - L(theta) without changing the perturbed loss."""
+  coef = tree_math.vdot(g, g_p) / jnp.maximum(
+      jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny)
+  return jax.tree.map(
+      lambda p, x: (p - alpha * (x - coef * p)).astype(p.dtype), g_p, g)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registry entry: every fact about a method, read by the rest of the code
@@ -391,6 +450,15 @@ class Method:
   perturbs: bool = True  # needs eps (theta + eps)
   precond: bool = False  # eps in AdamW's geometry, uses `precond`
   uses_phi: bool = False  # needs the angle phi
+  uses_alpha: bool = False  # needs GSAM's alpha
+  direction: str = "gradient"  # where eps points: one of DIRECTIONS
+  # The one clean pass is taken at theta + eps (eps known before the step,
+  # as Momentum-SAM's is): `loss` and g are then those at theta + eps.
+  lookahead: bool = False
+  # (fn's gradient, g, alpha) -> the step's gradient, applied once to the
+  # whole batch's (the accumulated) fn gradient and g: a step not linear in
+  # the batch (GSAM's projection).
+  combine: Callable[[PyTree, PyTree, Any], PyTree] | None = None
 
   def __call__(self, step: Step) -> PyTree:
     return self.fn(step)
@@ -405,11 +473,27 @@ METHODS: dict[str, Method] = {
     "precond_sam": Method(_sam, "Precond SAM", precond=True),
     "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
                                      precond=True),
+    "adaptive_sam": Method(_sam, "ASAM", direction="adaptive"),
+    "gsam": Method(_sam, "GSAM", uses_alpha=True, combine=_surrogate_gap),
+    "momentum_sam": Method(_plain, "Momentum-SAM", forwards=1, backwards=1,
+                           direction="momentum", lookahead=True),
+    # Combinations none of the public codebases has (docs/sam_variants.md).
+    "functional_adaptive_sam": Method(_functional_sam, "Func-ASAM",
+                                      direction="adaptive"),
+    "functional_momentum_sam": Method(_functional_sam, "Func-Momentum-SAM",
+                                      direction="momentum"),
+    "precond_gsam": Method(_sam, "Precond GSAM", precond=True,
+                           uses_alpha=True, combine=_surrogate_gap),
 }
 # The plain step's key: the base optimizer's own gradient, no perturbation.
 PLAIN = "adamw"
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)
+ALPHA_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_alpha)
+ADAPTIVE_METHODS = frozenset(k for k, m in METHODS.items()
+                             if m.direction == "adaptive")
+MOMENTUM_METHODS = frozenset(k for k, m in METHODS.items()
+                             if m.direction == "momentum")
 
 
 def is_plain(method: str) -> bool:
@@ -440,7 +524,8 @@ def _as_float(x) -> float | None:
 
 def validate(method: str, rho, phi=None, optimizer: str = "adamw",
              precond_normalize: str = "after",
-             perturbation_scope: str = "global") -> None:
+             perturbation_scope: str = "global", alpha=None,
+             adaptive_eta=None) -> None:
   """Raise ValueError (one line: what is wrong and how to fix it) on a bad
   method/rho/phi/optimizer/option combination: the one check of the step's
   options (sam_schedule.validate calls it). Traced rho is not checked."""
@@ -457,6 +542,7 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
   if method not in PHI_METHODS and phi is not None:
     raise ValueError(f"sam.phi={phi!r} is ignored by sam.method={method!r}; "
                      f"unset sam.phi or use one of {sorted(PHI_METHODS)}")
+  _validate_variant_options(method, optimizer, alpha, adaptive_eta)
   if method in PRECOND_METHODS and optimizer not in OPTIMIZERS_WITH_PRECOND:
     raise ValueError(f"sam.method={method!r} preconditions with AdamW's second "
                      f"moment but opt.optimizer={optimizer!r}; use "
@@ -467,8 +553,35 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
                      "applied to g/||g||)")
   if perturbation_scope not in PERTURBATION_SCOPES:
     raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
-                     "unknown; use 'global' (eps from the whole batch) or "
-                     "'microbatch' (each microbatch its own eps)")
+                     "unknown; use 'global' (eps from the whole batch), "
+                     "'microbatch' (each microbatch its own eps) or "
+                     "'replica' (each data-parallel shard its own eps)")
+
+
+def _validate_variant_options(method: str, optimizer: str, alpha,
+                              adaptive_eta) -> None:
+  """GSAM's alpha, ASAM's eta and Momentum-SAM's first moment."""
+  if method in ALPHA_METHODS and alpha is None:
+    raise ValueError(f"sam.method={method!r} needs GSAM's sam.alpha (the "
+                     "weight of -g_orth; 0 = SAM); set it")
+  if method not in ALPHA_METHODS and alpha is not None:
+    raise ValueError(f"sam.alpha={alpha!r} is ignored by sam.method="
+                     f"{method!r}; unset sam.alpha or use one of "
+                     f"{sorted(ALPHA_METHODS)}")
+  if method not in ADAPTIVE_METHODS and adaptive_eta is not None:
+    raise ValueError(f"sam.adaptive_eta={adaptive_eta!r} is ignored by "
+                     f"sam.method={method!r}; unset sam.adaptive_eta or use "
+                     f"one of {sorted(ADAPTIVE_METHODS)}")
+  for name, value in (("alpha", alpha), ("adaptive_eta", adaptive_eta)):
+    number = _as_float(value)
+    if number is not None and not number >= 0:
+      raise ValueError(f"sam.{name}={value!r} must be >= 0; set a "
+                       "non-negative value")
+  if method in MOMENTUM_METHODS and optimizer not in OPTIMIZERS_WITH_MOMENTUM:
+    raise ValueError(f"sam.method={method!r} perturbs against the "
+                     f"optimizer's first moment, which opt.optimizer="
+                     f"{optimizer!r} has none of; use opt.optimizer='adamw' "
+                     "or 'momentum'")
 
 
 # ---------------------------------------------------------------- the step
@@ -477,40 +590,67 @@ def validate(method: str, rho, phi=None, optimizer: str = "adamw",
 def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
              logits_fn: LogitsFn, rho, phi: float | None = None,
              precond: PyTree | None = None, precond_normalize: str = "after",
-             head: OutputHead | None = None
+             head: OutputHead | None = None, alpha: float | None = None,
+             adaptive_eta: float | None = None,
+             momentum: PyTree | None = None
              ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
   """(loss at theta, the method's gradient, scalar metrics).
 
-  `method` and `precond_normalize` are static python values; `rho` and `phi`
-  may be traced. `precond` (P = sqrt(nu_hat) + eps_adam, same tree as params) is
-  used only by precond methods; None there means P = 1 (no Adam state yet).
-  `head` (optional): logits_fn's output layer, so the step can chunk the
-  [B, L, V] logits (see `head_vjp`); the result is the same without it.
+  `method` and `precond_normalize` are static python values; `rho`, `phi`,
+  `alpha` and `adaptive_eta` may be traced. `precond` (P = sqrt(nu_hat) +
+  eps_adam, same tree as params) is used only by precond methods; None there
+  means P = 1 (no Adam state yet). `momentum` (the optimizer's first moment,
+  a tree like params) only by the momentum methods; None there means m = 0
+  (the first step: the plain gradient). For a `lookahead` method (Momentum-
+  SAM) the one pass is at theta + eps, and the loss and the metrics' g are
+  there. `head` (optional): logits_fn's output layer, so the step can chunk
+  the [B, L, V] logits (see `head_vjp`); the result is the same without it.
   """
-  validate(method, rho, phi, precond_normalize=precond_normalize)
-  loss, grads, _, metrics = _gradient(
-      method, params, batch, logits_fn=logits_fn, rho=rho, phi=phi,
-      precond=precond, precond_normalize=precond_normalize, head=head)
+  validate(method, rho, phi, precond_normalize=precond_normalize,
+           alpha=alpha, adaptive_eta=adaptive_eta)
+  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta,
+                 momentum)
+  loss, grads, _, metrics = _gradient(method, params, batch,
+                                      logits_fn=logits_fn, rho=rho,
+                                      opts=opts, head=head)
   return loss, grads, metrics
 
 
-def _gradient(method, params, batch, *, logits_fn, rho, phi, precond,
-              precond_normalize, head):
+def _gradient(method, params, batch, *, logits_fn, rho, opts: Options, head):
   """`gradient` on validated options, also returning the plain gradient g."""
   entry = METHODS[method]
   rho = jnp.asarray(rho, jnp.result_type(float))
-  clean = clean_vjp(params, batch, logits_fn, head)
-  eps = _eps(entry, clean.grads, rho, precond, precond_normalize)
-  grads = entry(Step(clean, _add(params, eps), batch, logits_fn, phi, head))
+  if entry.lookahead:
+    eps = _eps(entry, params, None, rho, opts)
+    clean = clean_vjp(_add(params, eps), batch, logits_fn, head)
+    params_eps = None
+  else:
+    clean = clean_vjp(params, batch, logits_fn, head)
+    eps = _eps(entry, params, clean.grads, rho, opts)
+    params_eps = _add(params, eps)
+  grads = _combine(entry, entry(Step(clean, params_eps, batch, logits_fn,
+                                     opts.phi, head)), clean.grads, opts)
   return (clean.loss, grads, clean.grads,
           _metrics(grads, clean.grads, eps, rho))
 
 
-def _eps(entry: Method, grads, rho, precond, precond_normalize):
+def _combine(entry: Method, grads, g, opts: Options):
+  if entry.combine is None:
+    return grads
+  return entry.combine(grads, g, opts.alpha)
+
+
+def _eps(entry: Method, params, grads, rho, opts: Options):
+  """The method's perturbation (None for methods that do not perturb)."""
   if not entry.perturbs:
     return None
-  return perturbation(grads, rho, precond if entry.precond else None,
-                      precond_normalize)
+  if entry.direction == "momentum":
+    return momentum_perturbation(opts.momentum, rho, params)
+  if entry.direction == "adaptive":
+    eta = ADAPTIVE_ETA if opts.adaptive_eta is None else opts.adaptive_eta
+    return adaptive_perturbation(grads, params, rho, eta)
+  return perturbation(grads, rho, opts.precond if entry.precond else None,
+                      opts.precond_normalize)
 
 
 def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
@@ -564,7 +704,8 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
                          perturbation_scope: str = "global",
                          return_reuse: bool = False,
                          head: OutputHead | None = None,
-                         groups: Groups | None = None) -> GradientResult:
+                         groups: Groups | None = None, alpha=None,
+                         adaptive_eta=None, momentum=None) -> GradientResult:
   """`gradient` over `num_microbatches` microbatches summed with lax.scan.
 
   "global" (the paper's semantics): eps comes from the gradient of the whole
@@ -585,25 +726,34 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   and each group of devices accumulates its own part of the gradient over
   the microbatches, reduced once per scan (`_grouped_sum`), instead of a
   gather and a reduction per microbatch. The result is the same.
+
+  "replica" (on a mesh, with `groups`): each shard of the rows its own eps
+  (`_replica_gradient`); without `groups` it is "global". A `lookahead`
+  method's passes are all at the same theta + eps, whatever the scope.
   """
   validate(method, rho, phi, precond_normalize=precond_normalize,
-           perturbation_scope=perturbation_scope)
-  kw = dict(logits_fn=logits_fn, rho=rho, phi=phi, precond=precond,
-            precond_normalize=precond_normalize, head=head)
-  if num_microbatches == 1:
+           perturbation_scope=perturbation_scope, alpha=alpha,
+           adaptive_eta=adaptive_eta)
+  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta,
+                 momentum)
+  kw = dict(logits_fn=logits_fn, rho=rho, opts=opts, head=head)
+  entry = METHODS[method]
+  if perturbation_scope == "replica" and groups is not None:
+    result = _replica_gradient(method, params, batch, rho=rho, opts=opts,
+                               k=num_microbatches, groups=groups)
+  elif num_microbatches == 1:
     result = _gradient(method, params, batch, **kw)
   elif groups is not None and perturbation_scope == "global":
     result = _grouped_accumulation(
-        METHODS[method], params, batch,
-        rho=jnp.asarray(rho, jnp.result_type(float)), phi=phi,
-        precond=precond, precond_normalize=precond_normalize,
-        k=num_microbatches, groups=groups)
-  elif perturbation_scope == "microbatch" or is_plain(method):
+        entry, params, batch, rho=jnp.asarray(rho, jnp.result_type(float)),
+        opts=opts, k=num_microbatches, groups=groups)
+  elif (perturbation_scope == "microbatch" or not entry.perturbs
+        or entry.lookahead):
     result = _per_microbatch(method, params, batch, num_microbatches,
                              keep_g=return_reuse, **kw)
   else:
-    result = _global_accumulation(METHODS[method], params, batch,
-                                  num_microbatches, **kw)
+    result = _global_accumulation(entry, params, batch, num_microbatches,
+                                  **kw)
   return _gradient_result(*result, return_reuse=return_reuse)
 
 
@@ -633,7 +783,7 @@ def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
 
 
 def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
-                         rho, phi, precond, precond_normalize, head):
+                         rho, opts: Options, head):
   """(loss, grads, g, metrics) with eps from the whole batch's gradient:
   one scan over the k microbatches for g, a second for the method's
   gradient at theta + eps."""
@@ -645,13 +795,14 @@ def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
     return c.loss, c.grads
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
   loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
-  eps = _eps(entry, g, rho, precond, precond_normalize)
+  eps = _eps(entry, params, g, rho, opts)
   params_eps = _add(params, eps)
 
   def perturbed(mb):
     return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
-                      logits_fn, phi, head))
+                      logits_fn, opts.phi, head))
   grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
+  grads = _combine(entry, grads, _cast_like(g, params), opts)
   return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
@@ -729,14 +880,17 @@ def _group_microbatches(batch, k: int, G: int):
   return micro, w_kxG / jnp.maximum(jnp.sum(w_kxG), 1.0)
 
 
-def _grouped_accumulation(entry: Method, params, batch, *, rho, phi, precond,
-                          precond_normalize, k: int, groups: Groups):
+def _grouped_accumulation(entry: Method, params, batch, *, rho,
+                          opts: Options, k: int, groups: Groups):
   """`accumulated_gradient`'s global-scope result with one gather of theta
-  (and one of theta + eps) per step and one reduction per scan."""
+  (and one of theta + eps) per step and one reduction per scan (a lookahead
+  method: one gather of theta + eps, its one pass there)."""
   G = _group_count(groups)
   logits_fn, head = groups.logits_fn, groups.head
   micro, frac = _group_microbatches(batch, k, G)
-  params_G = _per_group(groups, params)
+  ahead = _eps(entry, params, None, rho, opts) if entry.lookahead else None
+  params_G = _per_group(groups, params if ahead is None
+                        else _add(params, ahead))
 
   def clean(p, mb):
     c = clean_vjp(p, mb, logits_fn, head)
@@ -746,19 +900,59 @@ def _grouped_accumulation(entry: Method, params, batch, *, rho, phi, precond,
   like = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], params_G), one)
   loss, g = _grouped_sum(clean, params_G, micro, frac, like, groups)
   g = _to_params_layout(groups, g, params)
-  if not entry.perturbs:
-    return loss, g, g, _metrics(g, g, None, rho)
-  eps = _eps(entry, g, rho, precond, precond_normalize)
+  if not entry.perturbs or entry.lookahead:
+    return loss, g, g, _metrics(g, g, ahead, rho)
+  eps = _eps(entry, params, g, rho, opts)
   params_eps = _add(params, eps)
   both_G = (params_G, _per_group(groups, params_eps))
 
   def perturbed(both, mb):
     p, p_eps = both
     return entry(Step(clean_vjp(p, mb, logits_fn, head), p_eps, mb,
-                      logits_fn, phi, head))
+                      logits_fn, opts.phi, head))
   grads = _to_params_layout(
       groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params)
+  grads = _combine(entry, grads, g, opts)
   return loss, grads, g, _metrics(grads, g, eps, rho)
+
+
+def _replica_gradient(method: str, params, batch, *, rho, opts: Options,
+                      k: int, groups: Groups):
+  """perturbation_scope='replica': shard_map over the batch's axes
+  (`groups.batch_sharding`); each of the G shards takes the whole method on
+  its B/G rows (its own eps from its own gradient: m-sharpness with m = B/G,
+  the data-parallel default of Foret et al.'s code and optax.contrib.sam's
+  `batch_axis_name`), over k microbatches with the global scope inside the
+  shard; the results are averaged with each shard's share of the loss
+  weights. The parameters are gathered whole onto every device."""
+  spec = groups.batch_sharding.spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec)
+  static = dict(phi=opts.phi, alpha=opts.alpha,
+                adaptive_eta=opts.adaptive_eta,
+                precond_normalize=opts.precond_normalize)
+
+  def local(args, batch):
+    params, precond, momentum, rho = args
+    res = accumulated_gradient(
+        method, params, batch, logits_fn=groups.logits_fn, head=groups.head,
+        rho=rho, precond=precond, momentum=momentum, num_microbatches=k,
+        return_reuse=True, **static)
+    g = jax.tree.map(lambda x, d: x.astype(jnp.float32) - d, res.grads,
+                     res.reuse.delta)
+    w = jnp.sum(batch["weights"].astype(jnp.float32))
+    frac = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
+    mean = lambda tree: jax.tree.map(
+        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree)
+    return mean((res.loss, res.grads, g, res.metrics))
+
+  args = (params, opts.precond, opts.momentum, jnp.asarray(rho, jnp.float32))
+  specs = (jax.tree.map(lambda _: PartitionSpec(), args),
+           jax.tree.map(lambda _: PartitionSpec(axes), batch))
+  loss, grads, g, metrics = jax.shard_map(
+      local, mesh=groups.batch_sharding.mesh, in_specs=specs,
+      out_specs=PartitionSpec(), check_vma=False)(args, batch)
+  return (loss, _to_params_layout(groups, grads, params),
+          _to_params_layout(groups, g, params), metrics)
 
 
 # ------------------------------------------------- reuse between steps

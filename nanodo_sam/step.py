@@ -43,12 +43,16 @@ def make_train_step(s, method: str, correct: bool = False):
   groups = device_groups(s)
 
   def step_fn(state, batch):
-    rho = sam_schedule.rho_at(sam_cfg, state.step)
+    rho = sam_schedule.rho_at(sam_cfg, state.step, cfg.opt)
     precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
                if method in sam_lib.PRECOND_METHODS else None)
+    momentum = (optimizer_lib.first_moment(state.opt_state)
+                if method in sam_lib.MOMENTUM_METHODS else None)
     out = sam_lib.accumulated_gradient(
         method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
-        rho=rho, phi=sam_cfg.phi, precond=precond,
+        rho=rho, phi=sam_cfg.phi, alpha=sam_cfg.get("alpha"),
+        adaptive_eta=sam_cfg.get("adaptive_eta"), momentum=momentum,
+        precond=precond,
         precond_normalize=sam_cfg.precond_normalize,
         num_microbatches=cfg.grad_accumulation_steps,
         perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store,
@@ -76,12 +80,15 @@ def device_groups(s) -> sam_lib.Groups | None:
   once per step and reduces the gradient once per pass, each group of
   devices accumulating its own part over the microbatches. None otherwise
   (one microbatch, one group, or sam.perturbation_scope=microbatch, whose
-  per-microbatch eps needs the whole microbatch's gradient)."""
+  per-microbatch eps needs the whole microbatch's gradient). With
+  sam.perturbation_scope=replica, always on such a mesh: the shards' own
+  steps run their unconstrained model (`sam._replica_gradient`)."""
   cfg = s.cfg
   bs = sharding.batch_sharding(s.mesh)
   G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
-  if (cfg.grad_accumulation_steps <= 1 or G <= 1
-      or cfg.sam.perturbation_scope != "global"):
+  scope = cfg.sam.perturbation_scope
+  if G <= 1 or scope == "microbatch" or (
+      scope == "global" and cfg.grad_accumulation_steps <= 1):
     return None
   cast = model_lib.compute_params(s.model.cfg)
   head = model_lib.output_head(s.model)

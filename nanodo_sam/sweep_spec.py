@@ -110,7 +110,8 @@ def method_runs(methods: Sequence[str], rhos, *,
   rhos: one sequence for every method, or {method: sequence}. A method that
   does not perturb (AdamW: `perturbs` in its `sam.METHODS` entry) gets a
   single run without sam.rho. `fixed` overrides come first in each run (and
-  so first in its name), e.g. {"config": ...}.
+  so first in its name), e.g. {"config": ...}. A method that needs an option
+  gets its default unless `fixed` sets it (`method_options`).
   """
   from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
   runs = []
@@ -133,8 +134,23 @@ def method_runs(methods: Sequence[str], rhos, *,
         run["sam.rho"] = float(rho)
       run["opt.peak_learning_rate"] = float(lr)
       run["seed"] = int(seed)
+      for key, value in method_options(method).items():
+        run.setdefault(key, value)
       runs.append(run)
   return runs
+
+
+DEFAULT_PHI = 0.7854  # Angle-SAM's angle, pi/4 (sweeps' default)
+DEFAULT_ALPHA = 0.2  # GSAM's alpha (sweeps' default)
+
+
+def method_options(method: str) -> dict:
+  """The overrides a method needs to run (its `sam.METHODS` entry's
+  uses_phi / uses_alpha), at the sweeps' defaults."""
+  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
+  entry = METHODS[method]
+  return {**({"sam.phi": DEFAULT_PHI} if entry.uses_phi else {}),
+          **({"sam.alpha": DEFAULT_ALPHA} if entry.uses_alpha else {})}
 
 
 def around(center: float, factors: Sequence[float] = (0.5, 1.0, 2.0),

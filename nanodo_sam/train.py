@@ -19,7 +19,6 @@ run, which started again then changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -424,7 +423,7 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
                      train_seconds=time.time() - t_loop)
   _write_progress(run, status)
   if status in FINISHED:  # A preempted run, or a failed save, is not.
-    writers.write_json(os.path.join(workdir, RESULTS), results)
+    rundir.write_json(os.path.join(workdir, RESULTS), results)
   _close(run.writer, status)
   return results
 
@@ -537,11 +536,11 @@ def _write_progress(run: Run, status: str) -> None:
   if status == SAVE_FAILED:
     progress["error"] = run.save_error
     try:  # The failed save's space is freed, but the disk may still be full.
-      writers.write_json(os.path.join(run.workdir, PROGRESS), progress)
+      rundir.write_json(os.path.join(run.workdir, PROGRESS), progress)
     except OSError as e:
       log.error("progress.json could not be updated either (%s)", e)
     return
-  writers.write_json(os.path.join(run.workdir, PROGRESS), progress)
+  rundir.write_json(os.path.join(run.workdir, PROGRESS), progress)
 
 
 def _tokens_per_step(cfg) -> int:

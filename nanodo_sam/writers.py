@@ -14,8 +14,6 @@ from clu import metric_writers
 
 from nanodo_sam import config as config_lib
 from nanodo_sam import flops as flops_lib
-# The run directory's JSON writer, here too for the loop's other files.
-from nanodo_sam.rundir import write_json  # pylint: disable=unused-import
 
 log = logging.getLogger("nanodo_sam")
 

@@ -247,7 +247,6 @@ def test_edge_of_stability_split_holds_out_the_last_10000_lines(
 def test_edge_of_stability_configs_are_the_papers_setting(monkeypatch,
                                                           tmp_path):
   from configs import edge_of_stability as eos
-  from nanodo_sam import config as config_lib
   from nanodo_sam import sweep as sweep_lib
   from nanodo_sam import text_split
   from nanodo_sam import validation

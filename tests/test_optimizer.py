@@ -42,5 +42,5 @@ def test_first_moment_is_the_gradient_ema():
 def test_without_adamw_there_is_no_precond_and_no_moment():
   cfg, _, _, state1 = _one_update("sgd")
   assert optimizer_lib.adam_precond(state1, cfg.opt) is None
-  with pytest.raises(ValueError, match="exactly one AdamW state"):
+  with pytest.raises(ValueError, match="exactly one first moment"):
     optimizer_lib.first_moment(state1)

@@ -21,6 +21,7 @@ from nanodo_sam.loss import cross_entropy
 B, L, V = 3, 4, 11
 ALL = sorted(sam.METHODS)
 PHI = {"angle_sam": 0.7}
+ALPHA = {"gsam": 0.3, "precond_gsam": 0.3}  # GSAM's needed option (tests/test_sam_variants.py)
 
 
 def _phi(method):
@@ -144,6 +145,7 @@ def _step(method, params, batch, logits_fn, rho, **kw):
   """sam.gradient run eagerly: op-level caches are shared across tests, which
   on CPU is much cheaper than compiling every method (test_jit covers jit)."""
   kw.setdefault("phi", _phi(method))
+  kw.setdefault("alpha", ALPHA.get(method))
   return sam.gradient(method, params, batch, logits_fn=logits_fn, rho=rho, **kw)
 
 
@@ -153,9 +155,13 @@ def _step(method, params, batch, logits_fn, rho, **kw):
 def test_registry():
   assert set(sam.METHODS) == {
       "adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
-      "precond_sam", "precond_functional_sam"}
-  assert set(sam.PRECOND_METHODS) == {"precond_sam", "precond_functional_sam"}
+      "precond_sam", "precond_functional_sam", "adaptive_sam", "gsam",
+      "momentum_sam", "functional_adaptive_sam", "functional_momentum_sam",
+      "precond_gsam"}
+  assert set(sam.PRECOND_METHODS) == {"precond_sam", "precond_functional_sam",
+                                      "precond_gsam"}
   assert set(sam.PHI_METHODS) == {"angle_sam"}
+  assert set(ALPHA) == set(sam.ALPHA_METHODS)
 
 
 def test_the_plain_step_is_known_from_the_registry_and_named_by_its_optimizer():
@@ -383,7 +389,8 @@ def _matmuls(method):
   4 per backward (each one's two cotangents)."""
   params, _ = _mlp()
   step = lambda p, b: sam.gradient(method, p, b, logits_fn=_mlp_logits,
-                                   rho=0.1, phi=_phi(method))
+                                   rho=0.1, phi=_phi(method),
+                                   alpha=ALPHA.get(method))
   return str(jax.make_jaxpr(step)(params, _batch())).count("dot_general")
 
 

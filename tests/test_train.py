@@ -301,7 +301,7 @@ RESUME = {"opt.num_train_steps": 60, "eval_every_steps": 10,
 # the batch of step N-1).
 KILLER = """
 import os, signal, sys
-from nanodo_sam import cli, data, train, writers
+from nanodo_sam import cli, data, rundir, train
 point, at = sys.argv[1], int(sys.argv[2])
 
 def die():
@@ -317,12 +317,12 @@ if point == "after_eval":
       die()
   train._write_progress = wrapped
 elif point == "before_results":
-  write_json = writers.write_json
+  write_json = rundir.write_json
   def wrapped(path, obj):
     if path.endswith("results.json"):
       die()
     write_json(path, obj)
-  writers.write_json = wrapped
+  rundir.write_json = wrapped
 elif point == "batch":
   next_batch, calls = data.TrainIterator.__next__, []
   def wrapped(self):
