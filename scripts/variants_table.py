@@ -15,11 +15,7 @@ import os
 import statistics
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from nanodo_sam import runs as runs_lib  # pylint: disable=g-import-not-at-top
+from nanodo_sam import runs as runs_lib
 
 
 def step_seconds(run) -> float:

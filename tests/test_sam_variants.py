@@ -18,6 +18,7 @@ from nanodo_sam import config as config_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
+from nanodo_sam import validation
 from test_sam import _batch, _mlp, _passes, _transformer
 
 RHO = 0.05
@@ -310,7 +311,7 @@ def test_rho_follows_the_learning_rate():
                  peak_learning_rate=1e-2, decay_type="cosine")
   cfg.sam.update(method="gsam", rho=0.2, alpha=0.1, rho_schedule="lr",
                  rho_min=0.05)
-  config_lib.validate(cfg)
+  validation.validate(cfg)
   rho = lambda s: float(sam_schedule.rho_at(cfg.sam, s, cfg.opt))
   expected = {0: 0.05, 5: 0.05 + 0.15 * 0.5, 10: 0.2, 60: 0.05 + 0.15 * 0.5,
               110: 0.05}
@@ -361,7 +362,7 @@ def test_config_validation_is_one_line(overrides, match):
   from conftest import tiny_config
   cfg = tiny_config(**{"sam.method": "sam", "sam.rho": 0.1, **overrides})
   with pytest.raises(config_lib.UsageError, match=match) as info:
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   assert "\n" not in str(info.value)
 
 
@@ -430,7 +431,7 @@ def test_every_method_in_the_rho_sweep_gets_a_valid_config(monkeypatch):
     cfg = base.copy_and_resolve_references()
     for key, value in run.items():
       config_lib._set(cfg, key, value)
-    config_lib.validate(cfg)
+    validation.validate(cfg)
   # nanodo-sam bench --methods=all reads the same registry.
   assert set(sam.METHODS) <= {v.name for v in bench.parse_methods("all")}
 

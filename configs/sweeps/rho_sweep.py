@@ -2,7 +2,7 @@
 compute (23.9M, fixed-length 10K steps), with AdamW as the rho = 0 reference.
 Plot with scripts/plot_rho.py. METHODS may name any of sam.METHODS (e.g. the
 variants of docs/sam_variants.md: gsam gets sam.alpha, angle_sam sam.phi at
-the sweeps' defaults, `authoring.method_options`)."""
+the sweeps' defaults, `sweep_spec.method_options`)."""
 
 from nanodo_sam import paper_sweeps as common
 from nanodo_sam.sweep_spec import SweepSpec, method_runs

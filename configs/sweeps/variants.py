@@ -15,12 +15,12 @@ Precond Func-SAM 1.0), all on seeds 0 and 1:
 Runs are ordered so that whatever has finished is a comparison: seed 0 of
 every setting first, baselines first.
 
-  python -m launch.sweep configs/sweeps/variants.py --backend=local \\
+  nanodo-sam sweep configs/sweeps/variants.py --backend=local \\
       --out=runs/variants --env=JAX_COMPILATION_CACHE_DIR=$PWD/runs/jax_cache
   python scripts/variants_table.py runs/variants
 """
 
-from configs.sweeps.authoring import SweepSpec
+from nanodo_sam.sweep_spec import SweepSpec
 
 CONFIG = "configs/miniature.py"
 GSAM_ALPHA = 0.2
