@@ -46,7 +46,7 @@ GROUP = ("schedule", "size", "nonlinearity", "method")
 SETTING = ("rho", "lr", "variant")
 # Keys that make a run a different setting of its group besides rho and lr
 # (e.g. SAM with rho warm-up at 1208M); `RunRecord.variant` names those whose
-# value differs from configs/base.py's.
+# value differs from the defaults' (keys.defaults()).
 VARIANT_KEYS = ("sam.rho_warmup_steps", "sam.start_step", "sam.end_step",
                 "sam.every_k", "sam.precond_normalize", "sam.phi",
                 "sam.alpha", "sam.adaptive_eta", "sam.rho_schedule",
