@@ -429,8 +429,7 @@ def test_every_method_in_the_rho_sweep_gets_a_valid_config(monkeypatch):
   base = config_lib.load_config_file(rho_sweep.get_sweep().config)
   for run in runs:
     cfg = base.copy_and_resolve_references()
-    for key, value in run.items():
-      config_lib._set(cfg, key, value)
+    cfg.update_from_flattened_dict(dict(run))
     validation.validate(cfg)
   # nanodo-sam bench --methods=all reads the same registry.
   assert set(sam.METHODS) <= {v.name for v in bench.parse_methods("all")}
