@@ -19,22 +19,11 @@ from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
 from nanodo_sam import validation
-from test_sam import _batch, _mlp, _passes, _transformer
+# The small problems and the float64 fixture of the paper's methods' tests.
+from test_sam import _batch, _mlp, _passes
+from test_sam import problem, x64  # pylint: disable=unused-import
 
 RHO = 0.05
-
-
-@pytest.fixture(params=["transformer", "mlp"])
-def problem(request):
-  make = _transformer if request.param == "transformer" else _mlp
-  params, logits_fn = make()
-  return params, logits_fn, _batch()
-
-
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
 
 
 # ------------------------------------------------------------ references
