@@ -32,8 +32,9 @@ from nanodo_sam import config as config_lib
 from nanodo_sam import sizes
 
 SCHEDULE_NAME = "chinchilla"
-FIXED_LENGTH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            "c4_fixed_length.py")
+FIXED_LENGTH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "c4_fixed_length.py"
+)
 
 
 def get_config(arg: str = sizes.DEFAULT):
@@ -44,8 +45,9 @@ def get_config(arg: str = sizes.DEFAULT):
   c = config_lib.load_config_file(f"{FIXED_LENGTH}:{sizes.resolve(size)}")
   c.schedule_name = SCHEDULE_NAME
   c.chinchilla_params = which
-  steps = sizes.chinchilla_steps(c.model.size_name, which,
-                                 c.data.batch_size * c.model.L)
+  steps = sizes.chinchilla_steps(
+      c.model.size_name, which, c.data.batch_size * c.model.L
+  )
   c.opt.num_train_steps = steps
   c.opt.warmup_steps = sizes.warmup_steps(steps)
   c.eval_every_steps = max(steps // 20, 1)

@@ -71,12 +71,15 @@ def tiny_shakespeare_split() -> tuple[str, str]:
 
 def get_config(arg: str = ""):
   if arg not in ("", "full", "reduced"):
-    raise ValueError(f"unknown config argument {arg!r}; use "
-                     "configs/edge_of_stability.py or "
-                     "configs/edge_of_stability.py:reduced")
+    raise ValueError(
+        f"unknown config argument {arg!r}; use "
+        "configs/edge_of_stability.py or "
+        "configs/edge_of_stability.py:reduced"
+    )
   c = keys.defaults()
-  c.schedule_name = "edge_of_stability" + ("_reduced" if arg == "reduced"
-                                           else "")
+  c.schedule_name = "edge_of_stability" + (
+      "_reduced" if arg == "reduced" else ""
+  )
   rundir.legacy_defaults(c)
   c.model.update(D=128, H=8, N=6, F=512, L=64, V=259)
   c.model.size_name = "eos"
@@ -87,17 +90,17 @@ def get_config(arg: str = ""):
   c.data.eval_files = test_file
   c.data.batch_size = 128
   c.data.eval_batch_size = 128
-  c.data.eval_steps = 16           # 2,048 test rows (~131K characters).
-  c.data.shuffle_buffer = 16_384   # ~ all 13.2K training rows of 65 bytes.
+  c.data.eval_steps = 16  # 2,048 test rows (~131K characters).
+  c.data.shuffle_buffer = 16_384  # ~ all 13.2K training rows of 65 bytes.
 
-  c.opt.optimizer = "sgd"          # Plain SGD: no momentum.
+  c.opt.optimizer = "sgd"  # Plain SGD: no momentum.
   c.opt.decay_type = "constant"
   c.opt.warmup_steps = 0
   c.opt.weight_decay = 0.0
   c.opt.peak_learning_rate = 0.1  # Constant: eta (the sweep varies it).
   c.opt.num_train_steps = 20_000
 
-  c.sam.method = "sam"             # rho = 0 is plain SGD.
+  c.sam.method = "sam"  # rho = 0 is plain SGD.
   c.sam.rho = 0.1
 
   c.diagnostics.every_steps = 100
@@ -118,6 +121,6 @@ def get_config(arg: str = ""):
     c.diagnostics.every_steps = 15
     c.diagnostics.num_iters = 12
     c.eval_every_steps = 100
-    c.checkpoint_every_steps = 0   # Only the final one.
+    c.checkpoint_every_steps = 0  # Only the final one.
     c.log_every_steps = 25
   return c

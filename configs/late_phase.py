@@ -38,12 +38,13 @@ from nanodo_sam import rundir
 NUM_TRAIN_STEPS = 200
 
 
-def switch_step(fraction: float, num_train_steps: int = NUM_TRAIN_STEPS
-                ) -> int:
+def switch_step(fraction: float, num_train_steps: int = NUM_TRAIN_STEPS) -> int:
   """sam.start_step for a switch at `fraction` of the run."""
   if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f"switch fraction {fraction!r} must lie in [0, 1]; use "
-                     "e.g. configs/late_phase.py:0.75")
+    raise ValueError(
+        f"switch fraction {fraction!r} must lie in [0, 1]; use "
+        "e.g. configs/late_phase.py:0.75"
+    )
   return int(round(fraction * num_train_steps))
 
 
@@ -51,17 +52,19 @@ def get_config(arg: str = ""):
   try:
     fraction = float(arg) if arg else 1.0
   except ValueError:
-    raise ValueError(f"config argument {arg!r} is not a switch fraction; use "
-                     "e.g. configs/late_phase.py:0.75") from None
+    raise ValueError(
+        f"config argument {arg!r} is not a switch fraction; use "
+        "e.g. configs/late_phase.py:0.75"
+    ) from None
   c = rundir.legacy_defaults(keys.defaults())
   c.schedule_name = "late_phase"
   c.model.update(D=64, H=2, N=2, F=256, L=64, V=32101)
   c.model.size_name = "late_phase"
   c.data.tfds_name = "c4/en:3.1.0"
-  c.data.use_shipped = True        # The C4 subset shipped with the package.
+  c.data.use_shipped = True  # The C4 subset shipped with the package.
   c.data.batch_size = 8
   c.data.eval_batch_size = 16
-  c.data.eval_steps = 8            # 128 validation rows (8,192 tokens).
+  c.data.eval_steps = 8  # 128 validation rows (8,192 tokens).
   c.opt.optimizer = "adamw"
   c.opt.num_train_steps = NUM_TRAIN_STEPS
   c.opt.warmup_steps = NUM_TRAIN_STEPS // 10
@@ -69,10 +72,10 @@ def get_config(arg: str = ""):
   c.opt.decay_type = "cosine"
   c.opt.weight_decay = 0.1
   c.sam.method = "sam"
-  c.sam.rho = 0.1                  # The paper's best for SAM.
+  c.sam.rho = 0.1  # The paper's best for SAM.
   c.sam.start_step = switch_step(fraction, NUM_TRAIN_STEPS)
   c.eval_every_steps = 50
-  c.checkpoint_every_steps = 0     # Only the final one (for analyze).
+  c.checkpoint_every_steps = 0  # Only the final one (for analyze).
   c.log_every_steps = 20
   # `nanodo-sam analyze` reads these: one fixed batch of 8 validation rows
   # (the same rows and, by the seed, the same Hutchinson probes in every run).

@@ -40,18 +40,20 @@ def get_config(arg: str = ""):
   options = [o for o in arg.split("+") if o]
   unknown = sorted(set(options) - set(OPTIONS))
   if unknown:
-    raise ValueError(f"config argument {arg!r}: unknown {unknown}; use "
-                     f"options from {list(OPTIONS)} joined by '+', e.g. "
-                     "configs/miniature.py:byte+taus")
+    raise ValueError(
+        f"config argument {arg!r}: unknown {unknown}; use "
+        f"options from {list(OPTIONS)} joined by '+', e.g. "
+        "configs/miniature.py:byte+taus"
+    )
   c = keys.defaults()
   c.schedule_name = "miniature"
   c.model.update(D=64, H=1, N=2, F=256, L=64, V=32101)
   c.model.size_name = "miniature"
   c.data.tfds_name = "c4/en:3.1.0"
-  c.data.use_shipped = True        # The C4 subset shipped with the package.
+  c.data.use_shipped = True  # The C4 subset shipped with the package.
   c.data.batch_size = 16
   c.data.eval_batch_size = 25
-  c.data.eval_steps = 8            # The subset's 200 validation documents.
+  c.data.eval_steps = 8  # The subset's 200 validation documents.
   c.opt.num_train_steps = MINI_STEPS
   c.opt.warmup_steps = MINI_STEPS // 10
   # The best of {1e-3, 3e-3, 1e-2, 3e-2, 1e-1} for AdamW at seed 0 (final
@@ -59,7 +61,7 @@ def get_config(arg: str = ""):
   # by 0.07 and 0.27 at step 150, and stopped there).
   c.opt.peak_learning_rate = 1e-2
   c.eval_every_steps = 50
-  c.checkpoint_every_steps = 0     # The final one (analyze, prune-eval).
+  c.checkpoint_every_steps = 0  # The final one (analyze, prune-eval).
   c.log_every_steps = 25
   # What `nanodo-sam analyze` uses: 8 fixed validation rows, 20 Lanczos
   # iterations, 8 Hutchinson probes.

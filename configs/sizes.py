@@ -1,6 +1,6 @@
 """The base config at one of the paper's model sizes (nanodo_sam/sizes.py).
 
-  nanodo-sam params --config=configs/sizes.py:23.9M
+nanodo-sam params --config=configs/sizes.py:23.9M
 """
 
 from nanodo_sam import keys

@@ -19,27 +19,49 @@ from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import sharding
 
-COLUMNS = ("eval_loss", "lambda_max", "hessian_trace", "ggn_trace",
-           "tau_logit", "tau_func", "tau_cross", "tau_logit_precond",
-           "tau_func_precond", "tau_cross_precond", "sam_edge", "two_over_lr")
+COLUMNS = (
+    "eval_loss",
+    "lambda_max",
+    "hessian_trace",
+    "ggn_trace",
+    "tau_logit",
+    "tau_func",
+    "tau_cross",
+    "tau_logit_precond",
+    "tau_func_precond",
+    "tau_cross_precond",
+    "sam_edge",
+    "two_over_lr",
+)
 
 
 def measure(cfg, restored, eval_data) -> dict:
   """The eval loss and sharpness of a checkpoint.Restored, with the
   settings they were measured at (the sharpness.json record)."""
   s, state, step = restored
-  loss = evaluate.eval_loss(evaluate.eval_step_for(s), state.params,
-                            eval_data,
-                            lambda b: sharding.global_batch(b, s.mesh))
+  loss = evaluate.eval_loss(
+      evaluate.eval_step_for(s),
+      state.params,
+      eval_data,
+      lambda b: sharding.global_batch(b, s.mesh),
+  )
   lr = cfg.opt.peak_learning_rate
   sharp = diagnostics.make_sharpness(cfg, s, eval_data)
-  out = diagnostics.to_scalars(sharp(state, lr, cfg.sam.rho,
-                                     jax.random.key(cfg.seed)))
+  out = diagnostics.to_scalars(
+      sharp(state, lr, cfg.sam.rho, jax.random.key(cfg.seed))
+  )
   d = cfg.diagnostics
-  out.update(eval_loss=loss, step=step, method=cfg.sam.method,
-             rho=cfg.sam.rho, learning_rate=lr,
-             num_batches=d.num_batches, batch_size=d.batch_size,
-             num_iters=d.num_iters, num_probes=d.num_probes)
+  out.update(
+      eval_loss=loss,
+      step=step,
+      method=cfg.sam.method,
+      rho=cfg.sam.rho,
+      learning_rate=lr,
+      num_batches=d.num_batches,
+      batch_size=d.batch_size,
+      num_iters=d.num_iters,
+      num_probes=d.num_probes,
+  )
   return out
 
 
@@ -55,8 +77,12 @@ def write(workdir: str, out: dict, latest: bool) -> str:
 
 def table(out: dict) -> str:
   """A markdown table of COLUMNS with `out` as its one row."""
-  return "\n".join([
-      f"| step | {' | '.join(COLUMNS)} |",
-      "|---" * (len(COLUMNS) + 1) + "|",
-      f"| {out['step']} | " + " | ".join(
-          f"{out[k]:.4g}" if k in out else "n/a" for k in COLUMNS) + " |"])
+  return "\n".join(
+      [
+          f"| step | {' | '.join(COLUMNS)} |",
+          "|---" * (len(COLUMNS) + 1) + "|",
+          f"| {out['step']} | "
+          + " | ".join(f"{out[k]:.4g}" if k in out else "n/a" for k in COLUMNS)
+          + " |",
+      ]
+  )

@@ -44,11 +44,18 @@ class SaveFailed(Exception):
   another of the run's files) failed; `message` (set by `finish_failed`) is
   the line for the user."""
 
-  def __init__(self, step: int | None, directory: str, reason: str,
-               needed: int | None = None, free: int | None = None):
+  def __init__(
+      self,
+      step: int | None,
+      directory: str,
+      reason: str,
+      needed: int | None = None,
+      free: int | None = None,
+  ):
     what = "the run's files" if step is None else f"checkpoint {step}"
-    super().__init__(f"{what} could not be written in {directory}: "
-                     f"{reason}")
+    super().__init__(
+        f"{what} could not be written in {directory}: " f"{reason}"
+    )
     self.step, self.directory, self.reason = step, directory, reason
     self.needed, self.free = needed, free
     self.message = str(self)
@@ -94,8 +101,9 @@ class Manager(ocp.CheckpointManager):
 
   def _fail(self, step, e) -> SaveFailed:
     cause = str(_innermost(e)) if e is not None else _ERRORS.last
-    self.failed = SaveFailed(step, str(self.directory),
-                             _reason(cause or "unknown error"))
+    self.failed = SaveFailed(
+        step, str(self.directory), _reason(cause or "unknown error")
+    )
     return self.failed
 
 
@@ -107,8 +115,10 @@ def checkpoint_manager(workdir: str, read_only: bool = False):
   _install_unraisable_filter()
   return Manager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=None,
-                                           create=not read_only))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=not read_only
+      ),
+  )
 
 
 def restore_state(mngr, s, step: int | None = None):
@@ -120,6 +130,7 @@ def restore_state(mngr, s, step: int | None = None):
 
 class Restored(NamedTuple):
   """A run's checkpoint, ready to evaluate, sample or analyze."""
+
   setup: Any  # state.Setup of the run's config (model, shardings, mesh)
   state: Any  # its TrainState (analyze reads the optimizer state too)
   step: int
@@ -133,11 +144,15 @@ def restore_run(workdir: str, cfg, step: int | None = None) -> Restored:
   mngr = checkpoint_manager(workdir, read_only=True)
   steps = mngr.all_steps()
   if not steps:
-    raise UsageError(f"no checkpoint in {workdir!r}/checkpoints; train first "
-                     "or point --workdir at a run directory")
+    raise UsageError(
+        f"no checkpoint in {workdir!r}/checkpoints; train first "
+        "or point --workdir at a run directory"
+    )
   if step is not None and step not in steps:
-    raise UsageError(f"no checkpoint for step {step} in {workdir!r}; "
-                     f"available steps: {sorted(steps)}")
+    raise UsageError(
+        f"no checkpoint for step {step} in {workdir!r}; "
+        f"available steps: {sorted(steps)}"
+    )
   if step is None:
     step, state = restore_latest(mngr, s, workdir, move_aside=False)
     return Restored(s, state, step)
@@ -148,11 +163,13 @@ def restore_run(workdir: str, cfg, step: int | None = None) -> Restored:
         f"checkpoint {step} in {workdir!r} cannot be read "
         f"({describe_error(e)}); the others: "
         f"{sorted(set(steps) - {step})} (without --step: the newest "
-        "readable one)") from None
+        "readable one)"
+    ) from None
 
 
-def restore_latest(mngr, s, workdir: str, train_it=None,
-                   move_aside: bool = True):
+def restore_latest(
+    mngr, s, workdir: str, train_it=None, move_aside: bool = True
+):
   """(step, state) of the newest checkpoint that can be read, with its data
   position restored into `train_it` (if given); (None, None) when there is
   no checkpoint. Each newer one that cannot be read is one log line (its
@@ -170,10 +187,14 @@ def restore_latest(mngr, s, workdir: str, train_it=None,
       continue
     for bad, why in failed:
       where = _move_aside(mngr, workdir, bad) if move_aside else None
-      log.warning("checkpoint %d in %s cannot be read (%s); %s checkpoint %d",
-                  bad, mngr.directory, why,
-                  f"moved it to {where}; resuming from" if where else "using",
-                  step)
+      log.warning(
+          "checkpoint %d in %s cannot be read (%s); %s checkpoint %d",
+          bad,
+          mngr.directory,
+          why,
+          f"moved it to {where}; resuming from" if where else "using",
+          step,
+      )
     if failed and move_aside:
       mngr.reload()
     return step, state
@@ -182,7 +203,8 @@ def restore_latest(mngr, s, workdir: str, train_it=None,
         f"no checkpoint in {mngr.directory} can be read ("
         + "; ".join(f"step {n}: {why}" for n, why in failed)
         + "); nothing was moved: look at them, or move the checkpoints "
-        "directory away to train from the start")
+        "directory away to train from the start"
+    )
   return None, None
 
 
@@ -198,8 +220,9 @@ def _move_aside(mngr, workdir: str, step: int) -> str:
     os.makedirs(root, exist_ok=True)
     shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
     if os.path.isdir(data_state_dir(workdir, step)):
-      shutil.move(data_state_dir(workdir, step),
-                  os.path.join(dest, "data_state"))
+      shutil.move(
+          data_state_dir(workdir, step), os.path.join(dest, "data_state")
+      )
   return dest
 
 
@@ -215,8 +238,9 @@ def save(mngr, train_it, workdir: str, step: int, state) -> None:
   try:
     train_it.save(data_state_dir(workdir, step))
   except Exception as e:  # pylint: disable=broad-except
-    raise SaveFailed(step, data_state_dir(workdir, step),
-                     _reason(str(_innermost(e)))) from None
+    raise SaveFailed(
+        step, data_state_dir(workdir, step), _reason(str(_innermost(e)))
+    ) from None
   mngr.save(step, args=ocp.args.StandardSave(state))
 
 
@@ -290,8 +314,11 @@ def is_disk_full(e: BaseException) -> bool:
   return False
 
 
-_DISK_FULL = ("No space left on device", "Disk quota exceeded",
-              "os_error_code='28'")
+_DISK_FULL = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "os_error_code='28'",
+)
 
 
 def finish_failed(mngr, workdir: str, failed: SaveFailed) -> SaveFailed:
@@ -306,19 +333,28 @@ def finish_failed(mngr, workdir: str, failed: SaveFailed) -> SaveFailed:
   if jax.process_index() == 0:
     remove_unfinished(workdir)
     if failed.step is not None and not os.path.isdir(
-        os.path.join(str(mngr.directory), str(failed.step))):
+        os.path.join(str(mngr.directory), str(failed.step))
+    ):
       shutil.rmtree(data_state_dir(workdir, failed.step), ignore_errors=True)
   mngr.reload()
   intact = mngr.latest_step()
   needed = failed.needed or _checkpoint_bytes(mngr, workdir, intact)
   free = failed.free if failed.free is not None else _free_bytes(workdir)
-  space = (f"; a checkpoint needs about {_mb(needed)}, {_mb(free)} free"
-           if needed and free is not None else "")
-  then = (f"Checkpoint {intact} is intact" if intact is not None
-          else "No checkpoint was written before it")
-  failed.message = (f"{failed}{space}. {then}: free space, then run the "
-                    "same command to resume (exit status "
-                    f"{EXIT_SAVE_FAILED})")
+  space = (
+      f"; a checkpoint needs about {_mb(needed)}, {_mb(free)} free"
+      if needed and free is not None
+      else ""
+  )
+  then = (
+      f"Checkpoint {intact} is intact"
+      if intact is not None
+      else "No checkpoint was written before it"
+  )
+  failed.message = (
+      f"{failed}{space}. {then}: free space, then run the "
+      "same command to resume (exit status "
+      f"{EXIT_SAVE_FAILED})"
+  )
   return failed
 
 
@@ -329,10 +365,16 @@ def _check_space(mngr, workdir: str, step: int, state) -> None:
   if free is None or jax.process_count() > 1:
     return
   needed = _checkpoint_bytes(mngr, workdir, mngr.latest_step()) or sum(
-      x.nbytes for x in jax.tree.leaves(state))
+      x.nbytes for x in jax.tree.leaves(state)
+  )
   if needed > free:
-    raise SaveFailed(step, str(mngr.directory), "not enough free space",
-                     needed=needed, free=free)
+    raise SaveFailed(
+        step,
+        str(mngr.directory),
+        "not enough free space",
+        needed=needed,
+        free=free,
+    )
 
 
 def _free_bytes(workdir: str) -> int | None:
@@ -347,8 +389,10 @@ def _checkpoint_bytes(mngr, workdir: str, step: int | None) -> int | None:
   if step is None:
     return None
   total = 0
-  for top in (os.path.join(str(mngr.directory), str(step)),
-              data_state_dir(workdir, step)):
+  for top in (
+      os.path.join(str(mngr.directory), str(step)),
+      data_state_dir(workdir, step),
+  ):
     for root, _, files in os.walk(top):
       total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   return total or None
@@ -359,8 +403,9 @@ def _mb(n: int) -> str:
 
 
 def _innermost(e: BaseException) -> BaseException:
-  while e.__cause__ is not None or (e.__context__ is not None
-                                    and not e.__suppress_context__):
+  while e.__cause__ is not None or (
+      e.__context__ is not None and not e.__suppress_context__
+  ):
     e = e.__cause__ or e.__context__
   return e
 
@@ -397,8 +442,9 @@ class _OrbaxErrors(logging.Filter):
     if record.levelno < logging.ERROR:
       return True
     e = record.exc_info[1] if record.exc_info else None
-    if (f"{os.sep}orbax{os.sep}" in (record.pathname or "")
-        or (e is not None and is_disk_full(e))):
+    if f"{os.sep}orbax{os.sep}" in (record.pathname or "") or (
+        e is not None and is_disk_full(e)
+    ):
       _OrbaxErrors.last = str(e) if e is not None else record.getMessage()
       return False
     return True
@@ -425,8 +471,9 @@ def _install_unraisable_filter() -> None:
   def hook(unraisable):
     e, obj = unraisable.exc_value, unraisable.object
     code = getattr(obj, "cr_code", None)
-    if ((isinstance(e, RuntimeError) and str(e) == "Event loop is closed")
-        or (code is not None and "orbax" in code.co_filename)):
+    if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed") or (
+        code is not None and "orbax" in code.co_filename
+    ):
       return
     previous(unraisable)
 

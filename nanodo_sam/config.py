@@ -49,15 +49,22 @@ def find_config_file(spec: str) -> tuple[str, str]:
   """
   path, _, arg = spec.partition(":")
   if not path.endswith(".py"):
-    raise UsageError(f"config {spec!r} is not a .py file; give "
-                     "configs/NAME.py or configs/NAME.py:ARG")
-  candidates = [path] if os.path.isabs(path) else [
-      os.path.join(os.getcwd(), path), os.path.join(REPO_ROOT, path)]
+    raise UsageError(
+        f"config {spec!r} is not a .py file; give "
+        "configs/NAME.py or configs/NAME.py:ARG"
+    )
+  candidates = (
+      [path]
+      if os.path.isabs(path)
+      else [os.path.join(os.getcwd(), path), os.path.join(REPO_ROOT, path)]
+  )
   found = next((c for c in candidates if os.path.isfile(c)), None)
   if found is None:
-    raise UsageError(f"config file {path!r} not found (looked in "
-                     f"{', '.join(dict.fromkeys(candidates))}); give "
-                     "configs/NAME.py or configs/NAME.py:ARG")
+    raise UsageError(
+        f"config file {path!r} not found (looked in "
+        f"{', '.join(dict.fromkeys(candidates))}); give "
+        "configs/NAME.py or configs/NAME.py:ARG"
+    )
   return os.path.abspath(found), arg
 
 
@@ -73,13 +80,15 @@ def import_package_of(path: str) -> None:
     top = os.path.dirname(top)
   name = os.path.basename(top)
   known = sys.modules.get(name)
-  if known is not None and [os.path.abspath(p) for p in getattr(
-      known, "__path__", [])] == [top]:
+  if known is not None and [
+      os.path.abspath(p) for p in getattr(known, "__path__", [])
+  ] == [top]:
     return
   for loaded in [m for m in sys.modules if m.startswith(name + ".")]:
     del sys.modules[loaded]
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(top, "__init__.py"), submodule_search_locations=[top])
+      name, os.path.join(top, "__init__.py"), submodule_search_locations=[top]
+  )
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
   spec.loader.exec_module(module)
@@ -91,24 +100,31 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, arg = find_config_file(spec)
   import_package_of(path)
   module_spec = importlib.util.spec_from_file_location(
-      "_config_" + re.sub(r"\W", "_", path), path)
+      "_config_" + re.sub(r"\W", "_", path), path
+  )
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f"config file {path!r} failed to load: "
-                     f"{_one_line(e)}") from None
+    raise UsageError(
+        f"config file {path!r} failed to load: " f"{_one_line(e)}"
+    ) from None
   if not callable(getattr(module, "get_config", None)):
-    raise UsageError(f"config file {path!r} defines no get_config(); a "
-                     "config file defines get_config() returning an "
-                     "ml_collections.ConfigDict (see configs/quickstart.py)")
+    raise UsageError(
+        f"config file {path!r} defines no get_config(); a "
+        "config file defines get_config() returning an "
+        "ml_collections.ConfigDict (see configs/quickstart.py)"
+    )
   try:
     cfg = module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # pylint: disable=broad-except
-    raise UsageError(f"config {spec!r}: get_config("
-                     f"{repr(arg) if arg else ''}) failed: {_one_line(e)}"
-                     ) from None
+    raise UsageError(
+        f"config {spec!r}: get_config("
+        f"{repr(arg) if arg else ''}) failed: {_one_line(e)}"
+    ) from None
   if not isinstance(cfg, ml_collections.ConfigDict):
-    raise UsageError(f"config {spec!r}: get_config() returned a "
-                     f"{type(cfg).__name__}, not an ml_collections.ConfigDict")
+    raise UsageError(
+        f"config {spec!r}: get_config() returned a "
+        f"{type(cfg).__name__}, not an ml_collections.ConfigDict"
+    )
   return cfg

@@ -48,7 +48,8 @@ T5_VOCAB_FILE = "c4_t5_sentencepiece_cc_all.32000.100extra.model"
 # shipped it names another copy (a folder beside the checkout); where that
 # path is gone, the shipped copy stands in for it if it has this hash.
 T5_VOCAB_SHA256 = (
-    "15d8dfa11996e0d1e8645897ec4d70b1dec6a7cb6d87df0daf560a3cde479006")
+    "15d8dfa11996e0d1e8645897ec4d70b1dec6a7cb6d87df0daf560a3cde479006"
+)
 TINY_SHAKESPEARE_TXT = "tiny_shakespeare/input.txt"  # karpathy/char-rnn's.
 SHIPPED_TFDS_DIR = "tensorflow_datasets"  # c4/en:3.1.0: a 1,000-doc subset.
 
@@ -61,27 +62,32 @@ SHIPPED_TFDS_DIR = "tensorflow_datasets"  # c4/en:3.1.0: a 1,000-doc subset.
 
 def _tf():
   import tensorflow as tf  # Lazy: see above.
+
   tf.config.set_visible_devices([], "GPU")
   return tf
 
 
 def _tfds():
   import tensorflow_datasets as tfds  # Lazy: see above.
+
   return tfds
 
 
 def _seqio():
   import seqio  # Lazy: see above.
+
   return seqio
 
 
 def _pyarrow():
   import pyarrow as pa  # Lazy: see above.
+
   return pa
 
 
 def _parquet():
   import pyarrow.parquet as pq  # Lazy: see above.
+
   return pq
 
 
@@ -89,16 +95,19 @@ def shipped_path(name: str) -> str:
   """The path of `name` in the package's data_files (installed or not)."""
   path = importlib.resources.files("nanodo_sam") / "data_files" / name
   if not path.exists():
-    raise FileNotFoundError(f"{name!r} is not among the package's data "
-                            f"files ({path}); reinstall nanodo-sam")
+    raise FileNotFoundError(
+        f"{name!r} is not among the package's data "
+        f"files ({path}); reinstall nanodo-sam"
+    )
   return str(path)
 
 
 def tiny_shakespeare_txt() -> str:
   """The raw tiny_shakespeare text: $TINY_SHAKESPEARE_TXT, else the copy
   shipped with the package."""
-  return (os.environ.get("TINY_SHAKESPEARE_TXT")
-          or shipped_path(TINY_SHAKESPEARE_TXT))
+  return os.environ.get("TINY_SHAKESPEARE_TXT") or shipped_path(
+      TINY_SHAKESPEARE_TXT
+  )
 
 
 def resolve_path(path: str) -> str:
@@ -117,10 +126,13 @@ def vocab_path(vocab: str) -> str:
   the package shipped it) is the shipped copy when that has the recorded
   hash; any other path is itself (~ and $VARS expanded)."""
   if vocab.startswith(SHIPPED):
-    return shipped_path(vocab[len(SHIPPED):])
+    return shipped_path(vocab[len(SHIPPED) :])
   path = resolve_path(vocab)
-  if ("://" not in path and not os.path.exists(path)
-      and os.path.basename(path) == T5_VOCAB_FILE):
+  if (
+      "://" not in path
+      and not os.path.exists(path)
+      and os.path.basename(path) == T5_VOCAB_FILE
+  ):
     shipped = shipped_path(T5_VOCAB_FILE)
     if _sha256(shipped) == T5_VOCAB_SHA256:
       return shipped
@@ -151,7 +163,8 @@ def make_vocab(vocab: str):
         f"vocabulary file not found: {path!r} (data.vocab); pass "
         "--config.data.vocab=PATH to a SentencePiece .model file, "
         f"{SHIPPED}{T5_VOCAB_FILE} (the T5 C4 vocabulary shipped with the "
-        "package) or 'byte'")
+        "package) or 'byte'"
+    )
   return seqio.SentencePieceVocabulary(path)
 
 
@@ -162,22 +175,32 @@ def _file_source(pattern: str, text_column: str = "text"):
   seqio = _seqio()
   tf = _tf()
   try:  # A held-out split a config names is written on first read.
-    text_split.write_if_missing(resolve_path(pattern),
-                                {"tiny_shakespeare": tiny_shakespeare_txt()})
+    text_split.write_if_missing(
+        resolve_path(pattern), {"tiny_shakespeare": tiny_shakespeare_txt()}
+    )
   except ValueError as e:
     raise UsageError(str(e)) from None
   files = sorted(glob.glob(resolve_path(pattern)))
   if not files:
-    raise UsageError(f"no files match {pattern!r} (data.train_files / "
-                     "data.eval_files); give a glob of .txt, .jsonl[.gz] "
-                     "or .parquet files")
+    raise UsageError(
+        f"no files match {pattern!r} (data.train_files / "
+        "data.eval_files); give a glob of .txt, .jsonl[.gz] "
+        "or .parquet files"
+    )
   stem = [f[:-3] if f.endswith(".gz") else f for f in files]
-  kinds = {"parquet" if f.endswith(PARQUET) else
-           "json" if s.endswith((".jsonl", ".json")) else "text"
-           for f, s in zip(files, stem)}
+  kinds = {
+      "parquet"
+      if f.endswith(PARQUET)
+      else "json"
+      if s.endswith((".jsonl", ".json"))
+      else "text"
+      for f, s in zip(files, stem)
+  }
   if len(kinds) != 1:
-    raise UsageError(f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
-                     "files; use one kind per glob")
+    raise UsageError(
+        f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
+        "files; use one kind per glob"
+    )
   kind = kinds.pop()
   if kind == "parquet":
     return _parquet_source(files, text_column)
@@ -193,11 +216,16 @@ def _file_source(pattern: str, text_column: str = "text"):
     if kind == "json":
       ds = ds.interleave(
           lambda f: tf.data.TextLineDataset(
-              f, compression_type=tf.where(
-                  tf.strings.regex_full_match(f, r".*\.gz"), "GZIP", "")),
-          cycle_length=1)
-      ds = ds.map(lambda line: {"text": tf.py_function(
-          parse_json, [line], tf.string)})
+              f,
+              compression_type=tf.where(
+                  tf.strings.regex_full_match(f, r".*\.gz"), "GZIP", ""
+              ),
+          ),
+          cycle_length=1,
+      )
+      ds = ds.map(
+          lambda line: {"text": tf.py_function(parse_json, [line], tf.string)}
+      )
       return ds.map(lambda ex: {"text": tf.ensure_shape(ex["text"], [])})
     return ds.map(lambda f: {"text": tf.io.read_file(f)})
 
@@ -216,8 +244,7 @@ def _shuffle_once(ds, n: int, seed):
   return ds.shuffle(n, seed=seed, reshuffle_each_iteration=False)
 
 
-def _parquet_row_groups(files: list[str], column: str
-                        ) -> list[tuple[str, int]]:
+def _parquet_row_groups(files: list[str], column: str) -> list[tuple[str, int]]:
   """(file, row group) of every non-empty row group, read from the files'
   footers only. UsageError for a file that is empty, is not parquet, lacks
   `column` or holds no text in it."""
@@ -225,29 +252,40 @@ def _parquet_row_groups(files: list[str], column: str
   units = []
   for f in files:
     if os.path.getsize(f) == 0:
-      raise UsageError(f"{f!r} is empty (0 bytes); remove it from "
-                       "data.train_files / data.eval_files")
+      raise UsageError(
+          f"{f!r} is empty (0 bytes); remove it from "
+          "data.train_files / data.eval_files"
+      )
     try:
       with pq.ParquetFile(f) as pf:
         schema, meta = pf.schema_arrow, pf.metadata
     except (pa.ArrowException, OSError) as e:
-      raise UsageError(f"{f!r} is not a parquet file "
-                       f"({str(e).splitlines()[0]}); data.train_files / "
-                       "data.eval_files take .parquet, .jsonl[.gz] or .txt "
-                       "files") from None
+      raise UsageError(
+          f"{f!r} is not a parquet file "
+          f"({str(e).splitlines()[0]}); data.train_files / "
+          "data.eval_files take .parquet, .jsonl[.gz] or .txt "
+          "files"
+      ) from None
     if column not in schema.names:
-      raise UsageError(f"{f!r} has no column {column!r}; its columns are "
-                       f"{schema.names}: set --config.data.text_column to "
-                       "the one holding the text")
+      raise UsageError(
+          f"{f!r} has no column {column!r}; its columns are "
+          f"{schema.names}: set --config.data.text_column to "
+          "the one holding the text"
+      )
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-      raise UsageError(f"column {column!r} of {f!r} holds {kind}, not text "
-                       "(data.text_column)")
+      raise UsageError(
+          f"column {column!r} of {f!r} holds {kind}, not text "
+          "(data.text_column)"
+      )
     if meta.num_rows == 0:
-      raise UsageError(f"{f!r} has no rows; remove it from "
-                       "data.train_files / data.eval_files")
-    units += [(f, g) for g in range(meta.num_row_groups)
-              if meta.row_group(g).num_rows]
+      raise UsageError(
+          f"{f!r} has no rows; remove it from "
+          "data.train_files / data.eval_files"
+      )
+    units += [
+        (f, g) for g in range(meta.num_row_groups) if meta.row_group(g).num_rows
+    ]
   return units
 
 
@@ -255,8 +293,12 @@ def _read_row_group(path, group, column) -> np.ndarray:
   """One row group's non-null texts, UTF-8 (a tf.py_function)."""
   pq = _parquet()
   with pq.ParquetFile(path.numpy().decode()) as pf:
-    texts = pf.read_row_group(int(group), columns=[column.numpy().decode()]
-                              ).column(0).drop_null().to_pylist()
+    texts = (
+        pf.read_row_group(int(group), columns=[column.numpy().decode()])
+        .column(0)
+        .drop_null()
+        .to_pylist()
+    )
   return np.array([t.encode("utf-8") for t in texts], dtype=object)
 
 
@@ -277,10 +319,8 @@ def _parquet_source(files: list[str], column: str):
       ds = _shuffle_once(ds, len(units), seed)
 
     def rows(path, group):
-      texts = tf.py_function(_read_row_group, [path, group, column],
-                             tf.string)
-      return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(texts,
-                                                                [None]))
+      texts = tf.py_function(_read_row_group, [path, group, column], tf.string)
+      return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(texts, [None]))
 
     return ds.flat_map(rows).map(lambda text: {"text": text})
 
@@ -295,12 +335,23 @@ def _parquet_source(files: list[str], column: str):
       del split
       return [f"{f}#{g}" for f, g in units]
 
-    def get_dataset(self, split: str = "train", shuffle: bool = True,
-                    seed=None, shard_info=None, *, sequence_length=None,
-                    use_cached=False, num_epochs=1):
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed=None,
+        shard_info=None,
+        *,
+        sequence_length=None,
+        use_cached=False,
+        num_epochs=1,
+    ):
       del split, sequence_length, use_cached, num_epochs
-      mine = (units if shard_info is None
-              else units[shard_info.index::shard_info.num_shards])
+      mine = (
+          units
+          if shard_info is None
+          else units[shard_info.index :: shard_info.num_shards]
+      )
       return dataset(mine, shuffle, seed)
 
   return ParquetSource(splits=["train", "validation"])
@@ -311,8 +362,9 @@ def _parquet_source(files: list[str], column: str):
 # $TFDS_DATA_DIR holds them: name -> a function returning its seqio source.
 def _shipped_c4():
   seqio = _seqio()
-  return seqio.TfdsDataSource("c4/en:3.1.0",
-                              tfds_data_dir=shipped_path(SHIPPED_TFDS_DIR))
+  return seqio.TfdsDataSource(
+      "c4/en:3.1.0", tfds_data_dir=shipped_path(SHIPPED_TFDS_DIR)
+  )
 
 
 def _shipped_tiny_shakespeare():
@@ -338,9 +390,17 @@ def _shipped_tiny_shakespeare():
     def list_shards(self, split: str) -> list[str]:
       return [split]
 
-    def get_dataset(self, split: str = "train", shuffle: bool = True,
-                    seed=None, shard_info=None, *, sequence_length=None,
-                    use_cached=False, num_epochs=1):
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed=None,
+        shard_info=None,
+        *,
+        sequence_length=None,
+        use_cached=False,
+        num_epochs=1,
+    ):
       del shuffle, seed, shard_info, sequence_length, use_cached, num_epochs
       return tf.data.Dataset.from_tensors({"text": splits[split]})
 
@@ -348,7 +408,8 @@ def _shipped_tiny_shakespeare():
 
 
 SHIPPED_TFDS = {
-    "c4/en:3.1.0": _shipped_c4, "c4/en": _shipped_c4,
+    "c4/en:3.1.0": _shipped_c4,
+    "c4/en": _shipped_c4,
     "tiny_shakespeare:1.0.0": _shipped_tiny_shakespeare,
     "tiny_shakespeare": _shipped_tiny_shakespeare,
 }
@@ -374,13 +435,14 @@ def _tfds_prepared(name: str, data_dir: str | None):
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends.
-      raise UsageError(f"unknown TFDS dataset {name!r} (data.tfds_name): "
-                       f"{str(e).splitlines()[0]}") from None
+      raise UsageError(
+          f"unknown TFDS dataset {name!r} (data.tfds_name): "
+          f"{str(e).splitlines()[0]}"
+      ) from None
     return builder, builder.is_prepared()
 
 
-def tfds_choice(data_cfg, prepare: bool = False
-                ) -> tuple[str | None, bool]:
+def tfds_choice(data_cfg, prepare: bool = False) -> tuple[str | None, bool]:
   """Where data.tfds_name is read from, as (TFDS data dir, shipped):
   data.tfds_data_dir (a folder or gs:// bucket; it must hold the dataset),
   else $TFDS_DATA_DIR if it holds it, else the copy shipped with the package
@@ -436,23 +498,33 @@ def tfds_files(data_cfg) -> dict[str, list[tuple[str, int | None]]]:
     data_dir = shipped_path(SHIPPED_TFDS_DIR)
   info = tfds.builder(name, data_dir=data_dir).info
   splits = {k: info.splits[k] for k in sorted(info.splits.keys())}
-  return {k: [(str(p), int(n)) for p, n in zip(v.filepaths, v.shard_lengths)]
-          for k, v in splits.items()}
+  return {
+      k: [(str(p), int(n)) for p, n in zip(v.filepaths, v.shard_lengths)]
+      for k, v in splits.items()
+  }
 
 
 def _missing(name: str, data_dir: str | None, looked: str) -> str:
   """The one line for a TFDS dataset that is not there."""
-  where = ("TFDS's default folder" if data_dir is None
-           else f"TFDS data dir {data_dir!r}")
-  shipped = (f"; a copy ships with the package: --config.data.use_shipped="
-             "True" + (" (C4: a 1,000-document subset)"
-                       if name.startswith("c4") else "")
-             if name in SHIPPED_TFDS else "")
-  return (f"dataset {name!r} not found in {where} (looked in {looked}); set "
-          "TFDS_DATA_DIR or --config.data.tfds_data_dir to the folder or "
-          "gs:// bucket holding it prepared, or pass "
-          "--config.data.download=True to let TFDS download and prepare it"
-          f"{shipped}")
+  where = (
+      "TFDS's default folder"
+      if data_dir is None
+      else f"TFDS data dir {data_dir!r}"
+  )
+  shipped = (
+      f"; a copy ships with the package: --config.data.use_shipped="
+      "True"
+      + (" (C4: a 1,000-document subset)" if name.startswith("c4") else "")
+      if name in SHIPPED_TFDS
+      else ""
+  )
+  return (
+      f"dataset {name!r} not found in {where} (looked in {looked}); set "
+      "TFDS_DATA_DIR or --config.data.tfds_data_dir to the folder or "
+      "gs:// bucket holding it prepared, or pass "
+      "--config.data.download=True to let TFDS download and prepare it"
+      f"{shipped}"
+  )
 
 
 def make_task(data_cfg, *, split_files: str = ""):
@@ -460,8 +532,7 @@ def make_task(data_cfg, *, split_files: str = ""):
   seqio = _seqio()
   vocab = make_vocab(data_cfg.vocab)
   preprocessors = [
-      functools.partial(seqio.preprocessors.rekey,
-                        key_map={"targets": "text"}),
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
       seqio.preprocessors.tokenize,
   ]
   if data_cfg.get("add_bos", False):
@@ -470,7 +541,8 @@ def make_task(data_cfg, *, split_files: str = ""):
       raise UsageError(
           f"data.add_bos=True but the vocabulary {data_cfg.vocab!r} has no "
           "BOS piece; set --config.data.add_bos=False (documents are then "
-          "closed with EOS only)")
+          "closed with EOS only)"
+      )
     preprocessors.append(functools.partial(_prepend, token=bos))
   preprocessors.append(seqio.preprocessors.append_eos)
   if split_files:
@@ -483,7 +555,8 @@ def make_task(data_cfg, *, split_files: str = ""):
       name.replace("/", "_").replace(":", "_"),
       source=source,
       output_features={"targets": seqio.Feature(vocab, add_eos=True)},
-      preprocessors=preprocessors)
+      preprocessors=preprocessors,
+  )
 
 
 def _model_task(cfg, split_files: str):
@@ -494,21 +567,30 @@ def _model_task(cfg, split_files: str):
     raise UsageError(
         f"model.V={cfg.model.V} is smaller than the {size} tokens of the "
         f"vocabulary {cfg.data.vocab!r} (data.vocab): larger ids would fall "
-        f"outside the embedding; set --config.model.V={size} or more")
+        f"outside the embedding; set --config.model.V={size} or more"
+    )
   return task
 
 
 def _prepend(ds, token: int):
   """BOS in front of every tokenized document (before EOS is appended)."""
   tf = _tf()
-  return ds.map(lambda ex: {**ex, "targets": tf.concat(
-      [tf.constant([token], ex["targets"].dtype), ex["targets"]], 0)})
+  return ds.map(
+      lambda ex: {
+          **ex,
+          "targets": tf.concat(
+              [tf.constant([token], ex["targets"].dtype), ex["targets"]], 0
+          ),
+      }
+  )
 
 
 def check_split(task, split: str) -> None:
   if split not in task.source.splits:
-    raise UsageError(f"split {split!r} is not in {sorted(task.source.splits)}"
-                     " (data.eval_split)")
+    raise UsageError(
+        f"split {split!r} is not in {sorted(task.source.splits)}"
+        " (data.eval_split)"
+    )
 
 
 def _pieces(tokens, piece: int = 4096):
@@ -517,7 +599,8 @@ def _pieces(tokens, piece: int = 4096):
   tf = _tf()
   k = (tf.size(tokens, out_type=tf.int64) + piece - 1) // piece
   return tf.data.Dataset.range(k).map(
-      lambda i: tokens[i * piece:(i + 1) * piece])
+      lambda i: tokens[i * piece : (i + 1) * piece]
+  )
 
 
 def row_length(seq_len: int, packing: str) -> int:
@@ -536,8 +619,13 @@ def _to_batch(rows, packing: str = "nanodo", pad_id: int = 0):
   tf = _tf()
   if packing == "nanodo":  # Nanodo's get_in_out.
     inputs = rows
-    targets = tf.concat([rows[:, 1:], tf.fill([tf.shape(rows)[0], 1],
-                                              tf.cast(pad_id, rows.dtype))], 1)
+    targets = tf.concat(
+        [
+            rows[:, 1:],
+            tf.fill([tf.shape(rows)[0], 1], tf.cast(pad_id, rows.dtype)),
+        ],
+        1,
+    )
   else:
     inputs, targets = rows[:, :-1], rows[:, 1:]
   return {
@@ -549,8 +637,9 @@ def _to_batch(rows, packing: str = "nanodo", pad_id: int = 0):
 
 def _shard_info():
   seqio = _seqio()
-  return seqio.ShardInfo(index=jax.process_index(),
-                         num_shards=jax.process_count())
+  return seqio.ShardInfo(
+      index=jax.process_index(), num_shards=jax.process_count()
+  )
 
 
 def _read_plan(task, split: str):
@@ -566,8 +655,10 @@ def _read_plan(task, split: str):
   if info.num_shards == 1:
     return None, None
   source = task.source
-  if (source.supports_arbitrary_sharding
-      or len(source.list_shards(split=split)) >= info.num_shards):
+  if (
+      source.supports_arbitrary_sharding
+      or len(source.list_shards(split=split)) >= info.num_shards
+  ):
     return info, None
   return None, info
 
@@ -575,8 +666,10 @@ def _read_plan(task, split: str):
 def _host_batch_size(global_batch_size: int) -> int:
   n = jax.process_count()
   if global_batch_size % n:
-    raise UsageError(f"batch size {global_batch_size} is not divisible by the "
-                     f"{n} processes")
+    raise UsageError(
+        f"batch size {global_batch_size} is not divisible by the "
+        f"{n} processes"
+    )
   return global_batch_size // n
 
 
@@ -587,8 +680,14 @@ def train_dataset(cfg, seed: int):
   split = cfg.data.get("train_split", "train")
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
-      sequence_length=None, split=split, shuffle=True, seed=seed,
-      num_epochs=1, use_cached=False, shard_info=by_source)
+      sequence_length=None,
+      split=split,
+      shuffle=True,
+      seed=seed,
+      num_epochs=1,
+      use_cached=False,
+      shard_info=by_source,
+  )
   # Repeat after seqio's document shuffle: a corpus of few long documents
   # (tiny_shakespeare is one) must not be re-tokenized to fill its buffer.
   packing = cfg.data.get("packing", "shifted")
@@ -601,7 +700,8 @@ def train_dataset(cfg, seed: int):
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_external_state_policy = (
-      tf.data.experimental.ExternalStatePolicy.IGNORE)
+      tf.data.experimental.ExternalStatePolicy.IGNORE
+  )
   return ds.with_options(options).prefetch(2)
 
 
@@ -627,8 +727,9 @@ class TrainIterator:
     self._ckpt.write(os.path.join(directory, f"process_{jax.process_index()}"))
 
   def restore(self, directory: str) -> None:
-    self._ckpt.read(os.path.join(
-        directory, f"process_{jax.process_index()}")).assert_consumed()
+    self._ckpt.read(
+        os.path.join(directory, f"process_{jax.process_index()}")
+    ).assert_consumed()
 
 
 def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
@@ -649,42 +750,58 @@ def _eval_batches(cfg) -> list[dict[str, np.ndarray]]:
   split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
   check_split(task, split)
   by_source, by_rows = _read_plan(task, split)
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                        num_epochs=1, use_cached=False, shard_info=by_source)
+  ds = task.get_dataset(
+      sequence_length=None,
+      split=split,
+      shuffle=False,
+      num_epochs=1,
+      use_cached=False,
+      shard_info=by_source,
+  )
   batch_size = _host_batch_size(cfg.data.eval_batch_size)
   if cfg.data.get("eval_mode", "packed") == "per_document":
-    return _document_batches(ds, cfg.model.L, batch_size, by_rows,
-                             cfg.data.eval_steps)
+    return _document_batches(
+        ds, cfg.model.L, batch_size, by_rows, cfg.data.eval_steps
+    )
   packing = cfg.data.get("packing", "shifted")
   ds = pack(ds.repeat(), cfg.model.L, packing)
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
   ds = ds.batch(batch_size, drop_remainder=True).map(
-      functools.partial(_to_batch, packing=packing))
-  return [{k: v.numpy() for k, v in b.items()}
-          for b in ds.take(cfg.data.eval_steps)]
+      functools.partial(_to_batch, packing=packing)
+  )
+  return [
+      {k: v.numpy() for k, v in b.items()} for b in ds.take(cfg.data.eval_steps)
+  ]
 
 
-def _document_batches(ds, seq_len: int, batch_size: int, by_rows,
-                      num_batches: int) -> list[dict[str, np.ndarray]]:
+def _document_batches(
+    ds, seq_len: int, batch_size: int, by_rows, num_batches: int
+) -> list[dict[str, np.ndarray]]:
   """Per-document eval batches (see `eval_batches`); every process returns
   the same number of batches (empty ones where its shard ran out)."""
   tf = _tf()
   ds = ds.map(lambda ex: ex["targets"][:seq_len])
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
-  ds = ds.padded_batch(batch_size, padded_shapes=[seq_len],
-                       padding_values=tf.constant(0, tf.int32))
+  ds = ds.padded_batch(
+      batch_size,
+      padded_shapes=[seq_len],
+      padding_values=tf.constant(0, tf.int32),
+  )
   rows = [r.numpy() for r in ds.take(num_batches)]
   count = _agree_on_count(len(rows))
   if not rows and count == 0:
-    raise UsageError("the eval split has no documents; check data.eval_split"
-                     " / data.eval_files")
+    raise UsageError(
+        "the eval split has no documents; check data.eval_split"
+        " / data.eval_files"
+    )
   out = []
   for i in range(count):
     r = rows[i] if i < len(rows) else np.zeros((0, seq_len), np.int32)
-    r = np.concatenate([r, np.zeros((batch_size - len(r), seq_len),
-                                    r.dtype)]).astype(np.int32)
+    r = np.concatenate(
+        [r, np.zeros((batch_size - len(r), seq_len), r.dtype)]
+    ).astype(np.int32)
     out.append({k: np.asarray(v) for k, v in _to_batch(r, "nanodo").items()})
   return out
 
@@ -717,11 +834,13 @@ def target_bytes(vocab: str, V: int):
   starts_doc_V = np.zeros(V, np.int32)
   tokenizer = getattr(v, "tokenizer", None)
   if tokenizer is None:  # seqio.ByteVocabulary: specials, then 256 bytes.
-    bytes_V[v.vocab_size - 256:v.vocab_size] = 1
+    bytes_V[v.vocab_size - 256 : v.vocab_size] = 1
   else:
     a = tokenizer.encode("a")
-    strips = (tokenizer.id_to_piece(a[0]).startswith("\u2581")
-              and tokenizer.decode(a) == "a")
+    strips = (
+        tokenizer.id_to_piece(a[0]).startswith("\u2581")
+        and tokenizer.decode(a) == "a"
+    )
     for i in range(min(tokenizer.get_piece_size(), V)):
       if tokenizer.is_control(i) or tokenizer.is_unknown(i):
         continue
@@ -734,12 +853,14 @@ def target_bytes(vocab: str, V: int):
     for special in (bos_id(v), v.eos_id):
       if special is not None and special < V:
         starts_doc_V[special] = 1
-  bytes_V, prefix_V, starts_doc_V = map(jnp.asarray,
-                                        (bytes_V, prefix_V, starts_doc_V))
+  bytes_V, prefix_V, starts_doc_V = map(
+      jnp.asarray, (bytes_V, prefix_V, starts_doc_V)
+  )
 
   def fn(inputs_BxL, targets_BxL):
-    return (bytes_V[targets_BxL]
-            - prefix_V[targets_BxL] * starts_doc_V[inputs_BxL])
+    return (
+        bytes_V[targets_BxL] - prefix_V[targets_BxL] * starts_doc_V[inputs_BxL]
+    )
 
   return fn
 
@@ -774,8 +895,11 @@ class Source:
       self.name, self.split = f"files {self.files!r}", kind
     else:
       self.name = f"TFDS dataset {data_cfg.tfds_name!r}"
-      self.split = (data_cfg.get("train_split", "train") if kind == "train"
-                    else data_cfg.eval_split)
+      self.split = (
+          data_cfg.get("train_split", "train")
+          if kind == "train"
+          else data_cfg.eval_split
+      )
 
   def shards(self) -> list[tuple[str, int | None]]:
     """(file, records it should hold, if known) of every shard of the
@@ -796,16 +920,20 @@ class Source:
     except Exception:  # pylint: disable=broad-except
       found = None
     if found and found[0]:
-      where = f" in {found[0]}" + ("" if cause in found[1]
-                                   else f" ({found[1]})")
+      where = f" in {found[0]}" + (
+          "" if cause in found[1] else f" ({found[1]})"
+      )
     elif found is not None:
-      where = (" (the damaged file was not found in the first "
-               f"{_BUDGET >> 30} GiB: `nanodo-sam data --check` reads all)")
+      where = (
+          " (the damaged file was not found in the first "
+          f"{_BUDGET >> 30} GiB: `nanodo-sam data --check` reads all)"
+      )
     return DataError(
         f"reading the {self.split} split of {self.name} failed{where}: "
         f"{cause} ({type(e).__name__}); replace the damaged file (`nanodo-sam"
         " data --check --config=...` lists every damaged one), then run the "
-        "same command again")
+        "same command again"
+    )
 
 
 def reading(source: Source | None) -> _Reading:
@@ -827,8 +955,10 @@ class _Reading:
     if self.source is None or e is None:
       return False
     import tensorflow as tf  # Loaded by now: the error is TensorFlow's.
+
     if isinstance(e, tf.errors.OpError) and not isinstance(
-        e, tf.errors.OutOfRangeError):
+        e, tf.errors.OutOfRangeError
+    ):
       raise self.source.error(e) from None
     return False
 
@@ -850,8 +980,9 @@ def find_damaged(shards, budget: int = _BUDGET):
   return None
 
 
-def check_shard(path: str, expected: int | None = None,
-                text_column: str = "text") -> str | None:
+def check_shard(
+    path: str, expected: int | None = None, text_column: str = "text"
+) -> str | None:
   """Reads one shard once; None if it is sound, else why not. TFRecord
   files: every record with its checksums, and the count against
   `expected` (a file cut at a record boundary); JSON lines (.gz): every
@@ -862,8 +993,11 @@ def check_shard(path: str, expected: int | None = None,
     if not os.path.exists(path) and "://" not in path:
       return "missing"
     if ".tfrecord" in os.path.basename(path):
-      n = int(tf.data.TFRecordDataset(path).reduce(
-          np.int64(0), lambda count, _: count + 1))
+      n = int(
+          tf.data.TFRecordDataset(path).reduce(
+              np.int64(0), lambda count, _: count + 1
+          )
+      )
       if expected is not None and n != expected:
         return f"{n} records, its dataset_info.json says {expected}"
       return None
@@ -887,8 +1021,11 @@ def check_shard(path: str, expected: int | None = None,
 def _error_text(e: Exception) -> str:
   """The first line of a (TensorFlow) error, without TF's op decorations."""
   lines = (getattr(e, "message", "") or str(e)).strip().splitlines()
-  text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "",
-                lines[0] if lines else type(e).__name__)
+  text = re.sub(
+      r"\{\{function_node [^}]*\}\}\s*",
+      "",
+      lines[0] if lines else type(e).__name__,
+  )
   return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)[:300]
 
 
@@ -900,8 +1037,7 @@ def _check_json_lines(path: str, text_column: str) -> str | None:
         doc = json.loads(line)
       except ValueError as e:
         return f"line {i}: not JSON ({e})"
-      if not isinstance(doc, dict) or not isinstance(doc.get(text_column),
-                                                     str):
+      if not isinstance(doc, dict) or not isinstance(doc.get(text_column), str):
         return f"line {i}: no text in {text_column!r}"
   return None
 
@@ -912,4 +1048,5 @@ def validate(data_cfg) -> None:
     raise UsageError(
         "data.add_bos=True but the byte vocabulary has no BOS piece; set "
         "--config.data.add_bos=False (documents are then closed with EOS "
-        "only) or use a SentencePiece data.vocab")
+        "only) or use a SentencePiece data.vocab"
+    )

@@ -29,13 +29,16 @@ def shards(data_cfg) -> list[tuple[str, str, int | None]]:
     src = data_lib.Source(data_cfg, kind)
     files = src.shards()
     if not files:
-      raise data_lib.UsageError(f"no files match {src.files!r} "
-                                f"(data.{kind}_files)")
+      raise data_lib.UsageError(
+          f"no files match {src.files!r} " f"(data.{kind}_files)"
+      )
     out += [(f"{src.name}", f, n) for f, n in files]
   if len(kinds) < 2:  # Some split comes from TFDS: check all of its splits.
     for split, files in data_lib.tfds_files(data_cfg).items():
-      out += [(f"TFDS dataset {data_cfg.tfds_name!r}, split {split}", f, n)
-              for f, n in files]
+      out += [
+          (f"TFDS dataset {data_cfg.tfds_name!r}, split {split}", f, n)
+          for f, n in files
+      ]
   unique = []
   for what, f, n in out:
     if f not in seen:
@@ -59,7 +62,9 @@ def check(data_cfg, echo=print) -> list[tuple[str, str]]:
     if time.time() - last > 10:
       last = time.time()
       log.info("checked %d of %d shards", i, len(todo))
-  echo(f"checked {len(todo)} shards ({size / 2**20:.1f} MiB) in "
-       f"{time.time() - t0:.1f} s: "
-       + (f"{len(damaged)} damaged" if damaged else "all readable"))
+  echo(
+      f"checked {len(todo)} shards ({size / 2**20:.1f} MiB) in "
+      f"{time.time() - t0:.1f} s: "
+      + (f"{len(damaged)} damaged" if damaged else "all readable")
+  )
   return damaged

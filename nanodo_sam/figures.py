@@ -8,8 +8,10 @@ import os
 def pyplot():
   """matplotlib.pyplot on the Agg backend (no display needed)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 

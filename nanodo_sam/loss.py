@@ -23,7 +23,8 @@ def cross_entropy(logits_BxLxV: jax.Array, batch: dict[str, Any]) -> jax.Array:
   logits_BxLxV = logits_BxLxV.astype(dtype)
   logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(
-      logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+      logits_BxLxV, batch["targets"][..., None], axis=-1
+  )[..., 0]
   weights_BxL = batch["weights"].astype(dtype)
   total = jnp.sum((logz_BxL - target_logit_BxL) * weights_BxL)
   return total / jnp.maximum(jnp.sum(weights_BxL), 1.0)

@@ -45,7 +45,8 @@ def learning_rate_schedule(opt_cfg) -> optax.Schedule:
   peak, final = opt_cfg.peak_learning_rate, final_learning_rate(opt_cfg)
   decays = {
       "cosine": lambda: optax.cosine_decay_schedule(
-          peak, decay_steps, alpha=final / peak if peak else 0.0),
+          peak, decay_steps, alpha=final / peak if peak else 0.0
+      ),
       "linear": lambda: optax.linear_schedule(peak, final, decay_steps),
       "constant": lambda: optax.constant_schedule(peak),
   }
@@ -53,8 +54,9 @@ def learning_rate_schedule(opt_cfg) -> optax.Schedule:
   if warmup == 0:
     return decay
   return optax.join_schedules(
-      [optax.linear_schedule(init_learning_rate(opt_cfg), peak, warmup),
-       decay], [warmup])
+      [optax.linear_schedule(init_learning_rate(opt_cfg), peak, warmup), decay],
+      [warmup],
+  )
 
 
 def decay_coefficient(opt_cfg) -> float:
@@ -71,7 +73,7 @@ def exclusion_names(opt_cfg) -> tuple[str, ...]:
 
 
 def _path_name(path) -> str:
-  """"block_0/attn/query/kernel": the dict keys of a parameter's path."""
+  """ "block_0/attn/query/kernel": the dict keys of a parameter's path."""
   return "/".join(str(k.key) for k in path if hasattr(k, "key"))
 
 
@@ -81,24 +83,33 @@ def decay_mask(opt_cfg):
   if not names:
     return None
   return lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: not any(n in _path_name(path) for n in names), params)
+      lambda path, _: not any(n in _path_name(path) for n in names), params
+  )
 
 
 def _adamw(c, lr):
-  return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps,
-                     weight_decay=decay_coefficient(c), mask=decay_mask(c))
+  return optax.adamw(
+      lr,
+      b1=c.b1,
+      b2=c.b2,
+      eps=c.eps,
+      weight_decay=decay_coefficient(c),
+      mask=decay_mask(c),
+  )
 
 
 def _sgd(c, lr):
   return optax.chain(
       optax.add_decayed_weights(decay_coefficient(c), mask=decay_mask(c)),
-      optax.sgd(lr))
+      optax.sgd(lr),
+  )
 
 
 def _momentum(c, lr):
   return optax.chain(
       optax.add_decayed_weights(decay_coefficient(c), mask=decay_mask(c)),
-      optax.sgd(lr, momentum=c.b1))
+      optax.sgd(lr, momentum=c.b1),
+  )
 
 
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "momentum": _momentum}
@@ -108,37 +119,42 @@ LABELS = {"adamw": "AdamW", "sgd": "SGD", "momentum": "Momentum"}
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   """Optional global-norm clipping, then the named optimizer."""
-  tx = OPTIMIZERS[opt_cfg.optimizer](opt_cfg,
-                                     learning_rate_schedule(opt_cfg))
+  tx = OPTIMIZERS[opt_cfg.optimizer](opt_cfg, learning_rate_schedule(opt_cfg))
   if opt_cfg.clip_by_global_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.clip_by_global_norm),
-                     tx)
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.clip_by_global_norm), tx)
   return tx
 
 
 def _adam_state(opt_state) -> optax.ScaleByAdamState:
   """The one AdamW moment state inside `opt_state`; ValueError otherwise."""
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  adam = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam)
-          if is_adam(x)]
+  adam = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
   if len(adam) != 1:
-    raise ValueError("AdamW's moments are read from exactly one AdamW state "
-                     "in the optimizer; use opt.optimizer='adamw'")
+    raise ValueError(
+        "AdamW's moments are read from exactly one AdamW state "
+        "in the optimizer; use opt.optimizer='adamw'"
+    )
   return adam[0]
+
+
 def first_moment(opt_state):
   """The optimizer's first moment, a tree like the params (Momentum-SAM's
   direction): AdamW's mu (before bias correction; only its direction is
   used) or SGD with momentum's trace; zeros before the first update."""
   kinds = (optax.ScaleByAdamState, optax.TraceState)
   is_state = lambda x: isinstance(x, kinds)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state)
-           if is_state(x)]
+  found = [
+      x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)
+  ]
   if len(found) != 1:
-    raise ValueError("the momentum methods need exactly one first moment in "
-                     "the optimizer; use opt.optimizer='adamw' or 'momentum'")
+    raise ValueError(
+        "the momentum methods need exactly one first moment in "
+        "the optimizer; use opt.optimizer='adamw' or 'momentum'"
+    )
   state = found[0]
-  return state.mu if isinstance(state, optax.ScaleByAdamState) else (
-      state.trace)
+  return (
+      state.mu if isinstance(state, optax.ScaleByAdamState) else (state.trace)
+  )
 
 
 def adam_preconditioner(opt_state, *, b2: float, eps: float):
@@ -152,7 +168,8 @@ def adam_preconditioner(opt_state, *, b2: float, eps: float):
   has_moment = count > 0
   bias = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)
   precond = jax.tree.map(
-      lambda n: jnp.where(has_moment, jnp.sqrt(n / bias) + eps, 1.0), nu)
+      lambda n: jnp.where(has_moment, jnp.sqrt(n / bias) + eps, 1.0), nu
+  )
   return precond, has_moment
 
 
@@ -167,11 +184,17 @@ def adam_precond(opt_state, opt_cfg):
 def validate(opt_cfg) -> None:
   """The opt.* keys fit together; UsageError (one line) otherwise."""
   if opt_cfg.warmup_steps > opt_cfg.num_train_steps:
-    raise UsageError(f"opt.warmup_steps={opt_cfg.warmup_steps} must lie in "
-                     f"[0, opt.num_train_steps={opt_cfg.num_train_steps}]")
-  if (opt_cfg.independent_weight_decay and opt_cfg.weight_decay
-      and not opt_cfg.peak_learning_rate > 0):
+    raise UsageError(
+        f"opt.warmup_steps={opt_cfg.warmup_steps} must lie in "
+        f"[0, opt.num_train_steps={opt_cfg.num_train_steps}]"
+    )
+  if (
+      opt_cfg.independent_weight_decay
+      and opt_cfg.weight_decay
+      and not opt_cfg.peak_learning_rate > 0
+  ):
     raise UsageError(
         "opt.independent_weight_decay divides opt.weight_decay by "
         "opt.peak_learning_rate, which is 0; set a positive peak or "
-        "--config.opt.independent_weight_decay=False")
+        "--config.opt.independent_weight_decay=False"
+    )

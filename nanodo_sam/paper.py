@@ -38,10 +38,13 @@ def rows(table: str) -> list[dict]:
   """The table's rows in the paper's order, each with the table-wide fields
   filled in and null as NaN."""
   t = _tables()[table]
-  shared = {k: v for k, v in t.items()
-            if k in ("schedule", "size", "nonlinearity")}
-  return [{**shared, **{k: NAN if v is None else v for k, v in row.items()}}
-          for row in t["rows"]]
+  shared = {
+      k: v for k, v in t.items() if k in ("schedule", "size", "nonlinearity")
+  }
+  return [
+      {**shared, **{k: NAN if v is None else v for k, v in row.items()}}
+      for row in t["rows"]
+  ]
 
 
 def column(table: str, field: str) -> tuple:

@@ -24,14 +24,20 @@ WIDE_RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
 COARSE_SIZES = ("1208M",)
 
 PAPER_BEST_RHO = {
-    "sam": {"2M": 0.1, "23.9M": 0.1, "42.5M": 0.1, "117.9M": 0.1,
-            "1208M": 0.1},
-    "precond_functional_sam": {"23.9M": 0.5, "42.5M": 0.5, "117.9M": 0.4,
-                               "1208M": 0.4},
+    "sam": {"2M": 0.1, "23.9M": 0.1, "42.5M": 0.1, "117.9M": 0.1, "1208M": 0.1},
+    "precond_functional_sam": {
+        "23.9M": 0.5,
+        "42.5M": 0.5,
+        "117.9M": 0.4,
+        "1208M": 0.4,
+    },
 }
 # Our choice where the paper gives no value (coarse sizes only).
-COARSE_DEFAULT_RHO = {"precond_sam": 0.2, "functional_sam": 0.2,
-                      "precond_functional_sam": 0.4}
+COARSE_DEFAULT_RHO = {
+    "precond_sam": 0.2,
+    "functional_sam": 0.2,
+    "precond_functional_sam": 0.4,
+}
 
 
 def rho_grid(method: str, size: str) -> list[float]:
@@ -52,7 +58,10 @@ def size_runs(config: str, seeds=(0,)) -> list[dict]:
   runs = []
   for size in SIZES:
     runs += method_runs(
-        TABLE_METHODS, {m: rho_grid(m, size) for m in TABLE_METHODS},
-        learning_rates=LEARNING_RATES, seeds=seeds,
-        fixed={"config": f"{config}:{size}"})
+        TABLE_METHODS,
+        {m: rho_grid(m, size) for m in TABLE_METHODS},
+        learning_rates=LEARNING_RATES,
+        seeds=seeds,
+        fixed={"config": f"{config}:{size}"},
+    )
   return runs

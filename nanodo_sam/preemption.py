@@ -47,8 +47,10 @@ class StopRequest:
     """Installs the handlers: in the main thread of a single process (with
     several, SIGTERM is JAX's, and a Ctrl-C on one process cannot stop the
     others at the same step: it acts as usual)."""
-    if (threading.current_thread() is threading.main_thread()
-        and not _multi_process()):
+    if (
+        threading.current_thread() is threading.main_thread()
+        and not _multi_process()
+    ):
       for sig in SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -67,9 +69,13 @@ class StopRequest:
     self.signal = name
     if signal.SIGINT in self._previous:  # From now on Ctrl-C stops at once.
       signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
-    log.warning("%s received: finishing the step in flight, then writing a "
-                "checkpoint and exiting with status %d (Ctrl-C stops at "
-                "once)", name, EXIT_PREEMPTED)
+    log.warning(
+        "%s received: finishing the step in flight, then writing a "
+        "checkpoint and exiting with status %d (Ctrl-C stops at "
+        "once)",
+        name,
+        EXIT_PREEMPTED,
+    )
 
   def requested(self, step: int) -> bool:
     """Call at every step, with the same steps on every process."""

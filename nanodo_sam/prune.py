@@ -38,20 +38,26 @@ def parse_fractions(text: str) -> list[float]:
   """'0,0.1,0.5' -> [0.0, 0.1, 0.5]; UsageError unless each is in [0, 1)."""
   items = [t.strip() for t in str(text).split(",") if t.strip()]
   if not items:
-    raise UsageError("--fractions is empty; give comma-separated fractions "
-                     "in [0, 1), e.g. --fractions=0,0.1,0.2,0.5")
+    raise UsageError(
+        "--fractions is empty; give comma-separated fractions "
+        "in [0, 1), e.g. --fractions=0,0.1,0.2,0.5"
+    )
   out = []
   for t in items:
     try:
       f = float(t)
     except ValueError:
-      raise UsageError(f"--fractions: {t!r} is not a number; give "
-                       "comma-separated fractions in [0, 1), e.g. "
-                       "--fractions=0,0.1,0.2,0.5") from None
+      raise UsageError(
+          f"--fractions: {t!r} is not a number; give "
+          "comma-separated fractions in [0, 1), e.g. "
+          "--fractions=0,0.1,0.2,0.5"
+      ) from None
     if not (math.isfinite(f) and 0.0 <= f < 1.0):
-      raise UsageError(f"--fractions: {t} is outside [0, 1); a fraction is "
-                       "the share of non-embedding weights set to zero, e.g. "
-                       "--fractions=0,0.1,0.2,0.5")
+      raise UsageError(
+          f"--fractions: {t} is outside [0, 1); a fraction is "
+          "the share of non-embedding weights set to zero, e.g. "
+          "--fractions=0,0.1,0.2,0.5"
+      )
     out.append(f)
   return out
 
@@ -87,7 +93,7 @@ def prune(params, fraction: float, exclude: Sequence[str] = EMBEDDINGS):
   new = [x for _, x in leaves]
   offset = 0
   for i, h, size in zip(idx, host, sizes):
-    mask = keep[offset:offset + size].reshape(h.shape)
+    mask = keep[offset : offset + size].reshape(h.shape)
     new[i] = np.where(mask, h, np.zeros((), h.dtype)).astype(h.dtype)
     offset += size
   return jax.tree_util.tree_unflatten(treedef, new)
@@ -96,18 +102,23 @@ def prune(params, fraction: float, exclude: Sequence[str] = EMBEDDINGS):
 def zero_fraction(params, exclude: Sequence[str] = EMBEDDINGS) -> float:
   """The share of exact zeros among the prunable weights."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  arrays = [np.asarray(jax.device_get(x)) for p, x in leaves
-            if is_prunable(p, exclude)]
+  arrays = [
+      np.asarray(jax.device_get(x))
+      for p, x in leaves
+      if is_prunable(p, exclude)
+  ]
   n = sum(a.size for a in arrays)
   return sum(int(np.sum(a == 0)) for a in arrays) / max(n, 1)
 
 
-def prune_eval(params, fractions: Sequence[float],
-               eval_fn: Callable[[Any], float],
-               put_params: Callable[[Any], Any] = lambda p: p,
-               exclude: Sequence[str] = EMBEDDINGS,
-               log: Callable[[str], None] | None = None,
-               ) -> list[tuple[float, float, float]]:
+def prune_eval(
+    params,
+    fractions: Sequence[float],
+    eval_fn: Callable[[Any], float],
+    put_params: Callable[[Any], Any] = lambda p: p,
+    exclude: Sequence[str] = EMBEDDINGS,
+    log: Callable[[str], None] | None = None,
+) -> list[tuple[float, float, float]]:
   """[(fraction, eval loss, actual zero fraction)] for each fraction.
 
   eval_fn(params) -> float evaluates on the fixed eval batches; put_params
@@ -126,8 +137,10 @@ def prune_eval(params, fractions: Sequence[float],
 
 def format_table(rows: Sequence[tuple[float, float, float]]) -> str:
   base = rows[0][1] if rows and rows[0][0] == 0.0 else None
-  lines = ["fraction  actual   eval_loss" + ("  delta" if base else ""),
-           "--------  -------  ---------" + ("  -------" if base else "")]
+  lines = [
+      "fraction  actual   eval_loss" + ("  delta" if base else ""),
+      "--------  -------  ---------" + ("  -------" if base else ""),
+  ]
   for f, loss, actual in rows:
     line = f"{f:8.3f}  {actual:7.4f}  {loss:9.4f}"
     if base is not None:
@@ -142,13 +155,18 @@ def write_prune_json(workdir: str, rows, *, step: int, cfg=None) -> str:
   scripts/plot_pruning.py reads)."""
   out = {
       "step": int(step),
-      "results": [{"fraction": f, "eval_loss": l, "actual_fraction": a}
-                  for f, l, a in rows],
+      "results": [
+          {"fraction": f, "eval_loss": l, "actual_fraction": a}
+          for f, l, a in rows
+      ],
   }
   if cfg is not None:
-    out.update(method=cfg.sam.method, rho=cfg.sam.rho,
-               model_size_name=cfg.model.get("size_name", ""),
-               seed=cfg.seed)
+    out.update(
+        method=cfg.sam.method,
+        rho=cfg.sam.rho,
+        model_size_name=cfg.model.get("size_name", ""),
+        seed=cfg.seed,
+    )
   path = os.path.join(workdir, "prune.json")
   if jax.process_index() == 0:
     tmp = path + ".tmp"

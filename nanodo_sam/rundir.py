@@ -70,6 +70,7 @@ def write_json(path: str, obj: dict) -> None:
   """Strict JSON (`strict`), written atomically (a temporary file, then
   os.replace: a kill leaves the old file or the new one), by process 0."""
   import jax  # Lazy: the run reader (runs.py) uses this module without JAX.
+
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -106,8 +107,10 @@ def read_config(workdir: str | None) -> ml_collections.ConfigDict:
     raise UsageError("--workdir=DIR is required")
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
-    raise UsageError(f"no run in {workdir!r} (no {CONFIG}); train one with"
-                     " `nanodo-sam train --config=... --workdir=DIR`")
+    raise UsageError(
+        f"no run in {workdir!r} (no {CONFIG}); train one with"
+        " `nanodo-sam train --config=... --workdir=DIR`"
+    )
   return config_from_json(path)
 
 
@@ -133,8 +136,11 @@ def history_until(workdir: str, step: int) -> list:
     return []
   with open(path) as f:
     history = json.load(f).get("eval_history", [])
-  return [(int(n), float("nan") if loss is None else float(loss))
-          for n, loss in history if int(n) <= step]
+  return [
+      (int(n), float("nan") if loss is None else float(loss))
+      for n, loss in history
+      if int(n) <= step
+  ]
 
 
 def _check_writable(workdir: str) -> None:
@@ -144,14 +150,21 @@ def _check_writable(workdir: str) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    where = ("is a file" if existing == os.path.abspath(workdir)
-             else f"lies in a file ({existing})")
-    raise UsageError(f"workdir {workdir!r} {where}, not a directory; pass "
-                     "--workdir=DIR, a new or existing run directory")
+    where = (
+        "is a file"
+        if existing == os.path.abspath(workdir)
+        else f"lies in a file ({existing})"
+    )
+    raise UsageError(
+        f"workdir {workdir!r} {where}, not a directory; pass "
+        "--workdir=DIR, a new or existing run directory"
+    )
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise UsageError(f"workdir {workdir!r} is not writable ({existing} is "
-                     "read-only to this user); pass a --workdir you can "
-                     "write to")
+    raise UsageError(
+        f"workdir {workdir!r} is not writable ({existing} is "
+        "read-only to this user); pass a --workdir you can "
+        "write to"
+    )
 
 
 def _check_same_run(cfg, old, workdir: str) -> None:
@@ -162,23 +175,29 @@ def _check_same_run(cfg, old, workdir: str) -> None:
       raise UsageError(
           f"workdir {workdir!r} holds a run with {key}={was!r} (now "
           f"{now!r}); resume it with --config.{key}={was!r} or use a new "
-          "--workdir")
+          "--workdir"
+      )
   old_model, new_model = to_dict(old.model), to_dict(cfg.model)
-  diff = sorted(k for k in set(old_model) | set(new_model)
-                if k not in ("remat", "dtype", "attention")
-                and old_model.get(k) != new_model.get(k))
+  diff = sorted(
+      k
+      for k in set(old_model) | set(new_model)
+      if k not in ("remat", "dtype", "attention")
+      and old_model.get(k) != new_model.get(k)
+  )
   if diff:
     k = diff[0]
     raise UsageError(
         f"workdir {workdir!r} holds a run of a different model (model.{k}: "
         f"{old_model.get(k)} there, {new_model.get(k)} now); use a new "
-        "--workdir or the same model config")
+        "--workdir or the same model config"
+    )
   old_reuse = bool(old.sam.get("reuse", False))
   if old_reuse != bool(cfg.sam.get("reuse", False)):
     raise UsageError(
         f"workdir {workdir!r} holds a run with sam.reuse={old_reuse}, whose "
         "checkpoints have a different train state; use a new --workdir or "
-        f"--config.sam.reuse={old_reuse}")
+        f"--config.sam.reuse={old_reuse}"
+    )
 
 
 def check_workdir(cfg, workdir: str) -> None:

@@ -85,6 +85,7 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
 
 # ---------------------------------------------------------- shared helpers
 
+
 class Point(NamedTuple):
   """theta or theta + eps seen through logits_fn, up to its output layer.
 
@@ -107,12 +108,16 @@ class Clean(NamedTuple):
 
 
 def _identity_head(logits_fn: LogitsFn) -> OutputHead:
-  return OutputHead(features=logits_fn, select=lambda params: (),
-                    apply=lambda head_params, logits: logits)
+  return OutputHead(
+      features=logits_fn,
+      select=lambda params: (),
+      apply=lambda head_params, logits: logits,
+  )
 
 
-def resolve_head(logits_fn: LogitsFn, head: OutputHead | None = None
-                 ) -> tuple[OutputHead, bool]:
+def resolve_head(
+    logits_fn: LogitsFn, head: OutputHead | None = None
+) -> tuple[OutputHead, bool]:
   """(the OutputHead the step runs, whether it is a real output layer to
   chunk): `head` when given, else logits_fn itself after an identity layer."""
   if head is None:
@@ -120,12 +125,17 @@ def resolve_head(logits_fn: LogitsFn, head: OutputHead | None = None
   return head, True
 
 
-def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn,
-          head: OutputHead | None = None) -> Point:
+def point(
+    params: PyTree,
+    inputs_BxL: jax.Array,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> Point:
   """1 forward up to the output layer, keeping its J^T for backwards."""
   head, _ = resolve_head(logits_fn, head)
   (head_params, h_BxLxD), vjp_fn = jax.vjp(
-      lambda p: (head.select(p), head.features(p, inputs_BxL)), params)
+      lambda p: (head.select(p), head.features(p, inputs_BxL)), params
+  )
   return Point(head_params, h_BxLxD, vjp_fn)
 
 
@@ -168,12 +178,16 @@ def _replicated(head: OutputHead, tree: PyTree) -> PyTree:
   """`tree` whole on every device (one all-gather, outside any loop)."""
   s = head.batch_sharding
   rep = NamedSharding(s.mesh, PartitionSpec())
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep),
-                      tree)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
 
 
-def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
-             head: OutputHead | None = None) -> tuple[jax.Array, PyTree]:
+def head_vjp(
+    a: Point,
+    b: Point,
+    batch: dict[str, Any],
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> tuple[jax.Array, PyTree]:
   """(L(b), J(a)^T dL/dF(b)): the loss at point b and its logit cotangent
   pulled back through the network at point a (a is b for the plain gradient).
 
@@ -212,8 +226,9 @@ def _chunk_fn(head: OutputHead, same: bool):
   (its share of the loss, d head params, dh)."""
 
   def one(w_a, w_b, h_a, h_b, targets, weights):
-    loss_fn = lambda z: cross_entropy(z, {"targets": targets,
-                                          "weights": weights})
+    loss_fn = lambda z: cross_entropy(
+        z, {"targets": targets, "weights": weights}
+    )
     if same:
       logits, pull = jax.vjp(head.apply, w_a, h_a)
     else:
@@ -229,7 +244,8 @@ def _chunk_fn(head: OutputHead, same: bool):
 def _f32_zeros(tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      tree)
+      tree,
+  )
 
 
 def _chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
@@ -239,28 +255,36 @@ def _chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   one = _chunk_fn(head, a is b)
 
   def kept(h_a, h_b, targets, weights):
-    h_a, h_b, targets, weights = (_keep_rows(head, x)
-                                  for x in (h_a, h_b, targets, weights))
-    loss, d_head, dh = one(a.head_params, b.head_params, h_a, h_b, targets,
-                           weights)
+    h_a, h_b, targets, weights = (
+        _keep_rows(head, x) for x in (h_a, h_b, targets, weights)
+    )
+    loss, d_head, dh = one(
+        a.head_params, b.head_params, h_a, h_b, targets, weights
+    )
     return loss, d_head, _keep_rows(head, dh)
 
   if n == 1:
     return kept(*xs)
-  split = lambda x: _keep_rows(head, jnp.moveaxis(
-      x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0), 1)
+  split = lambda x: _keep_rows(
+      head,
+      jnp.moveaxis(
+          x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0
+      ),
+      1,
+  )
 
   def body(acc, chunk):
     loss, d_head, dh = kept(*chunk)
-    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
-                       (loss, d_head))
+    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc, (loss, d_head))
     return acc, dh
 
   zeros = _f32_zeros((jnp.zeros(()), a.head_params))
-  (loss, d_head), dh_nxBxLcxD = jax.lax.scan(body, zeros,
-                                             tuple(split(x) for x in xs))
-  dh_BxLxD = _keep_rows(head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(
-      a.h_BxLxD.shape))
+  (loss, d_head), dh_nxBxLcxD = jax.lax.scan(
+      body, zeros, tuple(split(x) for x in xs)
+  )
+  dh_BxLxD = _keep_rows(
+      head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(a.h_BxLxD.shape)
+  )
   return loss, _cast_like(d_head, a.head_params), dh_BxLxD
 
 
@@ -275,7 +299,8 @@ def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   # One copy of a's output layer per group: its cotangent is the group's own
   # part of the gradient, kept on the group's devices.
   w_a_G = jax.tree.map(
-      lambda x: _keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a)
+      lambda x: _keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a
+  )
 
   def split(x):  # [B, L, ...] -> [n, G, B/G, L/n, ...], G along the devices.
     B, L = x.shape[:2]
@@ -287,30 +312,40 @@ def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   def body(acc, chunk):
     chunk = tuple(_keep_rows(head, x) for x in chunk)
     loss_G, d_head_G, dh = grouped(w_a_G, w_b, *chunk)
-    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
-                       (jnp.sum(loss_G), d_head_G))
+    acc = jax.tree.map(
+        lambda s, x: s + x.astype(s.dtype), acc, (jnp.sum(loss_G), d_head_G)
+    )
     return acc, _keep_rows(head, dh)
 
   zeros = _f32_zeros((jnp.zeros(()), w_a_G))
   zeros = (zeros[0], jax.tree.map(lambda z: _keep_rows(head, z), zeros[1]))
   (loss, d_head_G), dh_nxGxbxLcxD = jax.lax.scan(
-      body, zeros, tuple(split(x) for x in xs))
+      body, zeros, tuple(split(x) for x in xs)
+  )
   d_head = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_head_G)
   dh = jnp.moveaxis(dh_nxGxbxLcxD, 0, 2)  # [G, B/G, n, L/n, D]
   dh_BxLxD = _keep_rows(head, dh.reshape(a.h_BxLxD.shape))
   return loss, _cast_like(d_head, a.head_params), dh_BxLxD
 
 
-def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn,
-              head: OutputHead | None = None) -> Clean:
+def clean_vjp(
+    params: PyTree,
+    batch: dict[str, Any],
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> Clean:
   """1 forward + 1 backward: the plain gradient, keeping the pieces to reuse."""
   p = point(params, batch["inputs"], logits_fn, head)
   loss, grads = head_vjp(p, p, batch, logits_fn, head)
   return Clean(loss, grads, p)
 
 
-def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
-                 precond_normalize: str = "after") -> PyTree:
+def perturbation(
+    grads: PyTree,
+    rho: jax.Array,
+    precond: PyTree | None = None,
+    precond_normalize: str = "after",
+) -> PyTree:
   """The SAM ascent step eps, ||eps|| = rho unless preconditioned "before".
 
   precond=None: eps = rho g/||g||. Otherwise with P = precond,
@@ -326,8 +361,9 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
   return _scale_to(jax.tree.map(divide, grads, precond), rho)
 
 
-def adaptive_perturbation(grads: PyTree, params: PyTree, rho,
-                          eta: float = ADAPTIVE_ETA) -> PyTree:
+def adaptive_perturbation(
+    grads: PyTree, params: PyTree, rho, eta: float = ADAPTIVE_ETA
+) -> PyTree:
   """ASAM's eps = rho T^2 g / ||T g||, T = |theta| + eta elementwise: the
   SAM ascent step in the coordinates theta / T, where a rescaling of the
   weights that leaves the network's function unchanged leaves it unchanged
@@ -336,12 +372,12 @@ def adaptive_perturbation(grads: PyTree, params: PyTree, rho,
   t = jax.tree.map(lambda p: jnp.abs(f32(p)) + eta, params)
   tg = jax.tree.map(lambda t, g: t * f32(g), t, grads)
   scale = rho / (tree_math.norm(tg) + NORM_EPS)
-  return jax.tree.map(lambda t, x, g: (scale * t * x).astype(g.dtype),
-                      t, tg, grads)
+  return jax.tree.map(
+      lambda t, x, g: (scale * t * x).astype(g.dtype), t, tg, grads
+  )
 
 
-def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree
-                          ) -> PyTree:
+def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree) -> PyTree:
   """Momentum-SAM's eps = -rho m / ||m||, m the optimizer's first moment
   (a tree like `like`); zero when m is None or 0 (the first step), so the
   step then takes the plain gradient."""
@@ -375,10 +411,10 @@ class Step:
   head: OutputHead | None = None
 
   def perturbed(self) -> Point:
-    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T.
-    """
-    return point(self.params_eps, self.batch["inputs"], self.logits_fn,
-                 self.head)
+    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T."""
+    return point(
+        self.params_eps, self.batch["inputs"], self.logits_fn, self.head
+    )
 
   def jt(self, a: Point, b: Point) -> PyTree:
     """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
@@ -421,7 +457,10 @@ def _angle_sam(step: Step) -> PyTree:
   s, c = jnp.sin(step.phi), jnp.cos(step.phi)
   return jax.tree.map(
       lambda g0, gl, gf: (g0 + s * (gl - g0) + c * (gf - g0)).astype(g0.dtype),
-      g, g_logit, g_func)
+      g,
+      g_logit,
+      g_func,
+  )
 
 
 def _surrogate_gap(g_p: PyTree, g: PyTree, alpha) -> PyTree:
@@ -429,9 +468,11 @@ def _surrogate_gap(g_p: PyTree, g: PyTree, alpha) -> PyTree:
   part of g orthogonal to g_p, descended to shrink the surrogate gap
   L(theta + eps) - L(theta) without changing the perturbed loss."""
   coef = tree_math.vdot(g, g_p) / jnp.maximum(
-      jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny)
+      jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny
+  )
   return jax.tree.map(
-      lambda p, x: (p - alpha * (x - coef * p)).astype(p.dtype), g_p, g)
+      lambda p, x: (p - alpha * (x - coef * p)).astype(p.dtype), g_p, g
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,29 +512,45 @@ METHODS: dict[str, Method] = {
     "logit_sam": Method(_logit_sam, "Logit-SAM"),
     "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3, uses_phi=True),
     "precond_sam": Method(_sam, "Precond SAM", precond=True),
-    "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
-                                     precond=True),
+    "precond_functional_sam": Method(
+        _functional_sam, "Precond Func-SAM", precond=True
+    ),
     "adaptive_sam": Method(_sam, "ASAM", direction="adaptive"),
     "gsam": Method(_sam, "GSAM", uses_alpha=True, combine=_surrogate_gap),
-    "momentum_sam": Method(_plain, "Momentum-SAM", forwards=1, backwards=1,
-                           direction="momentum", lookahead=True),
+    "momentum_sam": Method(
+        _plain,
+        "Momentum-SAM",
+        forwards=1,
+        backwards=1,
+        direction="momentum",
+        lookahead=True,
+    ),
     # Combinations none of the public codebases has (docs/sam_variants.md).
-    "functional_adaptive_sam": Method(_functional_sam, "Func-ASAM",
-                                      direction="adaptive"),
-    "functional_momentum_sam": Method(_functional_sam, "Func-Momentum-SAM",
-                                      direction="momentum"),
-    "precond_gsam": Method(_sam, "Precond GSAM", precond=True,
-                           uses_alpha=True, combine=_surrogate_gap),
+    "functional_adaptive_sam": Method(
+        _functional_sam, "Func-ASAM", direction="adaptive"
+    ),
+    "functional_momentum_sam": Method(
+        _functional_sam, "Func-Momentum-SAM", direction="momentum"
+    ),
+    "precond_gsam": Method(
+        _sam,
+        "Precond GSAM",
+        precond=True,
+        uses_alpha=True,
+        combine=_surrogate_gap,
+    ),
 }
 # The plain step's key: the base optimizer's own gradient, no perturbation.
 PLAIN = "adamw"
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)
 ALPHA_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_alpha)
-ADAPTIVE_METHODS = frozenset(k for k, m in METHODS.items()
-                             if m.direction == "adaptive")
-MOMENTUM_METHODS = frozenset(k for k, m in METHODS.items()
-                             if m.direction == "momentum")
+ADAPTIVE_METHODS = frozenset(
+    k for k, m in METHODS.items() if m.direction == "adaptive"
+)
+MOMENTUM_METHODS = frozenset(
+    k for k, m in METHODS.items() if m.direction == "momentum"
+)
 
 
 def is_plain(method: str) -> bool:
@@ -522,78 +579,115 @@ def _as_float(x) -> float | None:
     return None
 
 
-def validate(method: str, rho, phi=None, optimizer: str = "adamw",
-             precond_normalize: str = "after",
-             perturbation_scope: str = "global", alpha=None,
-             adaptive_eta=None) -> None:
+def validate(
+    method: str,
+    rho,
+    phi=None,
+    optimizer: str = "adamw",
+    precond_normalize: str = "after",
+    perturbation_scope: str = "global",
+    alpha=None,
+    adaptive_eta=None,
+) -> None:
   """Raise ValueError (one line: what is wrong and how to fix it) on a bad
   method/rho/phi/optimizer/option combination: the one check of the step's
   options (sam_schedule.validate calls it). Traced rho is not checked."""
   if method not in METHODS:
-    raise ValueError(f"sam.method={method!r} is unknown; use one of "
-                     f"{sorted(METHODS)}")
+    raise ValueError(
+        f"sam.method={method!r} is unknown; use one of " f"{sorted(METHODS)}"
+    )
   rho_value = _as_float(rho)
   if rho_value is not None and not rho_value >= 0:
-    raise ValueError(f"sam.rho={rho!r} must be >= 0; set sam.rho to a "
-                     "non-negative radius (0 gives the plain gradient)")
+    raise ValueError(
+        f"sam.rho={rho!r} must be >= 0; set sam.rho to a "
+        "non-negative radius (0 gives the plain gradient)"
+    )
   if method in PHI_METHODS and phi is None:
-    raise ValueError(f"sam.method={method!r} needs the angle sam.phi "
-                     "(radians; 0 = functional_sam, pi/2 = logit_sam); set it")
+    raise ValueError(
+        f"sam.method={method!r} needs the angle sam.phi "
+        "(radians; 0 = functional_sam, pi/2 = logit_sam); set it"
+    )
   if method not in PHI_METHODS and phi is not None:
-    raise ValueError(f"sam.phi={phi!r} is ignored by sam.method={method!r}; "
-                     f"unset sam.phi or use one of {sorted(PHI_METHODS)}")
+    raise ValueError(
+        f"sam.phi={phi!r} is ignored by sam.method={method!r}; "
+        f"unset sam.phi or use one of {sorted(PHI_METHODS)}"
+    )
   _validate_variant_options(method, optimizer, alpha, adaptive_eta)
   if method in PRECOND_METHODS and optimizer not in OPTIMIZERS_WITH_PRECOND:
-    raise ValueError(f"sam.method={method!r} preconditions with AdamW's second "
-                     f"moment but opt.optimizer={optimizer!r}; use "
-                     f"opt.optimizer='adamw' or a method without 'precond_'")
+    raise ValueError(
+        f"sam.method={method!r} preconditions with AdamW's second "
+        f"moment but opt.optimizer={optimizer!r}; use "
+        f"opt.optimizer='adamw' or a method without 'precond_'"
+    )
   if precond_normalize not in PRECOND_NORMALIZE:
-    raise ValueError(f"sam.precond_normalize={precond_normalize!r} is unknown; "
-                     "use 'after' (normalise P^-1 g) or 'before' (P^-1 "
-                     "applied to g/||g||)")
+    raise ValueError(
+        f"sam.precond_normalize={precond_normalize!r} is unknown; "
+        "use 'after' (normalise P^-1 g) or 'before' (P^-1 "
+        "applied to g/||g||)"
+    )
   if perturbation_scope not in PERTURBATION_SCOPES:
-    raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
-                     "unknown; use 'global' (eps from the whole batch), "
-                     "'microbatch' (each microbatch its own eps) or "
-                     "'replica' (each data-parallel shard its own eps)")
+    raise ValueError(
+        f"sam.perturbation_scope={perturbation_scope!r} is "
+        "unknown; use 'global' (eps from the whole batch), "
+        "'microbatch' (each microbatch its own eps) or "
+        "'replica' (each data-parallel shard its own eps)"
+    )
 
 
-def _validate_variant_options(method: str, optimizer: str, alpha,
-                              adaptive_eta) -> None:
+def _validate_variant_options(
+    method: str, optimizer: str, alpha, adaptive_eta
+) -> None:
   """GSAM's alpha, ASAM's eta and Momentum-SAM's first moment."""
   if method in ALPHA_METHODS and alpha is None:
-    raise ValueError(f"sam.method={method!r} needs GSAM's sam.alpha (the "
-                     "weight of -g_orth; 0 = SAM); set it")
+    raise ValueError(
+        f"sam.method={method!r} needs GSAM's sam.alpha (the "
+        "weight of -g_orth; 0 = SAM); set it"
+    )
   if method not in ALPHA_METHODS and alpha is not None:
-    raise ValueError(f"sam.alpha={alpha!r} is ignored by sam.method="
-                     f"{method!r}; unset sam.alpha or use one of "
-                     f"{sorted(ALPHA_METHODS)}")
+    raise ValueError(
+        f"sam.alpha={alpha!r} is ignored by sam.method="
+        f"{method!r}; unset sam.alpha or use one of "
+        f"{sorted(ALPHA_METHODS)}"
+    )
   if method not in ADAPTIVE_METHODS and adaptive_eta is not None:
-    raise ValueError(f"sam.adaptive_eta={adaptive_eta!r} is ignored by "
-                     f"sam.method={method!r}; unset sam.adaptive_eta or use "
-                     f"one of {sorted(ADAPTIVE_METHODS)}")
+    raise ValueError(
+        f"sam.adaptive_eta={adaptive_eta!r} is ignored by "
+        f"sam.method={method!r}; unset sam.adaptive_eta or use "
+        f"one of {sorted(ADAPTIVE_METHODS)}"
+    )
   for name, value in (("alpha", alpha), ("adaptive_eta", adaptive_eta)):
     number = _as_float(value)
     if number is not None and not number >= 0:
-      raise ValueError(f"sam.{name}={value!r} must be >= 0; set a "
-                       "non-negative value")
+      raise ValueError(
+          f"sam.{name}={value!r} must be >= 0; set a " "non-negative value"
+      )
   if method in MOMENTUM_METHODS and optimizer not in OPTIMIZERS_WITH_MOMENTUM:
-    raise ValueError(f"sam.method={method!r} perturbs against the "
-                     f"optimizer's first moment, which opt.optimizer="
-                     f"{optimizer!r} has none of; use opt.optimizer='adamw' "
-                     "or 'momentum'")
+    raise ValueError(
+        f"sam.method={method!r} perturbs against the "
+        f"optimizer's first moment, which opt.optimizer="
+        f"{optimizer!r} has none of; use opt.optimizer='adamw' "
+        "or 'momentum'"
+    )
 
 
 # ---------------------------------------------------------------- the step
 
 
-def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
-             logits_fn: LogitsFn, rho, phi: float | None = None,
-             precond: PyTree | None = None, precond_normalize: str = "after",
-             head: OutputHead | None = None, alpha: float | None = None,
-             adaptive_eta: float | None = None,
-             momentum: PyTree | None = None
-             ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
+def gradient(
+    method: str,
+    params: PyTree,
+    batch: dict[str, Any],
+    *,
+    logits_fn: LogitsFn,
+    rho,
+    phi: float | None = None,
+    precond: PyTree | None = None,
+    precond_normalize: str = "after",
+    head: OutputHead | None = None,
+    alpha: float | None = None,
+    adaptive_eta: float | None = None,
+    momentum: PyTree | None = None,
+) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
   """(loss at theta, the method's gradient, scalar metrics).
 
   `method` and `precond_normalize` are static python values; `rho`, `phi`,
@@ -606,13 +700,18 @@ def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
   there. `head` (optional): logits_fn's output layer, so the step can chunk
   the [B, L, V] logits (see `head_vjp`); the result is the same without it.
   """
-  validate(method, rho, phi, precond_normalize=precond_normalize,
-           alpha=alpha, adaptive_eta=adaptive_eta)
-  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta,
-                 momentum)
-  loss, grads, _, metrics = _gradient(method, params, batch,
-                                      logits_fn=logits_fn, rho=rho,
-                                      opts=opts, head=head)
+  validate(
+      method,
+      rho,
+      phi,
+      precond_normalize=precond_normalize,
+      alpha=alpha,
+      adaptive_eta=adaptive_eta,
+  )
+  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta, momentum)
+  loss, grads, _, metrics = _gradient(
+      method, params, batch, logits_fn=logits_fn, rho=rho, opts=opts, head=head
+  )
   return loss, grads, metrics
 
 
@@ -628,10 +727,18 @@ def _gradient(method, params, batch, *, logits_fn, rho, opts: Options, head):
     clean = clean_vjp(params, batch, logits_fn, head)
     eps = _eps(entry, params, clean.grads, rho, opts)
     params_eps = _add(params, eps)
-  grads = _combine(entry, entry(Step(clean, params_eps, batch, logits_fn,
-                                     opts.phi, head)), clean.grads, opts)
-  return (clean.loss, grads, clean.grads,
-          _metrics(grads, clean.grads, eps, rho))
+  grads = _combine(
+      entry,
+      entry(Step(clean, params_eps, batch, logits_fn, opts.phi, head)),
+      clean.grads,
+      opts,
+  )
+  return (
+      clean.loss,
+      grads,
+      clean.grads,
+      _metrics(grads, clean.grads, eps, rho),
+  )
 
 
 def _combine(entry: Method, grads, g, opts: Options):
@@ -649,8 +756,12 @@ def _eps(entry: Method, params, grads, rho, opts: Options):
   if entry.direction == "adaptive":
     eta = ADAPTIVE_ETA if opts.adaptive_eta is None else opts.adaptive_eta
     return adaptive_perturbation(grads, params, rho, eta)
-  return perturbation(grads, rho, opts.precond if entry.precond else None,
-                      opts.precond_normalize)
+  return perturbation(
+      grads,
+      rho,
+      opts.precond if entry.precond else None,
+      opts.precond_normalize,
+  )
 
 
 def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
@@ -662,8 +773,9 @@ def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
 def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
   return {
       "grad_norm": tree_math.norm(g),
-      "perturbation_norm": (tree_math.norm(eps) if eps is not None
-                            else jnp.zeros((), jnp.float32)),
+      "perturbation_norm": (
+          tree_math.norm(eps) if eps is not None else jnp.zeros((), jnp.float32)
+      ),
       "cosine": cosine(grads, g),
       "rho": rho,
   }
@@ -682,9 +794,12 @@ def _microbatches(batch: dict[str, Any], k: int):
   """
   micro = jax.tree.map(
       lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
-      batch)
-  w_k = jnp.sum(micro["weights"].astype(jnp.float32),
-                axis=tuple(range(1, micro["weights"].ndim)))
+      batch,
+  )
+  w_k = jnp.sum(
+      micro["weights"].astype(jnp.float32),
+      axis=tuple(range(1, micro["weights"].ndim)),
+  )
   return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
 
 
@@ -697,15 +812,25 @@ class GradientResult(NamedTuple):
   reuse: Reuse | None = None  # Reuse(grads - g, ||g||) with return_reuse
 
 
-def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
-                         *, logits_fn: LogitsFn, rho, phi=None, precond=None,
-                         precond_normalize: str = "after",
-                         num_microbatches: int = 1,
-                         perturbation_scope: str = "global",
-                         return_reuse: bool = False,
-                         head: OutputHead | None = None,
-                         groups: Groups | None = None, alpha=None,
-                         adaptive_eta=None, momentum=None) -> GradientResult:
+def accumulated_gradient(
+    method: str,
+    params: PyTree,
+    batch: dict[str, Any],
+    *,
+    logits_fn: LogitsFn,
+    rho,
+    phi=None,
+    precond=None,
+    precond_normalize: str = "after",
+    num_microbatches: int = 1,
+    perturbation_scope: str = "global",
+    return_reuse: bool = False,
+    head: OutputHead | None = None,
+    groups: Groups | None = None,
+    alpha=None,
+    adaptive_eta=None,
+    momentum=None,
+) -> GradientResult:
   """`gradient` over `num_microbatches` microbatches summed with lax.scan.
 
   "global" (the paper's semantics): eps comes from the gradient of the whole
@@ -731,42 +856,64 @@ def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
   (`_replica_gradient`); without `groups` it is "global". A `lookahead`
   method's passes are all at the same theta + eps, whatever the scope.
   """
-  validate(method, rho, phi, precond_normalize=precond_normalize,
-           perturbation_scope=perturbation_scope, alpha=alpha,
-           adaptive_eta=adaptive_eta)
-  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta,
-                 momentum)
+  validate(
+      method,
+      rho,
+      phi,
+      precond_normalize=precond_normalize,
+      perturbation_scope=perturbation_scope,
+      alpha=alpha,
+      adaptive_eta=adaptive_eta,
+  )
+  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta, momentum)
   kw = dict(logits_fn=logits_fn, rho=rho, opts=opts, head=head)
   entry = METHODS[method]
   if perturbation_scope == "replica" and groups is not None:
-    result = _replica_gradient(method, params, batch, rho=rho, opts=opts,
-                               k=num_microbatches, groups=groups)
+    result = _replica_gradient(
+        method,
+        params,
+        batch,
+        rho=rho,
+        opts=opts,
+        k=num_microbatches,
+        groups=groups,
+    )
   elif num_microbatches == 1:
     result = _gradient(method, params, batch, **kw)
   elif groups is not None and perturbation_scope == "global":
     result = _grouped_accumulation(
-        entry, params, batch, rho=jnp.asarray(rho, jnp.result_type(float)),
-        opts=opts, k=num_microbatches, groups=groups)
-  elif (perturbation_scope == "microbatch" or not entry.perturbs
-        or entry.lookahead):
-    result = _per_microbatch(method, params, batch, num_microbatches,
-                             keep_g=return_reuse, **kw)
+        entry,
+        params,
+        batch,
+        rho=jnp.asarray(rho, jnp.result_type(float)),
+        opts=opts,
+        k=num_microbatches,
+        groups=groups,
+    )
+  elif (
+      perturbation_scope == "microbatch"
+      or not entry.perturbs
+      or entry.lookahead
+  ):
+    result = _per_microbatch(
+        method, params, batch, num_microbatches, keep_g=return_reuse, **kw
+    )
   else:
-    result = _global_accumulation(entry, params, batch, num_microbatches,
-                                  **kw)
+    result = _global_accumulation(entry, params, batch, num_microbatches, **kw)
   return _gradient_result(*result, return_reuse=return_reuse)
 
 
-def _gradient_result(loss, grads, g, metrics, return_reuse: bool
-                     ) -> GradientResult:
+def _gradient_result(
+    loss, grads, g, metrics, return_reuse: bool
+) -> GradientResult:
   """`accumulated_gradient`'s result; with `return_reuse` also what the
   reuse steps carry: Reuse(grads - g in float32, ||g||)."""
   if not return_reuse:
     return GradientResult(loss, grads, metrics)
   delta = jax.tree.map(
-      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-  return GradientResult(loss, grads, metrics,
-                        Reuse(delta, tree_math.norm(g)))
+      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g
+  )
+  return GradientResult(loss, grads, metrics, Reuse(delta, tree_math.norm(g)))
 
 
 def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
@@ -777,13 +924,15 @@ def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
   def one(mb):
     loss, grads, g, metrics = _gradient(method, params, mb, **kw)
     return loss, grads, (g if keep_g else None), metrics
+
   shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
   loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
   return loss, _cast_like(grads, params), g, metrics
 
 
-def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
-                         rho, opts: Options, head):
+def _global_accumulation(
+    entry: Method, params, batch, k: int, *, logits_fn, rho, opts: Options, head
+):
   """(loss, grads, g, metrics) with eps from the whole batch's gradient:
   one scan over the k microbatches for g, a second for the method's
   gradient at theta + eps."""
@@ -793,14 +942,24 @@ def _global_accumulation(entry: Method, params, batch, k: int, *, logits_fn,
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
     return c.loss, c.grads
+
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
   loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
   eps = _eps(entry, params, g, rho, opts)
   params_eps = _add(params, eps)
 
   def perturbed(mb):
-    return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
-                      logits_fn, opts.phi, head))
+    return entry(
+        Step(
+            clean_vjp(params, mb, logits_fn, head),
+            params_eps,
+            mb,
+            logits_fn,
+            opts.phi,
+            head,
+        )
+    )
+
   grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
   grads = _combine(entry, grads, _cast_like(g, params), opts)
   return loss, grads, g, _metrics(grads, g, eps, rho)
@@ -841,11 +1000,13 @@ def _per_group(groups: Groups, params: PyTree) -> PyTree:
   G = _group_count(groups)
   head = OutputHead(None, None, None, groups.batch_sharding)
   if groups.cast is not None:
-    params = jax.lax.with_sharding_constraint(groups.cast(params),
-                                              groups.params_sharding)
+    params = jax.lax.with_sharding_constraint(
+        groups.cast(params), groups.params_sharding
+    )
   whole = _replicated(head, params)
-  return _grouped(groups, jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole))
+  return _grouped(
+      groups, jax.tree.map(lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole)
+  )
 
 
 def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
@@ -856,16 +1017,23 @@ def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
   run = jax.vmap(fn)
   G = frac_kxG.shape[1]
   like_G = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like)
-  acc = tree_math.scan_sum(lambda mb: run(params_G, mb), micro_kxG, frac_kxG,
-                           like_G, constrain=lambda t: _grouped(groups, t))
+      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like
+  )
+  acc = tree_math.scan_sum(
+      lambda mb: run(params_G, mb),
+      micro_kxG,
+      frac_kxG,
+      like_G,
+      constrain=lambda t: _grouped(groups, t),
+  )
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
 
 
 def _to_params_layout(groups: Groups, grads: PyTree, params: PyTree):
   """The summed gradient in the parameters' dtype and layout."""
-  return jax.lax.with_sharding_constraint(_cast_like(grads, params),
-                                         groups.params_sharding)
+  return jax.lax.with_sharding_constraint(
+      _cast_like(grads, params), groups.params_sharding
+  )
 
 
 def _group_microbatches(batch, k: int, G: int):
@@ -874,14 +1042,16 @@ def _group_microbatches(batch, k: int, G: int):
   group j the rows on group j's devices."""
   micro, _ = _microbatches(batch, k)
   micro = jax.tree.map(
-      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro)
+      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro
+  )
   w = micro["weights"].astype(jnp.float32)
   w_kxG = jnp.sum(w, axis=tuple(range(2, w.ndim)))
   return micro, w_kxG / jnp.maximum(jnp.sum(w_kxG), 1.0)
 
 
-def _grouped_accumulation(entry: Method, params, batch, *, rho,
-                          opts: Options, k: int, groups: Groups):
+def _grouped_accumulation(
+    entry: Method, params, batch, *, rho, opts: Options, k: int, groups: Groups
+):
   """`accumulated_gradient`'s global-scope result with one gather of theta
   (and one of theta + eps) per step and one reduction per scan (a lookahead
   method: one gather of theta + eps, its one pass there)."""
@@ -889,8 +1059,9 @@ def _grouped_accumulation(entry: Method, params, batch, *, rho,
   logits_fn, head = groups.logits_fn, groups.head
   micro, frac = _group_microbatches(batch, k, G)
   ahead = _eps(entry, params, None, rho, opts) if entry.lookahead else None
-  params_G = _per_group(groups, params if ahead is None
-                        else _add(params, ahead))
+  params_G = _per_group(
+      groups, params if ahead is None else _add(params, ahead)
+  )
 
   def clean(p, mb):
     c = clean_vjp(p, mb, logits_fn, head)
@@ -908,16 +1079,27 @@ def _grouped_accumulation(entry: Method, params, batch, *, rho,
 
   def perturbed(both, mb):
     p, p_eps = both
-    return entry(Step(clean_vjp(p, mb, logits_fn, head), p_eps, mb,
-                      logits_fn, opts.phi, head))
+    return entry(
+        Step(
+            clean_vjp(p, mb, logits_fn, head),
+            p_eps,
+            mb,
+            logits_fn,
+            opts.phi,
+            head,
+        )
+    )
+
   grads = _to_params_layout(
-      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params)
+      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params
+  )
   grads = _combine(entry, grads, g, opts)
   return loss, grads, g, _metrics(grads, g, eps, rho)
 
 
-def _replica_gradient(method: str, params, batch, *, rho, opts: Options,
-                      k: int, groups: Groups):
+def _replica_gradient(
+    method: str, params, batch, *, rho, opts: Options, k: int, groups: Groups
+):
   """perturbation_scope='replica': shard_map over the batch's axes
   (`groups.batch_sharding`); each of the G shards takes the whole method on
   its B/G rows (its own eps from its own gradient: m-sharpness with m = B/G,
@@ -927,32 +1109,56 @@ def _replica_gradient(method: str, params, batch, *, rho, opts: Options,
   weights. The parameters are gathered whole onto every device."""
   spec = groups.batch_sharding.spec[0]
   axes = (spec,) if isinstance(spec, str) else tuple(spec)
-  static = dict(phi=opts.phi, alpha=opts.alpha,
-                adaptive_eta=opts.adaptive_eta,
-                precond_normalize=opts.precond_normalize)
+  static = dict(
+      phi=opts.phi,
+      alpha=opts.alpha,
+      adaptive_eta=opts.adaptive_eta,
+      precond_normalize=opts.precond_normalize,
+  )
 
   def local(args, batch):
     params, precond, momentum, rho = args
     res = accumulated_gradient(
-        method, params, batch, logits_fn=groups.logits_fn, head=groups.head,
-        rho=rho, precond=precond, momentum=momentum, num_microbatches=k,
-        return_reuse=True, **static)
-    g = jax.tree.map(lambda x, d: x.astype(jnp.float32) - d, res.grads,
-                     res.reuse.delta)
+        method,
+        params,
+        batch,
+        logits_fn=groups.logits_fn,
+        head=groups.head,
+        rho=rho,
+        precond=precond,
+        momentum=momentum,
+        num_microbatches=k,
+        return_reuse=True,
+        **static,
+    )
+    g = jax.tree.map(
+        lambda x, d: x.astype(jnp.float32) - d, res.grads, res.reuse.delta
+    )
     w = jnp.sum(batch["weights"].astype(jnp.float32))
     frac = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
     mean = lambda tree: jax.tree.map(
-        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree)
+        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree
+    )
     return mean((res.loss, res.grads, g, res.metrics))
 
   args = (params, opts.precond, opts.momentum, jnp.asarray(rho, jnp.float32))
-  specs = (jax.tree.map(lambda _: PartitionSpec(), args),
-           jax.tree.map(lambda _: PartitionSpec(axes), batch))
+  specs = (
+      jax.tree.map(lambda _: PartitionSpec(), args),
+      jax.tree.map(lambda _: PartitionSpec(axes), batch),
+  )
   loss, grads, g, metrics = jax.shard_map(
-      local, mesh=groups.batch_sharding.mesh, in_specs=specs,
-      out_specs=PartitionSpec(), check_vma=False)(args, batch)
-  return (loss, _to_params_layout(groups, grads, params),
-          _to_params_layout(groups, g, params), metrics)
+      local,
+      mesh=groups.batch_sharding.mesh,
+      in_specs=specs,
+      out_specs=PartitionSpec(),
+      check_vma=False,
+  )(args, batch)
+  return (
+      loss,
+      _to_params_layout(groups, grads, params),
+      _to_params_layout(groups, g, params),
+      metrics,
+  )
 
 
 # ------------------------------------------------- reuse between steps
@@ -967,12 +1173,13 @@ class Reuse(NamedTuple):
 
 def reuse_init(params: PyTree) -> Reuse:
   """Nothing measured yet: `reuse_correction` returns g unchanged."""
-  return Reuse(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-               jnp.zeros((), jnp.float32))
+  return Reuse(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+      jnp.zeros((), jnp.float32),
+  )
 
 
-def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
-                     ) -> PyTree:
+def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure) -> PyTree:
   """LookSAM-style reuse: g + ||g|| / ||g_m|| * delta.
 
   delta = g_method - g_m was measured at the last step that took the full
@@ -982,9 +1189,12 @@ def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
   any measurement (||g_m|| = 0) it gives g.
   """
   g_norm_at_measure = jnp.asarray(g_norm_at_measure, jnp.float32)
-  scale = jnp.where(g_norm_at_measure > 0,
-                    tree_math.norm(g) / jnp.where(g_norm_at_measure > 0,
-                                         g_norm_at_measure, 1.0), 0.0)
+  scale = jnp.where(
+      g_norm_at_measure > 0,
+      tree_math.norm(g)
+      / jnp.where(g_norm_at_measure > 0, g_norm_at_measure, 1.0),
+      0.0,
+  )
   return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 
 

@@ -50,12 +50,12 @@ def max_new_tokens(prompt_len: int, context: int, wanted: int) -> int:
   if prompt_len > context:
     raise UsageError(
         f"the prompt is {prompt_len} tokens, longer than the model's context "
-        f"model.L={context}; shorten --prompt")
+        f"model.L={context}; shorten --prompt"
+    )
   return min(wanted, context - prompt_len + 1)
 
 
-def _choose(logits_BxV, key, temperature: float, top_k: int,
-            vocab_size: int):
+def _choose(logits_BxV, key, temperature: float, top_k: int, vocab_size: int):
   """The next token: argmax at temperature 0, else a sample from
   softmax(logits / temperature) over the top_k ids (0: all). Ids the
   vocabulary lacks (model.V may exceed it) are never chosen."""
@@ -73,8 +73,12 @@ def _choose(logits_BxV, key, temperature: float, top_k: int,
 
 
 @functools.lru_cache(maxsize=16)
-def _decode_step(model: model_lib.TransformerDo, temperature: float,
-                 top_k: int, vocab_size: int):
+def _decode_step(
+    model: model_lib.TransformerDo,
+    temperature: float,
+    top_k: int,
+    vocab_size: int,
+):
   """Jitted (params, cache, tokens [B, T], key) -> (the token after the
   last one [B], cache), compiled once per prompt length and once for T = 1,
   and kept across `generate` calls."""
@@ -83,27 +87,40 @@ def _decode_step(model: model_lib.TransformerDo, temperature: float,
   @functools.partial(jax.jit, donate_argnums=1)
   def step(params, cache, tokens_BxT, key):
     logits_BxTxV, cache = decode_fn(params, cache, tokens_BxT)
-    return _choose(logits_BxTxV[:, -1], key, temperature, top_k,
-                   vocab_size), cache
+    return (
+        _choose(logits_BxTxV[:, -1], key, temperature, top_k, vocab_size),
+        cache,
+    )
 
   return step
 
 
-def generate(model: model_lib.TransformerDo, params, prompt: list[int], *,
-             num_new: int, key: jax.Array, temperature: float = 0.0,
-             top_k: int = 0, num_samples: int = 1,
-             vocab_size: int | None = None,
-             eos_id: int | None = None) -> np.ndarray:
+def generate(
+    model: model_lib.TransformerDo,
+    params,
+    prompt: list[int],
+    *,
+    num_new: int,
+    key: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    num_samples: int = 1,
+    vocab_size: int | None = None,
+    eos_id: int | None = None,
+) -> np.ndarray:
   """[num_samples, n] new token ids after `prompt` (n <= num_new; fewer
   once every sample has produced `eos_id`). The prompt (1 <= P <= L tokens)
   is prefilled in one pass; each further token is one jitted decode step.
   P + num_new - 1 must not exceed model.L (`max_new_tokens`)."""
   L = model.cfg.L
   if not 1 <= len(prompt) <= L or len(prompt) + num_new - 1 > L:
-    raise ValueError(f"a prompt of {len(prompt)} tokens and {num_new} new "
-                     f"ones do not fit the context L={L}")
-  step = _decode_step(model, float(temperature), int(top_k),
-                      int(vocab_size or model.cfg.V))
+    raise ValueError(
+        f"a prompt of {len(prompt)} tokens and {num_new} new "
+        f"ones do not fit the context L={L}"
+    )
+  step = _decode_step(
+      model, float(temperature), int(top_k), int(vocab_size or model.cfg.V)
+  )
   cache = model_lib.init_cache(model, num_samples)
   tokens_BxP = jnp.tile(jnp.asarray(prompt, jnp.int32), (num_samples, 1))
   keys = jax.random.split(key, num_new)

@@ -45,19 +45,23 @@ def resolve(name: str) -> str:
   for k in SIZES:
     if k.lower() == key.lower():
       return k
-  raise ValueError(f"unknown model size {name!r}; use one of "
-                   f"{', '.join(SIZES)} (nanodo_sam/sizes.py)")
+  raise ValueError(
+      f"unknown model size {name!r}; use one of "
+      f"{', '.join(SIZES)} (nanodo_sam/sizes.py)"
+  )
 
 
 def non_embedding_params(name: str) -> int:
   return model_lib.non_embedding_params(
-      types.SimpleNamespace(**SIZES[resolve(name)]))
+      types.SimpleNamespace(**SIZES[resolve(name)])
+  )
 
 
 def embedding_params(name: str, V: int = 32101, L: int = 512) -> int:
   """Token embedding (tied with the output layer) + learned positions."""
   return model_lib.embedding_params(
-      types.SimpleNamespace(V=V, L=L, **SIZES[resolve(name)]))
+      types.SimpleNamespace(V=V, L=L, **SIZES[resolve(name)])
+  )
 
 
 def total_params(name: str, V: int = 32101, L: int = 512) -> int:
@@ -72,23 +76,28 @@ def apply(c, name: str):
   return c
 
 
-def param_count(size: str, which: str = "non_embedding", V: int = 32101,
-                L: int = 512) -> int:
+def param_count(
+    size: str, which: str = "non_embedding", V: int = 32101, L: int = 512
+) -> int:
   """The P of the Chinchilla rule: non-embedding, or total parameters."""
   if which not in PARAM_COUNTS:
-    raise ValueError(f"chinchilla_params={which!r} is unknown; use one of "
-                     f"{', '.join(PARAM_COUNTS)} (e.g. "
-                     "--config=configs/c4_chinchilla.py:23.9M,total)")
+    raise ValueError(
+        f"chinchilla_params={which!r} is unknown; use one of "
+        f"{', '.join(PARAM_COUNTS)} (e.g. "
+        "--config=configs/c4_chinchilla.py:23.9M,total)"
+    )
   if which == "total":
     return total_params(size, V, L)
   return non_embedding_params(size)
 
 
-def chinchilla_steps(size: str, which: str = "non_embedding",
-                     tokens_per_step: int = 256 * 512) -> int:
+def chinchilla_steps(
+    size: str, which: str = "non_embedding", tokens_per_step: int = 256 * 512
+) -> int:
   """ceil(20 * P / tokens_per_step)."""
-  return math.ceil(TOKENS_PER_PARAM * param_count(size, which) /
-                   tokens_per_step)
+  return math.ceil(
+      TOKENS_PER_PARAM * param_count(size, which) / tokens_per_step
+  )
 
 
 def warmup_steps(num_train_steps: int) -> int:

@@ -37,39 +37,62 @@ def make_train_step(s, method: str, correct: bool = False):
   reuse_on = bool(sam_cfg.get("reuse", False))
   store = reuse_on and not sam_lib.is_plain(method)
   if correct and not (sam_lib.is_plain(method) and reuse_on):
-    raise ValueError(f"correct=True is the sam.reuse step: method "
-                     f"{sam_lib.PLAIN!r} with sam.reuse on")
+    raise ValueError(
+        f"correct=True is the sam.reuse step: method "
+        f"{sam_lib.PLAIN!r} with sam.reuse on"
+    )
 
   groups = device_groups(s)
 
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step, cfg.opt)
-    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
-               if method in sam_lib.PRECOND_METHODS else None)
-    momentum = (optimizer_lib.first_moment(state.opt_state)
-                if method in sam_lib.MOMENTUM_METHODS else None)
+    precond = (
+        optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+        if method in sam_lib.PRECOND_METHODS
+        else None
+    )
+    momentum = (
+        optimizer_lib.first_moment(state.opt_state)
+        if method in sam_lib.MOMENTUM_METHODS
+        else None
+    )
     out = sam_lib.accumulated_gradient(
-        method, state.params, batch, logits_fn=s.logits_fn, head=s.head,
-        rho=rho, phi=sam_cfg.phi, alpha=sam_cfg.get("alpha"),
-        adaptive_eta=sam_cfg.get("adaptive_eta"), momentum=momentum,
+        method,
+        state.params,
+        batch,
+        logits_fn=s.logits_fn,
+        head=s.head,
+        rho=rho,
+        phi=sam_cfg.phi,
+        alpha=sam_cfg.get("alpha"),
+        adaptive_eta=sam_cfg.get("adaptive_eta"),
+        momentum=momentum,
         precond=precond,
         precond_normalize=sam_cfg.precond_normalize,
         num_microbatches=cfg.grad_accumulation_steps,
-        perturbation_scope=sam_cfg.perturbation_scope, return_reuse=store,
-        groups=groups)
+        perturbation_scope=sam_cfg.perturbation_scope,
+        return_reuse=store,
+        groups=groups,
+    )
     grads, metrics = out.grads, out.metrics
     reuse = out.reuse if store else state.reuse
     if correct:
-      grads = sam_lib.reuse_correction(out.grads, reuse.delta,
-                                       reuse.grad_norm)
-      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads),
-                     rho=rho)
+      grads = sam_lib.reuse_correction(out.grads, reuse.delta, reuse.grad_norm)
+      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads), rho=rho)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
-                   update_norm=tree_math.norm(updates))
-    return state.replace(step=state.step + 1, params=params,
-                         opt_state=opt_state, reuse=reuse), metrics
+    metrics = dict(
+        metrics,
+        loss=out.loss,
+        learning_rate=schedule(state.step),
+        update_norm=tree_math.norm(updates),
+    )
+    return (
+        state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, reuse=reuse
+        ),
+        metrics,
+    )
 
   return step_fn
 
@@ -87,18 +110,25 @@ def device_groups(s) -> sam_lib.Groups | None:
   bs = sharding.batch_sharding(s.mesh)
   G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
   scope = cfg.sam.perturbation_scope
-  if G <= 1 or scope == "microbatch" or (
-      scope == "global" and cfg.grad_accumulation_steps <= 1):
+  if (
+      G <= 1
+      or scope == "microbatch"
+      or (scope == "global" and cfg.grad_accumulation_steps <= 1)
+  ):
     return None
   cast = model_lib.compute_params(s.model.cfg)
   head = model_lib.output_head(s.model)
   head = head._replace(
       features=sharding.pin_params(head.features, None, cast),
-      chunk_tokens=s.head.chunk_tokens)
+      chunk_tokens=s.head.chunk_tokens,
+  )
   return sam_lib.Groups(
-      bs, s.state_sharding.params,
+      bs,
+      s.state_sharding.params,
       sharding.pin_params(model_lib.make_logits_fn(s.model), None, cast),
-      head, cast)
+      head,
+      cast,
+  )
 
 
 def jit_train_step(s, method: str, correct: bool = False):
@@ -106,7 +136,8 @@ def jit_train_step(s, method: str, correct: bool = False):
       make_train_step(s, method, correct),
       in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
       out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
-      donate_argnums=0)
+      donate_argnums=0,
+  )
 
 
 def kind_args(cfg, kind: str) -> tuple[str, bool]:
@@ -134,6 +165,8 @@ def validate(cfg) -> None:
   """The batch splits into grad_accumulation_steps microbatches."""
   k = max(cfg.grad_accumulation_steps, 1)
   if cfg.data.batch_size % k:
-    raise UsageError(f"data.batch_size={cfg.data.batch_size} is not "
-                     "divisible by grad_accumulation_steps="
-                     f"{cfg.grad_accumulation_steps}")
+    raise UsageError(
+        f"data.batch_size={cfg.data.batch_size} is not "
+        "divisible by grad_accumulation_steps="
+        f"{cfg.grad_accumulation_steps}"
+    )

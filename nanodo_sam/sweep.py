@@ -64,8 +64,7 @@ from typing import Iterable, Sequence
 from nanodo_sam import config as config_lib
 from nanodo_sam.errors import UsageError
 from nanodo_sam.preemption import EXIT_PREEMPTED  # No JAX import.
-from nanodo_sam.sweep_spec import NAME_CHARS, RESERVED, SweepError, \
-    SweepSpec, format_value
+from nanodo_sam.sweep_spec import NAME_CHARS, RESERVED, SweepError, SweepSpec, format_value
 
 # Runs start here, and config paths inside it are given relative to it.
 REPO_ROOT = config_lib.REPO_ROOT
@@ -121,8 +120,8 @@ _MAX_NAME = 120
 @dataclass(frozen=True)
 class Run:
   name: str
-  config: str               # "path.py" or "path.py:arg"
-  overrides: dict           # This run's overrides (in its name).
+  config: str  # "path.py" or "path.py:arg"
+  overrides: dict  # This run's overrides (in its name).
   common: dict = field(default_factory=dict)  # Sweep-wide (not in the name).
   workdir: str = ""
 
@@ -171,8 +170,10 @@ def check_keys(config, keys: Iterable[str], where: str) -> None:
       try:
         node = node[part]
       except (KeyError, TypeError, AttributeError):
-        raise SweepError(f"{where}: unknown config key {key!r} (see "
-                         "configs/base.py for every key)") from None
+        raise SweepError(
+            f"{where}: unknown config key {key!r} (see "
+            "configs/base.py for every key)"
+        ) from None
 
 
 def run_name(overrides: dict, sweep_config: str) -> str:
@@ -184,8 +185,7 @@ def run_name(overrides: dict, sweep_config: str) -> str:
       sweep_path, _ = _config_parts(sweep_config)
       stem = os.path.splitext(os.path.basename(path))[0]
       same = os.path.normpath(path) == os.path.normpath(sweep_path)
-      parts.append(arg if same and arg else
-                   f"{stem}{':' + arg if arg else ''}")
+      parts.append(arg if same and arg else f"{stem}{':' + arg if arg else ''}")
       continue
     text = format_value(value)
     abbrev = ABBREV.get(key)
@@ -196,8 +196,9 @@ def run_name(overrides: dict, sweep_config: str) -> str:
   raw = "-".join(parts) or "default"
   name = NAME_CHARS.sub("x", raw).replace(":", "x")
   if name != raw or len(name) > _MAX_NAME or name.startswith("."):
-    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()) \
-        .hexdigest()[:8]
+    digest = hashlib.sha1(
+        json.dumps(overrides, sort_keys=True).encode()
+    ).hexdigest()[:8]
     name = f"{name.lstrip('.')[:_MAX_NAME]}-{digest}"
   return name
 
@@ -217,8 +218,10 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
   (`out`, else runs/<its name>), so it can list runs that depend on
   finished ones (e.g. each method at the best rho of a tuning stage)."""
   if not path or not os.path.isfile(path):
-    raise SweepError(f"sweep file {path!r} not found; give a file like "
-                     "configs/sweeps/table1.py")
+    raise SweepError(
+        f"sweep file {path!r} not found; give a file like "
+        "configs/sweeps/table1.py"
+    )
   if not path.endswith(".py"):
     raise SweepError(f"sweep file {path!r} is not a .py file")
   config_lib.import_package_of(path)  # For `from configs import base`.
@@ -230,8 +233,9 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
   except UsageError:
     raise
   except Exception as e:  # A broken sweep file: say which and why.
-    raise SweepError(f"cannot load sweep file {path!r}: "
-                     f"{type(e).__name__}: {e}") from None
+    raise SweepError(
+        f"cannot load sweep file {path!r}: " f"{type(e).__name__}: {e}"
+    ) from None
   if not callable(getattr(module, "get_sweep", None)):
     raise SweepError(f"sweep file {path!r} defines no get_sweep()")
   default_name = os.path.splitext(os.path.basename(path))[0]
@@ -253,12 +257,14 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
   except UsageError as e:
     raise SweepError(f"{path}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except
-    raise SweepError(f"{path}: get_sweep() failed: {type(e).__name__}: "
-                     f"{e}") from None
+    raise SweepError(
+        f"{path}: get_sweep() failed: {type(e).__name__}: " f"{e}"
+    ) from None
 
 
-def load_sweep(path: str, out: str | None = None,
-               extra: dict | None = None) -> Sweep:
+def load_sweep(
+    path: str, out: str | None = None, extra: dict | None = None
+) -> Sweep:
   """Loads and checks a sweep file; run workdirs lie under `out`."""
   spec, dependent = read_spec(path, out)
   config = resolve_config(spec.config)
@@ -267,24 +273,36 @@ def load_sweep(path: str, out: str | None = None,
   out = os.path.abspath(out or os.path.join("runs", spec.name))
   runs, seen, loaded = [], {}, {}
   for i, overrides in enumerate(spec.runs):
-    run_config = resolve_config(overrides["config"]) \
-        if "config" in overrides else config
+    run_config = (
+        resolve_config(overrides["config"]) if "config" in overrides else config
+    )
     if run_config not in loaded:
       loaded[run_config] = config_lib.load_config_file(run_config)
       check_keys(loaded[run_config], common, f"{path}: overrides")
-    check_keys(loaded[run_config],
-               [k for k in overrides if k not in RESERVED], f"{path}: run {i}")
+    check_keys(
+        loaded[run_config],
+        [k for k in overrides if k not in RESERVED],
+        f"{path}: run {i}",
+    )
     rname = run_name(overrides, config)
     if rname in seen:
-      raise SweepError(f"{path}: runs {seen[rname]} and {i} have the same "
-                       f"name {rname!r} (identical overrides?)")
+      raise SweepError(
+          f"{path}: runs {seen[rname]} and {i} have the same "
+          f"name {rname!r} (identical overrides?)"
+      )
     seen[rname] = i
-    runs.append(Run(name=rname, config=run_config,
-                    overrides={k: v for k, v in overrides.items()
-                               if k not in RESERVED},
-                    common=common, workdir=os.path.join(out, rname)))
-  return Sweep(name=spec.name, path=path, config=config, runs=runs,
-               dependent=dependent)
+    runs.append(
+        Run(
+            name=rname,
+            config=run_config,
+            overrides={k: v for k, v in overrides.items() if k not in RESERVED},
+            common=common,
+            workdir=os.path.join(out, rname),
+        )
+    )
+  return Sweep(
+      name=spec.name, path=path, config=config, runs=runs, dependent=dependent
+  )
 
 
 # --------------------------------------------------------------- backends
@@ -302,11 +320,21 @@ def shell_join(args: Iterable[str]) -> str:
 
 def _manifest(sweep: Sweep, out: str, backend: str) -> None:
   os.makedirs(out, exist_ok=True)
-  manifest = {"name": sweep.name, "sweep_file": os.path.abspath(sweep.path),
-              "backend": backend,
-              "runs": [{"name": r.name, "config": r.config,
-                        "overrides": r.overrides, "common": r.common,
-                        "workdir": r.workdir} for r in sweep.runs]}
+  manifest = {
+      "name": sweep.name,
+      "sweep_file": os.path.abspath(sweep.path),
+      "backend": backend,
+      "runs": [
+          {
+              "name": r.name,
+              "config": r.config,
+              "overrides": r.overrides,
+              "common": r.common,
+              "workdir": r.workdir,
+          }
+          for r in sweep.runs
+      ],
+  }
   tmp = os.path.join(out, "sweep.json.tmp")
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=2)
@@ -320,14 +348,21 @@ def _result_line(run: Run, rc: int) -> str:
     with open(os.path.join(run.workdir, "results.json")) as f:
       res = json.load(f)
     loss = res.get("final_eval_loss")
-    return (f"{res.get('status')}, eval loss "
-            f"{'n/a' if loss is None else f'{loss:.4f}'}")
+    return (
+        f"{res.get('status')}, eval loss "
+        f"{'n/a' if loss is None else f'{loss:.4f}'}"
+    )
   except (OSError, ValueError):
     return "no results.json (see train.log)"
 
 
-def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
-              env: dict | None = None) -> int:
+def run_local(
+    sweep: Sweep,
+    out: str,
+    train_cmd: list[str],
+    parallel: int,
+    env: dict | None = None,
+) -> int:
   """Runs every not-yet-finished run; returns the number that failed."""
   _manifest(sweep, out, "local")
   todo = [r for r in sweep.runs if not is_done(r)]
@@ -343,9 +378,13 @@ def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
     with open(os.path.join(run.workdir, "command.sh"), "w") as f:
       f.write(f"cd {shlex.quote(REPO_ROOT)} && {shell_join(cmd)}\n")
     log = open(os.path.join(run.workdir, "train.log"), "ab")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log,
-                            stderr=subprocess.STDOUT,
-                            env=dict(os.environ, **(env or {})))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, **(env or {})),
+    )
     print(f"[{index}/{total}] start {run.name}", flush=True)
     return proc, log, time.time(), index
 
@@ -365,10 +404,18 @@ def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
         del active[key]
         done = is_done(run)
         failed += not done
-        state = ("done" if done else "stopped" if rc == EXIT_PREEMPTED
-                 else f"FAILED (exit {rc})")
-        print(f"[{i}/{total}] {state} {run.name}: {_result_line(run, rc)} "
-              f"({time.time() - t_run:.0f}s)", flush=True)
+        state = (
+            "done"
+            if done
+            else "stopped"
+            if rc == EXIT_PREEMPTED
+            else f"FAILED (exit {rc})"
+        )
+        print(
+            f"[{i}/{total}] {state} {run.name}: {_result_line(run, rc)} "
+            f"({time.time() - t_run:.0f}s)",
+            flush=True,
+        )
   except KeyboardInterrupt:
     for _, proc, _, _, _ in active.values():
       proc.send_signal(signal.SIGINT)
@@ -378,23 +425,36 @@ def run_local(sweep: Sweep, out: str, train_cmd: list[str], parallel: int,
       except subprocess.TimeoutExpired:
         proc.kill()
       log.close()
-    print("interrupted; launch again to resume (finished runs are skipped, "
-          "stopped ones resume from their checkpoint)", file=sys.stderr)
+    print(
+        "interrupted; launch again to resume (finished runs are skipped, "
+        "stopped ones resume from their checkpoint)",
+        file=sys.stderr,
+    )
     raise
-  print(f"sweep {sweep.name}: {total - failed} of {total} started runs "
-        f"finished, {failed} failed, {len(sweep.runs) - total} already done; "
-        f"{time.time() - t0:.0f}s; results in {out}", flush=True)
+  print(
+      f"sweep {sweep.name}: {total - failed} of {total} started runs "
+      f"finished, {failed} failed, {len(sweep.runs) - total} already done; "
+      f"{time.time() - t0:.0f}s; results in {out}",
+      flush=True,
+  )
   return failed
 
 
 def _check_sbatch_token(value: str, what: str) -> None:
   if not value or re.search(r"\s", value):
-    raise SweepError(f"{what} {value!r} must be non-empty without whitespace "
-                     "(sbatch splits #SBATCH lines on spaces)")
+    raise SweepError(
+        f"{what} {value!r} must be non-empty without whitespace "
+        "(sbatch splits #SBATCH lines on spaces)"
+    )
 
 
-def _slurm_header(sweep: Sweep, out: str, sbatch_args: Sequence[str],
-                  parallel: int, env: dict | None) -> list[str]:
+def _slurm_header(
+    sweep: Sweep,
+    out: str,
+    sbatch_args: Sequence[str],
+    parallel: int,
+    env: dict | None,
+) -> list[str]:
   """The sbatch script's options, comments and environment, up to the
   `case` over array tasks."""
   n = len(sweep.runs)
@@ -438,9 +498,14 @@ def _slurm_header(sweep: Sweep, out: str, sbatch_args: Sequence[str],
   ]
 
 
-def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
-                 sbatch_args: Sequence[str] = (), parallel: int = 0,
-                 env: dict | None = None) -> str:
+def slurm_script(
+    sweep: Sweep,
+    out: str,
+    train_cmd: list[str],
+    sbatch_args: Sequence[str] = (),
+    parallel: int = 0,
+    env: dict | None = None,
+) -> str:
   """One sbatch array script: array task i runs grid point i."""
   lines = _slurm_header(sweep, out, sbatch_args, parallel, env)
   for i, run in enumerate(sweep.runs):
@@ -472,20 +537,27 @@ def slurm_script(sweep: Sweep, out: str, train_cmd: list[str],
   return "\n".join(lines)
 
 
-def tpu_commands(sweep: Sweep, train_cmd: list[str], tpu: str, zone: str,
-                 project: str, remote_dir: str,
-                 env: dict | None = None) -> list[str]:
+def tpu_commands(
+    sweep: Sweep,
+    train_cmd: list[str],
+    tpu: str,
+    zone: str,
+    project: str,
+    remote_dir: str,
+    env: dict | None = None,
+) -> list[str]:
   """One `gcloud ... ssh --worker=all --command=...` per run."""
   cmds = []
   prefix = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
   for run in sweep.runs:
     done = os.path.join(run.workdir, "results.json")
-    inner = (f"cd {shlex.quote(remote_dir)} && "
-             f"if [ -f {shlex.quote(done)} ] ; then echo already finished ; "
-             f"else {' '.join(['env', 'PYTHONPATH=.'] + prefix)} "
-             f"{shell_join(train_cmd + run.train_args())} ; fi")
-    args = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu,
-            f"--zone={zone}"]
+    inner = (
+        f"cd {shlex.quote(remote_dir)} && "
+        f"if [ -f {shlex.quote(done)} ] ; then echo already finished ; "
+        f"else {' '.join(['env', 'PYTHONPATH=.'] + prefix)} "
+        f"{shell_join(train_cmd + run.train_args())} ; fi"
+    )
+    args = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}"]
     if project:
       args.append(f"--project={project}")
     args += ["--worker=all", f"--command={inner}"]
@@ -497,45 +569,75 @@ def tpu_commands(sweep: Sweep, train_cmd: list[str], tpu: str, zone: str,
 
 
 class _Parser(argparse.ArgumentParser):
+
   def error(self, message):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=PROG,
-              description="Expand a sweep file and launch its runs.")
+  p = _Parser(prog=PROG, description="Expand a sweep file and launch its runs.")
   p.add_argument("sweep_file")
-  p.add_argument("--backend", default="local",
-                 help="local | slurm | tpu (default local)")
-  p.add_argument("--out", default="",
-                 help="output directory (default runs/<sweep name>)")
-  p.add_argument("--parallel", type=int, default=0,
-                 help="local: runs at a time (default 1); slurm: array "
-                      "throttle (default none)")
-  p.add_argument("--dry-run", action="store_true",
-                 help="print the runs and their overrides; start nothing")
-  p.add_argument("--only", default="",
-                 help="regex: keep only runs whose name matches")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="extra override for every run (repeatable), e.g. "
-                      "data.tfds_data_dir=gs://bucket/tensorflow_datasets")
-  p.add_argument("--train-cmd", default="",
-                 help="training command (default: this Python -m "
-                      "nanodo_sam.cli train for local, 'nanodo-sam train' "
-                      "otherwise)")
-  p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                 help="environment variable for the runs, e.g. "
-                      "TFDS_DATA_DIR=gs://bucket/tensorflow_datasets")
-  p.add_argument("--sbatch", action="append", default=[],
-                 help="slurm: extra #SBATCH option (repeatable), e.g. "
-                      "--sbatch=--gpus-per-node=8")
+  p.add_argument(
+      "--backend", default="local", help="local | slurm | tpu (default local)"
+  )
+  p.add_argument(
+      "--out", default="", help="output directory (default runs/<sweep name>)"
+  )
+  p.add_argument(
+      "--parallel",
+      type=int,
+      default=0,
+      help="local: runs at a time (default 1); slurm: array "
+      "throttle (default none)",
+  )
+  p.add_argument(
+      "--dry-run",
+      action="store_true",
+      help="print the runs and their overrides; start nothing",
+  )
+  p.add_argument(
+      "--only", default="", help="regex: keep only runs whose name matches"
+  )
+  p.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="extra override for every run (repeatable), e.g. "
+      "data.tfds_data_dir=gs://bucket/tensorflow_datasets",
+  )
+  p.add_argument(
+      "--train-cmd",
+      default="",
+      help="training command (default: this Python -m "
+      "nanodo_sam.cli train for local, 'nanodo-sam train' "
+      "otherwise)",
+  )
+  p.add_argument(
+      "--env",
+      action="append",
+      default=[],
+      metavar="NAME=VALUE",
+      help="environment variable for the runs, e.g. "
+      "TFDS_DATA_DIR=gs://bucket/tensorflow_datasets",
+  )
+  p.add_argument(
+      "--sbatch",
+      action="append",
+      default=[],
+      help="slurm: extra #SBATCH option (repeatable), e.g. "
+      "--sbatch=--gpus-per-node=8",
+  )
   p.add_argument("--tpu", default="", help="tpu: TPU VM name")
   p.add_argument("--zone", default="", help="tpu: zone")
   p.add_argument("--project", default="", help="tpu: GCP project")
-  p.add_argument("--remote-dir", default="nanodo-sam",
-                 help="tpu: repository checkout on the TPU VM (relative to "
-                      "the home directory, or absolute)")
+  p.add_argument(
+      "--remote-dir",
+      default="nanodo-sam",
+      help="tpu: repository checkout on the TPU VM (relative to "
+      "the home directory, or absolute)",
+  )
   return p
 
 
@@ -552,6 +654,7 @@ def _key_values(items: Sequence[str], what: str, key_re: str) -> dict:
 @dataclass
 class _Plan:
   """The command line, checked: what `main` launches."""
+
   sweep: Sweep
   out: str
   extra: dict
@@ -564,8 +667,10 @@ def _plan(args) -> _Plan:
   """Checks every argument and loads the sweep; SweepError (one line)
   before anything is started or written."""
   if args.backend not in BACKENDS:
-    raise SweepError(f"unknown backend {args.backend!r}; use one of "
-                     f"{', '.join(BACKENDS)}")
+    raise SweepError(
+        f"unknown backend {args.backend!r}; use one of "
+        f"{', '.join(BACKENDS)}"
+    )
   if args.parallel < 0:
     raise SweepError(f"--parallel={args.parallel} must be >= 1")
   extra = _key_values(args.set, "--set", r"[A-Za-z_][\w.]*")
@@ -594,17 +699,23 @@ def _plan(args) -> _Plan:
 def _dry_run(plan: _Plan) -> int:
   """Prints the runs, their overrides and the first command."""
   sweep = plan.sweep
-  print(f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
-        f"{sweep.config}, out {plan.out} (dry run: nothing started or "
-        "written)")
+  print(
+      f"sweep {sweep.name}: {len(sweep.runs)} runs, config "
+      f"{sweep.config}, out {plan.out} (dry run: nothing started or "
+      "written)"
+  )
   for i, run in enumerate(sweep.runs):
     state = "done" if is_done(run) else "todo"
     kv = " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items())
     cfg = f" [{run.config}]" if run.config != sweep.config else ""
     print(f"{i:4d} {state} {run.name}{cfg}: {kv}")
   if sweep.runs and sweep.runs[0].common:
-    print("every run: " + " ".join(
-        f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()))
+    print(
+        "every run: "
+        + " ".join(
+            f"{k}={format_value(v)}" for k, v in sweep.runs[0].common.items()
+        )
+    )
   print("command: " + shell_join(plan.train_cmd + sweep.runs[0].train_args()))
   return 0
 
@@ -618,8 +729,13 @@ def _launch_local(plan: _Plan, args) -> int:
     seen.update(r.name for r in sweep.runs)
     if not new:
       break
-    failed += run_local(dataclasses.replace(sweep, runs=new), plan.out,
-                        plan.train_cmd, max(args.parallel, 1), plan.env)
+    failed += run_local(
+        dataclasses.replace(sweep, runs=new),
+        plan.out,
+        plan.train_cmd,
+        max(args.parallel, 1),
+        plan.env,
+    )
     if not sweep.dependent or failed:
       break
     sweep = load_sweep(args.sweep_file, plan.out, plan.extra)
@@ -633,8 +749,9 @@ def _launch(plan: _Plan, args) -> int:
     return _launch_local(plan, args)
   sweep, out = plan.sweep, plan.out
   if args.backend == "slurm":
-    script = slurm_script(sweep, out, plan.train_cmd, args.sbatch,
-                          args.parallel, plan.env)
+    script = slurm_script(
+        sweep, out, plan.train_cmd, args.sbatch, args.parallel, plan.env
+    )
     _manifest(sweep, out, "slurm")
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     path = os.path.join(out, "sweep.sbatch")
@@ -643,11 +760,20 @@ def _launch(plan: _Plan, args) -> int:
     print(f"wrote {path} ({len(sweep.runs)} array tasks); submit with:")
     print(f"  sbatch {shlex.quote(path)}")
     return 0
-  cmds = tpu_commands(sweep, plan.train_cmd, args.tpu, args.zone,
-                      args.project, args.remote_dir, plan.env)
-  print(f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
-        "another (--out is a path on the TPU VM: use a shared disk or a "
-        "gcsfuse mount so checkpoints outlive it)")
+  cmds = tpu_commands(
+      sweep,
+      plan.train_cmd,
+      args.tpu,
+      args.zone,
+      args.project,
+      args.remote_dir,
+      plan.env,
+  )
+  print(
+      f"# sweep {sweep.name}: {len(cmds)} runs; run these one after "
+      "another (--out is a path on the TPU VM: use a shared disk or a "
+      "gcsfuse mount so checkpoints outlive it)"
+  )
   print("\n".join(cmds))
   return 0
 

@@ -51,18 +51,23 @@ SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "ggn_trace")
 # ------------------------------------------------------------ reading runs
 
 
-def load_runs(dirs: list[str], metric: str = "final_eval_loss",
-              warn=print) -> list[RunRecord]:
+def load_runs(
+    dirs: list[str], metric: str = "final_eval_loss", warn=print
+) -> list[RunRecord]:
   """Every finished run under `dirs`, repeats left out (`runs.unique`)."""
-  return runs_lib.unique(runs_lib.load_runs(dirs, metric, warn,
-                                            finished=True), warn)
+  return runs_lib.unique(
+      runs_lib.load_runs(dirs, metric, warn, finished=True), warn
+  )
 
 
 def sharpness_means(cell: Cell) -> dict[str, float]:
   out = {}
   for key in SHARPNESS_KEYS:
-    xs = [runs_lib.as_float(r.sharpness.get(key)) for r in cell.runs
-          if r.sharpness is not None]
+    xs = [
+        runs_lib.as_float(r.sharpness.get(key))
+        for r in cell.runs
+        if r.sharpness is not None
+    ]
     out[key] = runs_lib.mean_std(xs)[0] if xs else NAN
   return out
 
@@ -91,8 +96,10 @@ def fmt_num(x: float, digits: int = 2) -> str:
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
+  lines = [
+      "| " + " | ".join(header) + " |",
+      "|" + "|".join("---" for _ in header) + "|",
+  ]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
   return "\n".join(lines)
 
@@ -111,12 +118,26 @@ class Table:
 
 
 def _cell_csv(cell: Cell) -> list[Any]:
-  return [cell.mean, cell.std, cell.n, cell.rho, cell.lr, cell.variant,
-          cell.settings]
+  return [
+      cell.mean,
+      cell.std,
+      cell.n,
+      cell.rho,
+      cell.lr,
+      cell.variant,
+      cell.settings,
+  ]
 
 
-CELL_CSV = ["eval_loss_mean", "eval_loss_std", "seeds", "best_rho",
-            "best_lr", "best_variant", "settings_tried"]
+CELL_CSV = [
+    "eval_loss_mean",
+    "eval_loss_std",
+    "seeds",
+    "best_rho",
+    "best_lr",
+    "best_variant",
+    "settings_tried",
+]
 
 
 # ------------------------------------------------- the paper's tables
@@ -124,9 +145,23 @@ CELL_CSV = ["eval_loss_mean", "eval_loss_std", "seeds", "best_rho",
 
 def _cells(groups, key: str) -> list[tuple[dict, Cell]]:
   """(paper row, our best cell for the same group) down a paper table."""
-  return [(row, best(groups.get((row["schedule"], row["size"],
-                                 row["nonlinearity"], row["method"]), [])))
-          for row in paper.rows(key)]
+  return [
+      (
+          row,
+          best(
+              groups.get(
+                  (
+                      row["schedule"],
+                      row["size"],
+                      row["nonlinearity"],
+                      row["method"],
+                  ),
+                  [],
+              )
+          ),
+      )
+      for row in paper.rows(key)
+  ]
 
 
 def table_methods(groups, key: str, title: str) -> Table | None:
@@ -137,11 +172,23 @@ def table_methods(groups, key: str, title: str) -> Table | None:
   rows, csv_rows = [], []
   for row, c in cells:
     m, p = row["method"], row["eval_loss"]
-    rows.append([method_label(m), fmt_loss(c), fmt_num(p, 2),
-                 str(c.n) if c.found else "0"])
+    rows.append(
+        [
+            method_label(m),
+            fmt_loss(c),
+            fmt_num(p, 2),
+            str(c.n) if c.found else "0",
+        ]
+    )
     csv_rows.append([m] + _cell_csv(c) + [p])
-  return Table(key, title, ["Method", "Eval loss (ours)", "paper", "seeds"],
-               rows, ["method"] + CELL_CSV + ["paper"], csv_rows)
+  return Table(
+      key,
+      title,
+      ["Method", "Eval loss (ours)", "paper", "seeds"],
+      rows,
+      ["method"] + CELL_CSV + ["paper"],
+      csv_rows,
+  )
 
 
 def table_sizes(groups, key: str, title: str) -> Table | None:
@@ -161,11 +208,16 @@ def table_sizes(groups, key: str, title: str) -> Table | None:
     out = [size]
     for row, c in line:
       out += [fmt_loss(c), fmt_num(row["eval_loss"], 2)]
-      csv_rows.append([size, row["method"]] + _cell_csv(c) +
-                      [row["eval_loss"]])
+      csv_rows.append([size, row["method"]] + _cell_csv(c) + [row["eval_loss"]])
     rows.append(out)
-  return Table(key, title, header, rows, ["size", "method"] + CELL_CSV +
-               ["paper"], csv_rows)
+  return Table(
+      key,
+      title,
+      header,
+      rows,
+      ["size", "method"] + CELL_CSV + ["paper"],
+      csv_rows,
+  )
 
 
 def table_sharpness(groups, key: str, title: str) -> Table | None:
@@ -173,23 +225,53 @@ def table_sharpness(groups, key: str, title: str) -> Table | None:
   cells = _cells(groups, key)
   if not any(c.found for _, c in cells):
     return None
-  header = ["Method", "Eval loss", "paper", "λmax(H)", "paper", "tr(H)",
-            "paper", "tr(GGN)", "paper"]
+  header = [
+      "Method",
+      "Eval loss",
+      "paper",
+      "λmax(H)",
+      "paper",
+      "tr(H)",
+      "paper",
+      "tr(GGN)",
+      "paper",
+  ]
   rows, csv_rows = [], []
   for row, c in cells:
     sh = sharpness_means(c) if c.found else {k: NAN for k in SHARPNESS_KEYS}
     p = [row["eval_loss"]] + [row[k] for k in SHARPNESS_KEYS]
-    rows.append([method_label(row["method"]), fmt_loss(c, 4),
-                 fmt_num(p[0], 3), fmt_num(sh["lambda_max"], 2),
-                 fmt_num(p[1], 2), fmt_num(sh["hessian_trace"], 1),
-                 fmt_num(p[2], 1), fmt_num(sh["ggn_trace"], 1),
-                 fmt_num(p[3], 1)])
-    csv_rows.append([row["method"]] + _cell_csv(c) +
-                    [sh[k] for k in SHARPNESS_KEYS] + p)
-  return Table(key, title, header, rows,
-               ["method"] + CELL_CSV + list(SHARPNESS_KEYS) +
-               ["paper_eval_loss", "paper_lambda_max", "paper_hessian_trace",
-                "paper_ggn_trace"], csv_rows)
+    rows.append(
+        [
+            method_label(row["method"]),
+            fmt_loss(c, 4),
+            fmt_num(p[0], 3),
+            fmt_num(sh["lambda_max"], 2),
+            fmt_num(p[1], 2),
+            fmt_num(sh["hessian_trace"], 1),
+            fmt_num(p[2], 1),
+            fmt_num(sh["ggn_trace"], 1),
+            fmt_num(p[3], 1),
+        ]
+    )
+    csv_rows.append(
+        [row["method"]] + _cell_csv(c) + [sh[k] for k in SHARPNESS_KEYS] + p
+    )
+  return Table(
+      key,
+      title,
+      header,
+      rows,
+      ["method"]
+      + CELL_CSV
+      + list(SHARPNESS_KEYS)
+      + [
+          "paper_eval_loss",
+          "paper_lambda_max",
+          "paper_hessian_trace",
+          "paper_ggn_trace",
+      ],
+      csv_rows,
+  )
 
 
 def table_nonlinearities(groups, key: str, title: str) -> Table | None:
@@ -199,14 +281,25 @@ def table_nonlinearities(groups, key: str, title: str) -> Table | None:
   for row, c in _cells(groups, key):
     nl, m, p = row["nonlinearity"], row["method"], row["eval_loss"]
     if c.found:
-      rows.append([{"gelu": "GeLU", "relu": "ReLU"}.get(nl, nl),
-                   method_label(m), fmt_loss(c), fmt_num(p, 4)])
+      rows.append(
+          [
+              {"gelu": "GeLU", "relu": "ReLU"}.get(nl, nl),
+              method_label(m),
+              fmt_loss(c),
+              fmt_num(p, 4),
+          ]
+      )
       csv_rows.append([nl, m] + _cell_csv(c) + [p])
   if not any(r[0] != first for r in csv_rows):
     return None  # The comparison is the point: runs of another are needed.
-  return Table(key, title,
-               ["Non-linearity", "Method", "Eval loss (ours)", "paper"], rows,
-               ["nonlinearity", "method"] + CELL_CSV + ["paper"], csv_rows)
+  return Table(
+      key,
+      title,
+      ["Non-linearity", "Method", "Eval loss (ours)", "paper"],
+      rows,
+      ["nonlinearity", "method"] + CELL_CSV + ["paper"],
+      csv_rows,
+  )
 
 
 def paper_table(groups, key: str) -> Table | None:
@@ -226,16 +319,40 @@ def summary_table(groups) -> Table:
   rows, csv_rows = [], []
   for g in sorted(groups, key=lambda g: g[:3] + runs_lib.method_order(g[3])):
     c = best(groups[g])
-    rows.append([g[0], g[1], g[2], method_label(g[3]),
-                 fmt_loss(c, with_rho=False),
-                 f"{c.rho:g}" if runs_lib.perturbs(g[3]) else "—",
-                 f"{c.lr:g}", c.variant or "—", str(c.n), str(c.settings)])
+    rows.append(
+        [
+            g[0],
+            g[1],
+            g[2],
+            method_label(g[3]),
+            fmt_loss(c, with_rho=False),
+            f"{c.rho:g}" if runs_lib.perturbs(g[3]) else "—",
+            f"{c.lr:g}",
+            c.variant or "—",
+            str(c.n),
+            str(c.settings),
+        ]
+    )
     csv_rows.append(list(g) + _cell_csv(c))
-  return Table("summary", "Summary: best setting per group (all runs found)",
-               ["Schedule", "Size", "Nonlin.", "Method", "Eval loss",
-                "best ρ", "lr", "other", "seeds", "settings"], rows,
-               ["schedule", "size", "nonlinearity", "method"] + CELL_CSV,
-               csv_rows)
+  return Table(
+      "summary",
+      "Summary: best setting per group (all runs found)",
+      [
+          "Schedule",
+          "Size",
+          "Nonlin.",
+          "Method",
+          "Eval loss",
+          "best ρ",
+          "lr",
+          "other",
+          "seeds",
+          "settings",
+      ],
+      rows,
+      ["schedule", "size", "nonlinearity", "method"] + CELL_CSV,
+      csv_rows,
+  )
 
 
 def settings_table(groups) -> Table:
@@ -243,22 +360,60 @@ def settings_table(groups) -> Table:
   rows, csv_rows = [], []
   for g in sorted(groups):
     for (rho, lr, variant), rs in sorted(
-        runs_lib.group_by(groups[g], *runs_lib.SETTING).items()):
+        runs_lib.group_by(groups[g], *runs_lib.SETTING).items()
+    ):
       mean, std = runs_lib.mean_std(r.loss for r in rs)
       diverged = sum(r.status == "diverged" for r in rs)
-      rows.append([g[0], g[1], g[2], method_label(g[3]),
-                   f"{rho:g}", f"{lr:g}", variant or "—",
-                   "NaN" if not math.isfinite(mean) else f"{mean:.4f}",
-                   f"{std:.4f}" if math.isfinite(std) and len(rs) > 1
-                   else "—", str(len(rs)), str(diverged)])
-      csv_rows.append(list(g) + [rho, lr, variant, mean, std, len(rs),
-                                 diverged])
-  return Table("settings", "Every setting (mean over seeds)",
-               ["Schedule", "Size", "Nonlin.", "Method", "ρ", "lr", "other",
-                "Eval loss", "std", "seeds", "diverged"], rows,
-               ["schedule", "size", "nonlinearity", "method", "rho", "lr",
-                "variant", "eval_loss_mean", "eval_loss_std", "seeds",
-                "diverged"], csv_rows)
+      rows.append(
+          [
+              g[0],
+              g[1],
+              g[2],
+              method_label(g[3]),
+              f"{rho:g}",
+              f"{lr:g}",
+              variant or "—",
+              "NaN" if not math.isfinite(mean) else f"{mean:.4f}",
+              f"{std:.4f}" if math.isfinite(std) and len(rs) > 1 else "—",
+              str(len(rs)),
+              str(diverged),
+          ]
+      )
+      csv_rows.append(
+          list(g) + [rho, lr, variant, mean, std, len(rs), diverged]
+      )
+  return Table(
+      "settings",
+      "Every setting (mean over seeds)",
+      [
+          "Schedule",
+          "Size",
+          "Nonlin.",
+          "Method",
+          "ρ",
+          "lr",
+          "other",
+          "Eval loss",
+          "std",
+          "seeds",
+          "diverged",
+      ],
+      rows,
+      [
+          "schedule",
+          "size",
+          "nonlinearity",
+          "method",
+          "rho",
+          "lr",
+          "variant",
+          "eval_loss_mean",
+          "eval_loss_std",
+          "seeds",
+          "diverged",
+      ],
+      csv_rows,
+  )
 
 
 def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
@@ -272,10 +427,14 @@ def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
     tables.append(t)
     info = paper.info(key)
     if SHARPNESS_KEYS[0] in paper.rows(key)[0] and not any(
-        r.sharpness for r in runs
-        if r.group[:2] == (info["schedule"], info["size"])):
-      notes.append(f"{key}: no sharpness.json found; run `nanodo-sam "
-                   "analyze --workdir=RUN` on these runs for its columns")
+        r.sharpness
+        for r in runs
+        if r.group[:2] == (info["schedule"], info["size"])
+    ):
+      notes.append(
+          f"{key}: no sharpness.json found; run `nanodo-sam "
+          "analyze --workdir=RUN` on these runs for its columns"
+      )
   tables.append(summary_table(groups))
   tables.append(settings_table(groups))
   return tables, notes
@@ -284,8 +443,9 @@ def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
 # ------------------------------------------------------------------ output
 
 
-def write_outputs(tables: list[Table], runs: list[RunRecord], out: str,
-                  text: str) -> None:
+def write_outputs(
+    tables: list[Table], runs: list[RunRecord], out: str, text: str
+) -> None:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "tables.md"), "w") as f:
     f.write(text + "\n")
@@ -296,17 +456,45 @@ def write_outputs(tables: list[Table], runs: list[RunRecord], out: str,
       w.writerows(t.csv_rows)
   with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["workdir", "schedule", "size", "nonlinearity", "method",
-                "rho", "lr", "seed", "steps", "status", "eval_loss"])
+    w.writerow(
+        [
+            "workdir",
+            "schedule",
+            "size",
+            "nonlinearity",
+            "method",
+            "rho",
+            "lr",
+            "seed",
+            "steps",
+            "status",
+            "eval_loss",
+        ]
+    )
     for r in runs:
-      w.writerow([r.workdir, r.schedule, r.size, r.nonlinearity, r.method,
-                  r.rho, r.lr, r.seed, r.steps, r.status, r.loss])
+      w.writerow(
+          [
+              r.workdir,
+              r.schedule,
+              r.size,
+              r.nonlinearity,
+              r.method,
+              r.rho,
+              r.lr,
+              r.seed,
+              r.steps,
+              r.status,
+              r.loss,
+          ]
+      )
 
 
-def render(tables: list[Table], notes: list[str], n_runs: int,
-           metric: str) -> str:
-  parts = [f"# Results ({n_runs} runs; ours = {metric}; "
-           "paper = published value)"]
+def render(
+    tables: list[Table], notes: list[str], n_runs: int, metric: str
+) -> str:
+  parts = [
+      f"# Results ({n_runs} runs; ours = {metric}; " "paper = published value)"
+  ]
   parts += [t.markdown() for t in tables]
   if notes:
     parts.append("Notes:\n" + "\n".join(f"- {n}" for n in notes))
@@ -325,19 +513,26 @@ def main(argv=None) -> int:
   p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
   p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
   p.add_argument("--out", default="", help="default: FIRST_DIR/tables")
-  p.add_argument("--metric", default="final_eval_loss",
-                 choices=tuple(runs_lib.METRICS),
-                 help="the results.json key ranked and shown (runs.METRICS)")
+  p.add_argument(
+      "--metric",
+      default="final_eval_loss",
+      choices=tuple(runs_lib.METRICS),
+      help="the results.json key ranked and shown (runs.METRICS)",
+  )
   args = p.parse_args(argv)
   for d in args.dirs:
     if not os.path.isdir(d):
       print(f"{PROG}: error: {d!r} is not a directory", file=sys.stderr)
       return 2
-  runs = load_runs(args.dirs, args.metric,
-                   warn=lambda m: print(m, file=sys.stderr))
+  runs = load_runs(
+      args.dirs, args.metric, warn=lambda m: print(m, file=sys.stderr)
+  )
   if not runs:
-    print(f"{PROG}: error: no results.json under {', '.join(args.dirs)};"
-          " finish some runs first", file=sys.stderr)
+    print(
+        f"{PROG}: error: no results.json under {', '.join(args.dirs)};"
+        " finish some runs first",
+        file=sys.stderr,
+    )
     return 2
   tables, notes = build_tables(runs)
   text = render(tables, notes, len(runs), args.metric)
@@ -346,4 +541,3 @@ def main(argv=None) -> int:
   print(text)
   print(f"\n(markdown and CSV written to {out})")
   return 0
-

@@ -110,12 +110,17 @@ class Hook:
 
   def __post_init__(self):
     if self.when not in (BEFORE, AFTER, METRICS):
-      raise ValueError(f"Hook(when={self.when!r}) is unknown; use one of "
-                       f"{(BEFORE, AFTER, METRICS)}")
+      raise ValueError(
+          f"Hook(when={self.when!r}) is unknown; use one of "
+          f"{(BEFORE, AFTER, METRICS)}"
+      )
 
   def due(self, n: int, total: int) -> bool:
-    return ((self.every > 0 and n % self.every == 0)
-            or (self.at_end and n == total) or (self.first and n == 1))
+    return (
+        (self.every > 0 and n % self.every == 0)
+        or (self.at_end and n == total)
+        or (self.first and n == 1)
+    )
 
 
 @dataclasses.dataclass
@@ -132,7 +137,8 @@ class Run:
   train_iter: data_lib.TrainIterator
   eval_data: list
   stop: preemption.StopRequest = dataclasses.field(
-      default_factory=preemption.StopRequest)
+      default_factory=preemption.StopRequest
+  )
   hooks: list[Hook] = dataclasses.field(default_factory=list)
   batch: Any = None  # the batch step n takes (BEFORE hooks)
   metrics: dict | None = None  # step n-1's metrics, host (METRICS hooks)
@@ -168,8 +174,10 @@ class Run:
     self.metrics = jax.device_get(metrics)
     if not np.isfinite(self.metrics["loss"]):
       # Step `step`'s loss is the loss at theta_step: its checkpoint goes.
-      raise self.diverged(f"training loss is {self.metrics['loss']} at step "
-                          f"{step}", bad_step=step)
+      raise self.diverged(
+          f"training loss is {self.metrics['loss']} at step " f"{step}",
+          bad_step=step,
+      )
     self.steps_done = step + 1
     self.fire(METRICS, step + 1)
 
@@ -180,19 +188,22 @@ class Run:
     the next checkpoint is written), so the newest kept one is good."""
     if bad_step is not None:
       checkpoint.delete(self.checkpoint_manager, self.workdir, bad_step)
-    checkpoint.retain(self.checkpoint_manager, self.workdir,
-                      self.cfg.checkpoint_max_to_keep)
+    checkpoint.retain(
+        self.checkpoint_manager, self.workdir, self.cfg.checkpoint_max_to_keep
+    )
     kept = self.checkpoint_manager.latest_step()
     ckpts = os.path.join(self.workdir, "checkpoints")
     if kept is None:
       return DivergedError(
           f"{what}; no checkpoint is kept (none was written before it); "
-          "train again with other settings, in a new workdir")
+          "train again with other settings, in a new workdir"
+      )
     return DivergedError(
         f"{what}; kept checkpoint: step {kept} in {ckpts} (its loss was "
         "finite). To go on from it with other settings (e.g. a lower "
         f"opt.peak_learning_rate), delete {self.workdir}/{RESULTS} and train "
-        "again with them")
+        "again with them"
+    )
 
 
 def default_hooks(run: Run, diagnose=None) -> list[Hook]:
@@ -231,8 +242,12 @@ def _profile(cfg):
       jax.block_until_ready(run.state)
       jax.profiler.stop_trace()
       tracing.clear()
-      log.info("profile of steps %d-%d written to %s", start, n - 1,
-               os.path.join(run.workdir, "plugins", "profile"))
+      log.info(
+          "profile of steps %d-%d written to %s",
+          start,
+          n - 1,
+          os.path.join(run.workdir, "plugins", "profile"),
+      )
 
   return profile_hook
 
@@ -248,14 +263,19 @@ def _end_profile() -> None:
 def _log_train(run: Run):
   """train/* scalars and the progress line."""
   progress = writers.Progress(
-      run.start, run.total, _tokens_per_step(run.cfg), run.writer,
+      run.start,
+      run.total,
+      _tokens_per_step(run.cfg),
+      run.writer,
       flops_per_token=flops_lib.step_flops_per_token(run.cfg),
       num_devices=jax.device_count(),
-      peak_per_device=flops_lib.peak_flops(jax.devices()[0]))
+      peak_per_device=flops_lib.peak_flops(jax.devices()[0]),
+  )
 
   def log_train(run: Run, n: int) -> None:
-    run.writer.write_scalars(n, {f"train/{k}": float(v)
-                                 for k, v in run.metrics.items()})
+    run.writer.write_scalars(
+        n, {f"train/{k}": float(v) for k, v in run.metrics.items()}
+    )
     progress.log(n, run.metrics)
 
   return log_train
@@ -279,28 +299,36 @@ def _evaluate(run: Run):
     done = n in dict(run.eval_history)  # Recorded before a restart at n.
     if done and n != run.total:  # (at the end: its metrics for results.json)
       return
-    metrics = evaluate.eval_metrics(eval_step, run.state.params,
-                                    run.eval_data, run.put)
+    metrics = evaluate.eval_metrics(
+        eval_step, run.state.params, run.eval_data, run.put
+    )
     run.last_eval = (n, metrics)
     if done:
       return
     run.eval_history.append((n, metrics["loss"]))
-    run.writer.write_scalars(n, {f"eval/{k}": metrics[k]
-                                 for k in evaluate.METRICS})
-    log.info("step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f, "
-             "bits/byte %.4f", n, *(metrics[k] for k in evaluate.METRICS))
+    run.writer.write_scalars(
+        n, {f"eval/{k}": metrics[k] for k in evaluate.METRICS}
+    )
+    log.info(
+        "step %d: eval loss %.4f, perplexity %.2f, accuracy %.4f, "
+        "bits/byte %.4f",
+        n,
+        *(metrics[k] for k in evaluate.METRICS),
+    )
     _write_progress(run, "running")
     if not np.isfinite(metrics["loss"]):
-      raise run.diverged(f"eval loss is {metrics['loss']} at step {n}",
-                         bad_step=n)
+      raise run.diverged(
+          f"eval loss is {metrics['loss']} at step {n}", bad_step=n
+      )
 
   return evaluate_hook
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree.leaves(tree)]))
+  return jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )
 
 
 def _save(run: Run, n: int) -> None:
@@ -314,8 +342,9 @@ def _save(run: Run, n: int) -> None:
   if manager.latest_step() == n:  # Written just before a stop or restart.
     return
   if not bool(_all_finite(run.state.params)):
-    raise run.diverged(f"parameters are non-finite after step {n - 1}",
-                       bad_step=None)
+    raise run.diverged(
+        f"parameters are non-finite after step {n - 1}", bad_step=None
+    )
   checkpoint.retain(manager, run.workdir, run.cfg.checkpoint_max_to_keep)
   checkpoint.save(manager, run.train_iter, run.workdir, n, run.state)
 
@@ -372,15 +401,23 @@ def _stop(run: Run, n: int) -> None:
   run.flush()
   if n > run.start:
     _save(run, n)
-  log.warning("stopped by %s at step %d: checkpoint written; the same command "
-              "resumes the run (exit status %d)", run.stop.signal, n,
-              preemption.EXIT_PREEMPTED)
+  log.warning(
+      "stopped by %s at step %d: checkpoint written; the same command "
+      "resumes the run (exit status %d)",
+      run.stop.signal,
+      n,
+      preemption.EXIT_PREEMPTED,
+  )
   raise Preempted(run.stop.signal)
 
 
-def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
-          stop: preemption.StopRequest | None = None,
-          setup: state_lib.Setup | None = None) -> dict:
+def train(
+    cfg,
+    workdir: str,
+    hooks: Sequence[Hook] = (),
+    stop: preemption.StopRequest | None = None,
+    setup: state_lib.Setup | None = None,
+) -> dict:
   """Trains (or resumes) a run in `workdir`; returns the results dict, whose
   status is completed, diverged, preempted or save_failed (no results.json
   for these two: the same call resumes them).
@@ -394,13 +431,19 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
   # Validates everything, then asks for the data, before any compile or
   # touching the disk.
   s = setup or state_lib.setup(
-      cfg, before_compile=lambda: data_lib.check_available(cfg.data))
+      cfg, before_compile=lambda: data_lib.check_available(cfg.data)
+  )
   rundir.check_workdir(cfg, workdir)
   results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
-    log.info("the run in %s has finished (%s at step %s); nothing to do (its "
-             "results are in %s)", workdir, results.get("status"),
-             results.get("steps"), os.path.join(workdir, RESULTS))
+    log.info(
+        "the run in %s has finished (%s at step %s); nothing to do (its "
+        "results are in %s)",
+        workdir,
+        results.get("status"),
+        results.get("steps"),
+        os.path.join(workdir, RESULTS),
+    )
     return results
   _check_step_memory(s)  # Still before the disk: a step that cannot fit.
   own_stop = stop is None
@@ -412,15 +455,25 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
       stop.restore()
 
 
-def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
-           stop: preemption.StopRequest, t_start: float) -> dict:
+def _train(
+    cfg,
+    workdir: str,
+    s: state_lib.Setup,
+    hooks: Sequence[Hook],
+    stop: preemption.StopRequest,
+    t_start: float,
+) -> dict:
   run = _open_run(cfg, workdir, s, stop)
   run.hooks = run.hooks + list(hooks)
   _write_progress(run, "running")
   t_loop = time.time()
   status = _run_to_the_end(run)
-  results = _results(run, status, wall_seconds=time.time() - t_start,
-                     train_seconds=time.time() - t_loop)
+  results = _results(
+      run,
+      status,
+      wall_seconds=time.time() - t_start,
+      train_seconds=time.time() - t_loop,
+  )
   _write_progress(run, status)
   if status in FINISHED:  # A preempted run, or a failed save, is not.
     rundir.write_json(os.path.join(workdir, RESULTS), results)
@@ -428,8 +481,9 @@ def _train(cfg, workdir: str, s: state_lib.Setup, hooks: Sequence[Hook],
   return results
 
 
-def _open_run(cfg, workdir: str, s: state_lib.Setup,
-              stop: preemption.StopRequest) -> Run:
+def _open_run(
+    cfg, workdir: str, s: state_lib.Setup, stop: preemption.StopRequest
+) -> Run:
   """The run in `workdir` at its newest readable checkpoint (unreadable
   newer ones moved aside), or at step 0, with its data, writers and
   default hooks; config.json written."""
@@ -439,8 +493,9 @@ def _open_run(cfg, workdir: str, s: state_lib.Setup,
   os.makedirs(workdir, exist_ok=True)
   checkpoint.remove_unfinished(workdir)
   manager = checkpoint.checkpoint_manager(workdir)
-  train_iter = data_lib.TrainIterator(train_ds,
-                                      data_lib.Source(cfg.data, "train"))
+  train_iter = data_lib.TrainIterator(
+      train_ds, data_lib.Source(cfg.data, "train")
+  )
   start, state = checkpoint.restore_latest(manager, s, workdir, train_iter)
   if start is not None:
     log.info("Resumed from step %d in %s", start, workdir)
@@ -451,12 +506,29 @@ def _open_run(cfg, workdir: str, s: state_lib.Setup,
   writer = writers.make_writer(cfg, workdir)
   if start == 0:
     writers.write_hparams(writer, cfg)
-    if (cfg.sam.method in sam_lib.PRECOND_METHODS
-        and sam_schedule.uses_sam_step(cfg.sam, 0)):
-      log.info("step 0: AdamW has no second moment yet; %s uses the "
-               "unpreconditioned perturbation for this step", cfg.sam.method)
-  run = Run(cfg, s, workdir, state, start, writer, manager, train_iter,
-            eval_data, stop=stop, steps_done=start, eval_history=history)
+    if (
+        cfg.sam.method in sam_lib.PRECOND_METHODS
+        and sam_schedule.uses_sam_step(cfg.sam, 0)
+    ):
+      log.info(
+          "step 0: AdamW has no second moment yet; %s uses the "
+          "unpreconditioned perturbation for this step",
+          cfg.sam.method,
+      )
+  run = Run(
+      cfg,
+      s,
+      workdir,
+      state,
+      start,
+      writer,
+      manager,
+      train_iter,
+      eval_data,
+      stop=stop,
+      steps_done=start,
+      eval_history=history,
+  )
   run.hooks = default_hooks(run, diagnose)
   return run
 
@@ -481,8 +553,7 @@ def _run_to_the_end(run: Run) -> str | None:
     failed = checkpoint.as_save_failed(e, workdir)  # (or a full disk)
     if failed is None:
       raise
-    run.save_error = checkpoint.finish_failed(manager, workdir,
-                                              failed).message
+    run.save_error = checkpoint.finish_failed(manager, workdir, failed).message
     log.error("%s", run.save_error)
     status = SAVE_FAILED
   finally:
@@ -528,9 +599,12 @@ def _write_progress(run: Run, status: str) -> None:
   """progress.json: the run so far, rewritten atomically at each eval and
   whenever the run starts or stops. status: running (or killed while
   running), preempted, completed, diverged."""
-  progress = {"status": status, "steps": run.steps_done,
-              "checkpoint_step": run.checkpoint_manager.latest_step(),
-              "eval_history": run.eval_history}
+  progress = {
+      "status": status,
+      "steps": run.steps_done,
+      "checkpoint_step": run.checkpoint_manager.latest_step(),
+      "eval_history": run.eval_history,
+  }
   if status == "preempted":
     progress["signal"] = run.stop.signal
   if status == SAVE_FAILED:
@@ -547,18 +621,23 @@ def _tokens_per_step(cfg) -> int:
   return cfg.data.batch_size * cfg.model.L
 
 
-def _results(run: Run, status: str, wall_seconds: float,
-             train_seconds: float) -> dict:
+def _results(
+    run: Run, status: str, wall_seconds: float, train_seconds: float
+) -> dict:
   """The results dict; non-finite values become null on disk."""
   cfg = run.cfg
-  final = (dict(run.eval_history).get(run.total)
-           if status == "completed" else None)
+  final = (
+      dict(run.eval_history).get(run.total) if status == "completed" else None
+  )
   finite = [l for _, l in run.eval_history if np.isfinite(l)]
   at, last = run.last_eval or (None, {})
   final_metrics = {
-      f"final_eval_{k}": (last[k] if at == run.total and status == "completed"
-                          else None)
-      for k in evaluate.METRICS if k != "loss"}
+      f"final_eval_{k}": (
+          last[k] if at == run.total and status == "completed" else None
+      )
+      for k in evaluate.METRICS
+      if k != "loss"
+  }
   n_params = model_lib.non_embedding_params(run.setup.model.cfg)
   return {
       "final_eval_loss": final,
@@ -571,8 +650,8 @@ def _results(run: Run, status: str, wall_seconds: float,
       "phi": cfg.sam.phi,
       "peak_learning_rate": cfg.opt.peak_learning_rate,
       "model_size": n_params,
-      "model_size_name": cfg.model.get("size_name", "") or
-                         _format_size(n_params),
+      "model_size_name": cfg.model.get("size_name", "")
+      or _format_size(n_params),
       "wall_seconds": wall_seconds,
       "train_seconds": train_seconds,
       # CPU time of this process (all threads): unlike wall time, it does not

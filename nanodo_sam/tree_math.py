@@ -21,21 +21,32 @@ def _up(x: jax.Array) -> jax.Array:
 
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
   """sum over leaves of <a, b>, in at least float32 (0 for empty trees)."""
-  return sum((jnp.sum(_up(x) * _up(y)) for x, y in
-              zip(jax.tree.leaves(a), jax.tree.leaves(b))),
-             jnp.zeros((), jnp.float32))
+  return sum(
+      (
+          jnp.sum(_up(x) * _up(y))
+          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+      ),
+      jnp.zeros((), jnp.float32),
+  )
 
 
 def norm(tree: PyTree) -> jax.Array:
   """Global L2 norm, accumulated in at least float32."""
-  return jnp.sqrt(sum((jnp.sum(jnp.square(_up(x)))
-                       for x in jax.tree.leaves(tree)),
-                      jnp.zeros((), jnp.float32)))
+  return jnp.sqrt(
+      sum(
+          (jnp.sum(jnp.square(_up(x))) for x in jax.tree.leaves(tree)),
+          jnp.zeros((), jnp.float32),
+      )
+  )
 
 
-def scan_sum(fn: Callable[[PyTree], PyTree], xs: PyTree,
-             weights: jax.Array | None = None, like: PyTree | None = None,
-             constrain: Callable[[PyTree], PyTree] | None = None) -> PyTree:
+def scan_sum(
+    fn: Callable[[PyTree], PyTree],
+    xs: PyTree,
+    weights: jax.Array | None = None,
+    like: PyTree | None = None,
+    constrain: Callable[[PyTree], PyTree] | None = None,
+) -> PyTree:
   """sum_i w_i * fn(xs_i) over the leading axis of xs, one slice live at a
   time (`lax.scan`), accumulated in at least float32.
 
@@ -45,8 +56,10 @@ def scan_sum(fn: Callable[[PyTree], PyTree], xs: PyTree,
   applied to each step's (slice, weight) and to the running sum.
   """
   if like is None:
-    like = jax.eval_shape(fn, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs))
+    like = jax.eval_shape(
+        fn,
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs),
+    )
   keep = constrain or (lambda t: t)
 
   def scale(w, o):
@@ -58,12 +71,14 @@ def scan_sum(fn: Callable[[PyTree], PyTree], xs: PyTree,
     if w is None:
       acc = jax.tree.map(lambda a, o: a + o.astype(a.dtype), acc, out)
     else:
-      acc = jax.tree.map(lambda a, o: a + scale(w, o.astype(a.dtype)), acc,
-                         out)
+      acc = jax.tree.map(lambda a, o: a + scale(w, o.astype(a.dtype)), acc, out)
     return keep(acc), None
 
-  zeros = keep(jax.tree.map(
-      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      like))
+  zeros = keep(
+      jax.tree.map(
+          lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+          like,
+      )
+  )
   acc, _ = jax.lax.scan(body, zeros, (xs, weights))
   return acc

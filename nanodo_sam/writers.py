@@ -45,11 +45,17 @@ class WandbWriter(metric_writers.MetricWriter):
 
   def __init__(self, cfg, workdir: str):
     import wandb  # Lazy: optional (wandb.enabled), and slow to import.
+
     self._wandb = wandb
-    self._run = wandb.init(project=cfg.wandb.project, mode=cfg.wandb.mode,
-                           dir=workdir, config=config_lib.to_dict(cfg),
-                           name=os.path.basename(os.path.abspath(workdir)),
-                           id=wandb_run_id(workdir), resume="allow")
+    self._run = wandb.init(
+        project=cfg.wandb.project,
+        mode=cfg.wandb.mode,
+        dir=workdir,
+        config=config_lib.to_dict(cfg),
+        name=os.path.basename(os.path.abspath(workdir)),
+        id=wandb_run_id(workdir),
+        resume="allow",
+    )
 
   def write_scalars(self, step, scalars):
     self._run.log(dict(scalars), step=int(step))
@@ -86,7 +92,8 @@ def make_writer(cfg, workdir: str):
   """TensorBoard events in `workdir` and the log (process 0; the others
   only log), plus wandb with wandb.enabled."""
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True
+  )
   if cfg.wandb.enabled and jax.process_index() == 0:
     writer = metric_writers.MultiWriter([writer, WandbWriter(cfg, workdir)])
   return writer
@@ -95,19 +102,30 @@ def make_writer(cfg, workdir: str):
 def write_hparams(writer, cfg) -> None:
   """The config's scalar values, flattened to dotted keys."""
   flat = config_lib.flatten(config_lib.to_dict(cfg))
-  writer.write_hparams({k: v for k, v in flat.items()
-                        if isinstance(v, (int, float, str, bool))})
+  writer.write_hparams(
+      {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+  )
 
 
 class Progress:
   """Console line every log_every_steps: loss, steps/s, tokens/s, TFLOP/s
   per device and MFU (`flops`: the counts `nanodo-sam bench` uses), ETA."""
 
-  def __init__(self, start: int, total: int, tokens_per_step: int, writer,
-               flops_per_token: float = 0.0, num_devices: int = 1,
-               peak_per_device: float | None = None):
-    self.total, self.tokens_per_step, self.writer = total, tokens_per_step, \
-        writer
+  def __init__(
+      self,
+      start: int,
+      total: int,
+      tokens_per_step: int,
+      writer,
+      flops_per_token: float = 0.0,
+      num_devices: int = 1,
+      peak_per_device: float | None = None,
+  ):
+    self.total, self.tokens_per_step, self.writer = (
+        total,
+        tokens_per_step,
+        writer,
+    )
     self.flops_per_token, self.num_devices = flops_per_token, num_devices
     self.peak = peak_per_device
     self.last_step, self.last_time = start, time.time()
@@ -115,12 +133,16 @@ class Progress:
   def rates(self, steps_per_sec: float) -> dict:
     """perf/* scalars at a measured step rate (mfu only with a known peak)."""
     tokens = steps_per_sec * self.tokens_per_step
-    out = {"perf/steps_per_sec": steps_per_sec,
-           "perf/tokens_per_sec": tokens,
-           "perf/tflops_per_device": (self.flops_per_token * tokens
-                                      / self.num_devices / 1e12)}
-    mfu = flops_lib.mfu(self.flops_per_token, tokens, self.num_devices,
-                        self.peak)
+    out = {
+        "perf/steps_per_sec": steps_per_sec,
+        "perf/tokens_per_sec": tokens,
+        "perf/tflops_per_device": (
+            self.flops_per_token * tokens / self.num_devices / 1e12
+        ),
+    }
+    mfu = flops_lib.mfu(
+        self.flops_per_token, tokens, self.num_devices, self.peak
+    )
     if mfu is not None:
       out["perf/mfu"] = mfu
     return out
@@ -133,10 +155,17 @@ class Progress:
       perf = self.rates(rate)
       self.writer.write_scalars(step, perf)
       mfu = perf.get("perf/mfu")
-      log.info("step %d/%d: loss %.4f, grad_norm %.3f | %.2f steps/s, "
-               "%.0f tokens/s, %.3g TFLOP/s/device, MFU %s, ETA %s", step,
-               self.total, metrics["loss"], metrics["grad_norm"], rate,
-               perf["perf/tokens_per_sec"], perf["perf/tflops_per_device"],
-               "n/a" if mfu is None else f"{100 * mfu:.1f}%",
-               time.strftime("%H:%M:%S", time.gmtime(eta)))
+      log.info(
+          "step %d/%d: loss %.4f, grad_norm %.3f | %.2f steps/s, "
+          "%.0f tokens/s, %.3g TFLOP/s/device, MFU %s, ETA %s",
+          step,
+          self.total,
+          metrics["loss"],
+          metrics["grad_norm"],
+          rate,
+          perf["perf/tokens_per_sec"],
+          perf["perf/tflops_per_device"],
+          "n/a" if mfu is None else f"{100 * mfu:.1f}%",
+          time.strftime("%H:%M:%S", time.gmtime(eta)),
+      )
     self.last_step, self.last_time = step, now

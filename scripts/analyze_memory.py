@@ -32,32 +32,49 @@ def measure(size: str, num_iters: int, num_probes: int) -> dict:
   from nanodo_sam import diagnostics
   from nanodo_sam import sharding
   from nanodo_sam import state as state_lib
+
   cfg = config_lib.load_config_file(f"configs/c4_fixed_length.py:{size}")
   with cfg.unlocked():
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-    cfg.diagnostics.num_iters, cfg.diagnostics.num_probes = (num_iters,
-                                                             num_probes)
+    cfg.diagnostics.num_iters, cfg.diagnostics.num_probes = (
+        num_iters,
+        num_probes,
+    )
     # analyze runs no train step: no microbatch search, and a simulated CPU
     # device stands for an 80 GB GPU.
     cfg.grad_accumulation_steps, cfg.mesh.device_memory_gb = 1, 80.0
   s = state_lib.setup(cfg)
   rows = cfg.diagnostics.batch_size * cfg.diagnostics.num_batches
-  tokens = jax.ShapeDtypeStruct((rows, cfg.model.L), jnp.int32,
-                                sharding=sharding.batch_sharding(s.mesh))
-  batch = {"inputs": tokens, "targets": tokens,
-           "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32,
-                                           sharding=tokens.sharding)}
+  tokens = jax.ShapeDtypeStruct(
+      (rows, cfg.model.L), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
+  )
+  batch = {
+      "inputs": tokens,
+      "targets": tokens,
+      "weights": jax.ShapeDtypeStruct(
+          tokens.shape, jnp.float32, sharding=tokens.sharding
+      ),
+  }
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   fn = diagnostics.sharpness_fn(cfg, s)
   t0 = time.time()
-  compiled = jax.jit(fn).lower(s.abstract_state, batch, scalar, scalar,
-                               jax.random.key(0)).compile()
+  compiled = (
+      jax.jit(fn)
+      .lower(s.abstract_state, batch, scalar, scalar, jax.random.key(0))
+      .compile()
+  )
   params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
-  return {"size": size, "params": params, "devices": jax.device_count(),
-          "batch_rows": rows, "L": cfg.model.L,
-          "num_iters": num_iters, "num_probes": num_probes,
-          "compile_s": round(time.time() - t0, 1),
-          **{f"{k}_bytes": v for k, v in bench.memory_bytes(compiled).items()}}
+  return {
+      "size": size,
+      "params": params,
+      "devices": jax.device_count(),
+      "batch_rows": rows,
+      "L": cfg.model.L,
+      "num_iters": num_iters,
+      "num_probes": num_probes,
+      "compile_s": round(time.time() - t0, 1),
+      **{f"{k}_bytes": v for k, v in bench.memory_bytes(compiled).items()},
+  }
 
 
 def main(argv=None) -> int:
@@ -68,20 +85,27 @@ def main(argv=None) -> int:
   p.add_argument("--num_probes", type=int, default=10)
   p.add_argument("--out", default="analyze_memory.json")
   args = p.parse_args(argv)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_"
-                             f"host_platform_device_count={args.devices}")
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_"
+      f"host_platform_device_count={args.devices}"
+  )
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   rows = []
-  print("| size | params | devices | args GiB/dev | temp GiB/dev | "
-        "total GiB/dev | compile s |")
+  print(
+      "| size | params | devices | args GiB/dev | temp GiB/dev | "
+      "total GiB/dev | compile s |"
+  )
   print("|---|---|---|---|---|---|---|")
   for size in args.sizes.split(","):
     r = measure(size, args.num_iters, args.num_probes)
     rows.append(r)
     gib = lambda k: f"{r[k] / 2**30:.3f}"
-    print(f"| {size} | {r['params'] / 1e6:.1f}M | {r['devices']} | "
-          f"{gib('argument_bytes')} | {gib('temp_bytes')} | "
-          f"{gib('total_bytes')} | {r['compile_s']} |", flush=True)
+    print(
+        f"| {size} | {r['params'] / 1e6:.1f}M | {r['devices']} | "
+        f"{gib('argument_bytes')} | {gib('temp_bytes')} | "
+        f"{gib('total_bytes')} | {r['compile_s']} |",
+        flush=True,
+    )
   with open(args.out, "w") as f:
     json.dump(rows, f, indent=2)
   print(f"wrote {args.out}")

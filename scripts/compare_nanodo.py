@@ -31,9 +31,12 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=4)
   args = p.parse_args(argv)
   if not os.path.isdir(os.path.join(args.nanodo, "nanodo")):
-    print(f"compare_nanodo: error: no Nanodo source in {args.nanodo!r}; pass "
-          "--nanodo=PATH (or set NANODO_SRC) to a google-deepmind/nanodo "
-          "checkout", file=sys.stderr)
+    print(
+        f"compare_nanodo: error: no Nanodo source in {args.nanodo!r}; pass "
+        "--nanodo=PATH (or set NANODO_SRC) to a google-deepmind/nanodo "
+        "checkout",
+        file=sys.stderr,
+    )
     return 2
   import jax
   import jax.numpy as jnp
@@ -45,44 +48,59 @@ def main(argv=None) -> int:
   nanodo = ref.model(args.nanodo, **shape)
   params = ref.init(nanodo, shape["L"])
   mapped = ref.to_project(params, shape["N"])
-  tokens = jax.random.randint(jax.random.key(1), (args.batch, shape["L"]), 0,
-                              shape["V"])
+  tokens = jax.random.randint(
+      jax.random.key(1), (args.batch, shape["L"]), 0, shape["V"]
+  )
   out = {"shape": shape, "batch": args.batch, "init_std_vs_nanodo": {}}
 
   theirs = ref.kernels(ref.to_project(params, shape["N"]))
   for init in ("xavier_uniform", "fan_in_truncated_normal"):
-    ours = ref.kernels(model_lib.init_params(
-        ref.project_model(**shape, kernel_init=init), jax.random.key(0)))
+    ours = ref.kernels(
+        model_lib.init_params(
+            ref.project_model(**shape, kernel_init=init), jax.random.key(0)
+        )
+    )
     out["init_std_vs_nanodo"][init] = {
-        k.split("']['", 1)[1].rstrip("']").replace("']['", "/"):
-            float(ours[k].std() / theirs[k].std())
-        for k in ours if "block_0" in k}
+        k.split("']['", 1)[1]
+        .rstrip("']")
+        .replace("']['", "/"): float(ours[k].std() / theirs[k].std())
+        for k in ours
+        if "block_0" in k
+    }
 
   f32 = ref.project_model(**shape)
   apply = lambda m: jax.jit(lambda p, t: m.apply({"params": p}, t))
   ours_f32 = np.asarray(apply(f32)(mapped, tokens))
   nano_f32 = np.asarray(apply(nanodo)(params, tokens))
-  out["float32_max_abs_diff_vs_nanodo"] = float(np.abs(ours_f32 - nano_f32)
-                                                .max())
+  out["float32_max_abs_diff_vs_nanodo"] = float(
+      np.abs(ours_f32 - nano_f32).max()
+  )
   errors = {}
   nb = ref.model(args.nanodo, **shape, dtype=jnp.bfloat16)
   low = {"nanodo": np.asarray(apply(nb)(params, tokens)) - nano_f32}
   for residual in ("float32", "compute"):
     m = ref.project_model(**shape, dtype="bfloat16", residual_dtype=residual)
-    low[f"project residual_dtype={residual}"] = np.asarray(
-        apply(m)(mapped, tokens)) - ours_f32
+    low[f"project residual_dtype={residual}"] = (
+        np.asarray(apply(m)(mapped, tokens)) - ours_f32
+    )
   for name, d in low.items():
-    errors[name] = {"rms": float(np.sqrt(np.mean(d**2))),
-                    "max": float(np.abs(d).max())}
+    errors[name] = {
+        "rms": float(np.sqrt(np.mean(d**2))),
+        "max": float(np.abs(d).max()),
+    }
   out["bfloat16_logits_error"] = errors
 
-  print(f"2M shape, V={shape['V']}, L={shape['L']}, batch {args.batch}, at "
-        f"init; float32 max |ours - Nanodo's| = "
-        f"{out['float32_max_abs_diff_vs_nanodo']:.3g}\n")
+  print(
+      f"2M shape, V={shape['V']}, L={shape['L']}, batch {args.batch}, at "
+      f"init; float32 max |ours - Nanodo's| = "
+      f"{out['float32_max_abs_diff_vs_nanodo']:.3g}\n"
+  )
   print("| kernel (block 0) | std x Nanodo, default | std x Nanodo, legacy |")
   print("|---|---|---|")
-  d, l = (out["init_std_vs_nanodo"][k] for k in ("xavier_uniform",
-                                                   "fan_in_truncated_normal"))
+  d, l = (
+      out["init_std_vs_nanodo"][k]
+      for k in ("xavier_uniform", "fan_in_truncated_normal")
+  )
   for k in d:
     print(f"| {k} | {d[k]:.3f} | {l[k]:.3f} |")
   print("\n| bfloat16 logits vs float32 | rms | max |\n|---|---|---|")

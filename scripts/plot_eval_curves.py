@@ -37,22 +37,29 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   warn = lambda m: print(m, file=sys.stderr)
-  runs = runs_lib.unique(runs_lib.load_runs(args.dirs, warn=warn,
-                                            finished=True), warn)
+  runs = runs_lib.unique(
+      runs_lib.load_runs(args.dirs, warn=warn, finished=True), warn
+  )
   methods = [m for m in args.methods.split(",") if m]
   runs = [r for r in runs if not methods or r.method in methods]
   if not runs:
-    print("plot_eval_curves: error: no matching runs with results.json",
-          file=sys.stderr)
+    print(
+        "plot_eval_curves: error: no matching runs with results.json",
+        file=sys.stderr,
+    )
     return 2
   plt = figures.pyplot()
 
   panels = sorted({r.group[:3] for r in runs})
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
+  )
   for ax, panel in zip(axes[0], panels):
-    groups = {g: rs for g, rs in runs_lib.group_by(
-        runs, *runs_lib.GROUP).items() if g[:3] == panel}
+    groups = {
+        g: rs
+        for g, rs in runs_lib.group_by(runs, *runs_lib.GROUP).items()
+        if g[:3] == panel
+    }
     for g in sorted(groups, key=lambda g: runs_lib.method_order(g[3])):
       label = runs_lib.method_label(g[3])
       if args.all:

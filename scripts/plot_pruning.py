@@ -28,18 +28,25 @@ def main(argv=None) -> int:
   p.add_argument("paths", nargs="+", metavar="PATH")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  runs = [r for r in runs_lib.load_runs(
-      args.paths, warn=lambda m: print(m, file=sys.stderr)) if r.prune]
+  runs = [
+      r
+      for r in runs_lib.load_runs(
+          args.paths, warn=lambda m: print(m, file=sys.stderr)
+      )
+      if r.prune
+  ]
   if not runs:
-    print("plot_pruning: error: no prune.json under "
-          f"{', '.join(args.paths)}; run `nanodo-sam prune-eval "
-          "--workdir=RUN` first", file=sys.stderr)
+    print(
+        "plot_pruning: error: no prune.json under "
+        f"{', '.join(args.paths)}; run `nanodo-sam prune-eval "
+        "--workdir=RUN` first",
+        file=sys.stderr,
+    )
     return 2
   plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for run in runs:
-    rows = sorted((r["fraction"], r["eval_loss"])
-                  for r in run.prune["results"])
+    rows = sorted((r["fraction"], r["eval_loss"]) for r in run.prune["results"])
     xs, ys = zip(*rows)
     ax.plot(xs, ys, marker="o", label=label(run))
   ax.set_xlabel("fraction of non-embedding weights pruned")

@@ -31,10 +31,16 @@ def load_run(run: runs_lib.RunRecord) -> dict:
   k = int(run.get("sam.every_k", 1)) if runs_lib.perturbs(method) else 1
   reuse = bool(run.get("sam.reuse", False)) and k > 1
   name = method + (f":k={k}" if k > 1 else "") + (":reuse" if reuse else "")
-  return {"name": name, "method": method, "k": k, "reuse": reuse,
-          "seed": run.seed, "status": run.status,
-          "final_eval_loss": run.final_eval_loss,
-          "cost": method_flops_factor(method, k)}
+  return {
+      "name": name,
+      "method": method,
+      "k": k,
+      "reuse": reuse,
+      "seed": run.seed,
+      "status": run.status,
+      "final_eval_loss": run.final_eval_loss,
+      "cost": method_flops_factor(method, k),
+  }
 
 
 def variants(runs: list[dict], bench: dict[str, float]) -> list[dict]:
@@ -43,8 +49,9 @@ def variants(runs: list[dict], bench: dict[str, float]) -> list[dict]:
   for r in runs:
     v = out.setdefault(r["name"], {**r, "losses": {}})
     v["losses"][r["seed"]] = r["final_eval_loss"]
-  rows = sorted(out.values(), key=lambda v: (v["method"] != "adamw",
-                                             v["k"], v["reuse"]))
+  rows = sorted(
+      out.values(), key=lambda v: (v["method"] != "adamw", v["k"], v["reuse"])
+  )
   base = next((v for v in rows if v["method"] == "adamw"), None)
   for v in rows:
     v["mean"] = sum(v["losses"].values()) / len(v["losses"])
@@ -62,14 +69,21 @@ def read_bench(path: str) -> dict[str, float]:
 
 def table(rows: list[dict]) -> str:
   seeds = sorted({s for v in rows for s in v["losses"]})
-  head = (["variant", "k", "reuse", "compute x AdamW", "time x AdamW"]
-          + [f"eval loss seed {s}" for s in seeds]
-          + ["mean", "mean - AdamW"])
+  head = (
+      ["variant", "k", "reuse", "compute x AdamW", "time x AdamW"]
+      + [f"eval loss seed {s}" for s in seeds]
+      + ["mean", "mean - AdamW"]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda x, f: "" if x is None or math.isnan(x) else format(x, f)
   for v in rows:
-    cells = [v["name"], str(v["k"]), "yes" if v["reuse"] else "",
-             fmt(v["cost"], ".2f"), fmt(v["time_vs_adamw"], ".2f")]
+    cells = [
+        v["name"],
+        str(v["k"]),
+        "yes" if v["reuse"] else "",
+        fmt(v["cost"], ".2f"),
+        fmt(v["time_vs_adamw"], ".2f"),
+    ]
     cells += [fmt(v["losses"].get(s, math.nan), ".4f") for s in seeds]
     cells += [fmt(v["mean"], ".4f"), fmt(v["delta"], "+.4f")]
     lines.append("| " + " | ".join(cells) + " |")
@@ -80,16 +94,30 @@ def plot(rows: list[dict], out: str) -> None:
   plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 4))
   full = [v for v in rows if v["method"] != "adamw" and v["k"] == 1]
-  for reuse, label, style in ((False, "every_k (plain steps between)", "o-"),
-                              (True, "every_k + reuse", "s-")):
-    line = sorted(full + [v for v in rows if v["k"] > 1
-                          and v["reuse"] == reuse], key=lambda v: v["cost"])
+  for reuse, label, style in (
+      (False, "every_k (plain steps between)", "o-"),
+      (True, "every_k + reuse", "s-"),
+  ):
+    line = sorted(
+        full + [v for v in rows if v["k"] > 1 and v["reuse"] == reuse],
+        key=lambda v: v["cost"],
+    )
     if len(line) > len(full):
-      ax.plot([v["cost"] for v in line], [v["mean"] for v in line], style,
-              label=label, ms=4)
+      ax.plot(
+          [v["cost"] for v in line],
+          [v["mean"] for v in line],
+          style,
+          label=label,
+          ms=4,
+      )
       for v in line:
-        ax.annotate(f"k={v['k']}", (v["cost"], v["mean"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, 3))
+        ax.annotate(
+            f"k={v['k']}",
+            (v["cost"], v["mean"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(3, 3),
+        )
   for v in rows:
     if v["method"] == "adamw":
       ax.plot([v["cost"]], [v["mean"]], "k*", ms=9, label="AdamW")
@@ -103,27 +131,40 @@ def plot(rows: list[dict], out: str) -> None:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run_dirs", nargs="+")
-  p.add_argument("--bench", default="",
-                 help="bench JSON with the same variants (step-time ratios)")
-  p.add_argument("--out", default="",
-                 help="default: COMMON_PARENT/figures/reuse.png")
+  p.add_argument(
+      "--bench",
+      default="",
+      help="bench JSON with the same variants (step-time ratios)",
+  )
+  p.add_argument(
+      "--out", default="", help="default: COMMON_PARENT/figures/reuse.png"
+  )
   p.add_argument("--table", action="store_true", help="print Markdown")
   args = p.parse_args(argv)
-  runs = [load_run(r) for r in runs_lib.load_runs(
-      args.run_dirs, warn=lambda m: print(m, file=sys.stderr), finished=True)
-          if r.config]
+  runs = [
+      load_run(r)
+      for r in runs_lib.load_runs(
+          args.run_dirs, warn=lambda m: print(m, file=sys.stderr), finished=True
+      )
+      if r.config
+  ]
   runs = [r for r in runs if r["status"] == "completed"]
   if not runs:
-    print("plot_reuse: error: no finished runs (config.json + results.json) "
-          f"in {', '.join(args.run_dirs)}", file=sys.stderr)
+    print(
+        "plot_reuse: error: no finished runs (config.json + results.json) "
+        f"in {', '.join(args.run_dirs)}",
+        file=sys.stderr,
+    )
     return 2
   rows = variants(runs, read_bench(args.bench))
   if args.table:
     print(table(rows))
   else:
     for v in rows:
-      print(f"{v['name']:40s} cost {v['cost']:.2f}  eval loss {v['mean']:.4f}"
-            f" ({len(v['losses'])} seeds)")
+      print(
+          f"{v['name']:40s} cost {v['cost']:.2f}  eval loss {v['mean']:.4f}"
+          f" ({len(v['losses'])} seeds)"
+      )
   plot(rows, args.out or figures.default_out(args.run_dirs, "reuse.png"))
   return 0
 

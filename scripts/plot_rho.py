@@ -27,11 +27,13 @@ def rho_curve(runs):
   for (rho, _, _), rs in runs_lib.group_by(runs, *runs_lib.SETTING).items():
     mean, std = runs_lib.mean_std(r.loss for r in rs)
     best = by_rho.get(rho)
-    if best is None or (math.isfinite(mean) and
-                        not (math.isfinite(best[0]) and best[0] <= mean)):
+    if best is None or (
+        math.isfinite(mean) and not (math.isfinite(best[0]) and best[0] <= mean)
+    ):
       by_rho[rho] = (mean, std)
-  points = [(rho, m, s) for rho, (m, s) in sorted(by_rho.items())
-            if math.isfinite(m)]
+  points = [
+      (rho, m, s) for rho, (m, s) in sorted(by_rho.items()) if math.isfinite(m)
+  ]
   return points, sum(1 for m, _ in by_rho.values() if not math.isfinite(m))
 
 
@@ -42,8 +44,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   warn = lambda m: print(m, file=sys.stderr)
-  runs = runs_lib.unique(runs_lib.load_runs(args.dirs, warn=warn,
-                                            finished=True), warn)
+  runs = runs_lib.unique(
+      runs_lib.load_runs(args.dirs, warn=warn, finished=True), warn
+  )
   if not runs:
     print("plot_rho: error: no runs with results.json", file=sys.stderr)
     return 2
@@ -51,10 +54,15 @@ def main(argv=None) -> int:
 
   groups = runs_lib.group_by(runs, *runs_lib.GROUP)
   panels = sorted({g[:3] for g in groups})
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4),
-                           squeeze=False)
-  markers = {"sam": "s", "precond_functional_sam": "o", "precond_sam": "^",
-             "functional_sam": "D"}
+  fig, axes = plt.subplots(
+      1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
+  )
+  markers = {
+      "sam": "s",
+      "precond_functional_sam": "o",
+      "precond_sam": "^",
+      "functional_sam": "D",
+  }
   for ax, panel in zip(axes[0], panels):
     ref = 0.0
     if args.relative:
@@ -65,21 +73,29 @@ def main(argv=None) -> int:
       if not runs_lib.perturbs(g[3]):
         cell = runs_lib.best(groups[g])
         if math.isfinite(cell.mean):
-          ax.axhline(cell.mean - ref, color="k", ls="--", lw=1,
-                     label=f"{label} (ρ=0)")
+          ax.axhline(
+              cell.mean - ref, color="k", ls="--", lw=1, label=f"{label} (ρ=0)"
+          )
         continue
       points, diverged = rho_curve(groups[g])
       if diverged:
         label += f" ({diverged} ρ diverged)"
       if points:
         xs, ms, ss = zip(*points)
-        ax.errorbar(xs, [m - ref for m in ms], yerr=ss,
-                    marker=markers.get(g[3], "."), capsize=3, label=label)
+        ax.errorbar(
+            xs,
+            [m - ref for m in ms],
+            yerr=ss,
+            marker=markers.get(g[3], "."),
+            capsize=3,
+            label=label,
+        )
     ax.set_xscale("log")
     ax.set_title(" / ".join(panel))
     ax.set_xlabel("ρ")
-    ax.set_ylabel("eval loss" + (" − best Precond Func-SAM"
-                                 if args.relative else ""))
+    ax.set_ylabel(
+        "eval loss" + (" − best Precond Func-SAM" if args.relative else "")
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   out = args.out or figures.default_out(args.dirs, "rho.png")

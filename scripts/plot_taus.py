@@ -19,32 +19,39 @@ from nanodo_sam import figures
 from nanodo_sam import runs as runs_lib
 
 TAUS = ("tau_logit", "tau_func", "tau_cross")
-LABELS = {"tau_logit": "τ_logit", "tau_func": "τ_func",
-          "tau_cross": "τ_cross"}
+LABELS = {"tau_logit": "τ_logit", "tau_func": "τ_func", "tau_cross": "τ_cross"}
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("paths", nargs="+", metavar="PATH")
   p.add_argument("--out", default="")
-  p.add_argument("--no-cross", action="store_true",
-                 help="only tau_logit and tau_func (Figure 2)")
+  p.add_argument(
+      "--no-cross",
+      action="store_true",
+      help="only tau_logit and tau_func (Figure 2)",
+  )
   args = p.parse_args(argv)
   taus = TAUS[:2] if args.no_cross else TAUS
   series = []
-  for run in runs_lib.load_runs(args.paths,
-                                warn=lambda m: print(m, file=sys.stderr)):
+  for run in runs_lib.load_runs(
+      args.paths, warn=lambda m: print(m, file=sys.stderr)
+  ):
     data = run.scalars([f"sharpness/{t}" for t in taus])
     if data:
       series.append((run.label if run.config else run.name, data))
   if not series:
-    print("plot_taus: error: no sharpness/tau_* scalars in event files under "
-          f"{', '.join(args.paths)}; train with --config.diagnostics."
-          "every_steps=N", file=sys.stderr)
+    print(
+        "plot_taus: error: no sharpness/tau_* scalars in event files under "
+        f"{', '.join(args.paths)}; train with --config.diagnostics."
+        "every_steps=N",
+        file=sys.stderr,
+    )
     return 2
   plt = figures.pyplot()
-  fig, axes = plt.subplots(1, len(taus), figsize=(4.5 * len(taus), 3.8),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(taus), figsize=(4.5 * len(taus), 3.8), squeeze=False
+  )
   for ax, tau in zip(axes[0], taus):
     for label, data in series:
       pts = data.get(f"sharpness/{tau}", [])

@@ -21,16 +21,26 @@ TINY_SHAKESPEARE_TXT = _data.shipped_path(_data.TINY_SHAKESPEARE_TXT)
 NANODO_SRC = os.environ.get("NANODO_SRC", "")
 needs_nanodo = pytest.mark.skipif(
     not os.path.isdir(os.path.join(NANODO_SRC, "nanodo")),
-    reason="NANODO_SRC is not set to a checkout of google-deepmind/nanodo")
+    reason="NANODO_SRC is not set to a checkout of google-deepmind/nanodo",
+)
 
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 # configs/quickstart.py shrunk to seconds: byte-level tiny_shakespeare.
 TINY_CONFIG = {
-    "model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
-    "model.V": 259, "data.batch_size": 8, "data.eval_batch_size": 8,
-    "data.eval_steps": 2, "opt.num_train_steps": 20, "opt.warmup_steps": 2,
-    "eval_every_steps": 10, "checkpoint_every_steps": 10,
+    "model.D": 32,
+    "model.H": 2,
+    "model.N": 1,
+    "model.F": 64,
+    "model.L": 32,
+    "model.V": 259,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "data.eval_steps": 2,
+    "opt.num_train_steps": 20,
+    "opt.warmup_steps": 2,
+    "eval_every_steps": 10,
+    "checkpoint_every_steps": 10,
     "log_every_steps": 5,
 }
 
@@ -38,6 +48,7 @@ TINY_CONFIG = {
 def tiny_config(**overrides):
   """configs/quickstart.py with TINY_CONFIG and `overrides` ("a.b": value)."""
   from nanodo_sam.config import load_config_file
+
   c = load_config_file(QUICKSTART)
   for k, v in {**TINY_CONFIG, **overrides}.items():
     node = c
@@ -51,7 +62,8 @@ def tiny_config(**overrides):
 def tiny_flags(**overrides) -> list[str]:
   """The `nanodo-sam train` flags of `tiny_config(**overrides)`."""
   return [f"--config={QUICKSTART}"] + [
-      f"--config.{k}={v}" for k, v in {**TINY_CONFIG, **overrides}.items()]
+      f"--config.{k}={v}" for k, v in {**TINY_CONFIG, **overrides}.items()
+  ]
 
 
 def listing(root) -> dict:
@@ -63,7 +75,9 @@ def listing(root) -> dict:
       path = os.path.join(dirpath, name)
       st = os.stat(path)
       out[os.path.relpath(path, root)] = (
-          st.st_size if name in files else 0, st.st_mtime_ns)
+          st.st_size if name in files else 0,
+          st.st_mtime_ns,
+      )
   return out
 
 
@@ -71,14 +85,18 @@ def read_scalars(workdir, prefix: str) -> dict:
   """{tag: {step: value}} of the TensorBoard scalars under `prefix`."""
   from tensorboard.backend.event_processing import event_accumulator as ea
   from tensorboard.util import tensor_util
-  acc = ea.EventAccumulator(str(workdir), size_guidance={ea.TENSORS: 0,
-                                                         ea.SCALARS: 0})
+
+  acc = ea.EventAccumulator(
+      str(workdir), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0}
+  )
   acc.Reload()
   out = {}
   for tag in acc.Tags()["tensors"]:
     if tag.startswith(prefix):
-      out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-                  for e in acc.Tensors(tag)}
+      out[tag] = {
+          e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+          for e in acc.Tensors(tag)
+      }
   for tag in acc.Tags()["scalars"]:
     if tag.startswith(prefix):
       out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
@@ -93,13 +111,24 @@ def tiny_cfg():
 # A tiny model for end-to-end runs through the launcher (10 steps, seconds).
 TINY = {
     "model.size_name": "tiny",
-    "model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
-    "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 2,
-    "opt.num_train_steps": 10, "opt.warmup_steps": 2,
-    "eval_every_steps": 5, "checkpoint_every_steps": 10, "log_every_steps": 5,
+    "model.D": 32,
+    "model.H": 2,
+    "model.N": 1,
+    "model.F": 64,
+    "model.L": 32,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "data.eval_steps": 2,
+    "opt.num_train_steps": 10,
+    "opt.warmup_steps": 2,
+    "eval_every_steps": 5,
+    "checkpoint_every_steps": 10,
+    "log_every_steps": 5,
 }
-TINY_RUNS = ("adamw-lr0.003-seed0",
-             "precond_functional_sam-rho0.1-lr0.003-seed0")
+TINY_RUNS = (
+    "adamw-lr0.003-seed0",
+    "precond_functional_sam-rho0.1-lr0.003-seed0",
+)
 
 
 @pytest.fixture(scope="session")
@@ -112,39 +141,83 @@ def tiny_sweep(tmp_path_factory):
   from nanodo_sam import sweep as sw
   from nanodo_sam import sweep_spec as authoring
   from nanodo_sam import cli
+
   root = tmp_path_factory.mktemp("tiny_sweep")
-  spec = {"name": "e2e", "config": "configs/quickstart.py", "overrides": TINY,
-          "runs": authoring.method_runs(["adamw", "precond_functional_sam"],
-                                        [0.1], learning_rates=(3e-3,))}
+  spec = {
+      "name": "e2e",
+      "config": "configs/quickstart.py",
+      "overrides": TINY,
+      "runs": authoring.method_runs(
+          ["adamw", "precond_functional_sam"], [0.1], learning_rates=(3e-3,)
+      ),
+  }
   sweep_file = root / "e2e.py"
   sweep_file.write_text(f"def get_sweep():\n  return {spec!r}\n")
   out = root / "runs"
-  assert sw.main([str(sweep_file), "--backend=local", f"--out={out}",
-                  "--parallel=2"]) == 0
+  assert (
+      sw.main(
+          [str(sweep_file), "--backend=local", f"--out={out}", "--parallel=2"]
+      )
+      == 0
+  )
   pfs = out / TINY_RUNS[1]
   cli.main(["prune-eval", f"--workdir={pfs}", "--fractions=0,0.5"])
   return out
 
 
-def fake_run(root, name, *, method, rho, seed, loss, size="2M",
-             schedule="fixed_length", nonlinearity="gelu", status="completed",
-             sharpness=None, rho_warmup_steps=0):
+def fake_run(
+    root,
+    name,
+    *,
+    method,
+    rho,
+    seed,
+    loss,
+    size="2M",
+    schedule="fixed_length",
+    nonlinearity="gelu",
+    status="completed",
+    sharpness=None,
+    rho_warmup_steps=0,
+):
   """A run directory written by hand (config.json, results.json and
   optionally sharpness.json), for table logic over many seeds and sizes."""
   d = root / name
   d.mkdir(parents=True)
-  (d / "config.json").write_text(json.dumps({
-      "schedule_name": schedule, "seed": seed,
-      "model": {"size_name": size, "nonlinearity": nonlinearity},
-      "opt": {"num_train_steps": 10000, "peak_learning_rate": 1e-3,
-              "weight_decay": 1e-4},
-      "sam": {"method": method, "rho": rho,
-              "rho_warmup_steps": rho_warmup_steps}}))
-  (d / "results.json").write_text(json.dumps({
-      "final_eval_loss": loss, "best_eval_loss": loss, "steps": 10000,
-      "method": method, "rho": rho, "peak_learning_rate": 1e-3,
-      "model_size_name": size, "status": status,
-      "eval_history": [[5000, loss + 0.5], [10000, loss]]}))
+  (d / "config.json").write_text(
+      json.dumps(
+          {
+              "schedule_name": schedule,
+              "seed": seed,
+              "model": {"size_name": size, "nonlinearity": nonlinearity},
+              "opt": {
+                  "num_train_steps": 10000,
+                  "peak_learning_rate": 1e-3,
+                  "weight_decay": 1e-4,
+              },
+              "sam": {
+                  "method": method,
+                  "rho": rho,
+                  "rho_warmup_steps": rho_warmup_steps,
+              },
+          }
+      )
+  )
+  (d / "results.json").write_text(
+      json.dumps(
+          {
+              "final_eval_loss": loss,
+              "best_eval_loss": loss,
+              "steps": 10000,
+              "method": method,
+              "rho": rho,
+              "peak_learning_rate": 1e-3,
+              "model_size_name": size,
+              "status": status,
+              "eval_history": [[5000, loss + 0.5], [10000, loss]],
+          }
+      )
+  )
   if sharpness:
     (d / "sharpness.json").write_text(json.dumps(sharpness))
 
@@ -160,6 +233,7 @@ def crash_then_resume(monkeypatch, cfg, workdir: str, at_batch: int) -> dict:
   import pytest as _pytest
   from nanodo_sam import data as data_lib
   from nanodo_sam import train as train_lib
+
   real_next = data_lib.TrainIterator.__next__
   calls = {"n": 0}
 

@@ -23,13 +23,18 @@ from nanodo_sam.config import UsageError
 
 # TFDS's tiny_shakespeare:1.0.0 split sizes, in characters (its catalog:
 # 90% / 5% / 5% of the 1,115,394 characters).
-TFDS_TINY_SHAKESPEARE = {"train": 1_003_854, "validation": 55_770,
-                         "test": 55_770}
+TFDS_TINY_SHAKESPEARE = {
+    "train": 1_003_854,
+    "validation": 55_770,
+    "test": 55_770,
+}
 
 
 def _texts(source, split):
-  return [ex["text"].numpy().decode("utf-8")
-          for ex in source.get_dataset(split, shuffle=False)]
+  return [
+      ex["text"].numpy().decode("utf-8")
+      for ex in source.get_dataset(split, shuffle=False)
+  ]
 
 
 def test_shipped_files_are_the_recorded_ones():
@@ -47,7 +52,8 @@ def test_shipped_tiny_shakespeare_is_split_as_tfds_splits_it():
   source = data_lib.SHIPPED_TFDS["tiny_shakespeare:1.0.0"]()
   texts = {s: _texts(source, s) for s in TFDS_TINY_SHAKESPEARE}
   assert {s: [len(t) for t in v] for s, v in texts.items()} == {
-      s: [n] for s, n in TFDS_TINY_SHAKESPEARE.items()}
+      s: [n] for s, n in TFDS_TINY_SHAKESPEARE.items()
+  }
   assert texts["train"][0] + texts["validation"][0] + texts["test"][0] == raw
 
 
@@ -59,8 +65,9 @@ def test_shipped_c4_subset_has_its_documents():
 
 def _copy_c4(root):
   """A TFDS data dir holding a copy of the shipped C4 subset."""
-  shutil.copytree(data_lib.shipped_path(data_lib.SHIPPED_TFDS_DIR),
-                  root / "tfds")
+  shutil.copytree(
+      data_lib.shipped_path(data_lib.SHIPPED_TFDS_DIR), root / "tfds"
+  )
   return str(root / "tfds")
 
 
@@ -68,12 +75,14 @@ def _read_from(source) -> str:
   """The TFDS data dir a TfdsDataSource reads ("shipped" for the shipped
   one)."""
   data_dir = source.tfds_dataset.data_dir
-  return ("shipped" if data_dir == data_lib.shipped_path(
-      data_lib.SHIPPED_TFDS_DIR) else data_dir)
+  return (
+      "shipped"
+      if data_dir == data_lib.shipped_path(data_lib.SHIPPED_TFDS_DIR)
+      else data_dir
+  )
 
 
-def test_tfds_data_dir_and_env_win_over_the_shipped_copy(tmp_path,
-                                                         monkeypatch):
+def test_tfds_data_dir_and_env_win_over_the_shipped_copy(tmp_path, monkeypatch):
   cfg = tiny_config(**{"data.tfds_name": "c4/en:3.1.0"})
   assert cfg.data.use_shipped
   assert _read_from(data_lib.tfds_source(cfg.data)) == "shipped"
@@ -102,7 +111,8 @@ def test_paper_configs_do_not_read_the_subset(tmp_path, monkeypatch):
   assert "TFDS_DATA_DIR" in msg and "gs://" in msg
   monkeypatch.setenv("TFDS_DATA_DIR", _copy_c4(tmp_path))
   assert data_lib.tfds_source(cfg.data).tfds_dataset.data_dir == str(
-      tmp_path / "tfds")
+      tmp_path / "tfds"
+  )
 
 
 def test_missing_c4_is_the_first_and_only_line_on_stderr(tmp_path):
@@ -114,13 +124,26 @@ def test_missing_c4_is_the_first_and_only_line_on_stderr(tmp_path):
   env.update(HOME=str(home), PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   workdir = tmp_path / "run"
   p = subprocess.run(
-      [sys.executable, "-m", "nanodo_sam.cli", "train",
-       "--config=configs/c4_fixed_length.py:2M", f"--workdir={workdir}"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          "-m",
+          "nanodo_sam.cli",
+          "train",
+          "--config=configs/c4_fixed_length.py:2M",
+          f"--workdir={workdir}",
+      ],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert p.returncode == 2, p.stderr
   first = p.stderr.splitlines()[0]
-  assert first.startswith("nanodo-sam: error: dataset 'c4/en:3.1.0' not "
-                          "found in TFDS's default folder"), p.stderr
+  assert first.startswith(
+      "nanodo-sam: error: dataset 'c4/en:3.1.0' not "
+      "found in TFDS's default folder"
+  ), p.stderr
   assert "--config.data.download=True" in first
   assert not workdir.exists()
 
@@ -137,20 +160,27 @@ def test_download_lets_tfds_prepare_a_dataset(tmp_path):
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self,
-          features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(["one document", "another"]),
-              "validation": self._generate_examples(["held out"])}
+      return {
+          "train": self._generate_examples(["one document", "another"]),
+          "validation": self._generate_examples(["held out"]),
+      }
 
     def _generate_examples(self, docs):
       for i, d in enumerate(docs):
         yield i, {"text": d}
 
   del NanodoSamTestText  # Registered with TFDS by its definition.
-  cfg = tiny_config(**{"data.tfds_name": "nanodo_sam_test_text:1.0.0",
-                       "data.tfds_data_dir": str(tmp_path)})
+  cfg = tiny_config(
+      **{
+          "data.tfds_name": "nanodo_sam_test_text:1.0.0",
+          "data.tfds_data_dir": str(tmp_path),
+      }
+  )
   with pytest.raises(UsageError, match="not found in TFDS data dir"):
     data_lib.tfds_source(cfg.data)
   assert not list(tmp_path.iterdir())
@@ -159,11 +189,12 @@ def test_download_lets_tfds_prepare_a_dataset(tmp_path):
   assert _texts(source, "validation") == ["held out"]
   cfg.data.download = False  # Now prepared: read as it is.
   assert sorted(_texts(data_lib.tfds_source(cfg.data), "train")) == [
-      "another", "one document"]
+      "another",
+      "one document",
+  ]
 
 
-def test_an_old_vocabulary_path_maps_to_the_shipped_copy(tmp_path,
-                                                         monkeypatch):
+def test_an_old_vocabulary_path_maps_to_the_shipped_copy(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   old = os.path.join("..", "shared", "data", data_lib.T5_VOCAB_FILE)
   assert data_lib.vocab_path(old) == SPM_PATH
@@ -185,20 +216,29 @@ def _old_style(workdir):
   download keys."""
   path = os.path.join(workdir, "config.json")
   raw = json.load(open(path))
-  raw["data"]["vocab"] = os.path.join("..", "shared", "data",
-                                      data_lib.T5_VOCAB_FILE)
+  raw["data"]["vocab"] = os.path.join(
+      "..", "shared", "data", data_lib.T5_VOCAB_FILE
+  )
   del raw["data"]["use_shipped"], raw["data"]["download"]
   json.dump(raw, open(path, "w"))
 
 
-def test_an_old_run_directory_evaluates_and_resumes(tmp_path, monkeypatch,
-                                                    capsys):
+def test_an_old_run_directory_evaluates_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
   from nanodo_sam import train as train_lib
+
   monkeypatch.chdir(tmp_path)
-  over = {"data.tfds_name": "c4/en:3.1.0", "model.V": 32101,
-          "data.vocab": SPM_PATH, "data.add_bos": True,
-          "data.eval_mode": "per_document", "opt.num_train_steps": 6,
-          "checkpoint_every_steps": 3, "eval_every_steps": 3}
+  over = {
+      "data.tfds_name": "c4/en:3.1.0",
+      "model.V": 32101,
+      "data.vocab": SPM_PATH,
+      "data.add_bos": True,
+      "data.eval_mode": "per_document",
+      "opt.num_train_steps": 6,
+      "checkpoint_every_steps": 3,
+      "eval_every_steps": 3,
+  }
   workdir = str(tmp_path / "run")
   straight = train_lib.train(tiny_config(**over), workdir)
   # Back to step 3, as a crash there would leave it; then an old run.
@@ -220,8 +260,13 @@ def test_an_old_run_directory_evaluates_and_resumes(tmp_path, monkeypatch,
 def _fresh_clone(tmp_path) -> str:
   """The repository's tracked files (what a clone has) in a folder with
   nothing beside it."""
-  files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
-                         capture_output=True).stdout.decode().split("\0")
+  files = (
+      subprocess.run(
+          ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
+      )
+      .stdout.decode()
+      .split("\0")
+  )
   clone = tmp_path / "alone" / "nanodo-sam"
   for f in filter(None, files):
     if os.path.isfile(os.path.join(ROOT, f)):
@@ -233,30 +278,57 @@ def _fresh_clone(tmp_path) -> str:
 
 def test_a_fresh_clone_trains_the_quickstart_and_the_miniature(tmp_path):
   clone = _fresh_clone(tmp_path)
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("TFDS_DATA_DIR", "NANODO_SRC")}
-  env.update(HOME=str(tmp_path / "home"), PYTHONPATH=clone,
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if k not in ("TFDS_DATA_DIR", "NANODO_SRC")
+  }
+  env.update(
+      HOME=str(tmp_path / "home"),
+      PYTHONPATH=clone,
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+  )
 
   def run(*argv):
-    p = subprocess.run([sys.executable, *argv], cwd=clone, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, *argv],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
   where = run("-c", "import nanodo_sam; print(nanodo_sam.__file__)")
   assert where.strip().startswith(clone)
-  out = run("-m", "nanodo_sam.cli", "train",
-            "--config=configs/quickstart.py", "--workdir=runs/quickstart",
-            "--config.opt.num_train_steps=4", "--config.opt.warmup_steps=1",
-            "--config.eval_every_steps=0", "--config.data.eval_steps=1",
-            "--config.checkpoint_every_steps=0")
+  out = run(
+      "-m",
+      "nanodo_sam.cli",
+      "train",
+      "--config=configs/quickstart.py",
+      "--workdir=runs/quickstart",
+      "--config.opt.num_train_steps=4",
+      "--config.opt.warmup_steps=1",
+      "--config.eval_every_steps=0",
+      "--config.data.eval_steps=1",
+      "--config.checkpoint_every_steps=0",
+  )
   assert json.loads(out)["steps"] == 4
-  out = run("-m", "nanodo_sam.cli", "train",
-            "--config=configs/miniature.py", "--workdir=runs/mini",
-            "--config.opt.num_train_steps=1", "--config.opt.warmup_steps=0",
-            "--config.eval_every_steps=0", "--config.data.eval_steps=1",
-            "--config.checkpoint_every_steps=0")
+  out = run(
+      "-m",
+      "nanodo_sam.cli",
+      "train",
+      "--config=configs/miniature.py",
+      "--workdir=runs/mini",
+      "--config.opt.num_train_steps=1",
+      "--config.opt.warmup_steps=0",
+      "--config.eval_every_steps=0",
+      "--config.data.eval_steps=1",
+      "--config.checkpoint_every_steps=0",
+  )
   results = json.loads(out)
   assert results["steps"] == 1 and np.isfinite(results["final_eval_loss"])
 
@@ -267,30 +339,59 @@ def test_a_wheel_carries_the_data_and_finds_it(tmp_path):
   import importlib.util
   import zipfile
   # Built with this environment's setuptools where it has one (offline).
-  local = (["--no-build-isolation"] if importlib.util.find_spec("setuptools")
-           else [])
-  subprocess.run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps",
-                  "-q", "-w", str(tmp_path / "dist"), *local],
-                 check=True, capture_output=True, timeout=600)
+  local = (
+      ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+  )
+  subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "pip",
+          "wheel",
+          ROOT,
+          "--no-deps",
+          "-q",
+          "-w",
+          str(tmp_path / "dist"),
+          *local,
+      ],
+      check=True,
+      capture_output=True,
+      timeout=600,
+  )
   (wheel,) = (tmp_path / "dist").glob("nanodo_sam-*.whl")
   tracked = subprocess.run(
-      ["git", "ls-files", "nanodo_sam/data_files"], cwd=ROOT, check=True,
-      capture_output=True, text=True).stdout.split()
+      ["git", "ls-files", "nanodo_sam/data_files"],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout.split()
   assert len(tracked) == 15, tracked
   with zipfile.ZipFile(wheel) as z:
     assert set(tracked) <= set(z.namelist())
     z.extractall(tmp_path / "site")
   env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
   p = subprocess.run(
-      [sys.executable, "-c",
-       "import nanodo_sam, json\n"
-       "from nanodo_sam import data\n"
-       "print(json.dumps([nanodo_sam.__file__, data.vocab_path("
-       "'shipped:' + data.T5_VOCAB_FILE), data.shipped_path("
-       "data.TINY_SHAKESPEARE_TXT)]))"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+      [
+          sys.executable,
+          "-c",
+          "import nanodo_sam, json\n"
+          "from nanodo_sam import data\n"
+          "print(json.dumps([nanodo_sam.__file__, data.vocab_path("
+          "'shipped:' + data.T5_VOCAB_FILE), data.shipped_path("
+          "data.TINY_SHAKESPEARE_TXT)]))",
+      ],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+  )
   where, vocab, text = json.loads(p.stdout)
   for path in (where, vocab, text):
     assert path.startswith(str(tmp_path / "site")), path
-  assert hashlib.sha256(open(vocab, "rb").read()).hexdigest() == \
-      data_lib.T5_VOCAB_SHA256
+  assert (
+      hashlib.sha256(open(vocab, "rb").read()).hexdigest()
+      == data_lib.T5_VOCAB_SHA256
+  )

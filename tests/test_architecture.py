@@ -46,8 +46,10 @@ def _imports(tree: ast.Module, names: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
   modules = _modules()
   names = set(modules)
-  return {name: _imports(tree, names) - {"__init__"}
-          for name, tree in modules.items()}
+  return {
+      name: _imports(tree, names) - {"__init__"}
+      for name, tree in modules.items()
+  }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -59,7 +61,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for dep in sorted(graph.get(node, ())):
       if state.get(dep) == "open":
-        return stack[stack.index(dep):] + [dep]
+        return stack[stack.index(dep) :] + [dep]
       if dep not in state:
         found = visit(dep)
         if found:
@@ -107,5 +109,6 @@ def _long_functions() -> list[str]:
 
 def test_no_function_over_60_lines():
   long = _long_functions()
-  assert not long, (f"{len(long)} functions over {MAX_LINES} lines: "
-                    + "; ".join(long))
+  assert (
+      not long
+  ), f"{len(long)} functions over {MAX_LINES} lines: " + "; ".join(long)

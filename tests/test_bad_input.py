@@ -31,38 +31,73 @@ def _config_file(tmp_path, body: str) -> str:
 # (case, extra argv, the words the error line must hold). "{tmp}" is the test's
 # folder; "{cfg:BODY}" a config file holding BODY.
 CASES = [
-    ("syntax error in the config file", ["--config={cfg:def get_config(:\n}"],
-     "bad_config.py"),
-    ("get_config raises", ["--config={cfg:def get_config():\n"
-                           "  raise ValueError('no such size')\n}"],
-     "no such size"),
+    (
+        "syntax error in the config file",
+        ["--config={cfg:def get_config(:\n}"],
+        "bad_config.py",
+    ),
+    (
+        "get_config raises",
+        [
+            "--config={cfg:def get_config():\n"
+            "  raise ValueError('no such size')\n}"
+        ],
+        "no such size",
+    ),
     ("no get_config", ["--config={cfg:X = 1\n}"], "get_config"),
-    ("log_every_steps=0", ["--config.log_every_steps=0"],
-     "log_every_steps=0 must be a positive integer"),
-    ("shuffle_buffer=0", ["--config.data.shuffle_buffer=0"],
-     "data.shuffle_buffer=0"),
-    ("negative width", ["--config.model.D=-1"],
-     "model.D=-1 must be a positive integer"),
+    (
+        "log_every_steps=0",
+        ["--config.log_every_steps=0"],
+        "log_every_steps=0 must be a positive integer",
+    ),
+    (
+        "shuffle_buffer=0",
+        ["--config.data.shuffle_buffer=0"],
+        "data.shuffle_buffer=0",
+    ),
+    (
+        "negative width",
+        ["--config.model.D=-1"],
+        "model.D=-1 must be a positive integer",
+    ),
     ("V below the vocabulary", ["--config.model.V=100"], "model.V=100"),
-    ("nothing left to resume", ["--config.checkpoint_max_to_keep=0"],
-     "checkpoint_max_to_keep=0"),
-    ("unknown wandb mode", ["--config.wandb.mode=sometimes"],
-     "wandb.mode='sometimes'"),
-    ("diagnostics batches beyond the eval set",
-     ["--config.diagnostics.every_steps=2", "--config.diagnostics.num_batches=5"],
-     "diagnostics.num_batches"),
-    ("a context that cannot fit", ["--config.model.L=100000000",
-                                   "--config.model.D=4096"], "GiB"),
+    (
+        "nothing left to resume",
+        ["--config.checkpoint_max_to_keep=0"],
+        "checkpoint_max_to_keep=0",
+    ),
+    (
+        "unknown wandb mode",
+        ["--config.wandb.mode=sometimes"],
+        "wandb.mode='sometimes'",
+    ),
+    (
+        "diagnostics batches beyond the eval set",
+        [
+            "--config.diagnostics.every_steps=2",
+            "--config.diagnostics.num_batches=5",
+        ],
+        "diagnostics.num_batches",
+    ),
+    (
+        "a context that cannot fit",
+        ["--config.model.L=100000000", "--config.model.D=4096"],
+        "GiB",
+    ),
     ("unknown key", ["--config.model.width=3"], "unknown config key"),
-    ("cuDNN attention without a GPU", ["--config.model.attention=cudnn"],
-     "model.attention=cudnn cannot run here"),
+    (
+        "cuDNN attention without a GPU",
+        ["--config.model.attention=cudnn"],
+        "model.attention=cudnn cannot run here",
+    ),
     ("workdir is a file", ["--workdir={tmp}/a_file"], "a_file"),
 ]
 
 
 @pytest.mark.parametrize("case,argv,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(
-    tmp_path, capsys, case, argv, words):
+    tmp_path, capsys, case, argv, words
+):
   del case
   (tmp_path / "a_file").write_text("a user's file\n")
   before = _snapshot(tmp_path)
@@ -70,7 +105,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
   for arg in argv:
     arg = arg.replace("{tmp}", str(tmp_path))
     if "{cfg:" in arg:
-      body = arg[arg.index("{cfg:") + 5:arg.rindex("}")]
+      body = arg[arg.index("{cfg:") + 5 : arg.rindex("}")]
       arg = "--config=" + _config_file(tmp_path, body)
       before = _snapshot(tmp_path)
     args.append(arg)  # A later --config / --workdir wins.
@@ -83,13 +118,30 @@ def test_the_error_line_is_the_first_thing_on_stderr(tmp_path):
   """In a fresh process (TensorFlow and absl start up there), the command's
   own line comes first: their start-up lines are silenced."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  for argv in (["--config.data.shuffle_buffer=0"],
-               ["--config.diagnostics.every_steps=2",
-                "--config.diagnostics.num_batches=5"]):
+  for argv in (
+      ["--config.data.shuffle_buffer=0"],
+      [
+          "--config.diagnostics.every_steps=2",
+          "--config.diagnostics.num_batches=5",
+      ],
+  ):
     proc = subprocess.run(
-        [sys.executable, "-m", "nanodo_sam.cli", "train", f"--config={QUICK}",
-         f"--workdir={tmp_path}/run", *TINY, *argv],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "nanodo_sam.cli",
+            "train",
+            f"--config={QUICK}",
+            f"--workdir={tmp_path}/run",
+            *TINY,
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines and lines[0].startswith("nanodo-sam: error:"), proc.stderr

@@ -33,26 +33,40 @@ from test_cli import _run
 # Documents whose decoding gives them back unchanged (no whitespace the
 # SentencePiece normaliser would fold), with multi-byte UTF-8 characters and
 # a leading digit (SentencePiece's lone word-marker piece).
-DOCS = ["The café opened at nine.", "42 is the answer, Zürich said.",
-        "Crème brûlée costs 3 € each."]
+DOCS = [
+    "The café opened at nine.",
+    "42 is the answer, Zürich said.",
+    "Crème brûlée costs 3 € each.",
+]
 
 
 def _eval_set(tmp_path, vocab, add_bos):
   path = tmp_path / "eval.jsonl"
   long_doc = "many words in a long document " * 12  # Cut at L tokens.
-  path.write_text("".join(json.dumps({"text": d}) + "\n"
-                          for d in DOCS + [long_doc]))
+  path.write_text(
+      "".join(json.dumps({"text": d}) + "\n" for d in DOCS + [long_doc])
+  )
   V = data_lib.make_vocab(vocab).vocab_size
-  cfg = tiny_config(**{
-      "data.train_files": str(path), "data.eval_files": str(path),
-      "data.vocab": vocab, "data.add_bos": add_bos, "model.V": V,
-      "data.eval_mode": "per_document", "data.eval_batch_size": 3,
-      "data.eval_steps": 2})
+  cfg = tiny_config(
+      **{
+          "data.train_files": str(path),
+          "data.eval_files": str(path),
+          "data.vocab": vocab,
+          "data.add_bos": add_bos,
+          "model.V": V,
+          "data.eval_mode": "per_document",
+          "data.eval_batch_size": 3,
+          "data.eval_steps": 2,
+      }
+  )
   return cfg, data_lib.eval_batches(cfg)
 
 
-@pytest.mark.parametrize("vocab,add_bos", [("byte", False), (SPM_PATH, True)],
-                         ids=["byte", "sentencepiece"])
+@pytest.mark.parametrize(
+    "vocab,add_bos",
+    [("byte", False), (SPM_PATH, True)],
+    ids=["byte", "sentencepiece"],
+)
 def test_metrics_equal_sums_computed_by_hand(tmp_path, vocab, add_bos):
   cfg, batches = _eval_set(tmp_path, vocab, add_bos)
   v = data_lib.make_vocab(vocab)
@@ -60,15 +74,17 @@ def test_metrics_equal_sums_computed_by_hand(tmp_path, vocab, add_bos):
   params = model_lib.init_params(model, jax.random.key(0))
   logits_fn = model_lib.make_logits_fn(model)
   eval_step = evaluate.make_eval_step(
-      logits_fn, target_bytes=data_lib.target_bytes(vocab, cfg.model.V))
+      logits_fn, target_bytes=data_lib.target_bytes(vocab, cfg.model.V)
+  )
   got = evaluate.eval_metrics(eval_step, params, batches)
 
   nats = tokens = correct = num_bytes = 0.0
   docs_seen = 0
   for b in batches:
     logits = np.asarray(logits_fn(params, b["inputs"]), np.float64)
-    logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)),
-                         -1)) + logits.max(-1)
+    logz = np.log(
+        np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)
+    ) + logits.max(-1)
     target = np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
     w = b["weights"]
     nats += np.sum((logz - target) * w)
@@ -90,20 +106,21 @@ def test_metrics_equal_sums_computed_by_hand(tmp_path, vocab, add_bos):
   assert got["accuracy"] == pytest.approx(correct / tokens, rel=1e-12)
   # bits/byte = nats per token x tokens / (bytes x ln 2).
   assert got["bits_per_byte"] == pytest.approx(
-      (nats / tokens) * tokens / (num_bytes * math.log(2)), rel=1e-6)
+      (nats / tokens) * tokens / (num_bytes * math.log(2)), rel=1e-6
+  )
   assert evaluate.eval_loss(eval_step, params, batches) == got["loss"]
 
 
 def test_bits_per_byte_is_nan_without_a_byte_count():
-  m = evaluate.metrics_from_sums({"loss": 6.0, "weight": 3.0, "correct": 1.0,
-                                  "bytes": 0.0})
+  m = evaluate.metrics_from_sums(
+      {"loss": 6.0, "weight": 3.0, "correct": 1.0, "bytes": 0.0}
+  )
   assert m["loss"] == 2.0 and m["accuracy"] == pytest.approx(1 / 3)
   assert m["perplexity"] == pytest.approx(math.exp(2.0))
   assert math.isnan(m["bits_per_byte"])
 
 
-def test_a_run_records_every_metric_and_eval_reproduces_them(tmp_path,
-                                                            capsys):
+def test_a_run_records_every_metric_and_eval_reproduces_them(tmp_path, capsys):
   cfg = tiny_config()
   res = train_lib.train(cfg, str(tmp_path))
   on_disk = json.load(open(tmp_path / "results.json"))
@@ -115,19 +132,22 @@ def test_a_run_records_every_metric_and_eval_reproduces_them(tmp_path,
     assert on_disk[f"final_eval_{k}"] == res[f"final_eval_{k}"]
     assert final[k] == pytest.approx(res[f"final_eval_{k}"], rel=1e-6)
   assert res["final_eval_perplexity"] == pytest.approx(
-      math.exp(res["final_eval_loss"]))
+      math.exp(res["final_eval_loss"])
+  )
   assert 0 < res["final_eval_accuracy"] < 1
   # Bytes: every scored target but EOS is one byte of tiny_shakespeare.
   batches = data_lib.eval_batches(cfg)
   n_bytes = sum(np.sum(b["weights"] * (b["targets"] != 1)) for b in batches)
   n_tokens = sum(np.sum(b["weights"]) for b in batches)
   assert res["final_eval_bits_per_byte"] == pytest.approx(
-      res["final_eval_loss"] * n_tokens / (n_bytes * math.log(2)), rel=1e-6)
+      res["final_eval_loss"] * n_tokens / (n_bytes * math.log(2)), rel=1e-6
+  )
   code, out, _ = _run(capsys, "eval", f"--workdir={tmp_path}")
   assert code == 0
   printed = json.loads(out.strip().splitlines()[-1])
   assert printed["step"] == 20
   for k in evaluate.METRICS:
     assert printed[f"eval_{k}"] == pytest.approx(
-        res[f"final_eval_{k}"], rel=1e-6)
+        res[f"final_eval_{k}"], rel=1e-6
+    )
   assert printed["eval_tokens"] == n_tokens and printed["eval_bytes"] == n_bytes

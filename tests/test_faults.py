@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, listing, tiny_config, \
-    tiny_flags
+from conftest import ROOT, listing, tiny_config, tiny_flags
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
@@ -26,10 +25,13 @@ from nanodo_sam import runs as runs_lib
 from nanodo_sam import state as state_lib
 from nanodo_sam import train as train_lib
 
-
 # 30 steps, an eval and a checkpoint every 10, all kept.
-RUN = {"opt.num_train_steps": 30, "eval_every_steps": 10,
-       "checkpoint_every_steps": 10, "checkpoint_max_to_keep": 5}
+RUN = {
+    "opt.num_train_steps": 30,
+    "eval_every_steps": 10,
+    "checkpoint_every_steps": 10,
+    "checkpoint_max_to_keep": 5,
+}
 
 
 def _main(*argv):
@@ -72,14 +74,19 @@ def _assert_same_run(workdir, reference):
   assert [n for n, _ in res["eval_history"]] == [10, 20, 30]
   assert res["final_eval_loss"] == ref["final_eval_loss"]
   a, b = _final_state(workdir), _final_state(ref_dir)
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.step)),
-                  jax.tree.leaves((b.params, b.opt_state, b.step))):
+  for x, y in zip(
+      jax.tree.leaves((a.params, a.opt_state, a.step)),
+      jax.tree.leaves((b.params, b.opt_state, b.step)),
+  ):
     np.testing.assert_array_equal(x, y)
 
 
 def _errors(caplog):
-  return [r.getMessage() for r in caplog.records
-          if r.levelno >= logging.WARNING and r.name == "nanodo_sam"]
+  return [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno >= logging.WARNING and r.name == "nanodo_sam"
+  ]
 
 
 # --------------------------------------------------- an unreadable checkpoint
@@ -119,7 +126,8 @@ def _killed_after(workdir, step, monkeypatch):
 
 
 def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_run_ends_exactly(
-    tmp_path, reference, monkeypatch, caplog, capfd):
+    tmp_path, reference, monkeypatch, caplog, capfd
+):
   """Killed after checkpoint 20, whose largest file is then cut to 1,000
   bytes: the same command says so in one line, moves it to
   checkpoints/corrupt/20 (the damaged file still there), resumes from
@@ -134,8 +142,9 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_run_ends_exactly(
   caplog.set_level(logging.INFO, logger="nanodo_sam")
   before = listing(workdir)
   assert _main("eval", f"--workdir={workdir}") == 0
-  assert json.loads(capfd.readouterr().out.strip().splitlines()[-1])[
-      "step"] == 10
+  assert (
+      json.loads(capfd.readouterr().out.strip().splitlines()[-1])["step"] == 10
+  )
   [line] = _errors(caplog)
   assert "checkpoint 20" in line and "cannot be read" in line
   assert "OUT_OF_RANGE" in line and "checkpoint 10" in line
@@ -145,17 +154,19 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_run_ends_exactly(
   assert _main("train", f"--workdir={workdir}", *tiny_flags(**RUN)) == 0
   [line] = _errors(caplog)
   aside = workdir / "checkpoints" / "corrupt" / "20"
-  assert f"moved it to {aside}" in line and "resuming from checkpoint 10" \
-      in line
+  assert (
+      f"moved it to {aside}" in line and "resuming from checkpoint 10" in line
+  )
   assert "Traceback" not in capfd.readouterr().err
-  moved = str(aside) + cut[len(str(workdir / "checkpoints" / "20")):]
+  moved = str(aside) + cut[len(str(workdir / "checkpoints" / "20")) :]
   assert os.path.getsize(moved) == 1000  # Kept as it was, for a look.
   assert (aside / "data_state").is_dir()
   _assert_same_run(workdir, reference)
 
 
 def test_no_readable_checkpoint_is_one_line_and_moves_nothing(
-    tmp_path, monkeypatch, capfd):
+    tmp_path, monkeypatch, capfd
+):
   workdir = tmp_path / "run"
   _killed_after(workdir, 20, monkeypatch)
   for step in (10, 20):
@@ -210,38 +221,65 @@ def small_disk(tmp_path):
   """A 12 MB tmpfs at tmp_path/disk (needs root and mount permission)."""
   disk = tmp_path / "disk"
   disk.mkdir()
-  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs",
-                         str(disk)], capture_output=True, text=True)
+  proc = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)],
+      capture_output=True,
+      text=True,
+  )
   if proc.returncode != 0:
-    pytest.skip("a size-limited tmpfs cannot be mounted here (needs root "
-                f"and CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    pytest.skip(
+        "a size-limited tmpfs cannot be mounted here (needs root "
+        f"and CAP_SYS_ADMIN): {proc.stderr.strip()}"
+    )
   try:
     yield disk
   finally:
     subprocess.run(["umount", str(disk)], check=False)
 
 
-@pytest.mark.parametrize("mode", [
-    "precheck", pytest.param("write", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "mode", ["precheck", pytest.param("write", marks=pytest.mark.slow)]
+)
 def test_a_full_disk_ends_in_one_line_exit_74_and_the_same_command_resumes(
-    tmp_path, small_disk, reference, mode, caplog):
+    tmp_path, small_disk, reference, mode, caplog
+):
   workdir = small_disk / "run"
   script = tmp_path / "filler.py"
   script.write_text(FILLER)
   proc = subprocess.run(
-      [sys.executable, str(script), mode, str(workdir), "train",
-       f"--workdir={workdir}", *tiny_flags(**RUN)],
-      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          str(script),
+          mode,
+          str(workdir),
+          "train",
+          f"--workdir={workdir}",
+          *tiny_flags(**RUN),
+      ],
+      env=_env(),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == checkpoint.EXIT_SAVE_FAILED, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   # The run's log lines at WARNING and above: this one. (The format is
   # the CLI's, or Python's default when the driver configured it first.)
-  [line] = [l for l in proc.stderr.splitlines()
-            if re.match(r"([-\d]+ [\d:,]+ (WARNING|ERROR) |"
-                        r"(WARNING|ERROR):nanodo_sam:)", l)]
+  [line] = [
+      l
+      for l in proc.stderr.splitlines()
+      if re.match(
+          r"([-\d]+ [\d:,]+ (WARNING|ERROR) |" r"(WARNING|ERROR):nanodo_sam:)",
+          l,
+      )
+  ]
   assert "could not be written in" in line
-  assert ("not enough free space" if mode == "precheck"
-          else "no space left on device") in line
+  assert (
+      "not enough free space"
+      if mode == "precheck"
+      else "no space left on device"
+  ) in line
   assert "a checkpoint needs about" in line and "MiB free" in line
   assert "Checkpoint 10 is intact" in line and "same command" in line
   progress = json.loads((workdir / "progress.json").read_text())
@@ -280,15 +318,23 @@ def tfds_copy(tmp_path):
 
 def c4_flags(tfds_dir) -> list[str]:
   """The tiny run's flags reading C4 (byte vocabulary) from `tfds_dir`."""
-  return [*tiny_flags(), f"--config.data.tfds_name={C4}",
-          "--config.data.use_shipped=False",
-          f"--config.data.tfds_data_dir={tfds_dir}"]
+  return [
+      *tiny_flags(),
+      f"--config.data.tfds_name={C4}",
+      "--config.data.use_shipped=False",
+      f"--config.data.tfds_data_dir={tfds_dir}",
+  ]
 
 
 def _shard(root, split, i=0):
   n = {"train": 8, "validation": 2}[split]
-  return (root / "c4" / "en" / "3.1.0" /
-          f"__local_c4_builder-{split}.tfrecord-{i:05d}-of-{n:05d}")
+  return (
+      root
+      / "c4"
+      / "en"
+      / "3.1.0"
+      / f"__local_c4_builder-{split}.tfrecord-{i:05d}-of-{n:05d}"
+  )
 
 
 def _records(root, split, i) -> int:
@@ -301,7 +347,8 @@ def _records(root, split, i) -> int:
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
-    tmp_path, tfds_copy, capfd, split):
+    tmp_path, tfds_copy, capfd, split
+):
   shard = _shard(tfds_copy, split)
   os.truncate(shard, 1000)  # Inside its first record: read at once.
   capfd.readouterr()
@@ -310,8 +357,9 @@ def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
   assert code == data_lib.EXIT_DATA_ERROR == 65
   assert "Traceback" not in err, err
   [line] = [l for l in err.splitlines() if l.startswith("nanodo-sam")]
-  assert line.startswith(f"nanodo-sam: error: reading the {split} split of "
-                         f"TFDS dataset '{C4}")
+  assert line.startswith(
+      f"nanodo-sam: error: reading the {split} split of " f"TFDS dataset '{C4}"
+  )
   assert f"failed in {shard}: truncated record" in line
   assert "(DataLossError)" in line
   assert "nanodo-sam data --check" in line
@@ -319,7 +367,8 @@ def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
 
 
 def test_data_check_reads_every_shard_and_lists_the_damaged_ones(
-    tfds_copy, capfd):
+    tfds_copy, capfd
+):
   flags = c4_flags(tfds_copy)
   capfd.readouterr()
   assert _main("data", "--check", *flags) == 0
@@ -331,14 +380,18 @@ def test_data_check_reads_every_shard_and_lists_the_damaged_ones(
   assert _main("data", "--check", *flags) == data_lib.EXIT_DATA_ERROR
   out = capfd.readouterr().out.splitlines()
   damaged = {l.split()[1]: l for l in out if l.startswith("damaged: ")}
-  train, val = (str(_shard(tfds_copy, "train")),
-                str(_shard(tfds_copy, "validation", 1)))
+  train, val = (
+      str(_shard(tfds_copy, "train")),
+      str(_shard(tfds_copy, "validation", 1)),
+  )
   assert sorted(damaged) == sorted([train, val])
   assert "split train): DataLossError: truncated record" in damaged[train]
   n = _records(tfds_copy, "validation", 1)
   assert n > 0
-  assert (f"split validation): 0 records, its dataset_info.json says {n}"
-          in damaged[val])
+  assert (
+      f"split validation): 0 records, its dataset_info.json says {n}"
+      in damaged[val]
+  )
   assert out[-1].startswith("checked 10 shards") and "2 damaged" in out[-1]
 
 
@@ -347,23 +400,26 @@ def test_data_check_of_file_corpora(tmp_path):
   import gzip
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   docs = [json.dumps({"text": f"document {i} " * 50}) for i in range(200)]
   good = tmp_path / "a.jsonl.gz"
   good.write_bytes(gzip.compress("\n".join(docs).encode()))
   cut = tmp_path / "b.jsonl.gz"
-  cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
   bad = tmp_path / "c.jsonl"
   bad.write_text(docs[0] + "\n{not json\n")
   cfg = tiny_config(**{"data.train_files": str(tmp_path / "*.jsonl*")})
   damaged = data_check.check(cfg.data, echo=lambda _: None)
-  assert [os.path.basename(f) for f, _ in damaged] == ["b.jsonl.gz",
-                                                       "c.jsonl"]
+  assert [os.path.basename(f) for f, _ in damaged] == ["b.jsonl.gz", "c.jsonl"]
   assert "EOFError" in damaged[0][1]
   assert damaged[1][1].startswith("line 2: not JSON")
 
-  pq.write_table(pa.table({"text": [f"doc {i}" for i in range(100)]}),
-                 tmp_path / "d.parquet", row_group_size=10)
+  pq.write_table(
+      pa.table({"text": [f"doc {i}" for i in range(100)]}),
+      tmp_path / "d.parquet",
+      row_group_size=10,
+  )
   data = (tmp_path / "d.parquet").read_bytes()
-  (tmp_path / "e.parquet").write_bytes(data[:len(data) // 2])
+  (tmp_path / "e.parquet").write_bytes(data[: len(data) // 2])
   assert data_lib.check_shard(str(tmp_path / "d.parquet")) is None
   assert "ArrowInvalid" in data_lib.check_shard(str(tmp_path / "e.parquet"))

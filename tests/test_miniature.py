@@ -16,15 +16,26 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-TINY = {"model.D": 16, "model.N": 1, "model.H": 1, "model.F": 32,
-        "model.L": 16, "data.batch_size": 4, "data.eval_batch_size": 4,
-        "data.eval_steps": 1, "opt.num_train_steps": 4, "opt.warmup_steps": 1,
-        "eval_every_steps": 2, "log_every_steps": 2,
-        "diagnostics.batch_size": 2}
+TINY = {
+    "model.D": 16,
+    "model.N": 1,
+    "model.H": 1,
+    "model.F": 32,
+    "model.L": 16,
+    "data.batch_size": 4,
+    "data.eval_batch_size": 4,
+    "data.eval_steps": 1,
+    "opt.num_train_steps": 4,
+    "opt.warmup_steps": 1,
+    "eval_every_steps": 2,
+    "log_every_steps": 2,
+    "diagnostics.batch_size": 2,
+}
 
 
 def _config(options: str, **overrides):
   from configs import miniature
+
   c = miniature.get_config(options)
   for key, value in {**TINY, **overrides}.items():
     section, _, name = key.rpartition(".")
@@ -38,12 +49,15 @@ def _config(options: str, **overrides):
 def study(tmp_path_factory):
   from nanodo_sam import miniature as sweep  # The study's grid and seeds.
   from nanodo_sam import train as train_lib
+
   mp = pytest.MonkeyPatch()
   mp.setattr(sweep, "METHODS", ("sam", "precond_functional_sam"))
-  mp.setattr(sweep, "GRID", {"sam": (0.05, 0.2),
-                             "precond_functional_sam": (0.5,)})
+  mp.setattr(
+      sweep, "GRID", {"sam": (0.05, 0.2), "precond_functional_sam": (0.5,)}
+  )
   mp.setattr(sweep, "EVAL_SEEDS", (1,))
   from nanodo_sam import miniature
+
   mp.setattr(miniature, "ANALYZE_FLAGS", ("--num_iters=3", "--num_probes=2"))
   out = tmp_path_factory.mktemp("miniature")
   runs = {}
@@ -57,30 +71,45 @@ def study(tmp_path_factory):
   train("byte-adamw-seed0", "byte+taus", seed=0)
   for method, rhos in sweep.GRID.items():
     for rho in rhos:
-      train(f"{method}-rho{rho}-seed0", "", **{"sam.method": method,
-                                               "sam.rho": rho, "seed": 0})
+      train(
+          f"{method}-rho{rho}-seed0",
+          "",
+          **{"sam.method": method, "sam.rho": rho, "seed": 0},
+      )
   best = sweep.best_rhos(str(out))
   assert set(best) == {"sam", "precond_functional_sam"}
   for method, rho in best.items():
-    train(f"{method}-rho{rho}-seed1", "", **{"sam.method": method,
-                                             "sam.rho": rho, "seed": 1})
+    train(
+        f"{method}-rho{rho}-seed1",
+        "",
+        **{"sam.method": method, "sam.rho": rho, "seed": 1},
+    )
   yield out, runs, best, sweep
   mp.undo()
 
 
 def test_report_from_runs(study, tmp_path):
   from nanodo_sam import miniature
+
   out, runs, best, _ = study
   doc = tmp_path / "miniature.md"
   assert miniature.main([str(out), f"--doc={doc}"]) == 0
   text = doc.read_text()
-  for title in ("Figures 2, 4", "Why: the number of outputs", "Appendix B",
-                "Table 1", "Figure 3", "Table 4", "Figure 5"):
+  for title in (
+      "Figures 2, 4",
+      "Why: the number of outputs",
+      "Appendix B",
+      "Table 1",
+      "Figure 3",
+      "Table 4",
+      "Figure 5",
+  ):
     assert f"## {title}" in text
   assert text.count("**Verdict: ") == 7
   # The Table 1 rows hold the runs' own final eval losses.
   for name in ("taus-adamw-seed1",) + tuple(
-      f"{m}-rho{r}-seed1" for m, r in best.items()):
+      f"{m}-rho{r}-seed1" for m, r in best.items()
+  ):
     assert f"{runs[name]['final_eval_loss']:.4f}" in text
     sharp = json.loads((out / name / "sharpness.json").read_text())
     assert {"lambda_max", "hessian_trace", "tau_func_precond"} <= set(sharp)
@@ -89,8 +118,11 @@ def test_report_from_runs(study, tmp_path):
   sam = runs["sam-rho0.2-seed0"]["final_eval_loss"]
   base = runs["taus-adamw-seed0"]["final_eval_loss"]
   assert f"rho 0.2: {sam - base:+.4f}" in text
-  for fig in ("miniature_taus.png", "miniature_rho.png",
-              "miniature_pruning.png"):
+  for fig in (
+      "miniature_taus.png",
+      "miniature_rho.png",
+      "miniature_pruning.png",
+  ):
     assert (tmp_path / fig).stat().st_size > 1000
   # A second call reuses the analysis it already ran.
   memo = json.loads((out / "miniature_report.json").read_text())
@@ -98,13 +130,14 @@ def test_report_from_runs(study, tmp_path):
   mtime = os.path.getmtime(out / "taus-adamw-seed1" / "sharpness.json")
   assert miniature.main([str(out), f"--doc={doc}"]) == 0
   assert json.loads((out / "miniature_report.json").read_text()) == memo
-  assert os.path.getmtime(out / "taus-adamw-seed1" / "sharpness.json") == \
-      mtime
+  assert os.path.getmtime(out / "taus-adamw-seed1" / "sharpness.json") == mtime
 
 
 def test_best_rho_is_chosen_on_the_tuning_seed_only(study):
   out, runs, best, sweep = study
   for method, rho in best.items():
-    losses = {r: runs[f"{method}-rho{r}-seed0"]["final_eval_loss"]
-              for r in sweep.GRID[method]}
+    losses = {
+        r: runs[f"{method}-rho{r}-seed0"]["final_eval_loss"]
+        for r in sweep.GRID[method]
+    }
     assert rho == min(losses, key=losses.get)

@@ -29,8 +29,11 @@ def test_paper_sizes_have_exact_non_embedding_counts(dhn, expected):
   cfg = model_lib.DoConfig(D=D, H=H, N=N, F=4 * D, L=512, V=32101)
   shapes = nn.unbox(model_lib.abstract_params(model_lib.TransformerDo(cfg)))
   leaves = jax.tree_util.tree_leaves_with_path(shapes)
-  counted = sum(int(np.prod(x.shape)) for path, x in leaves
-                if "embed" not in jax.tree_util.keystr(path))
+  counted = sum(
+      int(np.prod(x.shape))
+      for path, x in leaves
+      if "embed" not in jax.tree_util.keystr(path)
+  )
   assert counted == expected == model_lib.non_embedding_params(cfg)
   total = sum(int(np.prod(x.shape)) for _, x in leaves)
   assert total == expected + cfg.V * D + cfg.L * D  # tied output layer
@@ -41,7 +44,8 @@ def test_no_biases_and_logical_axes_on_every_param():
   cfg = model_lib.DoConfig(D=16, H=2, N=1, F=32, L=8, V=23)
   boxed = model_lib.abstract_params(model_lib.TransformerDo(cfg))
   for path, leaf in jax.tree_util.tree_leaves_with_path(
-      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  ):
     assert "bias" not in jax.tree_util.keystr(path)
     assert isinstance(leaf, nn.LogicallyPartitioned)
     assert len(leaf.names) == leaf.value.ndim
@@ -67,16 +71,18 @@ def test_logits_are_float32_for_every_compute_dtype(dtype, nonlinearity):
   assert logits.dtype == jnp.float32 and logits.shape == (2, 8, 23)
   assert jax.tree.leaves(params)[0].dtype == jnp.float32
   ref = _tiny(nonlinearity=nonlinearity)[0].apply({"params": params}, tokens)
-  np.testing.assert_allclose(logits, ref, atol=0.1 if dtype == "bfloat16"
-                             else 1e-6)
+  np.testing.assert_allclose(
+      logits, ref, atol=0.1 if dtype == "bfloat16" else 1e-6
+  )
 
 
 def test_remat_gives_the_same_logits_and_gradients():
   m, params = _tiny()
   mr, _ = _tiny(remat=True)
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 23)
-  f = lambda mod: jax.grad(lambda p: jnp.sum(mod.apply({"params": p},
-                                                       tokens) ** 2))(params)
+  f = lambda mod: jax.grad(
+      lambda p: jnp.sum(mod.apply({"params": p}, tokens) ** 2)
+  )(params)
   for a, b in zip(jax.tree.leaves(f(m)), jax.tree.leaves(f(mr))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

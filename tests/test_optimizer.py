@@ -35,8 +35,11 @@ def test_first_moment_is_the_gradient_ema():
   cfg, grads, state0, state1 = _one_update("adamw")
   for k, g in grads.items():
     np.testing.assert_array_equal(optimizer_lib.first_moment(state0)[k], 0.0)
-    np.testing.assert_allclose(optimizer_lib.first_moment(state1)[k],
-                               (1 - cfg.opt.b1) * np.asarray(g), rtol=1e-6)
+    np.testing.assert_allclose(
+        optimizer_lib.first_moment(state1)[k],
+        (1 - cfg.opt.b1) * np.asarray(g),
+        rtol=1e-6,
+    )
 
 
 def test_without_adamw_there_is_no_precond_and_no_moment():

@@ -36,8 +36,7 @@ def _model(V, L=24, dtype="float32", N=2):
   return model, model_lib.init_params(model, jax.random.key(0))
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5),
-                                        ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 2e-2)])
 def test_cached_decode_logits_equal_the_full_forward(dtype, atol):
   """Prefill 7 tokens, then feed the rest one at a time: every position's
   logits equal those of one forward pass over the whole sequence."""
@@ -49,15 +48,19 @@ def test_cached_decode_logits_equal_the_full_forward(dtype, atol):
   logits, cache = decode(params, cache, tokens_BxL[:, :7])
   got = [logits]
   for t in range(7, 24):
-    logits, cache = decode(params, cache, tokens_BxL[:, t:t + 1])
+    logits, cache = decode(params, cache, tokens_BxL[:, t : t + 1])
     got.append(logits)
   assert int(cache["index"]) == 24
-  np.testing.assert_allclose(jnp.concatenate(got, 1), full_BxLxV, atol=atol,
-                             rtol=0)
+  np.testing.assert_allclose(
+      jnp.concatenate(got, 1), full_BxLxV, atol=atol, rtol=0
+  )
 
 
-@pytest.mark.parametrize("vocab,add_bos", [("byte", False), (SPM_PATH, True)],
-                         ids=["byte", "sentencepiece"])
+@pytest.mark.parametrize(
+    "vocab,add_bos",
+    [("byte", False), (SPM_PATH, True)],
+    ids=["byte", "sentencepiece"],
+)
 def test_greedy_sampling_is_the_argmax_of_a_full_forward(vocab, add_bos):
   """Greedy decoding with the cache picks, at every generated position, the
   argmax of one full forward pass over prompt + generated tokens; the prompt
@@ -67,21 +70,35 @@ def test_greedy_sampling_is_the_argmax_of_a_full_forward(vocab, add_bos):
   prompt = sample_lib.prompt_ids(v, "To be, or not to be", add_bos)
   if add_bos:
     assert prompt[0] == data_lib.bos_id(v)
-  assert prompt[int(add_bos):] == list(v.encode("To be, or not to be"))
+  assert prompt[int(add_bos) :] == list(v.encode("To be, or not to be"))
   n = sample_lib.max_new_tokens(len(prompt), 32, 1000)
   assert n == 32 - len(prompt) + 1  # Fills the context exactly.
-  new = sample_lib.generate(model, params, prompt, num_new=n,
-                            key=jax.random.key(0), temperature=0.0,
-                            num_samples=2)
+  new = sample_lib.generate(
+      model,
+      params,
+      prompt,
+      num_new=n,
+      key=jax.random.key(0),
+      temperature=0.0,
+      num_samples=2,
+  )
   assert new.shape == (2, n)
   np.testing.assert_array_equal(new[0], new[1])
   seq = np.array(prompt + new[0].tolist())
   full_LxV = model.apply({"params": params}, seq[None, :32])[0]
   np.testing.assert_array_equal(
-      np.argmax(full_LxV, -1)[len(prompt) - 1:], new[0])
+      np.argmax(full_LxV, -1)[len(prompt) - 1 :], new[0]
+  )
   # top_k=1 is greedy whatever the temperature.
-  top1 = sample_lib.generate(model, params, prompt, num_new=n,
-                             key=jax.random.key(5), temperature=2.0, top_k=1)
+  top1 = sample_lib.generate(
+      model,
+      params,
+      prompt,
+      num_new=n,
+      key=jax.random.key(5),
+      temperature=2.0,
+      top_k=1,
+  )
   np.testing.assert_array_equal(top1[0], new[0])
   assert sample_lib.text(v, prompt, new[0]).startswith("To be, or not to be")
 
@@ -90,8 +107,15 @@ def test_sampling_follows_the_seed_and_top_k():
   model, params = _model(V=50, L=16, N=1)
   prompt = [3, 4, 5]
   draw = lambda seed, **kw: sample_lib.generate(
-      model, params, prompt, num_new=10, key=jax.random.key(seed),
-      temperature=1.0, num_samples=4, **kw)
+      model,
+      params,
+      prompt,
+      num_new=10,
+      key=jax.random.key(seed),
+      temperature=1.0,
+      num_samples=4,
+      **kw,
+  )
   np.testing.assert_array_equal(draw(0), draw(0))
   assert not np.array_equal(draw(0), draw(1))
   # With top_k=3 every token is among the 3 most likely at its position.
@@ -115,22 +139,31 @@ def test_prompt_longer_than_the_context_is_refused():
 @pytest.mark.slow  # Trains, then the sample command.
 def test_sample_command_on_a_trained_checkpoint(tmp_path, capsys):
   workdir = tmp_path / "run"
-  code, _, _ = _run(capsys, "train", f"--config={QUICK}",
-                    f"--workdir={workdir}", *TINY)
+  code, _, _ = _run(
+      capsys, "train", f"--config={QUICK}", f"--workdir={workdir}", *TINY
+  )
   assert code == 0
-  code, out, _ = _run(capsys, "sample", f"--workdir={workdir}",
-                      "--prompt=ROMEO:", "--max_new_tokens=8",
-                      "--temperature=0", "--num_samples=2")
+  code, out, _ = _run(
+      capsys,
+      "sample",
+      f"--workdir={workdir}",
+      "--prompt=ROMEO:",
+      "--max_new_tokens=8",
+      "--temperature=0",
+      "--num_samples=2",
+  )
   assert code == 0, out
   samples = out.split("--- sample 1 ---\n")
   assert len(samples) == 2 and samples[0].startswith("--- sample 0 ---\n")
   texts = [s.replace("--- sample 0 ---\n", "").rstrip("\n") for s in samples]
   assert texts[0] == texts[1] and texts[0].startswith("ROMEO:")
-  code, _, err = _run(capsys, "sample", f"--workdir={workdir}",
-                      "--prompt=" + "x" * 33)
+  code, _, err = _run(
+      capsys, "sample", f"--workdir={workdir}", "--prompt=" + "x" * 33
+  )
   _assert_one_line_error(code, err, "longer than the model's context")
   code, _, err = _run(capsys, "sample", f"--workdir={workdir}", "--step=3")
   _assert_one_line_error(code, err, "no checkpoint for step 3")
-  code, _, err = _run(capsys, "sample", f"--workdir={workdir}",
-                      "--temperature=-1")
+  code, _, err = _run(
+      capsys, "sample", f"--workdir={workdir}", "--temperature=-1"
+  )
   _assert_one_line_error(code, err, "--temperature=-1.0 must be")

@@ -28,9 +28,17 @@ RATIO_BOUND = {"adamw": 3.0, "sam": 5.0, "precond_functional_sam": 5.0}
 # Wide and short, like the paper's sizes (parameters outweigh a device's
 # activations), bf16 as configs/c4_*.py; 2 rows x 64 positions per device,
 # chunked 32 tokens at a time: 4 chunks.
-SMALL = {"model.D": 256, "model.H": 4, "model.N": 2, "model.F": 1024,
-         "model.L": 64, "model.V": 2048, "model.dtype": "bfloat16",
-         "model.head_chunk_tokens": 32, "data.batch_size": 16}
+SMALL = {
+    "model.D": 256,
+    "model.H": 4,
+    "model.N": 2,
+    "model.F": 1024,
+    "model.L": 64,
+    "model.V": 2048,
+    "model.dtype": "bfloat16",
+    "model.head_chunk_tokens": 32,
+    "data.batch_size": 16,
+}
 
 
 def worker_mesh(out_path: str) -> None:
@@ -44,26 +52,36 @@ def worker_mesh(out_path: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   res = {}
   for method in METHODS:
-    s = state_lib.setup(step_config((1, 8, 1), **SMALL,
-                                    **{"sam.method": method}))
-    tokens = jax.ShapeDtypeStruct((16, 64), jnp.int32,
-                                  sharding=sharding.batch_sharding(s.mesh))
-    batch = {"inputs": tokens, "targets": tokens,
-             "weights": jax.ShapeDtypeStruct((16, 64), jnp.float32,
-                                             sharding=tokens.sharding)}
+    s = state_lib.setup(
+        step_config((1, 8, 1), **SMALL, **{"sam.method": method})
+    )
+    tokens = jax.ShapeDtypeStruct(
+        (16, 64), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
+    )
+    batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "weights": jax.ShapeDtypeStruct(
+            (16, 64), jnp.float32, sharding=tokens.sharding
+        ),
+    }
     kind = "plain" if method == "adamw" else "sam"
-    compiled = train.jit_step(s, kind).lower(s.abstract_state,
-                                             batch).compile()
+    compiled = train.jit_step(s, kind).lower(s.abstract_state, batch).compile()
     text = compiled.as_text()
     coll = hlo_cost.collective_bytes(text)
     prog = hlo_cost.Program(text)
     res[method] = {
-        "bytes": coll["total"], "in_loops": coll["in_loops"],
+        "bytes": coll["total"],
+        "in_loops": coll["in_loops"],
         "unknown_loops": coll["unknown_loops"],
-        "param_bytes": sum(x.size * 4 for x in
-                           jax.tree.leaves(s.abstract_state.params)),
-        "trip_counts": sorted(int(w) for c, w in prog.weight.items()
-                              if c in prog.in_loop and w > 1),
+        "param_bytes": sum(
+            x.size * 4 for x in jax.tree.leaves(s.abstract_state.params)
+        ),
+        "trip_counts": sorted(
+            int(w)
+            for c, w in prog.weight.items()
+            if c in prog.in_loop and w > 1
+        ),
     }
   res["accumulated"] = _accumulated_on_mesh()
   with open(out_path, "w") as f:
@@ -83,46 +101,62 @@ def _accumulated_on_mesh() -> dict:
   from nanodo_sam import state as state_lib
   from nanodo_sam import train
   from test_sharding import _max_abs, _max_abs_one, synthetic_batch
-  over = {"model.V": 512, "data.batch_size": 32,
-          "model.head_chunk_tokens": 16}
+
+  over = {"model.V": 512, "data.batch_size": 32, "model.head_chunk_tokens": 16}
   batch = synthetic_batch(0, 32)
   dev0 = SingleDeviceSharding(jax.devices()[0])
   out = {}
   for method in METHODS:
     kind = "plain" if method == "adamw" else "sam"
-    s1 = state_lib.setup(step_config((8, 1, 1), **over,
-                                     **{"sam.method": method}))
-    s1 = dataclasses.replace(s1, logits_fn=model_lib.make_logits_fn(s1.model),
-                             head=model_lib.output_head(s1.model))
+    s1 = state_lib.setup(
+        step_config((8, 1, 1), **over, **{"sam.method": method})
+    )
+    s1 = dataclasses.replace(
+        s1,
+        logits_fn=model_lib.make_logits_fn(s1.model),
+        head=model_lib.output_head(s1.model),
+    )
     state0 = jax.device_put(state_lib.init_state(s1, 0), dev0)
     ref, ref_m = jax.jit(train.make_train_step(s1, method))(
-        state0, jax.device_put(batch, dev0))
+        state0, jax.device_put(batch, dev0)
+    )
     ref_params = jax.device_get(ref.params)
     for mesh in ((1, 8, 1), (2, 4, 1)):
-      s = state_lib.setup(step_config(mesh, **over, **{
-          "sam.method": method, "grad_accumulation_steps": 2}))
+      s = state_lib.setup(
+          step_config(
+              mesh,
+              **over,
+              **{"sam.method": method, "grad_accumulation_steps": 2},
+          )
+      )
       state = state_lib.init_state(s, 0)
       gb = sharding.global_batch(batch, s.mesh)
       fn = train.jit_step(s, kind)
       coll = hlo_cost.collective_bytes(fn.lower(state, gb).compile().as_text())
       new, m = fn(state, gb)
       out[f"{method} {mesh}"] = {
-          "loss": float(m["loss"]), "ref_loss": float(ref_m["loss"]),
+          "loss": float(m["loss"]),
+          "ref_loss": float(ref_m["loss"]),
           "params_diff": _max_abs(jax.device_get(new.params), ref_params),
-          "params_change": _max_abs(ref_params,
-                                    jax.device_get(state0.params)),
-          "ratio": coll["total"] / sum(x.size * 4 for x in
-                                       jax.tree.leaves(state.params)),
-          "in_loops": coll["in_loops"], "groups": s.mesh.shape["data"]
-          * s.mesh.shape["fsdp"], "max_param": _max_abs_one(ref_params)}
+          "params_change": _max_abs(ref_params, jax.device_get(state0.params)),
+          "ratio": coll["total"]
+          / sum(x.size * 4 for x in jax.tree.leaves(state.params)),
+          "in_loops": coll["in_loops"],
+          "groups": s.mesh.shape["data"] * s.mesh.shape["fsdp"],
+          "max_param": _max_abs_one(ref_params),
+      }
   return out
 
 
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
   root = tmp_path_factory.mktemp("scale")
-  job = Job("mesh", [sys.executable, __file__, "mesh",
-                     str(root / "results.json")], _env(8), str(root))
+  job = Job(
+      "mesh",
+      [sys.executable, __file__, "mesh", str(root / "results.json")],
+      _env(8),
+      str(root),
+  )
   rc, _, err = job.wait()
   assert rc == 0, f"scale worker failed ({rc}):\n{err[-4000:]}"
   with open(root / "results.json") as f:
@@ -167,9 +201,11 @@ def test_accumulated_step_on_a_mesh_equals_one_device(mesh_results, method):
 def _bytes_with(s, k):
   from nanodo_sam import state as state_lib
   from nanodo_sam import step as step_lib
+
   s_k = state_lib._with_microbatches(s, k)
-  return state_lib.step_bytes(state_lib.compile_step(
-      s_k, step_lib.jit_step(s_k, "sam")))
+  return state_lib.step_bytes(
+      state_lib.compile_step(s_k, step_lib.jit_step(s_k, "sam"))
+  )
 
 
 def test_auto_microbatches_are_the_fewest_that_fit():
@@ -178,16 +214,25 @@ def test_auto_microbatches_are_the_fewest_that_fit():
   step it compiled; with room for 1, it picks 1."""
   from nanodo_sam import state as state_lib
   from nanodo_sam import train
-  over = {"sam.method": "sam", "sam.rho": 0.05, "data.batch_size": 8,
-          "model.head_chunk_tokens": 0}
+
+  over = {
+      "sam.method": "sam",
+      "sam.rho": 0.05,
+      "data.batch_size": 8,
+      "model.head_chunk_tokens": 0,
+  }
   s1 = state_lib.setup(tiny_config(**over))
   need1, need2 = _bytes_with(s1, 1), _bytes_with(s1, 2)
   assert need2 < need1
   fraction = state_lib.DEFAULT_MEM_FRACTION
   for budget, want in (((need1 + need2) / 2, 2), (need1 * 1.01, 1)):
     gb = budget / fraction / 2**30
-    s = state_lib.setup(tiny_config(**over, **{
-        "grad_accumulation_steps": 0, "mesh.device_memory_gb": gb}))
+    s = state_lib.setup(
+        tiny_config(
+            **over,
+            **{"grad_accumulation_steps": 0, "mesh.device_memory_gb": gb},
+        )
+    )
     assert s.cfg.grad_accumulation_steps == want, (budget, need1, need2)
     fn = train.jit_step(s, "sam")
     assert fn is s.steps["sam"]
@@ -202,6 +247,7 @@ def test_the_checked_step_is_the_step_the_loop_runs():
   from nanodo_sam import sharding
   from nanodo_sam import state as state_lib
   from nanodo_sam import train
+
   cfg = tiny_config()
   s = state_lib.setup(cfg)
   train._check_step_memory(s)
@@ -210,8 +256,11 @@ def test_the_checked_step_is_the_step_the_loop_runs():
   state = state_lib.init_state(s, 0)
   batch = sharding.global_batch(bench.synthetic_batch(cfg), s.mesh)
   compiles = []
-  listener = lambda event, *a, **k: compiles.append(event) if (
-      event == "/jax/core/compile/backend_compile_duration") else None
+  listener = (
+      lambda event, *a, **k: compiles.append(event)
+      if (event == "/jax/core/compile/backend_compile_duration")
+      else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     jax.block_until_ready(fn(state, batch))
@@ -226,29 +275,54 @@ def test_the_checked_step_is_the_step_the_loop_runs():
 def test_auto_microbatches_refuse_what_never_fits():
   from nanodo_sam import state as state_lib
   from nanodo_sam.config import UsageError
-  with pytest.raises(UsageError, match="does not fit a device even in 8 "
-                     "microbatches"):
-    state_lib.setup(tiny_config(**{"grad_accumulation_steps": 0,
-                                   "data.batch_size": 8,
-                                   "mesh.device_memory_gb": 1e-6}))
+
+  with pytest.raises(
+      UsageError, match="does not fit a device even in 8 " "microbatches"
+  ):
+    state_lib.setup(
+        tiny_config(
+            **{
+                "grad_accumulation_steps": 0,
+                "data.batch_size": 8,
+                "mesh.device_memory_gb": 1e-6,
+            }
+        )
+    )
 
 
 def test_a_step_that_cannot_fit_is_refused_before_the_disk(tmp_path):
   """In a fresh process: one line first on stderr (what, how much, what to
   change), exit 2, and no workdir."""
   from test_cli import QUICK, ROOT, TINY
+
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
-      [sys.executable, "-m", "nanodo_sam.cli", "train", f"--config={QUICK}",
-       f"--workdir={tmp_path}/run", *TINY, "--config.mesh.device_memory_gb="
-       "0.0001"], capture_output=True, text=True, cwd=ROOT, env=env,
-      timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "nanodo_sam.cli",
+          "train",
+          f"--config={QUICK}",
+          f"--workdir={tmp_path}/run",
+          *TINY,
+          "--config.mesh.device_memory_gb=" "0.0001",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith("nanodo-sam: error: the plain train step"), lines
-  for words in ("GiB per device, more than the", "grad_accumulation_steps",
-                "model.remat=True", "mesh.device_memory_gb=0.0001"):
+  for words in (
+      "GiB per device, more than the",
+      "grad_accumulation_steps",
+      "model.remat=True",
+      "mesh.device_memory_gb=0.0001",
+  ):
     assert words in lines[0], lines[0]
   assert not (tmp_path / "run").exists()
 
@@ -286,6 +360,7 @@ ENTRY %main (x: f32[8,8]) -> f32[8,8] {
 
 def test_collectives_and_flops_are_weighted_by_trip_counts():
   from nanodo_sam import hlo_cost
+
   c = hlo_cost.collective_bytes(HLO)
   assert c["all-gather"] == 64 * 8 * 4  # The gathered result.
   assert c["reduce-scatter"] == 64 * 8 * 4  # The scattered operand.

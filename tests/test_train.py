@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, crash_then_resume, listing, read_scalars, \
-    tiny_config, tiny_flags
+from conftest import ROOT, crash_then_resume, listing, read_scalars, tiny_config, tiny_flags
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
@@ -34,8 +33,9 @@ def _params(workdir, cfg, step=None):
 
 
 def _steps(workdir):
-  return sorted(checkpoint.checkpoint_manager(str(workdir),
-                                              read_only=True).all_steps())
+  return sorted(
+      checkpoint.checkpoint_manager(str(workdir), read_only=True).all_steps()
+  )
 
 
 def _pairs(history):
@@ -61,8 +61,13 @@ def _main(*argv):
 
 
 def test_short_tiny_shakespeare_run_lowers_eval_loss(tmp_path):
-  cfg = tiny_config(**{"opt.num_train_steps": 60, "eval_every_steps": 20,
-                       "opt.peak_learning_rate": 1e-2})
+  cfg = tiny_config(
+      **{
+          "opt.num_train_steps": 60,
+          "eval_every_steps": 20,
+          "opt.peak_learning_rate": 1e-2,
+      }
+  )
   res = train_lib.train(cfg, str(tmp_path))
   losses = [l for _, l in res["eval_history"]]
   assert res["status"] == "completed" and res["steps"] == 60
@@ -71,9 +76,18 @@ def test_short_tiny_shakespeare_run_lowers_eval_loss(tmp_path):
   assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
   assert losses[-1] < np.log(259) - 1.5
   on_disk = json.load(open(tmp_path / "results.json"))
-  for key in ("final_eval_loss", "best_eval_loss", "steps", "tokens",
-              "method", "rho", "peak_learning_rate", "model_size",
-              "wall_seconds", "status"):
+  for key in (
+      "final_eval_loss",
+      "best_eval_loss",
+      "steps",
+      "tokens",
+      "method",
+      "rho",
+      "peak_learning_rate",
+      "model_size",
+      "wall_seconds",
+      "status",
+  ):
     assert key in on_disk
   assert on_disk["tokens"] == 60 * 8 * 32
   assert json.load(open(tmp_path / "config.json"))["model"]["D"] == 32
@@ -84,8 +98,14 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   """Preconditioned F-SAM every 3rd step with sam.reuse: the checkpoint at
   step 10 falls between two full steps, so the resumed run must restore the
   carried difference (TrainState.reuse) as well as params and optimizer."""
-  cfg = tiny_config(**{"sam.method": "precond_functional_sam",
-                       "sam.rho": 0.05, "sam.every_k": 3, "sam.reuse": True})
+  cfg = tiny_config(
+      **{
+          "sam.method": "precond_functional_sam",
+          "sam.rho": 0.05,
+          "sam.every_k": 3,
+          "sam.reuse": True,
+      }
+  )
   full = train_lib.train(cfg, str(tmp_path / "full"))
 
   # Dies mid-run at its 15th batch, after the step-10 checkpoint.
@@ -97,23 +117,34 @@ def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   _, b = _params(tmp_path / "resumed", cfg)
   assert int(a.step) == int(b.step) == 20
   assert float(a.reuse.grad_norm) > 0
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.reuse)),
-                  jax.tree.leaves((b.params, b.opt_state, b.reuse))):
+  for x, y in zip(
+      jax.tree.leaves((a.params, a.opt_state, a.reuse)),
+      jax.tree.leaves((b.params, b.opt_state, b.reuse)),
+  ):
     np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.slow  # End-to-end training runs.
 def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
-    tmp_path, capsys, caplog):
+    tmp_path, capsys, caplog
+):
   """SGD at a learning rate that blows up within a few steps, a checkpoint
   after every step: the checkpoint of the state whose loss came back NaN is
   dropped, so the newest kept one had a finite loss and evaluates finite;
   the message names it; results.json is strict JSON; started again the run
   is done; with other settings it goes on from the kept checkpoint."""
-  boom = dict(**{"opt.optimizer": "sgd", "opt.weight_decay": 0.0,
-                 "opt.warmup_steps": 0, "opt.decay_type": "constant",
-                 "opt.num_train_steps": 40, "opt.peak_learning_rate": 1e4,
-                 "checkpoint_every_steps": 1, "eval_every_steps": 0})
+  boom = dict(
+      **{
+          "opt.optimizer": "sgd",
+          "opt.weight_decay": 0.0,
+          "opt.warmup_steps": 0,
+          "opt.decay_type": "constant",
+          "opt.num_train_steps": 40,
+          "opt.peak_learning_rate": 1e4,
+          "checkpoint_every_steps": 1,
+          "eval_every_steps": 0,
+      }
+  )
   caplog.set_level(logging.INFO, logger="nanodo_sam")
   cfg = tiny_config(**boom)
   workdir = tmp_path / "boom"
@@ -151,24 +182,39 @@ def test_non_finite_loss_keeps_only_checkpoints_whose_loss_was_finite(
   assert res["status"] == "diverged" and res["checkpoint_step"] is None
   assert _steps(tmp_path / "rare") == []
   assert "no checkpoint is kept" in caplog.text
-  assert _strict_json(tmp_path / "rare" / "results.json")[
-      "best_eval_loss"] is None
+  assert (
+      _strict_json(tmp_path / "rare" / "results.json")["best_eval_loss"] is None
+  )
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("sam", {}), ("functional_sam", {}), ("logit_sam", {}),
-    ("angle_sam", {"sam.phi": 0.5}), ("precond_sam", {}),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("sam", {}),
+        ("functional_sam", {}),
+        ("logit_sam", {}),
+        ("angle_sam", {"sam.phi": 0.5}),
+        ("precond_sam", {}),
+    ],
+)
 @pytest.mark.slow  # End-to-end training runs.
 def test_each_method_trains_and_logs_its_metrics(tmp_path, method, extra):
-  cfg = tiny_config(**{"sam.method": method, "sam.rho": 0.05,
-                       "opt.num_train_steps": 6, "eval_every_steps": 0,
-                       "checkpoint_every_steps": 0, "log_every_steps": 3,
-                       **extra})
+  cfg = tiny_config(
+      **{
+          "sam.method": method,
+          "sam.rho": 0.05,
+          "opt.num_train_steps": 6,
+          "eval_every_steps": 0,
+          "checkpoint_every_steps": 0,
+          "log_every_steps": 3,
+          **extra,
+      }
+  )
   res = train_lib.train(cfg, str(tmp_path))
   assert res["status"] == "completed" and res["method"] == method
   assert np.isfinite(res["final_eval_loss"])
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(str(tmp_path))
   acc.Reload()
   tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
@@ -177,9 +223,15 @@ def test_each_method_trains_and_logs_its_metrics(tmp_path, method, extra):
 
 
 def test_schedules_choose_the_step_on_the_host():
-  cfg = tiny_config(**{"sam.method": "sam", "sam.rho": 0.1,
-                       "sam.start_step": 4, "sam.every_k": 3,
-                       "sam.end_step": 12})
+  cfg = tiny_config(
+      **{
+          "sam.method": "sam",
+          "sam.rho": 0.1,
+          "sam.start_step": 4,
+          "sam.every_k": 3,
+          "sam.end_step": 12,
+      }
+  )
   used = [s for s in range(16) if sam_schedule.uses_sam_step(cfg.sam, s)]
   assert used == [4, 7, 10]
   cfg.sam.reuse = True  # The steps in between, inside [start, end), reuse.
@@ -196,9 +248,15 @@ def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
   profile plugin reads (plugins/profile/<time>/*.xplane.pb) and its log line;
   a window past the end is closed when the run ends."""
   caplog.set_level(logging.INFO, logger="nanodo_sam")
-  cfg = tiny_config(**{"opt.num_train_steps": 4, "eval_every_steps": 0,
-                       "checkpoint_every_steps": 0, "profile.start_step": 1,
-                       "profile.num_steps": 2})
+  cfg = tiny_config(
+      **{
+          "opt.num_train_steps": 4,
+          "eval_every_steps": 0,
+          "checkpoint_every_steps": 0,
+          "profile.start_step": 1,
+          "profile.num_steps": 2,
+      }
+  )
   assert train_lib.train(cfg, str(tmp_path / "a"))["status"] == "completed"
   traces = list((tmp_path / "a" / "plugins" / "profile").glob("*/*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
@@ -210,13 +268,21 @@ def test_profile_writes_a_trace_of_its_steps(tmp_path, caplog):
 
 @pytest.mark.slow  # End-to-end training runs.
 def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   """Killed after its step-2 checkpoint and resumed, the run logs into the
   same wandb run: both attempts carry the id kept in the workdir."""
   monkeypatch.setenv("WANDB_SILENT", "true")
-  cfg = tiny_config(**{"wandb.enabled": True, "wandb.mode": "offline",
-                       "opt.num_train_steps": 4, "eval_every_steps": 0,
-                       "checkpoint_every_steps": 2, "log_every_steps": 2})
+  cfg = tiny_config(
+      **{
+          "wandb.enabled": True,
+          "wandb.mode": "offline",
+          "opt.num_train_steps": 4,
+          "eval_every_steps": 0,
+          "checkpoint_every_steps": 2,
+          "log_every_steps": 2,
+      }
+  )
   res = crash_then_resume(monkeypatch, cfg, str(tmp_path), 4)
   assert res["status"] == "completed"
   run_id = (tmp_path / "wandb_id").read_text().strip()
@@ -232,8 +298,14 @@ def test_hooks_fire_on_exactly_their_steps(tmp_path):
   AFTER hooks one step ahead of the metrics read back (or none behind, with
   flush=True), METRICS hooks with step n-1's metrics. Started again once
   finished, the run fires only the at_end hooks, on the same final state."""
-  cfg = tiny_config(**{"opt.num_train_steps": 10, "eval_every_steps": 4,
-                       "checkpoint_every_steps": 0, "log_every_steps": 5})
+  cfg = tiny_config(
+      **{
+          "opt.num_train_steps": 10,
+          "eval_every_steps": 4,
+          "checkpoint_every_steps": 0,
+          "log_every_steps": 5,
+      }
+  )
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
   seen = collections.defaultdict(list)
 
@@ -242,8 +314,9 @@ def test_hooks_fire_on_exactly_their_steps(tmp_path):
       seen[name].append(n)
       if name.startswith("metrics"):
         assert run.steps_done == n
-        np.testing.assert_allclose(run.metrics["learning_rate"],
-                                   schedule(n - 1), rtol=1e-6)
+        np.testing.assert_allclose(
+            run.metrics["learning_rate"], schedule(n - 1), rtol=1e-6
+        )
         return
       assert int(run.state.step) == n, (name, n)
       if name == "before":
@@ -252,21 +325,27 @@ def test_hooks_fire_on_exactly_their_steps(tmp_path):
         assert run.steps_done == n - 1 and run.pending[0] == n - 1
       elif name == "after_flush":
         assert run.steps_done == n and run.pending is None
+
     return hook
 
   B, A, M = train_lib.BEFORE, train_lib.AFTER, train_lib.METRICS
-  hooks = [train_lib.Hook(record("before"), 3, when=B),
-           train_lib.Hook(record("after"), 3, when=A),
-           train_lib.Hook(record("after_flush"), 3, when=A, flush=True,
-                          at_end=True),
-           train_lib.Hook(record("metrics"), 3, when=M),
-           train_lib.Hook(record("metrics_first"), 4, when=M, first=True),
-           train_lib.Hook(record("never"), 0, when=A)]
+  hooks = [
+      train_lib.Hook(record("before"), 3, when=B),
+      train_lib.Hook(record("after"), 3, when=A),
+      train_lib.Hook(record("after_flush"), 3, when=A, flush=True, at_end=True),
+      train_lib.Hook(record("metrics"), 3, when=M),
+      train_lib.Hook(record("metrics_first"), 4, when=M, first=True),
+      train_lib.Hook(record("never"), 0, when=A),
+  ]
   res = train_lib.train(cfg, str(tmp_path), hooks=hooks)
   assert res["status"] == "completed"
-  assert dict(seen) == {"before": [0, 3, 6, 9], "after": [3, 6, 9],
-                        "after_flush": [3, 6, 9, 10], "metrics": [3, 6, 9],
-                        "metrics_first": [1, 4, 8]}
+  assert dict(seen) == {
+      "before": [0, 3, 6, 9],
+      "after": [3, 6, 9],
+      "after_flush": [3, 6, 9, 10],
+      "metrics": [3, 6, 9],
+      "metrics_first": [1, 4, 8],
+  }
   assert [n for n, _ in res["eval_history"]] == [4, 8, 10]
 
   # Started again once finished: nothing runs, nothing on disk changes.
@@ -291,8 +370,12 @@ def test_hooks_fire_on_exactly_their_steps(tmp_path):
 # ------------------------------------------- kills, signals and resumption
 
 # 60 steps, an eval every 10, a checkpoint every 20, train/* every step.
-RESUME = {"opt.num_train_steps": 60, "eval_every_steps": 10,
-          "checkpoint_every_steps": 20, "log_every_steps": 1}
+RESUME = {
+    "opt.num_train_steps": 60,
+    "eval_every_steps": 10,
+    "checkpoint_every_steps": 20,
+    "log_every_steps": 1,
+}
 
 # Runs `nanodo-sam train` and SIGKILLs it at a chosen point: `after_eval N`
 # (the eval at step N is in progress.json, its checkpoint not yet written;
@@ -344,9 +427,21 @@ def _killed(tmp_path, workdir, point, at):
   script = tmp_path / "killer.py"
   script.write_text(KILLER)
   proc = subprocess.run(
-      [sys.executable, str(script), point, str(at), "train",
-       f"--workdir={workdir}", *tiny_flags(**RESUME)],
-      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          str(script),
+          point,
+          str(at),
+          "train",
+          f"--workdir={workdir}",
+          *tiny_flags(**RESUME),
+      ],
+      env=_env(),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert not (workdir / "results.json").exists()
   return json.loads((workdir / "progress.json").read_text())
@@ -377,17 +472,21 @@ def _assert_same_run(workdir, reference):
   cfg = tiny_config(**RESUME)
   _, a = _params(workdir, cfg, 60)
   _, b = _params(ref_dir, cfg, 60)
-  for x, y in zip(jax.tree.leaves((a.params, a.opt_state, a.step)),
-                  jax.tree.leaves((b.params, b.opt_state, b.step))):
+  for x, y in zip(
+      jax.tree.leaves((a.params, a.opt_state, a.step)),
+      jax.tree.leaves((b.params, b.opt_state, b.step)),
+  ):
     np.testing.assert_array_equal(x, y)
-  np.testing.assert_array_equal(jax.random.key_data(a.rng),
-                                jax.random.key_data(b.rng))
+  np.testing.assert_array_equal(
+      jax.random.key_data(a.rng), jax.random.key_data(b.rng)
+  )
   return res
 
 
 @pytest.mark.slow  # Two SIGKILLed runs and two resumptions.
 def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
-    tmp_path, reference, capsys, caplog):
+    tmp_path, reference, capsys, caplog
+):
   """SIGKILLed right after the eval at step 30 (checkpoint 20 on disk), then
   resumed and SIGKILLed after the final checkpoint, before results.json:
   started again, the run ends with every evaluation exactly once, the best
@@ -411,8 +510,10 @@ def test_killed_between_eval_and_checkpoint_then_after_the_last_checkpoint(
   capsys.readouterr()
   assert _main("train", f"--workdir={workdir}", *tiny_flags(**RESUME)) == 0
   assert "has finished (completed at step 60); nothing to do" in caplog.text
-  assert json.loads(capsys.readouterr().out)["final_eval_loss"] == \
-      res["final_eval_loss"]
+  assert (
+      json.loads(capsys.readouterr().out)["final_eval_loss"]
+      == res["final_eval_loss"]
+  )
   assert listing(workdir) == before
 
 
@@ -429,10 +530,12 @@ def test_killed_at_every_kind_of_point_resumes_exactly(tmp_path, reference):
   exactly as the uninterrupted one."""
   workdir = tmp_path / "run"
   for point, at, due, evals in [
-      ("batch", 8, [], []), ("after_eval", 20, [], [10, 20]),
+      ("batch", 8, [], []),
+      ("after_eval", 20, [], [10, 20]),
       ("batch", 46, [20, 40], [10, 20, 30, 40]),
       ("after_eval", 60, [20, 40], [10, 20, 30, 40, 50, 60]),
-      ("before_results", 0, [20, 40, 60], [10, 20, 30, 40, 50, 60])]:
+      ("before_results", 0, [20, 40, 60], [10, 20, 30, 40, 50, 60]),
+  ]:
     progress = _killed(tmp_path, workdir, point, at)
     if point == "batch":
       assert set(_steps(workdir)) <= set(due), (point, _steps(workdir))
@@ -445,16 +548,27 @@ def test_killed_at_every_kind_of_point_resumes_exactly(tmp_path, reference):
 
 @pytest.mark.slow  # End-to-end training runs.
 def test_sigterm_checkpoints_then_the_same_command_resumes_bitwise(
-    tmp_path, reference):
+    tmp_path, reference
+):
   """SIGTERM during a run: it finishes the step in flight, checkpoints that
   step with the data position, records itself as preempted (no
   results.json: the launcher and runs.py see it unfinished) and exits 75;
   the same command then ends it exactly as the uninterrupted run."""
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "nanodo_sam.cli", "train",
-       f"--workdir={workdir}", *tiny_flags(**RESUME)],
-      env=_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-m",
+          "nanodo_sam.cli",
+          "train",
+          f"--workdir={workdir}",
+          *tiny_flags(**RESUME),
+      ],
+      env=_env(),
+      cwd=ROOT,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   lines = []
   for line in proc.stderr:  # The progress line of step 3, then SIGTERM.
     lines.append(line)
@@ -470,8 +584,7 @@ def test_sigterm_checkpoints_then_the_same_command_resumes_bitwise(
   assert n in _steps(workdir)
   assert (workdir / "data_state" / str(n)).is_dir()
   assert not (workdir / "results.json").exists()
-  run = sweep_lib.Run(name="run", config="", overrides={},
-                      workdir=str(workdir))
+  run = sweep_lib.Run(name="run", config="", overrides={}, workdir=str(workdir))
   assert not sweep_lib.is_done(run)
   record = runs_lib.read_run(str(workdir))
   assert record.status == "preempted"

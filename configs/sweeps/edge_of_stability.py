@@ -18,6 +18,9 @@ RHOS = (0.0, 0.1, 0.3, 1.0)
 
 def get_sweep():
   return SweepSpec(
-      name="edge_of_stability", config="configs/edge_of_stability.py",
-      runs=method_runs(("sam",), RHOS, learning_rates=LEARNING_RATES,
-                       seeds=(0,)))
+      name="edge_of_stability",
+      config="configs/edge_of_stability.py",
+      runs=method_runs(
+          ("sam",), RHOS, learning_rates=LEARNING_RATES, seeds=(0,)
+      ),
+  )

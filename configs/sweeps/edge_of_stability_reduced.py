@@ -21,5 +21,7 @@ def get_sweep():
   return SweepSpec(
       name="edge_of_stability_reduced",
       config="configs/edge_of_stability.py:reduced",
-      runs=method_runs(("sam",), RHOS, learning_rates=LEARNING_RATES,
-                       seeds=(0,)))
+      runs=method_runs(
+          ("sam",), RHOS, learning_rates=LEARNING_RATES, seeds=(0,)
+      ),
+  )

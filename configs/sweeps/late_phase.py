@@ -24,9 +24,12 @@ FRACTIONS = (0.0, 0.5, 0.75, 0.9)  # And 1.0: AdamW throughout.
 
 
 def get_sweep():
-  runs = [{"config": f"{CONFIG}:{f}", "sam.method": m,
-           "sam.rho": RHO[m]}
-          for m in METHODS for f in FRACTIONS]
-  runs.append({"config": f"{CONFIG}:1.0", "sam.method": "adamw",
-               "sam.rho": 0.0})
+  runs = [
+      {"config": f"{CONFIG}:{f}", "sam.method": m, "sam.rho": RHO[m]}
+      for m in METHODS
+      for f in FRACTIONS
+  ]
+  runs.append(
+      {"config": f"{CONFIG}:1.0", "sam.method": "adamw", "sam.rho": 0.0}
+  )
   return SweepSpec(name="late_phase", config=CONFIG, runs=runs)

@@ -43,12 +43,14 @@ def get_sweep(out: str | None = None) -> SweepSpec:
   runs = []
   for seed in (study.TUNING_SEED,) + study.EVAL_SEEDS:
     for options in ("taus", "byte+taus"):
-      runs.append({"config": f"{CONFIG}:{options}", "sam.method": "adamw",
-                   "seed": seed})
+      runs.append(
+          {"config": f"{CONFIG}:{options}", "sam.method": "adamw", "seed": seed}
+      )
   for method in study.METHODS:
     for rho in study.GRID[method]:
-      runs.append({"sam.method": method, "sam.rho": rho,
-                   "seed": study.TUNING_SEED})
+      runs.append(
+          {"sam.method": method, "sam.rho": rho, "seed": study.TUNING_SEED}
+      )
   for method, rho in (study.best_rhos(out) if out else {}).items():
     for seed in study.EVAL_SEEDS:
       runs.append({"sam.method": method, "sam.rho": rho, "seed": seed})

@@ -23,8 +23,10 @@ METHOD, RHO = "precond_functional_sam", 0.5
 KS = (2, 5, 10)
 SEEDS = (0, 1)
 COMMON = {
-    "opt.num_train_steps": 800, "opt.warmup_steps": 80,
-    "eval_every_steps": 200, "log_every_steps": 100,
+    "opt.num_train_steps": 800,
+    "opt.warmup_steps": 80,
+    "eval_every_steps": 200,
+    "log_every_steps": 100,
 }
 
 
@@ -35,6 +37,13 @@ def get_sweep():
     runs.append({"sam.method": METHOD, "sam.rho": RHO, "seed": seed})
     for k in KS:
       for reuse in (False, True):
-        runs.append({"sam.method": METHOD, "sam.rho": RHO, "sam.every_k": k,
-                     "sam.reuse": reuse, "seed": seed})
+        runs.append(
+            {
+                "sam.method": METHOD,
+                "sam.rho": RHO,
+                "sam.every_k": k,
+                "sam.reuse": reuse,
+                "seed": seed,
+            }
+        )
   return SweepSpec(name="reuse", config=CONFIG, overrides=COMMON, runs=runs)

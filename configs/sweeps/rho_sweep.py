@@ -14,6 +14,9 @@ METHODS = ("adamw", "sam", "precond_functional_sam")
 
 def get_sweep():
   return SweepSpec(
-      name="rho_sweep", config=common.FIXED_LENGTH + ":23.9M",
-      runs=method_runs(METHODS, RHOS,
-                       learning_rates=common.LEARNING_RATES, seeds=SEEDS))
+      name="rho_sweep",
+      config=common.FIXED_LENGTH + ":23.9M",
+      runs=method_runs(
+          METHODS, RHOS, learning_rates=common.LEARNING_RATES, seeds=SEEDS
+      ),
+  )

@@ -18,20 +18,37 @@ from nanodo_sam.sweep_spec import SweepSpec, method_runs
 COMMON = {
     "schedule_name": "smoke",
     "model.size_name": "smoke",
-    "model.D": 64, "model.H": 2, "model.N": 2, "model.F": 256, "model.L": 64,
+    "model.D": 64,
+    "model.H": 2,
+    "model.N": 2,
+    "model.F": 256,
+    "model.L": 64,
     "model.dtype": "float32",  # CPU: bfloat16 (the C4 configs') is emulated.
     "data.use_shipped": True,  # The shipped C4 subset (the config: full C4).
-    "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 4,
-    "opt.num_train_steps": 200, "opt.warmup_steps": 20,
-    "eval_every_steps": 50, "checkpoint_every_steps": 200,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 8,
+    "data.eval_steps": 4,
+    "opt.num_train_steps": 200,
+    "opt.warmup_steps": 20,
+    "eval_every_steps": 50,
+    "checkpoint_every_steps": 200,
     "log_every_steps": 25,
-    "diagnostics.every_steps": 50, "diagnostics.batch_size": 4,
-    "diagnostics.num_iters": 4, "diagnostics.num_probes": 1,
+    "diagnostics.every_steps": 50,
+    "diagnostics.batch_size": 4,
+    "diagnostics.num_iters": 4,
+    "diagnostics.num_probes": 1,
 }
 
 
 def get_sweep():
   return SweepSpec(
-      name="smoke", config="configs/c4_fixed_length.py:2M", overrides=COMMON,
-      runs=method_runs(("sam", "precond_functional_sam"), (0.1, 0.5),
-                       learning_rates=(3e-3,), seeds=(0,)))
+      name="smoke",
+      config="configs/c4_fixed_length.py:2M",
+      overrides=COMMON,
+      runs=method_runs(
+          ("sam", "precond_functional_sam"),
+          (0.1, 0.5),
+          learning_rates=(3e-3,),
+          seeds=(0,),
+      ),
+  )

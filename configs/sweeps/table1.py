@@ -17,7 +17,12 @@ SEEDS = (0, 1, 2)
 
 def get_sweep():
   return SweepSpec(
-      name="table1", config=common.FIXED_LENGTH + ":2M",
+      name="table1",
+      config=common.FIXED_LENGTH + ":2M",
       runs=method_runs(
-          METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
-          learning_rates=common.LEARNING_RATES, seeds=SEEDS))
+          METHODS,
+          {m: common.rho_grid(m, "2M") for m in METHODS},
+          learning_rates=common.LEARNING_RATES,
+          seeds=SEEDS,
+      ),
+  )

@@ -12,5 +12,8 @@ SEEDS = (0,)
 
 
 def get_sweep():
-  return SweepSpec(name="table2", config=common.FIXED_LENGTH,
-                   runs=common.size_runs(common.FIXED_LENGTH, SEEDS))
+  return SweepSpec(
+      name="table2",
+      config=common.FIXED_LENGTH,
+      runs=common.size_runs(common.FIXED_LENGTH, SEEDS),
+  )

@@ -11,5 +11,8 @@ from nanodo_sam.sweep_spec import SweepSpec
 
 
 def get_sweep():
-  return SweepSpec(name="table3", config=common.CHINCHILLA,
-                   runs=common.size_runs(common.CHINCHILLA))
+  return SweepSpec(
+      name="table3",
+      config=common.CHINCHILLA,
+      runs=common.size_runs(common.CHINCHILLA),
+  )

@@ -14,8 +14,10 @@ def get_sweep():
   runs = []
   for nonlinearity in paper.column("table5", "nonlinearity"):
     runs += method_runs(
-        METHODS, {m: common.rho_grid(m, "2M") for m in METHODS},
-        learning_rates=common.LEARNING_RATES, seeds=SEEDS,
-        fixed={"model.nonlinearity": nonlinearity})
-  return SweepSpec(name="table5", config=common.FIXED_LENGTH + ":2M",
-                   runs=runs)
+        METHODS,
+        {m: common.rho_grid(m, "2M") for m in METHODS},
+        learning_rates=common.LEARNING_RATES,
+        seeds=SEEDS,
+        fixed={"model.nonlinearity": nonlinearity},
+    )
+  return SweepSpec(name="table5", config=common.FIXED_LENGTH + ":2M", runs=runs)

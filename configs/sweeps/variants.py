@@ -41,6 +41,12 @@ def get_sweep() -> SweepSpec:
       runs.append({"sam.method": method, "sam.rho": rho, "seed": seed})
     for i in range(3):  # The middle rho of every method first.
       for method, rhos in GRID.items():
-        runs.append({"sam.method": method, "sam.rho": rhos[i], "seed": seed,
-                     **EXTRA.get(method, {})})
+        runs.append(
+            {
+                "sam.method": method,
+                "sam.rho": rhos[i],
+                "seed": seed,
+                **EXTRA.get(method, {}),
+            }
+        )
   return SweepSpec(name="variants", config=CONFIG, runs=runs)
