@@ -114,8 +114,8 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
                if cfg.sam.method in sam_lib.PRECOND_METHODS else None)
     _, sam_grads, _ = sam_lib.gradient(
         cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
-        rho=rho, phi=cfg.sam.phi, precond=precond,
-        precond_normalize=cfg.sam.precond_normalize, head=s.head)
+        rho=rho, precond=precond, head=s.head,
+        **sam_lib.config_options(cfg.sam, cfg.sam.method))
     with jax.default_matmul_precision("float32"):
       return sharpness.edge_of_stability(
           state.params, batch, sam_grads, logits_fn=s.diagnostics_logits_fn,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from nanodo_sam import distribute
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
 from nanodo_sam.loss import cross_entropy
@@ -491,12 +492,12 @@ def test_accumulated_gradient_returns_one_shape(num_microbatches):
   On one microbatch it is `gradient`'s result."""
   params, logits_fn = _mlp()
   batch = dict(_batch(), weights=jnp.ones((B, L), jnp.float32))
-  step = functools.partial(sam.accumulated_gradient, "functional_sam", params,
+  step = functools.partial(distribute.accumulated_gradient, "functional_sam", params,
                            batch, logits_fn=logits_fn, rho=0.1,
                            num_microbatches=num_microbatches)
   plain, with_reuse = step(), step(return_reuse=True)
   for out in (plain, with_reuse):
-    assert isinstance(out, sam.GradientResult) and len(out) == 4
+    assert isinstance(out, distribute.GradientResult) and len(out) == 4
   assert plain.reuse is None and isinstance(with_reuse.reuse, sam.Reuse)
   np.testing.assert_array_equal(plain.loss, with_reuse.loss)
   _close(plain.grads, with_reuse.grads, rtol=0)

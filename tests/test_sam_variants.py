@@ -15,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import distribute
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
@@ -249,7 +250,7 @@ def test_accumulation_equals_one_full_batch_step(method, kw):
   batch = dict(_batch(), weights=jnp.ones((3, 4), jnp.float32))
   kw = {k: (_momentum(params) if v == "m" else v) for k, v in kw.items()}
   full = _step(method, params, batch, logits_fn, **kw)
-  acc = sam.accumulated_gradient(method, params, batch, logits_fn=logits_fn,
+  acc = distribute.accumulated_gradient(method, params, batch, logits_fn=logits_fn,
                                  rho=RHO, num_microbatches=3, **kw)
   _close(acc.grads, full[1])
   np.testing.assert_allclose(acc.loss, full[0], rtol=1e-6)
@@ -461,7 +462,7 @@ def _replica_errors() -> dict:
   from test_sam import _mlp_logits
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
   rows = NamedSharding(mesh, P(("data", "fsdp")))
-  groups = sam.Groups(rows, NamedSharding(mesh, P()), _mlp_logits)
+  groups = distribute.Groups(rows, NamedSharding(mesh, P()), _mlp_logits)
   rng = np.random.default_rng(0)
   batch = {"inputs": rng.integers(0, 11, (16, 4)).astype(np.int32),
            "targets": rng.integers(0, 11, (16, 4)).astype(np.int32),
@@ -478,7 +479,7 @@ def _replica_errors() -> dict:
     ref_loss = sum(wj * st[0] for wj, st in zip(w, steps)) / w.sum()
     whole = _flat(_step(method, params, batch, _mlp_logits, **kw)[1])
     for k in (1, 2):
-      run = jax.jit(lambda p, b, k=k, kw=kw: sam.accumulated_gradient(
+      run = jax.jit(lambda p, b, k=k, kw=kw: distribute.accumulated_gradient(
           method, p, b, logits_fn=_mlp_logits, rho=RHO, num_microbatches=k,
           perturbation_scope="replica", groups=groups, **kw))
       res = run(params, sharded)
