@@ -68,15 +68,20 @@ class Groups(NamedTuple):
 def validate_scope(perturbation_scope: str) -> None:
   """ValueError (one line) unless the scope is one of the key table's."""
   if perturbation_scope not in PERTURBATION_SCOPES:
-    raise ValueError(f"sam.perturbation_scope={perturbation_scope!r} is "
-                     "unknown; use 'global' (eps from the whole batch), "
-                     "'microbatch' (each microbatch its own eps) or "
-                     "'replica' (each data-parallel shard its own eps)")
+    raise ValueError(
+        f"sam.perturbation_scope={perturbation_scope!r} is "
+        "unknown; use 'global' (eps from the whole batch), "
+        "'microbatch' (each microbatch its own eps) or "
+        "'replica' (each data-parallel shard its own eps)"
+    )
 
 
-def strategy_name(method: str, perturbation_scope: str = "global",
-                  num_microbatches: int = 1,
-                  groups: Groups | None = None) -> str:
+def strategy_name(
+    method: str,
+    perturbation_scope: str = "global",
+    num_microbatches: int = 1,
+    groups: Groups | None = None,
+) -> str:
   """Which strategy of the module docstring runs a step. "replica" needs
   `groups` (else it is "global"); a `lookahead` method's passes are all at
   the same theta + eps, whatever the scope."""
@@ -87,16 +92,24 @@ def strategy_name(method: str, perturbation_scope: str = "global",
     return "single"
   if groups is not None and perturbation_scope == "global":
     return "grouped"
-  if (perturbation_scope == "microbatch" or not entry.perturbs
-      or entry.lookahead):
+  if (
+      perturbation_scope == "microbatch"
+      or not entry.perturbs
+      or entry.lookahead
+  ):
     return "microbatch"
   return "global"
 
 
-def strategy(method: str, *, logits_fn: LogitsFn,
-             head: OutputHead | None = None,
-             perturbation_scope: str = "global", num_microbatches: int = 1,
-             groups: Groups | None = None):
+def strategy(
+    method: str,
+    *,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+    perturbation_scope: str = "global",
+    num_microbatches: int = 1,
+    groups: Groups | None = None,
+):
   """The step's gradient, chosen once: a function (params, batch, *, rho,
   opts: sam.Options, return_reuse=False) -> GradientResult.
 
@@ -106,48 +119,74 @@ def strategy(method: str, *, logits_fn: LogitsFn,
   validate_scope(perturbation_scope)
   name = strategy_name(method, perturbation_scope, num_microbatches, groups)
   run = _STRATEGIES[name]
-  ctx = dict(entry=sam_lib.METHODS[method], method=method,
-             k=num_microbatches, logits_fn=logits_fn, head=head,
-             groups=groups)
+  ctx = dict(
+      entry=sam_lib.METHODS[method],
+      method=method,
+      k=num_microbatches,
+      logits_fn=logits_fn,
+      head=head,
+      groups=groups,
+  )
 
-  def gradient(params, batch, *, rho, opts: Options,
-               return_reuse: bool = False) -> GradientResult:
-    loss, grads, g, metrics = run(params, batch, rho=rho, opts=opts,
-                                  keep_g=return_reuse, **ctx)
+  def gradient(
+      params, batch, *, rho, opts: Options, return_reuse: bool = False
+  ) -> GradientResult:
+    loss, grads, g, metrics = run(
+        params, batch, rho=rho, opts=opts, keep_g=return_reuse, **ctx
+    )
     return _gradient_result(loss, grads, g, metrics, return_reuse)
 
   return gradient
 
 
-def accumulated_gradient(method: str, params: PyTree, batch: dict[str, Any],
-                         *, logits_fn: LogitsFn, rho, precond=None,
-                         momentum=None, num_microbatches: int = 1,
-                         perturbation_scope: str = "global",
-                         return_reuse: bool = False,
-                         head: OutputHead | None = None,
-                         groups: Groups | None = None,
-                         **options) -> GradientResult:
+def accumulated_gradient(
+    method: str,
+    params: PyTree,
+    batch: dict[str, Any],
+    *,
+    logits_fn: LogitsFn,
+    rho,
+    precond=None,
+    momentum=None,
+    num_microbatches: int = 1,
+    perturbation_scope: str = "global",
+    return_reuse: bool = False,
+    head: OutputHead | None = None,
+    groups: Groups | None = None,
+    **options,
+) -> GradientResult:
   """`sam.gradient` over `num_microbatches` microbatches (lax.scan), each
   perturbed as `perturbation_scope` says (`strategy`): validated, then run
   once. `options`: the method's options by name, as for `sam.gradient`."""
   sam_lib.validate(method, rho, **options)
-  run = strategy(method, logits_fn=logits_fn, head=head,
-                 perturbation_scope=perturbation_scope,
-                 num_microbatches=num_microbatches, groups=groups)
-  return run(params, batch, rho=rho, opts=Options(options, precond, momentum),
-             return_reuse=return_reuse)
+  run = strategy(
+      method,
+      logits_fn=logits_fn,
+      head=head,
+      perturbation_scope=perturbation_scope,
+      num_microbatches=num_microbatches,
+      groups=groups,
+  )
+  return run(
+      params,
+      batch,
+      rho=rho,
+      opts=Options(options, precond, momentum),
+      return_reuse=return_reuse,
+  )
 
 
-def _gradient_result(loss, grads, g, metrics, return_reuse: bool
-                     ) -> GradientResult:
+def _gradient_result(
+    loss, grads, g, metrics, return_reuse: bool
+) -> GradientResult:
   """A strategy's result; with `return_reuse` also what the reuse steps
   carry: Reuse(grads - g in float32, ||g||)."""
   if not return_reuse:
     return GradientResult(loss, grads, metrics)
   delta = jax.tree.map(
-      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g)
-  return GradientResult(loss, grads, metrics,
-                        Reuse(delta, tree_math.norm(g)))
+      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g
+  )
+  return GradientResult(loss, grads, metrics, Reuse(delta, tree_math.norm(g)))
 
 
 # ----------------------------------------------------- one device's batch
@@ -163,36 +202,53 @@ def _microbatches(batch: dict[str, Any], k: int):
   """
   micro = jax.tree.map(
       lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
-      batch)
-  w_k = jnp.sum(micro["weights"].astype(jnp.float32),
-                axis=tuple(range(1, micro["weights"].ndim)))
+      batch,
+  )
+  w_k = jnp.sum(
+      micro["weights"].astype(jnp.float32),
+      axis=tuple(range(1, micro["weights"].ndim)),
+  )
   return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
 
 
 def _single(params, batch, *, entry, rho, opts, logits_fn, head, **_):
   """(loss, grads, g, metrics): the equations on the whole batch."""
-  return sam_lib.method_gradient(entry, params, batch, logits_fn=logits_fn,
-                                 rho=rho, opts=opts, head=head)
+  return sam_lib.method_gradient(
+      entry, params, batch, logits_fn=logits_fn, rho=rho, opts=opts, head=head
+  )
 
 
-def _per_microbatch(params, batch, *, entry, k: int, keep_g: bool, rho,
-                    opts, logits_fn, head, **_):
+def _per_microbatch(
+    params,
+    batch,
+    *,
+    entry,
+    k: int,
+    keep_g: bool,
+    rho,
+    opts,
+    logits_fn,
+    head,
+    **_,
+):
   """(loss, grads, g or None, metrics): the equations on each of k
   microbatches (its own eps, for a perturbing method), summed by weight."""
   micro, frac_k = _microbatches(batch, k)
 
   def one(mb):
     loss, grads, g, metrics = sam_lib.method_gradient(
-        entry, params, mb, logits_fn=logits_fn, rho=rho, opts=opts,
-        head=head)
+        entry, params, mb, logits_fn=logits_fn, rho=rho, opts=opts, head=head
+    )
     return loss, grads, (g if keep_g else None), metrics
+
   shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
   loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
   return loss, cast_like(grads, params), g, metrics
 
 
-def _global_accumulation(params, batch, *, entry, k: int, logits_fn, rho,
-                         opts: Options, head, **_):
+def _global_accumulation(
+    params, batch, *, entry, k: int, logits_fn, rho, opts: Options, head, **_
+):
   """(loss, grads, g, metrics) with eps from the whole batch's gradient:
   one scan over the k microbatches for g, a second for the method's
   gradient at theta + eps. Costs one extra clean forward per microbatch for
@@ -204,14 +260,24 @@ def _global_accumulation(params, batch, *, entry, k: int, logits_fn, rho,
   def clean(mb):
     c = clean_vjp(params, mb, logits_fn, head)
     return c.loss, c.grads
+
   shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
   loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
   eps = sam_lib.perturb(entry, params, g, rho, opts)
   params_eps = sam_lib.shift(params, eps)
 
   def perturbed(mb):
-    return entry(Step(clean_vjp(params, mb, logits_fn, head), params_eps, mb,
-                      logits_fn, opts, head))
+    return entry(
+        Step(
+            clean_vjp(params, mb, logits_fn, head),
+            params_eps,
+            mb,
+            logits_fn,
+            opts,
+            head,
+        )
+    )
+
   grads = cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
   grads = sam_lib.combine(entry, grads, cast_like(g, params), opts)
   return loss, grads, g, sam_lib.step_metrics(grads, g, eps, rho)
@@ -237,11 +303,13 @@ def _per_group(groups: Groups, params: PyTree) -> PyTree:
   group's devices (no data moves)."""
   G = head_lib.batch_shards(_as_head(groups))
   if groups.cast is not None:
-    params = jax.lax.with_sharding_constraint(groups.cast(params),
-                                              groups.params_sharding)
+    params = jax.lax.with_sharding_constraint(
+        groups.cast(params), groups.params_sharding
+    )
   whole = head_lib.replicated(_as_head(groups), params)
-  return _grouped(groups, jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole))
+  return _grouped(
+      groups, jax.tree.map(lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole)
+  )
 
 
 def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
@@ -252,16 +320,23 @@ def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
   run = jax.vmap(fn)
   G = frac_kxG.shape[1]
   like_G = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like)
-  acc = tree_math.scan_sum(lambda mb: run(params_G, mb), micro_kxG, frac_kxG,
-                           like_G, constrain=lambda t: _grouped(groups, t))
+      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like
+  )
+  acc = tree_math.scan_sum(
+      lambda mb: run(params_G, mb),
+      micro_kxG,
+      frac_kxG,
+      like_G,
+      constrain=lambda t: _grouped(groups, t),
+  )
   return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
 
 
 def _to_params_layout(groups: Groups, grads: PyTree, params: PyTree):
   """The summed gradient in the parameters' dtype and layout."""
-  return jax.lax.with_sharding_constraint(cast_like(grads, params),
-                                         groups.params_sharding)
+  return jax.lax.with_sharding_constraint(
+      cast_like(grads, params), groups.params_sharding
+  )
 
 
 def _group_microbatches(batch, k: int, G: int):
@@ -270,14 +345,16 @@ def _group_microbatches(batch, k: int, G: int):
   group j the rows on group j's devices."""
   micro, _ = _microbatches(batch, k)
   micro = jax.tree.map(
-      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro)
+      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro
+  )
   w = micro["weights"].astype(jnp.float32)
   w_kxG = jnp.sum(w, axis=tuple(range(2, w.ndim)))
   return micro, w_kxG / jnp.maximum(jnp.sum(w_kxG), 1.0)
 
 
-def _grouped_accumulation(params, batch, *, entry, rho, opts: Options, k: int,
-                          groups: Groups, **_):
+def _grouped_accumulation(
+    params, batch, *, entry, rho, opts: Options, k: int, groups: Groups, **_
+):
   """The global scope's result with one gather of theta (and one of
   theta + eps) per step and one reduction per scan (a lookahead method: one
   gather of theta + eps, its one pass there)."""
@@ -285,10 +362,14 @@ def _grouped_accumulation(params, batch, *, entry, rho, opts: Options, k: int,
   G = head_lib.batch_shards(_as_head(groups))
   logits_fn, head = groups.logits_fn, groups.head
   micro, frac = _group_microbatches(batch, k, G)
-  ahead = (sam_lib.perturb(entry, params, None, rho, opts)
-           if entry.lookahead else None)
-  params_G = _per_group(groups, params if ahead is None
-                        else sam_lib.shift(params, ahead))
+  ahead = (
+      sam_lib.perturb(entry, params, None, rho, opts)
+      if entry.lookahead
+      else None
+  )
+  params_G = _per_group(
+      groups, params if ahead is None else sam_lib.shift(params, ahead)
+  )
 
   def clean(p, mb):
     c = clean_vjp(p, mb, logits_fn, head)
@@ -305,16 +386,22 @@ def _grouped_accumulation(params, batch, *, entry, rho, opts: Options, k: int,
 
   def perturbed(both, mb):
     p, p_eps = both
-    return entry(Step(clean_vjp(p, mb, logits_fn, head), p_eps, mb,
-                      logits_fn, opts, head))
+    return entry(
+        Step(
+            clean_vjp(p, mb, logits_fn, head), p_eps, mb, logits_fn, opts, head
+        )
+    )
+
   grads = _to_params_layout(
-      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params)
+      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params
+  )
   grads = sam_lib.combine(entry, grads, g, opts)
   return loss, grads, g, sam_lib.step_metrics(grads, g, eps, rho)
 
 
-def _replica_gradient(params, batch, *, method, rho, opts: Options, k: int,
-                      groups: Groups, **_):
+def _replica_gradient(
+    params, batch, *, method, rho, opts: Options, k: int, groups: Groups, **_
+):
   """perturbation_scope='replica': shard_map over the batch's axes
   (`groups.batch_sharding`); each of the G shards takes the whole method on
   its B/G rows (its own eps from its own gradient: m-sharpness with m = B/G,
@@ -323,30 +410,47 @@ def _replica_gradient(params, batch, *, method, rho, opts: Options, k: int,
   shard; the results are averaged with each shard's share of the loss
   weights. The parameters are gathered whole onto every device."""
   axes = head_lib.row_axes(_as_head(groups))
-  run = strategy(method, logits_fn=groups.logits_fn, head=groups.head,
-                 num_microbatches=k)
+  run = strategy(
+      method, logits_fn=groups.logits_fn, head=groups.head, num_microbatches=k
+  )
 
   def local(args, batch):
     params, precond, momentum, rho = args
-    res = run(params, batch, rho=rho,
-              opts=Options(opts.values, precond, momentum),
-              return_reuse=True)
-    g = jax.tree.map(lambda x, d: x.astype(jnp.float32) - d, res.grads,
-                     res.reuse.delta)
+    res = run(
+        params,
+        batch,
+        rho=rho,
+        opts=Options(opts.values, precond, momentum),
+        return_reuse=True,
+    )
+    g = jax.tree.map(
+        lambda x, d: x.astype(jnp.float32) - d, res.grads, res.reuse.delta
+    )
     w = jnp.sum(batch["weights"].astype(jnp.float32))
     frac = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
     mean = lambda tree: jax.tree.map(
-        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree)
+        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree
+    )
     return mean((res.loss, res.grads, g, res.metrics))
 
   args = (params, opts.precond, opts.momentum, jnp.asarray(rho, jnp.float32))
-  specs = (jax.tree.map(lambda _: PartitionSpec(), args),
-           jax.tree.map(lambda _: PartitionSpec(axes), batch))
+  specs = (
+      jax.tree.map(lambda _: PartitionSpec(), args),
+      jax.tree.map(lambda _: PartitionSpec(axes), batch),
+  )
   loss, grads, g, metrics = jax.shard_map(
-      local, mesh=groups.batch_sharding.mesh, in_specs=specs,
-      out_specs=PartitionSpec(), check_vma=False)(args, batch)
-  return (loss, _to_params_layout(groups, grads, params),
-          _to_params_layout(groups, g, params), metrics)
+      local,
+      mesh=groups.batch_sharding.mesh,
+      in_specs=specs,
+      out_specs=PartitionSpec(),
+      check_vma=False,
+  )(args, batch)
+  return (
+      loss,
+      _to_params_layout(groups, grads, params),
+      _to_params_layout(groups, g, params),
+      metrics,
+  )
 
 
 _STRATEGIES = {

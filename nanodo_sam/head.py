@@ -27,8 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nanodo_sam.loss import (HEAD_CHUNK_TOKENS, LogitsFn, OutputHead,
-                             cross_entropy, token_nll)
+from nanodo_sam.loss import (
+    HEAD_CHUNK_TOKENS,
+    LogitsFn,
+    OutputHead,
+    cross_entropy,
+    token_nll,
+)
 
 PyTree = Any
 CHUNK_TOKENS = HEAD_CHUNK_TOKENS  # the key table's model.head_chunk_tokens
@@ -65,8 +70,7 @@ def replicated(head: OutputHead, tree: PyTree) -> PyTree:
   """`tree` whole on every device (one all-gather, outside any loop)."""
   s = head.batch_sharding
   rep = NamedSharding(s.mesh, PartitionSpec())
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep),
-                      tree)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
 
 
 # ------------------------------------------------------- the chunk loop
@@ -86,7 +90,8 @@ def num_chunks(rows: int, L: int, chunk_tokens: int) -> int:
 def _f32_zeros(tree: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      tree)
+      tree,
+  )
 
 
 def over_chunks(fn, n: int, *xs_BxL, keep: Callable | None = None):
@@ -109,15 +114,26 @@ def over_chunks(fn, n: int, *xs_BxL, keep: Callable | None = None):
     total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, summed)
     return total, per_token
 
-  summed_shapes = jax.eval_shape(lambda *c: fn(*c)[0], *(
-      jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // n) + x.shape[2:],
-                           x.dtype) for x in xs_BxL))
-  total, per_token = jax.lax.scan(body, _f32_zeros(summed_shapes),
-                                  tuple(split(x) for x in xs_BxL))
+  summed_shapes = jax.eval_shape(
+      lambda *c: fn(*c)[0],
+      *(
+          jax.ShapeDtypeStruct(
+              (x.shape[0], x.shape[1] // n) + x.shape[2:], x.dtype
+          )
+          for x in xs_BxL
+      ),
+  )
+  total, per_token = jax.lax.scan(
+      body, _f32_zeros(summed_shapes), tuple(split(x) for x in xs_BxL)
+  )
   total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, summed_shapes)
   if per_token is not None:
-    per_token = jax.tree.map(lambda p: keep(jnp.moveaxis(p, 0, 1).reshape(
-        (p.shape[1], -1) + p.shape[3:])), per_token)
+    per_token = jax.tree.map(
+        lambda p: keep(
+            jnp.moveaxis(p, 0, 1).reshape((p.shape[1], -1) + p.shape[3:])
+        ),
+        per_token,
+    )
   return total, per_token
 
 
@@ -138,12 +154,16 @@ class Point(NamedTuple):
 
 
 def _identity_head(logits_fn: LogitsFn) -> OutputHead:
-  return OutputHead(features=logits_fn, select=lambda params: (),
-                    apply=lambda head_params, logits: logits)
+  return OutputHead(
+      features=logits_fn,
+      select=lambda params: (),
+      apply=lambda head_params, logits: logits,
+  )
 
 
-def resolve_head(logits_fn: LogitsFn, head: OutputHead | None = None
-                 ) -> tuple[OutputHead, bool]:
+def resolve_head(
+    logits_fn: LogitsFn, head: OutputHead | None = None
+) -> tuple[OutputHead, bool]:
   """(the OutputHead to run, whether it is a real output layer to chunk):
   `head` when given, else logits_fn itself after an identity layer."""
   if head is None:
@@ -151,12 +171,17 @@ def resolve_head(logits_fn: LogitsFn, head: OutputHead | None = None
   return head, True
 
 
-def point(params: PyTree, inputs_BxL: jax.Array, logits_fn: LogitsFn,
-          head: OutputHead | None = None) -> Point:
+def point(
+    params: PyTree,
+    inputs_BxL: jax.Array,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> Point:
   """1 forward up to the output layer, keeping its J^T for backwards."""
   head, _ = resolve_head(logits_fn, head)
   (head_params, h_BxLxD), vjp_fn = jax.vjp(
-      lambda p: (head.select(p), head.features(p, inputs_BxL)), params)
+      lambda p: (head.select(p), head.features(p, inputs_BxL)), params
+  )
   return Point(head_params, h_BxLxD, vjp_fn)
 
 
@@ -173,8 +198,13 @@ def _head_chunks(head: OutputHead, chunked: bool, h_BxLxD) -> int:
 # ------------------------------------------------- loss and its pullback
 
 
-def head_vjp(a: Point, b: Point, batch: dict[str, Any], logits_fn: LogitsFn,
-             head: OutputHead | None = None) -> tuple[jax.Array, PyTree]:
+def head_vjp(
+    a: Point,
+    b: Point,
+    batch: dict[str, Any],
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> tuple[jax.Array, PyTree]:
   """(L(b), J(a)^T dL/dF(b)): the loss at point b and its logit cotangent
   pulled back through the network at point a (a is b for the plain gradient).
 
@@ -212,8 +242,7 @@ def _chunk_fn(head: OutputHead, same: bool):
   def one(w_a, w_b, h_a, h_b, targets, scale):
     # cross_entropy divides by max(sum(scale), 1): with the weights divided
     # by the batch's total (`head_vjp`), the chunk's share of the batch mean.
-    loss_fn = lambda z: cross_entropy(z, {"targets": targets,
-                                          "weights": scale})
+    loss_fn = lambda z: cross_entropy(z, {"targets": targets, "weights": scale})
     if same:
       logits, pull = jax.vjp(head.apply, w_a, h_a)
     else:
@@ -233,10 +262,12 @@ def _chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   one = _chunk_fn(head, a is b)
 
   def kept(h_a, h_b, targets, scale):
-    h_a, h_b, targets, scale = (keep_rows(head, x)
-                                for x in (h_a, h_b, targets, scale))
-    loss, d_head, dh = one(a.head_params, b.head_params, h_a, h_b, targets,
-                           scale)
+    h_a, h_b, targets, scale = (
+        keep_rows(head, x) for x in (h_a, h_b, targets, scale)
+    )
+    loss, d_head, dh = one(
+        a.head_params, b.head_params, h_a, h_b, targets, scale
+    )
     return (loss, d_head), keep_rows(head, dh)
 
   keep = lambda x, axis=0: keep_rows(head, x, axis)
@@ -255,7 +286,8 @@ def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   # One copy of a's output layer per group: its cotangent is the group's own
   # part of the gradient, kept on the group's devices.
   w_a_G = jax.tree.map(
-      lambda x: keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a)
+      lambda x: keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a
+  )
 
   def split(x):  # [B, L, ...] -> [n, G, B/G, L/n, ...], G along the devices.
     B, L = x.shape[:2]
@@ -267,16 +299,19 @@ def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
   def body(acc, chunk):
     chunk = tuple(keep_rows(head, x) for x in chunk)
     loss_G, d_head_G, dh = grouped(w_a_G, w_b, *chunk)
-    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc,
-                       (jnp.sum(loss_G), d_head_G))
+    acc = jax.tree.map(
+        lambda s, x: s + x.astype(s.dtype), acc, (jnp.sum(loss_G), d_head_G)
+    )
     return acc, keep_rows(head, dh)
 
   zeros = _f32_zeros((jnp.zeros(()), w_a_G))
   zeros = (zeros[0], jax.tree.map(lambda z: keep_rows(head, z), zeros[1]))
   (loss, d_head_G), dh_nxGxbxLcxD = jax.lax.scan(
-      body, zeros, tuple(split(x) for x in xs))
-  d_head = jax.tree.map(lambda d, p: jnp.sum(d, axis=0).astype(p.dtype),
-                        d_head_G, a.head_params)
+      body, zeros, tuple(split(x) for x in xs)
+  )
+  d_head = jax.tree.map(
+      lambda d, p: jnp.sum(d, axis=0).astype(p.dtype), d_head_G, a.head_params
+  )
   dh = jnp.moveaxis(dh_nxGxbxLcxD, 0, 2)  # [G, B/G, n, L/n, D]
   dh_BxLxD = keep_rows(head, dh.reshape(a.h_BxLxD.shape))
   return loss, d_head, dh_BxLxD
@@ -303,9 +338,14 @@ def _token_values(params, inputs_BxL, targets_BxL, logits_fn, head):
   return over_chunks(chunk, n, h_BxLxD, targets_BxL, keep=keep)[1]
 
 
-def target_log_probs(params: PyTree, inputs_BxL: jax.Array,
-                     targets_BxL: jax.Array, *, logits_fn: LogitsFn,
-                     head: OutputHead | None = None) -> jax.Array:
+def target_log_probs(
+    params: PyTree,
+    inputs_BxL: jax.Array,
+    targets_BxL: jax.Array,
+    *,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> jax.Array:
   """log softmax(logits)[target] per token, [B, L] in float32: each target's
   log-likelihood given its row's inputs up to it (summed over a continuation
   it is the continuation's log-likelihood). With `head` the [B, L, V] logits
@@ -313,12 +353,21 @@ def target_log_probs(params: PyTree, inputs_BxL: jax.Array,
   return _token_values(params, inputs_BxL, targets_BxL, logits_fn, head)[0]
 
 
-def eval_sums(params: PyTree, batch: dict[str, Any], *, logits_fn: LogitsFn,
-              head: OutputHead | None = None) -> dict[str, jax.Array]:
+def eval_sums(
+    params: PyTree,
+    batch: dict[str, Any],
+    *,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> dict[str, jax.Array]:
   """A batch's sums over its weighted tokens: "loss" (nats), "weight"
   (tokens) and "correct" (argmax == target)."""
-  logp_BxL, hit_BxL = _token_values(params, batch["inputs"],
-                                    batch["targets"], logits_fn, head)
+  logp_BxL, hit_BxL = _token_values(
+      params, batch["inputs"], batch["targets"], logits_fn, head
+  )
   w_BxL = batch["weights"].astype(jnp.float32)
-  return {"loss": -jnp.sum(logp_BxL * w_BxL), "weight": jnp.sum(w_BxL),
-          "correct": jnp.sum(hit_BxL * w_BxL)}
+  return {
+      "loss": -jnp.sum(logp_BxL * w_BxL),
+      "weight": jnp.sum(w_BxL),
+      "correct": jnp.sum(hit_BxL * w_BxL),
+  }

@@ -91,8 +91,12 @@ class Clean(NamedTuple):
   point: Point
 
 
-def clean_vjp(params: PyTree, batch: dict[str, Any], logits_fn: LogitsFn,
-              head: OutputHead | None = None) -> Clean:
+def clean_vjp(
+    params: PyTree,
+    batch: dict[str, Any],
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> Clean:
   """1 forward + 1 backward: the plain gradient, keeping the pieces to reuse."""
   p = head_lib.point(params, batch["inputs"], logits_fn, head)
   loss, grads = head_lib.head_vjp(p, p, batch, logits_fn, head)
@@ -136,25 +140,39 @@ class Option:
     if self.choices:
       if value in self.choices:
         return None
-      return f"is unknown; use one of {', '.join(map(repr, self.choices))}"
+      return f"is unknown; use one of {', '.join(self.choices)}"
     number = _as_float(value)
-    if number is None or (math.isfinite(number) and (
-        self.least is None or number >= self.least)):
+    if number is None or (
+        math.isfinite(number) and (self.least is None or number >= self.least)
+    ):
       return None
-    return ("must be a finite number" if self.least is None else
-            f"must be >= {self.least:g}")
+    return (
+        "must be a finite number"
+        if self.least is None
+        else f"must be >= {self.least:g}"
+    )
 
 
-PHI = Option("phi", "Angle-SAM's angle in radians (0 = functional_sam, "
-             "pi/2 = logit_sam).", least=None, example=0.7854)
+PHI = Option(
+    "phi",
+    "Angle-SAM's angle in radians (0 = functional_sam, " "pi/2 = logit_sam).",
+    least=None,
+    example=0.7854,
+)
 PRECOND_NORMALIZE = Option(
-    "precond_normalize", "The preconditioned methods' eps: after = rho "
-    "P^-1 g / ||P^-1 g||; before = rho (g / ||g||) / P.", default="after",
-    choices=("after", "before"))
+    "precond_normalize",
+    "The preconditioned methods' eps: after = rho "
+    "P^-1 g / ||P^-1 g||; before = rho (g / ||g||) / P.",
+    default="after",
+    choices=("after", "before"),
+)
 ALPHA = Option("alpha", "GSAM's weight of -g_orth (0 = SAM).", example=0.2)
-ADAPTIVE_ETA = Option("adaptive_eta", "ASAM's eta in T = |theta| + eta; "
-                      "unset = 0.01 (the official code's value).",
-                      if_unset=0.01)
+ADAPTIVE_ETA = Option(
+    "adaptive_eta",
+    "ASAM's eta in T = |theta| + eta; "
+    "unset = 0.01 (the official code's value).",
+    if_unset=0.01,
+)
 
 
 class Options(NamedTuple):
@@ -189,10 +207,10 @@ class Step:
     return self.opts.get(option)
 
   def perturbed(self) -> Point:
-    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T.
-    """
-    return head_lib.point(self.params_eps, self.batch["inputs"],
-                          self.logits_fn, self.head)
+    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T."""
+    return head_lib.point(
+        self.params_eps, self.batch["inputs"], self.logits_fn, self.head
+    )
 
   def jt(self, a: Point, b: Point) -> PyTree:
     """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
@@ -202,8 +220,12 @@ class Step:
 # -------------------------------------------------------- perturbations
 
 
-def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
-                 precond_normalize: str = "after") -> PyTree:
+def perturbation(
+    grads: PyTree,
+    rho: jax.Array,
+    precond: PyTree | None = None,
+    precond_normalize: str = "after",
+) -> PyTree:
   """The SAM ascent step eps, ||eps|| = rho unless preconditioned "before".
 
   precond=None: eps = rho g/||g||. Otherwise with P = precond,
@@ -212,8 +234,10 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
   `precond_normalize` is one of PRECOND_NORMALIZE.choices.
   """
   if precond_normalize not in PRECOND_NORMALIZE.choices:
-    raise ValueError(f"precond_normalize={precond_normalize!r} is unknown; "
-                     f"use one of {PRECOND_NORMALIZE.choices}")
+    raise ValueError(
+        f"precond_normalize={precond_normalize!r} is unknown; "
+        f"use one of {PRECOND_NORMALIZE.choices}"
+    )
   if precond is None:
     return _scale_to(grads, rho)
   divide = lambda g, p: (g / p).astype(g.dtype)
@@ -222,8 +246,9 @@ def perturbation(grads: PyTree, rho: jax.Array, precond: PyTree | None = None,
   return _scale_to(jax.tree.map(divide, grads, precond), rho)
 
 
-def adaptive_perturbation(grads: PyTree, params: PyTree, rho,
-                          eta: float = ADAPTIVE_ETA.if_unset) -> PyTree:
+def adaptive_perturbation(
+    grads: PyTree, params: PyTree, rho, eta: float = ADAPTIVE_ETA.if_unset
+) -> PyTree:
   """ASAM's eps = rho T^2 g / ||T g||, T = |theta| + eta elementwise: the
   SAM ascent step in the coordinates theta / T, where a rescaling of the
   weights that leaves the network's function unchanged leaves it unchanged
@@ -232,12 +257,12 @@ def adaptive_perturbation(grads: PyTree, params: PyTree, rho,
   t = jax.tree.map(lambda p: jnp.abs(f32(p)) + eta, params)
   tg = jax.tree.map(lambda t, g: t * f32(g), t, grads)
   scale = rho / (tree_math.norm(tg) + NORM_EPS)
-  return jax.tree.map(lambda t, x, g: (scale * t * x).astype(g.dtype),
-                      t, tg, grads)
+  return jax.tree.map(
+      lambda t, x, g: (scale * t * x).astype(g.dtype), t, tg, grads
+  )
 
 
-def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree
-                          ) -> PyTree:
+def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree) -> PyTree:
   """Momentum-SAM's eps = -rho m / ||m||, m the optimizer's first moment
   (a tree like `like`); zero when m is None or 0 (the first step), so the
   step then takes the plain gradient."""
@@ -284,7 +309,10 @@ def _angle_sam(step: Step) -> PyTree:
   s, c = jnp.sin(phi), jnp.cos(phi)
   return jax.tree.map(
       lambda g0, gl, gf: (g0 + s * (gl - g0) + c * (gf - g0)).astype(g0.dtype),
-      g, g_logit, g_func)
+      g,
+      g_logit,
+      g_func,
+  )
 
 
 def _surrogate_gap(g_p: PyTree, g: PyTree, opts: Options) -> PyTree:
@@ -293,9 +321,11 @@ def _surrogate_gap(g_p: PyTree, g: PyTree, opts: Options) -> PyTree:
   L(theta + eps) - L(theta) without changing the perturbed loss."""
   alpha = opts.get(ALPHA)
   coef = tree_math.vdot(g, g_p) / jnp.maximum(
-      jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny)
+      jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny
+  )
   return jax.tree.map(
-      lambda p, x: (p - alpha * (x - coef * p)).astype(p.dtype), g_p, g)
+      lambda p, x: (p - alpha * (x - coef * p)).astype(p.dtype), g_p, g
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,23 +382,35 @@ METHODS: dict[str, Method] = {
     "sam": Method(_sam, "SAM"),
     "functional_sam": Method(_functional_sam, "Func-SAM"),
     "logit_sam": Method(_logit_sam, "Logit-SAM"),
-    "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3,
-                        options=(PHI,)),
+    "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3, options=(PHI,)),
     "precond_sam": Method(_sam, "Precond SAM", **_PRECOND),
-    "precond_functional_sam": Method(_functional_sam, "Precond Func-SAM",
-                                     **_PRECOND),
+    "precond_functional_sam": Method(
+        _functional_sam, "Precond Func-SAM", **_PRECOND
+    ),
     "adaptive_sam": Method(_sam, "ASAM", **_ADAPTIVE),
     "gsam": Method(_sam, "GSAM", **_GSAM),
-    "momentum_sam": Method(_plain, "Momentum-SAM", forwards=1, backwards=1,
-                           direction="momentum", lookahead=True),
+    "momentum_sam": Method(
+        _plain,
+        "Momentum-SAM",
+        forwards=1,
+        backwards=1,
+        direction="momentum",
+        lookahead=True,
+    ),
     # Combinations none of the public codebases has (docs/sam_variants.md).
-    "functional_adaptive_sam": Method(_functional_sam, "Func-ASAM",
-                                      **_ADAPTIVE),
-    "functional_momentum_sam": Method(_functional_sam, "Func-Momentum-SAM",
-                                      direction="momentum"),
-    "precond_gsam": Method(_sam, "Precond GSAM", precond=True,
-                           options=(PRECOND_NORMALIZE, ALPHA),
-                           combine=_surrogate_gap),
+    "functional_adaptive_sam": Method(
+        _functional_sam, "Func-ASAM", **_ADAPTIVE
+    ),
+    "functional_momentum_sam": Method(
+        _functional_sam, "Func-Momentum-SAM", direction="momentum"
+    ),
+    "precond_gsam": Method(
+        _sam,
+        "Precond GSAM",
+        precond=True,
+        options=(PRECOND_NORMALIZE, ALPHA),
+        combine=_surrogate_gap,
+    ),
 }
 # The plain step's key: the base optimizer's own gradient, no perturbation.
 PLAIN = "adamw"
@@ -381,8 +423,10 @@ def register(name: str, method: Method) -> Method:
   for option in method.options:
     known = all_options().get(option.name)
     if known is not None and known != option:
-      raise ValueError(f"option sam.{option.name} of method {name!r} differs "
-                       "from the one the registry has; share that Option")
+      raise ValueError(
+          f"option sam.{option.name} of method {name!r} differs "
+          "from the one the registry has; share that Option"
+      )
   METHODS[name] = method
   return method
 
@@ -399,25 +443,31 @@ def all_options() -> dict[str, Option]:
 
 def methods_with(option: str) -> frozenset[str]:
   """The methods that read option `option`."""
-  return frozenset(k for k, m in METHODS.items()
-                   if any(o.name == option for o in m.options))
+  return frozenset(
+      k for k, m in METHODS.items() if any(o.name == option for o in m.options)
+  )
 
 
 def config_options(sam_cfg, method: str | None = None) -> dict[str, Any]:
   """{option name: its value in config section `sam`} for every option, or
   for those of `method` only."""
-  names = (all_options() if method is None else
-           [o.name for o in METHODS[method].options])
+  names = (
+      all_options()
+      if method is None
+      else [o.name for o in METHODS[method].options]
+  )
   return {name: sam_cfg.get(name) for name in names}
 
 
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
 PHI_METHODS = methods_with(PHI.name)
 ALPHA_METHODS = methods_with(ALPHA.name)
-ADAPTIVE_METHODS = frozenset(k for k, m in METHODS.items()
-                             if m.direction == "adaptive")
-MOMENTUM_METHODS = frozenset(k for k, m in METHODS.items()
-                             if m.direction == "momentum")
+ADAPTIVE_METHODS = frozenset(
+    k for k, m in METHODS.items() if m.direction == "adaptive"
+)
+MOMENTUM_METHODS = frozenset(
+    k for k, m in METHODS.items() if m.direction == "momentum"
+)
 
 
 def is_plain(method: str) -> bool:
@@ -452,12 +502,15 @@ def validate(method: str, rho, optimizer: str = "adamw", **options) -> None:
   options (sam_schedule.validate calls it). `options`: the method options'
   values by name (`Option`; None = unset). Traced values are not checked."""
   if method not in METHODS:
-    raise ValueError(f"sam.method={method!r} is unknown; use one of "
-                     f"{sorted(METHODS)}")
+    raise ValueError(
+        f"sam.method={method!r} is unknown; use one of " f"{sorted(METHODS)}"
+    )
   rho_value = _as_float(rho)
   if rho_value is not None and not rho_value >= 0:
-    raise ValueError(f"sam.rho={rho!r} must be >= 0; set sam.rho to a "
-                     "non-negative radius (0 gives the plain gradient)")
+    raise ValueError(
+        f"sam.rho={rho!r} must be >= 0; set sam.rho to a "
+        "non-negative radius (0 gives the plain gradient)"
+    )
   _validate_options(method, options)
   _validate_optimizer(method, optimizer)
 
@@ -468,46 +521,66 @@ def _validate_options(method: str, values: dict[str, Any]) -> None:
   known = all_options()
   unknown = sorted(set(values) - set(known))
   if unknown:
-    raise ValueError(f"sam.{unknown[0]} is not an option of any method; use "
-                     f"one of {', '.join('sam.' + k for k in known)}")
+    raise ValueError(
+        f"sam.{unknown[0]} is not an option of any method; use "
+        f"one of {', '.join('sam.' + k for k in known)}"
+    )
   mine = {o.name for o in METHODS[method].options}
   for name, option in known.items():
     value = values.get(name)
     if name in mine and value is None and option.required:
-      raise ValueError(f"sam.method={method!r} needs sam.{name} "
-                       f"({option.meaning}); set it")
+      raise ValueError(
+          f"sam.method={method!r} needs sam.{name} "
+          f"({option.meaning.rstrip('.')}); set it"
+      )
     if value is None or (name not in mine and value == option.default):
       continue
     if name not in mine:
-      raise ValueError(f"sam.{name}={value!r} is ignored by sam.method="
-                       f"{method!r}; unset sam.{name} or use one of "
-                       f"{sorted(methods_with(name))}")
+      raise ValueError(
+          f"sam.{name}={value!r} is ignored by sam.method="
+          f"{method!r}; unset sam.{name} or use one of "
+          f"{sorted(methods_with(name))}"
+      )
     problem = option.problem(value)
     if problem:
-      raise ValueError(f"sam.{name}={value!r} {problem} ({option.meaning})")
+      raise ValueError(
+          f"sam.{name}={value!r} {problem} " f"({option.meaning.rstrip('.')})"
+      )
 
 
 def _validate_optimizer(method: str, optimizer: str) -> None:
   """AdamW's second moment (precond methods) and an optimizer's first moment
   (momentum methods) exist."""
   if method in PRECOND_METHODS and optimizer not in OPTIMIZERS_WITH_PRECOND:
-    raise ValueError(f"sam.method={method!r} preconditions with AdamW's second "
-                     f"moment but opt.optimizer={optimizer!r}; use "
-                     f"opt.optimizer='adamw' or a method without 'precond_'")
+    raise ValueError(
+        f"sam.method={method!r} preconditions with AdamW's second "
+        f"moment but opt.optimizer={optimizer!r}; use "
+        f"opt.optimizer='adamw' or a method without 'precond_'"
+    )
   if method in MOMENTUM_METHODS and optimizer not in OPTIMIZERS_WITH_MOMENTUM:
-    raise ValueError(f"sam.method={method!r} perturbs against the "
-                     f"optimizer's first moment, which opt.optimizer="
-                     f"{optimizer!r} has none of; use opt.optimizer='adamw' "
-                     "or 'momentum'")
+    raise ValueError(
+        f"sam.method={method!r} perturbs against the "
+        f"optimizer's first moment, which opt.optimizer="
+        f"{optimizer!r} has none of; use opt.optimizer='adamw' "
+        "or 'momentum'"
+    )
 
 
 # ---------------------------------------------------------------- the step
 
 
-def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
-             logits_fn: LogitsFn, rho, precond: PyTree | None = None,
-             head: OutputHead | None = None, momentum: PyTree | None = None,
-             **options) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
+def gradient(
+    method: str,
+    params: PyTree,
+    batch: dict[str, Any],
+    *,
+    logits_fn: LogitsFn,
+    rho,
+    precond: PyTree | None = None,
+    head: OutputHead | None = None,
+    momentum: PyTree | None = None,
+    **options,
+) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
   """(loss at theta, the method's gradient, scalar metrics).
 
   `method` is a static python value; `rho` and the numeric `options` (the
@@ -524,13 +597,20 @@ def gradient(method: str, params: PyTree, batch: dict[str, Any], *,
   validate(method, rho, **options)
   opts = Options(options, precond, momentum)
   loss, grads, _, metrics = method_gradient(
-      METHODS[method], params, batch, logits_fn=logits_fn, rho=rho,
-      opts=opts, head=head)
+      METHODS[method],
+      params,
+      batch,
+      logits_fn=logits_fn,
+      rho=rho,
+      opts=opts,
+      head=head,
+  )
   return loss, grads, metrics
 
 
-def method_gradient(entry: Method, params, batch, *, logits_fn, rho,
-                    opts: Options, head=None):
+def method_gradient(
+    entry: Method, params, batch, *, logits_fn, rho, opts: Options, head=None
+):
   """(loss, the method's gradient, the plain gradient g, metrics) on one
   batch with validated options: `gradient`'s equations."""
   rho = jnp.asarray(rho, jnp.result_type(float))
@@ -542,10 +622,18 @@ def method_gradient(entry: Method, params, batch, *, logits_fn, rho,
     clean = clean_vjp(params, batch, logits_fn, head)
     eps = perturb(entry, params, clean.grads, rho, opts)
     params_eps = shift(params, eps)
-  grads = combine(entry, entry(Step(clean, params_eps, batch, logits_fn,
-                                    opts, head)), clean.grads, opts)
-  return (clean.loss, grads, clean.grads,
-          step_metrics(grads, clean.grads, eps, rho))
+  grads = combine(
+      entry,
+      entry(Step(clean, params_eps, batch, logits_fn, opts, head)),
+      clean.grads,
+      opts,
+  )
+  return (
+      clean.loss,
+      grads,
+      clean.grads,
+      step_metrics(grads, clean.grads, eps, rho),
+  )
 
 
 def combine(entry: Method, grads, g, opts: Options):
@@ -565,8 +653,12 @@ def perturb(entry: Method, params, grads, rho, opts: Options):
     return momentum_perturbation(opts.momentum, rho, params)
   if entry.direction == "adaptive":
     return adaptive_perturbation(grads, params, rho, opts.get(ADAPTIVE_ETA))
-  return perturbation(grads, rho, opts.precond if entry.precond else None,
-                      opts.get(PRECOND_NORMALIZE))
+  return perturbation(
+      grads,
+      rho,
+      opts.precond if entry.precond else None,
+      opts.get(PRECOND_NORMALIZE),
+  )
 
 
 def shift(params: PyTree, eps: PyTree | None) -> PyTree | None:
@@ -580,8 +672,9 @@ def step_metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
   """The scalars every step logs."""
   return {
       "grad_norm": tree_math.norm(g),
-      "perturbation_norm": (tree_math.norm(eps) if eps is not None
-                            else jnp.zeros((), jnp.float32)),
+      "perturbation_norm": (
+          tree_math.norm(eps) if eps is not None else jnp.zeros((), jnp.float32)
+      ),
       "cosine": cosine(grads, g),
       "rho": rho,
   }
@@ -599,12 +692,13 @@ class Reuse(NamedTuple):
 
 def reuse_init(params: PyTree) -> Reuse:
   """Nothing measured yet: `reuse_correction` returns g unchanged."""
-  return Reuse(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-               jnp.zeros((), jnp.float32))
+  return Reuse(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+      jnp.zeros((), jnp.float32),
+  )
 
 
-def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
-                     ) -> PyTree:
+def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure) -> PyTree:
   """LookSAM-style reuse: g + ||g|| / ||g_m|| * delta.
 
   delta = g_method - g_m was measured at the last step that took the full
@@ -614,9 +708,12 @@ def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure
   any measurement (||g_m|| = 0) it gives g.
   """
   g_norm_at_measure = jnp.asarray(g_norm_at_measure, jnp.float32)
-  scale = jnp.where(g_norm_at_measure > 0,
-                    tree_math.norm(g) / jnp.where(g_norm_at_measure > 0,
-                                         g_norm_at_measure, 1.0), 0.0)
+  scale = jnp.where(
+      g_norm_at_measure > 0,
+      tree_math.norm(g)
+      / jnp.where(g_norm_at_measure > 0, g_norm_at_measure, 1.0),
+      0.0,
+  )
   return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 
 
