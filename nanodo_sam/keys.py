@@ -337,7 +337,7 @@ _OPT = (  # The optimizer (nanodo_sam/optimizer.py).
 )
 # The gradient step (nanodo_sam/sam.py). The methods' own options (sam.phi,
 # sam.alpha, ...) are declared by their registry entries (`sam.Option`) and
-# listed after sam.rho (`_method_keys`).
+# listed after sam.rho (`method_keys`).
 _SAM = (
     _str(
         "sam.method",
@@ -503,7 +503,7 @@ def _option_key(option: sam_lib.Option) -> Key:
   return _num(option.key, option.default, meaning, least=option.least)
 
 
-def _method_keys() -> tuple[Key, ...]:
+def method_keys() -> tuple[Key, ...]:
   """The keys of every registered method's options, in registry order."""
   return tuple(_option_key(o) for o in sam_lib.all_options().values())
 
@@ -519,7 +519,7 @@ def all_keys() -> tuple[Key, ...]:
       *_DATA,
       *_OPT,
       *_SAM[:i],
-      *_method_keys(),
+      *method_keys(),
       *_SAM[i:],
       *_LOOP,
       *_DIAGNOSTICS,

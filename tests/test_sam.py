@@ -6,6 +6,7 @@ the step is shown never to assume the Nanodo model.
 """
 
 import functools
+import json
 import math
 
 import jax
@@ -588,6 +589,112 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   assert make_tables.main([str(tmp_path)]) == 0
   assert (
       "| fixed_length | 2M | gelu | Half-SAM | 3.9000 | 0.1 |"
+      in capsys.readouterr().out
+  )
+
+
+BETA = sam.Option(
+    "beta",
+    "The weight of the perturbed gradient (made up " "for a test).",
+    example=0.3,
+    least=0.0,
+)
+
+
+def _beta_sam(step):
+  """g + beta (grad L(theta + eps) - g): a method with an option of its own,
+  made up for this test."""
+  eps, beta = step.perturbed(), step.option(BETA)
+  return jax.tree.map(
+      lambda g, s: g + beta * (s - g), step.clean.grads, step.jt(eps, eps)
+  )
+
+
+def test_a_method_declares_its_own_option_in_its_registry_entry(
+    monkeypatch, tmp_path, capsys
+):
+  """A method registered here with an option of its own (sam.beta, declared
+  only in its entry) takes it in `sam.gradient`, finds it in --config.sam.*
+  with its range checked in one validation line, runs in `nanodo-sam bench`
+  at the option's example, gets it in a sweep and shows it in the tables."""
+  from conftest import QUICKSTART, fake_run, tiny_config
+  from nanodo_sam import bench
+  from nanodo_sam import cli
+  from nanodo_sam import keys
+  from nanodo_sam import runs
+  from nanodo_sam import sweep_spec
+  from nanodo_sam import tables as make_tables
+  from nanodo_sam import validation
+
+  monkeypatch.setitem(
+      sam.METHODS,
+      "beta_sam",
+      sam.Method(_beta_sam, "Beta-SAM", options=(BETA,)),
+  )
+  params, logits_fn = _mlp()
+  batch = _batch()
+  _, grads, _ = _step("beta_sam", params, batch, logits_fn, 0.1, beta=0.3)
+  g = _grad(params, batch, logits_fn)
+  ref = jax.tree.map(
+      lambda a, b: a + 0.3 * (b - a),
+      g,
+      _ref("sam", params, batch, logits_fn, 0.1),
+  )
+  _close(grads, ref, rtol=1e-4, atol=1e-6)
+
+  # The key table: its default, range and meaning, from the entry.
+  key = keys.BY_NAME["sam.beta"]
+  assert key.default is None and "Beta-SAM" not in key.meaning
+  assert "made up" in key.meaning and "beta_sam" in key.meaning
+  assert keys.defaults().sam.beta is None
+
+  # --config.sam.beta: out of range, unset and set for another method are
+  # each one line on stderr (exit 2); set for beta_sam, it validates.
+  def error(*overrides):
+    with pytest.raises(SystemExit) as e:
+      cli.main(
+          [
+              "train",
+              f"--config={QUICKSTART}",
+              f"--workdir={tmp_path / 'never'}",
+              *overrides,
+          ]
+      )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+  assert "sam.beta=-1.0 must be >= 0" in error(
+      "--config.sam.method=beta_sam", "--config.sam.beta=-1.0"
+  )
+  assert "sam.method='beta_sam' needs sam.beta" in error(
+      "--config.sam.method=beta_sam"
+  )
+  assert "sam.beta=0.3 is ignored by sam.method='sam'" in error(
+      "--config.sam.method=sam", "--config.sam.beta=0.3"
+  )
+  assert not (tmp_path / "never").exists()
+  validation.validate(
+      tiny_config(**{"sam.method": "beta_sam", "sam.rho": 0.1, "sam.beta": 0.5})
+  )
+
+  # bench sets the option's example; a sweep gets it too.
+  (row,) = bench.run(tiny_config(), [], "beta_sam", steps=1, out=None)["rows"]
+  assert row["method"] == "beta_sam" and np.isfinite(row["final_loss"])
+  (run,) = sweep_spec.method_runs(["beta_sam"], [0.1])
+  assert run["sam.beta"] == BETA.example == 0.3
+
+  # The tables: a run's own beta is what sets it apart from the others.
+  assert "sam.beta" in runs.variant_keys()
+  fake_run(tmp_path, "beta", method="beta_sam", rho=0.1, seed=0, loss=3.9)
+  cfg_path = tmp_path / "beta" / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg["sam"]["beta"] = 0.3
+  cfg_path.write_text(json.dumps(cfg))
+  capsys.readouterr()
+  assert make_tables.main([str(tmp_path)]) == 0
+  assert (
+      "| Beta-SAM | 3.9000 | 0.1 | 0.001 | beta=0.3 |"
       in capsys.readouterr().out
   )
 
