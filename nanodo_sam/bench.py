@@ -59,11 +59,8 @@ from nanodo_sam.errors import UsageError
 SIZES = sizes_lib.SIZES
 
 RHO = 0.05  # A method's own options: its registry entry's examples.
-CHEAP_VARIANTS = (
-    "precond_functional_sam:k=2",
-    "precond_functional_sam:k=5",
-    "precond_functional_sam:k=5:reuse",
-)
+CHEAP_VARIANTS = ("precond_functional_sam:k=2", "precond_functional_sam:k=5",
+                  "precond_functional_sam:k=5:reuse")
 WARMUP_STEPS = 2
 
 
@@ -77,21 +74,16 @@ class Variant:
 
   @property
   def name(self) -> str:
-    return (
-        self.method
-        + (f":k={self.every_k}" if self.every_k > 1 else "")
-        + (":reuse" if self.reuse else "")
-    )
+    return (self.method + (f":k={self.every_k}" if self.every_k > 1 else "")
+            + (":reuse" if self.reuse else ""))
 
 
 def parse_variant(spec: str) -> Variant:
   method, *opts = spec.strip().split(":")
   if method not in sam_lib.METHODS:
-    raise UsageError(
-        f"--methods: unknown method {method!r}; use 'all' or "
-        f"METHOD[:k=K][:reuse] with METHOD in "
-        f"{', '.join(sam_lib.METHODS)}"
-    )
+    raise UsageError(f"--methods: unknown method {method!r}; use 'all' or "
+                     f"METHOD[:k=K][:reuse] with METHOD in "
+                     f"{', '.join(sam_lib.METHODS)}")
   every_k, reuse = 1, False
   for opt in opts:
     if opt.startswith("k=") and opt[2:].isdigit() and int(opt[2:]) >= 1:
@@ -99,20 +91,14 @@ def parse_variant(spec: str) -> Variant:
     elif opt == "reuse":
       reuse = True
     else:
-      raise UsageError(
-          f"--methods: bad option {opt!r} in {spec!r}; use "
-          "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse"
-      )
+      raise UsageError(f"--methods: bad option {opt!r} in {spec!r}; use "
+                       "METHOD[:k=K][:reuse], e.g. functional_sam:k=5:reuse")
   if sam_lib.is_plain(method) and (every_k > 1 or reuse):
-    raise UsageError(
-        f"--methods: {spec!r}: {method} is the plain gradient; "
-        "it takes no :k= or :reuse"
-    )
+    raise UsageError(f"--methods: {spec!r}: {method} is the plain gradient; "
+                     "it takes no :k= or :reuse")
   if reuse and every_k == 1:
-    raise UsageError(
-        f"--methods: {spec!r}: :reuse needs :k=K with K > 1, "
-        "e.g. functional_sam:k=5:reuse"
-    )
+    raise UsageError(f"--methods: {spec!r}: :reuse needs :k=K with K > 1, "
+                     "e.g. functional_sam:k=5:reuse")
   return Variant(method, every_k, reuse)
 
 
@@ -135,10 +121,8 @@ def parse_sizes(sizes) -> list[str]:
     sizes = [s.strip() for s in sizes.split(",") if s.strip()]
   for s in sizes:
     if s not in SIZES:
-      raise UsageError(
-          f"--sizes: unknown size {s!r}; use some of "
-          f"{', '.join(SIZES)} (or none for the config's model)"
-      )
+      raise UsageError(f"--sizes: unknown size {s!r}; use some of "
+                       f"{', '.join(SIZES)} (or none for the config's model)")
   return list(sizes)
 
 
@@ -199,9 +183,8 @@ class _Runner:
     self.compiled, mems, self.compile_s = {}, [], 0.0
     for kind in dict.fromkeys(self.kinds):
       t0 = time.perf_counter()
-      self.compiled[kind] = (
-          train_lib.jit_step(s, kind).lower(self.state, self.batch).compile()
-      )
+      self.compiled[kind] = train_lib.jit_step(s, kind).lower(
+          self.state, self.batch).compile()
       self.compile_s += time.perf_counter() - t0
       mems.append(memory_bytes(self.compiled[kind]))
     self.memory = max(mems, key=lambda m: m.get("total", 0))
@@ -240,14 +223,8 @@ class _Runner:
         "size": self.size or f"D{m.D}-N{m.N}",
         "method": self.v.name,
         "optimizer": c.opt.optimizer,
-        "D": m.D,
-        "H": m.H,
-        "N": m.N,
-        "F": m.F,
-        "L": m.L,
-        "V": m.V,
-        "batch_size": c.data.batch_size,
-        "dtype": m.dtype,
+        "D": m.D, "H": m.H, "N": m.N, "F": m.F, "L": m.L, "V": m.V,
+        "batch_size": c.data.batch_size, "dtype": m.dtype,
         "non_embedding_params": model_lib.non_embedding_params(m),
         "step_s_median": median,
         "step_s_p10": float(np.percentile(times, 10)),
@@ -265,9 +242,8 @@ class _Runner:
     }
 
 
-def bench_size(
-    cfg, size: str | None, variants: list[Variant], steps: int, interleave: bool
-) -> list[dict]:
+def bench_size(cfg, size: str | None, variants: list[Variant], steps: int,
+               interleave: bool) -> list[dict]:
   """Rows for one size. Interleaved (the default on CPU, where other load
   comes and goes): every variant is compiled and warmed up first and the timed
   cycles then go round-robin over the variants, so a slow patch hits all of
@@ -298,14 +274,8 @@ def bench_size(
   return rows
 
 
-def run(
-    cfg,
-    sizes,
-    methods,
-    steps: int = 10,
-    out: str | None = "bench.json",
-    interleave: bool | None = None,
-) -> dict:
+def run(cfg, sizes, methods, steps: int = 10, out: str | None = "bench.json",
+        interleave: bool | None = None) -> dict:
   """Benchmarks every (size, method); prints a table, writes JSON to `out`.
 
   `sizes`: names from `SIZES` (empty: the config's own model); `methods`:
@@ -319,9 +289,8 @@ def run(
     raise UsageError(f"--steps={steps} must be >= 1")
   for size in sizes:  # Validate every row before any work.
     for v in variants:
-      validation.validate(
-          _variant_config(cfg, size, v), num_devices=jax.device_count()
-      )
+      validation.validate(_variant_config(cfg, size, v),
+                          num_devices=jax.device_count())
   device = jax.devices()[0]
   if interleave is None:
     interleave = device.platform == "cpu"
@@ -343,17 +312,14 @@ def run(
       "warmup_steps": WARMUP_STEPS,
       "interleaved": interleave,
       "rho": RHO,
-      "options": {
-          k: v
-          for m in sam_lib.METHODS
-          for k, v in sam_lib.example_options(m).items()
-      },
+      "options": {k: v for m in sam_lib.METHODS
+                  for k, v in sam_lib.example_options(m).items()},
       "flops_formula": "model_flops_per_token = 6*N_nonembed + 6*V*D + "
-      "12*n_layers*L*D; method FLOPs = model FLOPs * "
-      "(2*forwards + 4*backwards)/6",
+                       "12*n_layers*L*D; method FLOPs = model FLOPs * "
+                       "(2*forwards + 4*backwards)/6",
       "memory_formula": "argument + output - alias + temp bytes of "
-      "jit(step).lower(state, batch).compile()."
-      "memory_analysis()",
+                        "jit(step).lower(state, batch).compile()."
+                        "memory_analysis()",
       "rows": rows,
   }
   print()
@@ -365,22 +331,16 @@ def run(
 
 
 def _add_ratios(rows: list[dict]) -> None:
-  base = {
-      r["size"]: r
-      for r in rows
-      if r["method"] in sam_lib.METHODS and sam_lib.is_plain(r["method"])
-  }
+  base = {r["size"]: r for r in rows
+          if r["method"] in sam_lib.METHODS and sam_lib.is_plain(r["method"])}
   for r in rows:
     b = base.get(r["size"])
     r["time_vs_adamw"] = r["step_s_median"] / b["step_s_median"] if b else None
-    r["cpu_time_vs_adamw"] = (
-        r["cpu_s_median"] / b["cpu_s_median"] if b else None
-    )
-    r["memory_vs_adamw"] = (
-        r["memory_bytes"].get("total", 0) / b["memory_bytes"]["total"]
-        if b and b["memory_bytes"].get("total")
-        else None
-    )
+    r["cpu_time_vs_adamw"] = (r["cpu_s_median"] / b["cpu_s_median"]
+                              if b else None)
+    r["memory_vs_adamw"] = (r["memory_bytes"].get("total", 0)
+                            / b["memory_bytes"]["total"]
+                            if b and b["memory_bytes"].get("total") else None)
 
 
 def _cpu_model() -> str:
@@ -398,20 +358,8 @@ def columns(optimizer: str = "adamw") -> tuple[str, ...]:
   """The table's header. The ratios ("x AdamW") are to the plain step of
   the same size, named by its optimizer (`sam.label`)."""
   x = "x " + sam_lib.label(sam_lib.PLAIN, optimizer)
-  return (
-      "size",
-      "method",
-      "step ms",
-      "p10-p90 ms",
-      x,
-      "CPU " + x,
-      "tokens/s",
-      "GFLOP/tok",
-      "MFU",
-      "compile s",
-      "memory MB",
-      x,
-  )
+  return ("size", "method", "step ms", "p10-p90 ms", x, "CPU " + x,
+          "tokens/s", "GFLOP/tok", "MFU", "compile s", "memory MB", x)
 
 
 RATIO_COLUMNS = (4, 5, 11)  # the indices of the ratios in `columns()`
@@ -420,12 +368,9 @@ RATIO_COLUMNS = (4, 5, 11)  # the indices of the ratios in `columns()`
 def _cells(r: dict) -> list[str]:
   fmt_ratio = lambda x: "" if x is None else f"{x:.2f}"
   return [
-      r["size"],
-      r["method"],
-      f"{1e3 * r['step_s_median']:.1f}",
+      r["size"], r["method"], f"{1e3 * r['step_s_median']:.1f}",
       f"{1e3 * r['step_s_p10']:.1f}-{1e3 * r['step_s_p90']:.1f}",
-      fmt_ratio(r.get("time_vs_adamw")),
-      fmt_ratio(r.get("cpu_time_vs_adamw")),
+      fmt_ratio(r.get("time_vs_adamw")), fmt_ratio(r.get("cpu_time_vs_adamw")),
       f"{r['tokens_per_s']:,.0f}",
       f"{r['model_flops_per_token'] * r['method_flops_factor'] / 1e9:.4f}",
       "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
@@ -438,19 +383,14 @@ def _cells(r: dict) -> list[str]:
 def format_row(r: dict) -> str:
   """One row as `column=value` pairs, without the ratios (not known yet)."""
   cols = columns(r.get("optimizer", "adamw"))
-  return "  ".join(
-      f"{k}={v}"
-      for i, (k, v) in enumerate(zip(cols, _cells(r)))
-      if i not in RATIO_COLUMNS
-  )
+  return "  ".join(f"{k}={v}" for i, (k, v) in enumerate(zip(cols, _cells(r)))
+                   if i not in RATIO_COLUMNS)
 
 
 def format_table(rows: list[dict]) -> str:
   """A GitHub markdown table."""
   cols = columns(rows[0].get("optimizer", "adamw") if rows else "adamw")
-  lines = [
-      "| " + " | ".join(cols) + " |",
-      "|" + "|".join("---" for _ in cols) + "|",
-  ]
+  lines = ["| " + " | ".join(cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
   lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
   return "\n".join(lines)

@@ -40,24 +40,19 @@ def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
   if len(eval_data) < k:
     raise UsageError(
         f"diagnostics.num_batches={k} exceeds data.eval_steps="
-        f"{len(eval_data)} eval batches; lower it or raise data.eval_steps"
-    )
-  return {
-      key: np.stack([eb[key][:b] for eb in eval_data[:k]])
-      for key in eval_data[0]
-  }
+        f"{len(eval_data)} eval batches; lower it or raise data.eval_steps")
+  return {key: np.stack([eb[key][:b] for eb in eval_data[:k]])
+          for key in eval_data[0]}
 
 
 def exact_head(s):
   """The output layer of `s.diagnostics_logits_fn`'s model (attention
   "xla"), with the mesh's batch sharding: `sharpness` then runs each product
   on every device's own rows (shard_map) and chunks the logits."""
-  exact = model_lib.TransformerDo(
-      dataclasses.replace(s.model.cfg, attention="xla")
-  )
+  exact = model_lib.TransformerDo(dataclasses.replace(s.model.cfg,
+                                                      attention="xla"))
   return model_lib.output_head(exact)._replace(
-      batch_sharding=sharding.batch_sharding(s.mesh)
-  )
+      batch_sharding=sharding.batch_sharding(s.mesh))
 
 
 def chunk_tokens(cfg) -> int:
@@ -65,11 +60,8 @@ def chunk_tokens(cfg) -> int:
   train step's model.head_chunk_tokens where the config has it (0 = the
   whole sequence), else sharpness.CHUNK_TOKENS."""
   n = int(cfg.model.get("head_chunk_tokens", sharpness.CHUNK_TOKENS))
-  return (
-      n
-      if n > 0
-      else cfg.model.L * max(cfg.diagnostics.batch_size, cfg.data.batch_size)
-  )
+  return n if n > 0 else cfg.model.L * max(cfg.diagnostics.batch_size,
+                                           cfg.data.batch_size)
 
 
 def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
@@ -91,20 +83,11 @@ def sharpness_fn(cfg, s) -> Callable[..., dict[str, jax.Array]]:
     precond = optimizer_lib.adam_precond(state.opt_state, cfg.opt)
     with jax.default_matmul_precision("float32"):
       return sharpness.measure(
-          state.params,
-          batch,
-          logits_fn=s.diagnostics_logits_fn,
-          lr=lr,
-          rho=rho,
-          num_iters=d.num_iters,
-          num_probes=d.num_probes,
-          rng=rng,
-          tol=d.tol,
-          precond=precond,
-          params_sharding=s.state_sharding.params,
-          head=head,
-          chunk_tokens=tokens,
-      )
+          state.params, batch, logits_fn=s.diagnostics_logits_fn, lr=lr,
+          rho=rho, num_iters=d.num_iters, num_probes=d.num_probes, rng=rng,
+          tol=d.tol, precond=precond,
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
   return fn
 
@@ -127,47 +110,22 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
   head, tokens = exact_head(s), chunk_tokens(cfg)
 
   def eos(state, batch, lr, rho, rng):
-    precond = (
-        optimizer_lib.adam_precond(state.opt_state, cfg.opt)
-        if cfg.sam.method in sam_lib.PRECOND_METHODS
-        else None
-    )
+    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+               if cfg.sam.method in sam_lib.PRECOND_METHODS else None)
     _, sam_grads, _ = sam_lib.gradient(
-        cfg.sam.method,
-        state.params,
-        batch,
-        logits_fn=s.logits_fn,
-        rho=rho,
-        precond=precond,
-        head=s.head,
-        **sam_lib.config_options(cfg.sam, cfg.sam.method),
-    )
+        cfg.sam.method, state.params, batch, logits_fn=s.logits_fn,
+        rho=rho, precond=precond, head=s.head,
+        **sam_lib.config_options(cfg.sam, cfg.sam.method))
     with jax.default_matmul_precision("float32"):
       return sharpness.edge_of_stability(
-          state.params,
-          batch,
-          sam_grads,
-          logits_fn=s.diagnostics_logits_fn,
-          lr=lr,
-          rho=rho,
-          num_iters=d.num_iters,
-          rng=rng,
-          tol=d.tol,
-          params_sharding=s.state_sharding.params,
-          head=head,
-          chunk_tokens=tokens,
-      )
+          state.params, batch, sam_grads, logits_fn=s.diagnostics_logits_fn,
+          lr=lr, rho=rho, num_iters=d.num_iters, rng=rng, tol=d.tol,
+          params_sharding=s.state_sharding.params, head=head,
+          chunk_tokens=tokens)
 
-  return jax.jit(
-      eos,
-      in_shardings=(
-          s.state_sharding,
-          sharding.batch_sharding(s.mesh),
-          None,
-          None,
-          None,
-      ),
-  )
+  return jax.jit(eos, in_shardings=(s.state_sharding,
+                                    sharding.batch_sharding(s.mesh), None,
+                                    None, None))
 
 
 def to_scalars(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -176,9 +134,8 @@ def to_scalars(out: dict[str, Any], prefix: str = "") -> dict[str, float]:
   return {f"{prefix}{k}": float(v) for k, v in jax.device_get(out).items()}
 
 
-def make_diagnose(
-    cfg, s, eval_data
-) -> Callable[[Any, Any, int], dict[str, float]] | None:
+def make_diagnose(cfg, s, eval_data
+                  ) -> Callable[[Any, Any, int], dict[str, float]] | None:
   """`diagnose(state, batch, step) -> scalars` for the training loop, run
   before step `step` (at theta_step) at the step's learning rate and rho,
   with a key folded from the state's; None when diagnostics are off.
@@ -196,16 +153,9 @@ def make_diagnose(
 
   def diagnose(state, batch, step):
     rng = jax.random.fold_in(state.rng, step)
-    return to_scalars(
-        fn(
-            state,
-            batch,
-            schedule(step),
-            sam_schedule.rho_at(cfg.sam, step, cfg.opt),
-            rng,
-        ),
-        prefix,
-    )
+    return to_scalars(fn(state, batch, schedule(step),
+                         sam_schedule.rho_at(cfg.sam, step, cfg.opt), rng),
+                      prefix)
 
   return diagnose
 
@@ -220,11 +170,9 @@ def validate(cfg) -> None:
     raise UsageError(
         f"diagnostics.num_batches={diag.num_batches} exceeds "
         f"data.eval_steps={data.eval_steps} eval batches; lower it or "
-        "raise data.eval_steps"
-    )
+        "raise data.eval_steps")
   if diag.batch_size > data.eval_batch_size:
     raise UsageError(
         f"diagnostics.batch_size={diag.batch_size} exceeds "
         f"data.eval_batch_size={data.eval_batch_size} (its rows come from "
-        "the eval batches); lower it or raise data.eval_batch_size"
-    )
+        "the eval batches); lower it or raise data.eval_batch_size")

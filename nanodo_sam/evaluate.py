@@ -31,13 +31,9 @@ from nanodo_sam.loss import OutputHead
 METRICS = ("loss", "perplexity", "accuracy", "bits_per_byte")
 
 
-def make_eval_step(
-    logits_fn: Callable,
-    params_sharding=None,
-    batch_sharding=None,
-    target_bytes: Callable | None = None,
-    head: OutputHead | None = None,
-):
+def make_eval_step(logits_fn: Callable, params_sharding=None,
+                   batch_sharding=None, target_bytes: Callable | None = None,
+                   head: OutputHead | None = None):
   """Jitted (params, batch) -> the batch's sums over scored tokens: "loss"
   (nats), "weight" (tokens), "correct" (argmax == target) and "bytes"
   (`target_bytes(inputs, targets)` [B, L] bytes per target; 0 without it).
@@ -45,13 +41,9 @@ def make_eval_step(
 
   def eval_step(params, batch):
     sums = head_lib.eval_sums(params, batch, logits_fn=logits_fn, head=head)
-    num_bytes = (
-        0.0
-        if target_bytes is None
-        else jnp.sum(
-            target_bytes(batch["inputs"], batch["targets"]) * batch["weights"]
-        )
-    )
+    num_bytes = (0.0 if target_bytes is None else
+                 jnp.sum(target_bytes(batch["inputs"], batch["targets"])
+                         * batch["weights"]))
     return dict(sums, bytes=jnp.asarray(num_bytes, jnp.float32))
 
   if params_sharding is None:
@@ -66,12 +58,9 @@ def eval_step_for(s):
   (bits per byte)."""
   cfg = s.cfg
   return make_eval_step(
-      s.logits_fn,
-      s.state_sharding.params,
-      sharding.batch_sharding(s.mesh),
+      s.logits_fn, s.state_sharding.params, sharding.batch_sharding(s.mesh),
       target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V),
-      head=s.head,
-  )
+      head=s.head)
 
 
 def metrics_from_sums(sums: dict) -> dict:
@@ -85,26 +74,20 @@ def metrics_from_sums(sums: dict) -> dict:
       "loss": loss,
       "perplexity": perplexity,
       "accuracy": sums["correct"] / tokens,
-      "bits_per_byte": (
-          sums["loss"] / (math.log(2) * num_bytes)
-          if num_bytes > 0
-          else float("nan")
-      ),
+      "bits_per_byte": (sums["loss"] / (math.log(2) * num_bytes)
+                        if num_bytes > 0 else float("nan")),
       "tokens": sums["weight"],
       "bytes": num_bytes,
   }
 
 
-def eval_metrics(
-    eval_step, params, batches: Iterable, put_batch=lambda b: b
-) -> dict:
+def eval_metrics(eval_step, params, batches: Iterable,
+                 put_batch=lambda b: b) -> dict:
   """`metrics_from_sums` over `batches` (one host sync at the end; sums in
   float64 on the host)."""
   sums = jax.device_get([eval_step(params, put_batch(b)) for b in batches])
-  total = {
-      k: float(np.sum([s[k] for s in sums], dtype=np.float64))
-      for k in ("loss", "weight", "correct", "bytes")
-  }
+  total = {k: float(np.sum([s[k] for s in sums], dtype=np.float64))
+           for k in ("loss", "weight", "correct", "bytes")}
   return metrics_from_sums(total)
 
 

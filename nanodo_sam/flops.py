@@ -57,8 +57,7 @@ def peak_flops(device) -> float | None:
 def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
   """6*N_nonembed + 6*V*D + 12*N*L*D (see the module docstring)."""
   n_nonembed = model_lib.non_embedding_params(
-      types.SimpleNamespace(N=N, D=D, F=F)
-  )
+      types.SimpleNamespace(N=N, D=D, F=F))
   return 6.0 * n_nonembed + 6.0 * V * D + 12.0 * N * L * D
 
 
@@ -71,17 +70,12 @@ def method_flops_factor(method: str, every_k: int = 1) -> float:
 def step_flops_per_token(cfg) -> float:
   """FLOPs per trained token of a run's step (model x method factor)."""
   m = cfg.model
-  return model_flops_per_token(m.D, m.N, m.F, m.L, m.V) * method_flops_factor(
-      cfg.sam.method, cfg.sam.every_k
-  )
+  return (model_flops_per_token(m.D, m.N, m.F, m.L, m.V)
+          * method_flops_factor(cfg.sam.method, cfg.sam.every_k))
 
 
-def mfu(
-    flops_per_token: float,
-    tokens_per_sec: float,
-    num_devices: int,
-    peak_per_device: float | None,
-) -> float | None:
+def mfu(flops_per_token: float, tokens_per_sec: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
   """Model FLOPs utilisation, or None without a known peak."""
   if not peak_per_device:
     return None

@@ -20,17 +20,16 @@ LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (params, inputs) -> logits
 
 def token_nll(logits_xV: jax.Array, targets_x: jax.Array) -> jax.Array:
   """-log softmax(logits)[target] per token, in at least float32."""
-  logits_xV = logits_xV.astype(jnp.promote_types(logits_xV.dtype, jnp.float32))
+  logits_xV = logits_xV.astype(jnp.promote_types(logits_xV.dtype,
+                                                 jnp.float32))
   logz_x = jax.nn.logsumexp(logits_xV, axis=-1)
-  target_logit_x = jnp.take_along_axis(
-      logits_xV, targets_x[..., None], axis=-1
-  )[..., 0]
+  target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None],
+                                       axis=-1)[..., 0]
   return logz_x - target_logit_x
 
 
-def weighted_nll(
-    logits_xV: jax.Array, targets_x: jax.Array, scale_x: jax.Array
-) -> jax.Array:
+def weighted_nll(logits_xV: jax.Array, targets_x: jax.Array,
+                 scale_x: jax.Array) -> jax.Array:
   """sum_t scale_t nll_t: with scale = w / sum(w) of the whole batch, a
   chunk's share of `cross_entropy`."""
   nll_x = token_nll(logits_xV, targets_x)

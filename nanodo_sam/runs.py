@@ -37,13 +37,8 @@ from nanodo_sam.config import flatten, to_dict
 
 NAN = float("nan")
 # The run directory's files (rundir.py names the trainer's).
-RUN_FILES = (
-    rundir.CONFIG,
-    rundir.RESULTS,
-    "sharpness.json",
-    "prune.json",
-    rundir.PROGRESS,
-)
+RUN_FILES = (rundir.CONFIG, rundir.RESULTS, "sharpness.json", "prune.json",
+             rundir.PROGRESS)
 EVENT_FILES = "events.out.tfevents."
 # The paper tables' grouping: what a run is (GROUP) and what was tuned for it
 # (SETTING); `best` picks the SETTING with the lowest mean over seeds.
@@ -52,16 +47,9 @@ SETTING = ("rho", "lr", "variant")
 # Keys that make a run a different setting of its group besides rho and lr
 # (e.g. SAM with rho warm-up at 1208M); `RunRecord.variant` names those whose
 # value differs from the defaults' (keys.defaults()).
-VARIANT_KEYS = (
-    "sam.rho_warmup_steps",
-    "sam.start_step",
-    "sam.end_step",
-    "sam.every_k",
-    "sam.rho_schedule",
-    "sam.rho_min",
-    "sam.perturbation_scope",
-    "opt.weight_decay",
-)
+VARIANT_KEYS = ("sam.rho_warmup_steps", "sam.start_step", "sam.end_step",
+                "sam.every_k", "sam.rho_schedule", "sam.rho_min",
+                "sam.perturbation_scope", "opt.weight_decay")
 
 
 def variant_keys() -> tuple[str, ...]:
@@ -112,7 +100,6 @@ def _methods() -> dict:
   """The registry (`sam.METHODS`), imported when first needed (it brings
   JAX)."""
   from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
-
   return METHODS
 
 
@@ -127,7 +114,6 @@ def method_label(method: str, optimizer: str = "adamw") -> str:
   if method_entry(method) is None:
     return method
   from nanodo_sam.sam import label  # pylint: disable=g-import-not-at-top
-
   return label(method, optimizer)
 
 
@@ -173,12 +159,9 @@ class RunRecord:
   def _recorded(self, key: str, config_key: str, default=None):
     """`key` of results.json, else the config's `config_key`, else `key` of
     sharpness.json or prune.json (which record method and rho too)."""
-    for value in (
-        self._result(key),
-        self.get(config_key),
-        (self.sharpness or {}).get(key),
-        (self.prune or {}).get(key),
-    ):
+    for value in (self._result(key), self.get(config_key),
+                  (self.sharpness or {}).get(key),
+                  (self.prune or {}).get(key)):
       if value is not None:
         return value
     return default
@@ -196,9 +179,8 @@ class RunRecord:
 
   @property
   def lr(self) -> float:
-    return as_float(
-        self._result("peak_learning_rate", self.get("opt.peak_learning_rate"))
-    )
+    return as_float(self._result("peak_learning_rate",
+                             self.get("opt.peak_learning_rate")))
 
   @property
   def seed(self) -> int:
@@ -206,9 +188,8 @@ class RunRecord:
 
   @property
   def size(self) -> str:
-    return self._recorded("model_size_name", "model.size_name") or str(
-        self._result("model_size", "?")
-    )
+    return (self._recorded("model_size_name", "model.size_name")
+            or str(self._result("model_size", "?")))
 
   @property
   def schedule(self) -> str:
@@ -226,7 +207,8 @@ class RunRecord:
     resumable once there is space) or "unfinished" (running, or killed)."""
     if self.results is None:
       status = (self.progress or {}).get("status")
-      return status if status in ("preempted", "save_failed") else "unfinished"
+      return status if status in ("preempted", "save_failed") else \
+          "unfinished"
     return self.results.get("status", "completed")
 
   @property
@@ -249,9 +231,8 @@ class RunRecord:
   def eval_history(self) -> list[tuple[int, float]]:
     """Every evaluation (step, loss), across resumes; of an unfinished run,
     those so far (progress.json)."""
-    history = self._result(
-        "eval_history", (self.progress or {}).get("eval_history", [])
-    )
+    history = self._result("eval_history",
+                           (self.progress or {}).get("eval_history", []))
     return [(int(s), as_float(l)) for s, l in history]
 
   @property
@@ -264,7 +245,7 @@ class RunRecord:
 
   @property
   def variant(self) -> str:
-    """ "key=value,..." for the `variant_keys` that differ from base.py."""
+    """"key=value,..." for the `variant_keys` that differ from base.py."""
     defaults = base_defaults()
     parts = []
     for key in variant_keys():
@@ -283,13 +264,12 @@ class RunRecord:
 
   @property
   def label(self) -> str:
-    """ "Precond Func-SAM ρ=0.5" (the method's label and radius)."""
+    """"Precond Func-SAM ρ=0.5" (the method's label and radius)."""
     text = method_label(self.method, self.get("opt.optimizer", "adamw"))
     return text + (f" ρ={self.rho:g}" if perturbs(self.method) else "")
 
-  def scalars(
-      self, tags: Iterable[str] | None = None, prefix: str = ""
-  ) -> dict[str, list[tuple[int, float]]]:
+  def scalars(self, tags: Iterable[str] | None = None, prefix: str = ""
+              ) -> dict[str, list[tuple[int, float]]]:
     """TensorBoard scalars of this run (`read_scalars`)."""
     return read_scalars(self.workdir, tags, prefix)
 
@@ -299,11 +279,8 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def read_run(
-    workdir: str,
-    metric: str = "final_eval_loss",
-    warn: Callable[[str], None] = print,
-) -> RunRecord | None:
+def read_run(workdir: str, metric: str = "final_eval_loss",
+             warn: Callable[[str], None] = print) -> RunRecord | None:
   """The run in `workdir`; None (with a note) if its config.json or
   results.json cannot be read. A broken sharpness.json or prune.json is
   ignored with a note."""
@@ -319,15 +296,11 @@ def read_run(
         warn(f"note: skipping {workdir}: {e}")
         return None
       warn(f"note: ignoring {path}: {e}")
-  return RunRecord(
-      workdir=workdir,
-      config=files.get(rundir.CONFIG, {}),
-      results=files.get(rundir.RESULTS),
-      sharpness=files.get("sharpness.json"),
-      prune=files.get("prune.json"),
-      metric=metric,
-      progress=files.get(rundir.PROGRESS),
-  )
+  return RunRecord(workdir=workdir, config=files.get(rundir.CONFIG, {}),
+                   results=files.get(rundir.RESULTS),
+                   sharpness=files.get("sharpness.json"),
+                   prune=files.get("prune.json"), metric=metric,
+                   progress=files.get(rundir.PROGRESS))
 
 
 def _is_run(filenames: Iterable[str]) -> bool:
@@ -353,35 +326,27 @@ def find_runs(paths: Iterable[str]) -> list[str]:
   return sorted(found)
 
 
-def load_runs(
-    paths: Iterable[str],
-    metric: str = "final_eval_loss",
-    warn: Callable[[str], None] = print,
-    finished: bool = False,
-) -> list[RunRecord]:
+def load_runs(paths: Iterable[str], metric: str = "final_eval_loss",
+              warn: Callable[[str], None] = print,
+              finished: bool = False) -> list[RunRecord]:
   """Every run at or below `paths` (`find_runs`); with finished=True only
   those with a results.json."""
   runs = [read_run(d, metric, warn) for d in find_runs(paths)]
-  return [
-      r
-      for r in runs
-      if r is not None and (r.results is not None or not finished)
-  ]
+  return [r for r in runs
+          if r is not None and (r.results is not None or not finished)]
 
 
-def unique(
-    runs: Iterable[RunRecord], warn: Callable[[str], None] = print
-) -> list[RunRecord]:
+def unique(runs: Iterable[RunRecord], warn: Callable[[str], None] = print
+           ) -> list[RunRecord]:
   """The runs without those repeating an earlier one (same GROUP, SETTING,
   seed and length: a copied or re-launched directory), with a note each."""
   out, seen = [], set()
   for r in runs:
-    key = r.group + r.setting + (r.seed, r.get("opt.num_train_steps", r.steps))
+    key = r.group + r.setting + (r.seed,
+                                 r.get("opt.num_train_steps", r.steps))
     if key in seen:
-      warn(
-          f"note: {r.workdir} repeats an earlier run (same method, size, "
-          "schedule, rho, lr, seed); using the first"
-      )
+      warn(f"note: {r.workdir} repeats an earlier run (same method, size, "
+           "schedule, rho, lr, seed); using the first")
       continue
     seen.add(key)
     out.append(r)
@@ -395,7 +360,6 @@ def iter_events(path: str):
   """Event protos from one event file (a TFRecord file: length, masked CRC,
   payload, CRC per record), without importing TensorFlow."""
   from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-
   with open(path, "rb") as f:
     while True:
       header = f.read(12)
@@ -413,10 +377,8 @@ def _value(v) -> float | None:
     return float(v.simple_value)
   if v.HasField("tensor"):  # TF2 summaries (clu): a scalar tensor.
     t = v.tensor
-    if (
-        t.tensor_shape.dim
-        and math.prod(d.size for d in t.tensor_shape.dim) != 1
-    ):
+    if t.tensor_shape.dim and math.prod(d.size for d in t.tensor_shape.dim
+                                        ) != 1:
       return None  # Not a scalar.
     if t.float_val:
       return float(t.float_val[0])
@@ -427,26 +389,23 @@ def _value(v) -> float | None:
     if t.int64_val:
       return float(t.int64_val[0])
     if t.tensor_content:
-      dtype = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64}.get(
-          t.dtype
-      )
+      dtype = {1: np.float32, 2: np.float64, 3: np.int32,
+               9: np.int64}.get(t.dtype)
       if dtype is not None:
         return float(np.frombuffer(t.tensor_content, dtype)[0])
   return None
 
 
-def read_scalars(
-    logdir: str, tags: Iterable[str] | None = None, prefix: str = ""
-) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(logdir: str, tags: Iterable[str] | None = None,
+                 prefix: str = "") -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value)]} from the event files in `logdir`, for the given
   tags (all scalars if None) starting with `prefix`. Reads simple-value and
   TF2 tensor summaries; a step logged twice (after a resume) keeps its last
   value."""
   wanted = None if tags is None else set(tags)
   out: dict[str, dict[int, float]] = {}
-  files = sorted(
-      glob.glob(os.path.join(logdir, EVENT_FILES + "*")), key=os.path.getmtime
-  )
+  files = sorted(glob.glob(os.path.join(logdir, EVENT_FILES + "*")),
+                 key=os.path.getmtime)
   for path in files:
     for event in iter_events(path):
       if not event.HasField("summary"):
@@ -465,17 +424,14 @@ def read_scalars(
 def attribute(run: RunRecord, key: str):
   """A RunRecord attribute ("method", "rho", "workdir", ...) or else a dotted
   config key ("sam.every_k")."""
-  if (
-      isinstance(getattr(type(run), key, None), property)
-      or key in run.__dataclass_fields__
-  ):
+  if (isinstance(getattr(type(run), key, None), property)
+      or key in run.__dataclass_fields__):
     return getattr(run, key)
   return run.get(key)
 
 
-def group_by(
-    runs: Iterable[RunRecord], *keys: str
-) -> dict[tuple, list[RunRecord]]:
+def group_by(runs: Iterable[RunRecord], *keys: str
+             ) -> dict[tuple, list[RunRecord]]:
   """Runs by the values of `keys` (attributes or dotted config keys), in
   first-seen order."""
   out = defaultdict(list)
@@ -484,20 +440,15 @@ def group_by(
   return dict(out)
 
 
-def varying_keys(
-    runs: Iterable[RunRecord], exclude: Iterable[str] = ("seed", "workdir")
-) -> list[str]:
+def varying_keys(runs: Iterable[RunRecord],
+                 exclude: Iterable[str] = ("seed", "workdir")) -> list[str]:
   """The dotted config keys whose value differs between the runs (what a
   sweep varied), minus `exclude`; a key a run lacks counts as None."""
   flats = [flatten(r.config) for r in runs]
   keys = sorted(set().union(*flats)) if flats else []
   skip = set(exclude)
-  return [
-      k
-      for k in keys
-      if k not in skip
-      and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1
-  ]
+  return [k for k in keys if k not in skip
+          and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
 
 
 def mean_std(xs: Iterable[float]) -> tuple[float, float]:
@@ -509,7 +460,7 @@ def mean_std(xs: Iterable[float]) -> tuple[float, float]:
   m = sum(xs) / len(xs)
   if len(xs) < 2:
     return m, 0.0
-  return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+  return m, math.sqrt(sum((x - m)**2 for x in xs) / (len(xs) - 1))
 
 
 def _order(key: tuple) -> tuple:
@@ -522,9 +473,9 @@ class Cell:
 
   mean: float = NAN
   std: float = NAN
-  n: int = 0  # Seeds (runs) of the chosen setting.
-  settings: int = 0  # Settings tried.
-  setting: tuple = ()  # The chosen setting's values of `by`.
+  n: int = 0                  # Seeds (runs) of the chosen setting.
+  settings: int = 0           # Settings tried.
+  setting: tuple = ()         # The chosen setting's values of `by`.
   runs: list = dataclasses.field(default_factory=list)
 
   @property
@@ -563,9 +514,8 @@ def best(runs: Iterable[RunRecord], by: Iterable[str] = SETTING) -> Cell:
   return Cell(*stats[s], len(settings[s]), len(settings), s, settings[s])
 
 
-def paired_differences(
-    a: Iterable[RunRecord], b: Iterable[RunRecord]
-) -> dict[int, float]:
+def paired_differences(a: Iterable[RunRecord], b: Iterable[RunRecord]
+                       ) -> dict[int, float]:
   """{seed: a's loss - b's loss} for the seeds both sets of runs hold (one
   run per seed each): the paired comparison of two settings."""
   by_seed = []
@@ -573,13 +523,9 @@ def paired_differences(
     seeds = group_by(runs, "seed")
     repeated = [s for s, rs in seeds.items() if len(rs) > 1]
     if repeated:
-      raise ValueError(
-          f"seed {repeated[0][0]} occurs in "
-          f"{len(seeds[repeated[0]])} runs of one side; give "
-          "one run per seed"
-      )
+      raise ValueError(f"seed {repeated[0][0]} occurs in "
+                       f"{len(seeds[repeated[0]])} runs of one side; give "
+                       "one run per seed")
     by_seed.append({s[0]: rs[0] for s, rs in seeds.items()})
-  return {
-      s: by_seed[0][s].loss - by_seed[1][s].loss
-      for s in sorted(set(by_seed[0]) & set(by_seed[1]))
-  }
+  return {s: by_seed[0][s].loss - by_seed[1][s].loss
+          for s in sorted(set(by_seed[0]) & set(by_seed[1]))}

@@ -34,12 +34,9 @@ def _follow_lr(sam_cfg, step, opt_cfg):
     raise ValueError("sam.rho_schedule='lr' needs the opt config")
   lr = optimizer_lib.learning_rate_schedule(opt_cfg)(step)
   lr_max = opt_cfg.peak_learning_rate
-  lr_min = min(
-      optimizer_lib.final_learning_rate(opt_cfg),
-      optimizer_lib.init_learning_rate(opt_cfg)
-      if opt_cfg.warmup_steps > 0
-      else lr_max,
-  )
+  lr_min = min(optimizer_lib.final_learning_rate(opt_cfg),
+               optimizer_lib.init_learning_rate(opt_cfg)
+               if opt_cfg.warmup_steps > 0 else lr_max)
   rho_min = sam_cfg.get("rho_min")
   rho_min = 0.0 if rho_min is None else rho_min
   if lr_max <= lr_min:
@@ -63,17 +60,14 @@ def step_kind(sam_cfg, step: int) -> str:
   gradient plus the carried correction) or "plain"."""
   if uses_sam_step(sam_cfg, step):
     return "sam"
-  in_window = (
-      not sam_lib.is_plain(sam_cfg.method)
-      and step >= sam_cfg.start_step
-      and not 0 <= sam_cfg.end_step <= step
-  )
+  in_window = (not sam_lib.is_plain(sam_cfg.method)
+               and step >= sam_cfg.start_step
+               and not 0 <= sam_cfg.end_step <= step)
   return "reuse" if in_window and sam_cfg.get("reuse", False) else "plain"
 
 
-def adamw_step_equivalents(
-    num_train_steps: int, start_step: int, method: str
-) -> float:
+def adamw_step_equivalents(num_train_steps: int, start_step: int,
+                           method: str) -> float:
   """Cost of a run switching to `method` at `start_step`, in plain steps:
   plain steps count 1, the method's its registry cost (`Method.cost`: SAM's
   two forward and two backward passes 2, Angle-SAM's 2 + 2/3)."""
@@ -81,19 +75,13 @@ def adamw_step_equivalents(
     return num_train_steps
   start = min(max(start_step, 0), num_train_steps)
   return start + sam_lib.METHODS[method].cost * (num_train_steps - start)
-
-
 def validate(cfg) -> None:
   """The sam.* keys (the method's options: `sam.validate`; the schedule's)
   fit together and with opt.optimizer; UsageError (one line) otherwise."""
   sam = cfg.sam
   try:
-    sam_lib.validate(
-        sam.method,
-        sam.rho,
-        optimizer=cfg.opt.optimizer,
-        **sam_lib.config_options(sam),
-    )
+    sam_lib.validate(sam.method, sam.rho, optimizer=cfg.opt.optimizer,
+                     **sam_lib.config_options(sam))
   except ValueError as e:
     raise UsageError(str(e)) from None
   _validate_rho_schedule(sam)
@@ -101,18 +89,14 @@ def validate(cfg) -> None:
     if not sam_lib.METHODS[sam.method].perturbs:
       raise UsageError(
           "sam.reuse=True needs a SAM-family sam.method to reuse; set "
-          "sam.method (e.g. functional_sam) or sam.reuse=False"
-      )
+          "sam.method (e.g. functional_sam) or sam.reuse=False")
     if sam.every_k <= 1:
       raise UsageError(
           "sam.reuse=True does nothing with sam.every_k=1 (every step is a "
-          "full one); set sam.every_k > 1 or sam.reuse=False"
-      )
+          "full one); set sam.every_k > 1 or sam.reuse=False")
   if 0 <= sam.end_step < sam.start_step:
-    raise UsageError(
-        f"sam.end_step={sam.end_step} is before sam.start_step="
-        f"{sam.start_step}; use -1 for 'until the end'"
-    )
+    raise UsageError(f"sam.end_step={sam.end_step} is before sam.start_step="
+                     f"{sam.start_step}; use -1 for 'until the end'")
 
 
 def _validate_rho_schedule(sam) -> None:
@@ -120,14 +104,10 @@ def _validate_rho_schedule(sam) -> None:
   (`rho_at`); the schedule's name is the key table's choice."""
   rho_min, schedule = sam.get("rho_min"), sam.get("rho_schedule", "constant")
   if rho_min is not None and schedule != "lr":
-    raise UsageError(
-        f"sam.rho_min={rho_min!r} is ignored by "
-        f"sam.rho_schedule={schedule!r}; unset sam.rho_min or "
-        "set sam.rho_schedule='lr'"
-    )
+    raise UsageError(f"sam.rho_min={rho_min!r} is ignored by "
+                     f"sam.rho_schedule={schedule!r}; unset sam.rho_min or "
+                     "set sam.rho_schedule='lr'")
   if rho_min is not None and rho_min > sam.rho:
-    raise UsageError(
-        f"sam.rho_min={rho_min!r} exceeds sam.rho={sam.rho!r} "
-        "(the largest rho, at the peak learning rate); lower "
-        "sam.rho_min"
-    )
+    raise UsageError(f"sam.rho_min={rho_min!r} exceeds sam.rho={sam.rho!r} "
+                     "(the largest rho, at the peak learning rate); lower "
+                     "sam.rho_min")

@@ -60,8 +60,7 @@ def _over_batches(fn: Callable[[Batch], Any], batch: Batch) -> Any:
   if ndim != 3:
     raise ValueError(
         f"batch['inputs'] has shape {batch['inputs'].shape}; pass [B, L] or a "
-        "stack of K evaluation batches [K, B, L]"
-    )
+        "stack of K evaluation batches [K, B, L]")
   K = batch["inputs"].shape[0]
   total = tree_math.scan_sum(fn, batch)
   return jax.tree.map(lambda t: t / K, total)
@@ -84,9 +83,8 @@ def _random_like(rng: jax.Array, params, sample):
   """A tree like params, leaf i drawn as sample(key_i, shape, dtype)."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(rng, len(leaves))
-  return treedef.unflatten(
-      [sample(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  )
+  return treedef.unflatten([sample(k, x.shape, x.dtype)
+                            for k, x in zip(keys, leaves)])
 
 
 def _keep(tree, params_sharding, stacked: bool = False):
@@ -99,8 +97,8 @@ def _keep(tree, params_sharding, stacked: bool = False):
   def one(x, s):
     spec = (None,) + tuple(s.spec) if stacked else tuple(s.spec)
     return lax.with_sharding_constraint(
-        x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
-    )
+        x, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
+            *spec)))
 
   return jax.tree.map(one, tree, params_sharding)
 
@@ -116,11 +114,8 @@ def _after(x, *deps):
   whole parameters inside a product) can be scheduled or hoisted before
   `deps` exist."""
   x = lax.optimization_barrier((x, deps))[0]
-  floats = [
-      d
-      for d in jax.tree.leaves(deps)
-      if jnp.issubdtype(jnp.result_type(d), jnp.floating)
-  ]
+  floats = [d for d in jax.tree.leaves(deps)
+            if jnp.issubdtype(jnp.result_type(d), jnp.floating)]
   if not floats:
     return x
   s = jnp.sum(min(floats, key=jnp.size)).astype(jnp.float32)
@@ -136,15 +131,10 @@ def _after(x, *deps):
 
 def _check_count(name: str, value, allow_zero: bool = False) -> None:
   least = 0 if allow_zero else 1
-  if (
-      not isinstance(value, numbers.Integral)
-      or isinstance(value, bool)
-      or value < least
-  ):
-    raise ValueError(
-        f"{name}={value!r} must be a Python int >= {least}; "
-        f"pass e.g. {name}=20"
-    )
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or value < least):
+    raise ValueError(f"{name}={value!r} must be a Python int >= {least}; "
+                     f"pass e.g. {name}=20")
 
 
 def _loss(params, batch: Batch, logits_fn: LogitsFn) -> jax.Array:
@@ -163,9 +153,8 @@ def _logit_hessian_vp(logits_BxLxV, u_BxLxV, weights_BxL) -> jax.Array:
   diag(p) - p p^T is never materialised, so memory stays O(B L V).
   """
   dtype = _compute_dtype(logits_BxLxV.dtype)
-  return _scaled_logit_hessian_vp(
-      logits_BxLxV, u_BxLxV, _token_scale(weights_BxL, dtype)
-  )
+  return _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV,
+                                  _token_scale(weights_BxL, dtype))
 
 
 def _scaled_logit_hessian_vp(logits_BxLxV, u_BxLxV, scale_BxL) -> jax.Array:
@@ -188,12 +177,10 @@ def _hvp_one(params, batch, v, logits_fn):
 
 def _ggn_vp_one(params, batch, v, logits_fn):
   logits_BxLxV, jvp_fn = jax.linearize(
-      lambda p: logits_fn(p, batch["inputs"]), params
-  )
+      lambda p: logits_fn(p, batch["inputs"]), params)
   hu_BxLxV = _logit_hessian_vp(logits_BxLxV, jvp_fn(v), batch["weights"])
   (out,) = jax.linear_transpose(jvp_fn, params)(
-      hu_BxLxV.astype(logits_BxLxV.dtype)
-  )
+      hu_BxLxV.astype(logits_BxLxV.dtype))
   return out
 
 
@@ -203,7 +190,6 @@ def _functional_vp_one(params, batch, v, logits_fn):
   Computed directly rather than as H v - H_G v: when the functional path is
   small (the language-model case) the difference would lose its digits.
   """
-
   def jacobian_t_r(p):
     logits_BxLxV, vjp_fn = jax.vjp(lambda q: logits_fn(q, batch["inputs"]), p)
     r_BxLxV = lax.stop_gradient(jax.grad(cross_entropy)(logits_BxLxV, batch))
@@ -215,8 +201,7 @@ def _functional_vp_one(params, batch, v, logits_fn):
 def _ggn_quad_one(params, batch, v, logits_fn):
   """v^T H_G v = (J v)^T [d^2 L/dlogits^2] (J v): one forward-mode pass."""
   logits_BxLxV, u_BxLxV = jax.jvp(
-      lambda p: logits_fn(p, batch["inputs"]), (params,), (v,)
-  )
+      lambda p: logits_fn(p, batch["inputs"]), (params,), (v,))
   hu_BxLxV = _logit_hessian_vp(logits_BxLxV, u_BxLxV, batch["weights"])
   return jnp.sum(hu_BxLxV * u_BxLxV.astype(hu_BxLxV.dtype))
 
@@ -235,13 +220,8 @@ class _Rows:
   them, and how to sum over every device's rows (`axes`: the mesh axes the
   rows are split over; none on one device)."""
 
-  def __init__(
-      self,
-      head: OutputHead,
-      batch: Batch,
-      chunk_tokens: int,
-      axes: tuple[str, ...] = (),
-  ):
+  def __init__(self, head: OutputHead, batch: Batch, chunk_tokens: int,
+               axes: tuple[str, ...] = ()):
     self.head, self.batch, self.axes = head, batch, axes
     B, L = batch["inputs"].shape
     self.n = head_lib.num_chunks(B, L, chunk_tokens)
@@ -266,15 +246,15 @@ def _pullback(params, rows: _Rows, fixed_r: bool):
 
   def chunk(h_c, targets_c, scale_c):
     logits_c, pull = jax.vjp(apply, hp, h_c)
-    loss_c, r_c = jax.value_and_grad(weighted_nll)(logits_c, targets_c, scale_c)
+    loss_c, r_c = jax.value_and_grad(weighted_nll)(logits_c, targets_c,
+                                                   scale_c)
     if fixed_r:
       r_c = lax.stop_gradient(r_c)
     d_hp, dh_c = pull(r_c.astype(logits_c.dtype))
     return (loss_c, d_hp), dh_c
 
-  (loss, d_hp), dh_BxLxD = head_lib.over_chunks(
-      chunk, rows.n, h_BxLxD, rows.batch["targets"], rows.scale_BxL
-  )
+  (loss, d_hp), dh_BxLxD = head_lib.over_chunks(chunk, rows.n, h_BxLxD,
+                                        rows.batch["targets"], rows.scale_BxL)
   (grads,) = vjp_fn((d_hp, dh_BxLxD.astype(h_BxLxD.dtype)))
   return loss, grads
 
@@ -300,12 +280,10 @@ def _local_ops(rows: _Rows):
       d_hp, dh_out_c = jax.vjp(apply, hp, h_c)[1](hu_c.astype(logits_c.dtype))
       return d_hp, dh_out_c
 
-    d_hp, dh_out = head_lib.over_chunks(
-        chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL
-    )
+    d_hp, dh_out = head_lib.over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD,
+                                rows.scale_BxL)
     (out,) = jax.linear_transpose(lin, params)(
-        (d_hp, dh_out.astype(h_BxLxD.dtype))
-    )
+        (d_hp, dh_out.astype(h_BxLxD.dtype)))
     return out
 
   def ggn_quad_one(params, v):
@@ -316,17 +294,11 @@ def _local_ops(rows: _Rows):
       hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
       return jnp.sum(hu_c * u_c.astype(hu_c.dtype)), None
 
-    return head_lib.over_chunks(
-        chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL
-    )[0]
+    return head_lib.over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL)[0]
 
-  return {
-      "hvp": hvp_one,
-      "ggn_vp": ggn_vp_one,
-      "func": functional_one,
-      "ggn_quad": ggn_quad_one,
-      "loss_grad": lambda params, v: _pullback(params, rows, False),
-  }
+  return {"hvp": hvp_one, "ggn_vp": ggn_vp_one, "func": functional_one,
+          "ggn_quad": ggn_quad_one,
+          "loss_grad": lambda params, v: _pullback(params, rows, False)}
 
 
 def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
@@ -337,11 +309,8 @@ def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
   split over other mesh axes (their devices hold the same sum)."""
   summed = []
   for d, entry in enumerate(tuple(spec)):
-    names = (
-        ()
-        if entry is None
-        else ((entry,) if isinstance(entry, str) else tuple(entry))
-    )
+    names = () if entry is None else (
+        (entry,) if isinstance(entry, str) else tuple(entry))
     if names and all(n in axes for n in names):
       x = lax.psum_scatter(x, names, scatter_dimension=d, tiled=True)
       summed += names
@@ -359,9 +328,8 @@ def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
   return lax.psum(x, rest) if rest else x
 
 
-def _chunked(
-    name: str, head: OutputHead, chunk_tokens: int, params_sharding=None
-):
+def _chunked(name: str, head: OutputHead, chunk_tokens: int,
+             params_sharding=None):
   """The one-batch product `name` through the output head, chunked.
 
   With `head.batch_sharding` it runs under `shard_map`: each device takes
@@ -376,23 +344,18 @@ def _chunked(
   axes = head_lib.row_axes(head)
   local = head._replace(batch_sharding=None)
   spec = jax.sharding.PartitionSpec
-  pspecs = (
-      None
-      if params_sharding is None
-      else jax.tree.map(lambda s: s.spec, params_sharding)
-  )
+  pspecs = (None if params_sharding is None else
+            jax.tree.map(lambda s: s.spec, params_sharding))
 
   def sum_params(tree, mesh):
     if pspecs is None:
       return jax.tree.map(lambda x: lax.psum(x, axes), tree)
-    return jax.tree.map(
-        lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree, pspecs
-    )
+    return jax.tree.map(lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree,
+                        pspecs)
 
   params_out = spec() if pspecs is None else pspecs
   out_specs = {"ggn_quad": spec(), "loss_grad": (spec(), params_out)}.get(
-      name, params_out
-  )
+      name, params_out)
 
   def run(params, batch, v):
     rows = _Rows(local, batch, chunk_tokens)
@@ -415,138 +378,86 @@ def _chunked(
     if shards == 1 or B % shards:
       return run(params, batch, v)
     return jax.shard_map(
-        lambda p, b, u: run_on_rows(p, b, u, mesh),
-        mesh=mesh,
-        in_specs=(spec(), spec(axes), spec()),
-        out_specs=out_specs,
-        check_vma=False,
-    )(params, batch, v)
+        lambda p, b, u: run_on_rows(p, b, u, mesh), mesh=mesh,
+        in_specs=(spec(), spec(axes), spec()), out_specs=out_specs,
+        check_vma=False)(params, batch, v)
 
   return one
 
 
 def _chunked_ops(head: OutputHead, chunk_tokens: int, params_sharding=None):
   """The one-batch products of the section above, output layer chunked."""
-  ops = {
-      k: _chunked(k, head, chunk_tokens, params_sharding)
-      for k in ("hvp", "ggn_vp", "func", "ggn_quad")
-  }
+  ops = {k: _chunked(k, head, chunk_tokens, params_sharding)
+         for k in ("hvp", "ggn_vp", "func", "ggn_quad")}
   loss_grad = _chunked("loss_grad", head, chunk_tokens, params_sharding)
   ops["loss_grad"] = lambda params, batch: loss_grad(params, batch)
   return ops
 
 
-def _ops(
-    logits_fn: LogitsFn,
-    head: OutputHead | None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-):
+def _ops(logits_fn: LogitsFn, head: OutputHead | None,
+         chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
   """The one-batch products {hvp, ggn_vp, func, ggn_quad: (params, batch,
   v, logits_fn) -> ...; loss_grad: (params, batch) -> (L, g)}: through
   `logits_fn` whole, or with `head` chunked over the sequence."""
   if head is not None:
     _check_count("chunk_tokens", chunk_tokens)
     return _chunked_ops(head, chunk_tokens, params_sharding)
-  return {
-      "hvp": _hvp_one,
-      "ggn_vp": _ggn_vp_one,
-      "func": _functional_vp_one,
-      "ggn_quad": _ggn_quad_one,
-      "loss_grad": lambda p, b: jax.value_and_grad(_loss)(p, b, logits_fn),
-  }
+  return {"hvp": _hvp_one, "ggn_vp": _ggn_vp_one, "func": _functional_vp_one,
+          "ggn_quad": _ggn_quad_one,
+          "loss_grad": lambda p, b: jax.value_and_grad(_loss)(p, b,
+                                                              logits_fn)}
 
 
 # ------------------------------------------------------------ public API --
 
 
-def hvp(
-    params,
-    batch: Batch,
-    v,
-    *,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-):
+def hvp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+        head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+        params_sharding=None):
   """H v, exact, forward-over-reverse (jvp of grad). With `head` (the
   model's output layer) the logits run in chunks of `chunk_tokens` tokens
   per device (module docstring), and on a mesh the product comes out laid
   out as `params_sharding` (the parameters' NamedShardings) where given; so
   for every function below."""
-  return _product(
-      _ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"],
-      params,
-      batch,
-      v,
-      logits_fn,
-  )
+  return _product(_ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"],
+                  params, batch, v, logits_fn)
 
 
-def ggn_vp(
-    params,
-    batch: Batch,
-    v,
-    *,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-):
+def ggn_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+           head: OutputHead | None = None, chunk_tokens: int = CHUNK_TOKENS,
+           params_sharding=None):
   """H_G v = J^T [d^2 L/dlogits^2] J v: jvp, softmax-CE Hessian, vjp."""
-  return _product(
-      _ops(logits_fn, head, chunk_tokens, params_sharding)["ggn_vp"],
-      params,
-      batch,
-      v,
-      logits_fn,
-  )
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["ggn_vp"], params, batch, v, logits_fn)
 
 
-def functional_hessian_vp(
-    params,
-    batch: Batch,
-    v,
-    *,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-):
+def functional_hessian_vp(params, batch: Batch, v, *, logits_fn: LogitsFn,
+                          head: OutputHead | None = None,
+                          chunk_tokens: int = CHUNK_TOKENS,
+                          params_sharding=None):
   """H_F v = H v - H_G v (computed directly, see `_functional_vp_one`)."""
-  return _product(
-      _ops(logits_fn, head, chunk_tokens, params_sharding)["func"],
-      params,
-      batch,
-      v,
-      logits_fn,
-  )
+  return _product(_ops(logits_fn, head, chunk_tokens,
+                       params_sharding)["func"], params, batch, v, logits_fn)
 
 
-def loss_and_grad(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-):
+def loss_and_grad(params, batch: Batch, *, logits_fn: LogitsFn,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS, params_sharding=None):
   """(L, dL/dtheta); on a [K, B, L] batch the mean over the K batches."""
   params = _upcast(params)
-  loss_grad = _ops(logits_fn, head, chunk_tokens, params_sharding)["loss_grad"]
+  loss_grad = _ops(logits_fn, head, chunk_tokens,
+                   params_sharding)["loss_grad"]
   return _over_batches(lambda b: loss_grad(params, b), batch)
 
 
-def _split(
-    params, batch: Batch, e, logits_fn: LogitsFn, ops, params_sharding=None
-) -> dict[str, jax.Array]:
+def _split(params, batch: Batch, e, logits_fn: LogitsFn, ops,
+           params_sharding=None) -> dict[str, jax.Array]:
   """tau_logit, tau_func, tau_cross (eq. 9) of H e for a direction e."""
   e_norm = tree_math.norm(e)
   e = jax.tree.map(lambda x: x / jnp.where(e_norm > 0, e_norm, 1.0), e)
   d_logit = _product(ops["ggn_vp"], params, batch, e, logits_fn)
-  params, e = (_keep(t, params_sharding) for t in _after((params, e), d_logit))
+  params, e = (_keep(t, params_sharding)
+               for t in _after((params, e), d_logit))
   d_func = _product(ops["func"], params, batch, e, logits_fn)
   delta = jax.tree.map(jnp.add, d_logit, d_func)  # = H e
   logit_sq = tree_math.vdot(d_logit, d_logit)
@@ -568,17 +479,11 @@ def preconditioned(grads, precond):
   return jax.tree.map(lambda g, p: g / p.astype(g.dtype), grads, precond)
 
 
-def decomposition(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    direction=None,
-    precond=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    params_sharding=None,
-) -> dict[str, jax.Array]:
+def decomposition(params, batch: Batch, *, logits_fn: LogitsFn,
+                  direction=None, precond=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS,
+                  params_sharding=None) -> dict[str, jax.Array]:
   """Logit / functional split of the sharpness gradient H e (eqs. 6, 7, 9).
 
   e = g/||g|| (the SAM direction) unless `direction` is given (normalised
@@ -591,41 +496,28 @@ def decomposition(
   """
   params = _upcast(params)
   ops = _ops(logits_fn, head, chunk_tokens, params_sharding)
-  loss, grad = loss_and_grad(
-      params,
-      batch,
-      logits_fn=logits_fn,
-      head=head,
-      chunk_tokens=chunk_tokens,
-      params_sharding=params_sharding,
-  )
+  loss, grad = loss_and_grad(params, batch, logits_fn=logits_fn, head=head,
+                             chunk_tokens=chunk_tokens,
+                             params_sharding=params_sharding)
   e = grad if direction is None else _like(direction, params)
   if precond is not None:
     e = preconditioned(e, _like(precond, params))
   params = _keep(_after(params, e), params_sharding)
-  return {
-      "loss": loss,
-      "grad_norm": tree_math.norm(grad),
-      **_split(params, batch, e, logits_fn, ops, params_sharding),
-  }
+  return {"loss": loss, "grad_norm": tree_math.norm(grad),
+          **_split(params, batch, e, logits_fn, ops, params_sharding)}
 
 
 def _coefficients(basis_K, w) -> jax.Array:
   """[K]: <q_i, w> for every vector q_i of a stacked basis (leaves [K, ...])."""
-  return sum(
-      jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
-      for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w))
-  )
+  return sum(jnp.tensordot(b, x, axes=x.ndim, precision=lax.Precision.HIGHEST)
+             for b, x in zip(jax.tree.leaves(basis_K), jax.tree.leaves(w)))
 
 
 def _combination(basis_K, c_K):
   """sum_i c_i q_i over a stacked basis, parameter-shaped."""
-  return jax.tree.map(
-      lambda b: jnp.tensordot(
-          c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST
-      ),
-      basis_K,
-  )
+  return jax.tree.map(lambda b: jnp.tensordot(
+      c_K.astype(b.dtype), b, axes=1, precision=lax.Precision.HIGHEST),
+                      basis_K)
 
 
 def _ritz(alpha_K, beta_K, b, j, tol):
@@ -642,18 +534,10 @@ def _ritz(alpha_K, beta_K, b, j, tol):
   return theta, s_K, done
 
 
-def lambda_max(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    num_iters: int = 20,
-    tol: float = 1e-3,
-    rng: jax.Array,
-    params_sharding=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-):
+def lambda_max(params, batch: Batch, *, logits_fn: LogitsFn,
+               num_iters: int = 20, tol: float = 1e-3, rng: jax.Array,
+               params_sharding=None, head: OutputHead | None = None,
+               chunk_tokens: int = CHUNK_TOKENS):
   """Largest-magnitude eigenvalue of H by Lanczos with full reorthogonalisation.
 
   At most `num_iters` Hessian-vector products; stops once the Ritz residual
@@ -676,11 +560,8 @@ def lambda_max(
 
   q0 = keep(_random_like(rng, params, jax.random.normal))
   q0 = jax.tree.map(lambda x: x / tree_math.norm(q0), q0)
-  basis_K = keep_basis(
-      jax.tree.map(
-          lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0
-      )
-  )
+  basis_K = keep_basis(jax.tree.map(
+      lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0))
   zeros_K = jnp.zeros((k,), dtype)
 
   def cond(state):
@@ -692,118 +573,71 @@ def lambda_max(
     q = keep(jax.tree.map(lambda b: b[j], basis_K))
     # params tied to this iteration: else XLA hoists the product's gather of
     # the whole parameters out of the loop and holds it across every step.
-    w = keep(
-        hvp(
-            keep(_after(params, q)),
-            batch,
-            q,
-            logits_fn=logits_fn,
-            head=head,
-            chunk_tokens=chunk_tokens,
-            params_sharding=params_sharding,
-        )
-    )
+    w = keep(hvp(keep(_after(params, q)), batch, q, logits_fn=logits_fn,
+                 head=head, chunk_tokens=chunk_tokens,
+                 params_sharding=params_sharding))
     alpha_K = alpha_K.at[j].set(tree_math.vdot(q, w))
     for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
-      w = jax.tree.map(
-          jnp.subtract,
-          w,
-          keep(_combination(basis_K, _coefficients(basis_K, w))),
-      )
+      w = jax.tree.map(jnp.subtract, w, keep(
+          _combination(basis_K, _coefficients(basis_K, w))))
     b = tree_math.norm(w)
     theta, s_K, done = _ritz(alpha_K, beta_K, b, j, tol)
     tiny = jnp.finfo(dtype).tiny
-    basis_K = keep_basis(
-        jax.tree.map(
-            lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
-            basis_K,
-            w,
-        )
-    )
+    basis_K = keep_basis(jax.tree.map(
+        lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
+        basis_K, w))
     return j + 1, basis_K, alpha_K, beta_K.at[j].set(b), theta, s_K, done
 
-  init = (
-      jnp.int32(0),
-      basis_K,
-      zeros_K,
-      zeros_K,
-      jnp.zeros((), dtype),
-      zeros_K,
-      jnp.array(False),
-  )
+  init = (jnp.int32(0), basis_K, zeros_K, zeros_K, jnp.zeros((), dtype),
+          zeros_K, jnp.array(False))
   iters, basis_K, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
   y = keep(_combination(basis_K, s_K))
   y_norm = tree_math.norm(y)
   return theta, jax.tree.map(lambda x: x / y_norm, y), iters
 
 
-def _hutchinson(
-    quad_one, params, batch, logits_fn, num_probes, rng, params_sharding=None
-):
+def _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
+                params_sharding=None):
   """Mean and standard error of z^T A z over Rademacher probes z (one
   parameter-shaped probe alive at a time, split like the parameters)."""
   _check_count("num_probes", num_probes)
   params = _upcast(params)
 
   def probe(key):
-    z = _keep(_random_like(key, params, jax.random.rademacher), params_sharding)
+    z = _keep(_random_like(key, params, jax.random.rademacher),
+              params_sharding)
     # gathered per probe, not hoisted (`lambda_max`)
     p = _keep(_after(params, z), params_sharding)
     return _over_batches(lambda b: quad_one(p, b, z, logits_fn), batch)
 
   values_N = lax.map(probe, jax.random.split(rng, num_probes))
-  stderr = (
-      jnp.std(values_N, ddof=1) / math.sqrt(num_probes)
-      if num_probes > 1
-      else jnp.full((), jnp.nan, values_N.dtype)
-  )
+  stderr = (jnp.std(values_N, ddof=1) / math.sqrt(num_probes)
+            if num_probes > 1 else jnp.full((), jnp.nan, values_N.dtype))
   return jnp.mean(values_N), stderr
 
 
-def hessian_trace(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    num_probes: int,
-    rng: jax.Array,
-    params_sharding=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-):
+def hessian_trace(params, batch: Batch, *, logits_fn: LogitsFn,
+                  num_probes: int, rng: jax.Array, params_sharding=None,
+                  head: OutputHead | None = None,
+                  chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H): returns (estimate, standard error; NaN for 1 probe).
   `params_sharding`: as in `lambda_max`, for the probes."""
   hvp_one = _ops(logits_fn, head, chunk_tokens, params_sharding)["hvp"]
 
   def quad_one(p, b, z, f):
     return tree_math.vdot(z, hvp_one(p, b, z, f))
-
-  return _hutchinson(
-      quad_one, params, batch, logits_fn, num_probes, rng, params_sharding
-  )
+  return _hutchinson(quad_one, params, batch, logits_fn, num_probes, rng,
+                     params_sharding)
 
 
-def ggn_trace(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    num_probes: int,
-    rng: jax.Array,
-    params_sharding=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-):
+def ggn_trace(params, batch: Batch, *, logits_fn: LogitsFn,
+              num_probes: int, rng: jax.Array, params_sharding=None,
+              head: OutputHead | None = None,
+              chunk_tokens: int = CHUNK_TOKENS):
   """Hutchinson tr(H_G) with forward-mode z^T H_G z: (estimate, stderr)."""
-  return _hutchinson(
-      _ops(logits_fn, head, chunk_tokens, params_sharding)["ggn_quad"],
-      params,
-      batch,
-      logits_fn,
-      num_probes,
-      rng,
-      params_sharding,
-  )
+  return _hutchinson(_ops(logits_fn, head, chunk_tokens,
+                          params_sharding)["ggn_quad"], params,
+                     batch, logits_fn, num_probes, rng, params_sharding)
 
 
 def sam_edge(lr, rho, grad_norm) -> jax.Array:
@@ -813,9 +647,8 @@ def sam_edge(lr, rho, grad_norm) -> jax.Array:
   form 4 / (lr (1 + sqrt(1 + 8 rho / (lr ||g||)))): exactly 2/lr at rho = 0,
   stable for small rho, and 0 (not NaN) when ||g|| = 0 < rho.
   """
-  lr, rho, grad_norm = (
-      jnp.asarray(x, jnp.result_type(float)) for x in (lr, rho, grad_norm)
-  )
+  lr, rho, grad_norm = (jnp.asarray(x, jnp.result_type(float))
+                        for x in (lr, rho, grad_norm))
   denom = lr * grad_norm
   ratio = jnp.where(rho == 0, 0.0, rho / jnp.where(rho == 0, 1.0, denom))
   return 4.0 / (lr * (1.0 + jnp.sqrt(1.0 + 8.0 * ratio)))
@@ -826,28 +659,15 @@ def _check_lr_rho(lr, rho) -> None:
   if isinstance(lr, (int, float)) and not lr > 0:
     raise ValueError(f"lr={lr!r} must be > 0; pass the step's learning rate")
   if isinstance(rho, (int, float)) and not rho >= 0:
-    raise ValueError(
-        f"rho={rho!r} must be >= 0; pass the SAM radius (0 " "for no SAM)"
-    )
+    raise ValueError(f"rho={rho!r} must be >= 0; pass the SAM radius (0 "
+                     "for no SAM)")
 
 
-def measure(
-    params,
-    batch: Batch,
-    *,
-    logits_fn: LogitsFn,
-    lr,
-    rho,
-    num_iters: int,
-    num_probes: int,
-    rng: jax.Array,
-    direction=None,
-    tol: float = 1e-3,
-    precond=None,
-    params_sharding=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-) -> dict[str, jax.Array]:
+def measure(params, batch: Batch, *, logits_fn: LogitsFn, lr, rho,
+            num_iters: int, num_probes: int, rng: jax.Array,
+            direction=None, tol: float = 1e-3, precond=None,
+            params_sharding=None, head: OutputHead | None = None,
+            chunk_tokens: int = CHUNK_TOKENS) -> dict[str, jax.Array]:
   """Every sharpness number the training loop and `nanodo-sam analyze` log.
 
   Keys: loss, grad_norm, tau_logit, tau_func, tau_cross, lambda_max,
@@ -869,90 +689,46 @@ def measure(
   _check_lr_rho(lr, rho)
   eig_rng, trace_rng = jax.random.split(rng)
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
-  dec = decomposition(
-      params,
-      batch,
-      logits_fn=logits_fn,
-      direction=direction,
-      params_sharding=params_sharding,
-      **chunked,
-  )
-  out = {
-      k: dec[k]
-      for k in ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross")
-  }
+  dec = decomposition(params, batch, logits_fn=logits_fn, direction=direction,
+                      params_sharding=params_sharding, **chunked)
+  out = {k: dec[k] for k in ("loss", "grad_norm", "tau_logit", "tau_func",
+                             "tau_cross")}
   if num_iters:
     params = _keep(_after(params, out), params_sharding)
     out["lambda_max"], _, _ = lambda_max(
-        params,
-        batch,
-        logits_fn=logits_fn,
-        num_iters=num_iters,
-        tol=tol,
-        rng=eig_rng,
-        params_sharding=params_sharding,
-        **chunked,
-    )
+        params, batch, logits_fn=logits_fn, num_iters=num_iters, tol=tol,
+        rng=eig_rng, params_sharding=params_sharding, **chunked)
   if num_probes:
-    traces = dict(
-        logits_fn=logits_fn,
-        num_probes=num_probes,
-        rng=trace_rng,
-        params_sharding=params_sharding,
-        **chunked,
-    )
+    traces = dict(logits_fn=logits_fn, num_probes=num_probes, rng=trace_rng,
+                  params_sharding=params_sharding, **chunked)
     params = _keep(_after(params, out), params_sharding)
     out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
-        params, batch, **traces
-    )
+        params, batch, **traces)
     params = _keep(_after(params, out), params_sharding)
     out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
-        params, batch, **traces
-    )
+        params, batch, **traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
     params32 = _keep(_upcast(_after(params, out)), params_sharding)
-    _, grad = loss_and_grad(
-        params32,
-        batch,
-        logits_fn=logits_fn,
-        params_sharding=params_sharding,
-        **chunked,
-    )
+    _, grad = loss_and_grad(params32, batch, logits_fn=logits_fn,
+                            params_sharding=params_sharding, **chunked)
     params32 = _keep(_after(params32, grad), params_sharding)
-    split = _split(
-        params32,
-        batch,
-        preconditioned(grad, _like(precond, params32)),
-        logits_fn,
-        _ops(logits_fn, head, chunk_tokens, params_sharding),
-        params_sharding,
-    )
-    out.update(
-        {
-            f"{k}_precond": split[k]
-            for k in ("tau_logit", "tau_func", "tau_cross")
-        }
-    )
+    split = _split(params32, batch,
+                   preconditioned(grad, _like(precond, params32)), logits_fn,
+                   _ops(logits_fn, head, chunk_tokens, params_sharding),
+                   params_sharding)
+    out.update({f"{k}_precond": split[k]
+                for k in ("tau_logit", "tau_func", "tau_cross")})
   return out
 
 
-def edge_of_stability(
-    params,
-    batch: Batch,
-    sam_grads,
-    *,
-    logits_fn: LogitsFn,
-    lr,
-    rho,
-    num_iters: int,
-    rng: jax.Array,
-    tol: float = 1e-3,
-    params_sharding=None,
-    head: OutputHead | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-) -> dict[str, jax.Array]:
+def edge_of_stability(params, batch: Batch, sam_grads, *, logits_fn: LogitsFn,
+                      lr, rho, num_iters: int, rng: jax.Array,
+                      tol: float = 1e-3, params_sharding=None,
+                      head: OutputHead | None = None,
+                      chunk_tokens: int = CHUNK_TOKENS
+                      ) -> dict[str, jax.Array]:
   """Long & Bartlett's quantities on one (training) minibatch.
 
   lambda_max of H on `batch`, ||g||, SAM-edge and 2/lr, and how much of g and
@@ -961,23 +737,11 @@ def edge_of_stability(
   `measure`.
   """
   chunked = dict(head=head, chunk_tokens=chunk_tokens)
-  lam, vec, iters = lambda_max(
-      params,
-      batch,
-      logits_fn=logits_fn,
-      num_iters=num_iters,
-      tol=tol,
-      rng=rng,
-      params_sharding=params_sharding,
-      **chunked,
-  )
-  _, g = loss_and_grad(
-      params,
-      batch,
-      logits_fn=logits_fn,
-      params_sharding=params_sharding,
-      **chunked,
-  )
+  lam, vec, iters = lambda_max(params, batch, logits_fn=logits_fn,
+                               num_iters=num_iters, tol=tol, rng=rng,
+                               params_sharding=params_sharding, **chunked)
+  _, g = loss_and_grad(params, batch, logits_fn=logits_fn,
+                       params_sharding=params_sharding, **chunked)
   g, sam_grads = _upcast(g), _upcast(sam_grads)
   g_norm = tree_math.norm(g)
   tiny = jnp.finfo(g_norm.dtype).tiny
@@ -987,11 +751,8 @@ def edge_of_stability(
       "grad_norm": g_norm,
       "sam_edge": sam_edge(lr, rho, g_norm),
       "two_over_lr": 2.0 / jnp.asarray(lr, jnp.result_type(float)),
-      "grad_alignment": (
-          jnp.abs(tree_math.vdot(g, vec)) / jnp.maximum(g_norm, tiny)
-      ),
-      "sam_grad_alignment": (
-          jnp.abs(tree_math.vdot(sam_grads, vec))
-          / jnp.maximum(tree_math.norm(sam_grads), tiny)
-      ),
+      "grad_alignment": (jnp.abs(tree_math.vdot(g, vec))
+                         / jnp.maximum(g_norm, tiny)),
+      "sam_grad_alignment": (jnp.abs(tree_math.vdot(sam_grads, vec))
+                             / jnp.maximum(tree_math.norm(sam_grads), tiny)),
   }

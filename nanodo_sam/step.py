@@ -38,61 +38,39 @@ def make_train_step(s, method: str, correct: bool = False):
   reuse_on = bool(sam_cfg.get("reuse", False))
   store = reuse_on and not sam_lib.is_plain(method)
   if correct and not (sam_lib.is_plain(method) and reuse_on):
-    raise ValueError(
-        f"correct=True is the sam.reuse step: method "
-        f"{sam_lib.PLAIN!r} with sam.reuse on"
-    )
+    raise ValueError(f"correct=True is the sam.reuse step: method "
+                     f"{sam_lib.PLAIN!r} with sam.reuse on")
 
   groups = device_groups(s)
   gradient = distribute.strategy(
-      method,
-      logits_fn=s.logits_fn,
-      head=s.head,
+      method, logits_fn=s.logits_fn, head=s.head,
       perturbation_scope=sam_cfg.perturbation_scope,
-      num_microbatches=cfg.grad_accumulation_steps,
-      groups=groups,
-  )
+      num_microbatches=cfg.grad_accumulation_steps, groups=groups)
   options = sam_lib.config_options(sam_cfg, method)
   sam_lib.validate(method, sam_cfg.rho, **options)
 
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step, cfg.opt)
-    precond = (
-        optimizer_lib.adam_precond(state.opt_state, cfg.opt)
-        if method in sam_lib.PRECOND_METHODS
-        else None
-    )
-    momentum = (
-        optimizer_lib.first_moment(state.opt_state)
-        if method in sam_lib.MOMENTUM_METHODS
-        else None
-    )
-    out = gradient(
-        state.params,
-        batch,
-        rho=rho,
-        opts=sam_lib.Options(options, precond, momentum),
-        return_reuse=store,
-    )
+    precond = (optimizer_lib.adam_precond(state.opt_state, cfg.opt)
+               if method in sam_lib.PRECOND_METHODS else None)
+    momentum = (optimizer_lib.first_moment(state.opt_state)
+                if method in sam_lib.MOMENTUM_METHODS else None)
+    out = gradient(state.params, batch, rho=rho,
+                   opts=sam_lib.Options(options, precond, momentum),
+                   return_reuse=store)
     grads, metrics = out.grads, out.metrics
     reuse = out.reuse if store else state.reuse
     if correct:
-      grads = sam_lib.reuse_correction(out.grads, reuse.delta, reuse.grad_norm)
-      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads), rho=rho)
+      grads = sam_lib.reuse_correction(out.grads, reuse.delta,
+                                       reuse.grad_norm)
+      metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads),
+                     rho=rho)
     updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(
-        metrics,
-        loss=out.loss,
-        learning_rate=schedule(state.step),
-        update_norm=tree_math.norm(updates),
-    )
-    return (
-        state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, reuse=reuse
-        ),
-        metrics,
-    )
+    metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step),
+                   update_norm=tree_math.norm(updates))
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state, reuse=reuse), metrics
 
   return step_fn
 
@@ -110,25 +88,18 @@ def device_groups(s) -> distribute.Groups | None:
   bs = sharding.batch_sharding(s.mesh)
   G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
   scope = cfg.sam.perturbation_scope
-  if (
-      G <= 1
-      or scope == "microbatch"
-      or (scope == "global" and cfg.grad_accumulation_steps <= 1)
-  ):
+  if G <= 1 or scope == "microbatch" or (
+      scope == "global" and cfg.grad_accumulation_steps <= 1):
     return None
   cast = model_lib.compute_params(s.model.cfg)
   head = model_lib.output_head(s.model)
   head = head._replace(
       features=sharding.pin_params(head.features, None, cast),
-      chunk_tokens=s.head.chunk_tokens,
-  )
+      chunk_tokens=s.head.chunk_tokens)
   return distribute.Groups(
-      bs,
-      s.state_sharding.params,
+      bs, s.state_sharding.params,
       sharding.pin_params(model_lib.make_logits_fn(s.model), None, cast),
-      head,
-      cast,
-  )
+      head, cast)
 
 
 def jit_train_step(s, method: str, correct: bool = False):
@@ -136,8 +107,7 @@ def jit_train_step(s, method: str, correct: bool = False):
       make_train_step(s, method, correct),
       in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
       out_shardings=(s.state_sharding, sharding.replicated(s.mesh)),
-      donate_argnums=0,
-  )
+      donate_argnums=0)
 
 
 def kind_args(cfg, kind: str) -> tuple[str, bool]:
@@ -165,8 +135,6 @@ def validate(cfg) -> None:
   """The batch splits into grad_accumulation_steps microbatches."""
   k = max(cfg.grad_accumulation_steps, 1)
   if cfg.data.batch_size % k:
-    raise UsageError(
-        f"data.batch_size={cfg.data.batch_size} is not "
-        "divisible by grad_accumulation_steps="
-        f"{cfg.grad_accumulation_steps}"
-    )
+    raise UsageError(f"data.batch_size={cfg.data.batch_size} is not "
+                     "divisible by grad_accumulation_steps="
+                     f"{cfg.grad_accumulation_steps}")

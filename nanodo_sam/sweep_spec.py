@@ -42,10 +42,8 @@ def format_value(v: Any) -> str:
     return repr(v)
   if isinstance(v, (int, str)):
     return str(v)
-  raise SweepError(
-      f"override value {v!r} has type {type(v).__name__}; use "
-      "a number, string or bool"
-  )
+  raise SweepError(f"override value {v!r} has type {type(v).__name__}; use "
+                   "a number, string or bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +59,11 @@ class SweepSpec:
 
   def __post_init__(self):
     if not isinstance(self.name, str) or NAME_CHARS.search(self.name):
-      raise SweepError(
-          f"sweep name {self.name!r} must be letters, digits, "
-          "'.', '_', '+', '=' or '-'"
-      )
+      raise SweepError(f"sweep name {self.name!r} must be letters, digits, "
+                       "'.', '_', '+', '=' or '-'")
     if not isinstance(self.config, str):
-      raise SweepError(
-          "'config' must be a config path like "
-          "'configs/c4_fixed_length.py:2M'"
-      )
+      raise SweepError("'config' must be a config path like "
+                       "'configs/c4_fixed_length.py:2M'")
     if not isinstance(self.overrides, dict):
       raise SweepError(f"'overrides' is {self.overrides!r}, not a dict")
     if "config" in self.overrides:
@@ -89,17 +83,11 @@ class SweepSpec:
   def from_dict(cls, d: dict) -> SweepSpec:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise SweepError(
-          f"unknown sweep keys {sorted(unknown)}; use name, "
-          "config, overrides, runs, description"
-      )
-    return cls(
-        config=d.get("config"),
-        runs=d.get("runs"),
-        overrides=d.get("overrides") or {},
-        name=d.get("name") or "",
-        description=d.get("description") or "",
-    )
+      raise SweepError(f"unknown sweep keys {sorted(unknown)}; use name, "
+                       "config, overrides, runs, description")
+    return cls(config=d.get("config"), runs=d.get("runs"),
+               overrides=d.get("overrides") or {}, name=d.get("name") or "",
+               description=d.get("description") or "")
 
 
 # ----------------------------------------------------------- grid helpers
@@ -109,20 +97,14 @@ def grid(**axes: Sequence[Any]) -> list[dict]:
   """Cartesian product: grid(a=[1, 2], b=[3]) -> [{a:1,b:3}, {a:2,b:3}].
   Keys with dots go through `**{"sam.rho": [...]}`."""
   keys = list(axes)
-  return [
-      dict(zip(keys, vals))
-      for vals in itertools.product(*(axes[k] for k in keys))
-  ]
+  return [dict(zip(keys, vals))
+          for vals in itertools.product(*(axes[k] for k in keys))]
 
 
-def method_runs(
-    methods: Sequence[str],
-    rhos,
-    *,
-    learning_rates: Sequence[float] = (1e-3,),
-    seeds: Sequence[int] = (0,),
-    fixed: dict | None = None,
-) -> list[dict]:
+def method_runs(methods: Sequence[str], rhos, *,
+                learning_rates: Sequence[float] = (1e-3,),
+                seeds: Sequence[int] = (0,),
+                fixed: dict | None = None) -> list[dict]:
   """The method x rho x learning rate x seed grid.
 
   rhos: one sequence for every method, or {method: sequence}. A method that
@@ -132,13 +114,11 @@ def method_runs(
   gets its default unless `fixed` sets it (`method_options`).
   """
   from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
-
   runs = []
   for method in methods:
     if method not in METHODS:
-      raise SweepError(
-          f"unknown method {method!r}; use one of " f"{', '.join(METHODS)}"
-      )
+      raise SweepError(f"unknown method {method!r}; use one of "
+                       f"{', '.join(METHODS)}")
     if not METHODS[method].perturbs:
       method_rhos = [None]
     elif isinstance(rhos, dict):
@@ -165,12 +145,10 @@ def method_options(method: str) -> dict:
   options at their examples (`sam.example_options`; Angle-SAM's phi 0.7854,
   GSAM's alpha 0.2)."""
   from nanodo_sam import sam  # pylint: disable=g-import-not-at-top
-
   return sam.example_options(method)
 
 
-def around(
-    center: float, factors: Sequence[float] = (0.5, 1.0, 2.0), digits: int = 4
-) -> list[float]:
+def around(center: float, factors: Sequence[float] = (0.5, 1.0, 2.0),
+           digits: int = 4) -> list[float]:
   """rho values around a centre: around(0.4) -> [0.2, 0.4, 0.8]."""
   return [round(center * f, digits) for f in factors]

@@ -110,7 +110,7 @@ def test_defaults_are_the_frozen_defaults():
 
 
 def test_configs_base_is_the_table():
-  base = config_lib.load_config_file('configs/base.py')
+  base = config_lib.load_config_file("configs/base.py")
   assert _flat(base) == _flat(keys.defaults())
 
 
@@ -119,7 +119,7 @@ def test_placeholders_take_floats():
   assert c.opt.init_learning_rate is None
   c.opt.init_learning_rate = 0.5
   with pytest.raises(TypeError):
-    c.opt.final_learning_rate = 'x'
+    c.opt.final_learning_rate = "x"
 
 
 def test_every_key_has_a_meaning_and_a_valid_default():
@@ -132,16 +132,14 @@ def test_every_key_has_a_meaning_and_a_valid_default():
 
 def test_check_reads_the_table():
   c = keys.defaults()
-  c.data.packing = 'zigzag'
-  with pytest.raises(
-      UsageError,
-      match="data.packing='zigzag' is unknown; " 'use one of nanodo, shifted',
-  ):
+  c.data.packing = "zigzag"
+  with pytest.raises(UsageError, match="data.packing='zigzag' is unknown; "
+                     "use one of nanodo, shifted"):
     keys.check(c)
   c = keys.defaults()
   c.opt.b2 = 1.0
-  with pytest.raises(UsageError, match=r'opt.b2=1.0 must lie in \[0, 1\)'):
+  with pytest.raises(UsageError, match=r"opt.b2=1.0 must lie in \[0, 1\)"):
     keys.check(c)
-  c = ml_collections.ConfigDict({'seed': '0'})
+  c = ml_collections.ConfigDict({"seed": "0"})
   with pytest.raises(UsageError, match="seed='0' must be an integer"):
     keys.check(c)

@@ -23,10 +23,7 @@ from nanodo_sam.loss import cross_entropy
 B, L, V = 3, 4, 11
 ALL = sorted(sam.METHODS)
 PHI = {"angle_sam": 0.7}
-ALPHA = {
-    "gsam": 0.3,
-    "precond_gsam": 0.3,
-}  # GSAM's needed option (tests/test_sam_variants.py)
+ALPHA = {"gsam": 0.3, "precond_gsam": 0.3}  # GSAM's needed option (tests/test_sam_variants.py)
 
 
 def _phi(method):
@@ -70,10 +67,8 @@ def _mlp(dtype=np.float32, D=5):
       "b1": 0.1 * rng.normal(size=(D,)),
       "w2": rng.normal(size=(D, V)),
   }
-  return (
-      {k: jnp.asarray(x.astype(dtype)) for k, x in params.items()},
-      jax.jit(_mlp_logits),
-  )
+  return ({k: jnp.asarray(x.astype(dtype)) for k, x in params.items()},
+          jax.jit(_mlp_logits))
 
 
 @pytest.fixture(params=["transformer", "mlp"])
@@ -134,13 +129,11 @@ def _ref(method, params, batch, logits_fn, rho, eps=None):
   if method == "sam":
     return jax.grad(_loss)(params_eps, batch, logits_fn)
   if method == "functional_sam":
-    return _ref_jt(
-        params_eps, batch, logits_fn, _ref_dlogits(params, batch, logits_fn)
-    )
+    return _ref_jt(params_eps, batch, logits_fn,
+                   _ref_dlogits(params, batch, logits_fn))
   if method == "logit_sam":
-    return _ref_jt(
-        params, batch, logits_fn, _ref_dlogits(params_eps, batch, logits_fn)
-    )
+    return _ref_jt(params, batch, logits_fn,
+                   _ref_dlogits(params_eps, batch, logits_fn))
   raise NotImplementedError(method)
 
 
@@ -163,25 +156,12 @@ def _step(method, params, batch, logits_fn, rho, **kw):
 
 def test_registry():
   assert set(sam.METHODS) == {
-      "adamw",
-      "sam",
-      "functional_sam",
-      "logit_sam",
-      "angle_sam",
-      "precond_sam",
-      "precond_functional_sam",
-      "adaptive_sam",
-      "gsam",
-      "momentum_sam",
-      "functional_adaptive_sam",
-      "functional_momentum_sam",
-      "precond_gsam",
-  }
-  assert set(sam.PRECOND_METHODS) == {
-      "precond_sam",
-      "precond_functional_sam",
-      "precond_gsam",
-  }
+      "adamw", "sam", "functional_sam", "logit_sam", "angle_sam",
+      "precond_sam", "precond_functional_sam", "adaptive_sam", "gsam",
+      "momentum_sam", "functional_adaptive_sam", "functional_momentum_sam",
+      "precond_gsam"}
+  assert set(sam.PRECOND_METHODS) == {"precond_sam", "precond_functional_sam",
+                                      "precond_gsam"}
   assert set(sam.PHI_METHODS) == {"angle_sam"}
   assert set(ALPHA) == set(sam.ALPHA_METHODS)
 
@@ -191,10 +171,7 @@ def test_the_plain_step_is_known_from_the_registry_and_named_by_its_optimizer():
   # for every plain or reuse step.
   assert [m for m in sam.METHODS if sam.is_plain(m)] == [sam.PLAIN]
   assert [sam.label(sam.PLAIN, o) for o in ("adamw", "sgd", "momentum")] == [
-      "AdamW",
-      "SGD",
-      "Momentum",
-  ]
+      "AdamW", "SGD", "Momentum"]
   assert sam.label("functional_sam", "sgd") == "Func-SAM"
   assert sam.label("precond_sam") == "Precond SAM"
 
@@ -205,9 +182,8 @@ def test_adamw_is_plain_gradient(problem):
   ref_loss, ref_g = jax.value_and_grad(_loss)(params, batch, logits_fn)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   _close(grads, ref_g, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(
-      metrics["grad_norm"], jnp.linalg.norm(_flat(ref_g)), rtol=1e-5
-  )
+  np.testing.assert_allclose(metrics["grad_norm"],
+                             jnp.linalg.norm(_flat(ref_g)), rtol=1e-5)
   assert metrics["perturbation_norm"] == 0
   np.testing.assert_allclose(metrics["cosine"], 1.0, rtol=1e-5)
   assert jax.tree.structure(grads) == jax.tree.structure(params)
@@ -242,13 +218,10 @@ def test_logit_plus_functional_is_sam_to_first_order(problem):
   params, logits_fn, batch = problem
   errs = []
   for rho in (0.04, 0.02, 0.01):
-    d = {
-        m: _delta(m, params, batch, logits_fn, rho)
-        for m in ("sam", "functional_sam", "logit_sam")
-    }
-    errs.append(
-        jnp.linalg.norm(d["logit_sam"] + d["functional_sam"] - d["sam"])
-    )
+    d = {m: _delta(m, params, batch, logits_fn, rho)
+         for m in ("sam", "functional_sam", "logit_sam")}
+    errs.append(jnp.linalg.norm(
+        d["logit_sam"] + d["functional_sam"] - d["sam"]))
     # The first-order terms themselves are O(rho), far larger.
     assert errs[-1] < 0.1 * jnp.linalg.norm(d["sam"])
   for big, small in zip(errs, errs[1:]):
@@ -267,8 +240,7 @@ def _hessian_pieces(params, batch, logits_fn):
   p_NxV = jax.nn.softmax(logits_fn_flat(flat).reshape(B * L, V), axis=-1)
   w_N = batch["weights"].reshape(-1) / jnp.maximum(batch["weights"].sum(), 1.0)
   S_NxVxV = w_N[:, None, None] * (
-      jax.vmap(jnp.diag)(p_NxV) - p_NxV[:, :, None] * p_NxV[:, None, :]
-  )
+      jax.vmap(jnp.diag)(p_NxV) - p_NxV[:, :, None] * p_NxV[:, None, :])
   H_G = jnp.einsum("nvp,nvw,nwq->pq", J_NxVxP, S_NxVxV, J_NxVxP)
   return g, H, H_G, H - H_G
 
@@ -283,11 +255,8 @@ def test_paths_are_hessian_pieces(x64):
   # Sanity: the decomposition is not degenerate.
   assert jnp.linalg.norm(H_F @ e) > 0.05 * jnp.linalg.norm(H @ e)
   assert jnp.linalg.norm(H_G @ e) > 0.05 * jnp.linalg.norm(H @ e)
-  for method, target in (
-      ("functional_sam", H_F @ e),
-      ("logit_sam", H_G @ e),
-      ("sam", H @ e),
-  ):
+  for method, target in (("functional_sam", H_F @ e), ("logit_sam", H_G @ e),
+                         ("sam", H @ e)):
     errs = []
     for rho in (1e-2, 1e-3):
       grads = step(method, params, batch, logits_fn=logits_fn, rho=rho)[1]
@@ -302,39 +271,25 @@ def test_angle_sam_endpoints_and_formula(problem):
   rho = 0.1
   f = _step("functional_sam", params, batch, logits_fn, rho)[1]
   lg = _step("logit_sam", params, batch, logits_fn, rho)[1]
-  _close(
-      _step("angle_sam", params, batch, logits_fn, rho, phi=0.0)[1],
-      f,
-      rtol=1e-6,
-      atol=1e-7,
-  )
-  _close(
-      _step("angle_sam", params, batch, logits_fn, rho, phi=math.pi / 2)[1],
-      lg,
-      rtol=1e-6,
-      atol=1e-7,
-  )
+  _close(_step("angle_sam", params, batch, logits_fn, rho, phi=0.0)[1], f,
+         rtol=1e-6, atol=1e-7)
+  _close(_step("angle_sam", params, batch, logits_fn, rho, phi=math.pi / 2)[1],
+         lg, rtol=1e-6, atol=1e-7)
   g = _grad(params, batch, logits_fn)
   phi = 0.7
   ref = jax.tree.map(
       lambda g0, a, b: g0 + math.sin(phi) * (a - g0) + math.cos(phi) * (b - g0),
-      g,
-      lg,
-      f,
-  )
-  _close(
-      _step("angle_sam", params, batch, logits_fn, rho, phi=phi)[1],
-      ref,
-      rtol=1e-5,
-      atol=1e-7,
-  )
+      g, lg, f)
+  _close(_step("angle_sam", params, batch, logits_fn, rho, phi=phi)[1], ref,
+         rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ALL)
 def test_rho_zero_is_plain_gradient(problem, method):
   params, logits_fn, batch = problem
   _, grads, metrics = _step(method, params, batch, logits_fn, 0.0)
-  _close(grads, _grad(params, batch, logits_fn), rtol=1e-5, atol=1e-7)
+  _close(grads, _grad(params, batch, logits_fn), rtol=1e-5,
+         atol=1e-7)
   assert metrics["perturbation_norm"] == 0
 
 
@@ -345,15 +300,8 @@ def test_precond_with_unit_p_is_unpreconditioned(problem, method, normalize):
   ones = jax.tree.map(jnp.ones_like, params)
   plain = _step(method, params, batch, logits_fn, 0.1)[1]
   for precond in (ones, None):  # None: no Adam state yet, P = 1
-    pre = _step(
-        "precond_" + method,
-        params,
-        batch,
-        logits_fn,
-        0.1,
-        precond=precond,
-        precond_normalize=normalize,
-    )[1]
+    pre = _step("precond_" + method, params, batch, logits_fn, 0.1,
+                precond=precond, precond_normalize=normalize)[1]
     _close(pre, plain, rtol=1e-5, atol=1e-7)
 
 
@@ -363,29 +311,16 @@ def test_precond_formulas(problem, method, normalize):
   params, logits_fn, batch = problem
   rng = np.random.default_rng(7)
   P = jax.tree.map(
-      lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params
-  )
+      lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params)
   rho = 0.05
-  _, grads, metrics = _step(
-      "precond_" + method,
-      params,
-      batch,
-      logits_fn,
-      rho,
-      precond=P,
-      precond_normalize=normalize,
-  )
+  _, grads, metrics = _step("precond_" + method, params, batch, logits_fn, rho,
+                            precond=P, precond_normalize=normalize)
   g = _grad(params, batch, logits_fn)
   eps = _ref_eps(g, rho, P, normalize)
-  _close(
-      grads,
-      _ref(method, params, batch, logits_fn, rho, eps=eps),
-      rtol=1e-4,
-      atol=1e-6,
-  )
-  np.testing.assert_allclose(
-      metrics["perturbation_norm"], jnp.linalg.norm(_flat(eps)), rtol=1e-5
-  )
+  _close(grads, _ref(method, params, batch, logits_fn, rho, eps=eps),
+         rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(metrics["perturbation_norm"],
+                             jnp.linalg.norm(_flat(eps)), rtol=1e-5)
   if normalize == "after":
     np.testing.assert_allclose(metrics["perturbation_norm"], rho, rtol=1e-5)
   # A non-trivial P changes the result.
@@ -397,11 +332,8 @@ def test_precond_formulas(problem, method, normalize):
 def test_zero_gradient_stays_finite(method):
   params, logits_fn = _mlp()
   batch = dict(_batch(), weights=jnp.zeros((B, L), jnp.float32))
-  kw = (
-      {"precond": jax.tree.map(jnp.ones_like, params)}
-      if (method in sam.PRECOND_METHODS)
-      else {}
-  )
+  kw = {"precond": jax.tree.map(jnp.ones_like, params)} if (
+      method in sam.PRECOND_METHODS) else {}
   loss, grads, metrics = _step(method, params, batch, logits_fn, 0.1, **kw)
   assert loss == 0
   assert jax.tree.structure(grads) == jax.tree.structure(params)
@@ -416,11 +348,8 @@ def test_jit_with_traced_rho(method):
   params, logits_fn = _mlp()
   batch = _batch()
   P = jax.tree.map(lambda x: 1.0 + jnp.abs(x), params)
-  step = jax.jit(
-      functools.partial(
-          sam.gradient, method, logits_fn=logits_fn, phi=_phi(method)
-      )
-  )
+  step = jax.jit(functools.partial(sam.gradient, method, logits_fn=logits_fn,
+                                   phi=_phi(method)))
   for rho in (0.05, 0.1):
     loss, grads, metrics = step(params, batch, rho=jnp.float32(rho), precond=P)
     ref = _step(method, params, batch, logits_fn, rho, precond=P)
@@ -461,15 +390,9 @@ def _matmuls(method):
   """Matmuls in the traced step on the MLP: 2 per forward (x W1, h W2) and
   4 per backward (each one's two cotangents)."""
   params, _ = _mlp()
-  step = lambda p, b: sam.gradient(
-      method,
-      p,
-      b,
-      logits_fn=_mlp_logits,
-      rho=0.1,
-      phi=_phi(method),
-      alpha=ALPHA.get(method),
-  )
+  step = lambda p, b: sam.gradient(method, p, b, logits_fn=_mlp_logits,
+                                   rho=0.1, phi=_phi(method),
+                                   alpha=ALPHA.get(method))
   return str(jax.make_jaxpr(step)(params, _batch())).count("dot_general")
 
 
@@ -482,38 +405,22 @@ def test_cost(method):
   assert _matmuls(method) == 2 * entry.forwards + 4 * entry.backwards
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(method="samm", rho=0.1, phi=None), "unknown.*functional_sam"),
-        (dict(method="sam", rho=-0.1, phi=None), "rho"),
-        (dict(method="sam", rho=0.1, phi=0.3), "phi.*ignored"),
-        (dict(method="adamw", rho=0.0, phi=0.3), "phi.*ignored"),
-        (dict(method="angle_sam", rho=0.1, phi=None), "needs.*phi"),
-        (
-            dict(method="precond_sam", rho=0.1, phi=None, optimizer="sgd"),
-            "adamw",
-        ),
-        (
-            dict(
-                method="precond_functional_sam",
-                rho=0.1,
-                phi=None,
-                optimizer="momentum",
-            ),
-            "adamw",
-        ),
-        (
-            dict(method="sam", rho=0.1, phi=None, precond_normalize="middle"),
-            "precond_normalize",
-        ),
-        (
-            dict(method="precond_sam", rho=0.1, precond_normalize="middle"),
-            "precond_normalize.*after, before",
-        ),
-        (dict(method="gsam", rho=0.1, alpha=-1.0), "alpha.*>= 0"),
-    ],
-)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="samm", rho=0.1, phi=None), "unknown.*functional_sam"),
+    (dict(method="sam", rho=-0.1, phi=None), "rho"),
+    (dict(method="sam", rho=0.1, phi=0.3), "phi.*ignored"),
+    (dict(method="adamw", rho=0.0, phi=0.3), "phi.*ignored"),
+    (dict(method="angle_sam", rho=0.1, phi=None), "needs.*phi"),
+    (dict(method="precond_sam", rho=0.1, phi=None, optimizer="sgd"),
+     "adamw"),
+    (dict(method="precond_functional_sam", rho=0.1, phi=None,
+          optimizer="momentum"), "adamw"),
+    (dict(method="sam", rho=0.1, phi=None, precond_normalize="middle"),
+     "precond_normalize"),
+    (dict(method="precond_sam", rho=0.1, precond_normalize="middle"),
+     "precond_normalize.*after, before"),
+    (dict(method="gsam", rho=0.1, alpha=-1.0), "alpha.*>= 0"),
+])
 def test_validate_raises(kwargs, match):
   with pytest.raises(ValueError, match=match) as info:
     sam.validate(**kwargs)
@@ -545,14 +452,12 @@ def test_validate_accepts_good_and_gradient_checks():
 def _half_sam(step):
   """(g + grad L(theta + eps)) / 2: a method made up for this test."""
   eps = step.perturbed()
-  return jax.tree.map(
-      lambda g, s: (g + s) / 2, step.clean.grads, step.jt(eps, eps)
-  )
+  return jax.tree.map(lambda g, s: (g + s) / 2, step.clean.grads,
+                      step.jt(eps, eps))
 
 
 def test_a_new_method_is_one_function_and_one_registry_line(
-    monkeypatch, tmp_path, capsys
-):
+    monkeypatch, tmp_path, capsys):
   """Registered in sam.METHODS and nowhere else, a method takes gradient
   steps, passes config validation (a typo does not), runs in `nanodo-sam
   bench` through the compiled train step and is labelled in the tables."""
@@ -561,21 +466,19 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   from nanodo_sam import config as config_lib
   from nanodo_sam import tables as make_tables
   from nanodo_sam import validation
-
-  monkeypatch.setitem(
-      sam.METHODS, "half_sam", sam.Method(_half_sam, "Half-SAM")
-  )
+  monkeypatch.setitem(sam.METHODS, "half_sam",
+                      sam.Method(_half_sam, "Half-SAM"))
   params, logits_fn = _mlp()
   batch = _batch()
   _, grads, _ = _step("half_sam", params, batch, logits_fn, 0.1)
   g = _grad(params, batch, logits_fn)
-  ref = jax.tree.map(
-      lambda a, b: (a + b) / 2, g, _ref("sam", params, batch, logits_fn, 0.1)
-  )
+  ref = jax.tree.map(lambda a, b: (a + b) / 2, g,
+                     _ref("sam", params, batch, logits_fn, 0.1))
   _close(grads, ref, rtol=1e-4, atol=1e-6)
   assert _passes("half_sam") == (2, 2) and _matmuls("half_sam") == 12
 
-  validation.validate(tiny_config(**{"sam.method": "half_sam", "sam.rho": 0.1}))
+  validation.validate(tiny_config(**{"sam.method": "half_sam",
+                                     "sam.rho": 0.1}))
   with pytest.raises(config_lib.UsageError, match="'half_samm' is unknown"):
     validation.validate(tiny_config(**{"sam.method": "half_samm"}))
 
@@ -587,15 +490,13 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   fake_run(tmp_path, "half", method="half_sam", rho=0.1, seed=0, loss=3.9)
   capsys.readouterr()
   assert make_tables.main([str(tmp_path)]) == 0
-  assert (
-      "| fixed_length | 2M | gelu | Half-SAM | 3.9000 | 0.1 |"
-      in capsys.readouterr().out
-  )
+  assert "| fixed_length | 2M | gelu | Half-SAM | 3.9000 | 0.1 |" in \
+      capsys.readouterr().out
 
 
 BETA = sam.Option(
     "beta",
-    "The weight of the perturbed gradient (made up " "for a test).",
+    "The weight of the perturbed gradient (made up for a test).",
     example=0.3,
     least=0.0,
 )
@@ -706,15 +607,9 @@ def test_accumulated_gradient_returns_one_shape(num_microbatches):
   On one microbatch it is `gradient`'s result."""
   params, logits_fn = _mlp()
   batch = dict(_batch(), weights=jnp.ones((B, L), jnp.float32))
-  step = functools.partial(
-      distribute.accumulated_gradient,
-      "functional_sam",
-      params,
-      batch,
-      logits_fn=logits_fn,
-      rho=0.1,
-      num_microbatches=num_microbatches,
-  )
+  step = functools.partial(distribute.accumulated_gradient, "functional_sam", params,
+                           batch, logits_fn=logits_fn, rho=0.1,
+                           num_microbatches=num_microbatches)
   plain, with_reuse = step(), step(return_reuse=True)
   for out in (plain, with_reuse):
     assert isinstance(out, distribute.GradientResult) and len(out) == 4
@@ -722,9 +617,8 @@ def test_accumulated_gradient_returns_one_shape(num_microbatches):
   np.testing.assert_array_equal(plain.loss, with_reuse.loss)
   _close(plain.grads, with_reuse.grads, rtol=0)
   if num_microbatches == 1:
-    loss, grads, metrics = _step(
-        "functional_sam", params, batch, logits_fn, 0.1
-    )
+    loss, grads, metrics = _step("functional_sam", params, batch, logits_fn,
+                                 0.1)
     np.testing.assert_array_equal(plain.loss, loss)
     _close(plain.grads, grads, rtol=0)
     assert set(plain.metrics) == set(metrics)

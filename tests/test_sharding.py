@@ -44,8 +44,7 @@ TIMEOUT = 900  # Seconds per subprocess; generous for loaded CI machines.
 # they are not the CLI's output.
 RUNTIME_NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog|"
-    r"[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\])"
-)
+    r"[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\])")
 
 
 # ------------------------------------------------------------- shared helpers
@@ -53,26 +52,20 @@ RUNTIME_NOISE = re.compile(
 
 def step_config(mesh=(1, 1, 1), **overrides):
   """The tiny config with a constant learning rate from step 0."""
-  defaults = {
-      "opt.warmup_steps": 0,
-      "opt.decay_type": "constant",
-      "opt.peak_learning_rate": 1e-3,
-      "sam.rho": 0.1,
-      "mesh.data": mesh[0],
-      "mesh.fsdp": mesh[1],
-      "mesh.tensor": mesh[2],
-  }
+  defaults = {"opt.warmup_steps": 0, "opt.decay_type": "constant",
+              "opt.peak_learning_rate": 1e-3, "sam.rho": 0.1,
+              "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
+              "mesh.tensor": mesh[2]}
   return tiny_config(**{**defaults, **overrides})
 
 
-def synthetic_batch(
-    seed: int, batch_size: int, seq_len: int = 32, vocab: int = 259
-) -> dict[str, np.ndarray]:
+def synthetic_batch(seed: int, batch_size: int, seq_len: int = 32,
+                    vocab: int = 259) -> dict[str, np.ndarray]:
   """Random tokens with some padding (weights 0), unequal across rows."""
   rng = np.random.default_rng(seed)
   weights = (rng.uniform(size=(batch_size, seq_len)) > 0.2).astype(np.float32)
   weights[:, 0] = 1.0
-  weights[0, seq_len // 2 :] = 0.0
+  weights[0, seq_len // 2:] = 0.0
   return {
       "inputs": rng.integers(3, vocab, (batch_size, seq_len)).astype(np.int32),
       "targets": rng.integers(3, vocab, (batch_size, seq_len)).astype(np.int32),
@@ -82,59 +75,39 @@ def synthetic_batch(
 
 def _max_abs(tree_a, tree_b) -> float:
   import jax
-
   a_leaves, b_leaves = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
   assert len(a_leaves) == len(b_leaves), (len(a_leaves), len(b_leaves))
-  return max(
-      float(
-          np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
-      )
-      for a, b in zip(a_leaves, b_leaves)
-  )
+  return max(float(np.max(np.abs(np.asarray(a, np.float64) -
+                                 np.asarray(b, np.float64))))
+             for a, b in zip(a_leaves, b_leaves))
 
 
 def _keeps_sharding(tree, want) -> bool:
   """Whether every array of `tree` is laid out as its counterpart in `want`
   (a tree of shardings); False for no arrays or a different count."""
   import jax
-
   xs, ws = jax.tree.leaves(tree), jax.tree.leaves(want)
-  return (
-      bool(xs)
-      and len(xs) == len(ws)
-      and all(x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(xs, ws))
-  )
+  return bool(xs) and len(xs) == len(ws) and all(
+      x.sharding.is_equivalent_to(w, x.ndim) for x, w in zip(xs, ws))
 
 
 def _max_abs_one(tree) -> float:
   import jax
-
-  return max(
-      float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(tree)
-  )
+  return max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
 
 def _env(devices: int) -> dict[str, str]:
   """A clean environment with `devices` fake CPU devices and no cluster."""
-  env = {
-      k: v
-      for k, v in os.environ.items()
-      if not k.startswith(
-          ("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_", "PMI_")
-      )
-  }
-  flags = [
-      f
-      for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
-  ]
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_",
+                              "PMI_"))}
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"]
-  )
+      flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-  )
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   env["XLA_FLAGS"] += "".join(f" --{k}={v}" for k, v in FAST_COMPILE.items())
   return env
@@ -150,14 +123,8 @@ class Job:
     self.err_path = os.path.join(workdir, f"{name}.stderr")
     self._out = open(self.out_path, "w")
     self._err = open(self.err_path, "w")
-    self.proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=ROOT,
-        stdout=self._out,
-        stderr=self._err,
-        stdin=subprocess.DEVNULL,
-    )
+    self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=self._out,
+                                 stderr=self._err, stdin=subprocess.DEVNULL)
 
   def wait(self, timeout: float = TIMEOUT) -> tuple[int, str, str]:
     try:
@@ -215,7 +182,6 @@ def _all_methods_fn(s):
   """
   from nanodo_sam import sam as sam_lib
   from nanodo_sam import train
-
   steps = {m: train.make_train_step(s, m) for m in METHODS}
 
   def fn(state, batch):
@@ -235,16 +201,11 @@ def _applied_gradient(before, after, b1: float):
   """g from AdamW's first moment: mu' = b1 mu + (1 - b1) g (no clipping)."""
   import jax
   import optax
-
-  mu0, mu1 = (
-      optax.tree_utils.tree_get(x.opt_state, "mu") for x in (before, after)
-  )
+  mu0, mu1 = (optax.tree_utils.tree_get(x.opt_state, "mu")
+              for x in (before, after))
   return jax.tree.map(
       lambda a, b: (np.asarray(b, np.float64) - b1 * np.asarray(a, np.float64))
-      / (1 - b1),
-      mu0,
-      mu1,
-  )
+      / (1 - b1), mu0, mu1)
 
 
 def _adam_params(before, after, opt_cfg):
@@ -254,19 +215,16 @@ def _adam_params(before, after, opt_cfg):
   import jax
   import optax
   from nanodo_sam import optimizer as optimizer_lib
-
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  (adam,) = [
-      x for x in jax.tree.leaves(after.opt_state, is_leaf=is_adam) if is_adam(x)
-  ]
+  (adam,) = [x for x in jax.tree.leaves(after.opt_state, is_leaf=is_adam)
+             if is_adam(x)]
   t = int(adam.count)
   lr, wd = opt_cfg.peak_learning_rate, optimizer_lib.decay_coefficient(opt_cfg)
   f64 = lambda x: np.asarray(x, np.float64)
 
   def one(p, mu, nu):
     u = (f64(mu) / (1 - opt_cfg.b1**t)) / (
-        np.sqrt(f64(nu) / (1 - opt_cfg.b2**t)) + opt_cfg.eps
-    )
+        np.sqrt(f64(nu) / (1 - opt_cfg.b2**t)) + opt_cfg.eps)
     return f64(p) - lr * (u + wd * f64(p))
 
   return jax.tree.map(one, before.params, adam.mu, adam.nu)
@@ -279,22 +237,16 @@ def _params_beyond_adam(before, after, ref_before, ref_after, opt_cfg):
   relative each) of its update |p_before - p|. <= 0 for a correct program,
   whatever its inputs differ by (grads_diff and nu_diff bound those)."""
   import jax
-
   leaves = lambda t: [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
   worst = -np.inf
   for p, q, pp, qp, pb, qb in zip(
-      leaves(after.params),
-      leaves(ref_after.params),
+      leaves(after.params), leaves(ref_after.params),
       leaves(_adam_params(before, after, opt_cfg)),
       leaves(_adam_params(ref_before, ref_after, opt_cfg)),
-      leaves(before.params),
-      leaves(ref_before.params),
-  ):
-    rounding = sum(
-        np.spacing(np.abs(x).astype(np.float32))
-        + 16 * 2.0**-24 * np.abs(xb - x)
-        for x, xb in ((p, pb), (q, qb))
-    )
+      leaves(before.params), leaves(ref_before.params)):
+    rounding = sum(np.spacing(np.abs(x).astype(np.float32))
+                   + 16 * 2.0**-24 * np.abs(xb - x)
+                   for x, xb in ((p, pb), (q, qb)))
     excess = np.abs(p - q) - np.abs(pp - qp) - rounding
     worst = max(worst, float(excess.max()))
   return worst
@@ -332,24 +284,17 @@ def worker_mesh(out_path: str) -> None:
   init = state_lib.init_state(s_first, seed=0)
   ref_state = jax.device_put(init, dev0)
   s_ref = dataclasses.replace(  # Without the pin to the 8-device layout.
-      s_first,
-      logits_fn=model_lib.make_logits_fn(s_first.model),
-      head=model_lib.output_head(s_first.model),
-  )
-  ref = jax.device_get(
-      jax.jit(_all_methods_fn(s_ref))(ref_state, jax.device_put(batch, dev0))
-  )
+      s_first, logits_fn=model_lib.make_logits_fn(s_first.model),
+      head=model_lib.output_head(s_first.model))
+  ref = jax.device_get(jax.jit(_all_methods_fn(s_ref))(
+      ref_state, jax.device_put(batch, dev0)))
   b1 = s_first.cfg.opt.b1
   for m in METHODS:
     ref[m]["grads"] = _applied_gradient(ref[m]["before"], ref[m]["state"], b1)
   res["timings"]["reference"] = time.time() - t0
-  res["reference"] = {
-      m: {
-          "loss": float(ref[m]["loss"]),
-          "grads_max": _max_abs_one(ref[m]["grads"]),
-      }
-      for m in METHODS
-  }
+  res["reference"] = {m: {"loss": float(ref[m]["loss"]),
+                          "grads_max": _max_abs_one(ref[m]["grads"])}
+                      for m in METHODS}
 
   saved = None
   for shape in MESHES:
@@ -358,47 +303,34 @@ def worker_mesh(out_path: str) -> None:
     r = res["meshes"][str(shape)] = {}
     state = state_lib.init_state(s, seed=0)
     r["init_max_diff"] = _max_abs(state.params, jax.device_get(init.params))
-    fn = jax.jit(
-        _all_methods_fn(s),
-        in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)),
-    )
+    fn = jax.jit(_all_methods_fn(s),
+                 in_shardings=(s.state_sharding, sharding.batch_sharding(s.mesh)))
     lowered = fn.lower(state, sharding.global_batch(batch, s.mesh))
     compiled = lowered.compile()
     hlo = compiled.as_text()
-    r["collectives"] = {
-        op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
-        for op in (
-            "all-gather",
-            "all-reduce",
-            "reduce-scatter",
-            "all-to-all",
-            "collective-permute",
-        )
-    }
+    r["collectives"] = {op: len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
+                        for op in ("all-gather", "all-reduce",
+                                   "reduce-scatter", "all-to-all",
+                                   "collective-permute")}
     out = compiled(state, sharding.global_batch(batch, s.mesh))
     r["methods"] = {}
     for m in METHODS:
       o = out[m]
-      grads = _applied_gradient(
-          jax.device_get(o["before"]), jax.device_get(o["state"]), b1
-      )
+      grads = _applied_gradient(jax.device_get(o["before"]),
+                                jax.device_get(o["state"]), b1)
       r["methods"][m] = {
           "loss": float(o["loss"]),
           "loss_diff": abs(float(o["loss"]) - float(ref[m]["loss"])),
           "grads_diff": _max_abs(grads, ref[m]["grads"]),
           "params_diff": _max_abs(o["state"].params, ref[m]["state"].params),
           "params_beyond_adam": _params_beyond_adam(
-              jax.device_get(o["before"]),
-              jax.device_get(o["state"]),
-              ref[m]["before"],
-              ref[m]["state"],
-              s.cfg.opt,
-          ),
+              jax.device_get(o["before"]), jax.device_get(o["state"]),
+              ref[m]["before"], ref[m]["state"], s.cfg.opt),
           "params_change": _max_abs(o["state"].params, ref_state.params),
-          "nu_diff": _max_abs(
-              optax.tree_utils.tree_get(o["state"].opt_state, "nu"),
-              optax.tree_utils.tree_get(ref[m]["state"].opt_state, "nu"),
-          ),
+          "nu_diff": _max_abs(optax.tree_utils.tree_get(o["state"].opt_state,
+                                                         "nu"),
+                              optax.tree_utils.tree_get(ref[m]["state"]
+                                                        .opt_state, "nu")),
       }
 
     # Where the parameters and AdamW's moments actually live.
@@ -415,20 +347,15 @@ def worker_mesh(out_path: str) -> None:
     }
     same = _keeps_sharding
     r["outputs_keep_sharding"] = {
-        m: {
-            "params": same(out[m]["state"].params, s.state_sharding.params),
-            "opt_state": same(
-                out[m]["state"].opt_state, s.state_sharding.opt_state
-            ),
-        }
-        for m in METHODS
-    }
+        m: {"params": same(out[m]["state"].params, s.state_sharding.params),
+            "opt_state": same(out[m]["state"].opt_state,
+                              s.state_sharding.opt_state)}
+        for m in METHODS}
 
     r["embed_spec"] = _spec(state.params["embed"]["embedding"])
     r["param_bytes"] = sum(x.nbytes for x in leaves)
-    r["param_device_bytes"] = sum(
-        x.addressable_shards[0].data.nbytes for x in leaves
-    )
+    r["param_device_bytes"] = sum(x.addressable_shards[0].data.nbytes
+                                  for x in leaves)
     r["state_matches_declared"] = same(state, s.state_sharding)
 
     # The SAM perturbation, perturbed parameters and preconditioner inherit
@@ -436,33 +363,27 @@ def worker_mesh(out_path: str) -> None:
     ps = s.state_sharding.params
     perturbed = jax.jit(
         lambda p, g: sam_lib.shift(p, sam_lib.perturbation(g, 0.1)),
-        in_shardings=(ps, ps),
-    )(state.params, state.params)
+        in_shardings=(ps, ps))(state.params, state.params)
     precond = jax.jit(
         lambda o: optimizer_lib.adam_preconditioner(o, b2=0.95, eps=1e-8)[0],
-        in_shardings=(s.state_sharding.opt_state,),
-    )(out["adamw"]["state"].opt_state)
+        in_shardings=(s.state_sharding.opt_state,))(
+            out["adamw"]["state"].opt_state)
     r["perturbed_keeps_sharding"] = same(perturbed, ps)
     # The gradient, unpinned on the way out: the pin inside logits_fn and
     # head (sharding.pin_params / pin_head) must put it where the parameters
     # are, so that eps and theta + eps, computed from it inside the step, are
     # too.
-    r["grads_keep_sharding"] = same(
-        jax.jit(
-            lambda p, b: sam_lib.gradient(
-                "adamw", p, b, logits_fn=s.logits_fn, head=s.head, rho=0.0
-            )[1],
-            in_shardings=(ps, sharding.batch_sharding(s.mesh)),
-        )(state.params, sharding.global_batch(batch, s.mesh)),
-        ps,
-    )
+    r["grads_keep_sharding"] = same(jax.jit(
+        lambda p, b: sam_lib.gradient("adamw", p, b, logits_fn=s.logits_fn,
+                                      head=s.head, rho=0.0)[1],
+        in_shardings=(ps, sharding.batch_sharding(s.mesh)))(
+            state.params, sharding.global_batch(batch, s.mesh)), ps)
     r["precond_keeps_sharding"] = same(precond, ps)
 
     # Microbatches for gradient accumulation must each span every device.
-    mb = jax.jit(
-        lambda b: distribute._microbatches(b, 4)[0]["inputs"],
-        in_shardings=(sharding.batch_sharding(s.mesh),),
-    )(sharding.global_batch(synthetic_batch(1, 32), s.mesh))
+    mb = jax.jit(lambda b: distribute._microbatches(b, 4)[0]["inputs"],
+                 in_shardings=(sharding.batch_sharding(s.mesh),))(
+                     sharding.global_batch(synthetic_batch(1, 32), s.mesh))
     r["microbatch_shard_shape"] = list(mb.addressable_shards[0].data.shape)
 
     if saved is None:  # Checkpoint on the first mesh; restore on the others.
@@ -475,9 +396,8 @@ def worker_mesh(out_path: str) -> None:
     else:
       restored = checkpoint.restore_state(mngr, s, 1)
       r["restore"] = {
-          "max_diff": _max_abs(
-              (restored.params, restored.opt_state), saved_host
-          ),
+          "max_diff": _max_abs((restored.params, restored.opt_state),
+                               saved_host),
           "step": int(restored.step),
           "fc1_spec": _spec(kernel(restored.params)),
           "matches_declared": same(restored, s.state_sharding),
@@ -497,98 +417,51 @@ DOC = b"To be, or not to be: that is th"  # 31 bytes + EOS = L tokens: one
 
 def _cli_overrides(files: str) -> list[str]:
   """The tiny model on documents that are each exactly one packed row."""
-  o = {
-      "model.D": 32,
-      "model.H": 2,
-      "model.N": 1,
-      "model.F": 64,
-      "model.L": 32,
-      "model.V": 259,
-      "data.train_files": files,
-      "data.eval_files": files,
-      "data.batch_size": 8,
-      "data.eval_batch_size": 8,
-      "data.eval_steps": 1,
-      "data.shuffle_buffer": 8,
-      "opt.num_train_steps": 6,
-      "opt.warmup_steps": 1,
-      "opt.peak_learning_rate": 1e-2,
-      "eval_every_steps": 0,
-      "checkpoint_every_steps": 3,
-      "log_every_steps": 1,
-      "sam.method": "sam",
-      "sam.rho": 0.05,
-      "mesh.data": 1,
-      "mesh.fsdp": -1,
-      "mesh.tensor": 1,
-  }
+  o = {"model.D": 32, "model.H": 2, "model.N": 1, "model.F": 64, "model.L": 32,
+       "model.V": 259, "data.train_files": files, "data.eval_files": files,
+       "data.batch_size": 8, "data.eval_batch_size": 8, "data.eval_steps": 1,
+       "data.shuffle_buffer": 8, "opt.num_train_steps": 6,
+       "opt.warmup_steps": 1, "opt.peak_learning_rate": 1e-2,
+       "eval_every_steps": 0, "checkpoint_every_steps": 3,
+       "log_every_steps": 1, "sam.method": "sam", "sam.rho": 0.05,
+       "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}
   return [f"--config.{k}={v}" for k, v in o.items()]
 
 
 ERROR_CASES = {
-    "mesh": (
-        ["--config.mesh.data=3"],
-        "multiplies to 3, but there are 8 devices",
-    ),
-    "batch": (
-        [
-            "--config.mesh.data=4",
-            "--config.mesh.fsdp=2",
-            "--config.grad_accumulation_steps=2",
-            "--config.data.batch_size=8",
-        ],
-        "data.batch_size=8 is not divisible by data x fsdp x "
-        "grad_accumulation_steps = 4x2x2",
-    ),
-    "heads": (
-        ["--config.mesh.data=2", "--config.mesh.tensor=4"],
-        "model.H=2 heads are not divisible by mesh.tensor=4",
-    ),
+    "mesh": (["--config.mesh.data=3"],
+             "multiplies to 3, but there are 8 devices"),
+    "batch": (["--config.mesh.data=4", "--config.mesh.fsdp=2",
+               "--config.grad_accumulation_steps=2",
+               "--config.data.batch_size=8"],
+              "data.batch_size=8 is not divisible by data x fsdp x "
+              "grad_accumulation_steps = 4x2x2"),
+    "heads": (["--config.mesh.data=2", "--config.mesh.tensor=4"],
+              "model.H=2 heads are not divisible by mesh.tensor=4"),
 }
 
 
 def _cli(*args) -> list[str]:
-  return [
-      sys.executable,
-      "-m",
-      "nanodo_sam.cli",
-      "train",
-      f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}",
-      *args,
-  ]
+  return [sys.executable, "-m", "nanodo_sam.cli", "train",
+          f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}", *args]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def jobs(request, tmp_path_factory):
   """Starts every subprocess the selected tests need, all at once, before
   the first test of this module (the in-process test overlaps them)."""
-  wanted = {
-      f
-      for item in request.session.items
-      if item.module is request.module
-      for f in item.fixturenames
-  }
+  wanted = {f for item in request.session.items
+            if item.module is request.module for f in item.fixturenames}
   root = tmp_path_factory.mktemp("sharding")
   started = {}
   if "mesh_results" in wanted:
-    started["mesh"] = Job(
-        "mesh",
-        [sys.executable, __file__, "mesh", str(root / "mesh" / "results.json")],
-        _env(8),
-        str(root / "mesh"),
-    )
+    started["mesh"] = Job("mesh", [sys.executable, __file__, "mesh",
+                                   str(root / "mesh" / "results.json")],
+                          _env(8), str(root / "mesh"))
   if "scale_results" in wanted:
-    started["scale"] = Job(
-        "scale",
-        [
-            sys.executable,
-            __file__,
-            "scale",
-            str(root / "scale" / "results.json"),
-        ],
-        _env(8),
-        str(root / "scale"),
-    )
+    started["scale"] = Job("scale", [sys.executable, __file__, "scale",
+                                     str(root / "scale" / "results.json")],
+                           _env(8), str(root / "scale"))
   if "dist_runs" in wanted:
     assert len(DOC) + 1 == 32
     docs = root / "docs"
@@ -599,40 +472,22 @@ def jobs(request, tmp_path_factory):
     port = _free_port()
     for i in range(2):
       started[f"proc{i}"] = Job(
-          f"proc{i}",
-          _cli(
-              f"--workdir={root / 'two_process'}",
-              *flags,
-              f"--coordinator_address=localhost:{port}",
-              "--num_processes=2",
-              f"--process_id={i}",
-          ),
-          _env(1),
-          str(root / "logs"),
-      )
-    started["single"] = Job(
-        "single",
-        _cli(f"--workdir={root / 'one_process'}", *flags),
-        _env(2),
-        str(root / "logs"),
-    )
+          f"proc{i}", _cli(f"--workdir={root / 'two_process'}", *flags,
+                           f"--coordinator_address=localhost:{port}",
+                           "--num_processes=2", f"--process_id={i}"),
+          _env(1), str(root / "logs"))
+    started["single"] = Job("single", _cli(f"--workdir={root / 'one_process'}",
+                                           *flags),
+                            _env(2), str(root / "logs"))
   if "error_runs" in wanted:
     for name, (flags, _) in ERROR_CASES.items():
       started[f"error_{name}"] = Job(
-          f"error_{name}",
-          _cli(
-              f"--workdir={root / ('err_' + name)}",
-              "--config.model.D=32",
-              "--config.model.H=2",
-              "--config.model.F=64",
-              "--config.model.L=32",
-              "--config.data.batch_size=8",
-              "--config.data.eval_batch_size=8",
-              *flags,
-          ),
-          _env(8),
-          str(root / "logs"),
-      )
+          f"error_{name}", _cli(f"--workdir={root / ('err_' + name)}",
+                                "--config.model.D=32", "--config.model.H=2",
+                                "--config.model.F=64", "--config.model.L=32",
+                                "--config.data.batch_size=8",
+                                "--config.data.eval_batch_size=8", *flags),
+          _env(8), str(root / "logs"))
   yield root, started
   for job in started.values():
     job.kill()
@@ -648,7 +503,6 @@ class _FakeMesh:
 def test_fit_spec_keeps_only_axes_that_divide_the_dimension():
   from jax.sharding import PartitionSpec as P
   from nanodo_sam.sharding import fit_spec
-
   m = _FakeMesh()
   assert fit_spec(P("tensor", "fsdp"), (259, 32), m) == P(None, "fsdp")
   assert fit_spec(P("fsdp", "tensor"), (32, 64), m) == P("fsdp", "tensor")
@@ -660,16 +514,11 @@ def test_fit_spec_keeps_only_axes_that_divide_the_dimension():
 def test_mesh_shape_fills_minus_one_and_rejects_what_cannot_fit():
   from nanodo_sam.config import UsageError
   from nanodo_sam.sharding import mesh_shape
-
   mesh = lambda d, f, t: {"data": d, "fsdp": f, "tensor": t}
   assert mesh_shape(mesh(-1, 1, 1), 8) == (8, 1, 1)
   assert mesh_shape(mesh(2, -1, 2), 8) == (2, 2, 2)
-  for bad, msg in [
-      ((3, 1, 1), "multiplies to 3"),
-      ((-1, -1, 1), "at most one"),
-      ((3, -1, 1), "cannot fill 8"),
-      ((0, 8, 1), "positive"),
-  ]:
+  for bad, msg in [((3, 1, 1), "multiplies to 3"), ((-1, -1, 1), "at most one"),
+                   ((3, -1, 1), "cannot fill 8"), ((0, 8, 1), "positive")]:
     with pytest.raises(UsageError, match=msg):
       mesh_shape(mesh(*bad), 8)
 
@@ -677,7 +526,6 @@ def test_mesh_shape_fills_minus_one_and_rejects_what_cannot_fit():
 def test_validate_needs_each_process_to_own_rows_of_the_batch():
   from nanodo_sam.config import UsageError
   from nanodo_sam.sharding import validate
-
   cfg = step_config((1, 1, 2))
   with pytest.raises(UsageError, match="not a multiple of the 2 processes"):
     validate(cfg, num_devices=2, num_processes=2)
@@ -687,7 +535,6 @@ def test_validate_needs_each_process_to_own_rows_of_the_batch():
 def test_distributed_flags_must_come_together():
   from nanodo_sam.config import UsageError
   from nanodo_sam.sharding import maybe_initialize_distributed
-
   with pytest.raises(UsageError, match="needs --num_processes"):
     maybe_initialize_distributed("localhost:1234", 0, -1)
   with pytest.raises(UsageError, match="process_id in"):
@@ -707,75 +554,49 @@ def test_accumulated_microbatches_equal_the_full_batch():
 
   n = jax.device_count()
   batch_size = 8 * n  # 4 microbatches x 2 rows per device.
-  variants = [
-      ("adamw", 1, "global"),
-      ("adamw", 4, "global"),
-      ("adamw", 4, "microbatch"),
-      ("sam", 1, "global"),
-      ("sam", 4, "global"),
-      ("sam", 4, "microbatch"),
-  ]
-  setups = {
-      v: state_lib.setup(
-          step_config(
-              (-1, 1, 1),
-              **{
-                  "sam.method": v[0],
-                  "grad_accumulation_steps": v[1],
-                  "sam.perturbation_scope": v[2],
-                  "sam.rho": 0.1,
-                  "data.batch_size": batch_size,
-                  "opt.optimizer": "sgd",
-                  "opt.peak_learning_rate": 1.0,
-                  "opt.weight_decay": 0.0,
-              },
-          )
-      )
-      for v in variants
-  }
+  variants = [("adamw", 1, "global"), ("adamw", 4, "global"),
+              ("adamw", 4, "microbatch"), ("sam", 1, "global"),
+              ("sam", 4, "global"), ("sam", 4, "microbatch")]
+  setups = {v: state_lib.setup(step_config(
+      (-1, 1, 1), **{"sam.method": v[0], "grad_accumulation_steps": v[1],
+                     "sam.perturbation_scope": v[2], "sam.rho": 0.1,
+                     "data.batch_size": batch_size, "opt.optimizer": "sgd",
+                     "opt.peak_learning_rate": 1.0, "opt.weight_decay": 0.0}))
+            for v in variants}
   steps = {v: train.make_train_step(setups[v], v[0]) for v in variants}
 
   def all_variants(state, batch):
     return {v: step(state, batch) for v, step in steps.items()}
 
   state = state_lib.init_state(setups[variants[0]], seed=0)
-  batch = sharding.global_batch(
-      synthetic_batch(2, batch_size), setups[variants[0]].mesh
-  )
-  compiled = (
-      jax.jit(all_variants)
-      .lower(state, batch)
-      .compile(compiler_options=FAST_COMPILE)
-  )
+  batch = sharding.global_batch(synthetic_batch(2, batch_size),
+                                setups[variants[0]].mesh)
+  compiled = jax.jit(all_variants).lower(state, batch).compile(
+      compiler_options=FAST_COMPILE)
   out = jax.device_get(compiled(state, batch))
   params = jax.device_get(state.params)
   loss = {v: float(m["loss"]) for v, (_, m) in out.items()}
-  grads = {
-      v: jax.tree.map(
-          lambda a, b: np.asarray(a, np.float64) - b, params, st.params
-      )
-      for v, (st, _) in out.items()
-  }
+  grads = {v: jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
+                           params, st.params) for v, (st, _) in out.items()}
 
   def assert_same(a, b):
     assert abs(loss[a] - loss[b]) <= 1e-6 * abs(loss[b]), (a, b, loss)
-    assert _max_abs(grads[a], grads[b]) <= 1e-5 * _max_abs_one(grads[b]), (a, b)
+    assert _max_abs(grads[a], grads[b]) <= 1e-5 * _max_abs_one(grads[b]), \
+        (a, b)
 
   assert_same(("adamw", 4, "global"), ("adamw", 1, "global"))
   assert_same(("adamw", 4, "microbatch"), ("adamw", 1, "global"))
   assert_same(("sam", 4, "global"), ("sam", 1, "global"))
   # m-sharpness: each microbatch perturbed by its own gradient gives another
   # gradient (the loss, taken before perturbing, is the same) ...
-  mb, full, plain = (
-      ("sam", 4, "microbatch"),
-      ("sam", 1, "global"),
-      ("adamw", 1, "global"),
-  )
+  mb, full, plain = ("sam", 4, "microbatch"), ("sam", 1, "global"), \
+      ("adamw", 1, "global")
   assert abs(loss[mb] - loss[full]) <= 1e-6 * abs(loss[full])
   # (Seen: 3-10% of the largest entry, 1000x the tolerance above.)
   assert _max_abs(grads[mb], grads[full]) > 0.01 * _max_abs_one(grads[full])
   # ... and SAM is not the plain gradient at this rho.
-  assert _max_abs(grads[full], grads[plain]) > 0.01 * _max_abs_one(grads[plain])
+  assert _max_abs(grads[full], grads[plain]) > 0.01 * _max_abs_one(
+      grads[plain])
 
 
 # ------------------------------------------ 1. sharded step == one device
@@ -811,10 +632,8 @@ def test_sharded_step_equals_one_device(mesh_results, mesh, method):
   ref = mesh_results["reference"][method]
   precond = method.startswith("precond_")
   assert r["loss_diff"] <= 5e-6 * abs(ref["loss"]), r
-  assert r["grads_diff"] <= (2e-3 if precond else 1e-5) * ref["grads_max"], (
-      r,
-      ref,
-  )
+  assert r["grads_diff"] <= (2e-3 if precond else 1e-5) * ref["grads_max"], \
+      (r, ref)
   # Each Adam step moves parameters by up to lr = 1e-3.
   assert r["params_change"] > 5e-4, r
   assert r["params_beyond_adam"] <= 0.0, r
@@ -861,14 +680,11 @@ def test_perturbation_and_preconditioner_keep_the_param_sharding(mesh_results):
     assert r["grads_keep_sharding"], shape
     for m in METHODS:  # Unpinned outputs: new params and AdamW state.
       assert r["outputs_keep_sharding"][m] == {
-          "params": True,
-          "opt_state": True,
-      }, (shape, m, r)
+          "params": True, "opt_state": True}, (shape, m, r)
   # Pure data parallelism gathers nothing: the only collectives are the
   # gradient (and metric) all-reduces.
-  assert (
-      mesh_results["meshes"][str((8, 1, 1))]["collectives"]["all-gather"] == 0
-  )
+  assert mesh_results["meshes"][str((8, 1, 1))]["collectives"][
+      "all-gather"] == 0
 
 
 def test_microbatches_each_span_every_device(mesh_results):
@@ -879,17 +695,15 @@ def test_microbatches_each_span_every_device(mesh_results):
   r = mesh_results["meshes"][str((8, 1, 1))]
   assert r["microbatch_shard_shape"] == [4, 1, 32], (
       "distribute._microbatches splits the batch into contiguous blocks; use "
-      "x.reshape((B // k, k) + rest).swapaxes(0, 1)"
-  )
+      "x.reshape((B // k, k) + rest).swapaxes(0, 1)")
 
 
 # ---------------------------------------------------- 4. two processes
 
 
 def _losses(stderr: str) -> list[float]:
-  return [
-      float(x) for x in re.findall(r"step \d+/\d+: loss ([0-9.eE+-]+)", stderr)
-  ]
+  return [float(x) for x in re.findall(r"step \d+/\d+: loss ([0-9.eE+-]+)",
+                                       stderr)]
 
 
 @pytest.fixture(scope="module")
@@ -914,18 +728,14 @@ def test_two_process_run_equals_one_process_run(dist_runs):
   """
   root, runs = dist_runs
   two, one = root / "two_process", root / "one_process"
-  r0, r1, r_one = (
-      json.loads(runs[n][1][runs[n][1].index("{") :])
-      for n in ("proc0", "proc1", "single")
-  )
+  r0, r1, r_one = (json.loads(runs[n][1][runs[n][1].index("{"):])
+                   for n in ("proc0", "proc1", "single"))
   assert r0["status"] == r1["status"] == r_one["status"] == "completed"
   assert r0["steps"] == r_one["steps"] == 6
-  np.testing.assert_allclose(
-      r0["final_eval_loss"], r_one["final_eval_loss"], rtol=1e-5
-  )
-  np.testing.assert_allclose(
-      r1["final_eval_loss"], r0["final_eval_loss"], rtol=1e-6
-  )
+  np.testing.assert_allclose(r0["final_eval_loss"], r_one["final_eval_loss"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(r1["final_eval_loss"], r0["final_eval_loss"],
+                             rtol=1e-6)
   l_two, l_one = _losses(runs["proc0"][2]), _losses(runs["single"][2])
   assert len(l_two) == len(l_one) == 6
   np.testing.assert_allclose(l_two, l_one, atol=2e-4)  # Logged as %.4f.
@@ -936,19 +746,13 @@ def test_two_process_run_equals_one_process_run(dist_runs):
     assert json.load(f)["final_eval_loss"] == r0["final_eval_loss"]
   assert len(glob.glob(str(two / "events.out.tfevents.*"))) == 1
   assert sorted(os.listdir(two / "data_state" / "6")) == [
-      "process_0.data-00000-of-00001",
-      "process_0.index",
-      "process_1.data-00000-of-00001",
-      "process_1.index",
-  ]
-  assert sorted(
-      int(s) for s in os.listdir(two / "checkpoints") if s.isdigit()
-  ) == [3, 6]
+      "process_0.data-00000-of-00001", "process_0.index",
+      "process_1.data-00000-of-00001", "process_1.index"]
+  assert sorted(int(s) for s in os.listdir(two / "checkpoints")
+                if s.isdigit()) == [3, 6]
   # The final parameters agree.
-  a, b = (
-      _restore_on_one_device(d / "checkpoints" / "6" / "default")
-      for d in (two, one)
-  )
+  a, b = (_restore_on_one_device(d / "checkpoints" / "6" / "default")
+          for d in (two, one))
   assert _max_abs(a["params"], b["params"]) <= 1e-5
 
 
@@ -956,14 +760,12 @@ def _restore_on_one_device(path) -> dict:
   """A checkpoint written on any mesh, read onto this process's device 0."""
   import jax
   import orbax.checkpoint as ocp
-
   ckptr = ocp.StandardCheckpointer()
   path = os.path.abspath(path)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
-      ckptr.metadata(path).item_metadata.tree,
-  )
+      ckptr.metadata(path).item_metadata.tree)
   return ckptr.restore(path, target)
 
 
@@ -1027,27 +829,16 @@ def worker_scale(out_path: str) -> None:
   # Lanczos: the basis kept like the parameters (params_sharding) or not.
   def lanczos(params_sharding):
     return lambda p, b: sharpness.lambda_max(
-        p,
-        b,
-        logits_fn=exact,
-        num_iters=12,
-        tol=0.0,
-        rng=jax.random.key(0),
-        params_sharding=params_sharding,
-    )[0]
+        p, b, logits_fn=exact, num_iters=12, tol=0.0,
+        rng=jax.random.key(0), params_sharding=params_sharding)[0]
 
   ref = float(jax.jit(lanczos(None))(params0, batch0))
   runs = {}
   for name, keep in (("sharded", ps), ("unconstrained", None)):
-    c = (
-        jax.jit(lanczos(keep), in_shardings=(ps, bs))
-        .lower(state.params, gbatch)
-        .compile()
-    )
-    runs[name] = {
-        "lambda_max": float(c(state.params, gbatch)),
-        "temp_bytes": temp(c),
-    }
+    c = jax.jit(lanczos(keep), in_shardings=(ps, bs)).lower(
+        state.params, gbatch).compile()
+    runs[name] = {"lambda_max": float(c(state.params, gbatch)),
+                  "temp_bytes": temp(c)}
   res["lanczos"] = {"one_device": ref, **runs}
 
   # The chunked output head on the mesh: the SAM gradient in chunks of the
@@ -1055,8 +846,7 @@ def worker_scale(out_path: str) -> None:
   def make_grads(chunk_tokens):
     h = s.head._replace(chunk_tokens=chunk_tokens)
     return lambda p, b: sam_lib.gradient(
-        "sam", p, b, logits_fn=s.logits_fn, head=h, rho=0.1
-    )[1]
+        "sam", p, b, logits_fn=s.logits_fn, head=h, rho=0.1)[1]
 
   head = {}
   # 32 rows over 2 x 4 devices: 4 rows per device, 32 tokens per chunk = 4
@@ -1067,24 +857,18 @@ def worker_scale(out_path: str) -> None:
   batch0 = jax.device_put(batch, dev0)
   for name, chunk_tokens in (("whole", 0), ("chunked", 32)):
     grads = make_grads(chunk_tokens)
-    c = (
-        jax.jit(grads, in_shardings=(ps, bs))
-        .lower(state.params, gbatch)
-        .compile()
-    )
+    c = jax.jit(grads, in_shardings=(ps, bs)).lower(state.params,
+                                                    gbatch).compile()
     head[name] = {"grads": c(state.params, gbatch), "temp_bytes": temp(c)}
-  ref_grads = jax.jit(
-      lambda p, b: sam_lib.gradient("sam", p, b, logits_fn=exact, rho=0.1)[1]
-  )(params0, batch0)
+  ref_grads = jax.jit(lambda p, b: sam_lib.gradient(
+      "sam", p, b, logits_fn=exact, rho=0.1)[1])(params0, batch0)
   res["head"] = {
-      "chunked_vs_whole": _max_abs(
-          head["chunked"]["grads"], head["whole"]["grads"]
-      ),
+      "chunked_vs_whole": _max_abs(head["chunked"]["grads"],
+                                   head["whole"]["grads"]),
       "chunked_vs_one_device": _max_abs(head["chunked"]["grads"], ref_grads),
       "grads_max": _max_abs_one(ref_grads),
       "keeps_sharding": _keeps_sharding(head["chunked"]["grads"], ps),
-      "temp_bytes": {k: v["temp_bytes"] for k, v in head.items()},
-  }
+      "temp_bytes": {k: v["temp_bytes"] for k, v in head.items()}}
   with open(out_path, "w") as f:
     json.dump(res, f, indent=2)
 
@@ -1099,8 +883,7 @@ def scale_results(jobs):
 
 
 def test_lanczos_on_a_mesh_equals_one_device_with_its_basis_sharded(
-    scale_results,
-):
+    scale_results):
   """lambda_max on the (2, 4, 1) mesh equals one device's, and keeping the
   Krylov basis split like the parameters lowers each device's temp memory."""
   r = scale_results["lanczos"]
@@ -1110,8 +893,7 @@ def test_lanczos_on_a_mesh_equals_one_device_with_its_basis_sharded(
 
 
 def test_chunked_head_on_a_mesh_equals_the_whole_logits_and_uses_less(
-    scale_results,
-):
+    scale_results):
   r = scale_results["head"]
   assert r["chunked_vs_whole"] <= 1e-5 * max(1.0, r["grads_max"])
   assert r["chunked_vs_one_device"] <= 1e-5 * max(1.0, r["grads_max"])
