@@ -317,7 +317,7 @@ def test_rho_follows_the_learning_rate():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="gsam", rho=0.1), "needs GSAM's sam.alpha"),
+    (dict(method="gsam", rho=0.1), "needs sam.alpha \\(GSAM's"),
     (dict(method="sam", rho=0.1, alpha=0.2), "sam.alpha=0.2 is ignored"),
     (dict(method="sam", rho=0.1, adaptive_eta=0.1),
      "adaptive_eta=0.1 is ignored.*adaptive_sam"),
