@@ -136,8 +136,11 @@ def _variant_config(cfg, size: str | None, v: Variant):
     entry = sam_lib.METHODS[v.method]
     c.sam.method = v.method
     c.sam.rho = RHO if entry.perturbs else 0.0
-    for key, value in sam_lib.unset_options(v.method).items():
-      c.sam[key.split(".", 1)[1]] = value
+    for option in sam_lib.all_options().values():
+      if option not in entry.options:  # Unset: another method's option.
+        c.sam[option.name] = option.default
+      elif option.required:
+        c.sam[option.name] = option.example
     c.sam.every_k = v.every_k
     c.sam.start_step = 0
     c.sam.end_step = -1

@@ -1,11 +1,12 @@
-"""The output head run in chunks of the sequence: the one place logits exist.
+"""The output head run in chunks of the sequence.
 
 A logits function splits at its output layer (`loss.OutputHead`):
-logits = apply(select(params), features(params, inputs)). Everything that
-needs the [B, L, V] logits goes through this module, which runs the output
-layer over chunks of the sequence (`lax.scan`, at most `chunk_tokens` tokens
-per device each; config model.head_chunk_tokens, default
-loss.HEAD_CHUNK_TOKENS) and so never holds them whole:
+logits = apply(select(params), features(params, inputs)). The train step,
+evaluation and the sharpness diagnostics get their logits through this
+module, which, given the output layer, runs it over chunks of the sequence
+(`lax.scan`, at most `chunk_tokens` tokens per device each; config
+model.head_chunk_tokens, default loss.HEAD_CHUNK_TOKENS) and so never holds
+the [B, L, V] logits whole:
 
   head_vjp           the loss, its logit cotangent dL/dF and J^T dL/dF (the
                      train step, sam.py; dL/dF at one point, J at another)

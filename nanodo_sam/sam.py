@@ -454,14 +454,6 @@ def example_options(method: str) -> dict[str, Any]:
   return {o.key: o.example for o in METHODS[method].options if o.required}
 
 
-def unset_options(method: str) -> dict[str, Any]:
-  """{"sam.NAME": value}: every option at its key default, then `method`'s
-  required ones at their examples (a config that runs `method` whatever
-  options it held before; bench's)."""
-  out = {o.key: o.default for o in all_options().values()}
-  return {**out, **example_options(method)}
-
-
 def config_options(sam_cfg, method: str | None = None) -> dict[str, Any]:
   """{option name: its value in config section `sam`} for every option, or
   for those of `method` only."""

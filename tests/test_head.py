@@ -23,7 +23,8 @@ B, L, V = 2, 8, 19
 @functools.cache
 def _model():
   m = model_lib.TransformerDo(
-      model_lib.DoConfig(D=16, H=2, N=1, F=32, L=L, V=V))
+      model_lib.DoConfig(D=16, H=2, N=1, F=32, L=L, V=V)
+  )
   return m, model_lib.init_params(m, jax.random.key(0))
 
 
@@ -31,9 +32,11 @@ def _batch(seed=0):
   rng = np.random.default_rng(seed)
   weights = (rng.uniform(size=(B, L)) > 0.3).astype(np.float32)
   weights[0, 0] = 1.0
-  return {"inputs": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
-          "targets": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
-          "weights": jnp.asarray(weights)}
+  return {
+      "inputs": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
+      "targets": jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32),
+      "weights": jnp.asarray(weights),
+  }
 
 
 def _reference(params, batch, logits_fn):
@@ -46,13 +49,25 @@ def _reference(params, batch, logits_fn):
   logp = np.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz
   hit = logits.argmax(-1) == targets
   w = np.asarray(batch["weights"], np.float64)
-  return logp, hit, {"loss": -(logp * w).sum(), "weight": w.sum(),
-                     "correct": (hit * w).sum()}
+  return (
+      logp,
+      hit,
+      {
+          "loss": -(logp * w).sum(),
+          "weight": w.sum(),
+          "correct": (hit * w).sum(),
+      },
+  )
 
 
 def test_num_chunks_is_the_fewest_divisor_within_the_budget():
   assert [head_lib.num_chunks(2, 4, t) for t in (1, 2, 4, 8, 100)] == [
-      4, 4, 2, 1, 1]
+      4,
+      4,
+      2,
+      1,
+      1,
+  ]
   assert head_lib.num_chunks(3, 6, 5) == 6  # 3 rows: no divisor fits 5.
   assert head_lib.num_chunks(2, 4, 0) == 1  # 0: the logits whole.
 
@@ -64,31 +79,40 @@ def test_target_log_probs_and_eval_sums_equal_the_whole_logits(chunk_tokens):
   m, params = _model()
   batch = _batch()
   logits_fn = model_lib.make_logits_fn(m)
-  head = (None if chunk_tokens is None else
-          model_lib.output_head(m)._replace(chunk_tokens=chunk_tokens))
+  head = (
+      None
+      if chunk_tokens is None
+      else model_lib.output_head(m)._replace(chunk_tokens=chunk_tokens)
+  )
   logp, hit, sums = _reference(params, batch, logits_fn)
-  got = jax.jit(functools.partial(head_lib.target_log_probs,
-                                  logits_fn=logits_fn, head=head))(
-      params, batch["inputs"], batch["targets"])
+  got = jax.jit(
+      functools.partial(
+          head_lib.target_log_probs, logits_fn=logits_fn, head=head
+      )
+  )(params, batch["inputs"], batch["targets"])
   assert got.shape == (B, L) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, logp, rtol=1e-5, atol=1e-6)
-  got_sums = jax.jit(functools.partial(head_lib.eval_sums,
-                                       logits_fn=logits_fn, head=head))(
-      params, batch)
+  got_sums = jax.jit(
+      functools.partial(head_lib.eval_sums, logits_fn=logits_fn, head=head)
+  )(params, batch)
   np.testing.assert_allclose(got_sums["loss"], sums["loss"], rtol=1e-5)
   assert float(got_sums["weight"]) == sums["weight"]
   assert float(got_sums["correct"]) == sums["correct"] > 0
   np.testing.assert_array_equal(
-      head_lib._token_values(params, batch["inputs"], batch["targets"],
-                             logits_fn, head)[1], hit)
+      head_lib._token_values(
+          params, batch["inputs"], batch["targets"], logits_fn, head
+      )[1],
+      hit,
+  )
 
 
 def _shapes(jaxpr) -> set:
   """Every array shape a jaxpr (and the jaxprs inside it) computes."""
   out = set()
   for eqn in jaxpr.eqns:
-    out.update(tuple(v.aval.shape) for v in eqn.outvars
-               if hasattr(v.aval, "shape"))
+    out.update(
+        tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")
+    )
     for sub in jax_core.jaxprs_in_params(eqn.params):
       out |= _shapes(sub)
   return out
@@ -103,10 +127,12 @@ def test_no_whole_logits_exist_when_chunked():
   head = model_lib.output_head(m)._replace(chunk_tokens=B * L // 4)
 
   def shapes(h):
-    fn = functools.partial(head_lib.target_log_probs, logits_fn=logits_fn,
-                           head=h)
-    return _shapes(jax.make_jaxpr(fn)(params, batch["inputs"],
-                                      batch["targets"]).jaxpr)
+    fn = functools.partial(
+        head_lib.target_log_probs, logits_fn=logits_fn, head=h
+    )
+    return _shapes(
+        jax.make_jaxpr(fn)(params, batch["inputs"], batch["targets"]).jaxpr
+    )
 
   chunked = shapes(head)
   assert (B, L // 4, V) in chunked and (B, L, V) not in chunked
