@@ -155,22 +155,22 @@ class Option:
 
 PHI = Option(
     "phi",
-    "Angle-SAM's angle in radians (0 = functional_sam, " "pi/2 = logit_sam).",
+    "Angle-SAM's angle in radians (0 = functional_sam, pi/2 = logit_sam).",
     least=None,
     example=0.7854,
 )
 PRECOND_NORMALIZE = Option(
     "precond_normalize",
-    "The preconditioned methods' eps: after = rho "
-    "P^-1 g / ||P^-1 g||; before = rho (g / ||g||) / P.",
+    "The preconditioned methods' eps: after = rho P^-1 g / ||P^-1 g||; "
+    "before = rho (g / ||g||) / P.",
     default="after",
     choices=("after", "before"),
 )
 ALPHA = Option("alpha", "GSAM's weight of -g_orth (0 = SAM).", example=0.2)
 ADAPTIVE_ETA = Option(
     "adaptive_eta",
-    "ASAM's eta in T = |theta| + eta; "
-    "unset = 0.01 (the official code's value).",
+    "ASAM's eta in T = |theta| + eta; unset = 0.01 (the official code's "
+    "value).",
     if_unset=0.01,
 )
 
