@@ -14,8 +14,9 @@ mesh). The strategy is chosen once per compiled step (`strategy`):
                without a second pass (the plain step, lookahead methods)
   replica      each data-parallel shard its own eps (`shard_map`)
 
-All give the full-batch weighted mean (microbatches weighted by their share
-of the loss weights). It imports sam.py and head.py, never the model.
+Microbatches and shards are weighted by their share of the loss weights, so
+single, global and grouped give the same step, padding included. It
+imports sam.py and head.py, never the model.
 """
 
 from __future__ import annotations
