@@ -405,6 +405,22 @@ def test_cost(method):
   assert _matmuls(method) == 2 * entry.forwards + 4 * entry.backwards
 
 
+def test_a_runs_compute_counts_each_method_at_its_registry_cost():
+  """adamw_step_equivalents and bench's FLOPs read `Method.cost`, (2
+  forwards + 4 backwards) / 6: Angle-SAM's third backward counts, and
+  Momentum-SAM's one pass costs a plain step."""
+  from nanodo_sam import flops
+  from nanodo_sam import sam_schedule
+  eq = sam_schedule.adamw_step_equivalents
+  assert sam.METHODS["sam"].cost == 2 and sam.METHODS["adamw"].cost == 1
+  assert eq(300, 0, "angle_sam") == pytest.approx(300 * 16 / 6)
+  assert eq(300, 100, "momentum_sam") == 300
+  assert eq(300, 100, "functional_sam") == 100 + 2 * 200
+  for method, entry in sam.METHODS.items():
+    assert flops.method_flops_factor(method) == entry.cost
+    assert eq(10, 0, method) == pytest.approx(10 * entry.cost)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="samm", rho=0.1, phi=None), "unknown.*functional_sam"),
     (dict(method="sam", rho=-0.1, phi=None), "rho"),
