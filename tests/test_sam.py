@@ -616,6 +616,19 @@ def test_a_method_declares_its_own_option_in_its_registry_entry(
   )
 
 
+def test_register_shares_an_option_or_refuses_a_different_one(monkeypatch):
+  """A method reusing an option name must reuse its Option (one default,
+  range and meaning per key); `register` adds it to METHODS otherwise."""
+  monkeypatch.setattr(sam, "METHODS", dict(sam.METHODS))
+  sam.register("angle_sam_2", sam.Method(sam.METHODS["angle_sam"].fn,
+                                         "Angle-SAM 2", options=(sam.PHI,)))
+  assert sam.methods_with("phi") == {"angle_sam", "angle_sam_2"}
+  other_phi = sam.Option("phi", "Another angle.", least=0.0)
+  with pytest.raises(ValueError, match="sam.phi of method 'x'.*differs"):
+    sam.register("x", sam.Method(_beta_sam, "X", options=(other_phi,)))
+  assert "x" not in sam.METHODS
+
+
 @pytest.mark.parametrize("num_microbatches", [1, 3])
 def test_accumulated_gradient_returns_one_shape(num_microbatches):
   """A GradientResult (loss, grads, metrics, reuse) whatever the options;
