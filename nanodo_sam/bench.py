@@ -58,9 +58,7 @@ from nanodo_sam.errors import UsageError
 
 SIZES = sizes_lib.SIZES
 
-RHO = 0.05
-ANGLE_PHI = math.pi / 4
-GSAM_ALPHA = 0.1  # alpha does not change the cost
+RHO = 0.05  # A method's own options: its registry entry's examples.
 CHEAP_VARIANTS = (
     "precond_functional_sam:k=2",
     "precond_functional_sam:k=5",
@@ -154,9 +152,11 @@ def _variant_config(cfg, size: str | None, v: Variant):
     entry = sam_lib.METHODS[v.method]
     c.sam.method = v.method
     c.sam.rho = RHO if entry.perturbs else 0.0
-    c.sam.phi = ANGLE_PHI if entry.uses_phi else None
-    c.sam.alpha = GSAM_ALPHA if entry.uses_alpha else None
-    c.sam.adaptive_eta = None
+    for option in sam_lib.all_options().values():
+      if option not in entry.options:  # Unset: another method's option.
+        c.sam[option.name] = option.default
+      elif option.required:
+        c.sam[option.name] = option.example
     c.sam.every_k = v.every_k
     c.sam.start_step = 0
     c.sam.end_step = -1
@@ -346,8 +346,11 @@ def run(
       "warmup_steps": WARMUP_STEPS,
       "interleaved": interleave,
       "rho": RHO,
-      "angle_phi": ANGLE_PHI,
-      "gsam_alpha": GSAM_ALPHA,
+      "options": {
+          k: v
+          for m in sam_lib.METHODS
+          for k, v in sam_lib.example_options(m).items()
+      },
       "flops_formula": "model_flops_per_token = 6*N_nonembed + 6*V*D + "
       "12*n_layers*L*D; method FLOPs = model FLOPs * "
       "(2*forwards + 4*backwards)/6",

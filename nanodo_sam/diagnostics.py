@@ -138,10 +138,9 @@ def make_edge_of_stability(cfg, s) -> Callable[..., dict[str, jax.Array]]:
         batch,
         logits_fn=s.logits_fn,
         rho=rho,
-        phi=cfg.sam.phi,
         precond=precond,
-        precond_normalize=cfg.sam.precond_normalize,
         head=s.head,
+        **sam_lib.config_options(cfg.sam, cfg.sam.method),
     )
     with jax.default_matmul_precision("float32"):
       return sharpness.edge_of_stability(

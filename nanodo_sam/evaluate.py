@@ -2,8 +2,10 @@
 function over the fixed eval batches (the loop's eval hook, `nanodo-sam
 eval`, `analyze`, `prune-eval`).
 
-Every metric is a ratio of sums over the scored (weight > 0) target tokens
-of all batches: loss = sum of token losses (nats) / tokens; perplexity =
+The token losses and argmax hits come from the chunked output head
+(`head.eval_sums`: with the model's output layer, the [B, L, V] logits exist
+one chunk of the sequence at a time). Every metric is a ratio of sums over
+the scored (weight > 0) target tokens of all batches: loss = sum of token losses (nats) / tokens; perplexity =
 exp(loss); accuracy = tokens whose argmax is the target / tokens; bits per
 byte = sum of token losses / (ln 2 x bytes), where bytes counts the UTF-8
 bytes of the text the scored targets decode to (`data.target_bytes`). Bits
@@ -21,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanodo_sam import data as data_lib
+from nanodo_sam import head as head_lib
 from nanodo_sam import sharding
-from nanodo_sam.loss import cross_entropy
+from nanodo_sam.loss import OutputHead
 
 # The metrics `eval_metrics` returns, in the order they are logged.
 METRICS = ("loss", "perplexity", "accuracy", "bits_per_byte")
@@ -33,27 +36,23 @@ def make_eval_step(
     params_sharding=None,
     batch_sharding=None,
     target_bytes: Callable | None = None,
+    head: OutputHead | None = None,
 ):
   """Jitted (params, batch) -> the batch's sums over scored tokens: "loss"
   (nats), "weight" (tokens), "correct" (argmax == target) and "bytes"
-  (`target_bytes(inputs, targets)` [B, L] bytes per target; 0 without it)."""
+  (`target_bytes(inputs, targets)` [B, L] bytes per target; 0 without it).
+  `head` (optional): logits_fn's output layer, run in chunks."""
 
   def eval_step(params, batch):
-    logits_BxLxV = logits_fn(params, batch["inputs"])
-    w_BxL = batch["weights"]
-    w = jnp.sum(w_BxL)
-    hit_BxL = jnp.argmax(logits_BxLxV, axis=-1) == batch["targets"]
+    sums = head_lib.eval_sums(params, batch, logits_fn=logits_fn, head=head)
     num_bytes = (
         0.0
         if target_bytes is None
-        else jnp.sum(target_bytes(batch["inputs"], batch["targets"]) * w_BxL)
+        else jnp.sum(
+            target_bytes(batch["inputs"], batch["targets"]) * batch["weights"]
+        )
     )
-    return {
-        "loss": cross_entropy(logits_BxLxV, batch) * w,
-        "weight": w,
-        "correct": jnp.sum(hit_BxL * w_BxL),
-        "bytes": jnp.asarray(num_bytes, jnp.float32),
-    }
+    return dict(sums, bytes=jnp.asarray(num_bytes, jnp.float32))
 
   if params_sharding is None:
     return jax.jit(eval_step)
@@ -62,14 +61,16 @@ def make_eval_step(
 
 def eval_step_for(s):
   """The eval step of a `state.Setup`, the one the loop, `eval`, `analyze`
-  and `prune-eval` use: its logits function and shardings, with the bytes
-  per target of its vocabulary (bits per byte)."""
+  and `prune-eval` use: its logits function, output head (chunked like the
+  train step's) and shardings, with the bytes per target of its vocabulary
+  (bits per byte)."""
   cfg = s.cfg
   return make_eval_step(
       s.logits_fn,
       s.state_sharding.params,
       sharding.batch_sharding(s.mesh),
       target_bytes=data_lib.target_bytes(cfg.data.vocab, cfg.model.V),
+      head=s.head,
   )
 
 

@@ -64,8 +64,7 @@ def model_flops_per_token(D: int, N: int, F: int, L: int, V: int) -> float:
 
 def method_flops_factor(method: str, every_k: int = 1) -> float:
   """Method FLOPs / plain-step FLOPs, averaged over a k-step cycle."""
-  m = sam_lib.METHODS[method]
-  full = (2 * m.forwards + 4 * m.backwards) / 6
+  full = sam_lib.METHODS[method].cost
   return (full + (every_k - 1)) / every_k
 
 

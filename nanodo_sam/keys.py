@@ -22,7 +22,9 @@ from typing import Any, Callable
 import ml_collections
 from ml_collections import config_dict
 
+from nanodo_sam import sam as sam_lib
 from nanodo_sam.errors import UsageError
+from nanodo_sam.loss import HEAD_CHUNK_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +118,6 @@ def _mesh_axis(axis: str, default: int) -> Key:
   )
 
 
-# Tokens per device in one chunk of the chunked output head (loss.py);
-# docs/benchmarks.md, "Chunk size of the output head", has the measurement
-# behind it.
-HEAD_CHUNK_TOKENS = 4096
 BYTE_VOCAB = "byte"  # data.vocab for seqio's ByteVocabulary (no BOS piece).
 
 _RUN = (
@@ -337,7 +335,10 @@ _OPT = (  # The optimizer (nanodo_sam/optimizer.py).
         note=" (0: off)",
     ),
 )
-_SAM = (  # The gradient step (nanodo_sam/sam.py).
+# The gradient step (nanodo_sam/sam.py). The methods' own options (sam.phi,
+# sam.alpha, ...) are declared by their registry entries (`sam.Option`) and
+# listed after sam.rho (`method_keys`).
+_SAM = (
     _str(
         "sam.method",
         "adamw",
@@ -347,7 +348,6 @@ _SAM = (  # The gradient step (nanodo_sam/sam.py).
         "(docs/sam_variants.md)",
     ),
     _num("sam.rho", 0.0, "Perturbation radius."),
-    _num("sam.phi", None, "Angle-SAM angle (radians).", least=None),
     _int("sam.rho_warmup_steps", 0, 0, "rho grows linearly from 0 over this."),
     _int("sam.start_step", 0, 0, "Plain gradient before this step."),
     _int(
@@ -365,24 +365,13 @@ _SAM = (  # The gradient step (nanodo_sam/sam.py).
         "g plus the last measured (method gradient - g), rescaled to the "
         "current ||g||.",
     ),
-    _str("sam.precond_normalize", "after", "after: rho P^-1g/|P^-1g|; before."),
-    _str(
+    choice(
         "sam.perturbation_scope",
         "global",
+        ("global", "microbatch", "replica"),
         "global | microbatch (each microbatch its own eps) | replica (each "
-        "data-parallel shard its own eps).",
-    ),
-    _num(
-        "sam.alpha",
-        None,
-        "GSAM's weight of -g_orth (gsam, precond_gsam; "
-        "0 = SAM); needed there.",
-    ),
-    _num(
-        "sam.adaptive_eta",
-        None,
-        "ASAM's eta in T = |theta| + eta (the "
-        "adaptive methods); unset = 0.01.",
+        "data-parallel shard its own eps): where the step is perturbed "
+        "(nanodo_sam/distribute.py).",
     ),
     choice(
         "sam.rho_schedule",
@@ -502,25 +491,62 @@ _MESH = (  # The device mesh (nanodo_sam/sharding.py).
         note=" (0: the device's own)",
     ),
 )
-# Every config key, in the order of the default config.
-KEYS = (
-    *_RUN,
-    *_MODEL,
-    *_DATA,
-    *_OPT,
-    *_SAM,
-    *_LOOP,
-    *_DIAGNOSTICS,
-    *_OUTPUT,
-    *_MESH,
-)
-BY_NAME = {k.name: k for k in KEYS}
+
+
+def _option_key(option: sam_lib.Option) -> Key:
+  """The config key of a method's option (`sam.Option`): its default,
+  range or choices and meaning, naming the methods that read it."""
+  users = ", ".join(sorted(sam_lib.methods_with(option.name)))
+  meaning = f"{option.meaning} Read by: {users}."
+  if option.choices:
+    return choice(option.key, option.default, option.choices, meaning)
+  return _num(option.key, option.default, meaning, least=option.least)
+
+
+def method_keys() -> tuple[Key, ...]:
+  """The keys of every registered method's options, in registry order."""
+  return tuple(_option_key(o) for o in sam_lib.all_options().values())
+
+
+def all_keys() -> tuple[Key, ...]:
+  """Every config key, in the order of the default config; the methods'
+  options as the registry has them now (a method registered later adds
+  its own)."""
+  i = [k.name for k in _SAM].index("sam.rho") + 1
+  return (
+      *_RUN,
+      *_MODEL,
+      *_DATA,
+      *_OPT,
+      *_SAM[:i],
+      *method_keys(),
+      *_SAM[i:],
+      *_LOOP,
+      *_DIAGNOSTICS,
+      *_OUTPUT,
+      *_MESH,
+  )
+
+
+def by_name() -> dict[str, Key]:
+  """{name: Key} of `all_keys()`."""
+  return {k.name: k for k in all_keys()}
+
+
+def __getattr__(name: str):
+  """KEYS (`all_keys()`) and BY_NAME (`by_name()`), read when asked, so they
+  hold the options of methods registered after import."""
+  if name == "KEYS":
+    return all_keys()
+  if name == "BY_NAME":
+    return by_name()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def defaults() -> ml_collections.ConfigDict:
   """The default config: every key of KEYS at its default."""
   c = ml_collections.ConfigDict()
-  for key in KEYS:
+  for key in all_keys():
     *parents, last = key.name.split(".")
     node = c
     for part in parents:
@@ -566,15 +592,16 @@ def _is(value, types: tuple) -> bool:
 
 def check_choice(name: str, value) -> None:
   """UsageError unless `value` is one of key `name`'s choices."""
-  key = BY_NAME[name]
+  key = by_name()[name]
   if not key.ok(value):
     raise UsageError(f"{name}={value!r} {key.need}")
 
 
-def check(cfg, keys=KEYS) -> None:
-  """Each key's type and range; UsageError on the first bad one. Keys a
-  config lacks (as an old run's config.json may) are skipped."""
-  for key in keys:
+def check(cfg, keys=None) -> None:
+  """Each key's type and range (`keys`: default all); UsageError on the
+  first bad one. Keys a config lacks (as an old run's config.json may) are
+  skipped."""
+  for key in all_keys() if keys is None else keys:
     value = get(cfg, key.name, _MISSING)
     if value is _MISSING or (value is None and key.none_ok):
       continue

@@ -57,15 +57,19 @@ VARIANT_KEYS = (
     "sam.start_step",
     "sam.end_step",
     "sam.every_k",
-    "sam.precond_normalize",
-    "sam.phi",
-    "sam.alpha",
-    "sam.adaptive_eta",
     "sam.rho_schedule",
     "sam.rho_min",
     "sam.perturbation_scope",
     "opt.weight_decay",
 )
+
+
+def variant_keys() -> tuple[str, ...]:
+  """VARIANT_KEYS with every method's own options (sam.phi, sam.alpha, ...:
+  the registry's, `keys.method_keys`) after sam.every_k."""
+  i = VARIANT_KEYS.index("sam.every_k") + 1
+  options = tuple(k.name for k in keys.method_keys())
+  return VARIANT_KEYS[:i] + options + VARIANT_KEYS[i:]
 
 
 # results.json keys a run can be ranked by (`RunRecord(metric=...)`, `best`,
@@ -260,10 +264,10 @@ class RunRecord:
 
   @property
   def variant(self) -> str:
-    """ "key=value,..." for the VARIANT_KEYS that differ from base.py."""
+    """ "key=value,..." for the `variant_keys` that differ from base.py."""
     defaults = base_defaults()
     parts = []
-    for key in VARIANT_KEYS:
+    for key in variant_keys():
       value = self.get(key, defaults.get(key))
       if value != defaults.get(key):
         parts.append(f"{key.rsplit('.', 1)[-1]}={value}")

@@ -5,7 +5,7 @@ gives the loss L(theta) and g = grad L(theta). Methods that perturb share one
 perturbation eps = rho * d / ||d|| with d = g, or d = g / P for the
 preconditioned variants (P = sqrt(nu_hat) + eps_adam from AdamW), and then
 differ only in which Jacobian and which logit cotangent meet, J(a)^T dL/dF(b)
-for points a, b in {theta, theta + eps} (`head_vjp`;
+for points a, b in {theta, theta + eps} (`head.head_vjp`;
 Singh et al. 2025, eqs. 2, 10-12, 19):
 
   sam                   J(theta+eps)^T dL/dF(theta+eps) = grad L(theta+eps)
@@ -17,24 +17,23 @@ Singh et al. 2025, eqs. 2, 10-12, 19):
 To first order in rho, functional_sam - g = rho H_F e and logit_sam - g =
 rho H_G e (Gauss-Newton / functional-Hessian split of the loss Hessian), so
 sam = logit_sam + functional_sam - g + O(rho^2). Adding a method is one
-function `(step: Step) -> grads` and one line in `METHODS`.
+function `(step: Step) -> grads` and one `register` call (or line in
+`METHODS`); a method with options of its own declares them there
+(`Option`: name, default, range, meaning), and the config keys
+(`--config.sam.NAME`), their validation, `nanodo-sam bench`, the sweeps and
+the tables read them from its entry.
 
 The public codebases' variants differ in where eps points (`Method.direction`:
 ASAM's T^2 g, Momentum-SAM's -m) or in a final combination (GSAM's
 projection, `Method.combine`); docs/sam_variants.md lists them all.
 
-Memory: when the caller hands over the model's output layer (`head`, a
-loss.OutputHead; the Nanodo model's is `model.output_head`), the output layer,
-the loss and dL/dF run over chunks of the sequence (`head.chunk_tokens`
-tokens per device, config model.head_chunk_tokens) and are recomputed from
-the features instead of stored, so no step ever holds a [B, L, V] tensor;
-without one the logits are the features and J^T is a plain vjp. On a mesh the
-chunk loop moves only scalars between devices (`head_vjp`).
-`reuse_correction` is the LookSAM-style cheap step between full ones (config
-`sam.reuse`).
-
-This module sees the model only through `logits_fn` and `head`: it imports
-neither the model nor the trainer.
+This module is the equations of one batch's step (`gradient`). The logits
+and the loss are head.py's (chunked over the sequence with the model's
+output layer, `head`); how a batch's gradient is accumulated over
+microbatches and where it is perturbed (global, microbatch, replica) is
+distribute.py's. `reuse_correction` is the LookSAM-style cheap step between
+full ones (config `sam.reuse`). It sees the model only through `logits_fn`
+and `head`: it imports neither the model nor the trainer.
 """
 
 from __future__ import annotations
@@ -45,15 +44,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
+from nanodo_sam import head as head_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import tree_math
-from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
+from nanodo_sam.loss import LogitsFn, OutputHead
 
 NORM_EPS = 1e-12  # keeps eps = rho * d / ||d|| finite when d = 0
-PRECOND_NORMALIZE = ("after", "before")
-PERTURBATION_SCOPES = ("global", "microbatch", "replica")
 OPTIMIZERS_WITH_PRECOND = ("adamw",)
 # Optimizers whose state holds a first moment (Momentum-SAM's direction):
 # AdamW's mu, SGD with momentum's trace.
@@ -62,9 +59,9 @@ OPTIMIZERS_WITH_MOMENTUM = ("adamw", "momentum")
 # |theta| + eta (ASAM, Kwon et al. 2021), or against the optimizer's first
 # moment m (Momentum-SAM, Becker et al. 2024).
 DIRECTIONS = ("gradient", "adaptive", "momentum")
-ADAPTIVE_ETA = 0.01  # ASAM's eta when unset (the official code's value)
 
 PyTree = Any
+Point = head_lib.Point
 
 
 # ---------------------------------------------------------------- tree maths
@@ -83,20 +80,7 @@ def _scale_to(tree: PyTree, rho: jax.Array) -> PyTree:
   return jax.tree.map(lambda x: (scale * x).astype(x.dtype), tree)
 
 
-# ---------------------------------------------------------- shared helpers
-
-
-class Point(NamedTuple):
-  """theta or theta + eps seen through logits_fn, up to its output layer.
-
-  `head_params` and `h_BxLxD` are the output layer's parameters and input
-  features (without a `head`: no parameters and the logits themselves);
-  `vjp_fn` maps their cotangents to the parameters'.
-  """
-
-  head_params: PyTree
-  h_BxLxD: jax.Array
-  vjp_fn: Callable[[tuple[PyTree, jax.Array]], tuple[PyTree]]
+# ------------------------------------------------------- the clean pass
 
 
 class Clean(NamedTuple):
@@ -107,227 +91,6 @@ class Clean(NamedTuple):
   point: Point
 
 
-def _identity_head(logits_fn: LogitsFn) -> OutputHead:
-  return OutputHead(
-      features=logits_fn,
-      select=lambda params: (),
-      apply=lambda head_params, logits: logits,
-  )
-
-
-def resolve_head(
-    logits_fn: LogitsFn, head: OutputHead | None = None
-) -> tuple[OutputHead, bool]:
-  """(the OutputHead the step runs, whether it is a real output layer to
-  chunk): `head` when given, else logits_fn itself after an identity layer."""
-  if head is None:
-    return _identity_head(logits_fn), False
-  return head, True
-
-
-def point(
-    params: PyTree,
-    inputs_BxL: jax.Array,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-) -> Point:
-  """1 forward up to the output layer, keeping its J^T for backwards."""
-  head, _ = resolve_head(logits_fn, head)
-  (head_params, h_BxLxD), vjp_fn = jax.vjp(
-      lambda p: (head.select(p), head.features(p, inputs_BxL)), params
-  )
-  return Point(head_params, h_BxLxD, vjp_fn)
-
-
-def _batch_shards(head: OutputHead) -> int:
-  """How many ways a batch's rows are split (`head.batch_sharding`)."""
-  s = head.batch_sharding
-  if s is None or not len(s.spec) or s.spec[0] is None:
-    return 1
-  axes = (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
-  return math.prod(s.mesh.shape[a] for a in axes)
-
-
-def _keep_rows(head: OutputHead, x: jax.Array, axis: int = 0) -> jax.Array:
-  """x with its `axis` split like the batch's rows (`head.batch_sharding`);
-  unchanged without one."""
-  s = head.batch_sharding
-  if s is None:
-    return x
-  spec = PartitionSpec(*((None,) * axis + tuple(s.spec[:1])))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(s.mesh, spec))
-
-
-def _num_chunks(head: OutputHead, chunked: bool, p: Point) -> int:
-  """The fewest chunks of the sequence (a divisor of L) holding at most
-  `head.chunk_tokens` tokens on each device (the rows split `_batch_shards`
-  ways); 1 (the logits whole) without a real output layer or with
-  chunk_tokens <= 0."""
-  B, L = p.h_BxLxD.shape[:2]
-  budget = getattr(head, "chunk_tokens", 0)
-  if not chunked or budget <= 0:
-    return 1
-  rows = max(B // _batch_shards(head), 1)
-  for n in range(1, L + 1):
-    if L % n == 0 and rows * (L // n) <= budget:
-      return n
-  return L
-
-
-def _replicated(head: OutputHead, tree: PyTree) -> PyTree:
-  """`tree` whole on every device (one all-gather, outside any loop)."""
-  s = head.batch_sharding
-  rep = NamedSharding(s.mesh, PartitionSpec())
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
-
-
-def head_vjp(
-    a: Point,
-    b: Point,
-    batch: dict[str, Any],
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-) -> tuple[jax.Array, PyTree]:
-  """(L(b), J(a)^T dL/dF(b)): the loss at point b and its logit cotangent
-  pulled back through the network at point a (a is b for the plain gradient).
-
-  This is the one place logits exist. With a `head` they are computed, turned
-  into the loss and its cotangent dL/dF = w (softmax - onehot) and pulled back
-  through the output layer one chunk of the sequence at a time (lax.scan;
-  `head.chunk_tokens` tokens per device), so no [B, L, V] tensor is ever
-  alive; dL/dF(b) is recomputed from b's features when a is not b rather than
-  stored. Without a head, the logits are the features and this is a plain
-  vjp.
-
-  On a mesh (`head.batch_sharding` splits the rows G ways) the rows are
-  grouped [G, B/G, ...] along the devices and the output layer is gathered
-  once, before the loop; each group accumulates its own part of the output
-  layer's gradient ([G, V, D], one [V, D] per device), and the groups are
-  summed once after the loop (a reduce-scatter into the parameters' layout).
-  Inside the loop only scalars (the loss) cross devices.
-  """
-  head, chunked = resolve_head(logits_fn, head)
-  n = _num_chunks(head, chunked, b)
-  # cross_entropy divides by max(sum(weights), 1): with the weights divided by
-  # the batch's total here, each chunk's value is its share of the batch mean.
-  weights_BxL = batch["weights"]
-  weights_BxL = weights_BxL / jnp.maximum(jnp.sum(weights_BxL), 1.0)
-  xs = (a.h_BxLxD, b.h_BxLxD, batch["targets"], weights_BxL)
-  if n > 1 and _batch_shards(head) > 1:
-    loss, d_head, dh_BxLxD = _grouped_chunks(a, b, xs, n, head)
-  else:
-    loss, d_head, dh_BxLxD = _chunks(a, b, xs, n, head)
-  (grads,) = a.vjp_fn((d_head, dh_BxLxD.astype(a.h_BxLxD.dtype)))
-  return loss, grads
-
-
-def _chunk_fn(head: OutputHead, same: bool):
-  """(a's head params, b's, h_a, h_b, targets, weights) of one chunk ->
-  (its share of the loss, d head params, dh)."""
-
-  def one(w_a, w_b, h_a, h_b, targets, weights):
-    loss_fn = lambda z: cross_entropy(
-        z, {"targets": targets, "weights": weights}
-    )
-    if same:
-      logits, pull = jax.vjp(head.apply, w_a, h_a)
-    else:
-      logits = head.apply(w_b, h_b)
-      pull = jax.vjp(head.apply, w_a, h_a)[1]
-    loss, dlogits = jax.value_and_grad(loss_fn)(logits)
-    d_head, dh = pull(dlogits.astype(logits.dtype))
-    return loss, d_head, dh
-
-  return one
-
-
-def _f32_zeros(tree: PyTree) -> PyTree:
-  return jax.tree.map(
-      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      tree,
-  )
-
-
-def _chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
-  """The head over n chunks of the sequence, every chunk split by rows like
-  the batch (without the constraint XLA's partitioner replicates the chunks
-  inside the scan)."""
-  one = _chunk_fn(head, a is b)
-
-  def kept(h_a, h_b, targets, weights):
-    h_a, h_b, targets, weights = (
-        _keep_rows(head, x) for x in (h_a, h_b, targets, weights)
-    )
-    loss, d_head, dh = one(
-        a.head_params, b.head_params, h_a, h_b, targets, weights
-    )
-    return loss, d_head, _keep_rows(head, dh)
-
-  if n == 1:
-    return kept(*xs)
-  split = lambda x: _keep_rows(
-      head,
-      jnp.moveaxis(
-          x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:]), 1, 0
-      ),
-      1,
-  )
-
-  def body(acc, chunk):
-    loss, d_head, dh = kept(*chunk)
-    acc = jax.tree.map(lambda s, x: s + x.astype(s.dtype), acc, (loss, d_head))
-    return acc, dh
-
-  zeros = _f32_zeros((jnp.zeros(()), a.head_params))
-  (loss, d_head), dh_nxBxLcxD = jax.lax.scan(
-      body, zeros, tuple(split(x) for x in xs)
-  )
-  dh_BxLxD = _keep_rows(
-      head, jnp.moveaxis(dh_nxBxLcxD, 0, 1).reshape(a.h_BxLxD.shape)
-  )
-  return loss, _cast_like(d_head, a.head_params), dh_BxLxD
-
-
-def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
-  """`_chunks` on a mesh without a collective in the loop beyond scalars:
-  rows grouped [G, B/G] along the devices, the output layer gathered once,
-  its gradient accumulated per group and summed over the groups once."""
-  G = _batch_shards(head)
-  one = _chunk_fn(head, a is b)
-  w_a = _replicated(head, a.head_params)
-  w_b = w_a if a is b else _replicated(head, b.head_params)
-  # One copy of a's output layer per group: its cotangent is the group's own
-  # part of the gradient, kept on the group's devices.
-  w_a_G = jax.tree.map(
-      lambda x: _keep_rows(head, jnp.broadcast_to(x, (G,) + x.shape)), w_a
-  )
-
-  def split(x):  # [B, L, ...] -> [n, G, B/G, L/n, ...], G along the devices.
-    B, L = x.shape[:2]
-    x = x.reshape((G, B // G, n, L // n) + x.shape[2:])
-    return _keep_rows(head, jnp.moveaxis(x, 2, 0), 1)
-
-  grouped = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))
-
-  def body(acc, chunk):
-    chunk = tuple(_keep_rows(head, x) for x in chunk)
-    loss_G, d_head_G, dh = grouped(w_a_G, w_b, *chunk)
-    acc = jax.tree.map(
-        lambda s, x: s + x.astype(s.dtype), acc, (jnp.sum(loss_G), d_head_G)
-    )
-    return acc, _keep_rows(head, dh)
-
-  zeros = _f32_zeros((jnp.zeros(()), w_a_G))
-  zeros = (zeros[0], jax.tree.map(lambda z: _keep_rows(head, z), zeros[1]))
-  (loss, d_head_G), dh_nxGxbxLcxD = jax.lax.scan(
-      body, zeros, tuple(split(x) for x in xs)
-  )
-  d_head = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_head_G)
-  dh = jnp.moveaxis(dh_nxGxbxLcxD, 0, 2)  # [G, B/G, n, L/n, D]
-  dh_BxLxD = _keep_rows(head, dh.reshape(a.h_BxLxD.shape))
-  return loss, _cast_like(d_head, a.head_params), dh_BxLxD
-
-
 def clean_vjp(
     params: PyTree,
     batch: dict[str, Any],
@@ -335,9 +98,126 @@ def clean_vjp(
     head: OutputHead | None = None,
 ) -> Clean:
   """1 forward + 1 backward: the plain gradient, keeping the pieces to reuse."""
-  p = point(params, batch["inputs"], logits_fn, head)
-  loss, grads = head_vjp(p, p, batch, logits_fn, head)
+  p = head_lib.point(params, batch["inputs"], logits_fn, head)
+  loss, grads = head_lib.head_vjp(p, p, batch, logits_fn, head)
   return Clean(loss, grads, p)
+
+
+# ----------------------------------------------------- a method's options
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A setting a method reads besides rho: config key `sam.NAME`, declared in
+  the entries (`Method.options`) of the methods that read it, and from there
+  in the key table, validation, bench, the sweeps and the tables.
+
+  default: the key's default (None: unset). if_unset: what the method uses
+  when unset; an option with neither is required by its methods. example: a
+  value bench and the sweeps set for a required option. A number lies in
+  [least, inf) (least None: any finite number); a string is one of
+  `choices`.
+  """
+
+  name: str
+  meaning: str
+  default: Any = None
+  if_unset: Any = None
+  example: Any = None
+  least: float | None = 0.0
+  choices: tuple = ()
+
+  @property
+  def key(self) -> str:
+    return f"sam.{self.name}"
+
+  @property
+  def required(self) -> bool:
+    return self.default is None and self.if_unset is None
+
+  def problem(self, value) -> str | None:
+    """Why `value` (set) is out of range, or None (traced: not checked)."""
+    if self.choices:
+      if value in self.choices:
+        return None
+      return f"is unknown; use one of {', '.join(self.choices)}"
+    number = _as_float(value)
+    if number is None or (
+        math.isfinite(number) and (self.least is None or number >= self.least)
+    ):
+      return None
+    return (
+        "must be a finite number"
+        if self.least is None
+        else f"must be >= {self.least:g}"
+    )
+
+
+PHI = Option(
+    "phi",
+    "Angle-SAM's angle in radians (0 = functional_sam, pi/2 = logit_sam).",
+    least=None,
+    example=0.7854,
+)
+PRECOND_NORMALIZE = Option(
+    "precond_normalize",
+    "The preconditioned methods' eps: after = rho P^-1 g / ||P^-1 g||; "
+    "before = rho (g / ||g||) / P.",
+    default="after",
+    choices=("after", "before"),
+)
+ALPHA = Option("alpha", "GSAM's weight of -g_orth (0 = SAM).", example=0.2)
+ADAPTIVE_ETA = Option(
+    "adaptive_eta",
+    "ASAM's eta in T = |theta| + eta; unset = 0.01 (the official code's "
+    "value).",
+    if_unset=0.01,
+)
+
+
+class Options(NamedTuple):
+  """The step's inputs beyond rho: the method options' values by name (as
+  set; None where unset) and the optimizer state some methods read."""
+
+  values: dict[str, Any] = {}
+  precond: PyTree | None = None  # AdamW's P (precond methods)
+  momentum: PyTree | None = None  # the optimizer's first moment
+
+  def get(self, option: Option):
+    """`option`'s value, or what a method uses when it is unset."""
+    value = self.values.get(option.name)
+    if value is None:
+      return option.if_unset if option.default is None else option.default
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """What a method sees: the clean pass and the perturbed parameters."""
+
+  clean: Clean
+  params_eps: PyTree | None  # theta + eps; None for methods that don't perturb
+  batch: dict[str, Any]
+  logits_fn: LogitsFn
+  opts: Options = Options()
+  head: OutputHead | None = None
+
+  def option(self, option: Option):
+    """The value of one of the method's options."""
+    return self.opts.get(option)
+
+  def perturbed(self) -> Point:
+    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T."""
+    return head_lib.point(
+        self.params_eps, self.batch["inputs"], self.logits_fn, self.head
+    )
+
+  def jt(self, a: Point, b: Point) -> PyTree:
+    """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
+    return head_lib.head_vjp(a, b, self.batch, self.logits_fn, self.head)[1]
+
+
+# -------------------------------------------------------- perturbations
 
 
 def perturbation(
@@ -351,8 +231,13 @@ def perturbation(
   precond=None: eps = rho g/||g||. Otherwise with P = precond,
   "after": eps = rho (g/P)/||g/P|| (ascent in Adam's geometry, norm rho);
   "before": eps = rho (g/||g||)/P (plain SAM step, then rescaled per entry).
-  `precond_normalize` is one of PRECOND_NORMALIZE (checked by `validate`).
+  `precond_normalize` is one of PRECOND_NORMALIZE.choices.
   """
+  if precond_normalize not in PRECOND_NORMALIZE.choices:
+    raise ValueError(
+        f"precond_normalize={precond_normalize!r} is unknown; "
+        f"use one of {PRECOND_NORMALIZE.choices}"
+    )
   if precond is None:
     return _scale_to(grads, rho)
   divide = lambda g, p: (g / p).astype(g.dtype)
@@ -362,7 +247,7 @@ def perturbation(
 
 
 def adaptive_perturbation(
-    grads: PyTree, params: PyTree, rho, eta: float = ADAPTIVE_ETA
+    grads: PyTree, params: PyTree, rho, eta: float = ADAPTIVE_ETA.if_unset
 ) -> PyTree:
   """ASAM's eps = rho T^2 g / ||T g||, T = |theta| + eta elementwise: the
   SAM ascent step in the coordinates theta / T, where a rescaling of the
@@ -385,40 +270,6 @@ def momentum_perturbation(momentum: PyTree | None, rho, like: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, like)
   eps = _scale_to(jax.tree.map(jnp.negative, momentum), rho)
   return jax.tree.map(lambda e, x: e.astype(x.dtype), eps, like)
-
-
-class Options(NamedTuple):
-  """The step's options beyond rho; each is read only by the methods whose
-  registry entry uses it (`validate` refuses the others)."""
-
-  phi: float | None = None  # Angle-SAM's angle
-  alpha: float | None = None  # GSAM's weight of -g_orth
-  precond: PyTree | None = None  # AdamW's P (precond methods)
-  precond_normalize: str = "after"
-  adaptive_eta: float | None = None  # ASAM's eta (None: ADAPTIVE_ETA)
-  momentum: PyTree | None = None  # the optimizer's first moment
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-  """What a method sees: the clean pass and the perturbed parameters."""
-
-  clean: Clean
-  params_eps: PyTree | None  # theta + eps; None for methods that don't perturb
-  batch: dict[str, Any]
-  logits_fn: LogitsFn
-  phi: float | None
-  head: OutputHead | None = None
-
-  def perturbed(self) -> Point:
-    """1 forward at theta + eps (to the output layer), keeping J(theta+eps)^T."""
-    return point(
-        self.params_eps, self.batch["inputs"], self.logits_fn, self.head
-    )
-
-  def jt(self, a: Point, b: Point) -> PyTree:
-    """J(a)^T dL/dF(b): 1 backward at a (the output layer's part chunked)."""
-    return head_vjp(a, b, self.batch, self.logits_fn, self.head)[1]
 
 
 # ------------------------------------------------------------------ methods
@@ -454,7 +305,8 @@ def _angle_sam(step: Step) -> PyTree:
   g = step.clean.grads
   g_logit = step.jt(clean, eps)
   g_func = step.jt(eps, clean)
-  s, c = jnp.sin(step.phi), jnp.cos(step.phi)
+  phi = step.option(PHI)
+  s, c = jnp.sin(phi), jnp.cos(phi)
   return jax.tree.map(
       lambda g0, gl, gf: (g0 + s * (gl - g0) + c * (gf - g0)).astype(g0.dtype),
       g,
@@ -463,10 +315,11 @@ def _angle_sam(step: Step) -> PyTree:
   )
 
 
-def _surrogate_gap(g_p: PyTree, g: PyTree, alpha) -> PyTree:
+def _surrogate_gap(g_p: PyTree, g: PyTree, opts: Options) -> PyTree:
   """GSAM's g_p - alpha g_orth, g_orth = g - (<g, g_p>/||g_p||^2) g_p: the
   part of g orthogonal to g_p, descended to shrink the surrogate gap
   L(theta + eps) - L(theta) without changing the perturbed loss."""
+  alpha = opts.get(ALPHA)
   coef = tree_math.vdot(g, g_p) / jnp.maximum(
       jnp.square(tree_math.norm(g_p)), jnp.finfo(jnp.float32).tiny
   )
@@ -478,10 +331,11 @@ def _surrogate_gap(g_p: PyTree, g: PyTree, alpha) -> PyTree:
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registry entry: every fact about a method, read by the rest of the code
-  (config validation, the train step, `nanodo-sam bench`, tables, figures).
+  (config keys and validation, the train step, `nanodo-sam bench`, sweeps,
+  tables, figures).
 
   `forwards`/`backwards` are the passes through the network per step
-  (bench's FLOPs; tests/test_sam.py counts them in the real step).
+  (bench's FLOPs, `cost`; tests/test_sam.py counts them in the real step).
   """
 
   fn: Callable[[Step], PyTree]
@@ -490,33 +344,51 @@ class Method:
   backwards: int = 2
   perturbs: bool = True  # needs eps (theta + eps)
   precond: bool = False  # eps in AdamW's geometry, uses `precond`
-  uses_phi: bool = False  # needs the angle phi
-  uses_alpha: bool = False  # needs GSAM's alpha
+  options: tuple[Option, ...] = ()  # the settings it reads besides rho
   direction: str = "gradient"  # where eps points: one of DIRECTIONS
   # The one clean pass is taken at theta + eps (eps known before the step,
   # as Momentum-SAM's is): `loss` and g are then those at theta + eps.
   lookahead: bool = False
-  # (fn's gradient, g, alpha) -> the step's gradient, applied once to the
+  # (fn's gradient, g, options) -> the step's gradient, applied once to the
   # whole batch's (the accumulated) fn gradient and g: a step not linear in
   # the batch (GSAM's projection).
-  combine: Callable[[PyTree, PyTree, Any], PyTree] | None = None
+  combine: Callable[[PyTree, PyTree, Options], PyTree] | None = None
 
   def __call__(self, step: Step) -> PyTree:
     return self.fn(step)
 
+  @property
+  def cost(self) -> float:
+    """One step's cost in plain steps: (2 forwards + 4 backwards) / 6, a
+    backward pass costing two forwards (bench's FLOPs, the compute of a
+    run, `sam_schedule.adamw_step_equivalents`)."""
+    return (2 * self.forwards + 4 * self.backwards) / 6
+
+  @property
+  def uses_phi(self) -> bool:
+    return PHI in self.options
+
+  @property
+  def uses_alpha(self) -> bool:
+    return ALPHA in self.options
+
+
+_PRECOND = dict(precond=True, options=(PRECOND_NORMALIZE,))
+_ADAPTIVE = dict(direction="adaptive", options=(ADAPTIVE_ETA,))
+_GSAM = dict(options=(ALPHA,), combine=_surrogate_gap)
 
 METHODS: dict[str, Method] = {
     "adamw": Method(_plain, "AdamW", forwards=1, backwards=1, perturbs=False),
     "sam": Method(_sam, "SAM"),
     "functional_sam": Method(_functional_sam, "Func-SAM"),
     "logit_sam": Method(_logit_sam, "Logit-SAM"),
-    "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3, uses_phi=True),
-    "precond_sam": Method(_sam, "Precond SAM", precond=True),
+    "angle_sam": Method(_angle_sam, "Angle-SAM", backwards=3, options=(PHI,)),
+    "precond_sam": Method(_sam, "Precond SAM", **_PRECOND),
     "precond_functional_sam": Method(
-        _functional_sam, "Precond Func-SAM", precond=True
+        _functional_sam, "Precond Func-SAM", **_PRECOND
     ),
-    "adaptive_sam": Method(_sam, "ASAM", direction="adaptive"),
-    "gsam": Method(_sam, "GSAM", uses_alpha=True, combine=_surrogate_gap),
+    "adaptive_sam": Method(_sam, "ASAM", **_ADAPTIVE),
+    "gsam": Method(_sam, "GSAM", **_GSAM),
     "momentum_sam": Method(
         _plain,
         "Momentum-SAM",
@@ -527,7 +399,7 @@ METHODS: dict[str, Method] = {
     ),
     # Combinations none of the public codebases has (docs/sam_variants.md).
     "functional_adaptive_sam": Method(
-        _functional_sam, "Func-ASAM", direction="adaptive"
+        _functional_sam, "Func-ASAM", **_ADAPTIVE
     ),
     "functional_momentum_sam": Method(
         _functional_sam, "Func-Momentum-SAM", direction="momentum"
@@ -536,15 +408,66 @@ METHODS: dict[str, Method] = {
         _sam,
         "Precond GSAM",
         precond=True,
-        uses_alpha=True,
+        options=(PRECOND_NORMALIZE, ALPHA),
         combine=_surrogate_gap,
     ),
 }
 # The plain step's key: the base optimizer's own gradient, no perturbation.
 PLAIN = "adamw"
+
+
+def register(name: str, method: Method) -> Method:
+  """Add `method` to METHODS as `name`: the one place a new method goes.
+  Its options may be new (a new config key sam.NAME) or shared with other
+  methods (the same Option)."""
+  for option in method.options:
+    known = all_options().get(option.name)
+    if known is not None and known != option:
+      raise ValueError(
+          f"option sam.{option.name} of method {name!r} differs "
+          "from the one the registry has; share that Option"
+      )
+  METHODS[name] = method
+  return method
+
+
+def all_options() -> dict[str, Option]:
+  """Every registered method's options by name, in the registry's order
+  (the config keys sam.NAME the key table lists)."""
+  out = {}
+  for entry in METHODS.values():
+    for option in entry.options:
+      out.setdefault(option.name, option)
+  return out
+
+
+def methods_with(option: str) -> frozenset[str]:
+  """The methods that read option `option`."""
+  return frozenset(
+      k for k, m in METHODS.items() if any(o.name == option for o in m.options)
+  )
+
+
+def example_options(method: str) -> dict[str, Any]:
+  """{"sam.NAME": value} that lets `method` run: each of its required
+  options at its `example` (bench, sweeps); {} for a method without one."""
+  return {o.key: o.example for o in METHODS[method].options if o.required}
+
+
+def config_options(sam_cfg, method: str | None = None) -> dict[str, Any]:
+  """{option name: its value in config section `sam`} for every option, or
+  for those of `method` only."""
+  names = (
+      all_options()
+      if method is None
+      else [o.name for o in METHODS[method].options]
+  )
+  return {name: sam_cfg.get(name) for name in names}
+
+
 PRECOND_METHODS = frozenset(k for k, m in METHODS.items() if m.precond)
-PHI_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_phi)
-ALPHA_METHODS = frozenset(k for k, m in METHODS.items() if m.uses_alpha)
+PHI_METHODS = methods_with(PHI.name)
+ALPHA_METHODS = methods_with(ALPHA.name)
 ADAPTIVE_METHODS = frozenset(
     k for k, m in METHODS.items() if m.direction == "adaptive"
 )
@@ -579,19 +502,11 @@ def _as_float(x) -> float | None:
     return None
 
 
-def validate(
-    method: str,
-    rho,
-    phi=None,
-    optimizer: str = "adamw",
-    precond_normalize: str = "after",
-    perturbation_scope: str = "global",
-    alpha=None,
-    adaptive_eta=None,
-) -> None:
+def validate(method: str, rho, optimizer: str = "adamw", **options) -> None:
   """Raise ValueError (one line: what is wrong and how to fix it) on a bad
-  method/rho/phi/optimizer/option combination: the one check of the step's
-  options (sam_schedule.validate calls it). Traced rho is not checked."""
+  method/rho/optimizer/option combination: the one check of the step's
+  options (sam_schedule.validate calls it). `options`: the method options'
+  values by name (`Option`; None = unset). Traced values are not checked."""
   if method not in METHODS:
     raise ValueError(
         f"sam.method={method!r} is unknown; use one of " f"{sorted(METHODS)}"
@@ -602,65 +517,52 @@ def validate(
         f"sam.rho={rho!r} must be >= 0; set sam.rho to a "
         "non-negative radius (0 gives the plain gradient)"
     )
-  if method in PHI_METHODS and phi is None:
+  _validate_options(method, options)
+  _validate_optimizer(method, optimizer)
+
+
+def _validate_options(method: str, values: dict[str, Any]) -> None:
+  """Each option set is one of the method's (or at its default) and in its
+  range; each required option of the method is set."""
+  known = all_options()
+  unknown = sorted(set(values) - set(known))
+  if unknown:
     raise ValueError(
-        f"sam.method={method!r} needs the angle sam.phi "
-        "(radians; 0 = functional_sam, pi/2 = logit_sam); set it"
+        f"sam.{unknown[0]} is not an option of any method; use "
+        f"one of {', '.join('sam.' + k for k in known)}"
     )
-  if method not in PHI_METHODS and phi is not None:
-    raise ValueError(
-        f"sam.phi={phi!r} is ignored by sam.method={method!r}; "
-        f"unset sam.phi or use one of {sorted(PHI_METHODS)}"
-    )
-  _validate_variant_options(method, optimizer, alpha, adaptive_eta)
+  mine = {o.name for o in METHODS[method].options}
+  for name, option in known.items():
+    value = values.get(name)
+    if name in mine and value is None and option.required:
+      raise ValueError(
+          f"sam.method={method!r} needs sam.{name} "
+          f"({option.meaning.rstrip('.')}); set it"
+      )
+    if value is None or (name not in mine and value == option.default):
+      continue
+    if name not in mine:
+      raise ValueError(
+          f"sam.{name}={value!r} is ignored by sam.method="
+          f"{method!r}; unset sam.{name} or use one of "
+          f"{sorted(methods_with(name))}"
+      )
+    problem = option.problem(value)
+    if problem:
+      raise ValueError(
+          f"sam.{name}={value!r} {problem} " f"({option.meaning.rstrip('.')})"
+      )
+
+
+def _validate_optimizer(method: str, optimizer: str) -> None:
+  """AdamW's second moment (precond methods) and an optimizer's first moment
+  (momentum methods) exist."""
   if method in PRECOND_METHODS and optimizer not in OPTIMIZERS_WITH_PRECOND:
     raise ValueError(
         f"sam.method={method!r} preconditions with AdamW's second "
         f"moment but opt.optimizer={optimizer!r}; use "
         f"opt.optimizer='adamw' or a method without 'precond_'"
     )
-  if precond_normalize not in PRECOND_NORMALIZE:
-    raise ValueError(
-        f"sam.precond_normalize={precond_normalize!r} is unknown; "
-        "use 'after' (normalise P^-1 g) or 'before' (P^-1 "
-        "applied to g/||g||)"
-    )
-  if perturbation_scope not in PERTURBATION_SCOPES:
-    raise ValueError(
-        f"sam.perturbation_scope={perturbation_scope!r} is "
-        "unknown; use 'global' (eps from the whole batch), "
-        "'microbatch' (each microbatch its own eps) or "
-        "'replica' (each data-parallel shard its own eps)"
-    )
-
-
-def _validate_variant_options(
-    method: str, optimizer: str, alpha, adaptive_eta
-) -> None:
-  """GSAM's alpha, ASAM's eta and Momentum-SAM's first moment."""
-  if method in ALPHA_METHODS and alpha is None:
-    raise ValueError(
-        f"sam.method={method!r} needs GSAM's sam.alpha (the "
-        "weight of -g_orth; 0 = SAM); set it"
-    )
-  if method not in ALPHA_METHODS and alpha is not None:
-    raise ValueError(
-        f"sam.alpha={alpha!r} is ignored by sam.method="
-        f"{method!r}; unset sam.alpha or use one of "
-        f"{sorted(ALPHA_METHODS)}"
-    )
-  if method not in ADAPTIVE_METHODS and adaptive_eta is not None:
-    raise ValueError(
-        f"sam.adaptive_eta={adaptive_eta!r} is ignored by "
-        f"sam.method={method!r}; unset sam.adaptive_eta or use "
-        f"one of {sorted(ADAPTIVE_METHODS)}"
-    )
-  for name, value in (("alpha", alpha), ("adaptive_eta", adaptive_eta)):
-    number = _as_float(value)
-    if number is not None and not number >= 0:
-      raise ValueError(
-          f"sam.{name}={value!r} must be >= 0; set a " "non-negative value"
-      )
   if method in MOMENTUM_METHODS and optimizer not in OPTIMIZERS_WITH_MOMENTUM:
     raise ValueError(
         f"sam.method={method!r} perturbs against the "
@@ -680,56 +582,55 @@ def gradient(
     *,
     logits_fn: LogitsFn,
     rho,
-    phi: float | None = None,
     precond: PyTree | None = None,
-    precond_normalize: str = "after",
     head: OutputHead | None = None,
-    alpha: float | None = None,
-    adaptive_eta: float | None = None,
     momentum: PyTree | None = None,
+    **options,
 ) -> tuple[jax.Array, PyTree, dict[str, jax.Array]]:
   """(loss at theta, the method's gradient, scalar metrics).
 
-  `method` and `precond_normalize` are static python values; `rho`, `phi`,
-  `alpha` and `adaptive_eta` may be traced. `precond` (P = sqrt(nu_hat) +
-  eps_adam, same tree as params) is used only by precond methods; None there
-  means P = 1 (no Adam state yet). `momentum` (the optimizer's first moment,
-  a tree like params) only by the momentum methods; None there means m = 0
+  `method` is a static python value; `rho` and the numeric `options` (the
+  method's `Option`s by name: phi, alpha, adaptive_eta, precond_normalize,
+  ...; None = unset) may be traced. `precond` (P = sqrt(nu_hat) + eps_adam,
+  same tree as params) is used only by precond methods; None there means
+  P = 1 (no Adam state yet). `momentum` (the optimizer's first moment, a
+  tree like params) only by the momentum methods; None there means m = 0
   (the first step: the plain gradient). For a `lookahead` method (Momentum-
   SAM) the one pass is at theta + eps, and the loss and the metrics' g are
   there. `head` (optional): logits_fn's output layer, so the step can chunk
-  the [B, L, V] logits (see `head_vjp`); the result is the same without it.
+  the [B, L, V] logits (`head.head_vjp`); the result is the same without it.
   """
-  validate(
-      method,
-      rho,
-      phi,
-      precond_normalize=precond_normalize,
-      alpha=alpha,
-      adaptive_eta=adaptive_eta,
-  )
-  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta, momentum)
-  loss, grads, _, metrics = _gradient(
-      method, params, batch, logits_fn=logits_fn, rho=rho, opts=opts, head=head
+  validate(method, rho, **options)
+  opts = Options(options, precond, momentum)
+  loss, grads, _, metrics = method_gradient(
+      METHODS[method],
+      params,
+      batch,
+      logits_fn=logits_fn,
+      rho=rho,
+      opts=opts,
+      head=head,
   )
   return loss, grads, metrics
 
 
-def _gradient(method, params, batch, *, logits_fn, rho, opts: Options, head):
-  """`gradient` on validated options, also returning the plain gradient g."""
-  entry = METHODS[method]
+def method_gradient(
+    entry: Method, params, batch, *, logits_fn, rho, opts: Options, head=None
+):
+  """(loss, the method's gradient, the plain gradient g, metrics) on one
+  batch with validated options: `gradient`'s equations."""
   rho = jnp.asarray(rho, jnp.result_type(float))
   if entry.lookahead:
-    eps = _eps(entry, params, None, rho, opts)
-    clean = clean_vjp(_add(params, eps), batch, logits_fn, head)
+    eps = perturb(entry, params, None, rho, opts)
+    clean = clean_vjp(shift(params, eps), batch, logits_fn, head)
     params_eps = None
   else:
     clean = clean_vjp(params, batch, logits_fn, head)
-    eps = _eps(entry, params, clean.grads, rho, opts)
-    params_eps = _add(params, eps)
-  grads = _combine(
+    eps = perturb(entry, params, clean.grads, rho, opts)
+    params_eps = shift(params, eps)
+  grads = combine(
       entry,
-      entry(Step(clean, params_eps, batch, logits_fn, opts.phi, head)),
+      entry(Step(clean, params_eps, batch, logits_fn, opts, head)),
       clean.grads,
       opts,
   )
@@ -737,40 +638,44 @@ def _gradient(method, params, batch, *, logits_fn, rho, opts: Options, head):
       clean.loss,
       grads,
       clean.grads,
-      _metrics(grads, clean.grads, eps, rho),
+      step_metrics(grads, clean.grads, eps, rho),
   )
 
 
-def _combine(entry: Method, grads, g, opts: Options):
+def combine(entry: Method, grads, g, opts: Options):
+  """The entry's final combination of its gradient with g (GSAM's), once
+  per batch; `grads` unchanged for the others."""
   if entry.combine is None:
     return grads
-  return entry.combine(grads, g, opts.alpha)
+  return entry.combine(grads, g, opts)
 
 
-def _eps(entry: Method, params, grads, rho, opts: Options):
-  """The method's perturbation (None for methods that do not perturb)."""
+def perturb(entry: Method, params, grads, rho, opts: Options):
+  """The method's perturbation eps from g = `grads` (None for methods that
+  do not perturb)."""
   if not entry.perturbs:
     return None
   if entry.direction == "momentum":
     return momentum_perturbation(opts.momentum, rho, params)
   if entry.direction == "adaptive":
-    eta = ADAPTIVE_ETA if opts.adaptive_eta is None else opts.adaptive_eta
-    return adaptive_perturbation(grads, params, rho, eta)
+    return adaptive_perturbation(grads, params, rho, opts.get(ADAPTIVE_ETA))
   return perturbation(
       grads,
       rho,
       opts.precond if entry.precond else None,
-      opts.precond_normalize,
+      opts.get(PRECOND_NORMALIZE),
   )
 
 
-def _add(params: PyTree, eps: PyTree | None) -> PyTree | None:
+def shift(params: PyTree, eps: PyTree | None) -> PyTree | None:
+  """theta + eps in the parameters' dtypes (None without eps)."""
   if eps is None:
     return None
   return jax.tree.map(lambda p, e: p + e.astype(p.dtype), params, eps)
 
 
-def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
+def step_metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
+  """The scalars every step logs."""
   return {
       "grad_norm": tree_math.norm(g),
       "perturbation_norm": (
@@ -779,386 +684,6 @@ def _metrics(grads, g, eps, rho) -> dict[str, jax.Array]:
       "cosine": cosine(grads, g),
       "rho": rho,
   }
-
-
-# ------------------------------------------------ gradient accumulation
-
-
-def _microbatches(batch: dict[str, Any], k: int):
-  """[B, ...] -> [k, B/k, ...] and each microbatch's share of the weights.
-
-  Microbatch i takes rows i, i+k, i+2k, ...: with the batch split over n =
-  data x fsdp devices (B divisible by n k), every device holds B/(n k) rows of
-  every microbatch, so each scan step runs on all devices without moving the
-  batch (contiguous blocks would make XLA gather it).
-  """
-  micro = jax.tree.map(
-      lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1),
-      batch,
-  )
-  w_k = jnp.sum(
-      micro["weights"].astype(jnp.float32),
-      axis=tuple(range(1, micro["weights"].ndim)),
-  )
-  return micro, w_k / jnp.maximum(jnp.sum(w_k), 1.0)
-
-
-class GradientResult(NamedTuple):
-  """What `accumulated_gradient` returns (unpacks as 4 values)."""
-
-  loss: jax.Array  # at the unperturbed params
-  grads: PyTree  # the method's gradient
-  metrics: dict[str, jax.Array]
-  reuse: Reuse | None = None  # Reuse(grads - g, ||g||) with return_reuse
-
-
-def accumulated_gradient(
-    method: str,
-    params: PyTree,
-    batch: dict[str, Any],
-    *,
-    logits_fn: LogitsFn,
-    rho,
-    phi=None,
-    precond=None,
-    precond_normalize: str = "after",
-    num_microbatches: int = 1,
-    perturbation_scope: str = "global",
-    return_reuse: bool = False,
-    head: OutputHead | None = None,
-    groups: Groups | None = None,
-    alpha=None,
-    adaptive_eta=None,
-    momentum=None,
-) -> GradientResult:
-  """`gradient` over `num_microbatches` microbatches summed with lax.scan.
-
-  "global" (the paper's semantics): eps comes from the gradient of the whole
-  batch (first scan), then the method's gradient at that eps is accumulated
-  over the same microbatches (second scan); equal to one full-batch step.
-  Costs one extra clean forward per microbatch for the methods that need
-  dL/dF(theta) in the second scan (XLA drops what a method does not use).
-  "microbatch": each microbatch is perturbed by its own gradient
-  (m-sharpness); one scan, the same cost and memory as without accumulation.
-  Microbatches are weighted by their share of the loss weights, so the result
-  equals the full-batch mean even with padding.
-
-  return_reuse=True also fills `reuse` with `Reuse(delta = grads - g, ||g||)`,
-  what the steps in between carry forward (`reuse_correction`).
-
-  `groups` (on a mesh, with several microbatches; not with the "microbatch"
-  scope): the parameters are gathered once per step (and theta + eps once)
-  and each group of devices accumulates its own part of the gradient over
-  the microbatches, reduced once per scan (`_grouped_sum`), instead of a
-  gather and a reduction per microbatch. The result is the same.
-
-  "replica" (on a mesh, with `groups`): each shard of the rows its own eps
-  (`_replica_gradient`); without `groups` it is "global". A `lookahead`
-  method's passes are all at the same theta + eps, whatever the scope.
-  """
-  validate(
-      method,
-      rho,
-      phi,
-      precond_normalize=precond_normalize,
-      perturbation_scope=perturbation_scope,
-      alpha=alpha,
-      adaptive_eta=adaptive_eta,
-  )
-  opts = Options(phi, alpha, precond, precond_normalize, adaptive_eta, momentum)
-  kw = dict(logits_fn=logits_fn, rho=rho, opts=opts, head=head)
-  entry = METHODS[method]
-  if perturbation_scope == "replica" and groups is not None:
-    result = _replica_gradient(
-        method,
-        params,
-        batch,
-        rho=rho,
-        opts=opts,
-        k=num_microbatches,
-        groups=groups,
-    )
-  elif num_microbatches == 1:
-    result = _gradient(method, params, batch, **kw)
-  elif groups is not None and perturbation_scope == "global":
-    result = _grouped_accumulation(
-        entry,
-        params,
-        batch,
-        rho=jnp.asarray(rho, jnp.result_type(float)),
-        opts=opts,
-        k=num_microbatches,
-        groups=groups,
-    )
-  elif (
-      perturbation_scope == "microbatch"
-      or not entry.perturbs
-      or entry.lookahead
-  ):
-    result = _per_microbatch(
-        method, params, batch, num_microbatches, keep_g=return_reuse, **kw
-    )
-  else:
-    result = _global_accumulation(entry, params, batch, num_microbatches, **kw)
-  return _gradient_result(*result, return_reuse=return_reuse)
-
-
-def _gradient_result(
-    loss, grads, g, metrics, return_reuse: bool
-) -> GradientResult:
-  """`accumulated_gradient`'s result; with `return_reuse` also what the
-  reuse steps carry: Reuse(grads - g in float32, ||g||)."""
-  if not return_reuse:
-    return GradientResult(loss, grads, metrics)
-  delta = jax.tree.map(
-      lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), grads, g
-  )
-  return GradientResult(loss, grads, metrics, Reuse(delta, tree_math.norm(g)))
-
-
-def _per_microbatch(method: str, params, batch, k: int, keep_g: bool, **kw):
-  """(loss, grads, g or None, metrics): `_gradient` on each of k
-  microbatches (its own eps, for a perturbing method), summed by weight."""
-  micro, frac_k = _microbatches(batch, k)
-
-  def one(mb):
-    loss, grads, g, metrics = _gradient(method, params, mb, **kw)
-    return loss, grads, (g if keep_g else None), metrics
-
-  shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro))
-  loss, grads, g, metrics = tree_math.scan_sum(one, micro, frac_k, shapes)
-  return loss, _cast_like(grads, params), g, metrics
-
-
-def _global_accumulation(
-    entry: Method, params, batch, k: int, *, logits_fn, rho, opts: Options, head
-):
-  """(loss, grads, g, metrics) with eps from the whole batch's gradient:
-  one scan over the k microbatches for g, a second for the method's
-  gradient at theta + eps."""
-  rho = jnp.asarray(rho, jnp.result_type(float))
-  micro, frac_k = _microbatches(batch, k)
-
-  def clean(mb):
-    c = clean_vjp(params, mb, logits_fn, head)
-    return c.loss, c.grads
-
-  shapes = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], micro))
-  loss, g = tree_math.scan_sum(clean, micro, frac_k, shapes)
-  eps = _eps(entry, params, g, rho, opts)
-  params_eps = _add(params, eps)
-
-  def perturbed(mb):
-    return entry(
-        Step(
-            clean_vjp(params, mb, logits_fn, head),
-            params_eps,
-            mb,
-            logits_fn,
-            opts.phi,
-            head,
-        )
-    )
-
-  grads = _cast_like(tree_math.scan_sum(perturbed, micro, frac_k, g), params)
-  grads = _combine(entry, grads, _cast_like(g, params), opts)
-  return loss, grads, g, _metrics(grads, g, eps, rho)
-
-
-class Groups(NamedTuple):
-  """How `accumulated_gradient` splits a step over the devices' groups.
-
-  `batch_sharding` splits a batch's rows G ways (`sharding.batch_sharding`)
-  and `params_sharding` is the parameters' layout, where the summed
-  gradients go; `logits_fn` and `head` are the model's without sharding
-  constraints (they run on one group's rows with whole parameters); `cast`
-  (optional) the model's cast to its compute dtype, applied before the
-  gather so that it moves compute-dtype weights.
-  """
-
-  batch_sharding: Any
-  params_sharding: Any
-  logits_fn: LogitsFn
-  head: OutputHead | None = None
-  cast: Callable[[PyTree], PyTree] | None = None
-
-
-def _group_count(groups: Groups) -> int:
-  return _batch_shards(OutputHead(None, None, None, groups.batch_sharding))
-
-
-def _grouped(groups: Groups, tree: PyTree) -> PyTree:
-  """Every leaf's axis 0 (the groups) split like the batch's rows."""
-  head = OutputHead(None, None, None, groups.batch_sharding)
-  return jax.tree.map(lambda x: _keep_rows(head, x), tree)
-
-
-def _per_group(groups: Groups, params: PyTree) -> PyTree:
-  """params (cast to the compute dtype on their shards) gathered once, whole
-  on every device, and seen as one copy per group [G, ...], each on its
-  group's devices (no data moves)."""
-  G = _group_count(groups)
-  head = OutputHead(None, None, None, groups.batch_sharding)
-  if groups.cast is not None:
-    params = jax.lax.with_sharding_constraint(
-        groups.cast(params), groups.params_sharding
-    )
-  whole = _replicated(head, params)
-  return _grouped(
-      groups, jax.tree.map(lambda x: jnp.broadcast_to(x, (G,) + x.shape), whole)
-  )
-
-
-def _grouped_sum(fn, params_G, micro_kxG, frac_kxG, like, groups: Groups):
-  """sum over microbatches i and groups j of frac_ij * fn(params_j, mb_ij),
-  each group accumulating its own sum on its devices ([G, ...] f32); summed
-  over the groups once at the end (a reduce-scatter into the parameters'
-  layout when the caller constrains it)."""
-  run = jax.vmap(fn)
-  G = frac_kxG.shape[1]
-  like_G = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((G,) + x.shape, x.dtype), like
-  )
-  acc = tree_math.scan_sum(
-      lambda mb: run(params_G, mb),
-      micro_kxG,
-      frac_kxG,
-      like_G,
-      constrain=lambda t: _grouped(groups, t),
-  )
-  return jax.tree.map(lambda x: jnp.sum(x, axis=0), acc)
-
-
-def _to_params_layout(groups: Groups, grads: PyTree, params: PyTree):
-  """The summed gradient in the parameters' dtype and layout."""
-  return jax.lax.with_sharding_constraint(
-      _cast_like(grads, params), groups.params_sharding
-  )
-
-
-def _group_microbatches(batch, k: int, G: int):
-  """[B, ...] -> [k, G, B/(k G), ...] and each piece's share of the weights:
-  microbatch i takes rows i, i+k, ... as `_microbatches` does; within it,
-  group j the rows on group j's devices."""
-  micro, _ = _microbatches(batch, k)
-  micro = jax.tree.map(
-      lambda x: x.reshape((k, G, x.shape[1] // G) + x.shape[2:]), micro
-  )
-  w = micro["weights"].astype(jnp.float32)
-  w_kxG = jnp.sum(w, axis=tuple(range(2, w.ndim)))
-  return micro, w_kxG / jnp.maximum(jnp.sum(w_kxG), 1.0)
-
-
-def _grouped_accumulation(
-    entry: Method, params, batch, *, rho, opts: Options, k: int, groups: Groups
-):
-  """`accumulated_gradient`'s global-scope result with one gather of theta
-  (and one of theta + eps) per step and one reduction per scan (a lookahead
-  method: one gather of theta + eps, its one pass there)."""
-  G = _group_count(groups)
-  logits_fn, head = groups.logits_fn, groups.head
-  micro, frac = _group_microbatches(batch, k, G)
-  ahead = _eps(entry, params, None, rho, opts) if entry.lookahead else None
-  params_G = _per_group(
-      groups, params if ahead is None else _add(params, ahead)
-  )
-
-  def clean(p, mb):
-    c = clean_vjp(p, mb, logits_fn, head)
-    return c.loss, c.grads
-
-  one = jax.tree.map(lambda x: x[0, 0], micro)
-  like = jax.eval_shape(clean, jax.tree.map(lambda x: x[0], params_G), one)
-  loss, g = _grouped_sum(clean, params_G, micro, frac, like, groups)
-  g = _to_params_layout(groups, g, params)
-  if not entry.perturbs or entry.lookahead:
-    return loss, g, g, _metrics(g, g, ahead, rho)
-  eps = _eps(entry, params, g, rho, opts)
-  params_eps = _add(params, eps)
-  both_G = (params_G, _per_group(groups, params_eps))
-
-  def perturbed(both, mb):
-    p, p_eps = both
-    return entry(
-        Step(
-            clean_vjp(p, mb, logits_fn, head),
-            p_eps,
-            mb,
-            logits_fn,
-            opts.phi,
-            head,
-        )
-    )
-
-  grads = _to_params_layout(
-      groups, _grouped_sum(perturbed, both_G, micro, frac, g, groups), params
-  )
-  grads = _combine(entry, grads, g, opts)
-  return loss, grads, g, _metrics(grads, g, eps, rho)
-
-
-def _replica_gradient(
-    method: str, params, batch, *, rho, opts: Options, k: int, groups: Groups
-):
-  """perturbation_scope='replica': shard_map over the batch's axes
-  (`groups.batch_sharding`); each of the G shards takes the whole method on
-  its B/G rows (its own eps from its own gradient: m-sharpness with m = B/G,
-  the data-parallel default of Foret et al.'s code and optax.contrib.sam's
-  `batch_axis_name`), over k microbatches with the global scope inside the
-  shard; the results are averaged with each shard's share of the loss
-  weights. The parameters are gathered whole onto every device."""
-  spec = groups.batch_sharding.spec[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec)
-  static = dict(
-      phi=opts.phi,
-      alpha=opts.alpha,
-      adaptive_eta=opts.adaptive_eta,
-      precond_normalize=opts.precond_normalize,
-  )
-
-  def local(args, batch):
-    params, precond, momentum, rho = args
-    res = accumulated_gradient(
-        method,
-        params,
-        batch,
-        logits_fn=groups.logits_fn,
-        head=groups.head,
-        rho=rho,
-        precond=precond,
-        momentum=momentum,
-        num_microbatches=k,
-        return_reuse=True,
-        **static,
-    )
-    g = jax.tree.map(
-        lambda x, d: x.astype(jnp.float32) - d, res.grads, res.reuse.delta
-    )
-    w = jnp.sum(batch["weights"].astype(jnp.float32))
-    frac = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
-    mean = lambda tree: jax.tree.map(
-        lambda x: jax.lax.psum(frac * x.astype(jnp.float32), axes), tree
-    )
-    return mean((res.loss, res.grads, g, res.metrics))
-
-  args = (params, opts.precond, opts.momentum, jnp.asarray(rho, jnp.float32))
-  specs = (
-      jax.tree.map(lambda _: PartitionSpec(), args),
-      jax.tree.map(lambda _: PartitionSpec(axes), batch),
-  )
-  loss, grads, g, metrics = jax.shard_map(
-      local,
-      mesh=groups.batch_sharding.mesh,
-      in_specs=specs,
-      out_specs=PartitionSpec(),
-      check_vma=False,
-  )(args, batch)
-  return (
-      loss,
-      _to_params_layout(groups, grads, params),
-      _to_params_layout(groups, g, params),
-      metrics,
-  )
 
 
 # ------------------------------------------------- reuse between steps
@@ -1198,5 +723,6 @@ def reuse_correction(g: PyTree, delta: PyTree, g_norm_at_measure) -> PyTree:
   return jax.tree.map(lambda x, d: (x + scale * d).astype(x.dtype), g, delta)
 
 
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  """`tree` in the dtypes of `like`'s leaves."""
   return jax.tree.map(lambda x, p: x.astype(p.dtype), tree, like)

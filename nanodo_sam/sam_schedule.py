@@ -73,13 +73,14 @@ def step_kind(sam_cfg, step: int) -> str:
 
 def adamw_step_equivalents(
     num_train_steps: int, start_step: int, method: str
-) -> int:
-  """Cost of a run switching to `method` at `start_step`: plain steps count
-  1, SAM-family steps 2 (two forward and two backward passes)."""
+) -> float:
+  """Cost of a run switching to `method` at `start_step`, in plain steps:
+  plain steps count 1, the method's its registry cost (`Method.cost`: SAM's
+  two forward and two backward passes 2, Angle-SAM's 2 + 2/3)."""
   if sam_lib.is_plain(method):
     return num_train_steps
   start = min(max(start_step, 0), num_train_steps)
-  return start + 2 * (num_train_steps - start)
+  return start + sam_lib.METHODS[method].cost * (num_train_steps - start)
 
 
 def validate(cfg) -> None:
@@ -90,12 +91,8 @@ def validate(cfg) -> None:
     sam_lib.validate(
         sam.method,
         sam.rho,
-        sam.phi,
         optimizer=cfg.opt.optimizer,
-        precond_normalize=sam.precond_normalize,
-        perturbation_scope=sam.perturbation_scope,
-        alpha=sam.get("alpha"),
-        adaptive_eta=sam.get("adaptive_eta"),
+        **sam_lib.config_options(sam),
     )
   except ValueError as e:
     raise UsageError(str(e)) from None

@@ -20,7 +20,7 @@ product runs the output layer, the loss and their derivatives over chunks of
 the sequence (at most `chunk_tokens` tokens per device each), so no
 [B, L, V] logits or logit tangents are ever alive; with the head's
 `batch_sharding` (a mesh) each device computes its own rows' share under
-`shard_map` (`_chunked`). `head.features` must then be the plain model
+`shard_map` (`_chunked`). The chunk loop is head.py's (`head.over_chunks`). `head.features` must then be the plain model
 (no sharding constraints of its own). The same numbers as through
 `logits_fn` (up to float rounding).
 """
@@ -35,16 +35,18 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from nanodo_sam import head as head_lib
 from nanodo_sam import tree_math
-from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy
+from nanodo_sam.loss import LogitsFn, OutputHead, cross_entropy, weighted_nll
 
 Batch = dict[str, Any]
 
 # Tokens per device in one chunk of the output layer when a `head` is given:
-# per chunk about 8 [tokens, V] float32 buffers are alive (logits, softmax,
-# tangent, products), 66 MB each at 512 tokens and V = 32101, and a
-# [512, D] x [D, V] matmul is large enough for a GPU's matrix units.
-CHUNK_TOKENS = 512
+# the key table's model.head_chunk_tokens default, as for the train step
+# (head.py). Per chunk about 8 [tokens, V] float32 buffers are alive
+# (logits, softmax, tangent, products), 526 MB each at 4096 tokens and
+# V = 32101; pass a smaller chunk_tokens where memory is short.
+CHUNK_TOKENS = head_lib.CHUNK_TOKENS
 
 
 # ----------------------------------------------------------------- helpers --
@@ -228,73 +230,6 @@ def _product(one_fn, params, batch, v, logits_fn):
 # ----------------------------------- the same products, output layer chunked --
 
 
-def _row_axes(head: OutputHead) -> tuple[str, ...]:
-  """The mesh axes a batch's rows are split over (`head.batch_sharding`)."""
-  s = head.batch_sharding
-  if s is None or not len(s.spec) or s.spec[0] is None:
-    return ()
-  return (s.spec[0],) if isinstance(s.spec[0], str) else tuple(s.spec[0])
-
-
-def _num_chunks(rows: int, L: int, chunk_tokens: int) -> int:
-  """The fewest chunks of the sequence (a divisor of L) of at most
-  `chunk_tokens` tokens over `rows` rows."""
-  for n in range(1, L + 1):
-    if L % n == 0 and rows * (L // n) <= chunk_tokens:
-      return n
-  return L
-
-
-def _over_chunks(fn, n: int, *xs_BxL):
-  """fn(*chunks of xs) -> (tree summed over chunks, [B, Lc, ...] array
-  concatenated over chunks, or None): the sequence axis (1) of every x cut
-  into n chunks visited one at a time by `lax.scan`. Sums accumulate in at
-  least float32."""
-  if n == 1:
-    return fn(*xs_BxL)
-
-  def split(x):
-    x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  def body(total, chunk):
-    summed, per_token = fn(*chunk)
-    total = jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, summed)
-    return total, per_token
-
-  summed_shapes = jax.eval_shape(
-      lambda *c: fn(*c)[0],
-      *(
-          jax.ShapeDtypeStruct(
-              (x.shape[0], x.shape[1] // n) + x.shape[2:], x.dtype
-          )
-          for x in xs_BxL
-      ),
-  )
-  zeros = jax.tree.map(
-      lambda t: jnp.zeros(t.shape, _compute_dtype(t.dtype)), summed_shapes
-  )
-  total, per_token = lax.scan(body, zeros, tuple(split(x) for x in xs_BxL))
-  total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, summed_shapes)
-  if per_token is not None:
-    per_token = jnp.moveaxis(per_token, 0, 1)
-    per_token = per_token.reshape(
-        (per_token.shape[0], -1) + per_token.shape[3:]
-    )
-  return total, per_token
-
-
-def _weighted_ce(logits_xV, targets_x, scale_x) -> jax.Array:
-  """sum_t scale_t CE_t: with scale = w / sum(w) of the whole batch, a
-  chunk's share of `cross_entropy`."""
-  logits_xV = logits_xV.astype(_compute_dtype(logits_xV.dtype))
-  logz_x = jax.nn.logsumexp(logits_xV, axis=-1)
-  target_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[
-      ..., 0
-  ]
-  return jnp.sum((logz_x - target_x) * scale_x.astype(logits_xV.dtype))
-
-
 class _Rows:
   """The rows of a batch one device holds, the output layer that runs on
   them, and how to sum over every device's rows (`axes`: the mesh axes the
@@ -309,7 +244,7 @@ class _Rows:
   ):
     self.head, self.batch, self.axes = head, batch, axes
     B, L = batch["inputs"].shape
-    self.n = _num_chunks(B, L, chunk_tokens)
+    self.n = head_lib.num_chunks(B, L, chunk_tokens)
     w_BxL = batch["weights"].astype(jnp.float32)
     # cross_entropy's w_t / max(sum w, 1), the sum over every device's rows.
     self.scale_BxL = w_BxL / jnp.maximum(self.sum(jnp.sum(w_BxL)), 1.0)
@@ -331,13 +266,13 @@ def _pullback(params, rows: _Rows, fixed_r: bool):
 
   def chunk(h_c, targets_c, scale_c):
     logits_c, pull = jax.vjp(apply, hp, h_c)
-    loss_c, r_c = jax.value_and_grad(_weighted_ce)(logits_c, targets_c, scale_c)
+    loss_c, r_c = jax.value_and_grad(weighted_nll)(logits_c, targets_c, scale_c)
     if fixed_r:
       r_c = lax.stop_gradient(r_c)
     d_hp, dh_c = pull(r_c.astype(logits_c.dtype))
     return (loss_c, d_hp), dh_c
 
-  (loss, d_hp), dh_BxLxD = _over_chunks(
+  (loss, d_hp), dh_BxLxD = head_lib.over_chunks(
       chunk, rows.n, h_BxLxD, rows.batch["targets"], rows.scale_BxL
   )
   (grads,) = vjp_fn((d_hp, dh_BxLxD.astype(h_BxLxD.dtype)))
@@ -365,7 +300,7 @@ def _local_ops(rows: _Rows):
       d_hp, dh_out_c = jax.vjp(apply, hp, h_c)[1](hu_c.astype(logits_c.dtype))
       return d_hp, dh_out_c
 
-    d_hp, dh_out = _over_chunks(
+    d_hp, dh_out = head_lib.over_chunks(
         chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL
     )
     (out,) = jax.linear_transpose(lin, params)(
@@ -381,7 +316,9 @@ def _local_ops(rows: _Rows):
       hu_c = _scaled_logit_hessian_vp(logits_c, u_c, scale_c)
       return jnp.sum(hu_c * u_c.astype(hu_c.dtype)), None
 
-    return _over_chunks(chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL)[0]
+    return head_lib.over_chunks(
+        chunk, rows.n, h_BxLxD, dh_BxLxD, rows.scale_BxL
+    )[0]
 
   return {
       "hvp": hvp_one,
@@ -436,7 +373,7 @@ def _chunked(
   partitioner, left alone, gathers whole-batch activations on every device
   inside the forward-over-reverse products.
   """
-  axes = _row_axes(head)
+  axes = head_lib.row_axes(head)
   local = head._replace(batch_sharding=None)
   spec = jax.sharding.PartitionSpec
   pspecs = (

@@ -14,6 +14,7 @@ import math
 import jax
 import optax
 
+from nanodo_sam import distribute
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
@@ -43,6 +44,16 @@ def make_train_step(s, method: str, correct: bool = False):
     )
 
   groups = device_groups(s)
+  gradient = distribute.strategy(
+      method,
+      logits_fn=s.logits_fn,
+      head=s.head,
+      perturbation_scope=sam_cfg.perturbation_scope,
+      num_microbatches=cfg.grad_accumulation_steps,
+      groups=groups,
+  )
+  options = sam_lib.config_options(sam_cfg, method)
+  sam_lib.validate(method, sam_cfg.rho, **options)
 
   def step_fn(state, batch):
     rho = sam_schedule.rho_at(sam_cfg, state.step, cfg.opt)
@@ -56,23 +67,12 @@ def make_train_step(s, method: str, correct: bool = False):
         if method in sam_lib.MOMENTUM_METHODS
         else None
     )
-    out = sam_lib.accumulated_gradient(
-        method,
+    out = gradient(
         state.params,
         batch,
-        logits_fn=s.logits_fn,
-        head=s.head,
         rho=rho,
-        phi=sam_cfg.phi,
-        alpha=sam_cfg.get("alpha"),
-        adaptive_eta=sam_cfg.get("adaptive_eta"),
-        momentum=momentum,
-        precond=precond,
-        precond_normalize=sam_cfg.precond_normalize,
-        num_microbatches=cfg.grad_accumulation_steps,
-        perturbation_scope=sam_cfg.perturbation_scope,
+        opts=sam_lib.Options(options, precond, momentum),
         return_reuse=store,
-        groups=groups,
     )
     grads, metrics = out.grads, out.metrics
     reuse = out.reuse if store else state.reuse
@@ -97,15 +97,15 @@ def make_train_step(s, method: str, correct: bool = False):
   return step_fn
 
 
-def device_groups(s) -> sam_lib.Groups | None:
+def device_groups(s) -> distribute.Groups | None:
   """With several microbatches on a mesh that splits the batch (global
-  perturbation scope): how `sam.accumulated_gradient` gathers the weights
+  perturbation scope): how `distribute.strategy` gathers the weights
   once per step and reduces the gradient once per pass, each group of
   devices accumulating its own part over the microbatches. None otherwise
   (one microbatch, one group, or sam.perturbation_scope=microbatch, whose
   per-microbatch eps needs the whole microbatch's gradient). With
   sam.perturbation_scope=replica, always on such a mesh: the shards' own
-  steps run their unconstrained model (`sam._replica_gradient`)."""
+  steps run their unconstrained model (`distribute._replica_gradient`)."""
   cfg = s.cfg
   bs = sharding.batch_sharding(s.mesh)
   G = math.prod(s.mesh.shape[a] for a in sharding.BATCH_AXES)
@@ -122,7 +122,7 @@ def device_groups(s) -> sam_lib.Groups | None:
       features=sharding.pin_params(head.features, None, cast),
       chunk_tokens=s.head.chunk_tokens,
   )
-  return sam_lib.Groups(
+  return distribute.Groups(
       bs,
       s.state_sharding.params,
       sharding.pin_params(model_lib.make_logits_fn(s.model), None, cast),

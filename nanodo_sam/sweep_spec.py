@@ -160,20 +160,13 @@ def method_runs(
   return runs
 
 
-DEFAULT_PHI = 0.7854  # Angle-SAM's angle, pi/4 (sweeps' default)
-DEFAULT_ALPHA = 0.2  # GSAM's alpha (sweeps' default)
-
-
 def method_options(method: str) -> dict:
-  """The overrides a method needs to run (its `sam.METHODS` entry's
-  uses_phi / uses_alpha), at the sweeps' defaults."""
-  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
+  """The overrides a method needs to run: its registry entry's required
+  options at their examples (`sam.example_options`; Angle-SAM's phi 0.7854,
+  GSAM's alpha 0.2)."""
+  from nanodo_sam import sam  # pylint: disable=g-import-not-at-top
 
-  entry = METHODS[method]
-  return {
-      **({"sam.phi": DEFAULT_PHI} if entry.uses_phi else {}),
-      **({"sam.alpha": DEFAULT_ALPHA} if entry.uses_alpha else {}),
-  }
+  return sam.example_options(method)
 
 
 def around(

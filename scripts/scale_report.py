@@ -165,7 +165,7 @@ def head_chunks(
   import jax.numpy as jnp
   import numpy as np
   from nanodo_sam import model as model_lib
-  from nanodo_sam import sam as sam_lib
+  from nanodo_sam import head as head_lib
   from nanodo_sam.loss import OutputHead
 
   rng = np.random.default_rng(0)
@@ -185,8 +185,8 @@ def head_chunks(
     )
 
     def fn(emb, h, batch, head=head):
-      pt = sam_lib.Point(emb, h, lambda ct: (ct,))  # Grads of (emb, h).
-      return sam_lib.head_vjp(pt, pt, batch, None, head)
+      pt = head_lib.Point(emb, h, lambda ct: (ct,))  # Grads of (emb, h).
+      return head_lib.head_vjp(pt, pt, batch, None, head)
 
     c = jax.jit(fn).lower(emb, h, batch).compile()
     row = {

@@ -15,7 +15,9 @@ import pytest
 from conftest import tiny_config
 from nanodo_sam import bench
 from nanodo_sam import config as config_lib
+from nanodo_sam import distribute
 from nanodo_sam import flops
+from nanodo_sam import head as head_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
@@ -81,17 +83,19 @@ def test_chunked_head_equals_plain_logits_fn(monkeypatch):
   logits_fn = model_lib.make_logits_fn(m)
   model_head = model_lib.output_head(m)._replace(chunk_tokens=B * (L // 4))
   batch = _batch()
-  head, chunked = sam.resolve_head(logits_fn, model_head)
+  head, chunked = head_lib.resolve_head(logits_fn, model_head)
   assert (
       chunked
-      and sam._num_chunks(
+      and head_lib._head_chunks(
           head,
           chunked,
-          sam.point(params, batch["inputs"], logits_fn, model_head),
+          head_lib.point(
+              params, batch["inputs"], logits_fn, model_head
+          ).h_BxLxD,
       )
       == 4
   )
-  assert not sam.resolve_head(logits_fn)[1]
+  assert not head_lib.resolve_head(logits_fn)[1]
   rng = np.random.default_rng(3)
   precond = jax.tree.map(
       lambda x: jnp.asarray(np.exp(rng.normal(size=x.shape)), x.dtype), params
@@ -375,7 +379,7 @@ def test_return_reuse_carries_method_minus_plain_gradient():
   for accum in (3,):  # accum=1: test_reuse_in_the_train_step.
     loss, grads, metrics, reuse = jax.jit(
         functools.partial(
-            sam.accumulated_gradient,
+            distribute.accumulated_gradient,
             "functional_sam",
             logits_fn=logits_fn,
             head=model_lib.output_head(m),

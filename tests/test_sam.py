@@ -6,6 +6,7 @@ the step is shown never to assume the Nanodo model.
 """
 
 import functools
+import json
 import math
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from nanodo_sam import distribute
 from nanodo_sam import model as model_lib
 from nanodo_sam import sam
 from nanodo_sam.loss import cross_entropy
@@ -480,6 +482,23 @@ def test_cost(method):
   assert _matmuls(method) == 2 * entry.forwards + 4 * entry.backwards
 
 
+def test_a_runs_compute_counts_each_method_at_its_registry_cost():
+  """adamw_step_equivalents and bench's FLOPs read `Method.cost`, (2
+  forwards + 4 backwards) / 6: Angle-SAM's third backward counts, and
+  Momentum-SAM's one pass costs a plain step."""
+  from nanodo_sam import flops
+  from nanodo_sam import sam_schedule
+
+  eq = sam_schedule.adamw_step_equivalents
+  assert sam.METHODS["sam"].cost == 2 and sam.METHODS["adamw"].cost == 1
+  assert eq(300, 0, "angle_sam") == pytest.approx(300 * 16 / 6)
+  assert eq(300, 100, "momentum_sam") == 300
+  assert eq(300, 100, "functional_sam") == 100 + 2 * 200
+  for method, entry in sam.METHODS.items():
+    assert flops.method_flops_factor(method) == entry.cost
+    assert eq(10, 0, method) == pytest.approx(10 * entry.cost)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -506,9 +525,10 @@ def test_cost(method):
             "precond_normalize",
         ),
         (
-            dict(method="sam", rho=0.1, phi=None, perturbation_scope="local"),
-            "perturbation_scope.*microbatch",
+            dict(method="precond_sam", rho=0.1, precond_normalize="middle"),
+            "precond_normalize.*after, before",
         ),
+        (dict(method="gsam", rho=0.1, alpha=-1.0), "alpha.*>= 0"),
     ],
 )
 def test_validate_raises(kwargs, match):
@@ -517,10 +537,17 @@ def test_validate_raises(kwargs, match):
   assert "\n" not in str(info.value)
 
 
+def test_an_unknown_perturbation_scope_is_refused():
+  """Where the step is perturbed is distribute.py's: its one check."""
+  with pytest.raises(ValueError, match="perturbation_scope.*microbatch") as e:
+    distribute.validate_scope("local")
+  assert "\n" not in str(e.value)
+
+
 def test_validate_accepts_good_and_gradient_checks():
-  sam.validate("angle_sam", 0.1, 0.5)
-  sam.validate("precond_sam", 0.0, None, optimizer="adamw")
-  sam.validate("sam", 0.1, None, optimizer="sgd")
+  sam.validate("angle_sam", 0.1, phi=0.5)
+  sam.validate("precond_sam", 0.0, optimizer="adamw")
+  sam.validate("sam", 0.1, optimizer="sgd")
   params, logits_fn = _mlp()
   batch = _batch()
   with pytest.raises(ValueError, match="needs.*phi"):
@@ -583,6 +610,129 @@ def test_a_new_method_is_one_function_and_one_registry_line(
   )
 
 
+BETA = sam.Option(
+    "beta",
+    "The weight of the perturbed gradient (made up for a test).",
+    example=0.3,
+    least=0.0,
+)
+
+
+def _beta_sam(step):
+  """g + beta (grad L(theta + eps) - g): a method with an option of its own,
+  made up for this test."""
+  eps, beta = step.perturbed(), step.option(BETA)
+  return jax.tree.map(
+      lambda g, s: g + beta * (s - g), step.clean.grads, step.jt(eps, eps)
+  )
+
+
+def test_a_method_declares_its_own_option_in_its_registry_entry(
+    monkeypatch, tmp_path, capsys
+):
+  """A method registered here with an option of its own (sam.beta, declared
+  only in its entry) takes it in `sam.gradient`, finds it in --config.sam.*
+  with its range checked in one validation line, runs in `nanodo-sam bench`
+  at the option's example, gets it in a sweep and shows it in the tables."""
+  from conftest import QUICKSTART, fake_run, tiny_config
+  from nanodo_sam import bench
+  from nanodo_sam import cli
+  from nanodo_sam import keys
+  from nanodo_sam import runs
+  from nanodo_sam import sweep_spec
+  from nanodo_sam import tables as make_tables
+  from nanodo_sam import validation
+
+  monkeypatch.setitem(
+      sam.METHODS,
+      "beta_sam",
+      sam.Method(_beta_sam, "Beta-SAM", options=(BETA,)),
+  )
+  params, logits_fn = _mlp()
+  batch = _batch()
+  _, grads, _ = _step("beta_sam", params, batch, logits_fn, 0.1, beta=0.3)
+  g = _grad(params, batch, logits_fn)
+  ref = jax.tree.map(
+      lambda a, b: a + 0.3 * (b - a),
+      g,
+      _ref("sam", params, batch, logits_fn, 0.1),
+  )
+  _close(grads, ref, rtol=1e-4, atol=1e-6)
+
+  # The key table: its default, range and meaning, from the entry.
+  key = keys.BY_NAME["sam.beta"]
+  assert key.default is None and "Beta-SAM" not in key.meaning
+  assert "made up" in key.meaning and "beta_sam" in key.meaning
+  assert keys.defaults().sam.beta is None
+
+  # --config.sam.beta: out of range, unset and set for another method are
+  # each one line on stderr (exit 2); set for beta_sam, it validates.
+  def error(*overrides):
+    with pytest.raises(SystemExit) as e:
+      cli.main(
+          [
+              "train",
+              f"--config={QUICKSTART}",
+              f"--workdir={tmp_path / 'never'}",
+              *overrides,
+          ]
+      )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+  assert "sam.beta=-1.0 must be >= 0" in error(
+      "--config.sam.method=beta_sam", "--config.sam.beta=-1.0"
+  )
+  assert "sam.method='beta_sam' needs sam.beta" in error(
+      "--config.sam.method=beta_sam"
+  )
+  assert "sam.beta=0.3 is ignored by sam.method='sam'" in error(
+      "--config.sam.method=sam", "--config.sam.beta=0.3"
+  )
+  assert not (tmp_path / "never").exists()
+  validation.validate(
+      tiny_config(**{"sam.method": "beta_sam", "sam.rho": 0.1, "sam.beta": 0.5})
+  )
+
+  # bench sets the option's example; a sweep gets it too.
+  (row,) = bench.run(tiny_config(), [], "beta_sam", steps=1, out=None)["rows"]
+  assert row["method"] == "beta_sam" and np.isfinite(row["final_loss"])
+  (run,) = sweep_spec.method_runs(["beta_sam"], [0.1])
+  assert run["sam.beta"] == BETA.example == 0.3
+
+  # The tables: a run's own beta is what sets it apart from the others.
+  assert "sam.beta" in runs.variant_keys()
+  fake_run(tmp_path, "beta", method="beta_sam", rho=0.1, seed=0, loss=3.9)
+  cfg_path = tmp_path / "beta" / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg["sam"]["beta"] = 0.3
+  cfg_path.write_text(json.dumps(cfg))
+  capsys.readouterr()
+  assert make_tables.main([str(tmp_path)]) == 0
+  assert (
+      "| Beta-SAM | 3.9000 | 0.1 | 0.001 | beta=0.3 |"
+      in capsys.readouterr().out
+  )
+
+
+def test_register_shares_an_option_or_refuses_a_different_one(monkeypatch):
+  """A method reusing an option name must reuse its Option (one default,
+  range and meaning per key); `register` adds it to METHODS otherwise."""
+  monkeypatch.setattr(sam, "METHODS", dict(sam.METHODS))
+  sam.register(
+      "angle_sam_2",
+      sam.Method(
+          sam.METHODS["angle_sam"].fn, "Angle-SAM 2", options=(sam.PHI,)
+      ),
+  )
+  assert sam.methods_with("phi") == {"angle_sam", "angle_sam_2"}
+  other_phi = sam.Option("phi", "Another angle.", least=0.0)
+  with pytest.raises(ValueError, match="sam.phi of method 'x'.*differs"):
+    sam.register("x", sam.Method(_beta_sam, "X", options=(other_phi,)))
+  assert "x" not in sam.METHODS
+
+
 @pytest.mark.parametrize("num_microbatches", [1, 3])
 def test_accumulated_gradient_returns_one_shape(num_microbatches):
   """A GradientResult (loss, grads, metrics, reuse) whatever the options;
@@ -591,7 +741,7 @@ def test_accumulated_gradient_returns_one_shape(num_microbatches):
   params, logits_fn = _mlp()
   batch = dict(_batch(), weights=jnp.ones((B, L), jnp.float32))
   step = functools.partial(
-      sam.accumulated_gradient,
+      distribute.accumulated_gradient,
       "functional_sam",
       params,
       batch,
@@ -601,7 +751,7 @@ def test_accumulated_gradient_returns_one_shape(num_microbatches):
   )
   plain, with_reuse = step(), step(return_reuse=True)
   for out in (plain, with_reuse):
-    assert isinstance(out, sam.GradientResult) and len(out) == 4
+    assert isinstance(out, distribute.GradientResult) and len(out) == 4
   assert plain.reuse is None and isinstance(with_reuse.reuse, sam.Reuse)
   np.testing.assert_array_equal(plain.loss, with_reuse.loss)
   _close(plain.grads, with_reuse.grads, rtol=0)

@@ -15,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import distribute
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam
 from nanodo_sam import sam_schedule
@@ -273,7 +274,7 @@ def test_accumulation_equals_one_full_batch_step(method, kw):
   batch = dict(_batch(), weights=jnp.ones((3, 4), jnp.float32))
   kw = {k: (_momentum(params) if v == "m" else v) for k, v in kw.items()}
   full = _step(method, params, batch, logits_fn, **kw)
-  acc = sam.accumulated_gradient(
+  acc = distribute.accumulated_gradient(
       method,
       params,
       batch,
@@ -362,7 +363,7 @@ def test_rho_follows_the_learning_rate():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="gsam", rho=0.1), "needs GSAM's sam.alpha"),
+        (dict(method="gsam", rho=0.1), "needs sam.alpha \\(GSAM's"),
         (dict(method="sam", rho=0.1, alpha=0.2), "sam.alpha=0.2 is ignored"),
         (
             dict(method="sam", rho=0.1, adaptive_eta=0.1),
@@ -555,7 +556,7 @@ def _replica_errors() -> dict:
 
   mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
   rows = NamedSharding(mesh, P(("data", "fsdp")))
-  groups = sam.Groups(rows, NamedSharding(mesh, P()), _mlp_logits)
+  groups = distribute.Groups(rows, NamedSharding(mesh, P()), _mlp_logits)
   rng = np.random.default_rng(0)
   batch = {
       "inputs": rng.integers(0, 11, (16, 4)).astype(np.int32),
@@ -577,7 +578,7 @@ def _replica_errors() -> dict:
     whole = _flat(_step(method, params, batch, _mlp_logits, **kw)[1])
     for k in (1, 2):
       run = jax.jit(
-          lambda p, b, k=k, kw=kw: sam.accumulated_gradient(
+          lambda p, b, k=k, kw=kw: distribute.accumulated_gradient(
               method,
               p,
               b,

@@ -314,6 +314,7 @@ def worker_mesh(out_path: str) -> None:
   from nanodo_sam import checkpoint
   from nanodo_sam import model as model_lib
   from nanodo_sam import optimizer as optimizer_lib
+  from nanodo_sam import distribute
   from nanodo_sam import sam as sam_lib
   from nanodo_sam import sharding
   from nanodo_sam import state as state_lib
@@ -434,7 +435,7 @@ def worker_mesh(out_path: str) -> None:
     # the parameters' sharding (no out_shardings given: XLA's choice).
     ps = s.state_sharding.params
     perturbed = jax.jit(
-        lambda p, g: sam_lib._add(p, sam_lib.perturbation(g, 0.1)),
+        lambda p, g: sam_lib.shift(p, sam_lib.perturbation(g, 0.1)),
         in_shardings=(ps, ps),
     )(state.params, state.params)
     precond = jax.jit(
@@ -459,7 +460,7 @@ def worker_mesh(out_path: str) -> None:
 
     # Microbatches for gradient accumulation must each span every device.
     mb = jax.jit(
-        lambda b: sam_lib._microbatches(b, 4)[0]["inputs"],
+        lambda b: distribute._microbatches(b, 4)[0]["inputs"],
         in_shardings=(sharding.batch_sharding(s.mesh),),
     )(sharding.global_batch(synthetic_batch(1, 32), s.mesh))
     r["microbatch_shard_shape"] = list(mb.addressable_shards[0].data.shape)
@@ -873,11 +874,11 @@ def test_perturbation_and_preconditioner_keep_the_param_sharding(mesh_results):
 def test_microbatches_each_span_every_device(mesh_results):
   # 32 rows on 8 devices, 4 microbatches: each device must hold 1 row of every
   # microbatch, not 4 rows of one (which makes XLA gather the batch and
-  # compute each microbatch on 2 of the 8 devices). Needs sam._microbatches
+  # compute each microbatch on 2 of the 8 devices). Needs distribute._microbatches
   # to take rows i, i+k, i+2k, ... as microbatch i.
   r = mesh_results["meshes"][str((8, 1, 1))]
   assert r["microbatch_shard_shape"] == [4, 1, 32], (
-      "sam._microbatches splits the batch into contiguous blocks; use "
+      "distribute._microbatches splits the batch into contiguous blocks; use "
       "x.reshape((B // k, k) + rest).swapaxes(0, 1)"
   )
 

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
+from nanodo_sam import head as head_lib
 from nanodo_sam import sharpness
 from nanodo_sam.loss import cross_entropy
 from nanodo_sam.model import (
@@ -495,7 +496,7 @@ def test_chunked_output_layer_matches_dense_hessians(chunk_tokens):
       )
   )
   assert (
-      sharpness._num_chunks(2, 4, chunk_tokens)
+      head_lib.num_chunks(2, 4, chunk_tokens)
       == {1: 4, 4: 2, 8: 1}[chunk_tokens]
   )
   v = jax.random.normal(jax.random.key(10), d["flat"].shape)
