@@ -1,5 +1,6 @@
 """`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|sweep|
-tables|export`: the commands, their flags and help, parsed here; what each does is in
+tables|export|
+lm-eval`: the commands, their flags and help, parsed here; what each does is in
 commands.py, imported only once a command's flags parse (so usage, --help
 and a bad flag answer at once, without importing JAX).
 
@@ -81,6 +82,16 @@ FLAGS = {
     "check": (flags.DEFINE_boolean, "true|false", False,
               "Read every shard once and list the damaged ones (exit 65 "
               "if any); --check alone is true."),
+    "tasks": (flags.DEFINE_string, "T1,T2", "",
+              "lm-eval tasks: shipped (nanodo_cloze, nanodo_shakespeare), "
+              "--include_path's or the harness's (Hub)."),
+    "backend": (flags.DEFINE_string, "jax|hf", "jax",
+                "lm-eval model: the project's forward (jax) or the "
+                "exported Hugging Face model (hf)."),
+    "include_path": (flags.DEFINE_string, "DIR", "",
+                     "A folder of your own lm-eval task YAMLs."),
+    "limit": (flags.DEFINE_integer, "N", None,
+              "Score only the first N documents of each task."),
     "coordinator_address": (flags.DEFINE_string, "HOST:PORT", "",
                             "jax.distributed coordinator (multi-process)."),
     "num_processes": (flags.DEFINE_integer, "N", 0,
@@ -216,6 +227,10 @@ COMMANDS = {
     "export": Command("cmd_export", "A checkpoint as a Hugging Face GPT-2 "
                       "model directory (safetensors, tokenizer).",
                       ("workdir", "step", "out")),
+    "lm-eval": Command("cmd_lm_eval", "lm-evaluation-harness tasks on a "
+                       "checkpoint -> lm_eval_step{N}_{backend}.json.",
+                       ("workdir", "step", "tasks", "backend",
+                        "include_path", "limit")),
     "tables": Command("tables.main", "The paper's tables from run directories, "
                       "beside its numbers.", (), own_args=True),
 }
