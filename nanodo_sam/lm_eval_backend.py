@@ -48,8 +48,11 @@ class JaxLM(TemplateLM):
     self.setup, self.params, self.vocab = setup, params, vocab
     self.batch_size = batch_size
     self.max_length = setup.model.cfg.L
-    self._score = jax.jit(functools.partial(
-        token_log_probs, model_lib.make_logits_fn(setup.model)))
+    self._score = jax.jit(
+        functools.partial(
+            token_log_probs, model_lib.make_logits_fn(setup.model)
+        )
+    )
 
   @property
   def eot_token_id(self) -> int:
@@ -73,10 +76,10 @@ class JaxLM(TemplateLM):
     n, L = len(pairs), self.max_length
     inputs, targets, scored = (np.zeros((n, L), np.int32) for _ in range(3))
     for i, (context, continuation) in enumerate(pairs):
-      whole = (list(context) + list(continuation))[-(L + 1):]
+      whole = (list(context) + list(continuation))[-(L + 1) :]
       k = len(whole) - 1
       inputs[i, :k], targets[i, :k] = whole[:-1], whole[1:]
-      scored[i, k - len(continuation):k] = 1
+      scored[i, k - len(continuation) : k] = 1
     return inputs, targets, scored
 
   def score_pairs(self, pairs) -> list[tuple[float, bool]]:
@@ -85,17 +88,23 @@ class JaxLM(TemplateLM):
     inputs, targets, scored = self._rows(pairs)
     out, B = [], self.batch_size
     for start in range(0, len(pairs), B):
-      rows = [a[start:start + B] for a in (inputs, targets)]
+      rows = [a[start : start + B] for a in (inputs, targets)]
       pad = B - len(rows[0])
       rows = [np.pad(a, ((0, pad), (0, 0))) for a in rows]
-      batch = sharding.global_batch({"inputs": rows[0], "targets": rows[1]},
-                                    self.setup.mesh)
-      logp, greedy = jax.device_get(self._score(
-          self.params, batch["inputs"], batch["targets"]))
-      mask = scored[start:start + B].astype(bool)
+      batch = sharding.global_batch(
+          {"inputs": rows[0], "targets": rows[1]}, self.setup.mesh
+      )
+      logp, greedy = jax.device_get(
+          self._score(self.params, batch["inputs"], batch["targets"])
+      )
+      mask = scored[start : start + B].astype(bool)
       for j in range(len(mask)):
-        out.append((float(np.sum(logp[j][mask[j]], dtype=np.float64)),
-                    bool(np.all(greedy[j][mask[j]]))))
+        out.append(
+            (
+                float(np.sum(logp[j][mask[j]], dtype=np.float64)),
+                bool(np.all(greedy[j][mask[j]])),
+            )
+        )
     return out
 
   def _loglikelihood_tokens(self, requests, **kwargs):
@@ -104,11 +113,15 @@ class JaxLM(TemplateLM):
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
     out = []
     for (text,) in [r.args for r in requests]:
-      windows = [lm_utils.make_disjoint_window(w) for w in
-                 lm_utils.get_rolling_token_windows(
-                     token_list=self.tok_encode(text),
-                     prefix_token=self.prefix_token_id,
-                     max_seq_len=self.max_length, context_len=1)]
+      windows = [
+          lm_utils.make_disjoint_window(w)
+          for w in lm_utils.get_rolling_token_windows(
+              token_list=self.tok_encode(text),
+              prefix_token=self.prefix_token_id,
+              max_seq_len=self.max_length,
+              context_len=1,
+          )
+      ]
       out.append(sum(lp for lp, _ in self.score_pairs(windows)))
     return out
 
@@ -117,14 +130,21 @@ class JaxLM(TemplateLM):
     for context, kwargs in [r.args for r in requests]:
       until = kwargs.get("until") or [self.vocab.decode([self.eot_token_id])]
       until = [until] if isinstance(until, str) else list(until)
-      prompt = self.tok_encode(context)[-self.max_length:] or [
-          self.prefix_token_id]
+      prompt = self.tok_encode(context)[-self.max_length :] or [
+          self.prefix_token_id
+      ]
       num_new = sample_lib.max_new_tokens(
-          len(prompt), self.max_length, kwargs.get("max_gen_toks", 256))
+          len(prompt), self.max_length, kwargs.get("max_gen_toks", 256)
+      )
       new = sample_lib.generate(
-          self.setup.model, self.params, prompt, num_new=num_new,
-          key=jax.random.key(0), vocab_size=self.vocab.vocab_size,
-          eos_id=self.eot_token_id)[0]
+          self.setup.model,
+          self.params,
+          prompt,
+          num_new=num_new,
+          key=jax.random.key(0),
+          vocab_size=self.vocab.vocab_size,
+          eos_id=self.eot_token_id,
+      )[0]
       text = self.vocab.decode(_before_eos(new.tolist(), self.eot_token_id))
       for stop in until:
         if stop:
@@ -134,4 +154,4 @@ class JaxLM(TemplateLM):
 
 
 def _before_eos(ids: list[int], eos: int) -> list[int]:
-  return ids[:ids.index(eos)] if eos in ids else ids
+  return ids[: ids.index(eos)] if eos in ids else ids

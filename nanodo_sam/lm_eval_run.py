@@ -78,9 +78,10 @@ def write_shipped_tasks(directory: str) -> str:
     for p in passages[:_PASSAGES]:
       f.write(json.dumps({"text": p}) + "\n")
   cloze = data_lib.shipped_path("lm_eval/cloze.jsonl")
-  for name, text in (("nanodo_cloze.yaml", _CLOZE_YAML.format(path=cloze)),
-                     ("nanodo_shakespeare.yaml",
-                      _ROLLING_YAML.format(path=rolling))):
+  for name, text in (
+      ("nanodo_cloze.yaml", _CLOZE_YAML.format(path=cloze)),
+      ("nanodo_shakespeare.yaml", _ROLLING_YAML.format(path=rolling)),
+  ):
     with open(os.path.join(directory, name), "w") as f:
       f.write(text)
   return directory
@@ -89,9 +90,11 @@ def write_shipped_tasks(directory: str) -> str:
 def parse_tasks(tasks: str) -> list[str]:
   names = [t.strip() for t in tasks.split(",") if t.strip()]
   if not names:
-    raise UsageError("--tasks=T1,T2 is required (shipped: "
-                     f"{', '.join(SHIPPED_TASKS)}; or the harness's, e.g. "
-                     "hellaswag)")
+    raise UsageError(
+        "--tasks=T1,T2 is required (shipped: "
+        f"{', '.join(SHIPPED_TASKS)}; or the harness's, e.g. "
+        "hellaswag)"
+    )
   return names
 
 
@@ -99,11 +102,13 @@ def task_manager(shipped_dir: str, include_path: str):
   """The harness's TaskManager over its own tasks, the shipped ones and
   `include_path`'s (UsageError if that is not a folder)."""
   from lm_eval.tasks import TaskManager  # Lazy: the `eval` extra.
+
   paths = [shipped_dir]
   if include_path:
     if not os.path.isdir(include_path):
-      raise UsageError(f"--include_path={include_path!r} is not a folder "
-                       "of task YAMLs")
+      raise UsageError(
+          f"--include_path={include_path!r} is not a folder " "of task YAMLs"
+      )
     paths.append(include_path)
   return TaskManager(include_path=paths)
 
@@ -116,64 +121,85 @@ def check_tasks(manager, names: list[str]) -> None:
       raise UsageError(
           f"unknown lm-eval task {name!r}; shipped: "
           f"{', '.join(SHIPPED_TASKS)}; `lm_eval ls tasks` lists the "
-          "harness's; --include_path=DIR adds your own YAMLs")
+          "harness's; --include_path=DIR adds your own YAMLs"
+      )
 
 
 def check_args(backend: str, tasks: str, include_path: str) -> list[str]:
   """The task names, once the flags that need no run are valid."""
   if backend not in BACKENDS:
-    raise UsageError(f"--backend={backend!r} is not one of "
-                     f"{', '.join(BACKENDS)}")
+    raise UsageError(
+        f"--backend={backend!r} is not one of " f"{', '.join(BACKENDS)}"
+    )
   try:
     import lm_eval  # pylint: disable=unused-import
   except ImportError:
-    raise UsageError("`nanodo-sam lm-eval` needs lm-evaluation-harness; "
-                     "install the eval extra: pip install -e '.[eval]'"
-                     ) from None
+    raise UsageError(
+        "`nanodo-sam lm-eval` needs lm-evaluation-harness; "
+        "install the eval extra: pip install -e '.[eval]'"
+    ) from None
   if include_path and not os.path.isdir(include_path):
-    raise UsageError(f"--include_path={include_path!r} is not a folder of "
-                     "task YAMLs")
+    raise UsageError(
+        f"--include_path={include_path!r} is not a folder of " "task YAMLs"
+    )
   return parse_tasks(tasks)
 
 
 def hf_model(out_dir: str, batch_size: int, max_length: int):
   """The harness's HFLM over an exported model directory (float32, CPU)."""
   from lm_eval.models.huggingface import HFLM  # Lazy: torch, transformers.
-  return HFLM(pretrained=out_dir, backend="causal", device="cpu",
-              dtype="float32", batch_size=batch_size, max_length=max_length)
+
+  return HFLM(
+      pretrained=out_dir,
+      backend="causal",
+      device="cpu",
+      dtype="float32",
+      batch_size=batch_size,
+      max_length=max_length,
+  )
 
 
 def evaluate(lm, manager, names: list[str], limit: int | None) -> dict:
   """simple_evaluate's results; a task whose data cannot be fetched (a Hub
   task offline) is one UsageError line."""
   from lm_eval import evaluator  # Lazy: the `eval` extra.
+
   try:
-    return evaluator.simple_evaluate(model=lm, tasks=names,
-                                     task_manager=manager, limit=limit,
-                                     log_samples=False,
-                                     bootstrap_iters=0)
+    return evaluator.simple_evaluate(
+        model=lm,
+        tasks=names,
+        task_manager=manager,
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
   except (ConnectionError, OSError) as e:
     raise UsageError(
         f"an lm-eval task's data could not be loaded ({type(e).__name__}: "
         f"{' '.join(str(e).split())[:200]}); the harness's own tasks need "
         "the Hugging Face Hub; offline, use the shipped tasks "
-        f"({', '.join(SHIPPED_TASKS)}) or --include_path") from None
+        f"({', '.join(SHIPPED_TASKS)}) or --include_path"
+    ) from None
 
 
-def write_results(workdir: str, step: int, backend: str, results: dict
-                  ) -> str:
+def write_results(workdir: str, step: int, backend: str, results: dict) -> str:
   """lm_eval_step{step}_{backend}.json in the run directory."""
   path = os.path.join(workdir, f"lm_eval_step{step}_{backend}.json")
-  keep = {k: results[k] for k in ("results", "versions", "n-shot", "config")
-          if k in results}
+  keep = {
+      k: results[k]
+      for k in ("results", "versions", "n-shot", "config")
+      if k in results
+  }
   with open(path, "w") as f:
-    json.dump({"step": step, "backend": backend, **keep}, f, indent=2,
-              default=str)
+    json.dump(
+        {"step": step, "backend": backend, **keep}, f, indent=2, default=str
+    )
   return path
 
 
 def table(results: dict) -> str:
   from lm_eval.utils import make_table  # Lazy: the `eval` extra.
+
   return make_table(results)
 
 
