@@ -17,6 +17,7 @@ from nanodo_sam import lm_eval_backend
 from nanodo_sam import lm_eval_run
 from nanodo_sam import model as model_lib
 from nanodo_sam import state as state_lib
+from nanodo_sam.errors import UsageError
 
 
 def _requests(kind, args):
@@ -153,3 +154,28 @@ def test_lm_eval_on_a_trained_run_by_both_backends(tmp_path, capsys):
   assert jax_r["nanodo_shakespeare"]["bits_per_byte,none"] == pytest.approx(
       hf_r["nanodo_shakespeare"]["bits_per_byte,none"], abs=1e-4
   )
+
+
+@pytest.mark.slow
+def test_lm_eval_hook_logs_beside_the_eval_loss_and_keeps_across_restart(
+    tmp_path,
+):
+  from conftest import read_scalars
+  from nanodo_sam import lm_eval_hook, train
+
+  cfg = tiny_config()
+  workdir = str(tmp_path / "run")
+  hook = lm_eval_hook.make_hook(["nanodo_cloze"], every=10, limit=5)
+  assert train.train(cfg, workdir, hooks=[hook])["status"] == "completed"
+  history = lm_eval_hook.read_history(workdir)
+  assert sorted(history, key=int) == ["10", "20"]
+  assert 0 <= history["20"]["lm_eval/nanodo_cloze/acc"] <= 1
+  logged = read_scalars(workdir, "lm_eval/")
+  assert set(logged["lm_eval/nanodo_cloze/acc"]) == {10, 20}
+  assert set(read_scalars(workdir, "eval/")["eval/loss"]) == {10, 20}
+  path = os.path.join(workdir, lm_eval_hook.HISTORY)
+  seen = os.stat(path).st_mtime_ns
+  train.train(cfg, workdir, hooks=[hook])  # Finished: started again.
+  assert os.stat(path).st_mtime_ns == seen  # Nothing scored twice.
+  with pytest.raises(UsageError):
+    lm_eval_hook.make_hook(["no_such_task"], every=10)
