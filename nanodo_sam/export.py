@@ -60,7 +60,7 @@ def check_out_dir(out: str) -> None:
   is replaced); nothing is touched."""
   if not out:
     raise UsageError(
-        "--out=DIR is required (the Hugging Face model " "directory to write)"
+        "--out=DIR is required (the Hugging Face model directory to write)"
     )
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--out={out!r} is a file; pass a directory")

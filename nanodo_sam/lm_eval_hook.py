@@ -1,10 +1,8 @@
-"""lm-evaluation-harness during training: a `train.Hook` (the jax backend).
+"""lm-evaluation-harness during training (the jax backend): the function of
+the `train.Hook` that `eval.lm_eval_tasks` and `eval.lm_eval_every` add to
+the loop (`train.default_hooks`; imported only when they are set).
 
-    from nanodo_sam import lm_eval_hook, train
-    train.train(cfg, workdir, hooks=[lm_eval_hook.make_hook(
-        ["nanodo_cloze", "nanodo_shakespeare"], every=100)])
-
-At every `every`-th step and at the end, the tasks run on the current
+At every `eval.lm_eval_every`-th step and at the end, the tasks run on the current
 parameters through `lm_eval_backend.JaxLM`; each metric is written as the
 scalar `lm_eval/TASK/METRIC` beside the eval loss (TensorBoard, wandb) and
 the results go to `lm_eval_history.json` in the run directory, keyed by step:
@@ -22,7 +20,6 @@ from nanodo_sam import data as data_lib
 from nanodo_sam import lm_eval_backend
 from nanodo_sam import lm_eval_run
 from nanodo_sam import rundir
-from nanodo_sam import train
 
 HISTORY = "lm_eval_history.json"
 log = logging.getLogger(__name__)
@@ -48,18 +45,14 @@ def read_history(workdir: str) -> dict[str, dict]:
     return json.load(f)
 
 
-def make_hook(
-    tasks: list[str],
-    every: int,
-    include_path: str = "",
-    limit: int | None = None,
-) -> train.Hook:
-  """The hook; the task names are checked now (UsageError if unknown)."""
+def make_fn(tasks: list[str], include_path: str = "", limit: int | None = None):
+  """`fn(run, n)` of the hook (train.Run, steps done); the task names are
+  checked now (UsageError if unknown)."""
   directory = lm_eval_run.write_shipped_tasks(lm_eval_run.temporary_dir())
   manager = lm_eval_run.task_manager(directory, include_path)
   lm_eval_run.check_tasks(manager, list(tasks))
 
-  def lm_eval_hook(run: train.Run, n: int) -> None:
+  def lm_eval_hook(run, n: int) -> None:
     history = read_history(run.workdir)
     if str(n) in history:  # Scored before a restart.
       return
@@ -78,4 +71,4 @@ def make_hook(
         ", ".join(f"{k[len('lm_eval/'):]} {v:.4f}" for k, v in values.items()),
     )
 
-  return train.Hook(lm_eval_hook, every, flush=True, at_end=True)
+  return lm_eval_hook

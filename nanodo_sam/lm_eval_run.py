@@ -107,7 +107,7 @@ def task_manager(shipped_dir: str, include_path: str):
   if include_path:
     if not os.path.isdir(include_path):
       raise UsageError(
-          f"--include_path={include_path!r} is not a folder " "of task YAMLs"
+          f"--include_path={include_path!r} is not a folder of task YAMLs"
       )
     paths.append(include_path)
   return TaskManager(include_path=paths)
@@ -125,22 +125,27 @@ def check_tasks(manager, names: list[str]) -> None:
       )
 
 
-def check_args(backend: str, tasks: str, include_path: str) -> list[str]:
-  """The task names, once the flags that need no run are valid."""
-  if backend not in BACKENDS:
-    raise UsageError(
-        f"--backend={backend!r} is not one of " f"{', '.join(BACKENDS)}"
-    )
+def check_installed() -> None:
+  """UsageError (one line) unless lm-evaluation-harness is installed."""
   try:
     import lm_eval  # pylint: disable=unused-import
   except ImportError:
     raise UsageError(
-        "`nanodo-sam lm-eval` needs lm-evaluation-harness; "
-        "install the eval extra: pip install -e '.[eval]'"
+        "lm-eval needs lm-evaluation-harness; install the eval extra: "
+        "pip install -e '.[eval]'"
     ) from None
+
+
+def check_args(backend: str, tasks: str, include_path: str) -> list[str]:
+  """The task names, once the flags that need no run are valid."""
+  if backend not in BACKENDS:
+    raise UsageError(
+        f"--backend={backend!r} is not one of {', '.join(BACKENDS)}"
+    )
+  check_installed()
   if include_path and not os.path.isdir(include_path):
     raise UsageError(
-        f"--include_path={include_path!r} is not a folder of " "task YAMLs"
+        f"--include_path={include_path!r} is not a folder of task YAMLs"
     )
   return parse_tasks(tasks)
 

@@ -206,7 +206,22 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
       Hook(_evaluate(run), cfg.eval_every_steps, flush=True, at_end=True),
       Hook(_save, cfg.checkpoint_every_steps, flush=True, at_end=True),
       *([Hook(_profile(cfg), 1, at_end=True)] if _profiled(cfg) else []),
+      *_lm_eval(cfg),
   ]
+
+
+def _lm_eval(cfg) -> list[Hook]:
+  """eval.lm_eval_tasks every eval.lm_eval_every steps and at the end
+  (lm_eval_hook.py), or nothing: lm_eval is imported only when they are
+  set."""
+  tasks = cfg.get("eval", {}).get("lm_eval_tasks", "")
+  if not tasks:
+    return []
+  # Lazy: the `eval` extra (lm_eval, transformers) only for such runs.
+  from nanodo_sam import lm_eval_hook  # pylint: disable=g-import-not-at-top
+  names = [t.strip() for t in tasks.split(",") if t.strip()]
+  return [Hook(lm_eval_hook.make_fn(names), cfg.eval.lm_eval_every,
+               flush=True, at_end=True)]
 
 
 def _profiled(cfg) -> bool:

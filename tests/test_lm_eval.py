@@ -17,7 +17,6 @@ from nanodo_sam import lm_eval_backend
 from nanodo_sam import lm_eval_run
 from nanodo_sam import model as model_lib
 from nanodo_sam import state as state_lib
-from nanodo_sam.errors import UsageError
 
 
 def _requests(kind, args):
@@ -157,16 +156,21 @@ def test_lm_eval_on_a_trained_run_by_both_backends(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_lm_eval_hook_logs_beside_the_eval_loss_and_keeps_across_restart(
-    tmp_path,
+def test_lm_eval_during_training_logs_beside_the_eval_loss_and_resumes(
+    tmp_path, capsys
 ):
   from conftest import read_scalars
-  from nanodo_sam import lm_eval_hook, train
+  from nanodo_sam import lm_eval_hook
 
-  cfg = tiny_config()
   workdir = str(tmp_path / "run")
-  hook = lm_eval_hook.make_hook(["nanodo_cloze"], every=10, limit=5)
-  assert train.train(cfg, workdir, hooks=[hook])["status"] == "completed"
+  argv = [
+      "train",
+      *tiny_flags(),
+      f"--workdir={workdir}",
+      "--config.eval.lm_eval_tasks=nanodo_cloze",
+      "--config.eval.lm_eval_every=10",
+  ]
+  assert _run(capsys, *argv)[0] == 0
   history = lm_eval_hook.read_history(workdir)
   assert sorted(history, key=int) == ["10", "20"]
   assert 0 <= history["20"]["lm_eval/nanodo_cloze/acc"] <= 1
@@ -175,7 +179,13 @@ def test_lm_eval_hook_logs_beside_the_eval_loss_and_keeps_across_restart(
   assert set(read_scalars(workdir, "eval/")["eval/loss"]) == {10, 20}
   path = os.path.join(workdir, lm_eval_hook.HISTORY)
   seen = os.stat(path).st_mtime_ns
-  train.train(cfg, workdir, hooks=[hook])  # Finished: started again.
+  assert _run(capsys, *argv)[0] == 0  # Finished: started again.
   assert os.stat(path).st_mtime_ns == seen  # Nothing scored twice.
-  with pytest.raises(UsageError):
-    lm_eval_hook.make_hook(["no_such_task"], every=10)
+  code, _, err = _run(
+      capsys,
+      "train",
+      *tiny_flags(),
+      f"--workdir={tmp_path / 'other'}",
+      "--config.eval.lm_eval_tasks=no_such_task",
+  )
+  assert code == 2 and "unknown lm-eval task 'no_such_task'" in err
