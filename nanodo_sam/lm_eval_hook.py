@@ -5,8 +5,9 @@ the loop (`train.default_hooks`; imported only when they are set).
 At every `eval.lm_eval_every`-th step and at the end, the tasks run on the current
 parameters through `lm_eval_backend.JaxLM`; each metric is written as the
 scalar `lm_eval/TASK/METRIC` beside the eval loss (TensorBoard, wandb) and
-the results go to `lm_eval_history.json` in the run directory, keyed by step:
-a resumed run keeps them and does not score a step twice.
+the results go to `lm_eval_history.json` in the run directory, keyed by step
+(and into results.json as "lm_eval"): a resumed run keeps them and does not
+score a step twice.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import numbers
 
 from nanodo_sam import data as data_lib
-from nanodo_sam import lm_eval_backend
 from nanodo_sam import lm_eval_run
 from nanodo_sam import rundir
 
@@ -56,6 +56,9 @@ def make_fn(tasks: list[str], include_path: str = "", limit: int | None = None):
     history = read_history(run.workdir)
     if str(n) in history:  # Scored before a restart.
       return
+    # Lazy: lm_eval, so that train.py can read the history without it.
+    from nanodo_sam import lm_eval_backend  # pylint: disable=g-import-not-at-top
+
     vocab = data_lib.make_vocab(run.cfg.data.vocab)
     lm = lm_eval_backend.JaxLM(
         run.setup, run.state.params, vocab, run.cfg.data.eval_batch_size

@@ -33,6 +33,7 @@ from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
+from nanodo_sam import lm_eval_hook
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -217,8 +218,6 @@ def _lm_eval(cfg) -> list[Hook]:
   tasks = cfg.get("eval", {}).get("lm_eval_tasks", "")
   if not tasks:
     return []
-  # Lazy: the `eval` extra (lm_eval, transformers) only for such runs.
-  from nanodo_sam import lm_eval_hook  # pylint: disable=g-import-not-at-top
   names = [t.strip() for t in tasks.split(",") if t.strip()]
   return [Hook(lm_eval_hook.make_fn(names), cfg.eval.lm_eval_every,
                flush=True, at_end=True)]
@@ -598,6 +597,8 @@ def _results(run: Run, status: str, wall_seconds: float,
       # last state whose loss was finite.
       "checkpoint_step": run.checkpoint_manager.latest_step(),
       "eval_history": run.eval_history,
+      **({"lm_eval": lm_eval_hook.read_history(run.workdir)}
+         if run.cfg.get("eval", {}).get("lm_eval_tasks") else {}),
   }
 
 

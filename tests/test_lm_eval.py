@@ -177,6 +177,8 @@ def test_lm_eval_during_training_logs_beside_the_eval_loss_and_resumes(
   logged = read_scalars(workdir, "lm_eval/")
   assert set(logged["lm_eval/nanodo_cloze/acc"]) == {10, 20}
   assert set(read_scalars(workdir, "eval/")["eval/loss"]) == {10, 20}
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["lm_eval"] == history
   path = os.path.join(workdir, lm_eval_hook.HISTORY)
   seen = os.stat(path).st_mtime_ns
   assert _run(capsys, *argv)[0] == 0  # Finished: started again.
