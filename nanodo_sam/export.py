@@ -185,8 +185,9 @@ def write(
   (where the parameters came from)."""
   from safetensors.numpy import save_file  # Lazy: the `export` extra.
 
+  built = hf_tokenizer.build(vocab_name)  # UsageError before any write.
   os.makedirs(out, exist_ok=True)
-  specials = hf_tokenizer.write(vocab_name, out, cfg.L)
+  specials = hf_tokenizer.write(vocab_name, out, cfg.L, built)
   vocab_size = data_lib.vocab_size(vocab_name)
   save_file(
       gpt2_weights(params, cfg),

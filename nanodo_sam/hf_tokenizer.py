@@ -27,6 +27,7 @@ import os
 import shutil
 
 from nanodo_sam import data as data_lib
+from nanodo_sam.errors import UsageError
 from nanodo_sam.keys import BYTE_VOCAB
 
 TOKENIZER_FILES = (
@@ -80,9 +81,9 @@ def _sentencepiece_tokenizer(path: str, specials):
       and spec.escape_whitespaces
       and proto.trainer_spec.model_type == 1
   ):  # 1: UNIGRAM
-    raise ValueError(
-        f"{path}: only Unigram models with a dummy prefix and "
-        "escaped whitespace export"
+    raise UsageError(
+        f"{path}: only SentencePiece Unigram models with a dummy prefix "
+        "and escaped whitespace export (the T5 C4 vocabulary is one)"
     )
   pieces = [(p.piece, p.score) for p in proto.pieces]
   tok = tk.Tokenizer(
@@ -162,10 +163,11 @@ def build(vocab_name: str):
   return tok, specials
 
 
-def write(vocab_name: str, out_dir: str, max_length: int) -> dict:
+def write(vocab_name: str, out_dir: str, max_length: int, built=None) -> dict:
   """Writes the tokenizer files (and the .model file) into `out_dir`;
-  returns {role: (token, id)} of the special tokens."""
-  tok, specials = build(vocab_name)
+  returns {role: (token, id)} of the special tokens. `built`: `build`'s
+  result, if made already."""
+  tok, specials = built or build(vocab_name)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
   tokens = {f"{role}_token": token for role, (token, _) in specials.items()}
   config = {
