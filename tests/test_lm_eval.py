@@ -110,24 +110,43 @@ def test_greedy_generate_until_agrees(both):
   assert a == [t.replace("\ufffd", "") for t in b]
 
 
-def test_lm_eval_refuses_bad_input_before_any_work(tmp_path, capsys):
+def _refuses(tmp_path, capsys, cases):
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(tiny_config().to_json())
   seen = listing(tmp_path)
-  for argv, says in [
-      (
-          ["--tasks=nanodo_cloze,no_such_task"],
-          "unknown lm-eval task " "'no_such_task'",
-      ),
-      (["--tasks=nanodo_cloze", "--backend=torch"], "--backend='torch'"),
-      (["--tasks="], "--tasks=T1,T2 is required"),
-      (["--tasks=nanodo_cloze", "--step=5"], "no checkpoint"),
-  ]:
+  for argv, says in cases:
     code, _, err = _run(capsys, "lm-eval", f"--workdir={workdir}", *argv)
     lines = [l for l in err.splitlines() if l.startswith("nanodo-sam")]
     assert code == 2 and len(lines) == 1 and says in lines[0], err
   assert listing(tmp_path) == seen
+
+
+def test_lm_eval_refuses_bad_flags_before_any_work(tmp_path, capsys):
+  _refuses(
+      tmp_path,
+      capsys,
+      [
+          (["--tasks=nanodo_cloze", "--backend=torch"], "--backend='torch'"),
+          (["--tasks="], "--tasks=T1,T2 is required"),
+          (["--tasks=nanodo_cloze", "--limit=0"], "--limit=0 must be >= 1"),
+      ],
+  )
+
+
+@pytest.mark.slow  # The harness's task index: seconds per case.
+def test_lm_eval_refuses_an_unknown_task_or_step(tmp_path, capsys):
+  _refuses(
+      tmp_path,
+      capsys,
+      [
+          (
+              ["--tasks=nanodo_cloze,no_such_task"],
+              "unknown lm-eval task 'no_such_task'",
+          ),
+          (["--tasks=nanodo_cloze", "--step=5"], "no checkpoint"),
+      ],
+  )
 
 
 @pytest.mark.slow
