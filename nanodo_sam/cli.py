@@ -1,5 +1,6 @@
 """`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|sweep|
-tables`: the commands, their flags and help, parsed here; what each does is in
+tables|export|
+lm-eval`: the commands, their flags and help, parsed here; what each does is in
 commands.py, imported only once a command's flags parse (so usage, --help
 and a bad flag answer at once, without importing JAX).
 
@@ -102,7 +103,12 @@ FLAGS = {
         "Methods (sam.METHODS names, variants like sam:k=5) or all.",
     ),
     "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),
-    "out": (flags.DEFINE_string, "PATH", "", "Output JSON (bench.json)."),
+    "out": (
+        flags.DEFINE_string,
+        "PATH",
+        "",
+        "Output: bench's JSON (bench.json), export's model directory.",
+    ),
     "prompt": (
         flags.DEFINE_string,
         "TEXT",
@@ -140,6 +146,32 @@ FLAGS = {
         False,
         "Read every shard once and list the damaged ones (exit 65 "
         "if any); --check alone is true.",
+    ),
+    "tasks": (
+        flags.DEFINE_string,
+        "T1,T2",
+        "",
+        "lm-eval tasks: shipped (nanodo_cloze, nanodo_shakespeare), "
+        "--include_path's or the harness's (Hub).",
+    ),
+    "backend": (
+        flags.DEFINE_string,
+        "jax|hf",
+        "jax",
+        "lm-eval model: the project's forward (jax) or the "
+        "exported Hugging Face model (hf).",
+    ),
+    "include_path": (
+        flags.DEFINE_string,
+        "DIR",
+        "",
+        "A folder of your own lm-eval task YAMLs.",
+    ),
+    "limit": (
+        flags.DEFINE_integer,
+        "N",
+        None,
+        "Score only the first N documents of each task.",
     ),
     "coordinator_address": (
         flags.DEFINE_string,
@@ -331,6 +363,18 @@ COMMANDS = {
         "Expand a sweep file and launch its runs " "(local, SLURM, TPU VM).",
         (),
         own_args=True,
+    ),
+    "export": Command(
+        "cmd_export",
+        "A checkpoint as a Hugging Face GPT-2 "
+        "model directory (safetensors, tokenizer).",
+        ("workdir", "step", "out"),
+    ),
+    "lm-eval": Command(
+        "cmd_lm_eval",
+        "lm-evaluation-harness tasks on a "
+        "checkpoint -> lm_eval_step{N}_{backend}.json.",
+        ("workdir", "step", "tasks", "backend", "include_path", "limit"),
     ),
     "tables": Command(
         "tables.main",

@@ -272,3 +272,68 @@ def cmd_bench(fv) -> None:
       steps=fv.steps,
       out=fv.out or "bench.json",
   )
+
+
+def cmd_export(fv) -> None:
+  """A checkpoint as a Hugging Face model directory (export.py)."""
+  from nanodo_sam import export  # Lazy: needs the `export` extra.
+
+  export.check_extra()
+  export.check_out_dir(fv.out)
+  cfg = rundir.read_config(fv.workdir)
+  s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
+  params = jax.device_get(state.params)
+  export.write(
+      fv.out,
+      params,
+      s.model.cfg,
+      cfg.data.vocab,
+      {"workdir": os.path.abspath(fv.workdir), "step": step},
+  )
+  print(
+      f"wrote {fv.out} (step {step}, float32; load it with "
+      "transformers.AutoModelForCausalLM.from_pretrained)"
+  )
+
+
+def cmd_lm_eval(fv) -> None:
+  """lm-evaluation-harness tasks on a checkpoint (lm_eval_run.py)."""
+  from nanodo_sam import lm_eval_run as run_lib  # Lazy: the `eval` extra.
+
+  names = run_lib.check_args(fv.backend, fv.tasks, fv.include_path)
+  if fv.limit is not None and fv.limit < 1:
+    raise UsageError(f"--limit={fv.limit} must be >= 1")
+  cfg = rundir.read_config(fv.workdir)
+  tmp = run_lib.temporary_dir()
+  try:
+    manager = run_lib.task_manager(
+        run_lib.write_shipped_tasks(tmp), fv.include_path
+    )
+    run_lib.check_tasks(manager, names)
+    s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
+    vocab = data_lib.make_vocab(cfg.data.vocab)
+    if fv.backend == "jax":
+      from nanodo_sam import lm_eval_backend
+
+      lm = lm_eval_backend.JaxLM(
+          s, state.params, vocab, cfg.data.eval_batch_size
+      )
+    else:
+      from nanodo_sam import export
+
+      export.write(
+          os.path.join(tmp, "hf"),
+          jax.device_get(state.params),
+          s.model.cfg,
+          cfg.data.vocab,
+          {"step": step},
+      )
+      lm = run_lib.hf_model(
+          os.path.join(tmp, "hf"), cfg.data.eval_batch_size, cfg.model.L
+      )
+    results = run_lib.evaluate(lm, manager, names, fv.limit)
+  finally:
+    run_lib.remove(tmp)
+  path = run_lib.write_results(fv.workdir, step, fv.backend, results)
+  print(run_lib.table(results))
+  print(f"wrote {path}")

@@ -421,6 +421,22 @@ _LOOP = (
     ),
     _int("log_every_steps", 50, 1, "Training metrics every this many steps."),
 )
+_LM_EVAL = (  # lm-evaluation-harness during training (lm_eval_hook.py).
+    _str(
+        "eval.lm_eval_tasks",
+        "",
+        "lm-evaluation-harness tasks run on the parameters during training, "
+        "comma-separated (e.g. nanodo_cloze,nanodo_shakespeare); '' = off. "
+        "Needs the eval extra.",
+    ),
+    _int(
+        "eval.lm_eval_every",
+        0,
+        0,
+        "Run eval.lm_eval_tasks every this many steps; 0 = only at the end.",
+        " (0: only at the end)",
+    ),
+)
 _DIAGNOSTICS = (  # Sharpness during training (nanodo_sam/sharpness.py).
     _int("diagnostics.every_steps", 0, 0, "0 = off.", " (0: off)"),
     _int(
@@ -523,6 +539,7 @@ def all_keys() -> tuple[Key, ...]:
       *_SAM[i:],
       *_LOOP,
       *_DIAGNOSTICS,
+      *_LM_EVAL,
       *_OUTPUT,
       *_MESH,
   )

@@ -33,6 +33,7 @@ from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
+from nanodo_sam import lm_eval_hook
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -217,6 +218,25 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
       Hook(_evaluate(run), cfg.eval_every_steps, flush=True, at_end=True),
       Hook(_save, cfg.checkpoint_every_steps, flush=True, at_end=True),
       *([Hook(_profile(cfg), 1, at_end=True)] if _profiled(cfg) else []),
+      *_lm_eval(cfg),
+  ]
+
+
+def _lm_eval(cfg) -> list[Hook]:
+  """eval.lm_eval_tasks every eval.lm_eval_every steps and at the end
+  (lm_eval_hook.py), or nothing: lm_eval is imported only when they are
+  set."""
+  tasks = cfg.get("eval", {}).get("lm_eval_tasks", "")
+  if not tasks:
+    return []
+  names = [t.strip() for t in tasks.split(",") if t.strip()]
+  return [
+      Hook(
+          lm_eval_hook.make_fn(names),
+          cfg.eval.lm_eval_every,
+          flush=True,
+          at_end=True,
+      )
   ]
 
 
@@ -662,6 +682,11 @@ def _results(
       # last state whose loss was finite.
       "checkpoint_step": run.checkpoint_manager.latest_step(),
       "eval_history": run.eval_history,
+      **(
+          {"lm_eval": lm_eval_hook.read_history(run.workdir)}
+          if run.cfg.get("eval", {}).get("lm_eval_tasks")
+          else {}
+      ),
   }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import keys
+from nanodo_sam import lm_eval_run
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam_schedule
@@ -31,6 +32,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   sam_schedule.validate(cfg)
   step_lib.validate(cfg)
   diagnostics.validate(cfg)
+  if cfg.get("eval", {}).get("lm_eval_tasks", ""):
+    lm_eval_run.check_installed()  # Task names: when the loop starts.
   if num_devices is not None:
     sharding.validate(cfg, num_devices)
     model_lib.attention_implementation(model_cfg)

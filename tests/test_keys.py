@@ -85,6 +85,8 @@ FROZEN_DEFAULTS = {
     'diagnostics.num_probes': 10,
     'diagnostics.tol': 0.001,
     'diagnostics.on_train_batch': False,
+    'eval.lm_eval_tasks': '',
+    'eval.lm_eval_every': 0,
     'profile.start_step': 10,
     'profile.num_steps': 0,
     'wandb.enabled': False,

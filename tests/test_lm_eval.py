@@ -1,0 +1,212 @@
+"""`nanodo-sam lm-eval`: the jax backend (the project's forward) against the
+harness's own HFLM over the exported model, on the same requests."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+
+from conftest import listing, tiny_config, tiny_flags
+from nanodo_sam import cli
+from nanodo_sam import data as data_lib
+from nanodo_sam import export
+from nanodo_sam import lm_eval_backend
+from nanodo_sam import lm_eval_run
+from nanodo_sam import model as model_lib
+from nanodo_sam import state as state_lib
+
+
+def _requests(kind, args):
+  return [
+      Instance(request_type=kind, doc={}, arguments=a, idx=i)
+      for i, a in enumerate(args)
+  ]
+
+
+def _run(capsys, *argv):
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+    raise SystemExit(0)
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+  """JaxLM and HFLM over one random tiny byte-level model (L = 32)."""
+  cfg = tiny_config()
+  s = state_lib.setup(cfg)
+  params = model_lib.init_params(s.model, jax.random.key(3))
+  params["embed"]["embedding"] *= 10  # Sharp logits: no greedy near ties.
+  out = str(tmp_path_factory.mktemp("hf"))
+  export.write(out, params, s.model.cfg, cfg.data.vocab, {"test": True})
+  vocab = data_lib.make_vocab(cfg.data.vocab)
+  jax_lm = lm_eval_backend.JaxLM(s, params, vocab, batch_size=8)
+  hf_lm = lm_eval_run.hf_model(out, batch_size=8, max_length=cfg.model.L)
+  return jax_lm, hf_lm
+
+
+def test_backends_agree_on_each_request(both):
+  jax_lm, hf_lm = both
+  pairs = [
+      ("ROMEO: What", " say you?"),
+      ("", "Hello"),
+      ("a", "b" * 30),
+      ("To be, or not ", "to be"),
+      ("x" * 70, " long context"),
+  ]
+  pairs += [(f"Line {i}:", f" word{i}") for i in range(10)]  # > a batch.
+  a = jax_lm.loglikelihood(_requests("loglikelihood", pairs))
+  b = hf_lm.loglikelihood(_requests("loglikelihood", pairs))
+  assert len(a) == len(b) == len(pairs)
+  np.testing.assert_allclose(
+      [x[0] for x in a], [x[0] for x in b], atol=1e-3, rtol=0
+  )
+  assert [x[1] for x in a] == [x[1] for x in b]
+  assert all(x[0] < 0 for x in a)
+  texts = [
+      (
+          "First Citizen:\nBefore we proceed any further, hear me "
+          "speak.\n" * 3,
+      ),
+      ("short",),
+  ]  # The first: several windows.
+  a = jax_lm.loglikelihood_rolling(_requests("loglikelihood_rolling", texts))
+  b = hf_lm.loglikelihood_rolling(_requests("loglikelihood_rolling", texts))
+  np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
+  assert len(texts[0][0].encode()) > 32  # Longer than L: rolling windows.
+
+
+def test_token_log_probs_is_the_log_softmax_at_the_targets():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+  targets = jax.numpy.array([[0, 4, 2], [1, 1, 3]])
+  logp, greedy = lm_eval_backend.token_log_probs(
+      lambda p, x: logits, None, None, targets
+  )
+  ref = jax.nn.log_softmax(logits)
+  for b in range(2):
+    for t in range(3):
+      assert logp[b, t] == pytest.approx(
+          float(ref[b, t, targets[b, t]]), abs=1e-6
+      )
+      assert greedy[b, t] == (
+          int(np.argmax(logits[b, t])) == int(targets[b, t])
+      )
+
+
+def test_greedy_generate_until_agrees(both):
+  jax_lm, hf_lm = both
+  args = [
+      ("ROMEO:", {"until": ["\n"], "max_gen_toks": 12}),
+      ("The", {"until": ["zz"], "max_gen_toks": 8}),
+  ]
+  a = jax_lm.generate_until(_requests("generate_until", args))
+  b = hf_lm.generate_until(_requests("generate_until", args))
+  assert len(a) == 2
+  # Invalid UTF-8 from the byte vocabulary: dropped here, U+FFFD there.
+  assert a == [t.replace("\ufffd", "") for t in b]
+
+
+def _refuses(tmp_path, capsys, cases):
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(tiny_config().to_json())
+  seen = listing(tmp_path)
+  for argv, says in cases:
+    code, _, err = _run(capsys, "lm-eval", f"--workdir={workdir}", *argv)
+    lines = [l for l in err.splitlines() if l.startswith("nanodo-sam")]
+    assert code == 2 and len(lines) == 1 and says in lines[0], err
+  assert listing(tmp_path) == seen
+
+
+def test_lm_eval_refuses_bad_flags_before_any_work(tmp_path, capsys):
+  _refuses(
+      tmp_path,
+      capsys,
+      [
+          (["--tasks=nanodo_cloze", "--backend=torch"], "--backend='torch'"),
+          (["--tasks="], "--tasks=T1,T2 is required"),
+          (["--tasks=nanodo_cloze", "--limit=0"], "--limit=0 must be >= 1"),
+      ],
+  )
+
+
+@pytest.mark.slow  # The harness's task index: seconds per case.
+def test_lm_eval_refuses_an_unknown_task_or_step(tmp_path, capsys):
+  _refuses(
+      tmp_path,
+      capsys,
+      [
+          (
+              ["--tasks=nanodo_cloze,no_such_task"],
+              "unknown lm-eval task 'no_such_task'",
+          ),
+          (["--tasks=nanodo_cloze", "--step=5"], "no checkpoint"),
+      ],
+  )
+
+
+@pytest.mark.slow
+def test_lm_eval_on_a_trained_run_by_both_backends(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  code, _, _ = _run(capsys, "train", *tiny_flags(), f"--workdir={workdir}")
+  assert code == 0
+  results = {}
+  for backend in ("jax", "hf"):
+    code, out, _ = _run(
+        capsys,
+        "lm-eval",
+        f"--workdir={workdir}",
+        "--tasks=nanodo_cloze,nanodo_shakespeare",
+        f"--backend={backend}",
+    )
+    assert code == 0 and "nanodo_cloze" in out and "bits_per_byte" in out
+    path = os.path.join(workdir, f"lm_eval_step20_{backend}.json")
+    assert path in out
+    results[backend] = json.load(open(path))["results"]
+  jax_r, hf_r = results["jax"], results["hf"]
+  assert jax_r["nanodo_cloze"]["acc,none"] == hf_r["nanodo_cloze"]["acc,none"]
+  assert jax_r["nanodo_shakespeare"]["bits_per_byte,none"] == pytest.approx(
+      hf_r["nanodo_shakespeare"]["bits_per_byte,none"], abs=1e-4
+  )
+
+
+@pytest.mark.slow
+def test_lm_eval_during_training_logs_beside_the_eval_loss_and_resumes(
+    tmp_path, capsys
+):
+  from conftest import read_scalars
+  from nanodo_sam import lm_eval_hook
+
+  workdir = str(tmp_path / "run")
+  argv = [
+      "train",
+      *tiny_flags(),
+      f"--workdir={workdir}",
+      "--config.eval.lm_eval_tasks=nanodo_cloze",
+      "--config.eval.lm_eval_every=10",
+  ]
+  assert _run(capsys, *argv)[0] == 0
+  history = lm_eval_hook.read_history(workdir)
+  assert sorted(history, key=int) == ["10", "20"]
+  assert 0 <= history["20"]["lm_eval/nanodo_cloze/acc"] <= 1
+  logged = read_scalars(workdir, "lm_eval/")
+  assert set(logged["lm_eval/nanodo_cloze/acc"]) == {10, 20}
+  assert set(read_scalars(workdir, "eval/")["eval/loss"]) == {10, 20}
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["lm_eval"] == history
+  path = os.path.join(workdir, lm_eval_hook.HISTORY)
+  seen = os.stat(path).st_mtime_ns
+  assert _run(capsys, *argv)[0] == 0  # Finished: started again.
+  assert os.stat(path).st_mtime_ns == seen  # Nothing scored twice.
+  code, _, err = _run(
+      capsys,
+      "train",
+      *tiny_flags(),
+      f"--workdir={tmp_path / 'other'}",
+      "--config.eval.lm_eval_tasks=no_such_task",
+  )
+  assert code == 2 and "unknown lm-eval task 'no_such_task'" in err
