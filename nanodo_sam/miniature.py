@@ -1,4 +1,5 @@
-"""The paper in miniature: the study's design, and its report from the runs.
+"""The paper in miniature: the study's design, and its report from the runs
+(`write_report`; scripts/miniature.py runs the analysis and calls it).
 
     python scripts/miniature.py runs/miniature [--doc=docs/miniature.md]
         [--figures=docs] [--no-analyze]
@@ -23,18 +24,16 @@ finished yet gives a partial report (claims without runs say so).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
-import time
 
+import ml_collections
 import numpy as np
 
-from nanodo_sam import config as config_lib
 from nanodo_sam import figures
+from nanodo_sam import model as model_lib
 from nanodo_sam import paper as published
 from nanodo_sam import runs as runs_lib
 
@@ -63,7 +62,8 @@ LABEL = {
     )
 }
 
-ANALYZE_FLAGS = ("--num_iters=20", "--num_probes=8")
+# What `nanodo-sam analyze` measures on each Table 1 run.
+ANALYZE = {"num_iters": 20, "num_probes": 8}
 PRUNE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 # "After the first few steps" (Figure 2): diagnostics from this step on.
@@ -151,39 +151,6 @@ def table_runs(runs, best: dict[str, float]) -> dict[str, list]:
         r for s in EVAL_SEEDS if (r := _find(runs, method=m, seed=s, rho=rho))
     ]
   return out
-
-
-# ------------------------------------------------------------- analysis
-
-
-def ensure_analysis(runs: list, log=print) -> dict[str, float]:
-  """sharpness.json and prune.json for each run (the CLI, in this process);
-  returns the seconds spent per run directory now."""
-  from nanodo_sam import cli
-
-  spent = {}
-  for r in runs:
-    todo = []
-    if r.sharpness is None:
-      todo.append(["analyze", f"--workdir={r.workdir}", *ANALYZE_FLAGS])
-    if r.prune is None:
-      todo.append(
-          [
-              "prune-eval",
-              f"--workdir={r.workdir}",
-              "--fractions=" + ",".join(f"{f:g}" for f in PRUNE_FRACTIONS),
-          ]
-      )
-    for argv in todo:
-      t0 = time.time()
-      log(f"nanodo-sam {' '.join(argv)}")
-      try:
-        cli.main(argv)
-      except SystemExit as e:
-        if e.code:
-          raise RuntimeError(f"nanodo-sam {argv[0]} failed on {r.workdir}")
-      spent[r.workdir] = spent.get(r.workdir, 0.0) + time.time() - t0
-  return spent
 
 
 # --------------------------------------------------------------- numbers
@@ -684,7 +651,7 @@ def claim_sharpness(runs, best) -> Claim:
   )
   detail = (
       "Final checkpoints of the Table 1 runs, `nanodo-sam analyze` "
-      f"({' '.join(ANALYZE_FLAGS)}) on 8 fixed validation rows, means "
+      f"({' '.join(f'--{k}={v}' for k, v in ANALYZE.items())}) on 8 fixed validation rows, means "
       "over seeds. Rule: holds if every method is below AdamW in all "
       "three measures in every seed and SAM has the lowest mean "
       "lambda_max; does not hold if some method is above AdamW in "
@@ -851,9 +818,7 @@ def study_time(runs: list, analysis: dict) -> dict:
 def setup_text(cfg: dict, train_tokens: int | None) -> str:
   """The scaled-down setup, from a run's config.json."""
   m, d, o = cfg["model"], cfg["data"], cfg["opt"]
-  n_params = (
-      m["N"] * (4 * m["D"] ** 2 + 2 * m["D"] * m["F"] + 2 * m["D"]) + m["D"]
-  )
+  n_params = model_lib.non_embedding_params(ml_collections.ConfigDict(m))
   tokens = d["batch_size"] * m["L"] * o["num_train_steps"]
   epochs = (
       f", {tokens / train_tokens:.2f} epochs of the subset's "
@@ -889,7 +854,6 @@ def setup_text(cfg: dict, train_tokens: int | None) -> str:
 def train_tokens(cfg: dict) -> int | None:
   """Tokens in one pass of the training split, framed as in training."""
   try:
-    import ml_collections
     from nanodo_sam import data as data_lib
 
     c = ml_collections.ConfigDict(cfg)
@@ -950,43 +914,6 @@ def render(claims: list[Claim], times: dict, out_dir: str, setup: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("out", help="the sweep's output folder (runs/miniature)")
-  p.add_argument(
-      "--doc",
-      default=os.path.join(config_lib.REPO_ROOT, "docs", "miniature.md"),
-  )
-  p.add_argument(
-      "--figures",
-      default="",
-      help="folder for the PNGs (default: the doc's folder)",
-  )
-  p.add_argument(
-      "--no-analyze",
-      action="store_true",
-      help="do not run analyze / prune-eval on missing runs",
-  )
-  return p
-
-
-def _read_memo(out: str) -> tuple[str, dict]:
-  """(path, what the report measured before: analysis seconds per run, the
-  training split's token count), so a second call repeats nothing."""
-  path = os.path.join(out, "miniature_report.json")
-  memo = {"analysis_seconds": {}, "train_tokens": None}
-  if os.path.isfile(path):
-    with open(path) as f:
-      memo.update(json.load(f))
-  return path, memo
-
-
-def _save_memo(path: str, memo: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(memo, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def _seed_noise(runs, best) -> float:
   """The rms over methods of the seed std of (method - AdamW) losses."""
   groups = table_runs(runs, best)
@@ -1036,37 +963,24 @@ def _claims_and_figures(runs, best, fig_dir: str) -> list[Claim]:
   return [c1, c2, c3, c4, c5, c6, c7]
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  if not os.path.isdir(args.out):
-    print(
-        f"miniature: error: {args.out!r} is not a directory; pass the "
-        "sweep's output folder, e.g. runs/miniature",
-        file=sys.stderr,
-    )
-    return 2
-  fig_dir = args.figures or os.path.dirname(os.path.abspath(args.doc))
-  runs = load_runs(args.out)
-  best = best_rhos(args.out)
-  memo_path, memo = _read_memo(args.out)
-  spent = memo["analysis_seconds"]
-  if not args.no_analyze:
-    todo = [r for rs in table_runs(runs, best).values() for r in rs]
-    for path, s in ensure_analysis(todo).items():
-      spent[path] = spent.get(path, 0.0) + s
-      _save_memo(memo_path, memo)
-    runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
-  claims = _claims_and_figures(runs, best, fig_dir)
+def write_report(
+    out: str, doc: str, fig_dir: str, analysis_s: dict, tokens: int | None
+) -> list[Claim]:
+  """Writes the report of the runs under `out` to `doc` and its figures to
+  `fig_dir`; returns the claims. `analysis_s`: seconds analyze and
+  prune-eval took per run directory; `tokens`: the training split's token
+  count (`train_tokens`), None when unknown."""
+  runs = load_runs(out)
+  claims = _claims_and_figures(runs, best_rhos(out), fig_dir)
   t5_cfg = next((r.config for r in runs if not _byte(r)), None)
-  if t5_cfg and memo["train_tokens"] is None:
-    memo["train_tokens"] = train_tokens(t5_cfg)
-    _save_memo(memo_path, memo)
-  setup = setup_text(t5_cfg, memo["train_tokens"]) if t5_cfg else ""
-  text = render(claims, study_time(runs, spent), args.out, setup)
-  os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
-  with open(args.doc, "w") as f:
+  setup = setup_text(t5_cfg, tokens) if t5_cfg else ""
+  text = render(claims, study_time(runs, analysis_s), out, setup)
+  os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
+  with open(doc, "w") as f:
     f.write(text)
-  print(f"wrote {args.doc}")
-  for c in claims:
-    print(f"- {c.title}: {c.verdict}")
-  return 0
+  return claims
+
+
+def t5_config(out: str) -> dict | None:
+  """The config of a finished run under `out` with the T5 vocabulary."""
+  return next((r.config for r in load_runs(out) if not _byte(r)), None)

@@ -14,6 +14,7 @@ import math
 import jax
 import optax
 
+from nanodo_sam import keys
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
@@ -34,7 +35,7 @@ def make_train_step(s, method: str, correct: bool = False):
   cfg = s.cfg
   sam_cfg = cfg.sam
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  reuse_on = bool(sam_cfg.get("reuse", False))
+  reuse_on = bool(keys.of(sam_cfg, "sam.reuse"))
   store = reuse_on and not sam_lib.is_plain(method)
   if correct and not (sam_lib.is_plain(method) and reuse_on):
     raise ValueError(

@@ -156,7 +156,7 @@ def resolve_config(config: str) -> str:
   """Checks the config file exists (`config.find_config_file`); returns it
   relative to the repository when it lies inside it (commands run from the
   repository root)."""
-  path, arg = config_lib.find_config_file(config)
+  path, arg = config_lib.find_config_file(config, root=REPO_ROOT)
   if path.startswith(REPO_ROOT + os.sep):
     path = os.path.relpath(path, REPO_ROOT)
   return path + (f":{arg}" if arg else "")
@@ -277,7 +277,7 @@ def load_sweep(
         resolve_config(overrides["config"]) if "config" in overrides else config
     )
     if run_config not in loaded:
-      loaded[run_config] = config_lib.load_config_file(run_config)
+      loaded[run_config] = config_lib.load_config_file(run_config, REPO_ROOT)
       check_keys(loaded[run_config], common, f"{path}: overrides")
     check_keys(
         loaded[run_config],

@@ -21,6 +21,7 @@ from nanodo_sam import sam
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
+from nanodo_sam import step as step_lib
 from nanodo_sam import train as train_lib
 from nanodo_sam import writers
 
@@ -302,7 +303,7 @@ def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
     events.append("get")
     return real_get(x)
 
-  monkeypatch.setattr(train_lib, "jit_train_step", jit_train_step)
+  monkeypatch.setattr(step_lib, "jit_train_step", jit_train_step)
   monkeypatch.setattr(jax, "device_get", device_get)
   assert train_lib.train(cfg, str(tmp_path))["status"] == "completed"
   gets = [i for i, e in enumerate(events) if e == "get"]
