@@ -169,6 +169,26 @@ def make_vocab(vocab: str):
   return seqio.SentencePieceVocabulary(path)
 
 
+def _file_kind(pattern: str, files: list[str]) -> str:
+  """ "parquet", "json" (.jsonl/.json, optionally .gz) or "text": the one
+  kind of every file `pattern` matched (UsageError if they mix kinds)."""
+  stem = [f[:-3] if f.endswith(".gz") else f for f in files]
+  kinds = {
+      "parquet"
+      if f.endswith(PARQUET)
+      else "json"
+      if s.endswith((".jsonl", ".json"))
+      else "text"
+      for f, s in zip(files, stem)
+  }
+  if len(kinds) != 1:
+    raise UsageError(
+        f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
+        "files; use one kind per glob"
+    )
+  return kinds.pop()
+
+
 def _file_source(pattern: str, text_column: str = "text"):
   """A seqio source over text (.txt, one document per file), JSON-lines
   (.jsonl/.json, optionally .gz, one {text_column: ...} document per line)
@@ -188,21 +208,7 @@ def _file_source(pattern: str, text_column: str = "text"):
         "data.eval_files); give a glob of .txt, .jsonl[.gz] "
         "or .parquet files"
     )
-  stem = [f[:-3] if f.endswith(".gz") else f for f in files]
-  kinds = {
-      "parquet"
-      if f.endswith(PARQUET)
-      else "json"
-      if s.endswith((".jsonl", ".json"))
-      else "text"
-      for f, s in zip(files, stem)
-  }
-  if len(kinds) != 1:
-    raise UsageError(
-        f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
-        "files; use one kind per glob"
-    )
-  kind = kinds.pop()
+  kind = _file_kind(pattern, files)
   if kind == "parquet":
     return _parquet_source(files, text_column)
 
