@@ -99,6 +99,41 @@ def test_no_import_cycle():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# Below the training loop: they see the model only through the logits_fn,
+# head and state they are given (docs/architecture.md, "Data flow").
+BELOW_THE_LOOP = (
+    "loss",
+    "sam",
+    "sam_schedule",
+    "sharpness",
+    "evaluate",
+    "diagnostics",
+    "sharding",
+    "optimizer",
+    "data",
+)
+ABOVE = {"model", "state", "train", "commands", "cli"}
+
+
+def test_layers_point_one_way():
+  """docs/architecture.md's layering claims, each checked."""
+  graph = _graph()
+  for name in BELOW_THE_LOOP:
+    assert not graph[name] & ABOVE, (name, graph[name] & ABOVE)
+  assert graph["checkpoint"] & ABOVE == {"state"}  # restore_run's Setup
+  assert graph["writers"] & ABOVE == set()
+  assert graph["writers"] & {"flops"} == {"flops"}
+  assert [m for m in graph if "cli" in graph[m]] == []
+  assert [m for m in graph if "commands" in graph[m]] == ["cli"]
+  scripts = {
+      name: _imports(tree, set(graph))
+      for name, tree in _modules(SCRIPTS).items()
+  }
+  assert "commands" in scripts["miniature"]  # On top of the commands.
+  for name, imported in scripts.items():
+    assert "cli" not in imported, name
+
+
 def _long_functions(folder: str) -> list[str]:
   out = []
   for name, tree in _modules(folder).items():
