@@ -223,6 +223,7 @@ def _old_style(workdir):
   json.dump(raw, open(path, "w"))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_an_old_run_directory_evaluates_and_resumes(
     tmp_path, monkeypatch, capsys
 ):
