@@ -904,7 +904,7 @@ class Source:
 
   def __init__(self, data_cfg, kind: str):
     self.data_cfg, self.kind = data_cfg, kind
-    self.files = data_cfg.get(f"{kind}_files", "")
+    self.files = keys.of(data_cfg, f"data.{kind}_files")
     if self.files:
       self.name, self.split = f"files {self.files!r}", kind
     else:

@@ -25,7 +25,7 @@ def shards(data_cfg) -> list[tuple[str, str, int | None]]:
   """(what: dataset and split, file, records expected or None) of every
   shard the config names, each file once."""
   out, seen = [], set()
-  kinds = [k for k in ("train", "eval") if data_cfg.get(f"{k}_files", "")]
+  kinds = [k for k in ("train", "eval") if keys.of(data_cfg, f"data.{k}_files")]
   for kind in kinds:
     src = data_lib.Source(data_cfg, kind)
     files = src.shards()
