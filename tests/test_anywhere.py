@@ -129,7 +129,7 @@ def test_missing_c4_is_the_first_and_only_line_on_stderr(tmp_path):
           "-m",
           "nanodo_sam.cli",
           "train",
-          "--config=configs/c4_fixed_length.py:2M",
+          f"--config={os.path.join(ROOT, 'configs', 'c4_fixed_length.py')}:2M",
           f"--workdir={workdir}",
       ],
       cwd=tmp_path,
