@@ -14,10 +14,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
+from nanodo_sam import hlo_cost
 from nanodo_sam import sharding
+from nanodo_sam import state as state_lib
 
 COLUMNS = (
     "eval_loss",
@@ -86,3 +89,31 @@ def table(out: dict) -> str:
           + " |",
       ]
   )
+
+
+def compiled_memory(cfg) -> dict:
+  """Bytes per device of the program `analyze` runs for config `cfg`
+  (`diagnostics.sharpness_fn` on the diagnostics batches), lowered on
+  abstract inputs (nothing allocated) on the config's mesh and compiled:
+  XLA's `memory_analysis()` (`hlo_cost.memory_bytes`), and the rows of the
+  batch it measured on."""
+  s = state_lib.setup(cfg)
+  rows = cfg.diagnostics.batch_size * cfg.diagnostics.num_batches
+  tokens = jax.ShapeDtypeStruct(
+      (rows, cfg.model.L), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
+  )
+  batch = {
+      "inputs": tokens,
+      "targets": tokens,
+      "weights": jax.ShapeDtypeStruct(
+          tokens.shape, jnp.float32, sharding=tokens.sharding
+      ),
+  }
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  fn = diagnostics.sharpness_fn(cfg, s)
+  compiled = (
+      jax.jit(fn)
+      .lower(s.abstract_state, batch, scalar, scalar, jax.random.key(0))
+      .compile()
+  )
+  return {"batch_rows": rows, **hlo_cost.memory_bytes(compiled)}

@@ -242,10 +242,10 @@ def command_help(command: str) -> str:
 def _load_config(command: str, argv) -> tuple:
   """(the ConfigDict of --config=FILE[:ARG], argv without that flag).
 
-  The file is found and run by `config.load_config_file` (from the working
-  directory, then the repository; a missing file, a syntax error, a failing
-  or missing get_config is one line), once; the --config.KEY=VALUE
-  overrides then apply to it."""
+  The file is found and run by `config.load_config_file` (a relative path
+  from the working directory; a missing file, a syntax error, a failing or
+  missing get_config is one line), once; the --config.KEY=VALUE overrides
+  then apply to it."""
   specs, rest, args = [], [], iter(argv)
   for arg in args:
     if arg.startswith("--config="):

@@ -15,9 +15,7 @@ import sys
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
-import numpy as np
 
 from nanodo_sam import analyze
 from nanodo_sam import checkpoint
@@ -196,14 +194,12 @@ def cmd_sample(fv) -> None:
 
 def cmd_params(fv) -> None:
   mcfg = model_lib.from_config(fv.config)
-  shapes = model_lib.abstract_params(model_lib.TransformerDo(mcfg))
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
   print(
       json.dumps(
           {
-              "total_params": total,
+              "total_params": model_lib.total_params(mcfg),
               "non_embedding_params": model_lib.non_embedding_params(mcfg),
-              "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D,
+              "embedding_params": model_lib.embedding_params(mcfg),
           }
       )
   )
@@ -211,31 +207,49 @@ def cmd_params(fv) -> None:
 
 def cmd_analyze(fv) -> None:
   """Sharpness of a checkpoint (Table 4 columns) -> sharpness.json."""
-  cfg = rundir.read_config(fv.workdir)
+  analyze_run(
+      fv.workdir,
+      fv.step,
+      **{k: getattr(fv, k) for k in ("num_batches", "num_iters", "num_probes")},
+  )
+
+
+def analyze_run(workdir: str, step: int | None = None, **diagnostics) -> str:
+  """`nanodo-sam analyze`: the sharpness of run `workdir`'s checkpoint at
+  `step` (None: the latest) -> sharpness.json, its table printed; returns its
+  path. `diagnostics`: num_batches, num_iters, num_probes (None: the run's)."""
+  cfg = rundir.read_config(workdir)
   d = cfg.diagnostics
-  for key in ("num_batches", "num_iters", "num_probes"):
-    value = getattr(fv, key)
+  for key, value in diagnostics.items():
     if value is not None:
       least = 1 if key == "num_batches" else 0  # 0: leave that metric out
       if value < least:
         raise UsageError(f"--{key}={value} must be >= {least}")
       d[key] = value
   cfg.data.eval_steps = max(cfg.data.eval_steps, d.num_batches)
-  restored = checkpoint.restore_run(fv.workdir, cfg, fv.step)
+  restored = checkpoint.restore_run(workdir, cfg, step)
   out = analyze.measure(cfg, restored, data_lib.eval_batches(cfg))
   latest = restored.step == max(
-      checkpoint.checkpoint_manager(fv.workdir, read_only=True).all_steps()
+      checkpoint.checkpoint_manager(workdir, read_only=True).all_steps()
   )
-  path = analyze.write(fv.workdir, out, latest)
+  path = analyze.write(workdir, out, latest)
   print(analyze.table(out))
   print(f"wrote {path}")
+  return path
 
 
 def cmd_prune_eval(fv) -> None:
   """One-shot global magnitude pruning of a checkpoint -> prune.json."""
-  fractions = prune.parse_fractions(fv.fractions)  # Before any work.
-  cfg = rundir.read_config(fv.workdir)
-  s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
+  prune_eval_run(fv.workdir, fv.fractions, fv.step)
+
+
+def prune_eval_run(workdir: str, fractions: str, step: int | None = None):
+  """`nanodo-sam prune-eval`: run `workdir`'s checkpoint at `step` (None:
+  the latest) pruned by each of `fractions` ("0,0.1,...") and evaluated ->
+  prune.json, its table printed; returns its path."""
+  fractions = prune.parse_fractions(fractions)  # Before any work.
+  cfg = rundir.read_config(workdir)
+  s, state, step = checkpoint.restore_run(workdir, cfg, step)
   eval_step, batches = evaluate.eval_step_for(s), data_lib.eval_batches(cfg)
   rows = prune.prune_eval(
       state.params,
@@ -243,9 +257,10 @@ def cmd_prune_eval(fv) -> None:
       lambda p: evaluate.eval_loss(eval_step, p, batches, _put(s)),
       put_params=lambda p: jax.device_put(p, s.state_sharding.params),
   )
-  path = prune.write_prune_json(fv.workdir, rows, step=step, cfg=cfg)
+  path = prune.write_prune_json(workdir, rows, step=step, cfg=cfg)
   print(prune.format_table(rows))
   print(f"wrote {path}")
+  return path
 
 
 def cmd_data(fv) -> None:

@@ -36,16 +36,20 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+# The checkout this module lies in (an installed package's site folder when
+# it is not one): `nanodo-sam sweep` starts its runs there (sweep.py).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def find_config_file(spec: str) -> tuple[str, str]:
+def find_config_file(spec: str, root: str | None = None) -> tuple[str, str]:
   """(absolute path, ARG) of a config file given as 'PATH.py[:ARG]'.
 
-  A relative PATH is looked up from the working directory, then from the
-  repository root, so `configs/x.py` works from anywhere. UsageError (one
-  line) when it is not a .py file or does not exist. The one resolver behind
-  `nanodo-sam --config=`, `nanodo-sam sweep` and the tests.
+  A relative PATH is looked up from the working directory (then from `root`
+  where one is given: `nanodo-sam sweep` passes the folder its sweep files'
+  paths are relative to), so a config file loads the same from a checkout
+  and from an installed package. UsageError (one line) when it is not a .py
+  file or does not exist. The one resolver behind `nanodo-sam --config=`,
+  `nanodo-sam sweep` and the tests.
   """
   path, _, arg = spec.partition(":")
   if not path.endswith(".py"):
@@ -54,10 +58,10 @@ def find_config_file(spec: str) -> tuple[str, str]:
         "configs/NAME.py or configs/NAME.py:ARG"
     )
   candidates = (
-      [path]
-      if os.path.isabs(path)
-      else [os.path.join(os.getcwd(), path), os.path.join(REPO_ROOT, path)]
+      [path] if os.path.isabs(path) else [os.path.join(os.getcwd(), path)]
   )
+  if root is not None and not os.path.isabs(path):
+    candidates.append(os.path.join(root, path))
   found = next((c for c in candidates if os.path.isfile(c)), None)
   if found is None:
     raise UsageError(
@@ -94,10 +98,13 @@ def import_package_of(path: str) -> None:
   spec.loader.exec_module(module)
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """The ConfigDict of 'PATH.py[:ARG]': the file's get_config(ARG), or
-  get_config() without an ARG. UsageError (one line) if it fails."""
-  path, arg = find_config_file(spec)
+def load_config_file(
+    spec: str, root: str | None = None
+) -> ml_collections.ConfigDict:
+  """The ConfigDict of 'PATH.py[:ARG]' (found as `find_config_file(spec,
+  root)` finds it): the file's get_config(ARG), or get_config() without an
+  ARG. UsageError (one line) if it fails."""
+  path, arg = find_config_file(spec, root)
   import_package_of(path)
   module_spec = importlib.util.spec_from_file_location(
       "_config_" + re.sub(r"\W", "_", path), path

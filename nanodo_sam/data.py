@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from nanodo_sam import keys
 from nanodo_sam import text_split
 from nanodo_sam.errors import UsageError
 from nanodo_sam.keys import BYTE_VOCAB
@@ -168,6 +169,26 @@ def make_vocab(vocab: str):
   return seqio.SentencePieceVocabulary(path)
 
 
+def _file_kind(pattern: str, files: list[str]) -> str:
+  """ "parquet", "json" (.jsonl/.json, optionally .gz) or "text": the one
+  kind of every file `pattern` matched (UsageError if they mix kinds)."""
+  stem = [f[:-3] if f.endswith(".gz") else f for f in files]
+  kinds = {
+      "parquet"
+      if f.endswith(PARQUET)
+      else "json"
+      if s.endswith((".jsonl", ".json"))
+      else "text"
+      for f, s in zip(files, stem)
+  }
+  if len(kinds) != 1:
+    raise UsageError(
+        f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
+        "files; use one kind per glob"
+    )
+  return kinds.pop()
+
+
 def _file_source(pattern: str, text_column: str = "text"):
   """A seqio source over text (.txt, one document per file), JSON-lines
   (.jsonl/.json, optionally .gz, one {text_column: ...} document per line)
@@ -187,21 +208,7 @@ def _file_source(pattern: str, text_column: str = "text"):
         "data.eval_files); give a glob of .txt, .jsonl[.gz] "
         "or .parquet files"
     )
-  stem = [f[:-3] if f.endswith(".gz") else f for f in files]
-  kinds = {
-      "parquet"
-      if f.endswith(PARQUET)
-      else "json"
-      if s.endswith((".jsonl", ".json"))
-      else "text"
-      for f, s in zip(files, stem)
-  }
-  if len(kinds) != 1:
-    raise UsageError(
-        f"{pattern!r} mixes {' and '.join(sorted(kinds))} "
-        "files; use one kind per glob"
-    )
-  kind = kinds.pop()
+  kind = _file_kind(pattern, files)
   if kind == "parquet":
     return _parquet_source(files, text_column)
 
@@ -452,14 +459,14 @@ def tfds_choice(data_cfg, prepare: bool = False) -> tuple[str | None, bool]:
   lets TFDS download and prepare it there; otherwise its absence is a
   UsageError saying how to get it. Only reads the dataset's metadata."""
   name = data_cfg.tfds_name
-  configured = resolve_path(data_cfg.get("tfds_data_dir", ""))
+  configured = resolve_path(keys.of(data_cfg, "data.tfds_data_dir"))
   data_dir = configured or os.environ.get("TFDS_DATA_DIR") or None
-  shipped = data_cfg.get("use_shipped", False) and name in SHIPPED_TFDS
+  shipped = keys.of(data_cfg, "data.use_shipped") and name in SHIPPED_TFDS
   if data_dir is not None or not shipped:
     builder, prepared = _tfds_prepared(name, data_dir)
     if prepared:
       return data_dir, False
-    if prepare and data_cfg.get("download", False):
+    if prepare and keys.of(data_cfg, "data.download"):
       builder.download_and_prepare()
       return data_dir, False
     if configured or not shipped:
@@ -471,7 +478,10 @@ def check_available(data_cfg) -> None:
   """The TFDS dataset a config reads is there (`tfds_choice`; prepared
   first with data.download=True), else one-line UsageError: asked before
   any compile or write."""
-  if not (data_cfg.get("train_files", "") and data_cfg.get("eval_files", "")):
+  if not (
+      keys.of(data_cfg, "data.train_files")
+      and keys.of(data_cfg, "data.eval_files")
+  ):
     tfds_choice(data_cfg, prepare=True)
 
 
@@ -535,7 +545,7 @@ def make_task(data_cfg, *, split_files: str = ""):
       functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
       seqio.preprocessors.tokenize,
   ]
-  if data_cfg.get("add_bos", False):
+  if keys.of(data_cfg, "data.add_bos"):
     bos = bos_id(vocab)
     if bos is None:
       raise UsageError(
@@ -546,7 +556,7 @@ def make_task(data_cfg, *, split_files: str = ""):
     preprocessors.append(functools.partial(_prepend, token=bos))
   preprocessors.append(seqio.preprocessors.append_eos)
   if split_files:
-    source = _file_source(split_files, data_cfg.get("text_column", "text"))
+    source = _file_source(split_files, keys.of(data_cfg, "data.text_column"))
     name = "files"
   else:
     source = tfds_source(data_cfg)
@@ -675,9 +685,11 @@ def _host_batch_size(global_batch_size: int) -> int:
 
 def train_dataset(cfg, seed: int):
   """Infinite, shuffled (by `seed`), packed training batches for this host."""
-  task = _model_task(cfg, cfg.data.get("train_files", ""))  # Checks first.
+  task = _model_task(
+      cfg, keys.of(cfg.data, "data.train_files")
+  )  # Checks first.
   tf = _tf()
-  split = cfg.data.get("train_split", "train")
+  split = keys.of(cfg.data, "data.train_split")
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
       sequence_length=None,
@@ -690,11 +702,11 @@ def train_dataset(cfg, seed: int):
   )
   # Repeat after seqio's document shuffle: a corpus of few long documents
   # (tiny_shakespeare is one) must not be re-tokenized to fill its buffer.
-  packing = cfg.data.get("packing", "shifted")
+  packing = keys.of(cfg.data, "data.packing")
   ds = pack(ds.repeat(), cfg.model.L, packing)
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
-  ds = ds.shuffle(cfg.data.get("shuffle_buffer", 1024), seed=seed + 1)
+  ds = ds.shuffle(keys.of(cfg.data, "data.shuffle_buffer"), seed=seed + 1)
   ds = ds.batch(_host_batch_size(cfg.data.batch_size), drop_remainder=True)
   ds = ds.map(functools.partial(_to_batch, packing=packing))
   options = tf.data.Options()
@@ -746,8 +758,10 @@ def eval_batches(cfg) -> list[dict[str, np.ndarray]]:
 
 
 def _eval_batches(cfg) -> list[dict[str, np.ndarray]]:
-  task = _model_task(cfg, cfg.data.get("eval_files", ""))
-  split = "train" if cfg.data.get("eval_files", "") else cfg.data.eval_split
+  task = _model_task(cfg, keys.of(cfg.data, "data.eval_files"))
+  split = (
+      "train" if keys.of(cfg.data, "data.eval_files") else cfg.data.eval_split
+  )
   check_split(task, split)
   by_source, by_rows = _read_plan(task, split)
   ds = task.get_dataset(
@@ -759,11 +773,11 @@ def _eval_batches(cfg) -> list[dict[str, np.ndarray]]:
       shard_info=by_source,
   )
   batch_size = _host_batch_size(cfg.data.eval_batch_size)
-  if cfg.data.get("eval_mode", "packed") == "per_document":
+  if keys.of(cfg.data, "data.eval_mode") == "per_document":
     return _document_batches(
         ds, cfg.model.L, batch_size, by_rows, cfg.data.eval_steps
     )
-  packing = cfg.data.get("packing", "shifted")
+  packing = keys.of(cfg.data, "data.packing")
   ds = pack(ds.repeat(), cfg.model.L, packing)
   if by_rows:
     ds = ds.shard(by_rows.num_shards, by_rows.index)
@@ -890,13 +904,13 @@ class Source:
 
   def __init__(self, data_cfg, kind: str):
     self.data_cfg, self.kind = data_cfg, kind
-    self.files = data_cfg.get(f"{kind}_files", "")
+    self.files = keys.of(data_cfg, f"data.{kind}_files")
     if self.files:
       self.name, self.split = f"files {self.files!r}", kind
     else:
       self.name = f"TFDS dataset {data_cfg.tfds_name!r}"
       self.split = (
-          data_cfg.get("train_split", "train")
+          keys.of(data_cfg, "data.train_split")
           if kind == "train"
           else data_cfg.eval_split
       )

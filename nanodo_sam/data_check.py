@@ -16,6 +16,7 @@ import os
 import time
 
 from nanodo_sam import data as data_lib
+from nanodo_sam import keys
 
 log = logging.getLogger("nanodo_sam")
 
@@ -24,7 +25,7 @@ def shards(data_cfg) -> list[tuple[str, str, int | None]]:
   """(what: dataset and split, file, records expected or None) of every
   shard the config names, each file once."""
   out, seen = [], set()
-  kinds = [k for k in ("train", "eval") if data_cfg.get(f"{k}_files", "")]
+  kinds = [k for k in ("train", "eval") if keys.of(data_cfg, f"data.{k}_files")]
   for kind in kinds:
     src = data_lib.Source(data_cfg, kind)
     files = src.shards()
@@ -51,7 +52,7 @@ def check(data_cfg, echo=print) -> list[tuple[str, str]]:
   """Reads every shard once; echoes one line per damaged shard and a
   summary; returns [(file, why)] of the damaged ones."""
   todo = shards(data_cfg)
-  column = data_cfg.get("text_column", "text")
+  column = keys.of(data_cfg, "data.text_column")
   damaged, size, t0, last = [], 0, time.time(), time.time()
   for i, (what, path, expected) in enumerate(todo, 1):
     why = data_lib.check_shard(path, expected, column)

@@ -17,13 +17,12 @@ products).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from nanodo_sam import model as model_lib
+from nanodo_sam import keys
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sam_schedule
@@ -50,21 +49,16 @@ def fixed_batch(cfg, eval_data) -> dict[str, np.ndarray]:
 
 def exact_head(s):
   """The output layer of `s.diagnostics_logits_fn`'s model (attention
-  "xla"), with the mesh's batch sharding: `sharpness` then runs each product
-  on every device's own rows (shard_map) and chunks the logits."""
-  exact = model_lib.TransformerDo(
-      dataclasses.replace(s.model.cfg, attention="xla")
-  )
-  return model_lib.output_head(exact)._replace(
-      batch_sharding=sharding.batch_sharding(s.mesh)
-  )
+  "xla"), with the mesh's batch sharding (`state.Setup.diagnostics_head`):
+  `sharpness` then runs each product on every device's own rows (shard_map)
+  and chunks the logits."""
+  return s.diagnostics_head
 
 
 def chunk_tokens(cfg) -> int:
   """Tokens per device in one chunk of the diagnostics' output layer: the
-  train step's model.head_chunk_tokens where the config has it (0 = the
-  whole sequence), else sharpness.CHUNK_TOKENS."""
-  n = int(cfg.model.get("head_chunk_tokens", sharpness.CHUNK_TOKENS))
+  train step's model.head_chunk_tokens (0 = the whole sequence)."""
+  n = int(keys.of(cfg.model, "model.head_chunk_tokens"))
   return (
       n
       if n > 0
@@ -186,7 +180,7 @@ def make_diagnose(
   if not cfg.diagnostics.every_steps:
     return None
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  if cfg.diagnostics.get("on_train_batch", False):
+  if keys.of(cfg.diagnostics, "diagnostics.on_train_batch"):
     fn = make_edge_of_stability(cfg, s)
     prefix = "eos"
   else:

@@ -597,6 +597,14 @@ def get(cfg, name: str, default=None):
   return node
 
 
+def of(section, name: str):
+  """The value of key `name` (dotted, e.g. "data.packing") in `section`, the
+  config block it lives in (cfg.data), else the key table's default: a
+  block built by hand or read from an old run holds only some keys, and the
+  table is the one source of every default."""
+  return section.get(name.rsplit(".", 1)[-1], BY_NAME[name].default)
+
+
 def _is(value, types: tuple) -> bool:
   if isinstance(value, bool):
     return bool in types

@@ -1,4 +1,5 @@
-"""The paper in miniature: the study's design, and its report from the runs.
+"""The paper in miniature: the study's design, and its report from the runs
+(`write_report`; scripts/miniature.py runs the analysis and calls it).
 
     python scripts/miniature.py runs/miniature [--doc=docs/miniature.md]
         [--figures=docs] [--no-analyze]
@@ -23,18 +24,16 @@ finished yet gives a partial report (claims without runs say so).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
-import time
 
+import ml_collections
 import numpy as np
 
-from nanodo_sam import config as config_lib
 from nanodo_sam import figures
+from nanodo_sam import model as model_lib
 from nanodo_sam import paper as published
 from nanodo_sam import runs as runs_lib
 
@@ -63,7 +62,8 @@ LABEL = {
     )
 }
 
-ANALYZE_FLAGS = ("--num_iters=20", "--num_probes=8")
+# What `nanodo-sam analyze` measures on each Table 1 run.
+ANALYZE = {"num_iters": 20, "num_probes": 8}
 PRUNE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 TAUS = ("tau_logit", "tau_func", "tau_cross")
 # "After the first few steps" (Figure 2): diagnostics from this step on.
@@ -153,39 +153,6 @@ def table_runs(runs, best: dict[str, float]) -> dict[str, list]:
   return out
 
 
-# ------------------------------------------------------------- analysis
-
-
-def ensure_analysis(runs: list, log=print) -> dict[str, float]:
-  """sharpness.json and prune.json for each run (the CLI, in this process);
-  returns the seconds spent per run directory now."""
-  from nanodo_sam import cli
-
-  spent = {}
-  for r in runs:
-    todo = []
-    if r.sharpness is None:
-      todo.append(["analyze", f"--workdir={r.workdir}", *ANALYZE_FLAGS])
-    if r.prune is None:
-      todo.append(
-          [
-              "prune-eval",
-              f"--workdir={r.workdir}",
-              "--fractions=" + ",".join(f"{f:g}" for f in PRUNE_FRACTIONS),
-          ]
-      )
-    for argv in todo:
-      t0 = time.time()
-      log(f"nanodo-sam {' '.join(argv)}")
-      try:
-        cli.main(argv)
-      except SystemExit as e:
-        if e.code:
-          raise RuntimeError(f"nanodo-sam {argv[0]} failed on {r.workdir}")
-      spent[r.workdir] = spent.get(r.workdir, 0.0) + time.time() - t0
-  return spent
-
-
 # --------------------------------------------------------------- numbers
 
 
@@ -241,35 +208,77 @@ def _settled(series):
   return {k: v[keep] for k, v in series.items()}
 
 
-def claim_logit_dominance(runs) -> tuple[Claim, dict]:
-  series = {
-      r.seed: tau_series(r)
-      for r in runs
-      if r.method == "adamw" and not _byte(r)
-  }
-  series = {s: v for s, v in series.items() if v}
-  paper = (
-      "Trained with AdamW on C4, tau_logit >> tau_func after the first "
-      "few steps (Figure 2); tau_cross is usually negative (Figure 4)."
-  )
-  if not series:
-    return (
-        Claim(
-            "Figures 2, 4: logit path dominates", paper, "no runs yet", UNSURE
-        ),
-        {},
-    )
-  rows, ok_dom, cross_neg, cross_all, above, late_all = [], True, 0, 0, 0, 0
+# Each claim: its title in the report, and what the paper states.
+PAPER = {
+    "dominance": (
+        "Figures 2, 4: logit path dominates",
+        "Trained with AdamW on C4, tau_logit >> tau_func after the first "
+        "few steps (Figure 2); tau_cross is usually negative (Figure 4).",
+    ),
+    "vocabulary": (
+        "Why: the number of outputs",
+        "The logit path dominates because language models have many "
+        "outputs (32K tokens vs 1K image classes), section 4.",
+    ),
+    "precond": (
+        "Appendix B: preconditioning favours the functional path",
+        "Preconditioning the perturbation by AdamW's P (e = P^-1 g / "
+        "||P^-1 g||) shifts the split towards the functional path "
+        "(appendix B.1, section 4.2).",
+    ),
+    "table1": (
+        "Table 1: the ordering of the five methods",
+        "Table 1 (2M, 10K steps): Precond Func-SAM 3.86 < Func-SAM 3.88 < "
+        "Precond SAM 3.89 < AdamW 3.90 < SAM 3.91; seed std in the fourth "
+        "decimal.",
+    ),
+    "rho": (
+        "Figure 3: eval loss against rho",
+        "Figure 3 (23.9M, equal compute): SAM is worse than AdamW at "
+        "every rho > 0 and degrades as rho grows; Precond Func-SAM, at "
+        "the same cost, improves on AdamW over a range of larger rho.",
+    ),
+    "sharpness": (
+        "Table 4: sharpness of the final solutions",
+        "Table 4 (23.9M, Chinchilla): every sharpness-aware method ends "
+        "with a lower lambda_max(H), tr(H) and tr(H_G) than AdamW, and "
+        "SAM with the lowest lambda_max.",
+    ),
+    "pruning": (
+        "Figure 5: pruning",
+        "Figure 5: under one-shot global magnitude pruning the "
+        "sharpness-aware methods degrade more gracefully than AdamW.",
+    ),
+}
+
+
+def _claim(key: str, ours: str, verdict: str, detail: str = "") -> Claim:
+  """The claim PAPER[key] with what was measured and its verdict."""
+  title, paper = PAPER[key]
+  return Claim(title, paper, ours, verdict, detail)
+
+
+def _table(header: str, rows: list[str]) -> list[str]:
+  """A markdown table's lines: `header` ("| a | b |"), its rule, `rows`."""
+  return [header, "|---" * (header.count("|") - 1) + "|", *rows]
+
+
+def _dominance_rows(series) -> tuple[list, bool, list[int]]:
+  """Per seed (seed, medians of tau_logit, tau_func, tau_cross from
+  SETTLED_STEP, median ratio, share of tau_cross < 0); whether tau_logit
+  dominates in every seed; [tau_logit > tau_func count, of, tau_cross < 0
+  count, of]."""
+  rows, ok_dom, counts = [], True, [0, 0, 0, 0]
   for seed, s in sorted(series.items()):
     late = _settled(s)
     ratio = late["tau_logit"] / late["tau_func"]
-    above += int(np.sum(late["tau_logit"] > late["tau_func"]))
-    late_all += len(ratio)
+    counts[0] += int(np.sum(late["tau_logit"] > late["tau_func"]))
+    counts[1] += len(ratio)
     ok_dom &= bool(
         np.all(late["tau_logit"] > late["tau_func"]) and np.median(ratio) >= 5
     )
-    cross_neg += int(np.sum(s["tau_cross"] < 0))
-    cross_all += len(s["tau_cross"])
+    counts[2] += int(np.sum(s["tau_cross"] < 0))
+    counts[3] += len(s["tau_cross"])
     rows.append(
         (
             seed,
@@ -280,6 +289,21 @@ def claim_logit_dominance(runs) -> tuple[Claim, dict]:
             float(np.mean(s["tau_cross"] < 0)),
         )
     )
+  return rows, ok_dom, counts
+
+
+def claim_logit_dominance(runs) -> tuple[Claim, dict]:
+  series = {
+      r.seed: tau_series(r)
+      for r in runs
+      if r.method == "adamw" and not _byte(r)
+  }
+  series = {s: v for s, v in series.items() if v}
+  if not series:
+    return _claim("dominance", "no runs yet", UNSURE), {}
+  rows, ok_dom, (above, late_all, cross_neg, cross_all) = _dominance_rows(
+      series
+  )
   dominance = HOLDS if ok_dom else FAILS
   cross = HOLDS if cross_neg >= 0.75 * cross_all else FAILS
   verdict = (
@@ -295,16 +319,15 @@ def claim_logit_dominance(runs) -> tuple[Claim, dict]:
       f"at {above} of {late_all} measurements; tau_cross < 0 at "
       f"{cross_neg} of {cross_all}"
   )
-  table = [
+  table = _table(
       "| seed | tau_logit | tau_func | tau_cross | tau_logit / tau_func "
       "| share of steps with tau_cross < 0 |",
-      "|---|---|---|---|---|---|",
-  ]
-  table += [
-      f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.1f} | "
-      f"{r[5]:.2f} |"
-      for r in rows
-  ]
+      [
+          f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.1f} | "
+          f"{r[5]:.2f} |"
+          for r in rows
+      ],
+  )
   rule = (
       f"Rule: holds if in every seed tau_logit > tau_func at every "
       f"measurement from step {SETTLED_STEP} on with a median ratio of at "
@@ -312,13 +335,7 @@ def claim_logit_dominance(runs) -> tuple[Claim, dict]:
       f"Medians over the measurements from step {SETTLED_STEP} on:"
   )
   return (
-      Claim(
-          "Figures 2, 4: logit path dominates",
-          paper,
-          ours,
-          verdict,
-          rule + "\n\n" + "\n".join(table),
-      ),
+      _claim("dominance", ours, verdict, rule + "\n\n" + "\n".join(table)),
       series,
   )
 
@@ -328,15 +345,8 @@ def claim_vocabulary(runs, t5_series) -> tuple[Claim, dict]:
       r.seed: tau_series(r) for r in runs if r.method == "adamw" and _byte(r)
   }
   byte = {s: v for s, v in byte.items() if v}
-  paper = (
-      "The logit path dominates because language models have many "
-      "outputs (32K tokens vs 1K image classes), section 4."
-  )
   if not byte or not t5_series:
-    return (
-        Claim("Why: the number of outputs", paper, "no runs yet", UNSURE),
-        byte,
-    )
+    return _claim("vocabulary", "no runs yet", UNSURE), byte
   med = lambda s: float(
       np.median(_settled(s)["tau_logit"] / _settled(s)["tau_func"])
   )
@@ -357,11 +367,11 @@ def claim_vocabulary(runs, t5_series) -> tuple[Claim, dict]:
       f"{np.median([p[2] for p in pairs]):.1f} with V = 259 "
       f"({factor:.1f}x, {len(pairs)} seeds)"
   )
-  table = [
+  table = _table(
       "| seed | ratio, V = 32,101 | ratio, V = 259 | median tau_logit, "
       "V = 259 | median tau_func, V = 259 |",
-      "|---|---|---|---|---|",
-  ]
+      [],
+  )
   for seed, t, b in pairs:
     late = _settled(byte[seed])
     table.append(
@@ -376,42 +386,19 @@ def claim_vocabulary(runs, t5_series) -> tuple[Claim, dict]:
       "not hold if it is never larger."
   )
   return (
-      Claim(
-          "Why: the number of outputs",
-          paper,
-          ours,
-          verdict,
-          rule + "\n\n" + "\n".join(table),
-      ),
+      _claim("vocabulary", ours, verdict, rule + "\n\n" + "\n".join(table)),
       byte,
   )
 
 
-def claim_preconditioning(runs, best) -> Claim:
-  paper = (
-      "Preconditioning the perturbation by AdamW's P (e = P^-1 g / "
-      "||P^-1 g||) shifts the split towards the functional path "
-      "(appendix B.1, section 4.2)."
-  )
-  series = {
-      r.seed: (tau_series(r), tau_series(r, "_precond"))
-      for r in runs
-      if r.method == "adamw" and not _byte(r)
-  }
-  series = {s: v for s, v in series.items() if v[0] and v[1]}
-  if not series:
-    return Claim(
-        "Appendix B: preconditioning favours the functional path",
-        paper,
-        "no runs yet",
-        UNSURE,
-    )
-  rows, all_up = [], True
+def _precond_rows(series) -> list[tuple]:
+  """Per seed (seed, median tau_func along g and along P^-1 g, median
+  tau_logit along each, share of states where P raises tau_func)."""
+  rows = []
   for seed, (plain, pre) in sorted(series.items()):
     # Step 0 has no second moment yet (P = 1): compare where P exists.
     keep = plain["step"] > 0
     up = pre["tau_func"][keep] > plain["tau_func"][keep]
-    all_up &= bool(np.mean(up) >= 0.75)
     rows.append(
         (
             seed,
@@ -422,6 +409,20 @@ def claim_preconditioning(runs, best) -> Claim:
             float(np.mean(up)),
         )
     )
+  return rows
+
+
+def claim_preconditioning(runs, best) -> Claim:
+  series = {
+      r.seed: (tau_series(r), tau_series(r, "_precond"))
+      for r in runs
+      if r.method == "adamw" and not _byte(r)
+  }
+  series = {s: v for s, v in series.items() if v[0] and v[1]}
+  if not series:
+    return _claim("precond", "no runs yet", UNSURE)
+  rows = _precond_rows(series)
+  all_up = all(r[5] >= 0.75 for r in rows)
   final = []
   for r in table_runs(runs, best).get("adamw", []):
     s = r.sharpness
@@ -436,17 +437,16 @@ def claim_preconditioning(runs, best) -> Claim:
       f"P at {np.mean([r[5] for r in rows]):.0%} of the states "
       f"({len(rows)} AdamW runs)"
   )
-  table = [
+  table = _table(
       "| seed | tau_func, e = g | tau_func, e = P^-1 g | tau_logit, "
       "e = g | tau_logit, e = P^-1 g | share of states where P raises "
       "tau_func |",
-      "|---|---|---|---|---|---|",
-  ]
-  table += [
-      f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.3f} "
-      f"| {r[5]:.2f} |"
-      for r in rows
-  ]
+      [
+          f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.3f} "
+          f"| {r[5]:.2f} |"
+          for r in rows
+      ],
+  )
   detail = (
       "Both splits at the same parameters, every diagnostics step of "
       "the AdamW runs after step 0 (medians). Rule: holds if P raises "
@@ -461,25 +461,12 @@ def claim_preconditioning(runs, best) -> Claim:
         )
         + "."
     )
-  return Claim(
-      "Appendix B: preconditioning favours the functional path",
-      paper,
-      ours,
-      verdict,
-      detail,
-  )
+  return _claim("precond", ours, verdict, detail)
 
 
-def claim_table1(runs, best) -> tuple[Claim, dict]:
-  paper_vals = {
-      m: published.value("table1", method=m) for m in ("adamw",) + METHODS
-  }
-  paper = (
-      "Table 1 (2M, 10K steps): Precond Func-SAM 3.86 < Func-SAM 3.88 < "
-      "Precond SAM 3.89 < AdamW 3.90 < SAM 3.91; seed std in the fourth "
-      "decimal."
-  )
-  groups = table_runs(runs, best)
+def _table1_rows(groups, best, paper_vals) -> tuple[list[str], dict]:
+  """The Table 1 comparison's markdown lines, and per method with runs
+  (mean loss, paired mean difference to AdamW, its 95% interval, pairs)."""
   adamw = {r.seed: r.loss for r in groups.get("adamw", [])}
   stats_by = {}
   rows = [
@@ -508,17 +495,12 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
         f"| {ci} | {paper_vals[m]:.2f} | "
         f"{paper_vals[m] - paper_vals['adamw']:+.2f} |"
     )
-  if len(stats_by) < 2:
-    return (
-        Claim(
-            "Table 1: the ordering of the five methods",
-            paper,
-            "not run yet",
-            UNSURE,
-            "\n".join(rows),
-        ),
-        stats_by,
-    )
+  return rows, stats_by
+
+
+def _table1_verdict(stats_by, paper_vals) -> tuple[str, dict, list]:
+  """(the whole ordering's verdict, each method's against AdamW, the
+  methods by mean loss)."""
   verdicts = {}
   for m, (_, _, lo, hi, _) in stats_by.items():
     if m != "adamw":
@@ -532,6 +514,17 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
     verdict = FAILS
   else:
     verdict = UNSURE
+  return verdict, verdicts, order
+
+
+def claim_table1(runs, best) -> tuple[Claim, dict]:
+  paper_vals = {
+      m: published.value("table1", method=m) for m in ("adamw",) + METHODS
+  }
+  rows, stats_by = _table1_rows(table_runs(runs, best), best, paper_vals)
+  if len(stats_by) < 2:
+    return _claim("table1", "not run yet", UNSURE, "\n".join(rows)), stats_by
+  verdict, verdicts, order = _table1_verdict(stats_by, paper_vals)
   ours = (
       "mean eval loss, best first: "
       + " < ".join(f"{LABEL[m]} {stats_by[m][0]:.4f}" for m in order)
@@ -549,23 +542,12 @@ def claim_table1(runs, best) -> tuple[Claim, dict]:
       "if every method holds and the means are in the paper's order."
   )
   return (
-      Claim(
-          "Table 1: the ordering of the five methods",
-          paper,
-          ours,
-          verdict,
-          rule + "\n\n" + "\n".join(rows),
-      ),
+      _claim("table1", ours, verdict, rule + "\n\n" + "\n".join(rows)),
       stats_by,
   )
 
 
 def claim_rho(runs, noise: float) -> tuple[Claim, dict]:
-  paper = (
-      "Figure 3 (23.9M, equal compute): SAM is worse than AdamW at "
-      "every rho > 0 and degrades as rho grows; Precond Func-SAM, at "
-      "the same cost, improves on AdamW over a range of larger rho."
-  )
   base = _find(runs, method="adamw", seed=TUNING_SEED)
   curves = {}
   for m in ("sam", "precond_functional_sam"):
@@ -581,10 +563,7 @@ def claim_rho(runs, noise: float) -> tuple[Claim, dict]:
       or len(curves) < 2
       or any(len(v) < len(GRID[m]) for m, v in curves.items())
   ):
-    return (
-        Claim("Figure 3: eval loss against rho", paper, "not run yet", UNSURE),
-        curves,
-    )
+    return _claim("rho", "not run yet", UNSURE), curves
   ref = base.loss
   sam = np.asarray([l for _, l in curves["sam"]]) - ref
   pf = np.asarray([l for _, l in curves["precond_functional_sam"]]) - ref
@@ -621,39 +600,33 @@ def claim_rho(runs, noise: float) -> tuple[Claim, dict]:
       f"that somewhere or Precond Func-SAM is above everywhere.\n\n"
       "![eval loss against rho](miniature_rho.png)"
   )
-  return (
-      Claim("Figure 3: eval loss against rho", paper, ours, verdict, detail),
-      curves,
-  )
+  return _claim("rho", ours, verdict, detail), curves
 
 
-def claim_sharpness(runs, best) -> Claim:
-  paper = (
-      "Table 4 (23.9M, Chinchilla): every sharpness-aware method ends "
-      "with a lower lambda_max(H), tr(H) and tr(H_G) than AdamW, and "
-      "SAM with the lowest lambda_max."
-  )
-  groups = table_runs(runs, best)
-  keys = ("lambda_max", "hessian_trace", "ggn_trace")
-  vals = {}
+SHARPNESS = ("lambda_max", "hessian_trace", "ggn_trace")
+
+
+def _sharpness_values(groups) -> dict:
+  """{method: {measure: [per seed], "seeds": [...]}} of the runs analysed."""
+  keys, vals = SHARPNESS, {}
   for m, rs in groups.items():
     got = [r.sharpness for r in rs]
     got = [g for g in got if g and all(k in g for k in keys)]
     if got:
       vals[m] = {k: [g[k] for g in got] for k in keys}
       vals[m]["seeds"] = [r.seed for r, g in zip(rs, got)]
+  return vals
+
+
+def claim_sharpness(runs, best) -> Claim:
+  keys, vals = SHARPNESS, _sharpness_values(table_runs(runs, best))
   if "adamw" not in vals or len(vals) < 2:
-    return Claim(
-        "Table 4: sharpness of the final solutions",
-        paper,
-        "not analysed yet",
-        UNSURE,
-    )
-  rows = [
+    return _claim("sharpness", "not analysed yet", UNSURE)
+  rows = _table(
       "| method | lambda_max(H) | tr(H) | tr(H_G) | below AdamW in "
       "lambda_max / tr(H) / tr(H_G) (seeds) |",
-      "|---|---|---|---|---|",
-  ]
+      [],
+  )
   lower_all, n_compared, higher_all = True, 0, False
   for m, v in vals.items():
     counts = []
@@ -684,24 +657,18 @@ def claim_sharpness(runs, best) -> Claim:
   )
   detail = (
       "Final checkpoints of the Table 1 runs, `nanodo-sam analyze` "
-      f"({' '.join(ANALYZE_FLAGS)}) on 8 fixed validation rows, means "
+      f"({' '.join(f'--{k}={v}' for k, v in ANALYZE.items())}) on 8 fixed validation rows, means "
       "over seeds. Rule: holds if every method is below AdamW in all "
       "three measures in every seed and SAM has the lowest mean "
       "lambda_max; does not hold if some method is above AdamW in "
       "every seed for some measure; inconclusive otherwise.\n\n"
       + "\n".join(rows)
   )
-  return Claim(
-      "Table 4: sharpness of the final solutions", paper, ours, verdict, detail
-  )
+  return _claim("sharpness", ours, verdict, detail)
 
 
-def claim_pruning(runs, best) -> tuple[Claim, dict]:
-  paper = (
-      "Figure 5: under one-shot global magnitude pruning the "
-      "sharpness-aware methods degrade more gracefully than AdamW."
-  )
-  groups = table_runs(runs, best)
+def _prune_curves(groups) -> dict:
+  """{method: {seed: {fraction pruned: eval loss}}} of the runs pruned."""
   curves = {}
   for m, rs in groups.items():
     per_seed = {}
@@ -713,19 +680,24 @@ def claim_pruning(runs, best) -> tuple[Claim, dict]:
         }
     if per_seed:
       curves[m] = per_seed
+  return curves
+
+
+def claim_pruning(runs, best) -> tuple[Claim, dict]:
+  curves = _prune_curves(table_runs(runs, best))
   if "adamw" not in curves or len(curves) < 2:
-    return Claim("Figure 5: pruning", paper, "not analysed yet", UNSURE), {}
+    return _claim("pruning", "not analysed yet", UNSURE), {}
   top = max(PRUNE_FRACTIONS)
 
   def rise(per_seed, seed):
     c = per_seed[seed]
     return c[top] - c[0.0]
 
-  rows = [
+  rows = _table(
       "| method | loss rise at " + f"{top:.0%} pruned (mean) | seeds "
       "with a smaller rise than AdamW |",
-      "|---|---|---|",
-  ]
+      [],
+  )
   smaller_all, larger_all = True, True
   for m, per_seed in curves.items():
     rises = [rise(per_seed, s) for s in per_seed]
@@ -758,7 +730,7 @@ def claim_pruning(runs, best) -> tuple[Claim, dict]:
       + "\n\n![eval loss against pruned fraction]"
       "(miniature_pruning.png)"
   )
-  return Claim("Figure 5: pruning", paper, ours, verdict, detail), curves
+  return _claim("pruning", ours, verdict, detail), curves
 
 
 # --------------------------------------------------------------- figures
@@ -851,9 +823,7 @@ def study_time(runs: list, analysis: dict) -> dict:
 def setup_text(cfg: dict, train_tokens: int | None) -> str:
   """The scaled-down setup, from a run's config.json."""
   m, d, o = cfg["model"], cfg["data"], cfg["opt"]
-  n_params = (
-      m["N"] * (4 * m["D"] ** 2 + 2 * m["D"] * m["F"] + 2 * m["D"]) + m["D"]
-  )
+  n_params = model_lib.non_embedding_params(ml_collections.ConfigDict(m))
   tokens = d["batch_size"] * m["L"] * o["num_train_steps"]
   epochs = (
       f", {tokens / train_tokens:.2f} epochs of the subset's "
@@ -889,7 +859,6 @@ def setup_text(cfg: dict, train_tokens: int | None) -> str:
 def train_tokens(cfg: dict) -> int | None:
   """Tokens in one pass of the training split, framed as in training."""
   try:
-    import ml_collections
     from nanodo_sam import data as data_lib
 
     c = ml_collections.ConfigDict(cfg)
@@ -950,43 +919,6 @@ def render(claims: list[Claim], times: dict, out_dir: str, setup: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("out", help="the sweep's output folder (runs/miniature)")
-  p.add_argument(
-      "--doc",
-      default=os.path.join(config_lib.REPO_ROOT, "docs", "miniature.md"),
-  )
-  p.add_argument(
-      "--figures",
-      default="",
-      help="folder for the PNGs (default: the doc's folder)",
-  )
-  p.add_argument(
-      "--no-analyze",
-      action="store_true",
-      help="do not run analyze / prune-eval on missing runs",
-  )
-  return p
-
-
-def _read_memo(out: str) -> tuple[str, dict]:
-  """(path, what the report measured before: analysis seconds per run, the
-  training split's token count), so a second call repeats nothing."""
-  path = os.path.join(out, "miniature_report.json")
-  memo = {"analysis_seconds": {}, "train_tokens": None}
-  if os.path.isfile(path):
-    with open(path) as f:
-      memo.update(json.load(f))
-  return path, memo
-
-
-def _save_memo(path: str, memo: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(memo, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
 def _seed_noise(runs, best) -> float:
   """The rms over methods of the seed std of (method - AdamW) losses."""
   groups = table_runs(runs, best)
@@ -1036,37 +968,24 @@ def _claims_and_figures(runs, best, fig_dir: str) -> list[Claim]:
   return [c1, c2, c3, c4, c5, c6, c7]
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
-  if not os.path.isdir(args.out):
-    print(
-        f"miniature: error: {args.out!r} is not a directory; pass the "
-        "sweep's output folder, e.g. runs/miniature",
-        file=sys.stderr,
-    )
-    return 2
-  fig_dir = args.figures or os.path.dirname(os.path.abspath(args.doc))
-  runs = load_runs(args.out)
-  best = best_rhos(args.out)
-  memo_path, memo = _read_memo(args.out)
-  spent = memo["analysis_seconds"]
-  if not args.no_analyze:
-    todo = [r for rs in table_runs(runs, best).values() for r in rs]
-    for path, s in ensure_analysis(todo).items():
-      spent[path] = spent.get(path, 0.0) + s
-      _save_memo(memo_path, memo)
-    runs = load_runs(args.out)  # With the new sharpness.json / prune.json.
-  claims = _claims_and_figures(runs, best, fig_dir)
+def write_report(
+    out: str, doc: str, fig_dir: str, analysis_s: dict, tokens: int | None
+) -> list[Claim]:
+  """Writes the report of the runs under `out` to `doc` and its figures to
+  `fig_dir`; returns the claims. `analysis_s`: seconds analyze and
+  prune-eval took per run directory; `tokens`: the training split's token
+  count (`train_tokens`), None when unknown."""
+  runs = load_runs(out)
+  claims = _claims_and_figures(runs, best_rhos(out), fig_dir)
   t5_cfg = next((r.config for r in runs if not _byte(r)), None)
-  if t5_cfg and memo["train_tokens"] is None:
-    memo["train_tokens"] = train_tokens(t5_cfg)
-    _save_memo(memo_path, memo)
-  setup = setup_text(t5_cfg, memo["train_tokens"]) if t5_cfg else ""
-  text = render(claims, study_time(runs, spent), args.out, setup)
-  os.makedirs(os.path.dirname(os.path.abspath(args.doc)), exist_ok=True)
-  with open(args.doc, "w") as f:
+  setup = setup_text(t5_cfg, tokens) if t5_cfg else ""
+  text = render(claims, study_time(runs, analysis_s), out, setup)
+  os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
+  with open(doc, "w") as f:
     f.write(text)
-  print(f"wrote {args.doc}")
-  for c in claims:
-    print(f"- {c.title}: {c.verdict}")
-  return 0
+  return claims
+
+
+def t5_config(out: str) -> dict | None:
+  """The config of a finished run under `out` with the T5 vocabulary."""
+  return next((r.config for r in load_runs(out) if not _byte(r)), None)

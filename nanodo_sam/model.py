@@ -108,7 +108,7 @@ def from_config(cfg) -> DoConfig:
       remat=m.remat,
       kernel_init=m.kernel_init,
       residual_dtype=m.residual_dtype,
-      attention=m.get("attention", "xla"),
+      attention=keys.of(m, "model.attention"),
   )
 
 
@@ -122,6 +122,11 @@ def embedding_params(cfg) -> int:
   """(V + L) D: the token embedding (tied with the output layer) and the
   learned positions. `cfg`: anything with V, L and D."""
   return (cfg.V + cfg.L) * cfg.D
+
+
+def total_params(cfg) -> int:
+  """Every parameter: `non_embedding_params` + `embedding_params`."""
+  return non_embedding_params(cfg) + embedding_params(cfg)
 
 
 def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:

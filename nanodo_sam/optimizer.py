@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanodo_sam import keys
 from nanodo_sam.errors import UsageError
 
 # An unset init/final learning rate is this fraction of the peak (Nanodo's
@@ -62,13 +63,13 @@ def learning_rate_schedule(opt_cfg) -> optax.Schedule:
 def decay_coefficient(opt_cfg) -> float:
   """The weight decay handed to optax (which multiplies it by the rate)."""
   wd = opt_cfg.weight_decay
-  if opt_cfg.get("independent_weight_decay", False):
+  if keys.of(opt_cfg, "opt.independent_weight_decay"):
     return wd / opt_cfg.peak_learning_rate if wd else 0.0
   return wd
 
 
 def exclusion_names(opt_cfg) -> tuple[str, ...]:
-  names = opt_cfg.get("weight_decay_exclusions", "") or ""
+  names = keys.of(opt_cfg, "opt.weight_decay_exclusions") or ""
   return tuple(n.strip() for n in names.split(",") if n.strip())
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from nanodo_sam import keys
 from nanodo_sam.errors import UsageError
 
 EMBEDDINGS = ("embed", "pos_embed")
@@ -164,7 +165,7 @@ def write_prune_json(workdir: str, rows, *, step: int, cfg=None) -> str:
     out.update(
         method=cfg.sam.method,
         rho=cfg.sam.rho,
-        model_size_name=cfg.model.get("size_name", ""),
+        model_size_name=keys.of(cfg.model, "model.size_name"),
         seed=cfg.seed,
     )
   path = os.path.join(workdir, "prune.json")

@@ -191,8 +191,8 @@ def _check_same_run(cfg, old, workdir: str) -> None:
         f"{old_model.get(k)} there, {new_model.get(k)} now); use a new "
         "--workdir or the same model config"
     )
-  old_reuse = bool(old.sam.get("reuse", False))
-  if old_reuse != bool(cfg.sam.get("reuse", False)):
+  old_reuse = bool(keys.of(old.sam, "sam.reuse"))
+  if old_reuse != bool(keys.of(cfg.sam, "sam.reuse")):
     raise UsageError(
         f"workdir {workdir!r} holds a run with sam.reuse={old_reuse}, whose "
         "checkpoints have a different train state; use a new --workdir or "

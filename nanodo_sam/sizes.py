@@ -65,7 +65,9 @@ def embedding_params(name: str, V: int = 32101, L: int = 512) -> int:
 
 
 def total_params(name: str, V: int = 32101, L: int = 512) -> int:
-  return non_embedding_params(name) + embedding_params(name, V, L)
+  return model_lib.total_params(
+      types.SimpleNamespace(V=V, L=L, **SIZES[resolve(name)])
+  )
 
 
 def apply(c, name: str):

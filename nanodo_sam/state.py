@@ -59,6 +59,9 @@ class Setup:
   # sharpness diagnostics differentiate it forward-over-reverse, and cuDNN's
   # attention kernel has no forward-mode derivative.
   diagnostics_logits_fn: LogitsFn
+  # The output layer of that model, with the mesh's batch sharding: the
+  # diagnostics run each product on every device's own rows and chunk it.
+  diagnostics_head: OutputHead
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
   state_sharding: Any
@@ -85,7 +88,9 @@ def _init_fn(cfg, model, tx):
     params = model.init(init_rng, jnp.zeros((1, cfg.model.L), jnp.int32))[
         "params"
     ]
-    reuse = sam_lib.reuse_init(params) if cfg.sam.get("reuse", False) else None
+    reuse = (
+        sam_lib.reuse_init(params) if keys.of(cfg.sam, "sam.reuse") else None
+    )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -120,7 +125,7 @@ def setup(cfg, before_compile: Callable[[], None] | None = None) -> Setup:
   logits_fn = sharding.pin_params(
       model_lib.make_logits_fn(model), state_sharding.params, cast
   )
-  chunk = cfg.model.get("head_chunk_tokens", keys.HEAD_CHUNK_TOKENS)
+  chunk = keys.of(cfg.model, "model.head_chunk_tokens")
   head = sharding.pin_head(
       model_lib.output_head(model)._replace(chunk_tokens=chunk),
       state_sharding.params,
@@ -130,12 +135,16 @@ def setup(cfg, before_compile: Callable[[], None] | None = None) -> Setup:
   diagnostics_logits_fn = sharding.pin_params(
       model_lib.make_logits_fn(exact), state_sharding.params
   )
+  diagnostics_head = model_lib.output_head(exact)._replace(
+      batch_sharding=sharding.batch_sharding(mesh)
+  )
   s = Setup(
       cfg,
       model,
       logits_fn,
       head,
       diagnostics_logits_fn,
+      diagnostics_head,
       tx,
       mesh,
       state_sharding,
@@ -157,7 +166,7 @@ def memory_budget(cfg) -> int:
   """Bytes a compiled step may use on one device: mesh.device_memory_gb GiB
   x XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) when set (> 0), else what
   the device itself reports (`device_memory`)."""
-  gb = float(cfg.mesh.get("device_memory_gb", 0.0) or 0.0)
+  gb = float(keys.of(cfg.mesh, "mesh.device_memory_gb") or 0.0)
   if gb > 0:
     fraction = float(
         os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
@@ -267,7 +276,7 @@ def check_step_memory(s: Setup, compiled, kind: str) -> None:
   where = (
       f"mesh.device_memory_gb={s.cfg.mesh.device_memory_gb:g} x "
       f"{budget / (s.cfg.mesh.device_memory_gb * GiB):.2f}"
-      if s.cfg.mesh.get("device_memory_gb", 0)
+      if keys.of(s.cfg.mesh, "mesh.device_memory_gb")
       else "a device's memory"
   )
   raise UsageError(

@@ -15,6 +15,7 @@ import jax
 import optax
 
 from nanodo_sam import distribute
+from nanodo_sam import keys
 from nanodo_sam import model as model_lib
 from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
@@ -35,14 +36,7 @@ def make_train_step(s, method: str, correct: bool = False):
   cfg = s.cfg
   sam_cfg = cfg.sam
   schedule = optimizer_lib.learning_rate_schedule(cfg.opt)
-  reuse_on = bool(sam_cfg.get("reuse", False))
-  store = reuse_on and not sam_lib.is_plain(method)
-  if correct and not (sam_lib.is_plain(method) and reuse_on):
-    raise ValueError(
-        f"correct=True is the sam.reuse step: method "
-        f"{sam_lib.PLAIN!r} with sam.reuse on"
-    )
-
+  store = _check_reuse(sam_cfg, method, correct)
   groups = device_groups(s)
   gradient = distribute.strategy(
       method,
@@ -79,22 +73,36 @@ def make_train_step(s, method: str, correct: bool = False):
     if correct:
       grads = sam_lib.reuse_correction(out.grads, reuse.delta, reuse.grad_norm)
       metrics = dict(metrics, cosine=sam_lib.cosine(grads, out.grads), rho=rho)
-    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(
-        metrics,
-        loss=out.loss,
-        learning_rate=schedule(state.step),
-        update_norm=tree_math.norm(updates),
-    )
-    return (
-        state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, reuse=reuse
-        ),
-        metrics,
-    )
+    metrics = dict(metrics, loss=out.loss, learning_rate=schedule(state.step))
+    return _update(s.tx, state, grads, metrics, reuse)
 
   return step_fn
+
+
+def _check_reuse(sam_cfg, method: str, correct: bool) -> bool:
+  """Whether the step stores `sam.Reuse` (sam.reuse on, a SAM-family
+  method); ValueError if `correct` is asked of any step but the plain one
+  with sam.reuse on."""
+  reuse_on = bool(keys.of(sam_cfg, "sam.reuse"))
+  if correct and not (sam_lib.is_plain(method) and reuse_on):
+    raise ValueError(
+        f"correct=True is the sam.reuse step: method "
+        f"{sam_lib.PLAIN!r} with sam.reuse on"
+    )
+  return reuse_on and not sam_lib.is_plain(method)
+
+
+def _update(tx, state, grads, metrics: dict, reuse):
+  """(the next TrainState: the optimizer's update of `grads` applied, step
+  + 1, `reuse` carried; `metrics` with the update's norm)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return (
+      state.replace(
+          step=state.step + 1, params=params, opt_state=opt_state, reuse=reuse
+      ),
+      dict(metrics, update_norm=tree_math.norm(updates)),
+  )
 
 
 def device_groups(s) -> distribute.Groups | None:

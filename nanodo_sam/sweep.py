@@ -156,7 +156,7 @@ def resolve_config(config: str) -> str:
   """Checks the config file exists (`config.find_config_file`); returns it
   relative to the repository when it lies inside it (commands run from the
   repository root)."""
-  path, arg = config_lib.find_config_file(config)
+  path, arg = config_lib.find_config_file(config, root=REPO_ROOT)
   if path.startswith(REPO_ROOT + os.sep):
     path = os.path.relpath(path, REPO_ROOT)
   return path + (f":{arg}" if arg else "")
@@ -277,7 +277,7 @@ def load_sweep(
         resolve_config(overrides["config"]) if "config" in overrides else config
     )
     if run_config not in loaded:
-      loaded[run_config] = config_lib.load_config_file(run_config)
+      loaded[run_config] = config_lib.load_config_file(run_config, REPO_ROOT)
       check_keys(loaded[run_config], common, f"{path}: overrides")
     check_keys(
         loaded[run_config],
@@ -356,6 +356,42 @@ def _result_line(run: Run, rc: int) -> str:
     return "no results.json (see train.log)"
 
 
+def _report_end(run: Run, rc: int, where: str, t_run: float) -> bool:
+  """Prints how a run's process ended; returns whether the run is done."""
+  done = is_done(run)
+  state = (
+      "done"
+      if done
+      else "stopped"
+      if rc == EXIT_PREEMPTED
+      else f"FAILED (exit {rc})"
+  )
+  print(
+      f"{where} {state} {run.name}: {_result_line(run, rc)} "
+      f"({time.time() - t_run:.0f}s)",
+      flush=True,
+  )
+  return done
+
+
+def _stop(active) -> None:
+  """Ctrl-C: each active (run, proc, log, t, i) finishes its step and
+  writes a checkpoint (exit 75), or is killed after STOP_GRACE_S."""
+  for _, proc, _, _, _ in active:
+    proc.send_signal(signal.SIGINT)
+  for _, proc, log, _, _ in active:
+    try:
+      proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    log.close()
+  print(
+      "interrupted; launch again to resume (finished runs are skipped, "
+      "stopped ones resume from their checkpoint)",
+      file=sys.stderr,
+  )
+
+
 def run_local(
     sweep: Sweep,
     out: str,
@@ -402,34 +438,9 @@ def run_local(
           continue
         log.close()
         del active[key]
-        done = is_done(run)
-        failed += not done
-        state = (
-            "done"
-            if done
-            else "stopped"
-            if rc == EXIT_PREEMPTED
-            else f"FAILED (exit {rc})"
-        )
-        print(
-            f"[{i}/{total}] {state} {run.name}: {_result_line(run, rc)} "
-            f"({time.time() - t_run:.0f}s)",
-            flush=True,
-        )
+        failed += not _report_end(run, rc, f"[{i}/{total}]", t_run)
   except KeyboardInterrupt:
-    for _, proc, _, _, _ in active.values():
-      proc.send_signal(signal.SIGINT)
-    for _, proc, log, _, _ in active.values():
-      try:  # Each finishes its step and writes a checkpoint (exit 75).
-        proc.wait(timeout=STOP_GRACE_S)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-      log.close()
-    print(
-        "interrupted; launch again to resume (finished runs are skipped, "
-        "stopped ones resume from their checkpoint)",
-        file=sys.stderr,
-    )
+    _stop(active.values())
     raise
   print(
       f"sweep {sweep.name}: {total - failed} of {total} started runs "
@@ -622,6 +633,12 @@ def _parser() -> argparse.ArgumentParser:
       help="environment variable for the runs, e.g. "
       "TFDS_DATA_DIR=gs://bucket/tensorflow_datasets",
   )
+  _backend_flags(p)
+  return p
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+  """The flags of the slurm and tpu backends."""
   p.add_argument(
       "--sbatch",
       action="append",
@@ -638,7 +655,6 @@ def _parser() -> argparse.ArgumentParser:
       help="tpu: repository checkout on the TPU VM (relative to "
       "the home directory, or absolute)",
   )
-  return p
 
 
 def _key_values(items: Sequence[str], what: str, key_re: str) -> dict:

@@ -34,6 +34,7 @@ from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
 from nanodo_sam import lm_eval_hook
+from nanodo_sam import keys
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -70,13 +71,9 @@ make_train_step = step_lib.make_train_step
 jit_train_step = step_lib.jit_train_step
 
 
-def jit_step(s: state_lib.Setup, kind: str):
-  """The jitted step for a `sam_schedule.step_kind`: the one `state.setup`
-  compiled when it fitted the microbatches (`Setup.steps`), else a new one
-  (through this module's `jit_train_step`)."""
-  if kind in s.steps:
-    return s.steps[kind]
-  return jit_train_step(s, *step_lib.kind_args(s.cfg, kind))
+# The jitted step of a `sam_schedule.step_kind` (`step.jit_step`: the one
+# `state.setup` compiled when it fitted the microbatches, else a new one).
+jit_step = step_lib.jit_step
 
 
 # --------------------------------------------------------------------- hooks
@@ -670,7 +667,7 @@ def _results(
       "phi": cfg.sam.phi,
       "peak_learning_rate": cfg.opt.peak_learning_rate,
       "model_size": n_params,
-      "model_size_name": cfg.model.get("size_name", "")
+      "model_size_name": keys.of(cfg.model, "model.size_name")
       or _format_size(n_params),
       "wall_seconds": wall_seconds,
       "train_seconds": train_seconds,

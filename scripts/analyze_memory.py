@@ -4,7 +4,7 @@
         [--devices=8] [--num_iters=20] [--num_probes=10] [--out=FILE.json]
 
 For each size of configs/c4_fixed_length.py, the function `analyze` jits
-(`diagnostics.sharpness_fn`: loss, the tau split along g and P^-1 g,
+(`analyze.compiled_memory`: loss, the tau split along g and P^-1 g,
 lambda_max by Lanczos, Hutchinson traces of H and H_G) is lowered on
 abstract inputs (nothing is allocated) on a mesh of `--devices` CPU devices
 with FSDP over all of them (the parameters, AdamW's moments, the Krylov basis
@@ -23,17 +23,22 @@ import os
 import sys
 import time
 
+# The paper's fixed-length config, beside this script's folder.
+CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)),
+    "..",
+    "configs",
+    "c4_fixed_length.py",
+)
+
 
 def measure(size: str, num_iters: int, num_probes: int) -> dict:
   import jax
-  import jax.numpy as jnp
-  from nanodo_sam import bench
+  from nanodo_sam import analyze
   from nanodo_sam import config as config_lib
-  from nanodo_sam import diagnostics
-  from nanodo_sam import sharding
-  from nanodo_sam import state as state_lib
+  from nanodo_sam import model as model_lib
 
-  cfg = config_lib.load_config_file(f"configs/c4_fixed_length.py:{size}")
+  cfg = config_lib.load_config_file(f"{CONFIG}:{size}")
   with cfg.unlocked():
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
     cfg.diagnostics.num_iters, cfg.diagnostics.num_probes = (
@@ -43,37 +48,18 @@ def measure(size: str, num_iters: int, num_probes: int) -> dict:
     # analyze runs no train step: no microbatch search, and a simulated CPU
     # device stands for an 80 GB GPU.
     cfg.grad_accumulation_steps, cfg.mesh.device_memory_gb = 1, 80.0
-  s = state_lib.setup(cfg)
-  rows = cfg.diagnostics.batch_size * cfg.diagnostics.num_batches
-  tokens = jax.ShapeDtypeStruct(
-      (rows, cfg.model.L), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
-  )
-  batch = {
-      "inputs": tokens,
-      "targets": tokens,
-      "weights": jax.ShapeDtypeStruct(
-          tokens.shape, jnp.float32, sharding=tokens.sharding
-      ),
-  }
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  fn = diagnostics.sharpness_fn(cfg, s)
   t0 = time.time()
-  compiled = (
-      jax.jit(fn)
-      .lower(s.abstract_state, batch, scalar, scalar, jax.random.key(0))
-      .compile()
-  )
-  params = sum(x.size for x in jax.tree.leaves(s.abstract_state.params))
+  memory = analyze.compiled_memory(cfg)
   return {
       "size": size,
-      "params": params,
+      "params": model_lib.total_params(cfg.model),
       "devices": jax.device_count(),
-      "batch_rows": rows,
+      "batch_rows": memory.pop("batch_rows"),
       "L": cfg.model.L,
       "num_iters": num_iters,
       "num_probes": num_probes,
       "compile_s": round(time.time() - t0, 1),
-      **{f"{k}_bytes": v for k, v in bench.memory_bytes(compiled).items()},
+      **{f"{k}_bytes": v for k, v in memory.items()},
   }
 
 

@@ -136,6 +136,38 @@ def plot(runs: list[dict], out: str, settle: float) -> None:
   figures.save(fig, out, dpi=90)
 
 
+COLUMNS = (
+    "lr",
+    "rho",
+    "from_step",
+    "points",
+    "lambda_max",
+    "sam_edge",
+    "two_over_lr",
+    "lambda_over_edge",
+    "lambda_over_two_over_lr",
+    "final_eval_loss",
+    "status",
+)
+
+
+def print_summary(rows: list[dict], table: bool) -> None:
+  """One line per run (COLUMNS as key=value), or a Markdown table."""
+  if table:
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+  for row in rows:
+    cells = [
+        f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+        for c in COLUMNS
+    ]
+    print(
+        ("| " + " | ".join(cells) + " |")
+        if table
+        else "  ".join(f"{c}={v}" for c, v in zip(COLUMNS, cells))
+    )
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("run_dirs", nargs="+")
@@ -173,33 +205,7 @@ def main(argv=None) -> int:
       args.out or figures.default_out(args.run_dirs, "edge_of_stability.png"),
       args.settle,
   )
-  rows = [summary(r, args.settle) for r in runs]
-  cols = (
-      "lr",
-      "rho",
-      "from_step",
-      "points",
-      "lambda_max",
-      "sam_edge",
-      "two_over_lr",
-      "lambda_over_edge",
-      "lambda_over_two_over_lr",
-      "final_eval_loss",
-      "status",
-  )
-  if args.table:
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-  for row in rows:
-    cells = [
-        f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
-        for c in cols
-    ]
-    print(
-        ("| " + " | ".join(cells) + " |")
-        if args.table
-        else "  ".join(f"{c}={v}" for c, v in zip(cols, cells))
-    )
+  print_summary([summary(r, args.settle) for r in runs], args.table)
   return 0
 
 

@@ -37,6 +37,51 @@ def rho_curve(runs):
   return points, sum(1 for m, _ in by_rho.values() if not math.isfinite(m))
 
 
+MARKERS = {
+    "sam": "s",
+    "precond_functional_sam": "o",
+    "precond_sam": "^",
+    "functional_sam": "D",
+}
+
+
+def draw_panel(ax, panel: tuple, groups: dict, relative: bool) -> None:
+  """One panel: each method's eval loss against rho (the plain step as a
+  line at rho = 0), less the best Precond Func-SAM's with `relative`."""
+  ref = 0.0
+  if relative:
+    pfs = runs_lib.best(groups.get(panel + ("precond_functional_sam",), []))
+    ref = pfs.mean if math.isfinite(pfs.mean) else 0.0
+  for g in sorted(g for g in groups if g[:3] == panel):
+    label = runs_lib.method_label(g[3])
+    if not runs_lib.perturbs(g[3]):
+      cell = runs_lib.best(groups[g])
+      if math.isfinite(cell.mean):
+        ax.axhline(
+            cell.mean - ref, color="k", ls="--", lw=1, label=f"{label} (ρ=0)"
+        )
+      continue
+    points, diverged = rho_curve(groups[g])
+    if diverged:
+      label += f" ({diverged} ρ diverged)"
+    if points:
+      xs, ms, ss = zip(*points)
+      ax.errorbar(
+          xs,
+          [m - ref for m in ms],
+          yerr=ss,
+          marker=MARKERS.get(g[3], "."),
+          capsize=3,
+          label=label,
+      )
+  ax.set_xscale("log")
+  ax.set_title(" / ".join(panel))
+  ax.set_xlabel("ρ")
+  ax.set_ylabel("eval loss" + (" − best Precond Func-SAM" if relative else ""))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR")
@@ -57,47 +102,8 @@ def main(argv=None) -> int:
   fig, axes = plt.subplots(
       1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
   )
-  markers = {
-      "sam": "s",
-      "precond_functional_sam": "o",
-      "precond_sam": "^",
-      "functional_sam": "D",
-  }
   for ax, panel in zip(axes[0], panels):
-    ref = 0.0
-    if args.relative:
-      pfs = runs_lib.best(groups.get(panel + ("precond_functional_sam",), []))
-      ref = pfs.mean if math.isfinite(pfs.mean) else 0.0
-    for g in sorted(g for g in groups if g[:3] == panel):
-      label = runs_lib.method_label(g[3])
-      if not runs_lib.perturbs(g[3]):
-        cell = runs_lib.best(groups[g])
-        if math.isfinite(cell.mean):
-          ax.axhline(
-              cell.mean - ref, color="k", ls="--", lw=1, label=f"{label} (ρ=0)"
-          )
-        continue
-      points, diverged = rho_curve(groups[g])
-      if diverged:
-        label += f" ({diverged} ρ diverged)"
-      if points:
-        xs, ms, ss = zip(*points)
-        ax.errorbar(
-            xs,
-            [m - ref for m in ms],
-            yerr=ss,
-            marker=markers.get(g[3], "."),
-            capsize=3,
-            label=label,
-        )
-    ax.set_xscale("log")
-    ax.set_title(" / ".join(panel))
-    ax.set_xlabel("ρ")
-    ax.set_ylabel(
-        "eval loss" + (" − best Precond Func-SAM" if args.relative else "")
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    draw_panel(ax, panel, groups, args.relative)
   out = args.out or figures.default_out(args.dirs, "rho.png")
   figures.save(fig, out)
   return 0

@@ -13,6 +13,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.pop("TFDS_DATA_DIR", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests compile hundreds of small programs on the CPU, where compiling
+# costs more than running: LLVM's optimisations off for every compile here
+# and in the subprocesses the tests start (as test_sharding's and
+# test_diagnostics_mesh's simulated meshes always had); the programs a test
+# compares are compiled with the same flags.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      os.environ.get("XLA_FLAGS", "").split()
+      + ["--xla_backend_optimization_level=0"]
+  )
 
 from nanodo_sam import data as _data  # noqa: E402  (after the environment)
 

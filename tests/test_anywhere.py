@@ -129,7 +129,7 @@ def test_missing_c4_is_the_first_and_only_line_on_stderr(tmp_path):
           "-m",
           "nanodo_sam.cli",
           "train",
-          "--config=configs/c4_fixed_length.py:2M",
+          f"--config={os.path.join(ROOT, 'configs', 'c4_fixed_length.py')}:2M",
           f"--workdir={workdir}",
       ],
       cwd=tmp_path,
@@ -223,6 +223,7 @@ def _old_style(workdir):
   json.dump(raw, open(path, "w"))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_an_old_run_directory_evaluates_and_resumes(
     tmp_path, monkeypatch, capsys
 ):
@@ -395,3 +396,53 @@ def test_a_wheel_carries_the_data_and_finds_it(tmp_path):
       hashlib.sha256(open(vocab, "rb").read()).hexdigest()
       == data_lib.T5_VOCAB_SHA256
   )
+  _configs_load_the_same_from(tmp_path / "site", cwd=tmp_path)
+
+
+def _configs_load_the_same_from(site, cwd):
+  """Every configs/*.py, given to the installed package (imported from
+  `site`, run in `cwd`, outside the checkout) as --config=PATH relative to
+  `cwd`, is the config the checkout loads; so is `nanodo-sam params`'s
+  count."""
+  folder = os.path.join(ROOT, "configs")
+  names = sorted(
+      f for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"
+  )
+  assert len(names) >= 8, names
+  paths = [os.path.relpath(os.path.join(folder, n), cwd) for n in names]
+  code = (
+      "import contextlib, io, json, sys\n"
+      "import nanodo_sam\n"
+      "from nanodo_sam import cli, config\n"
+      "out = {'package': nanodo_sam.__file__}\n"
+      "for path in sys.argv[1:]:\n"
+      "  out[path] = config.to_dict(config.load_config_file(path))\n"
+      "buf = io.StringIO()\n"
+      "with contextlib.redirect_stdout(buf):\n"
+      "  cli.main(['params', '--config=' + sys.argv[1]])\n"
+      "out['params'] = json.loads(buf.getvalue().splitlines()[-1])\n"
+      "print(json.dumps(out))"
+  )
+  p = subprocess.run(
+      [sys.executable, "-c", code, *paths],
+      cwd=cwd,
+      env=dict(os.environ, PYTHONPATH=str(site)),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert p.returncode == 0, p.stderr
+  out = json.loads(p.stdout.splitlines()[-1])
+  assert out.pop("package").startswith(str(site))
+  from nanodo_sam import model as model_lib
+
+  first = config_lib.load_config_file(os.path.join(folder, names[0]))
+  assert out.pop("params")["total_params"] == model_lib.total_params(
+      first.model
+  )
+  assert sorted(out) == sorted(paths)
+  for name, path in zip(names, paths):
+    here = config_lib.to_dict(
+        config_lib.load_config_file(os.path.join(folder, name))
+    )
+    assert out[path] == here, name

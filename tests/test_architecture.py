@@ -1,22 +1,25 @@
 """The package's shape, read from its source with `ast`: no import cycle
 among its modules (imports inside functions counted), no function over 60
-lines."""
+lines in the package or its scripts."""
 
 import ast
 import os
 
+import pytest
+
 import nanodo_sam
 
 PACKAGE = os.path.dirname(os.path.abspath(nanodo_sam.__file__))
+SCRIPTS = os.path.join(os.path.dirname(PACKAGE), "scripts")
 MAX_LINES = 60
 
 
-def _modules() -> dict[str, ast.Module]:
-  """{module name: its syntax tree} for every nanodo_sam/*.py."""
+def _modules(folder: str = PACKAGE) -> dict[str, ast.Module]:
+  """{module name: its syntax tree} for every FOLDER/*.py (nanodo_sam)."""
   out = {}
-  for name in sorted(os.listdir(PACKAGE)):
+  for name in sorted(os.listdir(folder)):
     if name.endswith(".py"):
-      with open(os.path.join(PACKAGE, name)) as f:
+      with open(os.path.join(folder, name)) as f:
         out[name[:-3]] = ast.parse(f.read(), filename=name)
   return out
 
@@ -96,19 +99,65 @@ def test_no_import_cycle():
   assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def _long_functions() -> list[str]:
+# Below the training loop: they see the model only through the logits_fn,
+# head and state they are given (docs/architecture.md, "Data flow").
+BELOW_THE_LOOP = (
+    "loss",
+    "sam",
+    "sam_schedule",
+    "sharpness",
+    "evaluate",
+    "diagnostics",
+    "sharding",
+    "optimizer",
+    "data",
+)
+ABOVE = {"model", "state", "train", "commands", "cli"}
+
+
+def test_layers_point_one_way():
+  """docs/architecture.md's layering claims, each checked."""
+  graph = _graph()
+  for name in BELOW_THE_LOOP:
+    assert not graph[name] & ABOVE, (name, graph[name] & ABOVE)
+  assert graph["checkpoint"] & ABOVE == {"state"}  # restore_run's Setup
+  assert graph["writers"] & ABOVE == set()
+  assert graph["writers"] & {"flops"} == {"flops"}
+  assert [m for m in graph if "cli" in graph[m]] == []
+  assert [m for m in graph if "commands" in graph[m]] == ["cli"]
+  scripts = {
+      name: _imports(tree, set(graph))
+      for name, tree in _modules(SCRIPTS).items()
+  }
+  assert "commands" in scripts["miniature"]  # On top of the commands.
+  for name, imported in scripts.items():
+    assert "cli" not in imported, name
+
+
+def _long_functions(folder: str) -> list[str]:
   out = []
-  for name, tree in _modules().items():
+  for name, tree in _modules(folder).items():
     for node in ast.walk(tree):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
         n = node.end_lineno - node.lineno + 1
         if n > MAX_LINES:
-          out.append(f"{name}.py:{node.lineno} {node.name} ({n} lines)")
+          where = os.path.basename(folder)
+          out.append(f"{where}/{name}.py:{node.lineno} {node.name} ({n} lines)")
   return out
 
 
-def test_no_function_over_60_lines():
-  long = _long_functions()
+def test_the_length_check_sees_the_scripts():
+  scripts = _modules(SCRIPTS)
+  assert "miniature" in scripts and "analyze_memory" in scripts
+  long = ast.parse("def f():\n" + "  x = 1\n" * MAX_LINES)
+  assert (long.body[0].end_lineno - long.body[0].lineno + 1) > MAX_LINES
+
+
+@pytest.mark.parametrize(
+    "folder", [PACKAGE, SCRIPTS], ids=["package", "scripts"]
+)
+def test_no_function_over_60_lines(folder):
+  long = _long_functions(folder)
   assert (
       not long
   ), f"{len(long)} functions over {MAX_LINES} lines: " + "; ".join(long)

@@ -146,18 +146,24 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, capsys):
 
 
 def test_config_file_found_from_any_directory(tmp_path, monkeypatch, capsys):
-  """--config=configs/x.py resolves from the working directory, then the
-  repository (config.find_config_file, as `nanodo-sam sweep` does); a missing
-  file is one line."""
+  """--config=PATH resolves from the working directory, whichever it is
+  (config.find_config_file guesses no repository root: a configs/x.py that
+  is not under the working directory is not found); a missing file is one
+  line."""
   monkeypatch.chdir(tmp_path)
+  quickstart = os.path.relpath(os.path.join(ROOT, "configs", "quickstart.py"))
   code, out, _ = _run(
       capsys,
       "params",
-      "--config=configs/quickstart.py:",
+      f"--config={quickstart}:",
       "--config.model.D=64",
       "--config.model.H=2",
   )
   assert code == 0 and json.loads(out.strip().splitlines()[-1])["total_params"]
+  code, _, err = _run(capsys, "params", "--config=configs/quickstart.py")
+  _assert_one_line_error(
+      code, err, "config file 'configs/quickstart.py' not found"
+  )
   code, _, err = _run(capsys, "params", "--config=configs/nope.py")
   _assert_one_line_error(code, err, "config file 'configs/nope.py' not found")
   code, _, err = _run(capsys, "params", "--config=configs/base.txt")

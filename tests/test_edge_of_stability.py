@@ -16,6 +16,7 @@ from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharpness
 from nanodo_sam import state as state_lib
+from nanodo_sam import step as step_lib
 from nanodo_sam import train as train_lib
 
 
@@ -34,6 +35,8 @@ def _opt_cfg(**kw):
           b2=0.95,
           eps=1e-8,
           clip_by_global_norm=0.0,
+          # The weight decay these tests check is optax's (x lr).
+          independent_weight_decay=False,
       )
   )
   c.update(kw)
@@ -142,7 +145,7 @@ def _spy_on_steps(monkeypatch):
 
     return call
 
-  monkeypatch.setattr(train_lib, "jit_train_step", spy)
+  monkeypatch.setattr(step_lib, "jit_train_step", spy)
   return used, passes, fns, batches
 
 

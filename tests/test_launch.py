@@ -60,7 +60,7 @@ def test_method_runs_grid_adamw_has_no_rho():
 
 def _config_for(run):
   """The resolved config of a run: its file's get_config(arg) + overrides."""
-  cfg = config_lib.load_config_file(run.config)
+  cfg = config_lib.load_config_file(run.config, sw.REPO_ROOT)
   for key, value in {**run.common, **run.overrides}.items():
     node, *path_, last = [cfg] + key.split(".")
     for p in path_:

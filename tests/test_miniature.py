@@ -58,7 +58,7 @@ def study(tmp_path_factory):
   mp.setattr(sweep, "EVAL_SEEDS", (1,))
   from nanodo_sam import miniature
 
-  mp.setattr(miniature, "ANALYZE_FLAGS", ("--num_iters=3", "--num_probes=2"))
+  mp.setattr(miniature, "ANALYZE", {"num_iters": 3, "num_probes": 2})
   out = tmp_path_factory.mktemp("miniature")
   runs = {}
 
@@ -89,7 +89,7 @@ def study(tmp_path_factory):
 
 
 def test_report_from_runs(study, tmp_path):
-  from nanodo_sam import miniature
+  from scripts import miniature  # The study's report, on top of the commands.
 
   out, runs, best, _ = study
   doc = tmp_path / "miniature.md"

@@ -38,6 +38,7 @@ def test_paper_sizes_have_exact_non_embedding_counts(dhn, expected):
   total = sum(int(np.prod(x.shape)) for _, x in leaves)
   assert total == expected + cfg.V * D + cfg.L * D  # tied output layer
   assert model_lib.embedding_params(cfg) == total - expected
+  assert model_lib.total_params(cfg) == total
 
 
 def test_no_biases_and_logical_axes_on_every_param():

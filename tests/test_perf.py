@@ -23,6 +23,7 @@ from nanodo_sam import sam
 from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
+from nanodo_sam import step as step_lib
 from nanodo_sam import train as train_lib
 from nanodo_sam import writers
 
@@ -306,7 +307,7 @@ def test_train_loop_reads_metrics_one_step_late(tmp_path, monkeypatch):
     events.append("get")
     return real_get(x)
 
-  monkeypatch.setattr(train_lib, "jit_train_step", jit_train_step)
+  monkeypatch.setattr(step_lib, "jit_train_step", jit_train_step)
   monkeypatch.setattr(jax, "device_get", device_get)
   assert train_lib.train(cfg, str(tmp_path))["status"] == "completed"
   gets = [i for i, e in enumerate(events) if e == "get"]
@@ -487,7 +488,7 @@ class _Device:
     self.device_kind = kind
 
 
-def test_peaks_mfu_and_the_progress_line_rates_by_hand():
+def test_peaks_mfu_and_the_progress_line_rates_by_hand(monkeypatch):
   for kind, peak in [
       ("NVIDIA H100 80GB HBM3", 989e12),
       ("NVIDIA H200", 989e12),
@@ -533,10 +534,15 @@ def test_peaks_mfu_and_the_progress_line_rates_by_hand():
   # Without a known peak (CPU): throughput and TFLOP/s, no MFU.
   cpu = writers.Progress(0, 100, 256 * 512, Writer(), per_token, 1, None)
   assert "perf/mfu" not in cpu.rates(1.5)
-  cpu.last_time -= 2.0  # Two seconds ago, at step 0.
+  # Step 0 at t = 1000 s, step 4 at t = 1002 s on the progress line's clock
+  # (not the machine's: the rate is what the code computes from them).
+  cpu.last_time = 1000.0
+  monkeypatch.setattr(writers.time, "time", lambda: 1002.0)
   cpu.log(4, {"loss": 3.0, "grad_norm": 1.0})
   ((step, scalars),) = written
-  assert step == 4 and 1.5 < scalars["perf/steps_per_sec"] < 2.0
+  assert step == 4 and scalars["perf/steps_per_sec"] == 2.0
+  assert scalars["perf/tokens_per_sec"] == 2.0 * 256 * 512
+  assert (cpu.last_step, cpu.last_time) == (4, 1002.0)
   assert scalars["perf/tflops_per_device"] == pytest.approx(
       per_token * scalars["perf/tokens_per_sec"] / 1e12
   )

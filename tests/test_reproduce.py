@@ -416,7 +416,7 @@ def test_reuse_sweep_and_its_table(tmp_path, capsys):
   )
   assert len(s.runs) == 16
   for run in s.runs:
-    cfg = config_lib.load_config_file(run.config)
+    cfg = config_lib.load_config_file(run.config, sw.REPO_ROOT)
     for key, value in {**run.common, **run.overrides}.items():
       node = cfg
       *path, last = key.split(".")

@@ -94,6 +94,7 @@ def test_short_tiny_shakespeare_run_lowers_eval_loss(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_interrupted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   """Preconditioned F-SAM every 3rd step with sam.reuse: the checkpoint at
   step 10 falls between two full steps, so the resumed run must restore the
@@ -292,6 +293,7 @@ def test_wandb_offline_logs_and_a_resumed_run_continues_its_wandb_run(
     assert run.name.endswith(f"-{run_id}") and list(run.glob("*.wandb"))
 
 
+@pytest.mark.slow  # End-to-end training runs.
 def test_hooks_fire_on_exactly_their_steps(tmp_path):
   """Hooks registered with every=3 over 10 steps fire at the step counts n
   they should, each seeing theta_n: BEFORE hooks with the batch step n takes,
