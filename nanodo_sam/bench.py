@@ -334,13 +334,7 @@ def run(
   _add_ratios(rows)
   result = {
       "date": datetime.date.today().isoformat(),
-      "hardware": {
-          "platform": device.platform,
-          "device_kind": device.device_kind,
-          "device_count": jax.device_count(),
-          "cpu": _cpu_model(),
-          "peak_flops": peak_flops(device),
-      },
+      "hardware": _hardware(device),
       "versions": {"jax": jax.__version__, "python": platform.python_version()},
       "steps": steps,
       "warmup_steps": WARMUP_STEPS,
@@ -365,6 +359,18 @@ def run(
     with open(out, "w") as f:
       json.dump(result, f, indent=2)
   return result
+
+
+def _hardware(device) -> dict:
+  """The machine a benchmark ran on: platform, device kind and count, CPU
+  model, peak FLOP/s."""
+  return {
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu": _cpu_model(),
+      "peak_flops": peak_flops(device),
+  }
 
 
 def _add_ratios(rows: list[dict]) -> None:

@@ -114,8 +114,6 @@ def _momentum(c, lr):
 
 
 OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "momentum": _momentum}
-# How tables and legends name each optimizer (and its plain step).
-LABELS = {"adamw": "AdamW", "sgd": "SGD", "momentum": "Momentum"}
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:

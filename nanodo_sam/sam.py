@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 
 from nanodo_sam import head as head_lib
-from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import tree_math
 from nanodo_sam.loss import LogitsFn, OutputHead
 
@@ -55,6 +54,8 @@ OPTIMIZERS_WITH_PRECOND = ("adamw",)
 # Optimizers whose state holds a first moment (Momentum-SAM's direction):
 # AdamW's mu, SGD with momentum's trace.
 OPTIMIZERS_WITH_MOMENTUM = ("adamw", "momentum")
+# How tables and legends name each optimizer's plain step (`label`).
+OPTIMIZER_LABELS = {"adamw": "AdamW", "sgd": "SGD", "momentum": "Momentum"}
 # Where eps points (`Method.direction`): along g (SAM), along T^2 g with T =
 # |theta| + eta (ASAM, Kwon et al. 2021), or against the optimizer's first
 # moment m (Momentum-SAM, Becker et al. 2024).
@@ -487,7 +488,7 @@ def label(method: str, optimizer: str = "adamw") -> str:
   named by its base optimizer ("AdamW", "SGD", "Momentum"), the others by
   the registry ("SAM", "Func-SAM", ...)."""
   if is_plain(method):
-    return optimizer_lib.LABELS.get(optimizer, optimizer)
+    return OPTIMIZER_LABELS.get(optimizer, optimizer)
   return METHODS[method].label
 
 

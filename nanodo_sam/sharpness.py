@@ -359,6 +359,26 @@ def _reduce_leaf(x, axes: tuple[str, ...], spec, mesh) -> jax.Array:
   return lax.psum(x, rest) if rest else x
 
 
+def _sum_params(tree, axes, pspecs, mesh):
+  """`tree` (a parameter-shaped share of the rows on `axes`) summed over the
+  devices: reduce-scattered into `pspecs`, or psum to every device."""
+  if pspecs is None:
+    return jax.tree.map(lambda x: lax.psum(x, axes), tree)
+  return jax.tree.map(
+      lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree, pspecs
+  )
+
+
+def _out_specs(name: str, pspecs):
+  """The shard_map out_specs of the product `name`: a replicated scalar for
+  ggn_quad, (scalar, parameters) for loss_grad, the parameters otherwise."""
+  spec = jax.sharding.PartitionSpec
+  params_out = spec() if pspecs is None else pspecs
+  return {"ggn_quad": spec(), "loss_grad": (spec(), params_out)}.get(
+      name, params_out
+  )
+
+
 def _chunked(
     name: str, head: OutputHead, chunk_tokens: int, params_sharding=None
 ):
@@ -381,18 +401,8 @@ def _chunked(
       if params_sharding is None
       else jax.tree.map(lambda s: s.spec, params_sharding)
   )
-
-  def sum_params(tree, mesh):
-    if pspecs is None:
-      return jax.tree.map(lambda x: lax.psum(x, axes), tree)
-    return jax.tree.map(
-        lambda x, sp: _reduce_leaf(x, axes, sp, mesh), tree, pspecs
-    )
-
-  params_out = spec() if pspecs is None else pspecs
-  out_specs = {"ggn_quad": spec(), "loss_grad": (spec(), params_out)}.get(
-      name, params_out
-  )
+  sum_params = lambda tree, mesh: _sum_params(tree, axes, pspecs, mesh)
+  out_specs = _out_specs(name, pspecs)
 
   def run(params, batch, v):
     rows = _Rows(local, batch, chunk_tokens)
@@ -642,6 +652,59 @@ def _ritz(alpha_K, beta_K, b, j, tol):
   return theta, s_K, done
 
 
+def _lanczos_init(params, rng, k: int, keep, keep_basis, dtype):
+  """Lanczos's first state (j, basis, alpha, beta, theta, s, done): the
+  [k, ...] basis stacks hold a random unit vector first, zeros after."""
+  q0 = keep(_random_like(rng, params, jax.random.normal))
+  q0 = jax.tree.map(lambda x: x / tree_math.norm(q0), q0)
+  basis_K = keep_basis(
+      jax.tree.map(
+          lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0
+      )
+  )
+  zeros_K = jnp.zeros((k,), dtype)
+  zero, done = jnp.zeros((), dtype), jnp.array(False)
+  return jnp.int32(0), basis_K, zeros_K, zeros_K, zero, zeros_K, done
+
+
+def _orthogonalize(basis_K, w, keep):
+  """`w` less its projection on the basis: classical Gram-Schmidt twice
+  (unused rows of the basis are zero)."""
+  for _ in range(2):
+    w = jax.tree.map(
+        jnp.subtract,
+        w,
+        keep(_combination(basis_K, _coefficients(basis_K, w))),
+    )
+  return w
+
+
+def _lanczos_body(matvec, keep, keep_basis, tol: float, dtype):
+  """One Lanczos iteration (`lambda_max`'s while-loop body): the product
+  with the j-th basis vector, reorthogonalised; alpha_j, beta_j, the next
+  basis vector and the Ritz pair so far."""
+
+  def body(state):
+    j, basis_K, alpha_K, beta_K, _, _, _ = state
+    q = keep(jax.tree.map(lambda b: b[j], basis_K))
+    w = keep(matvec(q))
+    alpha_K = alpha_K.at[j].set(tree_math.vdot(q, w))
+    w = _orthogonalize(basis_K, w, keep)
+    b = tree_math.norm(w)
+    theta, s_K, done = _ritz(alpha_K, beta_K, b, j, tol)
+    tiny = jnp.finfo(dtype).tiny
+    basis_K = keep_basis(
+        jax.tree.map(
+            lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
+            basis_K,
+            w,
+        )
+    )
+    return j + 1, basis_K, alpha_K, beta_K.at[j].set(b), theta, s_K, done
+
+  return body
+
+
 def lambda_max(
     params,
     batch: Batch,
@@ -674,63 +737,26 @@ def lambda_max(
   keep = lambda t: _keep(t, params_sharding)
   keep_basis = lambda t: _keep(t, params_sharding, stacked=True)
 
-  q0 = keep(_random_like(rng, params, jax.random.normal))
-  q0 = jax.tree.map(lambda x: x / tree_math.norm(q0), q0)
-  basis_K = keep_basis(
-      jax.tree.map(
-          lambda q: jnp.zeros((k,) + q.shape, q.dtype).at[0].set(q), q0
-      )
-  )
-  zeros_K = jnp.zeros((k,), dtype)
+  init = _lanczos_init(params, rng, k, keep, keep_basis, dtype)
 
   def cond(state):
     j, _, _, _, _, _, done = state
     return (j < k) & ~done
 
-  def body(state):
-    j, basis_K, alpha_K, beta_K, _, _, _ = state
-    q = keep(jax.tree.map(lambda b: b[j], basis_K))
+  def matvec(q):
     # params tied to this iteration: else XLA hoists the product's gather of
     # the whole parameters out of the loop and holds it across every step.
-    w = keep(
-        hvp(
-            keep(_after(params, q)),
-            batch,
-            q,
-            logits_fn=logits_fn,
-            head=head,
-            chunk_tokens=chunk_tokens,
-            params_sharding=params_sharding,
-        )
+    return hvp(
+        keep(_after(params, q)),
+        batch,
+        q,
+        logits_fn=logits_fn,
+        head=head,
+        chunk_tokens=chunk_tokens,
+        params_sharding=params_sharding,
     )
-    alpha_K = alpha_K.at[j].set(tree_math.vdot(q, w))
-    for _ in range(2):  # classical Gram-Schmidt twice; unused rows are zero
-      w = jax.tree.map(
-          jnp.subtract,
-          w,
-          keep(_combination(basis_K, _coefficients(basis_K, w))),
-      )
-    b = tree_math.norm(w)
-    theta, s_K, done = _ritz(alpha_K, beta_K, b, j, tol)
-    tiny = jnp.finfo(dtype).tiny
-    basis_K = keep_basis(
-        jax.tree.map(
-            lambda B, x: B.at[j + 1].set(x / jnp.maximum(b, tiny), mode="drop"),
-            basis_K,
-            w,
-        )
-    )
-    return j + 1, basis_K, alpha_K, beta_K.at[j].set(b), theta, s_K, done
 
-  init = (
-      jnp.int32(0),
-      basis_K,
-      zeros_K,
-      zeros_K,
-      jnp.zeros((), dtype),
-      zeros_K,
-      jnp.array(False),
-  )
+  body = _lanczos_body(matvec, keep, keep_basis, tol, dtype)
   iters, basis_K, _, _, theta, s_K, _ = lax.while_loop(cond, body, init)
   y = keep(_combination(basis_K, s_K))
   y_norm = tree_math.norm(y)
@@ -868,74 +894,69 @@ def measure(
   _check_count("num_probes", num_probes, allow_zero=True)
   _check_lr_rho(lr, rho)
   eig_rng, trace_rng = jax.random.split(rng)
-  chunked = dict(head=head, chunk_tokens=chunk_tokens)
-  dec = decomposition(
-      params,
-      batch,
+  common = dict(
       logits_fn=logits_fn,
-      direction=direction,
       params_sharding=params_sharding,
-      **chunked,
+      head=head,
+      chunk_tokens=chunk_tokens,
   )
-  out = {
-      k: dec[k]
-      for k in ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross")
-  }
+  dec = decomposition(params, batch, direction=direction, **common)
+  names = ("loss", "grad_norm", "tau_logit", "tau_func", "tau_cross")
+  out = {k: dec[k] for k in names}
   if num_iters:
     params = _keep(_after(params, out), params_sharding)
     out["lambda_max"], _, _ = lambda_max(
-        params,
-        batch,
-        logits_fn=logits_fn,
-        num_iters=num_iters,
-        tol=tol,
-        rng=eig_rng,
-        params_sharding=params_sharding,
-        **chunked,
+        params, batch, num_iters=num_iters, tol=tol, rng=eig_rng, **common
     )
   if num_probes:
-    traces = dict(
-        logits_fn=logits_fn,
-        num_probes=num_probes,
-        rng=trace_rng,
-        params_sharding=params_sharding,
-        **chunked,
-    )
-    params = _keep(_after(params, out), params_sharding)
-    out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
-        params, batch, **traces
-    )
-    params = _keep(_after(params, out), params_sharding)
-    out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(
-        params, batch, **traces
-    )
+    traces = dict(num_probes=num_probes, rng=trace_rng, **common)
+    params = _traces_into(out, params, batch, traces)
   out["sam_edge"] = sam_edge(lr, rho, dec["grad_norm"])
   out["two_over_lr"] = 2.0 / jnp.asarray(lr, jnp.result_type(float))
   if precond is not None:
-    params32 = _keep(_upcast(_after(params, out)), params_sharding)
-    _, grad = loss_and_grad(
-        params32,
-        batch,
-        logits_fn=logits_fn,
-        params_sharding=params_sharding,
-        **chunked,
-    )
-    params32 = _keep(_after(params32, grad), params_sharding)
-    split = _split(
-        params32,
-        batch,
-        preconditioned(grad, _like(precond, params32)),
-        logits_fn,
-        _ops(logits_fn, head, chunk_tokens, params_sharding),
-        params_sharding,
-    )
-    out.update(
-        {
-            f"{k}_precond": split[k]
-            for k in ("tau_logit", "tau_func", "tau_cross")
-        }
-    )
+    out.update(_precond_taus(_after(params, out), batch, precond, **common))
   return out
+
+
+def _traces_into(out: dict, params, batch: Batch, traces: dict):
+  """Adds the Hessian and GGN traces (and their standard errors) to `out`,
+  each pass tied to the one before it; returns the parameters so tied."""
+  params_sharding = traces["params_sharding"]
+  params = _keep(_after(params, out), params_sharding)
+  out["hessian_trace"], out["hessian_trace_stderr"] = hessian_trace(
+      params, batch, **traces
+  )
+  params = _keep(_after(params, out), params_sharding)
+  out["ggn_trace"], out["ggn_trace_stderr"] = ggn_trace(params, batch, **traces)
+  return params
+
+
+def _precond_taus(
+    params, batch, precond, *, logits_fn, params_sharding, head, chunk_tokens
+) -> dict:
+  """tau_{logit,func,cross}_precond: the split along e = P^-1 g / ||P^-1 g||
+  at float32 parameters."""
+  params32 = _keep(_upcast(params), params_sharding)
+  _, grad = loss_and_grad(
+      params32,
+      batch,
+      logits_fn=logits_fn,
+      params_sharding=params_sharding,
+      head=head,
+      chunk_tokens=chunk_tokens,
+  )
+  params32 = _keep(_after(params32, grad), params_sharding)
+  split = _split(
+      params32,
+      batch,
+      preconditioned(grad, _like(precond, params32)),
+      logits_fn,
+      _ops(logits_fn, head, chunk_tokens, params_sharding),
+      params_sharding,
+  )
+  return {
+      f"{k}_precond": split[k] for k in ("tau_logit", "tau_func", "tau_cross")
+  }
 
 
 def edge_of_stability(
