@@ -24,6 +24,7 @@ from nanodo_sam import checkpoint
 from nanodo_sam import data as data_lib
 from nanodo_sam import data_check
 from nanodo_sam import evaluate
+from nanodo_sam import init_from
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import prune
@@ -89,7 +90,7 @@ def cmd_train(fv) -> None:
     cfg.workdir = workdir
   # Validated (once, by setup) before TensorFlow is imported: a bad config
   # or mesh is one line, fast; then the data is asked for, before compiles.
-  s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg))
+  s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg, workdir))
   # Lazy: the training loop's writers import TensorFlow (clu).
   from nanodo_sam import train as train_lib
   results = train_lib.train(cfg, workdir, stop=stop, setup=s)
@@ -100,9 +101,11 @@ def cmd_train(fv) -> None:
                 results["status"], 1))
 
 
-def _data_ready(cfg) -> None:
-  """The config's data is there (one line if not); TensorFlow, which the
-  check may import, is imported quietly first."""
+def _data_ready(cfg, workdir: str) -> None:
+  """The run's init_from source fits and the config's data is there (one
+  line if not); TensorFlow, which the check may import, is imported quietly
+  first."""
+  init_from.source(cfg, workdir)
   quiet_tensorflow()
   data_lib.check_available(cfg.data)
 

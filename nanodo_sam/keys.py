@@ -91,6 +91,11 @@ _RUN = (
     _int("seed", 0, 0, "Fixes init, training data order and RNG."),
     _str("workdir", "", "Run directory (or --workdir=DIR)."),
     _str("schedule_name", "", "fixed_length | chinchilla (for tables)."),
+    _str("init_from", "",
+         "DIR[:STEP]: start from that run's parameters (its newest "
+         "checkpoint, or STEP) with a fresh optimizer state, schedule and "
+         "step counter; the source is only read, and a resumed run resumes "
+         "from its own checkpoints (nanodo_sam/init_from.py)."),
 )
 _MODEL = (  # The Nanodo Transformer (nanodo_sam/model.py); 2M size.
     _int("model.D", 256, 1, "Width."),

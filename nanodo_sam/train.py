@@ -33,6 +33,7 @@ from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
+from nanodo_sam import init_from as init_from_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -396,6 +397,7 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
   s = setup or state_lib.setup(
       cfg, before_compile=lambda: data_lib.check_available(cfg.data))
   rundir.check_workdir(cfg, workdir)
+  init_from_lib.source(cfg, workdir)  # Bad init_from: one line, before disk.
   results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
     log.info("the run in %s has finished (%s at step %s); nothing to do (its "
@@ -446,6 +448,10 @@ def _open_run(cfg, workdir: str, s: state_lib.Setup,
     log.info("Resumed from step %d in %s", start, workdir)
   else:
     start, state = 0, state_lib.init_state(s, cfg.seed)
+    src = init_from_lib.source(cfg, workdir)
+    if src is not None:
+      state = state.replace(params=init_from_lib.load_params(
+          *src, s.abstract_state.params))
   rundir.write_config(workdir, cfg)
   history = rundir.history_until(workdir, start)
   writer = writers.make_writer(cfg, workdir)
