@@ -13,6 +13,7 @@ FROZEN_DEFAULTS = {
     'seed': 0,
     'workdir': '',
     'schedule_name': '',
+    'init_from': '',
     'model.D': 256,
     'model.H': 4,
     'model.N': 3,
