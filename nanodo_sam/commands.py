@@ -104,10 +104,11 @@ def cmd_train(fv) -> None:
 
 
 def _data_ready(cfg, workdir: str) -> None:
-  """The run's init_from source fits and the config's data is there (one
-  line if not); TensorFlow, which the check may import, is imported quietly
+  """The run's init_from source fits and the config's data (and its second
+  eval set's) is there (one line if not); TensorFlow, which the check may import, is imported quietly
   first."""
   init_from.source(cfg, workdir)
+  eval_data.check(cfg)
   quiet_tensorflow()
   data_lib.check_available(cfg.data)
 

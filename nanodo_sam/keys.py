@@ -258,6 +258,14 @@ _LOOP = (
          " (0: auto, the fewest microbatches that fit)"),
     _int("eval_every_steps", 500, 0, "0 = only at the end.",
          " (0: only at the end)"),
+    _str("eval_data_from", "",
+         "RUN|FILE: at every eval, also the eval set of that run "
+         "directory's (or config file's) data config, logged as "
+         "eval_<eval_data_name>/<metric>: the forgetting curve of a run "
+         "continued on other data (init_from). Same vocabulary."),
+    Key("eval_data_name", "other", "The second eval set's name in the logs.",
+        (str,), lambda v: v.isidentifier(),
+        "must be a name of letters, digits and _ (a log tag)"),
     _int("checkpoint_every_steps", 1000, 0, "0 = only at the end.",
          " (0: only at the end)"),
     _int("checkpoint_max_to_keep", 3, 1, "Checkpoints kept.",

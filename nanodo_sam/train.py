@@ -31,6 +31,7 @@ import numpy as np
 from nanodo_sam import checkpoint
 from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
+from nanodo_sam import eval_data
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
 from nanodo_sam import init_from as init_from_lib
@@ -205,6 +206,8 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
       Hook(_log_train(run), cfg.log_every_steps, when=METRICS, first=True),
       Hook(_diagnostics(diagnose), cfg.diagnostics.every_steps, when=BEFORE),
       Hook(_evaluate(run), cfg.eval_every_steps, flush=True, at_end=True),
+      *([Hook(_evaluate_other(run), cfg.eval_every_steps, at_end=True)]
+        if cfg.get("eval_data_from") else []),
       Hook(_save, cfg.checkpoint_every_steps, flush=True, at_end=True),
       *([Hook(_profile(cfg), 1, at_end=True)] if _profiled(cfg) else []),
   ]
@@ -296,6 +299,24 @@ def _evaluate(run: Run):
                          bad_step=n)
 
   return evaluate_hook
+
+
+def _evaluate_other(run: Run):
+  """Eval metrics on the second eval set (eval_data_from), logged as
+  eval_<eval_data_name>/<metric>."""
+  eval_step = evaluate.eval_step_for(run.setup)
+  name, batches = eval_data.other_eval_batches(run.cfg)
+
+  def evaluate_other_hook(run: Run, n: int) -> None:
+    if n == run.start:  # The end hooks again: logged before the restart.
+      return
+    metrics = evaluate.eval_metrics(eval_step, run.state.params, batches,
+                                    run.put)
+    run.writer.write_scalars(n, {f"eval_{name}/{k}": metrics[k]
+                                 for k in evaluate.METRICS})
+    log.info("step %d: eval loss on %s %.4f", n, name, metrics["loss"])
+
+  return evaluate_other_hook
 
 
 @jax.jit
@@ -398,6 +419,7 @@ def train(cfg, workdir: str, hooks: Sequence[Hook] = (),
       cfg, before_compile=lambda: data_lib.check_available(cfg.data))
   rundir.check_workdir(cfg, workdir)
   init_from_lib.source(cfg, workdir)  # Bad init_from: one line, before disk.
+  eval_data.check(cfg)  # A bad second eval set too.
   results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
     log.info("the run in %s has finished (%s at step %s); nothing to do (its "

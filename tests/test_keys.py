@@ -75,6 +75,8 @@ FROZEN_DEFAULTS = {
     'sam.rho_min': None,
     'grad_accumulation_steps': 1,
     'eval_every_steps': 500,
+    'eval_data_from': '',
+    'eval_data_name': 'other',
     'checkpoint_every_steps': 1000,
     'checkpoint_max_to_keep': 3,
     'log_every_steps': 50,

@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import QUICKSTART, tiny_config
+from conftest import QUICKSTART, read_scalars, tiny_config
+from nanodo_sam import checkpoint
+from nanodo_sam import evaluate
+from nanodo_sam import state as state_lib
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
 from nanodo_sam import model as model_lib
@@ -167,3 +170,48 @@ def test_data_from_evaluates_on_another_config_data(trained, tmp_path, capsys):
   )
   code, _, err = _eval(capsys, f"--workdir={trained}", f"--data_from={other}")
   assert code == 2 and len(err) == 1 and "data.vocab" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_second_eval_set_is_logged_during_training(trained, tmp_path):
+  """Continued from `trained` (init_from) with a second eval set: the
+  source's data; its logged loss at the end equals `eval --data_from`."""
+  cfg = tiny_config(
+      **{
+          "init_from": str(trained),
+          "eval_data_from": str(trained),
+          "eval_data_name": "pretrain",
+          "data.eval_steps": 1,
+          "opt.num_train_steps": 10,
+      }
+  )
+  work = tmp_path / "continued"
+  train_lib.train(cfg, str(work))
+  logged = read_scalars(work, "eval_pretrain/")
+  assert set(logged) == {f"eval_pretrain/{k}" for k in evaluate.METRICS}
+  assert sorted(logged["eval_pretrain/loss"]) == [10]
+  checked = evaluate.eval_metrics(
+      evaluate.eval_step_for(state_lib.setup(cfg)),
+      checkpoint.restore_run(str(work), cfg).state.params,
+      data_lib.eval_batches(tiny_config()),
+  )
+  assert logged["eval_pretrain/loss"][10] == pytest.approx(
+      checked["loss"], rel=1e-5
+  )
+
+
+def test_a_bad_second_eval_set_is_one_line_exit_2(tmp_path, capsys):
+  from conftest import tiny_flags
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(
+        [
+            "train",
+            *tiny_flags(),
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.eval_data_from={tmp_path / 'none'}",
+        ]
+    )
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and "eval_data_from" in err[0]
+  assert not (tmp_path / "w").exists()
