@@ -43,6 +43,7 @@ from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
 from nanodo_sam import step as step_lib
+from nanodo_sam import train_flops
 from nanodo_sam import writers
 
 log = logging.getLogger("nanodo_sam")
@@ -257,9 +258,12 @@ def _log_train(run: Run):
       num_devices=jax.device_count(),
       peak_per_device=flops_lib.peak_flops(jax.devices()[0]))
 
+  count_flops = train_flops.Counter(run.cfg)
+
   def log_train(run: Run, n: int) -> None:
     run.writer.write_scalars(n, {f"train/{k}": float(v)
-                                 for k, v in run.metrics.items()})
+                                 for k, v in run.metrics.items()}
+                             | {"train/flops": count_flops(n)})
     progress.log(n, run.metrics)
 
   return log_train
@@ -594,6 +598,7 @@ def _results(run: Run, status: str, wall_seconds: float,
       **final_metrics,
       "steps": run.steps_done,
       "tokens": run.steps_done * _tokens_per_step(cfg),
+      "train_flops": train_flops.train_flops(cfg, run.steps_done),
       "method": cfg.sam.method,
       "rho": cfg.sam.rho,
       "phi": cfg.sam.phi,

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config, tiny_flags
+from conftest import read_scalars, tiny_config, tiny_flags
 from nanodo_sam import checkpoint
 from nanodo_sam import cli
 from nanodo_sam import init_from
 from nanodo_sam import train as train_lib
+from nanodo_sam import train_flops
 
 
 def test_parse_splits_a_trailing_step_only():
@@ -127,6 +128,10 @@ def test_starts_from_source_params_fresh_state_and_reads_only(source, tmp_path):
     res = train_lib.train(cfg, str(work), hooks=[_capture_start(seen)])
     assert res["status"] == "completed" and res["steps"] == 10
     assert seen["start"][0] == 6 and int(seen["start"][1].step) == 6
+    # Its training FLOPs: its own 10 plain steps (not the source's).
+    assert res["train_flops"] == train_flops.train_flops(cfg, 10) > 0
+    logged = read_scalars(work, "train/flops")["train/flops"]
+    assert logged[10] == pytest.approx(res["train_flops"], rel=1e-6)
   finally:
     shutil.move(tmp_path / "gone", source)
   assert _digests(source) == before
