@@ -173,6 +173,36 @@ FLAGS = {
         None,
         "Score only the first N documents of each task.",
     ),
+    "quantize": (
+        flags.DEFINE_string,
+        "int8|int4",
+        "",
+        "Also evaluate the weights rounded to 8 or 4 bits "
+        "(weight-only, symmetric, round to nearest): before, after "
+        "and the difference.",
+    ),
+    "group_size": (
+        flags.DEFINE_integer,
+        "G",
+        0,
+        "With --quantize: one scale per G inputs of an output "
+        "channel (0: per output channel).",
+    ),
+    "quantize_embeddings": (
+        flags.DEFINE_boolean,
+        "true|false",
+        False,
+        "With --quantize: the token and position "
+        "embeddings too (kept in float by default).",
+    ),
+    "data_from": (
+        flags.DEFINE_string,
+        "RUN|FILE",
+        "",
+        "Evaluate on the eval set of another run directory's (or "
+        "config file's) data config, e.g. the pretraining data of "
+        "a continued run (forgetting).",
+    ),
     "coordinator_address": (
         flags.DEFINE_string,
         "HOST:PORT",
@@ -312,7 +342,15 @@ COMMANDS = {
         "cmd_eval",
         "Eval loss, perplexity, token accuracy and "
         "bits per byte of a checkpoint.",
-        ("workdir", "step") + DISTRIBUTED,
+        (
+            "workdir",
+            "step",
+            "quantize",
+            "group_size",
+            "quantize_embeddings",
+            "data_from",
+        )
+        + DISTRIBUTED,
     ),
     "sample": Command(
         "cmd_sample",

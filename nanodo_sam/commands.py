@@ -21,10 +21,13 @@ from nanodo_sam import analyze
 from nanodo_sam import checkpoint
 from nanodo_sam import data as data_lib
 from nanodo_sam import data_check
+from nanodo_sam import eval_data
 from nanodo_sam import evaluate
+from nanodo_sam import init_from
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import prune
+from nanodo_sam import quantize
 from nanodo_sam import rundir
 from nanodo_sam import sample as sample_lib
 from nanodo_sam import sharding
@@ -89,7 +92,7 @@ def cmd_train(fv) -> None:
     cfg.workdir = workdir
   # Validated (once, by setup) before TensorFlow is imported: a bad config
   # or mesh is one line, fast; then the data is asked for, before compiles.
-  s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg))
+  s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg, workdir))
   # Lazy: the training loop's writers import TensorFlow (clu).
   from nanodo_sam import train as train_lib
 
@@ -108,9 +111,12 @@ def cmd_train(fv) -> None:
   )
 
 
-def _data_ready(cfg) -> None:
-  """The config's data is there (one line if not); TensorFlow, which the
-  check may import, is imported quietly first."""
+def _data_ready(cfg, workdir: str) -> None:
+  """The run's init_from source fits and the config's data (and its second
+  eval set's) is there (one line if not); TensorFlow, which the check may import, is imported quietly
+  first."""
+  init_from.source(cfg, workdir)
+  eval_data.check(cfg)
   quiet_tensorflow()
   data_lib.check_available(cfg.data)
 
@@ -121,18 +127,45 @@ def _put(s):
 
 
 def cmd_eval(fv) -> None:
-  """Eval metrics of a checkpoint on the run's eval set, as one JSON line."""
+  """Eval metrics of a checkpoint on the run's eval set (or --data_from's),
+  as one JSON line; with --quantize, also of its quantized weights
+  ("quantized") and the change ("delta": quantized - float)."""
+  bits = quantize.parse_width(fv.quantize) if fv.quantize else None
   cfg = rundir.read_config(fv.workdir)
+  if fv.data_from:
+    cfg.data = eval_data.data_config_from(fv.data_from, cfg)
+  if bits is not None:
+    quantize.check_group_size(
+        nn.unbox(
+            model_lib.abstract_params(
+                model_lib.TransformerDo(model_lib.from_config(cfg))
+            )
+        ),
+        fv.group_size,
+        fv.quantize_embeddings,
+    )
   s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
-  metrics = evaluate.eval_metrics(
-      evaluate.eval_step_for(s),
-      state.params,
-      data_lib.eval_batches(cfg),
-      _put(s),
-  )
-  print(
-      json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-  )
+  eval_step, batches = evaluate.eval_step_for(s), data_lib.eval_batches(cfg)
+  metrics = evaluate.eval_metrics(eval_step, state.params, batches, _put(s))
+  out = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
+  if fv.data_from:
+    out["data_from"] = fv.data_from
+  if bits is not None:
+    params = jax.device_put(
+        quantize.quantize_params(
+            state.params, bits, fv.group_size, fv.quantize_embeddings
+        ),
+        s.state_sharding.params,
+    )
+    after = evaluate.eval_metrics(eval_step, params, batches, _put(s))
+    out.update(
+        quantize=fv.quantize,
+        group_size=fv.group_size,
+        quantize_embeddings=fv.quantize_embeddings,
+        quantized={f"eval_{k}": v for k, v in after.items()},
+        delta={f"eval_{k}": after[k] - metrics[k] for k in evaluate.METRICS},
+    )
+  print(json.dumps(out))
 
 
 def _check_sample_flags(fv) -> None:

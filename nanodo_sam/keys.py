@@ -124,6 +124,14 @@ _RUN = (
     _int("seed", 0, 0, "Fixes init, training data order and RNG."),
     _str("workdir", "", "Run directory (or --workdir=DIR)."),
     _str("schedule_name", "", "fixed_length | chinchilla (for tables)."),
+    _str(
+        "init_from",
+        "",
+        "DIR[:STEP]: start from that run's parameters (its newest "
+        "checkpoint, or STEP) with a fresh optimizer state, schedule and "
+        "step counter; the source is only read, and a resumed run resumes "
+        "from its own checkpoints (nanodo_sam/init_from.py).",
+    ),
 )
 _MODEL = (  # The Nanodo Transformer (nanodo_sam/model.py); 2M size.
     _int("model.D", 256, 1, "Width."),
@@ -404,6 +412,22 @@ _LOOP = (
         0,
         "0 = only at the end.",
         " (0: only at the end)",
+    ),
+    _str(
+        "eval_data_from",
+        "",
+        "RUN|FILE: at every eval, also the eval set of that run "
+        "directory's (or config file's) data config, logged as "
+        "eval_<eval_data_name>/<metric>: the forgetting curve of a run "
+        "continued on other data (init_from). Same vocabulary.",
+    ),
+    Key(
+        "eval_data_name",
+        "other",
+        "The second eval set's name in the logs.",
+        (str,),
+        lambda v: v.isidentifier(),
+        "must be a name of letters, digits and _ (a log tag)",
     ),
     _int(
         "checkpoint_every_steps",

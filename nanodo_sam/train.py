@@ -31,10 +31,12 @@ import numpy as np
 from nanodo_sam import checkpoint
 from nanodo_sam import data as data_lib
 from nanodo_sam import diagnostics
+from nanodo_sam import eval_data
 from nanodo_sam import evaluate
 from nanodo_sam import flops as flops_lib
-from nanodo_sam import lm_eval_hook
+from nanodo_sam import init_from as init_from_lib
 from nanodo_sam import keys
+from nanodo_sam import lm_eval_hook
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -43,6 +45,7 @@ from nanodo_sam import sam_schedule
 from nanodo_sam import sharding
 from nanodo_sam import state as state_lib
 from nanodo_sam import step as step_lib
+from nanodo_sam import train_flops
 from nanodo_sam import writers
 
 log = logging.getLogger("nanodo_sam")
@@ -213,6 +216,11 @@ def default_hooks(run: Run, diagnose=None) -> list[Hook]:
       Hook(_log_train(run), cfg.log_every_steps, when=METRICS, first=True),
       Hook(_diagnostics(diagnose), cfg.diagnostics.every_steps, when=BEFORE),
       Hook(_evaluate(run), cfg.eval_every_steps, flush=True, at_end=True),
+      *(
+          [Hook(_evaluate_other(run), cfg.eval_every_steps, at_end=True)]
+          if cfg.get("eval_data_from")
+          else []
+      ),
       Hook(_save, cfg.checkpoint_every_steps, flush=True, at_end=True),
       *([Hook(_profile(cfg), 1, at_end=True)] if _profiled(cfg) else []),
       *_lm_eval(cfg),
@@ -289,9 +297,13 @@ def _log_train(run: Run):
       peak_per_device=flops_lib.peak_flops(jax.devices()[0]),
   )
 
+  count_flops = train_flops.Counter(run.cfg)
+
   def log_train(run: Run, n: int) -> None:
     run.writer.write_scalars(
-        n, {f"train/{k}": float(v) for k, v in run.metrics.items()}
+        n,
+        {f"train/{k}": float(v) for k, v in run.metrics.items()}
+        | {"train/flops": count_flops(n)},
     )
     progress.log(n, run.metrics)
 
@@ -339,6 +351,26 @@ def _evaluate(run: Run):
       )
 
   return evaluate_hook
+
+
+def _evaluate_other(run: Run):
+  """Eval metrics on the second eval set (eval_data_from), logged as
+  eval_<eval_data_name>/<metric>."""
+  eval_step = evaluate.eval_step_for(run.setup)
+  name, batches = eval_data.other_eval_batches(run.cfg)
+
+  def evaluate_other_hook(run: Run, n: int) -> None:
+    if n == run.start:  # The end hooks again: logged before the restart.
+      return
+    metrics = evaluate.eval_metrics(
+        eval_step, run.state.params, batches, run.put
+    )
+    run.writer.write_scalars(
+        n, {f"eval_{name}/{k}": metrics[k] for k in evaluate.METRICS}
+    )
+    log.info("step %d: eval loss on %s %.4f", n, name, metrics["loss"])
+
+  return evaluate_other_hook
 
 
 @jax.jit
@@ -451,6 +483,8 @@ def train(
       cfg, before_compile=lambda: data_lib.check_available(cfg.data)
   )
   rundir.check_workdir(cfg, workdir)
+  init_from_lib.source(cfg, workdir)  # Bad init_from: one line, before disk.
+  eval_data.check(cfg)  # A bad second eval set too.
   results = rundir.read_results(workdir)
   if results is not None and results.get("status") in FINISHED:
     log.info(
@@ -518,6 +552,11 @@ def _open_run(
     log.info("Resumed from step %d in %s", start, workdir)
   else:
     start, state = 0, state_lib.init_state(s, cfg.seed)
+    src = init_from_lib.source(cfg, workdir)
+    if src is not None:
+      state = state.replace(
+          params=init_from_lib.load_params(*src, s.abstract_state.params)
+      )
   rundir.write_config(workdir, cfg)
   history = rundir.history_until(workdir, start)
   writer = writers.make_writer(cfg, workdir)
@@ -662,6 +701,7 @@ def _results(
       **final_metrics,
       "steps": run.steps_done,
       "tokens": run.steps_done * _tokens_per_step(cfg),
+      "train_flops": train_flops.train_flops(cfg, run.steps_done),
       "method": cfg.sam.method,
       "rho": cfg.sam.rho,
       "phi": cfg.sam.phi,
