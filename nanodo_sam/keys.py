@@ -626,7 +626,7 @@ def of(section, name: str):
   config block it lives in (cfg.data), else the key table's default: a
   block built by hand or read from an old run holds only some keys, and the
   table is the one source of every default."""
-  return section.get(name.rsplit(".", 1)[-1], BY_NAME[name].default)
+  return section.get(name.rsplit(".", 1)[-1], by_name()[name].default)
 
 
 def _is(value, types: tuple) -> bool:
