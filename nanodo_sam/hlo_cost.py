@@ -20,24 +20,49 @@ import collections
 import math
 import re
 
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-               "collective-permute")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-             "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-             "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+COLLECTIVES = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+_ITEMSIZE = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 _COMP = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")  # Header line.
 _INST = re.compile(r"^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9_-]*)\((.*)$")
 _ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 _CALLS = re.compile(
     r"(?:body|condition|to_apply|calls|true_computation|"
-    r"false_computation)=%([\w.-]+)")
+    r"false_computation)=%([\w.-]+)"
+)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [(t, tuple(int(d) for d in dims.split(",") if d))
-          for t, dims in _ARRAY.findall(shape) if t in _ITEMSIZE]
+  return [
+      (t, tuple(int(d) for d in dims.split(",") if d))
+      for t, dims in _ARRAY.findall(shape)
+      if t in _ITEMSIZE
+  ]
 
 
 def shape_bytes(shape: str) -> int:
@@ -88,14 +113,30 @@ class Program:
         trip = 1
         if op == "while":
           t = _TRIP.search(rest)
-          trip = int(t.group(1)) if t else 1
-          self.unknown_loops += t is None
+          trip = int(t.group(1)) if t else self._counted_trip(rest)
+          self.unknown_loops += trip is None
+          trip = trip or 1
         for callee in callees:
           weight[callee] += weight[comp] * trip
           if op == "while" or comp in self.in_loop:
             self.in_loop.add(callee)
           order.append(callee)
     return weight
+
+  def _counted_trip(self, rest: str) -> int | None:
+    """A loop's trip count read from its condition when XLA gives none (its
+    TPU compiler): `counter < N` against a constant N, the counter from 0
+    in steps of 1 as JAX's fori_loop and scan write them; else None."""
+    m = re.search(r"condition=%([\w.-]+)", rest)
+    insts = self.comps.get(m.group(1), ()) if m else ()
+    consts = {n: r for n, _, o, r in insts if o == "constant"}
+    for _, _, op, r in insts:
+      if op == "compare" and "direction=LT" in r:
+        args = [a.strip().lstrip("%") for a in r.split(")", 1)[0].split(",")]
+        if len(args) == 2 and args[1] in consts:
+          value = re.match(r"\s*(-?\d+)\)", consts[args[1]])
+          return int(value.group(1)) if value else None
+    return None
 
   def instructions(self, loops_only: bool = False):
     """(weight, name, shape, op, rest) of every instruction (loops_only:
@@ -109,17 +150,21 @@ class Program:
 
   def operand_shapes(self, rest: str) -> list[str]:
     args = rest.split(")", 1)[0]
-    return [self.shapes.get(a.strip().lstrip("%"), "")
-            for a in args.split(",") if a.strip()]
+    return [
+        self.shapes.get(a.strip().lstrip("%"), "")
+        for a in args.split(",")
+        if a.strip()
+    ]
 
 
 SCALAR_BYTES = 64  # A collective of at most this many bytes moves scalars.
 
 
 def _collectives(prog: Program, loops_only: bool = False):
-  """(weight, kind, bytes of the full buffer) of every collective."""
+  """(weight, kind, bytes of the full buffer, dtype) of every collective
+  (dtype: its first array's element type)."""
   for w, _, shape, op, rest in prog.instructions(loops_only):
-    kind = op[:-len("-start")] if op.endswith("-start") else op
+    kind = op[: -len("-start")] if op.endswith("-start") else op
     if kind not in COLLECTIVES:
       continue
     nbytes = shape_bytes(shape)
@@ -127,7 +172,18 @@ def _collectives(prog: Program, loops_only: bool = False):
       nbytes = sum(shape_bytes(s) for s in prog.operand_shapes(rest))
     elif op.endswith("-start") and kind in ("all-gather", "collective-permute"):
       nbytes = shape_bytes(shape) // 2  # (operand, result) tuple.
-    yield w, kind, nbytes
+    arrays = _arrays(shape)
+    yield w, kind, nbytes, (arrays[0][0] if arrays else "?")
+
+
+def collective_bytes_by_dtype(hlo_text: str) -> dict[str, dict[str, float]]:
+  """Loop-weighted bytes per collective kind and element type, e.g.
+  {"all-gather": {"bf16": ...}}: which collectives move float32."""
+  out: dict[str, dict[str, float]] = {}
+  for w, kind, nbytes, dtype in _collectives(Program(hlo_text)):
+    by = out.setdefault(kind, {})
+    by[dtype] = by.get(dtype, 0.0) + w * nbytes
+  return out
 
 
 def collective_bytes(hlo_text: str) -> dict:
@@ -137,13 +193,14 @@ def collective_bytes(hlo_text: str) -> dict:
   prog = Program(hlo_text)
   out = {k: 0.0 for k in COLLECTIVES}
   count = {k: 0.0 for k in COLLECTIVES}
-  for w, kind, nbytes in _collectives(prog):
+  for w, kind, nbytes, _ in _collectives(prog):
     out[kind] += w * nbytes
     count[kind] += w
   out["total"] = sum(out[k] for k in COLLECTIVES)
   out["count"] = count
-  out["in_loops"] = sum(w * b for w, _, b in _collectives(prog, True)
-                        if b > SCALAR_BYTES)
+  out["in_loops"] = sum(
+      w * b for w, _, b, _ in _collectives(prog, True) if b > SCALAR_BYTES
+  )
   out["unknown_loops"] = prog.unknown_loops
   return out
 
@@ -153,24 +210,50 @@ def _dims(rest: str, key: str) -> tuple[int, ...]:
   return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
 
 
-def matmul_flops(hlo_text: str) -> float:
-  """Loop-weighted 2 x multiply-adds of every dot and convolution."""
+def matmul_flops(hlo_text: str, loop_weighted: bool = True) -> float:
+  """Loop-weighted 2 x multiply-adds of every dot and convolution
+  (loop_weighted=False: each loop body once, as cost_analysis counts)."""
   prog = Program(hlo_text)
   total = 0.0
   for w, _, shape, op, rest in prog.instructions():
     if op not in ("dot", "convolution") or not w:
       continue
     out = _arrays(shape)
-    lhs = _arrays(prog.operand_shapes(rest)[0]) if op == "dot" else []
     if not out:
       continue
+    operands = [_arrays(s) for s in prog.operand_shapes(rest)]
     if op == "dot":
-      contract = math.prod(lhs[0][1][d] for d in _dims(rest, "lhs_contracting_dims")) if lhs else 1
-    else:  # Kernel size x input features: the rhs without its output dim.
-      rhs = _arrays(prog.operand_shapes(rest)[1])
-      contract = math.prod(rhs[0][1]) // max(out[0][1][-1], 1) if rhs else 1
-    total += w * 2 * math.prod(out[0][1]) * contract
+      lhs = operands[0] if operands else []
+      contract = (
+          math.prod(lhs[0][1][d] for d in _dims(rest, "lhs_contracting_dims"))
+          if lhs
+          else 1
+      )
+    else:
+      contract = _conv_contract(rest, operands)
+    total += (w if loop_weighted else 1) * 2 * math.prod(out[0][1]) * contract
   return total
+
+
+def _conv_contract(rest: str, operands) -> int:
+  """Multiply-adds per output element of a convolution: the kernel's input
+  features x, per spatial dimension, the window positions that can meet
+  the input (min(window, input size): a dot written as a convolution, as
+  XLA's TPU compiler writes a batched one, pads a size-1 input to the
+  window and meets it once)."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->", rest)
+  if not labels or len(operands) < 2 or not operands[0] or not operands[1]:
+    return 1
+  lhs_l, rhs_l = labels.groups()
+  lhs, rhs = operands[0][0][1], operands[1][0][1]
+  dilate = re.search(r"lhs_dilate=([0-9x]+)", rest)
+  dilate = [int(d) for d in dilate.group(1).split("x")] if dilate else []
+  contract = rhs[rhs_l.index("i")]
+  for k, label in enumerate(rhs_l):
+    if label.isdigit():
+      d = dilate[int(label)] if int(label) < len(dilate) else 1
+      contract *= min(rhs[k], lhs[lhs_l.index(label)], -(-rhs[k] // d))
+  return contract
 
 
 def summary(compiled) -> dict:
@@ -193,7 +276,9 @@ def memory_bytes(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
     return {}
-  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-         for k in ("argument", "output", "alias", "temp")}
+  out = {
+      k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+      for k in ("argument", "output", "alias", "temp")
+  }
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
