@@ -33,7 +33,6 @@ from ml_collections import config_flags
 
 from nanodo_sam import config as config_lib
 from nanodo_sam.errors import UsageError
-
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -46,126 +45,50 @@ def _fail(msg: str) -> None:
 # defines only the flags it lists in COMMANDS; `nanodo-sam COMMAND --help`
 # prints them from here.
 FLAGS = {
-    "config": (
-        None,
-        "FILE[:ARG]",
-        None,
-        "Config file (configs/NAME.py); override any key of "
-        "configs/base.py with --config.KEY=VALUE.",
-    ),
-    "workdir": (
-        flags.DEFINE_string,
-        "DIR",
-        None,
-        "Run directory (config.json, checkpoints/, results).",
-    ),
-    "step": (
-        flags.DEFINE_integer,
-        "N",
-        None,
-        "Checkpoint step (default: the latest).",
-    ),
-    "num_batches": (
-        flags.DEFINE_integer,
-        "K",
-        None,
-        "Fixed eval batches (default: diagnostics.num_batches).",
-    ),
-    "num_iters": (
-        flags.DEFINE_integer,
-        "I",
-        None,
-        "Lanczos iterations; 0 leaves out lambda_max.",
-    ),
-    "num_probes": (
-        flags.DEFINE_integer,
-        "P",
-        None,
-        "Hutchinson probes; 0 leaves out the traces.",
-    ),
-    "fractions": (
-        flags.DEFINE_string,
-        "F,F,...",
-        "0,0.1,0.2,0.3,0.4,0.5",
-        "Fractions of non-embedding weights to prune.",
-    ),
-    "sizes": (
-        flags.DEFINE_string,
-        "S,S,...",
-        "",
-        "Model sizes of nanodo_sam/sizes.py (default: the config's).",
-    ),
-    "methods": (
-        flags.DEFINE_string,
-        "M,M,...",
-        "all",
-        "Methods (sam.METHODS names, variants like sam:k=5) or all.",
-    ),
+    "config": (None, "FILE[:ARG]", None,
+               "Config file (configs/NAME.py); override any key of "
+               "configs/base.py with --config.KEY=VALUE."),
+    "workdir": (flags.DEFINE_string, "DIR", None,
+                "Run directory (config.json, checkpoints/, results)."),
+    "step": (flags.DEFINE_integer, "N", None,
+             "Checkpoint step (default: the latest)."),
+    "num_batches": (flags.DEFINE_integer, "K", None,
+                    "Fixed eval batches (default: diagnostics.num_batches)."),
+    "num_iters": (flags.DEFINE_integer, "I", None,
+                  "Lanczos iterations; 0 leaves out lambda_max."),
+    "num_probes": (flags.DEFINE_integer, "P", None,
+                   "Hutchinson probes; 0 leaves out the traces."),
+    "fractions": (flags.DEFINE_string, "F,F,...", "0,0.1,0.2,0.3,0.4,0.5",
+                  "Fractions of non-embedding weights to prune."),
+    "sizes": (flags.DEFINE_string, "S,S,...", "",
+              "Model sizes of nanodo_sam/sizes.py (default: the config's)."),
+    "methods": (flags.DEFINE_string, "M,M,...", "all",
+                "Methods (sam.METHODS names, variants like sam:k=5) or all."),
     "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),
     "out": (flags.DEFINE_string, "PATH", "", "Output JSON (bench.json)."),
-    "target": (
-        flags.DEFINE_string,
-        "T",
-        None,
-        "Machine to compile for: h100x8, h100x16, a100x8, tpu-v5p-8, "
-        "tpu-v5p-16, tpu-v5p-64, tpu-v4-32, tpu-v5e-16 or cpu-sim-N.",
-    ),
-    "prompt": (
-        flags.DEFINE_string,
-        "TEXT",
-        "",
-        "Text to continue (empty: start a new document).",
-    ),
-    "max_new_tokens": (
-        flags.DEFINE_integer,
-        "N",
-        200,
-        "Tokens to generate (at most model.L - prompt + 1).",
-    ),
-    "temperature": (
-        flags.DEFINE_float,
-        "T",
-        1.0,
-        "Softmax temperature; 0 is greedy (argmax).",
-    ),
-    "top_k": (
-        flags.DEFINE_integer,
-        "K",
-        0,
-        "Sample among the K most likely tokens (0: all).",
-    ),
+    "target": (flags.DEFINE_string, "T", None,
+               "Machine to compile for: h100x8, h100x16, a100x8, tpu-v5p-8, "
+               "tpu-v5p-16, tpu-v5p-64, tpu-v4-32, tpu-v5e-16 or cpu-sim-N."),
+    "prompt": (flags.DEFINE_string, "TEXT", "",
+               "Text to continue (empty: start a new document)."),
+    "max_new_tokens": (flags.DEFINE_integer, "N", 200,
+                       "Tokens to generate (at most model.L - prompt + 1)."),
+    "temperature": (flags.DEFINE_float, "T", 1.0,
+                    "Softmax temperature; 0 is greedy (argmax)."),
+    "top_k": (flags.DEFINE_integer, "K", 0,
+              "Sample among the K most likely tokens (0: all)."),
     "seed": (flags.DEFINE_integer, "S", 0, "Sampling seed."),
-    "num_samples": (
-        flags.DEFINE_integer,
-        "M",
-        1,
-        "Samples of the same prompt (one batch).",
-    ),
-    "check": (
-        flags.DEFINE_boolean,
-        "true|false",
-        False,
-        "Read every shard once and list the damaged ones (exit 65 "
-        "if any); --check alone is true.",
-    ),
-    "coordinator_address": (
-        flags.DEFINE_string,
-        "HOST:PORT",
-        "",
-        "jax.distributed coordinator (multi-process).",
-    ),
-    "num_processes": (
-        flags.DEFINE_integer,
-        "N",
-        0,
-        "jax.distributed process count.",
-    ),
-    "process_id": (
-        flags.DEFINE_integer,
-        "I",
-        -1,
-        "jax.distributed process id.",
-    ),
+    "num_samples": (flags.DEFINE_integer, "M", 1,
+                    "Samples of the same prompt (one batch)."),
+    "check": (flags.DEFINE_boolean, "true|false", False,
+              "Read every shard once and list the damaged ones (exit 65 "
+              "if any); --check alone is true."),
+    "coordinator_address": (flags.DEFINE_string, "HOST:PORT", "",
+                            "jax.distributed coordinator (multi-process)."),
+    "num_processes": (flags.DEFINE_integer, "N", 0,
+                      "jax.distributed process count."),
+    "process_id": (flags.DEFINE_integer, "I", -1,
+                   "jax.distributed process id."),
 }
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 
@@ -178,14 +101,9 @@ def _define_flags(command: str, config=None, argv=()) -> flags.FlagValues:
     define, _, default, text = FLAGS[name]
     if name == "config":
       if config is not None:
-        config_flags.DEFINE_config_dict(
-            "config",
-            config,
-            text,
-            flag_values=fv,
-            lock_config=True,
-            sys_argv=["nanodo-sam"] + list(argv),
-        )
+        config_flags.DEFINE_config_dict("config", config, text,
+                                        flag_values=fv, lock_config=True,
+                                        sys_argv=["nanodo-sam"] + list(argv))
     else:
       define(name, default, text, flag_values=fv)
   return fv
@@ -205,7 +123,8 @@ def command_help(command: str) -> str:
   c = COMMANDS[command]
   specs = [f"--{n}={FLAGS[n][1]}" for n in c.flags]
   width = max(map(len, specs))
-  lines = [f"usage: nanodo-sam {command} [flags]", "", c.summary, "", "flags:"]
+  lines = [f"usage: nanodo-sam {command} [flags]", "", c.summary, "",
+           "flags:"]
   for name, spec in zip(c.flags, specs):
     _, _, default, text = FLAGS[name]
     if default not in (None, ""):
@@ -245,26 +164,16 @@ def _parse(command: str, argv) -> flags.FlagValues:
     fv = _define_flags(command, config, argv)
     fv(["nanodo-sam " + command] + list(argv))
   except flags.UnrecognizedFlagError as e:
-    _fail(
-        f"unknown flag --{e.flagname} for `nanodo-sam {command}`; "
-        f"`nanodo-sam {command} --help` lists its flags"
-    )
+    _fail(f"unknown flag --{e.flagname} for `nanodo-sam {command}`; "
+          f"`nanodo-sam {command} --help` lists its flags")
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    msg = (
-        lines[-1]
-        if lines and "parsing config file" in lines[0]
-        else lines[0]
-        if lines
-        else type(e).__name__
-    )
+    msg = (lines[-1] if lines and "parsing config file" in lines[0]
+           else lines[0] if lines else type(e).__name__)
     if isinstance(e, (KeyError, AttributeError)):
       key = str(e).strip("'\"")
-      bad = [
-          a.split("=")[0][2:]
-          for a in argv
-          if a.startswith("--config.") and key in a.split("=")[0]
-      ]
+      bad = [a.split("=")[0][2:] for a in argv
+             if a.startswith("--config.") and key in a.split("=")[0]]
       msg = f"unknown config key {bad[0] if bad else key!r}"
     _fail(f"{msg} (see configs/base.py for every key)")
   return fv
@@ -278,80 +187,40 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "train": Command(
-        "cmd_train",
-        "Train a run in --workdir, or resume it.",
-        ("config", "workdir") + DISTRIBUTED,
-    ),
-    "eval": Command(
-        "cmd_eval",
-        "Eval loss, perplexity, token accuracy and "
-        "bits per byte of a checkpoint.",
-        ("workdir", "step") + DISTRIBUTED,
-    ),
-    "sample": Command(
-        "cmd_sample",
-        "Text from a checkpoint in the run's "
-        "own vocabulary (KV-cached decoding).",
-        (
-            "workdir",
-            "step",
-            "prompt",
-            "max_new_tokens",
-            "temperature",
-            "top_k",
-            "seed",
-            "num_samples",
-        ),
-    ),
-    "params": Command(
-        "cmd_params",
-        "Total and non-embedding parameter " "counts of a config.",
-        ("config",),
-    ),
-    "analyze": Command(
-        "cmd_analyze",
-        "Sharpness of a checkpoint "
-        "(lambda_max, traces, taus, SAM-edge) -> "
-        "sharpness.json.",
-        ("workdir", "step", "num_batches", "num_iters", "num_probes")
-        + DISTRIBUTED,
-    ),
-    "prune-eval": Command(
-        "cmd_prune_eval",
-        "Eval loss after one-shot " "magnitude pruning -> prune.json.",
-        ("workdir", "step", "fractions") + DISTRIBUTED,
-    ),
-    "data": Command(
-        "cmd_data",
-        "Read every shard of a config's dataset "
-        "once and list the damaged ones (--check).",
-        ("config", "check"),
-    ),
-    "bench": Command(
-        "cmd_bench",
-        "Step time, tokens/s, MFU and memory per " "method -> JSON.",
-        ("config", "sizes", "methods", "steps", "out"),
-    ),
-    "plan": Command(
-        "cmd_plan",
-        "Compile a run's steps for a target (H100s, "
-        "TPU pods) on this CPU: memory, microbatches, "
-        "collectives, attention, estimated step time.",
-        ("config", "target", "out"),
-    ),
-    "sweep": Command(
-        "sweep.main",
-        "Expand a sweep file and launch its runs " "(local, SLURM, TPU VM).",
-        (),
-        own_args=True,
-    ),
-    "tables": Command(
-        "tables.main",
-        "The paper's tables from run directories, " "beside its numbers.",
-        (),
-        own_args=True,
-    ),
+    "train": Command("cmd_train",
+                     "Train a run in --workdir, or resume it.",
+                     ("config", "workdir") + DISTRIBUTED),
+    "eval": Command("cmd_eval", "Eval loss, perplexity, token accuracy and "
+                    "bits per byte of a checkpoint.",
+                    ("workdir", "step") + DISTRIBUTED),
+    "sample": Command("cmd_sample", "Text from a checkpoint in the run's "
+                      "own vocabulary (KV-cached decoding).",
+                      ("workdir", "step", "prompt", "max_new_tokens",
+                       "temperature", "top_k", "seed", "num_samples")),
+    "params": Command("cmd_params", "Total and non-embedding parameter "
+                      "counts of a config.", ("config",)),
+    "analyze": Command("cmd_analyze", "Sharpness of a checkpoint "
+                       "(lambda_max, traces, taus, SAM-edge) -> "
+                       "sharpness.json.",
+                       ("workdir", "step", "num_batches", "num_iters",
+                        "num_probes") + DISTRIBUTED),
+    "prune-eval": Command("cmd_prune_eval", "Eval loss after one-shot "
+                          "magnitude pruning -> prune.json.",
+                          ("workdir", "step", "fractions") + DISTRIBUTED),
+    "data": Command("cmd_data", "Read every shard of a config's dataset "
+                    "once and list the damaged ones (--check).",
+                    ("config", "check")),
+    "bench": Command("cmd_bench", "Step time, tokens/s, MFU and memory per "
+                     "method -> JSON.",
+                     ("config", "sizes", "methods", "steps", "out")),
+    "plan": Command("cmd_plan", "Compile a run's steps for a target (H100s, "
+                    "TPU pods) on this CPU: memory, microbatches, "
+                    "collectives, attention, estimated step time.",
+                    ("config", "target", "out")),
+    "sweep": Command("sweep.main", "Expand a sweep file and launch its runs "
+                     "(local, SLURM, TPU VM).", (), own_args=True),
+    "tables": Command("tables.main", "The paper's tables from run directories, "
+                      "beside its numbers.", (), own_args=True),
 }
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "help")
 
@@ -361,9 +230,8 @@ def _run_own_args(fn: str, argv) -> None:
   arguments (argparse); exits with its code."""
   module, func = fn.split(".")
   try:
-    sys.exit(
-        getattr(importlib.import_module(f"nanodo_sam.{module}"), func)(argv)
-    )
+    sys.exit(getattr(importlib.import_module(f"nanodo_sam.{module}"), func)(
+        argv))
   except UsageError as e:
     _fail(str(e))
   except BrokenPipeError:  # Output piped into `head`.
@@ -384,16 +252,14 @@ def main(argv=None) -> None:
   if any(a in HELP for a in rest):
     print(command_help(command))
     sys.exit(0)
-  logging.basicConfig(
-      level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-  )
+  logging.basicConfig(level=logging.INFO,
+                      format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "seqio"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   fv = _parse(command, rest)
   try:
     # Lazy: usage, --help and bad flags answer without importing JAX.
     from nanodo_sam import commands  # pylint: disable=g-import-not-at-top
-
     commands.run(COMMANDS[command].fn, fv)
   except UsageError as e:
     _fail(str(e))

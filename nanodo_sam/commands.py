@@ -40,9 +40,8 @@ def run(name: str, fv) -> None:
   shard is one line and exit data.EXIT_DATA_ERROR."""
   try:
     if "coordinator_address" in fv:
-      sharding.maybe_initialize_distributed(
-          fv.coordinator_address, fv.num_processes, fv.process_id
-      )
+      sharding.maybe_initialize_distributed(fv.coordinator_address,
+                                            fv.num_processes, fv.process_id)
     if name not in ("cmd_train", "cmd_params"):  # train: after validation.
       quiet_tensorflow()
     globals()[name](fv)
@@ -84,9 +83,8 @@ def cmd_train(fv) -> None:
   cfg = fv.config
   workdir = fv.workdir or cfg.workdir
   if not workdir:
-    raise UsageError(
-        "no workdir; pass --workdir=DIR or " "--config.workdir=DIR"
-    )
+    raise UsageError("no workdir; pass --workdir=DIR or "
+                     "--config.workdir=DIR")
   with cfg.unlocked():
     cfg.workdir = workdir
   # Validated (once, by setup) before TensorFlow is imported: a bad config
@@ -94,20 +92,12 @@ def cmd_train(fv) -> None:
   s = state_lib.setup(cfg, before_compile=lambda: _data_ready(cfg))
   # Lazy: the training loop's writers import TensorFlow (clu).
   from nanodo_sam import train as train_lib
-
   results = train_lib.train(cfg, workdir, stop=stop, setup=s)
-  print(
-      json.dumps(
-          {k: v for k, v in results.items() if k != "eval_history"}, indent=2
-      )
-  )
-  sys.exit(
-      {
-          "completed": 0,
-          "preempted": preemption.EXIT_PREEMPTED,
-          train_lib.SAVE_FAILED: checkpoint.EXIT_SAVE_FAILED,
-      }.get(results["status"], 1)
-  )
+  print(json.dumps({k: v for k, v in results.items()
+                    if k != "eval_history"}, indent=2))
+  sys.exit({"completed": 0, "preempted": preemption.EXIT_PREEMPTED,
+            train_lib.SAVE_FAILED: checkpoint.EXIT_SAVE_FAILED}.get(
+                results["status"], 1))
 
 
 def _data_ready(cfg) -> None:
@@ -126,15 +116,10 @@ def cmd_eval(fv) -> None:
   """Eval metrics of a checkpoint on the run's eval set, as one JSON line."""
   cfg = rundir.read_config(fv.workdir)
   s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
-  metrics = evaluate.eval_metrics(
-      evaluate.eval_step_for(s),
-      state.params,
-      data_lib.eval_batches(cfg),
-      _put(s),
-  )
-  print(
-      json.dumps({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-  )
+  metrics = evaluate.eval_metrics(evaluate.eval_step_for(s), state.params,
+                                  data_lib.eval_batches(cfg), _put(s))
+  print(json.dumps({"step": step, **{f"eval_{k}": v
+                                     for k, v in metrics.items()}}))
 
 
 def _check_sample_flags(fv) -> None:
@@ -142,10 +127,8 @@ def _check_sample_flags(fv) -> None:
     if getattr(fv, key) < least:
       raise UsageError(f"--{key}={getattr(fv, key)} must be >= {least}")
   if not (math.isfinite(fv.temperature) and fv.temperature >= 0):
-    raise UsageError(
-        f"--temperature={fv.temperature} must be a finite "
-        "number >= 0 (0: greedy)"
-    )
+    raise UsageError(f"--temperature={fv.temperature} must be a finite "
+                     "number >= 0 (0: greedy)")
 
 
 def cmd_sample(fv) -> None:
@@ -155,39 +138,21 @@ def cmd_sample(fv) -> None:
   cfg = rundir.read_config(fv.workdir)
   vocab = data_lib.make_vocab(cfg.data.vocab)
   prompt = sample_lib.prompt_ids(vocab, fv.prompt, cfg.data.add_bos)
-  num_new = sample_lib.max_new_tokens(
-      len(prompt), cfg.model.L, fv.max_new_tokens
-  )
+  num_new = sample_lib.max_new_tokens(len(prompt), cfg.model.L,
+                                      fv.max_new_tokens)
   if num_new < fv.max_new_tokens:
-    log.info(
-        "the prompt (%d tokens) leaves room for %d of the %d new "
-        "tokens in the context model.L=%d",
-        len(prompt),
-        num_new,
-        fv.max_new_tokens,
-        cfg.model.L,
-    )
+    log.info("the prompt (%d tokens) leaves room for %d of the %d new "
+             "tokens in the context model.L=%d", len(prompt), num_new,
+             fv.max_new_tokens, cfg.model.L)
   s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
   t0 = time.time()
   new = sample_lib.generate(
-      s.model,
-      state.params,
-      prompt,
-      num_new=num_new,
-      key=jax.random.key(fv.seed),
-      temperature=fv.temperature,
-      top_k=fv.top_k,
-      num_samples=fv.num_samples,
-      vocab_size=vocab.vocab_size,
-      eos_id=vocab.eos_id,
-  )
-  log.info(
-      "step %d: %d x %d tokens in %.2f s (with compilation)",
-      step,
-      new.shape[0],
-      new.shape[1],
-      time.time() - t0,
-  )
+      s.model, state.params, prompt, num_new=num_new,
+      key=jax.random.key(fv.seed), temperature=fv.temperature,
+      top_k=fv.top_k, num_samples=fv.num_samples,
+      vocab_size=vocab.vocab_size, eos_id=vocab.eos_id)
+  log.info("step %d: %d x %d tokens in %.2f s (with compilation)", step,
+           new.shape[0], new.shape[1], time.time() - t0)
   for i, ids in enumerate(new):
     if len(new) > 1:
       print(f"--- sample {i} ---")
@@ -198,15 +163,10 @@ def cmd_params(fv) -> None:
   mcfg = model_lib.from_config(fv.config)
   shapes = model_lib.abstract_params(model_lib.TransformerDo(mcfg))
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
-  print(
-      json.dumps(
-          {
-              "total_params": total,
-              "non_embedding_params": model_lib.non_embedding_params(mcfg),
-              "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D,
-          }
-      )
-  )
+  print(json.dumps({"total_params": total,
+                    "non_embedding_params":
+                        model_lib.non_embedding_params(mcfg),
+                    "embedding_params": mcfg.V * mcfg.D + mcfg.L * mcfg.D}))
 
 
 def cmd_analyze(fv) -> None:
@@ -223,9 +183,8 @@ def cmd_analyze(fv) -> None:
   cfg.data.eval_steps = max(cfg.data.eval_steps, d.num_batches)
   restored = checkpoint.restore_run(fv.workdir, cfg, fv.step)
   out = analyze.measure(cfg, restored, data_lib.eval_batches(cfg))
-  latest = restored.step == max(
-      checkpoint.checkpoint_manager(fv.workdir, read_only=True).all_steps()
-  )
+  latest = restored.step == max(checkpoint.checkpoint_manager(
+      fv.workdir, read_only=True).all_steps())
   path = analyze.write(fv.workdir, out, latest)
   print(analyze.table(out))
   print(f"wrote {path}")
@@ -238,11 +197,9 @@ def cmd_prune_eval(fv) -> None:
   s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
   eval_step, batches = evaluate.eval_step_for(s), data_lib.eval_batches(cfg)
   rows = prune.prune_eval(
-      state.params,
-      fractions,
+      state.params, fractions,
       lambda p: evaluate.eval_loss(eval_step, p, batches, _put(s)),
-      put_params=lambda p: jax.device_put(p, s.state_sharding.params),
-  )
+      put_params=lambda p: jax.device_put(p, s.state_sharding.params))
   path = prune.write_prune_json(fv.workdir, rows, step=step, cfg=cfg)
   print(prune.format_table(rows))
   print(f"wrote {path}")
@@ -252,10 +209,8 @@ def cmd_data(fv) -> None:
   """`data --check`: every shard of the config's data read once; exits
   data.EXIT_DATA_ERROR if any is damaged."""
   if not fv.check:
-    raise UsageError(
-        "nothing to do: `nanodo-sam data --check --config=FILE` "
-        "reads every shard of the config's data"
-    )
+    raise UsageError("nothing to do: `nanodo-sam data --check --config=FILE` "
+                     "reads every shard of the config's data")
   if data_check.check(fv.config.data):
     sys.exit(data_lib.EXIT_DATA_ERROR)
 
@@ -264,14 +219,8 @@ def cmd_bench(fv) -> None:
   """Step time, tokens/s, MFU, compile time and memory per size and method."""
   # Lazy: bench times the training loop, whose writers import TensorFlow.
   from nanodo_sam import bench
-
-  bench.run(
-      fv.config,
-      fv.sizes,
-      fv.methods,
-      steps=fv.steps,
-      out=fv.out or "bench.json",
-  )
+  bench.run(fv.config, fv.sizes, fv.methods, steps=fv.steps,
+            out=fv.out or "bench.json")
 
 
 def cmd_plan(fv) -> None:
@@ -280,21 +229,16 @@ def cmd_plan(fv) -> None:
   stays on the CPU (cpu-sim-N: N simulated CPU devices)."""
   from nanodo_sam import plan  # pylint: disable=g-import-not-at-top
   from nanodo_sam import targets  # pylint: disable=g-import-not-at-top
-
   if not fv.target:
-    raise UsageError(
-        "plan needs --target=T; known targets: "
-        f"{', '.join(targets.TARGETS)}, cpu-sim-N"
-    )
+    raise UsageError("plan needs --target=T; known targets: "
+                     f"{', '.join(targets.TARGETS)}, cpu-sim-N")
   t = targets.get(fv.target)
   targets.check_installed(t)
   out = _writable_out(fv.out)
   jax.config.update("jax_platforms", "cpu")
   if t.platform == "cpu":
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_"
-        f"force_host_platform_device_count={t.chips}"
-    )
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_"
+                               f"force_host_platform_device_count={t.chips}")
   report = plan.plan(fv.config, t)
   print(plan.format_report(report))
   if out:

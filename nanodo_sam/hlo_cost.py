@@ -20,49 +20,24 @@ import collections
 import math
 import re
 
-COLLECTIVES = (
-    "all-gather",
-    "all-reduce",
-    "reduce-scatter",
-    "all-to-all",
-    "collective-permute",
-)
-_ITEMSIZE = {
-    "pred": 1,
-    "s8": 1,
-    "u8": 1,
-    "s16": 2,
-    "u16": 2,
-    "f16": 2,
-    "bf16": 2,
-    "s32": 4,
-    "u32": 4,
-    "f32": 4,
-    "s64": 8,
-    "u64": 8,
-    "f64": 8,
-    "c64": 8,
-    "c128": 16,
-    "f8e4m3fn": 1,
-    "f8e5m2": 1,
-}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+             "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+             "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 _COMP = re.compile(r"^(ENTRY )?%(\S+) .*\{\s*$")  # Header line.
 _INST = re.compile(r"^\s*(ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9_-]*)\((.*)$")
 _ARRAY = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 _CALLS = re.compile(
     r"(?:body|condition|to_apply|calls|true_computation|"
-    r"false_computation)=%([\w.-]+)"
-)
+    r"false_computation)=%([\w.-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [
-      (t, tuple(int(d) for d in dims.split(",") if d))
-      for t, dims in _ARRAY.findall(shape)
-      if t in _ITEMSIZE
-  ]
+  return [(t, tuple(int(d) for d in dims.split(",") if d))
+          for t, dims in _ARRAY.findall(shape) if t in _ITEMSIZE]
 
 
 def shape_bytes(shape: str) -> int:
@@ -150,11 +125,8 @@ class Program:
 
   def operand_shapes(self, rest: str) -> list[str]:
     args = rest.split(")", 1)[0]
-    return [
-        self.shapes.get(a.strip().lstrip("%"), "")
-        for a in args.split(",")
-        if a.strip()
-    ]
+    return [self.shapes.get(a.strip().lstrip("%"), "")
+            for a in args.split(",") if a.strip()]
 
 
 SCALAR_BYTES = 64  # A collective of at most this many bytes moves scalars.
@@ -164,7 +136,7 @@ def _collectives(prog: Program, loops_only: bool = False):
   """(weight, kind, bytes of the full buffer, dtype) of every collective
   (dtype: its first array's element type)."""
   for w, _, shape, op, rest in prog.instructions(loops_only):
-    kind = op[: -len("-start")] if op.endswith("-start") else op
+    kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind not in COLLECTIVES:
       continue
     nbytes = shape_bytes(shape)
@@ -198,9 +170,8 @@ def collective_bytes(hlo_text: str) -> dict:
     count[kind] += w
   out["total"] = sum(out[k] for k in COLLECTIVES)
   out["count"] = count
-  out["in_loops"] = sum(
-      w * b for w, _, b, _ in _collectives(prog, True) if b > SCALAR_BYTES
-  )
+  out["in_loops"] = sum(w * b for w, _, b, _ in _collectives(prog, True)
+                        if b > SCALAR_BYTES)
   out["unknown_loops"] = prog.unknown_loops
   return out
 
@@ -224,11 +195,8 @@ def matmul_flops(hlo_text: str, loop_weighted: bool = True) -> float:
     operands = [_arrays(s) for s in prog.operand_shapes(rest)]
     if op == "dot":
       lhs = operands[0] if operands else []
-      contract = (
-          math.prod(lhs[0][1][d] for d in _dims(rest, "lhs_contracting_dims"))
-          if lhs
-          else 1
-      )
+      contract = math.prod(lhs[0][1][d] for d in _dims(
+          rest, "lhs_contracting_dims")) if lhs else 1
     else:
       contract = _conv_contract(rest, operands)
     total += (w if loop_weighted else 1) * 2 * math.prod(out[0][1]) * contract
@@ -240,7 +208,8 @@ def _conv_contract(rest: str, operands) -> int:
   features x, per spatial dimension, the window positions that can meet
   the input (min(window, input size): a dot written as a convolution, as
   XLA's TPU compiler writes a batched one, pads a size-1 input to the
-  window and meets it once)."""
+  window and meets it once; one with lhs_dilate meets window / dilate
+  input elements)."""
   labels = re.search(r"dim_labels=(\w+)_(\w+)->", rest)
   if not labels or len(operands) < 2 or not operands[0] or not operands[1]:
     return 1
@@ -276,9 +245,7 @@ def memory_bytes(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
     return {}
-  out = {
-      k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
-      for k in ("argument", "output", "alias", "temp")
-  }
+  out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+         for k in ("argument", "output", "alias", "temp")}
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out

@@ -34,8 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 KERNEL_INITS = {
     "xavier_uniform": nn.initializers.xavier_uniform(),
     "fan_in_truncated_normal": nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal"
-    ),
+        1.0, "fan_in", "truncated_normal"),
 }
 # Where the residual stream lives under a low-precision `dtype`: "float32"
 # (Nanodo: float32 embeddings and residual stream, output layer on the
@@ -48,13 +47,8 @@ RESIDUAL_DTYPES = keys.BY_NAME["model.residual_dtype"].choices
 # `cudnn_unsupported` finds nothing against it, else xla).
 ATTENTIONS = keys.BY_NAME["model.attention"].choices
 # DoConfig's fields whose values are choices of the key table.
-CHOICES = (
-    "nonlinearity",
-    "dtype",
-    "kernel_init",
-    "residual_dtype",
-    "attention",
-)
+CHOICES = ("nonlinearity", "dtype", "kernel_init", "residual_dtype",
+           "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +73,11 @@ class DoConfig:
       keys.check_choice(f"model.{name}", getattr(self, name))
     for name in ("D", "H", "N", "F", "L", "V"):
       if getattr(self, name) <= 0:
-        raise UsageError(
-            f"model.{name} must be positive, got " f"{getattr(self, name)}"
-        )
+        raise UsageError(f"model.{name} must be positive, got "
+                         f"{getattr(self, name)}")
     if self.D % self.H:
-      raise UsageError(
-          f"model.D={self.D} is not divisible by model.H="
-          f"{self.H}; choose D = H * head_dim"
-      )
+      raise UsageError(f"model.D={self.D} is not divisible by model.H="
+                       f"{self.H}; choose D = H * head_dim")
 
   @property
   def stream_dtype(self) -> str:
@@ -97,20 +88,10 @@ class DoConfig:
 def from_config(cfg) -> DoConfig:
   """The config's model section as a DoConfig (UsageError if it is bad)."""
   m = cfg.model
-  return DoConfig(
-      D=m.D,
-      H=m.H,
-      N=m.N,
-      F=m.F,
-      L=m.L,
-      V=m.V,
-      nonlinearity=m.nonlinearity,
-      dtype=m.dtype,
-      remat=m.remat,
-      kernel_init=m.kernel_init,
-      residual_dtype=m.residual_dtype,
-      attention=m.get("attention", "xla"),
-  )
+  return DoConfig(D=m.D, H=m.H, N=m.N, F=m.F, L=m.L, V=m.V,
+                  nonlinearity=m.nonlinearity, dtype=m.dtype, remat=m.remat,
+                  kernel_init=m.kernel_init, residual_dtype=m.residual_dtype,
+                  attention=m.get("attention", "xla"))
 
 
 def non_embedding_params(cfg) -> int:
@@ -125,7 +106,8 @@ def embedding_params(cfg) -> int:
   return (cfg.V + cfg.L) * cfg.D
 
 
-def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:
+def cudnn_unsupported(cfg: DoConfig, backend: str | None = None
+                      ) -> str | None:
   """Why cuDNN flash attention cannot run this model on `backend` (default:
   JAX's), or None when it can: an NVIDIA GPU with cuDNN, compute capability
   8.0 or later, bfloat16 compute and a head dimension that is a multiple of 8
@@ -137,64 +119,51 @@ def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:
   if backend != "gpu":
     return f"the {backend} backend has no cuDNN"
   if cfg.dtype != "bfloat16":
-    return (
-        f"cuDNN flash attention needs bfloat16 inputs, but model.dtype="
-        f"{cfg.dtype}"
-    )
+    return (f"cuDNN flash attention needs bfloat16 inputs, but model.dtype="
+            f"{cfg.dtype}")
   if targets.compute_capability() is not None:
     return _cudnn_unsupported_on(cfg, targets.compute_capability())
   try:  # JAX's own checks (private: a JAX without them is treated as no).
     from jax._src.cudnn import fused_attention_stablehlo as fa
-
     fa.check_cudnn_version()
     if not fa.check_compute_capability("8.0"):
-      return (
-          "cuDNN flash attention needs an NVIDIA GPU of compute "
-          "capability 8.0 (Ampere) or later"
-      )
+      return "cuDNN flash attention needs an NVIDIA GPU of compute " \
+             "capability 8.0 (Ampere) or later"
     head_max = 256 if fa.check_compute_capability("9.0") else 128
   except Exception as e:  # pylint: disable=broad-except
     return f"cuDNN attention is not available ({type(e).__name__}: {e})"
   head_dim = cfg.D // cfg.H
   if head_dim % 8 or head_dim > head_max:
-    return (
-        f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
-        f"to {head_max}"
-    )
+    return (f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
+            f"to {head_max}")
   return None
 
 
-def _cudnn_unsupported_on(
-    cfg: DoConfig, capability: tuple[int, int]
-) -> str | None:
+def _cudnn_unsupported_on(cfg: DoConfig, capability: tuple[int, int]
+                          ) -> str | None:
   """`cudnn_unsupported` for a GPU of compute capability `capability` that
   is not this host's (a `targets` GPU): JAX's conditions, read from it."""
   if capability < (8, 0):
-    return (
-        "cuDNN flash attention needs an NVIDIA GPU of compute "
-        "capability 8.0 (Ampere) or later"
-    )
+    return "cuDNN flash attention needs an NVIDIA GPU of compute " \
+           "capability 8.0 (Ampere) or later"
   head_max, head_dim = (256 if capability >= (9, 0) else 128), cfg.D // cfg.H
   if head_dim % 8 or head_dim > head_max:
-    return (
-        f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
-        f"to {head_max}"
-    )
+    return (f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
+            f"to {head_max}")
   return None
 
 
-def attention_implementation(cfg: DoConfig, backend: str | None = None) -> str:
-  """ "xla" or "cudnn": what `cfg.attention` means on `backend` (default:
+def attention_implementation(cfg: DoConfig, backend: str | None = None
+                             ) -> str:
+  """"xla" or "cudnn": what `cfg.attention` means on `backend` (default:
   JAX's). Raises UsageError for "cudnn" where it cannot run."""
   if cfg.attention == "xla":
     return "xla"
   why = cudnn_unsupported(cfg, backend)
   if cfg.attention == "cudnn" and why:
-    raise UsageError(
-        f"model.attention=cudnn cannot run here: {why}; use "
-        "--config.model.attention=auto (cuDNN where it can "
-        "run, XLA elsewhere) or xla"
-    )
+    raise UsageError(f"model.attention=cudnn cannot run here: {why}; use "
+                     "--config.model.attention=auto (cuDNN where it can "
+                     "run, XLA elsewhere) or xla")
   return "xla" if why else "cudnn"
 
 
@@ -202,18 +171,13 @@ def _kernel_init(cfg: DoConfig, axes: tuple[str, ...]):
   return nn.with_logical_partitioning(KERNEL_INITS[cfg.kernel_init], axes)
 
 
-_EMBED_INIT = nn.initializers.variance_scaling(
-    1.0, "fan_in", "normal", out_axis=0
-)
+_EMBED_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                               out_axis=0)
 
 
-def attention(
-    q_BxTxHxK: jax.Array,
-    k_BxSxHxK: jax.Array,
-    v_BxSxHxK: jax.Array,
-    mask_TxS: jax.Array | None = None,
-    implementation: str = "xla",
-) -> jax.Array:
+def attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array,
+              v_BxSxHxK: jax.Array, mask_TxS: jax.Array | None = None,
+              implementation: str = "xla") -> jax.Array:
   """Multi-head dot-product attention, the model's one call site: causal over
   the sequence when `mask_TxS` is None (training, T == S), else queries
   attend to the keys where the mask is True (decoding against the KV cache).
@@ -221,13 +185,8 @@ def attention(
   """
   mask = None if mask_TxS is None else mask_TxS[None, None]
   return jax.nn.dot_product_attention(
-      q_BxTxHxK,
-      k_BxSxHxK,
-      v_BxSxHxK,
-      mask=mask,
-      is_causal=mask is None,
-      implementation=implementation,
-  )
+      q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask, is_causal=mask is None,
+      implementation=implementation)
 
 
 class CausalAttn(nn.Module):
@@ -243,20 +202,14 @@ class CausalAttn(nn.Module):
   cfg: DoConfig
 
   @nn.compact
-  def __call__(
-      self, x_BxTxD: jax.Array, cache_index: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array,
+               cache_index: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     Dh = cfg.D // cfg.H
     dtype = DTYPES[cfg.dtype]
     dense = functools.partial(
-        nn.DenseGeneral,
-        features=(cfg.H, Dh),
-        axis=-1,
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=_kernel_init(cfg, ("embed", "heads", "kv")),
-    )
+        nn.DenseGeneral, features=(cfg.H, Dh), axis=-1, use_bias=False,
+        dtype=dtype, kernel_init=_kernel_init(cfg, ("embed", "heads", "kv")))
     q_BxTxHxK = dense(name="query")(x_BxTxD)
     k_BxSxHxK = dense(name="key")(x_BxTxD)
     v_BxSxHxK = dense(name="value")(x_BxTxD)
@@ -264,35 +217,26 @@ class CausalAttn(nn.Module):
     if cache_index is not None:
       B, T = x_BxTxD.shape[:2]
       shape = (B, cfg.L, cfg.H, Dh)
-      cached_k = self.variable(
-          "cache", "cached_key", jnp.zeros, shape, k_BxSxHxK.dtype
-      )
-      cached_v = self.variable(
-          "cache", "cached_value", jnp.zeros, shape, v_BxSxHxK.dtype
-      )
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, shape,
+                               k_BxSxHxK.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, shape,
+                               v_BxSxHxK.dtype)
       at = (0, cache_index, 0, 0)
-      cached_k.value = jax.lax.dynamic_update_slice(
-          cached_k.value, k_BxSxHxK, at
-      )
-      cached_v.value = jax.lax.dynamic_update_slice(
-          cached_v.value, v_BxSxHxK, at
-      )
+      cached_k.value = jax.lax.dynamic_update_slice(cached_k.value,
+                                                    k_BxSxHxK, at)
+      cached_v.value = jax.lax.dynamic_update_slice(cached_v.value,
+                                                    v_BxSxHxK, at)
       k_BxSxHxK, v_BxSxHxK = cached_k.value, cached_v.value
-      mask_TxS = (
-          jnp.arange(cfg.L)[None, :] <= cache_index + jnp.arange(T)[:, None]
-      )
+      mask_TxS = (jnp.arange(cfg.L)[None, :]
+                  <= cache_index + jnp.arange(T)[:, None])
     # Training and scoring: model.attention's kernel; decoding against the
     # cache (an explicit mask, one position at a time): XLA's.
     impl = "xla" if mask_TxS is not None else attention_implementation(cfg)
     out_BxTxHxK = attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask_TxS, impl)
     return nn.DenseGeneral(
-        features=cfg.D,
-        axis=(-2, -1),
-        use_bias=False,
-        dtype=dtype,
+        features=cfg.D, axis=(-2, -1), use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("heads", "kv", "embed")),
-        name="attn_out",
-    )(out_BxTxHxK)
+        name="attn_out")(out_BxTxHxK)
 
 
 class Mlp(nn.Module):
@@ -305,29 +249,21 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     h_BxLxF = nn.Dense(
-        cfg.F,
-        use_bias=False,
-        dtype=dtype,
+        cfg.F, use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("embed", "mlp")),
-        name="fc1",
-    )(x_BxLxD)
+        name="fc1")(x_BxLxD)
     h_BxLxF = NONLINEARITIES[cfg.nonlinearity](h_BxLxF)
     return nn.Dense(
-        cfg.D,
-        use_bias=False,
-        dtype=dtype,
+        cfg.D, use_bias=False, dtype=dtype,
         kernel_init=_kernel_init(cfg, ("mlp", "embed")),
-        name="fc2",
-    )(h_BxLxF)
+        name="fc2")(h_BxLxF)
 
 
 def _layer_norm(cfg: DoConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
-      use_bias=False,
-      dtype=DTYPES[cfg.dtype],
-      name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-  )
+      use_bias=False, dtype=DTYPES[cfg.dtype], name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones,
+                                              ("norm",)))
 
 
 class TBlock(nn.Module):
@@ -336,26 +272,21 @@ class TBlock(nn.Module):
   cfg: DoConfig
 
   @nn.compact
-  def __call__(
-      self, x_BxLxD: jax.Array, cache_index: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array,
+               cache_index: jax.Array | None = None) -> jax.Array:
     x_BxLxD = x_BxLxD + CausalAttn(self.cfg, name="attn")(
-        _layer_norm(self.cfg, "ln_attn")(x_BxLxD), cache_index
-    )
+        _layer_norm(self.cfg, "ln_attn")(x_BxLxD), cache_index)
     return x_BxLxD + Mlp(self.cfg, name="mlp")(
-        _layer_norm(self.cfg, "ln_mlp")(x_BxLxD)
-    )
+        _layer_norm(self.cfg, "ln_mlp")(x_BxLxD))
 
 
-def output_logits(
-    embedding_VxD: jax.Array, x_xD: jax.Array, dtype: str = "float32"
-) -> jax.Array:
+def output_logits(embedding_VxD: jax.Array, x_xD: jax.Array,
+                  dtype: str = "float32") -> jax.Array:
   """The tied output layer x E^T: computed in `dtype` (as nn.Embed.attend
   does), returned in float32. `x_xD` may have any leading shape."""
   dt = DTYPES[dtype]
   return jnp.dot(x_xD.astype(dt), embedding_VxD.astype(dt).T).astype(
-      jnp.float32
-  )
+      jnp.float32)
 
 
 class TransformerDo(nn.Module):
@@ -373,32 +304,18 @@ class TransformerDo(nn.Module):
   cfg: DoConfig
 
   @nn.compact
-  def __call__(
-      self,
-      tokens_BxL: jax.Array,
-      features_only: bool = False,
-      decode: bool = False,
-  ) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, features_only: bool = False,
+               decode: bool = False) -> jax.Array:
     cfg = self.cfg
     stream = DTYPES[cfg.stream_dtype]
     embed = nn.Embed(
-        cfg.V,
-        cfg.D,
-        dtype=stream,
-        name="embed",
-        embedding_init=nn.with_logical_partitioning(
-            _EMBED_INIT, ("vocab", "embed")
-        ),
-    )
+        cfg.V, cfg.D, dtype=stream, name="embed",
+        embedding_init=nn.with_logical_partitioning(_EMBED_INIT,
+                                                    ("vocab", "embed")))
     pos_embed = nn.Embed(
-        cfg.L,
-        cfg.D,
-        dtype=stream,
-        name="pos_embed",
-        embedding_init=nn.with_logical_partitioning(
-            _EMBED_INIT, (None, "embed")
-        ),
-    )
+        cfg.L, cfg.D, dtype=stream, name="pos_embed",
+        embedding_init=nn.with_logical_partitioning(_EMBED_INIT,
+                                                    (None, "embed")))
     L = tokens_BxL.shape[1]
     start = None
     positions_L = jnp.arange(L)
@@ -428,19 +345,11 @@ def compute_params(cfg: DoConfig):
   dtype = DTYPES[cfg.dtype]
 
   def cast(params):
-    return {
-        k: (
-            jax.tree_util.tree_map_with_path(
-                lambda path, x: x.astype(dtype)
-                if getattr(path[-1], "key", None) == "kernel"
-                else x,
-                v,
-            )
-            if k.startswith("block_")
-            else v
-        )
-        for k, v in params.items()
-    }
+    return {k: (jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype)
+        if getattr(path[-1], "key", None) == "kernel" else x, v)
+                if k.startswith("block_") else v)
+            for k, v in params.items()}
 
   return cast
 
@@ -460,11 +369,9 @@ def output_head(model: TransformerDo) -> OutputHead:
   [B, L, V] logits."""
   return OutputHead(
       features=lambda params, inputs_BxL: model.apply(
-          {"params": params}, inputs_BxL, features_only=True
-      ),
+          {"params": params}, inputs_BxL, features_only=True),
       select=lambda params: params["embed"]["embedding"],
-      apply=functools.partial(_apply_output, model.cfg.stream_dtype),
-  )
+      apply=functools.partial(_apply_output, model.cfg.stream_dtype))
 
 
 def _apply_output(dtype: str, embedding_VxD, x_xD):
@@ -475,10 +382,9 @@ def init_cache(model: TransformerDo, batch_size: int):
   """An empty KV cache for decoding `batch_size` sequences of up to L tokens:
   keys and values [B, L, H, D/H] per block (compute dtype), index 0."""
   shapes = jax.eval_shape(
-      lambda: model.init(
-          jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), decode=True
-      )["cache"]
-  )
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((batch_size, 1), jnp.int32),
+                         decode=True)["cache"])
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -489,11 +395,8 @@ def make_decode_fn(model: TransformerDo):
 
   def decode_fn(params, cache, tokens_BxT):
     logits_BxTxV, updated = model.apply(
-        {"params": params, "cache": cache},
-        tokens_BxT,
-        decode=True,
-        mutable=["cache"],
-    )
+        {"params": params, "cache": cache}, tokens_BxT, decode=True,
+        mutable=["cache"])
     return logits_BxTxV, updated["cache"]
 
   return decode_fn

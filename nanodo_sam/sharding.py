@@ -39,61 +39,47 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) with at most one -1 filled from the device count."""
   sizes = [int(mesh_cfg[a]) for a in AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise UsageError(
-        f"mesh {dict(zip(AXES, sizes))}: sizes must be positive,"
-        " with at most one -1 (fill the rest)"
-    )
+    raise UsageError(f"mesh {dict(zip(AXES, sizes))}: sizes must be positive,"
+                     " with at most one -1 (fill the rest)")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise UsageError(
-          f"mesh {dict(zip(AXES, sizes))} cannot fill "
-          f"{num_devices} devices; make the fixed axes divide it"
-      )
+      raise UsageError(f"mesh {dict(zip(AXES, sizes))} cannot fill "
+                       f"{num_devices} devices; make the fixed axes divide it")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise UsageError(
-        f"mesh {dict(zip(AXES, sizes))} multiplies to "
-        f"{int(np.prod(sizes))}, but there are {num_devices} "
-        "devices; set --config.mesh.* so the product matches"
-    )
+    raise UsageError(f"mesh {dict(zip(AXES, sizes))} multiplies to "
+                     f"{int(np.prod(sizes))}, but there are {num_devices} "
+                     "devices; set --config.mesh.* so the product matches")
   return tuple(sizes)
 
 
 def validate(cfg, num_devices: int, num_processes: int | None = None) -> None:
   """Mesh, batch and model shapes fit together (UsageError otherwise)."""
   data, fsdp, tensor = mesh_shape(cfg.mesh, num_devices)
-  num_processes = (
-      jax.process_count() if num_processes is None else num_processes
-  )
+  num_processes = jax.process_count() if num_processes is None \
+      else num_processes
   if (data * fsdp) % num_processes:
     raise UsageError(
         f"mesh data x fsdp = {data}x{fsdp} is not a multiple of the "
         f"{num_processes} processes; each process feeds its own rows of the "
-        "batch, so put the cross-process axes in mesh.data or mesh.fsdp"
-    )
+        "batch, so put the cross-process axes in mesh.data or mesh.fsdp")
   micro = max(cfg.grad_accumulation_steps, 1)  # 0: auto (state.setup).
   per_step = data * fsdp * micro
   if cfg.data.batch_size % per_step:
     raise UsageError(
         f"data.batch_size={cfg.data.batch_size} is not divisible by "
         f"data x fsdp x grad_accumulation_steps = {data}x{fsdp}x"
-        f"{micro}; choose a multiple of {per_step}"
-    )
+        f"{micro}; choose a multiple of {per_step}")
   if cfg.data.eval_batch_size % (data * fsdp):
-    raise UsageError(
-        f"data.eval_batch_size={cfg.data.eval_batch_size} is "
-        f"not divisible by data x fsdp = {data * fsdp}"
-    )
+    raise UsageError(f"data.eval_batch_size={cfg.data.eval_batch_size} is "
+                     f"not divisible by data x fsdp = {data * fsdp}")
   if cfg.model.H % tensor:
-    raise UsageError(
-        f"model.H={cfg.model.H} heads are not divisible by "
-        f"mesh.tensor={tensor}"
-    )
+    raise UsageError(f"model.H={cfg.model.H} heads are not divisible by "
+                     f"mesh.tensor={tensor}")
   if cfg.model.F % tensor:
-    raise UsageError(
-        f"model.F={cfg.model.F} is not divisible by " f"mesh.tensor={tensor}"
-    )
+    raise UsageError(f"model.F={cfg.model.F} is not divisible by "
+                     f"mesh.tensor={tensor}")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -131,7 +117,8 @@ def fit_spec(spec: P, shape, mesh: Mesh) -> P:
     if len(kept) == len(names):
       out.append(axes)
     else:
-      out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+      out.append(tuple(kept) if len(kept) > 1 else
+                 (kept[0] if kept else None))
   while out and out[-1] is None:
     out.pop()
   return P(*out)
@@ -151,20 +138,13 @@ def logical_to_sharding(boxed_tree, mesh: Mesh):
       shape = nn.meta.unbox(x).shape
       fitted = fit_spec(spec, shape, mesh)
       if fitted != fit_spec(spec, (0,) * len(shape), mesh):
-        log.info(
-            "%s %s: not every mesh axis divides it; sharded as %s "
-            "instead of %s",
-            x.names,
-            shape,
-            fitted,
-            spec,
-        )
+        log.info("%s %s: not every mesh axis divides it; sharded as %s "
+                 "instead of %s", x.names, shape, fitted, spec)
       return NamedSharding(mesh, fitted)
     return NamedSharding(mesh, P())
 
-  return jax.tree.map(
-      one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
-  )
+  return jax.tree.map(one, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def pin_params(fn, params_sharding, cast=None):
@@ -185,11 +165,8 @@ def pin_params(fn, params_sharding, cast=None):
   the model computes with either way. params_sharding=None: only the cast.
   """
 
-  pin = (
-      (lambda p: p)
-      if params_sharding is None
-      else (lambda p: jax.lax.with_sharding_constraint(p, params_sharding))
-  )
+  pin = ((lambda p: p) if params_sharding is None else
+         (lambda p: jax.lax.with_sharding_constraint(p, params_sharding)))
 
   def pinned(params, *args):
     params = pin(params)
@@ -206,11 +183,10 @@ def pin_head(head, params_sharding, batch_sharding=None, cast=None):
   the chunked step keeps them too; with `batch_sharding`
   (`batch_sharding(mesh)`) the step also keeps each chunk of the sequence
   split by rows over the mesh (`sam.head_vjp`)."""
-  return head._replace(
-      features=pin_params(head.features, params_sharding, cast),
-      select=pin_params(head.select, params_sharding),
-      batch_sharding=batch_sharding,
-  )
+  return head._replace(features=pin_params(head.features, params_sharding,
+                                           cast),
+                       select=pin_params(head.select, params_sharding),
+                       batch_sharding=batch_sharding)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -224,10 +200,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(host_batch: dict, mesh: Mesh) -> dict:
   """This process's slice of the batch -> globally sharded jax.Arrays."""
   sharding = batch_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(sharding, v)
-      for k, v in host_batch.items()
-  }
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in host_batch.items()}
 
 
 def _cluster_detected() -> bool:
@@ -239,10 +213,8 @@ def _cluster_detected() -> bool:
     return True
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return True
-  if any(
-      os.environ.get(k, "").count(",") > 0
-      for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
-  ):
+  if any(os.environ.get(k, "").count(",") > 0
+         for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")):
     return True
   try:
     from jax._src import cloud_tpu_init  # Set when `import jax` found a TPU.
@@ -251,9 +223,9 @@ def _cluster_detected() -> bool:
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def maybe_initialize_distributed(
-    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
-) -> None:
+def maybe_initialize_distributed(coordinator_address: str = "",
+                                 num_processes: int = 0,
+                                 process_id: int = -1) -> None:
   """Starts jax.distributed for multi-process runs (call before any JAX work).
 
   Explicit flags win; otherwise JAX detects the cluster itself
@@ -261,14 +233,12 @@ def maybe_initialize_distributed(
   (SLURM_LOCALID): launch one task per GPU. A second call is a no-op. CPU
   processes talk through gloo.
   """
-  if coordinator_address and (
-      num_processes < 1 or not 0 <= process_id < num_processes
-  ):
+  if coordinator_address and (num_processes < 1 or
+                              not 0 <= process_id < num_processes):
     raise UsageError(
         f"--coordinator_address={coordinator_address} needs --num_processes="
         f"N >= 1 and --process_id in [0, N) (got {num_processes}, "
-        f"{process_id})"
-    )
+        f"{process_id})")
   initialized = getattr(jax.distributed, "is_initialized", lambda: False)()
   if initialized or not (coordinator_address or _cluster_detected()):
     return
@@ -277,17 +247,11 @@ def maybe_initialize_distributed(
     # (tests, debugging) need them. Newer JAX defaults to gloo already.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
   else:
     jax.distributed.initialize()
-  log.info(
-      "jax.distributed: process %d of %d, %d local / %d global devices",
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
-  )
+  log.info("jax.distributed: process %d of %d, %d local / %d global devices",
+           jax.process_index(), jax.process_count(), jax.local_device_count(),
+           jax.device_count())

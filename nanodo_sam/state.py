@@ -51,7 +51,6 @@ class TrainState:
 @dataclasses.dataclass
 class Setup:
   """Everything derived from a config that the loop, bench and CLI share."""
-
   cfg: Any
   model: model_lib.TransformerDo
   logits_fn: LogitsFn  # pinned to the parameters' sharding
@@ -73,9 +72,8 @@ def _xla_model(model):
   """`model` with XLA's attention, for what must run on every backend: init
   (the same parameters) and the diagnostics (cuDNN's kernel has no
   forward-mode derivative)."""
-  return model_lib.TransformerDo(
-      dataclasses.replace(model.cfg, attention="xla")
-  )
+  return model_lib.TransformerDo(dataclasses.replace(model.cfg,
+                                                     attention="xla"))
 
 
 def _init_fn(cfg, model, tx):
@@ -84,16 +82,11 @@ def _init_fn(cfg, model, tx):
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, cfg.model.L), jnp.int32))[
-        "params"
-    ]
-    reuse = sam_lib.reuse_init(params) if cfg.sam.get("reuse", False) else None
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=state_rng,
-        reuse=reuse,
-    )
+        "params"]
+    reuse = (sam_lib.reuse_init(params) if cfg.sam.get("reuse", False)
+             else None)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng, reuse=reuse)
 
   return init
 
@@ -113,35 +106,19 @@ def setup(cfg, before_compile: Callable[[], None] | None = None) -> Setup:
   state_sharding = sharding.logical_to_sharding(boxed, mesh)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      nn.unbox(boxed),
-      state_sharding,
-  )
+      nn.unbox(boxed), state_sharding)
   check_memory(cfg, abstract_state)
   cast = model_lib.compute_params(model.cfg)  # FSDP gathers in bf16.
-  logits_fn = sharding.pin_params(
-      model_lib.make_logits_fn(model), state_sharding.params, cast
-  )
+  logits_fn = sharding.pin_params(model_lib.make_logits_fn(model),
+                                  state_sharding.params, cast)
   chunk = cfg.model.get("head_chunk_tokens", keys.HEAD_CHUNK_TOKENS)
   head = sharding.pin_head(
       model_lib.output_head(model)._replace(chunk_tokens=chunk),
-      state_sharding.params,
-      sharding.batch_sharding(mesh),
-      cast,
-  )
-  diagnostics_logits_fn = sharding.pin_params(
-      model_lib.make_logits_fn(exact), state_sharding.params
-  )
-  s = Setup(
-      cfg,
-      model,
-      logits_fn,
-      head,
-      diagnostics_logits_fn,
-      tx,
-      mesh,
-      state_sharding,
-      abstract_state,
-  )
+      state_sharding.params, sharding.batch_sharding(mesh), cast)
+  diagnostics_logits_fn = sharding.pin_params(model_lib.make_logits_fn(exact),
+                                              state_sharding.params)
+  s = Setup(cfg, model, logits_fn, head, diagnostics_logits_fn, tx, mesh,
+            state_sharding, abstract_state)
   if cfg.grad_accumulation_steps == 0:
     s = fit_microbatches(s)
   return s
@@ -162,9 +139,8 @@ def memory_budget(cfg) -> int:
   the whole HBM on a TPU), unless mesh.device_memory_gb is set."""
   gb = float(cfg.mesh.get("device_memory_gb", 0.0) or 0.0)
   if gb > 0:
-    fraction = float(
-        os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
-    )
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                    DEFAULT_MEM_FRACTION))
     return int(gb * GiB * fraction)
   if targets.memory_bytes() is not None:
     return int(targets.memory_bytes() * targets.current().mem_fraction)
@@ -176,12 +152,11 @@ def abstract_batch(s: Setup, rows: int | None = None) -> dict:
   split like the real one: what the step is compiled for before any data."""
   rows = s.cfg.data.batch_size if rows is None else rows
   bs = sharding.batch_sharding(s.mesh)
-  tokens = jax.ShapeDtypeStruct((rows, s.cfg.model.L), jnp.int32, sharding=bs)
-  return {
-      "inputs": tokens,
-      "targets": tokens,
-      "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=bs),
-  }
+  tokens = jax.ShapeDtypeStruct((rows, s.cfg.model.L), jnp.int32,
+                                sharding=bs)
+  return {"inputs": tokens, "targets": tokens,
+          "weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32,
+                                          sharding=bs)}
 
 
 def step_bytes(compiled) -> int:
@@ -190,12 +165,8 @@ def step_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   if m is None:
     return 0
-  return (
-      m.argument_size_in_bytes
-      + m.output_size_in_bytes
-      - m.alias_size_in_bytes
-      + m.temp_size_in_bytes
-  )
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
 def compile_step(s: Setup, fn) -> Any:
@@ -236,17 +207,11 @@ def fit_microbatches(s: Setup) -> Setup:
     need = tried[k] = step_bytes(compiled)
     if need <= budget:
       s_k.steps[kind] = fn
-      log.info(
-          "grad_accumulation_steps=0 (auto): %d microbatch(es) of %d "
-          "rows; the %s step needs %.1f GiB per device of a %.1f GiB "
-          "budget (tried %s)",
-          k,
-          cfg.data.batch_size // k,
-          kind,
-          need / GiB,
-          budget / GiB,
-          ", ".join(f"{i}: {b / GiB:.1f} GiB" for i, b in tried.items()),
-      )
+      log.info("grad_accumulation_steps=0 (auto): %d microbatch(es) of %d "
+               "rows; the %s step needs %.1f GiB per device of a %.1f GiB "
+               "budget (tried %s)", k, cfg.data.batch_size // k, kind,
+               need / GiB, budget / GiB,
+               ", ".join(f"{i}: {b / GiB:.1f} GiB" for i, b in tried.items()))
       return s_k
     bigger = [c for c in choices if c > k]
     if not bigger:
@@ -254,8 +219,7 @@ def fit_microbatches(s: Setup) -> Setup:
           f"the train step does not fit a device even in {k} microbatches "
           f"(one row each): it needs {need / GiB:.1f} GiB per device, the "
           f"budget is {budget / GiB:.1f} GiB; set model.remat=True, lower "
-          "model.L or data.batch_size, or use more devices"
-      )
+          "model.L or data.batch_size, or use more devices")
     m = compiled.memory_analysis()
     fixed = need - m.temp_size_in_bytes
     want = k * m.temp_size_in_bytes / max(budget - fixed, 1)
@@ -269,35 +233,28 @@ def check_step_memory(s: Setup, compiled, kind: str) -> None:
   if need <= budget:
     return
   m, k = s.cfg.model, s.cfg.grad_accumulation_steps
-  where = (
-      f"mesh.device_memory_gb={s.cfg.mesh.device_memory_gb:g} x "
-      f"{budget / (s.cfg.mesh.device_memory_gb * GiB):.2f}"
-      if s.cfg.mesh.get("device_memory_gb", 0)
-      else "a device's memory"
-  )
+  where = (f"mesh.device_memory_gb={s.cfg.mesh.device_memory_gb:g} x "
+           f"{budget / (s.cfg.mesh.device_memory_gb * GiB):.2f}"
+           if s.cfg.mesh.get("device_memory_gb", 0) else "a device's memory")
   raise UsageError(
       f"the {kind} train step (D={m.D}, N={m.N}, L={m.L}, batch "
       f"{s.cfg.data.batch_size} in {k} microbatch(es), remat={m.remat}) "
       f"needs {need / GiB:.2f} GiB per device, more than the "
       f"{budget / GiB:.2f} GiB budget ({where}); set "
       "--config.grad_accumulation_steps=0 (auto) or more microbatches, "
-      "--config.model.remat=True, or lower model.L or data.batch_size"
-  )
+      "--config.model.remat=True, or lower model.L or data.batch_size")
 
 
 def init_state(s: Setup, seed: int) -> TrainState:
   """The first state, placed with `s.state_sharding`."""
   init = _init_fn(s.cfg, _xla_model(s.model), s.tx)
-  return jax.jit(
-      lambda rng: nn.unbox(init(rng)), out_shardings=s.state_sharding
-  )(jax.random.key(seed))
+  return jax.jit(lambda rng: nn.unbox(init(rng)),
+                 out_shardings=s.state_sharding)(jax.random.key(seed))
 
 
 def _bytes_per_device(tree) -> int:
-  return sum(
-      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-      for x in jax.tree.leaves(tree)
-  )
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def device_memory() -> int:
@@ -315,9 +272,8 @@ def device_memory() -> int:
 def check_memory(cfg, abstract_state) -> None:
   """UsageError if the train state and one gradient (a lower bound on what
   a step holds) exceed a device's memory, saying how much they need."""
-  need = _bytes_per_device(abstract_state) + _bytes_per_device(
-      abstract_state.params
-  )
+  need = (_bytes_per_device(abstract_state)
+          + _bytes_per_device(abstract_state.params))
   have = device_memory()
   if need > have:
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
@@ -327,5 +283,4 @@ def check_memory(cfg, abstract_state) -> None:
         f"needs at least {need / 2**30:.1f} GiB per device for its "
         f"parameters, gradient and optimizer state, more than the "
         f"{have / 2**30:.1f} GiB a device has; lower model.L, model.D or "
-        "model.V, or shard the parameters over more devices (mesh.fsdp)"
-    )
+        "model.V, or shard the parameters over more devices (mesh.fsdp)")
