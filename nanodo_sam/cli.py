@@ -1,7 +1,7 @@
 """`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|plan|
-sweep|tables`: the commands, their flags and help, parsed here; what each does is in
-commands.py, imported only once a command's flags parse (so usage, --help
-and a bad flag answer at once, without importing JAX).
+sweep|tables`: the commands, their flags and help, parsed here; what each
+does is in commands.py, imported only once a command's flags parse (so
+usage, --help and a bad flag answer at once, without importing JAX).
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work

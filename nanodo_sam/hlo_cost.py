@@ -133,28 +133,34 @@ SCALAR_BYTES = 64  # A collective of at most this many bytes moves scalars.
 
 
 def _collectives(prog: Program, loops_only: bool = False):
-  """(weight, kind, bytes of the full buffer, dtype) of every collective
-  (dtype: its first array's element type)."""
+  """(weight, kind, {dtype: bytes of the full buffers}) of every collective,
+  a combined one (XLA's GPU compiler joins many into one tuple) by each of
+  its arrays' element types."""
   for w, _, shape, op, rest in prog.instructions(loops_only):
     kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind not in COLLECTIVES:
       continue
-    nbytes = shape_bytes(shape)
-    if kind == "reduce-scatter":
-      nbytes = sum(shape_bytes(s) for s in prog.operand_shapes(rest))
-    elif op.endswith("-start") and kind in ("all-gather", "collective-permute"):
-      nbytes = shape_bytes(shape) // 2  # (operand, result) tuple.
     arrays = _arrays(shape)
-    yield w, kind, nbytes, (arrays[0][0] if arrays else "?")
+    if kind == "reduce-scatter":
+      arrays = [a for s in prog.operand_shapes(rest) for a in _arrays(s)]
+    elif op.endswith("-start") and kind != "all-reduce":
+      # ((operands), (results)) plus context scalars: the results.
+      arrays = [a for a in arrays if a[1]]
+      arrays = arrays[len(arrays) // 2:]
+    by = collections.defaultdict(float)
+    for t, dims in arrays:
+      by[t] += _ITEMSIZE[t] * math.prod(dims)
+    yield w, kind, by
 
 
 def collective_bytes_by_dtype(hlo_text: str) -> dict[str, dict[str, float]]:
   """Loop-weighted bytes per collective kind and element type, e.g.
   {"all-gather": {"bf16": ...}}: which collectives move float32."""
   out: dict[str, dict[str, float]] = {}
-  for w, kind, nbytes, dtype in _collectives(Program(hlo_text)):
-    by = out.setdefault(kind, {})
-    by[dtype] = by.get(dtype, 0.0) + w * nbytes
+  for w, kind, by in _collectives(Program(hlo_text)):
+    for t, nbytes in by.items():
+      out.setdefault(kind, {})
+      out[kind][t] = out[kind].get(t, 0.0) + w * nbytes
   return out
 
 
@@ -165,13 +171,14 @@ def collective_bytes(hlo_text: str) -> dict:
   prog = Program(hlo_text)
   out = {k: 0.0 for k in COLLECTIVES}
   count = {k: 0.0 for k in COLLECTIVES}
-  for w, kind, nbytes, _ in _collectives(prog):
-    out[kind] += w * nbytes
+  for w, kind, by in _collectives(prog):
+    out[kind] += w * sum(by.values())
     count[kind] += w
   out["total"] = sum(out[k] for k in COLLECTIVES)
   out["count"] = count
-  out["in_loops"] = sum(w * b for w, _, b, _ in _collectives(prog, True)
-                        if b > SCALAR_BYTES)
+  out["in_loops"] = sum(w * sum(b.values())
+                        for w, _, b in _collectives(prog, True)
+                        if sum(b.values()) > SCALAR_BYTES)
   out["unknown_loops"] = prog.unknown_loops
   return out
 

@@ -201,11 +201,14 @@ def _check_fits(s, program: dict, budget: int) -> None:
   need = program["memory_bytes"].get("total", 0)
   if need > budget:
     raise UsageError(
-        f"the {program['what']} needs {need / GiB:.1f} GiB per chip, more "
-        f"than the {budget / GiB:.1f} GiB budget of the target; set "
+        f"the {program['what']} does not fit the target: it needs "
+        f"{_size(need)} per chip, more than the {_size(budget)} budget; set "
         "--config.grad_accumulation_steps=0 (auto), --config.model.remat="
-        "True, lower model.L or data.batch_size, or pick a larger target"
-    )
+        "True, lower model.L or data.batch_size, or pick a larger target")
+
+
+def _size(b: float) -> str:
+  return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"
 
 
 def _with_mfu(p: dict, cfg, t, tokens: int) -> dict:
