@@ -32,6 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import targets
 from nanodo_sam.errors import UsageError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -67,8 +68,8 @@ FLAGS = {
     "steps": (flags.DEFINE_integer, "N", 10, "Timed steps per method."),
     "out": (flags.DEFINE_string, "PATH", "", "Output JSON (bench.json)."),
     "target": (flags.DEFINE_string, "T", None,
-               "Machine to compile for: h100x8, h100x16, a100x8, tpu-v5p-8, "
-               "tpu-v5p-16, tpu-v5p-64, tpu-v4-32, tpu-v5e-16 or cpu-sim-N."),
+               f"Machine to compile for: {', '.join(targets.TARGETS)} or "
+               "cpu-sim-N (docs/benchmarks.md lists them)."),
     "prompt": (flags.DEFINE_string, "TEXT", "",
                "Text to continue (empty: start a new document)."),
     "max_new_tokens": (flags.DEFINE_integer, "N", 200,

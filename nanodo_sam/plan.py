@@ -204,7 +204,8 @@ def _check_fits(s, program: dict, budget: int) -> None:
         f"the {program['what']} does not fit the target: it needs "
         f"{_size(need)} per chip, more than the {_size(budget)} budget; set "
         "--config.grad_accumulation_steps=0 (auto), --config.model.remat="
-        "True, lower model.L or data.batch_size, or pick a larger target")
+        "True, lower model.L or data.batch_size, or pick a larger target"
+    )
 
 
 def _size(b: float) -> str:

@@ -65,100 +65,63 @@ class Target:
     return int(self.memory_gib * GiB)
 
 
-_GPU = dict(platform="cuda", mem_fraction=0.75)
-# Cloud TPU names: v4 and v5p count TensorCores (2 a chip), v5e chips.
-TARGETS = {
-    t.name: t
-    for t in (
-        Target(
-            "h100x8",
-            chips=8,
-            hosts=1,
-            device_kind="NVIDIA H100 80GB HBM3",
-            memory_gib=0,
-            topology="1x1x8",
-            gpu_spec="h100_sxm.txtpb",
-            compute_capability=(9, 0),
-            about="one host of 8 H100 SXM",
-            **_GPU,
-        ),
-        Target(
-            "h100x16",
-            chips=16,
-            hosts=2,
-            device_kind="NVIDIA H100 80GB HBM3",
-            memory_gib=0,
-            topology="1x2x8",
-            gpu_spec="h100_sxm.txtpb",
-            compute_capability=(9, 0),
-            about="two hosts of 8 H100 SXM",
-            **_GPU,
-        ),
-        Target(
-            "a100x8",
-            chips=8,
-            hosts=1,
-            device_kind="NVIDIA A100-SXM4-80GB",
-            memory_gib=0,
-            topology="1x1x8",
-            gpu_spec="a100_sxm_80.txtpb",
-            compute_capability=(8, 0),
-            about="one host of 8 A100 SXM 80GB",
-            **_GPU,
-        ),
-        Target(
-            "tpu-v5p-8",
-            "tpu",
-            chips=4,
-            hosts=1,
-            device_kind="TPU v5p",
-            memory_gib=95,
-            topology="v5p:2x2x1",
-            about="v5p-8: 4 chips",
-        ),
-        Target(
-            "tpu-v5p-16",
-            "tpu",
-            chips=8,
-            hosts=2,
-            device_kind="TPU v5p",
-            memory_gib=95,
-            topology="v5p:2x2x2",
-            about="v5p-16: 8 chips",
-        ),
-        Target(
-            "tpu-v5p-64",
-            "tpu",
-            chips=32,
-            hosts=8,
-            device_kind="TPU v5p",
-            memory_gib=95,
-            topology="v5p:4x4x2",
-            about="v5p-64: 32 chips",
-        ),
-        Target(
-            "tpu-v4-32",
-            "tpu",
-            chips=16,
-            hosts=4,
-            device_kind="TPU v4",
-            memory_gib=32,
-            topology="v4:2x2x4",
-            chip_config="megacore",
-            about="v4-32: 16 chips",
-        ),
-        Target(
-            "tpu-v5e-16",
-            "tpu",
-            chips=16,
-            hosts=4,
-            device_kind="TPU v5 lite",
-            memory_gib=16,
-            topology="v5e:4x4",
-            about="v5litepod-16: 16 chips",
-        ),
-    )
-}
+def _gpu(name, chips, hosts, spec, kind, cc, about) -> Target:
+  # JAX preallocates 75% of a GPU's memory for XLA by default.
+  return Target(
+      name,
+      "cuda",
+      chips,
+      hosts,
+      kind,
+      memory_gib=0,
+      topology=f"1x{hosts}x{chips // hosts}",
+      gpu_spec=spec,
+      compute_capability=cc,
+      mem_fraction=0.75,
+      about=about,
+  )
+
+
+def _tpu(
+    name, chips, hosts, kind, gib, topology, about, chip_config=""
+) -> Target:
+  return Target(
+      name,
+      "tpu",
+      chips,
+      hosts,
+      kind,
+      gib,
+      topology=topology,
+      chip_config=chip_config,
+      about=about,
+  )
+
+
+_H100, _A100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+# The table: chips, hosts, memory per chip (a GPU's from its spec file) and,
+# through device_kind, the dense bf16 peak of `flops.PEAK_FLOPS`. Cloud TPU
+# names count TensorCores for v4 and v5p (2 a chip), chips for v5e.
+# fmt: off
+TARGETS = {t.name: t for t in (
+    _gpu("h100x1", 1, 1, "h100_sxm.txtpb", _H100, (9, 0), "one H100 SXM"),
+    _gpu("h100x8", 8, 1, "h100_sxm.txtpb", _H100, (9, 0),
+         "one host of 8 H100 SXM"),
+    _gpu("h100x16", 16, 2, "h100_sxm.txtpb", _H100, (9, 0),
+         "two hosts of 8 H100 SXM"),
+    _gpu("a100x1", 1, 1, "a100_sxm_80.txtpb", _A100, (8, 0),
+         "one A100 SXM 80GB"),
+    _gpu("a100x8", 8, 1, "a100_sxm_80.txtpb", _A100, (8, 0),
+         "one host of 8 A100 SXM 80GB"),
+    _tpu("tpu-v5p-8", 4, 1, "TPU v5p", 95, "v5p:2x2x1", "v5p-8: 4 chips"),
+    _tpu("tpu-v5p-16", 8, 2, "TPU v5p", 95, "v5p:2x2x2", "v5p-16: 8 chips"),
+    _tpu("tpu-v5p-64", 32, 8, "TPU v5p", 95, "v5p:4x4x2", "v5p-64: 32 chips"),
+    _tpu("tpu-v4-32", 16, 4, "TPU v4", 32, "v4:2x2x4", "v4-32: 16 chips",
+         chip_config="megacore"),
+    _tpu("tpu-v5e-16", 16, 4, "TPU v5 lite", 16, "v5e:4x4",
+         "v5litepod-16: 16 chips"),
+)}
+# fmt: on
 _CPU_SIM = re.compile(r"cpu-sim-([1-9][0-9]*)$")
 
 

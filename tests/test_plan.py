@@ -28,10 +28,19 @@ from test_sharding import Job, _env, step_config  # noqa: E402
 # Wide and short like tests/test_scale.py's (bf16, 16 rows x 64 tokens;
 # head chunks of 32 tokens: each H100 holds 2 rows, 4 chunks; each v5p
 # chip 4 rows, 8 chunks), D/H = 64 for cuDNN.
-TINY = {"model.D": 256, "model.H": 4, "model.N": 2, "model.F": 1024,
-        "model.L": 64, "model.V": 2048, "model.dtype": "bfloat16",
-        "model.head_chunk_tokens": 32, "data.batch_size": 16,
-        "model.attention": "auto", "sam.method": "sam"}
+TINY = {
+    "model.D": 256,
+    "model.H": 4,
+    "model.N": 2,
+    "model.F": 1024,
+    "model.L": 64,
+    "model.V": 2048,
+    "model.dtype": "bfloat16",
+    "model.head_chunk_tokens": 32,
+    "data.batch_size": 16,
+    "model.attention": "auto",
+    "sam.method": "sam",
+}
 TARGETS = {"h100x8": "jax_plugins.xla_cuda12", "tpu-v5p-8": "libtpu"}
 
 
@@ -44,9 +53,11 @@ def _installed(module: str) -> bool:
 
 def worker(out_path: str) -> None:
   import jax
+
   jax.config.update("jax_platforms", "cpu")
   from nanodo_sam import plan
   from nanodo_sam import targets
+
   res = {}
   for name, module in TARGETS.items():
     if not _installed(module):
@@ -61,11 +72,16 @@ def worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
   if not any(_installed(m) for m in TARGETS.values()):
-    pytest.skip("neither compiler extra is installed: pip install -e "
-                "'.[gpu,tpu]'")
+    pytest.skip(
+        "neither compiler extra is installed: pip install -e " "'.[gpu,tpu]'"
+    )
   root = tmp_path_factory.mktemp("plan")
-  job = Job("plan", [sys.executable, __file__, str(root / "out.json")],
-            _env(1), str(root))
+  job = Job(
+      "plan",
+      [sys.executable, __file__, str(root / "out.json")],
+      _env(1),
+      str(root),
+  )
   rc, _, err = job.wait()
   assert rc == 0, f"plan worker failed ({rc}):\n{err[-4000:]}"
   with open(root / "out.json") as f:
@@ -74,8 +90,10 @@ def reports(tmp_path_factory):
 
 def _report(reports, name):
   if name not in reports:
-    pytest.skip(f"{name}'s compiler is not installed: pip install -e "
-                f"'.[{'gpu' if name.startswith('h100') else 'tpu'}]'")
+    pytest.skip(
+        f"{name}'s compiler is not installed: pip install -e "
+        f"'.[{'gpu' if name.startswith('h100') else 'tpu'}]'"
+    )
   return reports[name]
 
 
@@ -124,18 +142,23 @@ def test_tpu_step_time_estimate_is_scaled_by_loops(reports):
   assert r["target"]["chips"] == 4 and r["attention"]["kernel"] == "xla"
   est = _step(r)["estimate"]
   assert est["loop_scale"] > 1
-  assert est["step_s"] == pytest.approx(est["compiler_optimal_s"]
-                                        * est["loop_scale"])
+  assert est["step_s"] == pytest.approx(
+      est["compiler_optimal_s"] * est["loop_scale"]
+  )
   # Not faster than its matmuls at the chip's peak; MFU a fraction.
   assert est["step_s"] >= est["matmul_at_peak_s"]
   assert 0 < est["mfu"] < 1
 
 
 def _cli(args, env=None):
-  return subprocess.run([sys.executable, "-m", "nanodo_sam.cli", "plan",
-                         *args], capture_output=True, text=True,
-                        env=env or _env(1), timeout=600,
-                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  return subprocess.run(
+      [sys.executable, "-m", "nanodo_sam.cli", "plan", *args],
+      capture_output=True,
+      text=True,
+      env=env or _env(1),
+      timeout=600,
+      cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -155,6 +178,7 @@ def test_unknown_target_lists_the_known_ones(tmp_path):
 def test_missing_compiler_names_the_extra(monkeypatch):
   from nanodo_sam import targets
   from nanodo_sam.errors import UsageError
+
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(UsageError, match=r"pip install -e '\.\[tpu\]'"):
     targets.check_installed(targets.get("tpu-v4-32"))
@@ -168,10 +192,17 @@ def test_a_run_that_cannot_fit_exits_2(tmp_path):
     pytest.skip("the GPU compiler is not installed: pip install -e '.[gpu]'")
   out = tmp_path / "plan.json"
   flags = [f"--config.{k}={v}" for k, v in TINY.items()]
-  p = _cli(tiny_flags() + flags + [
-      "--config.mesh.fsdp=-1", "--config.mesh.data=1",
-      "--config.mesh.device_memory_gb=0.001", "--target=h100x8",
-      f"--out={out}"])
+  p = _cli(
+      tiny_flags()
+      + flags
+      + [
+          "--config.mesh.fsdp=-1",
+          "--config.mesh.data=1",
+          "--config.mesh.device_memory_gb=0.001",
+          "--target=h100x8",
+          f"--out={out}",
+      ]
+  )
   assert p.returncode == 2, p.stderr[-2000:]
   (line,) = _error_lines(p.stderr)
   assert "does not fit" in line and "budget" in line, line
