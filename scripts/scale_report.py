@@ -5,7 +5,7 @@
         [--methods=adamw,sam,precond_functional_sam]
         [--also=h100x16:1208M,tpu-v5p-64:1208M] [--analyze=1208M]
         [--set=KEY=VALUE ...] [--out=docs/scale_plan.json]
-    python scripts/scale_report.py --table=docs/scale_plan.json
+    python scripts/scale_report.py --table=docs/scale_plan.json[,MORE.json]
 
 For each target, size of configs/c4_fixed_length.py (bf16, batch 256 x 512)
 and method, the run with FSDP over every chip of the target
@@ -144,6 +144,16 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _order(r: dict) -> tuple:
+  """Table order: target, then size as in SIZES, then method."""
+  sizes, methods = SIZES.split(","), METHODS.split(",")
+  return (
+      r["target"],
+      sizes.index(r["size"]) if r["size"] in sizes else 99,
+      methods.index(r["method"]) if r["method"] in methods else 99,
+  )
+
+
 def jobs(args) -> list[tuple[str, str, str, bool]]:
   """(target, size, method, analyze) in order."""
   analyze = set(filter(None, args.analyze.split(",")))
@@ -183,9 +193,12 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="")
   p.add_argument("--table", default="", help="only print a JSON's table")
   args = p.parse_args(argv)
-  if args.table:
-    with open(args.table) as f:
-      print(table(json.load(f)["rows"]))
+  if args.table:  # Several files (runs split over processes): one table.
+    rows = []
+    for path in args.table.split(","):
+      with open(path) as f:
+        rows += json.load(f)["rows"]
+    print(table(sorted(rows, key=_order)))
     return 0
   import jax
 

@@ -121,6 +121,14 @@ def test_block_weights_are_gathered_in_bf16(reports, name):
 
 
 @pytest.mark.parametrize("name", TARGETS)
+def test_sam_collectives_within_the_scale_bound(reports, name):
+  """The scale goal on the real compilers: a SAM-family step moves at most
+  5x the float32 parameter bytes (tests/test_scale.py's bound)."""
+  p = _step(_report(reports, name))
+  assert 0 < p["collective_ratio"] <= 5.0, p["collective_bytes"]
+
+
+@pytest.mark.parametrize("name", TARGETS)
 def test_chunk_loop_moves_only_scalars(reports, name):
   p = _step(_report(reports, name))
   assert p["unknown_loops"] == 0
