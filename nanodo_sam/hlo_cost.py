@@ -10,7 +10,10 @@ instruction by the trip counts of the loops it sits in (XLA's
 
 A collective's bytes are those of its full (unsharded) buffer: an
 all-gather's result, a reduce-scatter's operand, an all-reduce's result, an
-all-to-all's or collective-permute's result. FLOPs are 2 x the
+all-to-all's or collective-permute's result (of an async `*-start`, the
+results half of its tuple; a combined collective, the sum of its arrays).
+XLA's TPU compiler writes a reduce-scatter as an all-reduce inside an
+`all-reduce-scatter` fusion: counted as the reduce-scatter it is. FLOPs are 2 x the
 multiply-adds of every dot and convolution (elementwise work is left out).
 """
 
@@ -136,21 +139,32 @@ def _collectives(prog: Program, loops_only: bool = False):
   """(weight, kind, {dtype: bytes of the full buffers}) of every collective,
   a combined one (XLA's GPU compiler joins many into one tuple) by each of
   its arrays' element types."""
-  for w, _, shape, op, rest in prog.instructions(loops_only):
-    kind = op[:-len("-start")] if op.endswith("-start") else op
-    if kind not in COLLECTIVES:
+  for comp, insts in prog.comps.items():
+    if loops_only and comp not in prog.in_loop:
       continue
-    arrays = _arrays(shape)
-    if kind == "reduce-scatter":
-      arrays = [a for s in prog.operand_shapes(rest) for a in _arrays(s)]
-    elif op.endswith("-start") and kind != "all-reduce":
-      # ((operands), (results)) plus context scalars: the results.
-      arrays = [a for a in arrays if a[1]]
-      arrays = arrays[len(arrays) // 2:]
-    by = collections.defaultdict(float)
-    for t, dims in arrays:
-      by[t] += _ITEMSIZE[t] * math.prod(dims)
-    yield w, kind, by
+    for _, shape, op, rest in insts:
+      kind = op[:-len("-start")] if op.endswith("-start") else op
+      if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"  # XLA TPU's: an all-reduce fused with a slice.
+      if kind in COLLECTIVES:
+        yield prog.weight.get(comp, 0.0), kind, _buffer_bytes(
+            prog, kind, op, shape, rest)
+
+
+def _buffer_bytes(prog: Program, kind: str, op: str, shape: str,
+                  rest: str) -> dict[str, float]:
+  """{dtype: bytes} of a collective's full buffers (see the module doc)."""
+  arrays = _arrays(shape)
+  if kind == "reduce-scatter" and op != "all-reduce":
+    arrays = [a for s in prog.operand_shapes(rest) for a in _arrays(s)]
+  elif op.endswith("-start") and kind != "all-reduce":
+    # ((operands), (results)) plus context scalars: the results.
+    arrays = [a for a in arrays if a[1]]
+    arrays = arrays[len(arrays) // 2:]
+  by = collections.defaultdict(float)
+  for t, dims in arrays:
+    by[t] += _ITEMSIZE[t] * math.prod(dims)
+  return by
 
 
 def collective_bytes_by_dtype(hlo_text: str) -> dict[str, dict[str, float]]:

@@ -256,19 +256,15 @@ def _config_row(cfg) -> dict:
   }
 
 
-def _gib(b) -> str:
-  return f"{b / GiB:.2f} GiB"
-
-
 def _collective_line(p: dict) -> str:
-  """'all-gather 1.20 GiB (bf16 1.18, f32 0.02), ...' of a program."""
+  """'all-gather 1.20 GiB (bf16 1.18 GiB, f32 20.0 MiB); ...' of a
+  program."""
   parts = []
   for kind, by in sorted(p["collective_bytes_by_dtype"].items()):
     dtypes = ", ".join(
-        f"{d} {b / GiB:.2f}"
-        for d, b in sorted(by.items(), key=lambda kv: -kv[1])
+        f"{d} {_size(b)}" for d, b in sorted(by.items(), key=lambda kv: -kv[1])
     )
-    parts.append(f"{kind} {sum(by.values()) / GiB:.2f} GiB ({dtypes})")
+    parts.append(f"{kind} {_size(sum(by.values()))} ({dtypes})")
   return "; ".join(parts) or "none"
 
 
@@ -297,24 +293,24 @@ def format_report(r: dict) -> str:
   lines = [
       f"target {t['name']}: {t['about']} ({t['chips']} chips, {t['hosts']} "
       f"host(s), {t['device_kind']}"
-      + (f", {_gib(mem)} each" if mem else "")
+      + (f", {_size(mem)} each" if mem else "")
       + ")",
       f"run: D={c['D']} N={c['N']} L={c['L']} V={c['V']} {c['dtype']}, "
       f"{c['method']}, batch {c['batch_size']} in {r['microbatches']} "
       f"microbatch(es), remat={c['remat']}; parameters "
-      f"{_gib(r['param_bytes_f32'])} in float32",
+      f"{_size(r['param_bytes_f32'])} in float32",
       f"attention: {a['kernel']} (model.attention={a['setting']}: "
       f"{a['why']})",
-      f"memory budget per chip: {_gib(r['budget_bytes'])}",
+      f"memory budget per chip: {_size(r['budget_bytes'])}",
   ]
   for p in r["programs"]:
     m = p["memory_bytes"]
     lines += [
         f"{p['what']} (compiled in {p['compile_s']:.0f} s):",
-        f"  memory per chip {_gib(m['total'])} (arguments "
-        f"{_gib(m['argument'])}, temporaries {_gib(m['temp'])})"
+        f"  memory per chip {_size(m['total'])} (arguments "
+        f"{_size(m['argument'])}, temporaries {_size(m['temp'])})"
         + (f", {m['total'] / mem:.0%} of the chip" if mem else ""),
-        f"  collectives per step {_gib(p['collective_bytes']['total'])} = "
+        f"  collectives per step {_size(p['collective_bytes']['total'])} = "
         f"{p['collective_ratio']:.2f} x float32 parameters: "
         f"{_collective_line(p)}",
         f"  matmul {p['matmul_flops'] / 1e12:.2f} TFLOP per chip (loops "
