@@ -187,6 +187,9 @@ def _topology_devices(name: str) -> tuple:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", t.name[len("tpu-") :])
+    # Only compiling: no chip to guard, so two plans (or a plan and the
+    # tests) may load libtpu at once, which its lockfile would refuse.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kw = {"chip_config_name": t.chip_config} if t.chip_config else {}
     desc = topologies.get_topology_desc(
         topology_name=t.topology, platform="tpu", **kw
