@@ -71,7 +71,7 @@ def read_compiled(compiled, pb: int, t: targets.Target) -> dict:
   out["collective_bytes_by_dtype"] = hlo_cost.collective_bytes_by_dtype(text)
   out["collective_ratio"] = out["collective_bytes"]["total"] / pb
   out["cudnn_attention_calls"] = text.count(
-      f'custom_call_target="' f"{CUDNN_ATTENTION}"
+      f'custom_call_target="{CUDNN_ATTENTION}'
   )
   out["matmul_flops_counted_once"] = hlo_cost.matmul_flops(
       text, loop_weighted=False
@@ -82,6 +82,8 @@ def read_compiled(compiled, pb: int, t: targets.Target) -> dict:
 
 
 def _cost_analysis(compiled) -> dict:
+  """The compiler's own cost figures (TPU: optimal_seconds), or {} where
+  the backend has none (some raise rather than return nothing)."""
   try:
     ca = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
