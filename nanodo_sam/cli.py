@@ -1,8 +1,8 @@
-"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|sweep|
-tables|export|
-lm-eval`: the commands, their flags and help, parsed here; what each does is in
-commands.py, imported only once a command's flags parse (so usage, --help
-and a bad flag answer at once, without importing JAX).
+"""`nanodo-sam train|eval|sample|params|analyze|prune-eval|data|bench|plan|
+sweep|tables|export|lm-eval`: the commands, their flags and help, parsed
+here; what each does is in commands.py, imported only once a command's flags
+parse (so usage, --help and a bad flag answer at once, without importing
+JAX).
 
 Config files are ml_collections files with `--config.a.b=value` overrides.
 Bad input is reported as one line on stderr with exit code 2, before any work
@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from nanodo_sam import config as config_lib
+from nanodo_sam import targets
 from nanodo_sam.errors import UsageError
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -107,7 +108,15 @@ FLAGS = {
         flags.DEFINE_string,
         "PATH",
         "",
-        "Output: bench's JSON (bench.json), export's model directory.",
+        "Output: bench's or plan's JSON (bench.json), export's model "
+        "directory.",
+    ),
+    "target": (
+        flags.DEFINE_string,
+        "T",
+        None,
+        f"Machine to compile for: {', '.join(targets.TARGETS)} or "
+        "cpu-sim-N (docs/benchmarks.md lists them).",
     ),
     "prompt": (
         flags.DEFINE_string,
@@ -395,6 +404,13 @@ COMMANDS = {
         "cmd_bench",
         "Step time, tokens/s, MFU and memory per " "method -> JSON.",
         ("config", "sizes", "methods", "steps", "out"),
+    ),
+    "plan": Command(
+        "cmd_plan",
+        "Compile a run's steps for a target (H100s, "
+        "TPU pods) on this CPU: memory, microbatches, "
+        "collectives, attention, estimated step time.",
+        ("config", "target", "out"),
     ),
     "sweep": Command(
         "sweep.main",

@@ -385,3 +385,40 @@ def cmd_lm_eval(fv) -> None:
   path = run_lib.write_results(fv.workdir, step, fv.backend, results)
   print(run_lib.table(results))
   print(f"wrote {path}")
+
+
+def cmd_plan(fv) -> None:
+  """`nanodo-sam plan`: the run compiled for --target by its real compiler
+  (`plan.plan`); a table on stdout, JSON with --out. Only compiles: JAX
+  stays on the CPU (cpu-sim-N: N simulated CPU devices)."""
+  from nanodo_sam import plan  # pylint: disable=g-import-not-at-top
+  from nanodo_sam import targets  # pylint: disable=g-import-not-at-top
+
+  if not fv.target:
+    raise UsageError(
+        "plan needs --target=T; known targets: "
+        f"{', '.join(targets.TARGETS)}, cpu-sim-N"
+    )
+  t = targets.get(fv.target)
+  targets.check_installed(t)
+  out = _writable_out(fv.out)
+  jax.config.update("jax_platforms", "cpu")
+  if t.platform == "cpu":
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_"
+        f"force_host_platform_device_count={t.chips}"
+    )
+  report = plan.plan(fv.config, t)
+  print(plan.format_report(report))
+  if out:
+    with open(out, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+def _writable_out(path: str) -> str:
+  """`path` if its folder exists (UsageError otherwise: checked before any
+  compile, so a bad path costs nothing)."""
+  folder = os.path.dirname(os.path.abspath(path)) if path else ""
+  if path and (not os.path.isdir(folder) or os.path.isdir(path)):
+    raise UsageError(f"--out={path}: give a file in an existing folder")
+  return path

@@ -10,7 +10,10 @@ instruction by the trip counts of the loops it sits in (XLA's
 
 A collective's bytes are those of its full (unsharded) buffer: an
 all-gather's result, a reduce-scatter's operand, an all-reduce's result, an
-all-to-all's or collective-permute's result. FLOPs are 2 x the
+all-to-all's or collective-permute's result (of an async `*-start`, the
+results half of its tuple; a combined collective, the sum of its arrays).
+XLA's TPU compiler writes a reduce-scatter as an all-reduce inside an
+`all-reduce-scatter` fusion: counted as the reduce-scatter it is. FLOPs are 2 x the
 multiply-adds of every dot and convolution (elementwise work is left out).
 """
 
@@ -113,14 +116,30 @@ class Program:
         trip = 1
         if op == "while":
           t = _TRIP.search(rest)
-          trip = int(t.group(1)) if t else 1
-          self.unknown_loops += t is None
+          trip = int(t.group(1)) if t else self._counted_trip(rest)
+          self.unknown_loops += trip is None
+          trip = trip or 1
         for callee in callees:
           weight[callee] += weight[comp] * trip
           if op == "while" or comp in self.in_loop:
             self.in_loop.add(callee)
           order.append(callee)
     return weight
+
+  def _counted_trip(self, rest: str) -> int | None:
+    """A loop's trip count read from its condition when XLA gives none (its
+    TPU compiler): `counter < N` against a constant N, the counter from 0
+    in steps of 1 as JAX's fori_loop and scan write them; else None."""
+    m = re.search(r"condition=%([\w.-]+)", rest)
+    insts = self.comps.get(m.group(1), ()) if m else ()
+    consts = {n: r for n, _, o, r in insts if o == "constant"}
+    for _, _, op, r in insts:
+      if op == "compare" and "direction=LT" in r:
+        args = [a.strip().lstrip("%") for a in r.split(")", 1)[0].split(",")]
+        if len(args) == 2 and args[1] in consts:
+          value = re.match(r"\s*(-?\d+)\)", consts[args[1]])
+          return int(value.group(1)) if value else None
+    return None
 
   def instructions(self, loops_only: bool = False):
     """(weight, name, shape, op, rest) of every instruction (loops_only:
@@ -145,17 +164,48 @@ SCALAR_BYTES = 64  # A collective of at most this many bytes moves scalars.
 
 
 def _collectives(prog: Program, loops_only: bool = False):
-  """(weight, kind, bytes of the full buffer) of every collective."""
-  for w, _, shape, op, rest in prog.instructions(loops_only):
-    kind = op[: -len("-start")] if op.endswith("-start") else op
-    if kind not in COLLECTIVES:
+  """(weight, kind, {dtype: bytes of the full buffers}) of every collective,
+  a combined one (XLA's GPU compiler joins many into one tuple) by each of
+  its arrays' element types."""
+  for comp, insts in prog.comps.items():
+    if loops_only and comp not in prog.in_loop:
       continue
-    nbytes = shape_bytes(shape)
-    if kind == "reduce-scatter":
-      nbytes = sum(shape_bytes(s) for s in prog.operand_shapes(rest))
-    elif op.endswith("-start") and kind in ("all-gather", "collective-permute"):
-      nbytes = shape_bytes(shape) // 2  # (operand, result) tuple.
-    yield w, kind, nbytes
+    for _, shape, op, rest in insts:
+      kind = op[: -len("-start")] if op.endswith("-start") else op
+      if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"  # XLA TPU's: an all-reduce fused with a slice.
+      if kind in COLLECTIVES:
+        yield prog.weight.get(comp, 0.0), kind, _buffer_bytes(
+            prog, kind, op, shape, rest
+        )
+
+
+def _buffer_bytes(
+    prog: Program, kind: str, op: str, shape: str, rest: str
+) -> dict[str, float]:
+  """{dtype: bytes} of a collective's full buffers (see the module doc)."""
+  arrays = _arrays(shape)
+  if kind == "reduce-scatter" and op != "all-reduce":
+    arrays = [a for s in prog.operand_shapes(rest) for a in _arrays(s)]
+  elif op.endswith("-start") and kind != "all-reduce":
+    # ((operands), (results)) plus context scalars: the results.
+    arrays = [a for a in arrays if a[1]]
+    arrays = arrays[len(arrays) // 2 :]
+  by = collections.defaultdict(float)
+  for t, dims in arrays:
+    by[t] += _ITEMSIZE[t] * math.prod(dims)
+  return by
+
+
+def collective_bytes_by_dtype(hlo_text: str) -> dict[str, dict[str, float]]:
+  """Loop-weighted bytes per collective kind and element type, e.g.
+  {"all-gather": {"bf16": ...}}: which collectives move float32."""
+  out: dict[str, dict[str, float]] = {}
+  for w, kind, by in _collectives(Program(hlo_text)):
+    for t, nbytes in by.items():
+      out.setdefault(kind, {})
+      out[kind][t] = out[kind].get(t, 0.0) + w * nbytes
+  return out
 
 
 def collective_bytes(hlo_text: str) -> dict:
@@ -165,13 +215,15 @@ def collective_bytes(hlo_text: str) -> dict:
   prog = Program(hlo_text)
   out = {k: 0.0 for k in COLLECTIVES}
   count = {k: 0.0 for k in COLLECTIVES}
-  for w, kind, nbytes in _collectives(prog):
-    out[kind] += w * nbytes
+  for w, kind, by in _collectives(prog):
+    out[kind] += w * sum(by.values())
     count[kind] += w
   out["total"] = sum(out[k] for k in COLLECTIVES)
   out["count"] = count
   out["in_loops"] = sum(
-      w * b for w, _, b in _collectives(prog, True) if b > SCALAR_BYTES
+      w * sum(b.values())
+      for w, _, b in _collectives(prog, True)
+      if sum(b.values()) > SCALAR_BYTES
   )
   out["unknown_loops"] = prog.unknown_loops
   return out
@@ -182,28 +234,51 @@ def _dims(rest: str, key: str) -> tuple[int, ...]:
   return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
 
 
-def matmul_flops(hlo_text: str) -> float:
-  """Loop-weighted 2 x multiply-adds of every dot and convolution."""
+def matmul_flops(hlo_text: str, loop_weighted: bool = True) -> float:
+  """Loop-weighted 2 x multiply-adds of every dot and convolution
+  (loop_weighted=False: each loop body once, as cost_analysis counts)."""
   prog = Program(hlo_text)
   total = 0.0
   for w, _, shape, op, rest in prog.instructions():
     if op not in ("dot", "convolution") or not w:
       continue
     out = _arrays(shape)
-    lhs = _arrays(prog.operand_shapes(rest)[0]) if op == "dot" else []
     if not out:
       continue
+    operands = [_arrays(s) for s in prog.operand_shapes(rest)]
     if op == "dot":
+      lhs = operands[0] if operands else []
       contract = (
           math.prod(lhs[0][1][d] for d in _dims(rest, "lhs_contracting_dims"))
           if lhs
           else 1
       )
-    else:  # Kernel size x input features: the rhs without its output dim.
-      rhs = _arrays(prog.operand_shapes(rest)[1])
-      contract = math.prod(rhs[0][1]) // max(out[0][1][-1], 1) if rhs else 1
-    total += w * 2 * math.prod(out[0][1]) * contract
+    else:
+      contract = _conv_contract(rest, operands)
+    total += (w if loop_weighted else 1) * 2 * math.prod(out[0][1]) * contract
   return total
+
+
+def _conv_contract(rest: str, operands) -> int:
+  """Multiply-adds per output element of a convolution: the kernel's input
+  features x, per spatial dimension, the window positions that can meet
+  the input (min(window, input size): a dot written as a convolution, as
+  XLA's TPU compiler writes a batched one, pads a size-1 input to the
+  window and meets it once; one with lhs_dilate meets window / dilate
+  input elements)."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->", rest)
+  if not labels or len(operands) < 2 or not operands[0] or not operands[1]:
+    return 1
+  lhs_l, rhs_l = labels.groups()
+  lhs, rhs = operands[0][0][1], operands[1][0][1]
+  dilate = re.search(r"lhs_dilate=([0-9x]+)", rest)
+  dilate = [int(d) for d in dilate.group(1).split("x")] if dilate else []
+  contract = rhs[rhs_l.index("i")]
+  for k, label in enumerate(rhs_l):
+    if label.isdigit():
+      d = dilate[int(label)] if int(label) < len(dilate) else 1
+      contract *= min(rhs[k], lhs[lhs_l.index(label)], -(-rhs[k] // d))
+  return contract
 
 
 def summary(compiled) -> dict:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from nanodo_sam import keys
+from nanodo_sam import targets
 from nanodo_sam.errors import UsageError
 from nanodo_sam.loss import LogitsFn, OutputHead
 
@@ -134,8 +135,10 @@ def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:
   JAX's), or None when it can: an NVIDIA GPU with cuDNN, compute capability
   8.0 or later, bfloat16 compute and a head dimension that is a multiple of 8
   up to 128 (256 from Hopper on), the conditions of
-  `jax.nn.dot_product_attention(implementation="cudnn")`."""
-  backend = backend or jax.default_backend()
+  `jax.nn.dot_product_attention(implementation="cudnn")`. With a target
+  active (`targets.active`, `nanodo-sam plan`), its platform and compute
+  capability stand for the device's."""
+  backend = backend or targets.platform()
   if backend != "gpu":
     return f"the {backend} backend has no cuDNN"
   if cfg.dtype != "bfloat16":
@@ -143,6 +146,8 @@ def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:
         f"cuDNN flash attention needs bfloat16 inputs, but model.dtype="
         f"{cfg.dtype}"
     )
+  if targets.compute_capability() is not None:
+    return _cudnn_unsupported_on(cfg, targets.compute_capability())
   try:  # JAX's own checks (private: a JAX without them is treated as no).
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
@@ -156,6 +161,25 @@ def cudnn_unsupported(cfg: DoConfig, backend: str | None = None) -> str | None:
   except Exception as e:  # pylint: disable=broad-except
     return f"cuDNN attention is not available ({type(e).__name__}: {e})"
   head_dim = cfg.D // cfg.H
+  if head_dim % 8 or head_dim > head_max:
+    return (
+        f"the head dimension D/H = {head_dim} is not a multiple of 8 up "
+        f"to {head_max}"
+    )
+  return None
+
+
+def _cudnn_unsupported_on(
+    cfg: DoConfig, capability: tuple[int, int]
+) -> str | None:
+  """`cudnn_unsupported` for a GPU of compute capability `capability` that
+  is not this host's (a `targets` GPU): JAX's conditions, read from it."""
+  if capability < (8, 0):
+    return (
+        "cuDNN flash attention needs an NVIDIA GPU of compute "
+        "capability 8.0 (Ampere) or later"
+    )
+  head_max, head_dim = (256 if capability >= (9, 0) else 128), cfg.D // cfg.H
   if head_dim % 8 or head_dim > head_max:
     return (
         f"the head dimension D/H = {head_dim} is not a multiple of 8 up "

@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nanodo_sam import targets
 from nanodo_sam.errors import UsageError
 
 log = logging.getLogger("nanodo_sam")
@@ -96,7 +97,9 @@ def validate(cfg, num_devices: int, num_processes: int | None = None) -> None:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over `devices` (default: the active
+  target's, `targets.devices`, else this host's)."""
+  devices = targets.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -31,6 +31,7 @@ from nanodo_sam import optimizer as optimizer_lib
 from nanodo_sam import sam as sam_lib
 from nanodo_sam import sharding
 from nanodo_sam import step as step_lib
+from nanodo_sam import targets
 from nanodo_sam import validation
 from nanodo_sam.errors import UsageError
 from nanodo_sam.loss import LogitsFn, OutputHead
@@ -106,7 +107,7 @@ def setup(cfg, before_compile: Callable[[], None] | None = None) -> Setup:
   """Validates the config and builds model, optimizer, mesh and shardings.
   `before_compile`: a further check run after validation and before any
   compile (the trainer's: is the data there), so its one line comes fast."""
-  validation.validate(cfg, num_devices=jax.device_count())
+  validation.validate(cfg, num_devices=len(targets.devices()))
   if before_compile is not None:
     before_compile()
   model = model_lib.TransformerDo(model_lib.from_config(cfg))
@@ -165,13 +166,17 @@ DEFAULT_MEM_FRACTION = 0.75
 def memory_budget(cfg) -> int:
   """Bytes a compiled step may use on one device: mesh.device_memory_gb GiB
   x XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) when set (> 0), else what
-  the device itself reports (`device_memory`)."""
+  the device itself reports (`device_memory`). With a target active
+  (`targets.active`): its chip's memory x its share for XLA (0.75 on a GPU,
+  the whole HBM on a TPU), unless mesh.device_memory_gb is set."""
   gb = float(keys.of(cfg.mesh, "mesh.device_memory_gb") or 0.0)
   if gb > 0:
     fraction = float(
         os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION)
     )
     return int(gb * GiB * fraction)
+  if targets.memory_bytes() is not None:
+    return int(targets.memory_bytes() * targets.current().mem_fraction)
   return device_memory()
 
 
@@ -217,7 +222,7 @@ def _with_microbatches(s: Setup, k: int) -> Setup:
 
 def _microbatch_choices(cfg) -> list[int]:
   """Microbatch counts that split each device's rows evenly, ascending."""
-  data, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  data, fsdp, _ = sharding.mesh_shape(cfg.mesh, len(targets.devices()))
   rows = cfg.data.batch_size // (data * fsdp)
   return [k for k in range(1, rows + 1) if rows % k == 0]
 
@@ -306,7 +311,9 @@ def _bytes_per_device(tree) -> int:
 
 def device_memory() -> int:
   """Bytes of memory of one local device (CPU: the host's, shared by the
-  local devices)."""
+  local devices); the active target's chip's (`targets.active`)."""
+  if targets.memory_bytes() is not None:
+    return targets.memory_bytes()
   stats = jax.local_devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])

@@ -3,11 +3,15 @@
 #   1. install check: JAX sees a GPU (versions, devices, cuDNN);
 #   2. `nanodo-sam bench` at 23.9M and 117.9M for adamw, sam and
 #      precond_functional_sam, with model.attention=xla and =cudnn;
-#   3. a 20-step `nanodo-sam train` with the profiler on (steps 5..14), on
+#   3. `nanodo-sam plan` of the bench's first size for this GPU's target
+#      (h100x1, a100x1), its memory and step time set beside the bench's
+#      measurement (plan_check.json): the first real run checks the plan;
+#   4. a 20-step `nanodo-sam train` with the profiler on (steps 5..14), on
 #      byte-level text written here from the repository's own docs (no
 #      dataset or network needed).
 # Every result is JSON in OUT_DIR (default $OUT, else ./gpu_check):
-#   install.json, bench_xla.json, bench_cudnn.json, profile/ (the trace,
+#   install.json, bench_xla.json, bench_cudnn.json, plan_adamw.json,
+#   plan_sam.json, plan_check.json, profile/ (the trace,
 #   TensorBoard's profile tab, and the run's metrics), gpu_check.json (what
 #   ran, exit codes, seconds), log.txt.
 #
@@ -147,7 +151,54 @@ for attn in xla cudnn; do
     --out="$OUT_DIR/bench_$attn.json"
 done
 
-# 3. A 20-step run with the profiler, on text made from the repository.
+# 3. The plan against the measurement: `nanodo-sam plan` compiles the
+# bench's first size for the target of this GPU (h100x1 or a100x1, from its
+# device kind; the dry run: cpu-sim-1) on the host's CPU, and
+# plan_check.json sets its memory and step time beside the bench's.
+PLAN_TARGET=$("$PY" - "$OUT_DIR/install.json" "$DRY_RUN" <<'EOF' 2>/dev/null
+import json, sys
+kind = json.load(open(sys.argv[1])).get("device_kind", "") if sys.argv[2] != "1" else ""
+print("cpu-sim-1" if sys.argv[2] == "1" else "h100x1" if "H100" in kind
+      else "a100x1" if "A100" in kind else "")
+EOF
+)
+PLAN_ATTN=$([[ "$DRY_RUN" == 1 ]] && echo xla || echo cudnn)
+if [[ -n "$PLAN_TARGET" ]]; then
+  for m in adamw sam; do
+    JAX_PLATFORMS=cpu run "plan_$m" "${NANODO[@]}" plan \
+      --config="$BENCH_CFG" --target="$PLAN_TARGET" \
+      --config.sam.method=$m --config.sam.rho="$([[ $m == adamw ]] && echo 0.0 || echo 0.05)" \
+      "${SHAPE[@]}" \
+      --out="$OUT_DIR/plan_$m.json"
+  done
+  run plan_check "$PY" - "$OUT_DIR" "$PLAN_ATTN" <<'EOF'
+import json, os, sys
+out, attn = sys.argv[1:]
+bench = json.load(open(os.path.join(out, f"bench_{attn}.json")))["rows"]
+rows = []
+for m in ("adamw", "sam"):
+  plan = json.load(open(os.path.join(out, f"plan_{m}.json")))
+  step = plan["programs"][0]
+  (b,) = [r for r in bench if r["method"] == m
+          and r["D"] == plan["config"]["D"]]
+  planned, measured = step["memory_bytes"]["total"], b["memory_bytes"]["total"]
+  rows.append({
+      "method": m, "target": plan["target"]["name"],
+      "attention": plan["attention"]["kernel"],
+      "planned_memory_bytes": planned, "measured_memory_bytes": measured,
+      "measured_peak_bytes_in_use": b.get("device_peak_bytes_in_use"),
+      "memory_ratio": measured / planned if planned else None,
+      "planned_matmul_at_peak_s": step["estimate"].get("matmul_at_peak_s"),
+      "measured_step_s": b["step_s_median"],
+      "planned_step_s": step["estimate"].get("step_s")})
+json.dump({"rows": rows}, open(os.path.join(out, "plan_check.json"), "w"),
+          indent=2)
+for r in rows:
+  print(json.dumps(r))
+EOF
+fi
+
+# 4. A 20-step run with the profiler, on text made from the repository.
 mkdir -p "$WORK/data/train" "$WORK/data/eval"
 for i in $(seq 1 16); do
   cat "$ROOT"/README.md "$ROOT"/docs/*.md > "$WORK/data/train/doc$i.txt"

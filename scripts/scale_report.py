@@ -1,33 +1,30 @@
-"""What the train step and `analyze` cost per device on a mesh, by compiling.
+"""The paper's sizes planned on real compilers: `nanodo-sam plan` over a grid.
 
-    python scripts/scale_report.py [--sizes=2M,23.9M,42.5M,117.9M,1208M]
-        [--methods=adamw,sam,precond_functional_sam] [--devices=8]
-        [--memory_gb=80] [--analyze] [--out=docs/scale_report.json]
+    python scripts/scale_report.py [--targets=h100x8,tpu-v5p-8]
+        [--sizes=2M,23.9M,42.5M,117.9M,1208M]
+        [--methods=adamw,sam,precond_functional_sam]
+        [--also=h100x16:1208M,tpu-v5p-64:1208M] [--analyze=1208M]
+        [--set=KEY=VALUE ...] [--out=docs/scale_plan.json]
+    python scripts/scale_report.py --table=docs/scale_plan.json[,MORE.json]
 
-For each size of configs/c4_fixed_length.py (bf16, batch 256 x 512) and
-each method, the project's own train step (`state.setup(cfg)`, then
-`train.jit_step(s, kind).lower(abstract_state, batch).compile()` on
-`jax.ShapeDtypeStruct` inputs: nothing is allocated) is compiled on a mesh
-of `--devices` simulated CPU devices with FSDP over all of them, and
-`--memory_gb` standing for each device's memory (`mesh.device_memory_gb`:
-the budget grad_accumulation_steps=0 fits the step into). From XLA's
-compiled program it reports per device and per step:
+For each target, size of configs/c4_fixed_length.py (bf16, batch 256 x 512)
+and method, the run with FSDP over every chip of the target
+(mesh.data=1, fsdp=-1, tensor=1), grad_accumulation_steps=0 (auto, fitted to
+the target's memory), rho 0.05 for the SAM family, is handed to
+`nanodo_sam.plan.plan`, which compiles its steps with the target's own
+compiler (XLA's GPU compiler for h100x8, libtpu for tpu-v5p-8; `cpu-sim-N`:
+N simulated CPU devices) and reads them back per chip. `--also` adds
+TARGET:SIZE pairs (a multi-host target at 1208M); `--analyze` the
+function `nanodo-sam analyze` jits, at the sizes given, on every target.
 
-- memory: XLA's buffer assignment (`memory_analysis()`);
-- collective bytes by kind, weighted by the trip counts of the loops they
-  run in (`nanodo_sam.hlo_cost`), and their ratio to the f32 parameter
-  bytes;
-- matmul FLOPs with loop trip counts (cost_analysis counts a loop body once);
-- the microbatches the step was resolved to.
-
-With --analyze, also the function `nanodo-sam analyze` jits
-(`diagnostics.sharpness_fn`) per size: its memory per device. Prints a
-markdown table and writes JSON.
+Rows are written to --out as they come; a second run with the same --out
+skips the (target, size, method) rows already there, so it resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -35,215 +32,157 @@ import sys
 import time
 
 GiB = 2**30
+SIZES = "2M,23.9M,42.5M,117.9M,1208M"
+METHODS = "adamw,sam,precond_functional_sam"
 
 
-def size_config(size: str, method: str, memory_gb: float, overrides=()):
+def size_config(size: str, method: str, analyze: bool = False, overrides=()):
+  """configs/c4_fixed_length.py:SIZE with FSDP over every chip, `method`,
+  the target's memory as the budget and (with `analyze`) the diagnostics
+  on, so that `plan` also compiles the function `analyze` jits."""
   from nanodo_sam import config as config_lib
 
   cfg = config_lib.load_config_file(f"configs/c4_fixed_length.py:{size}")
   with cfg.unlocked():
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
-    cfg.mesh.device_memory_gb = memory_gb
+    cfg.mesh.device_memory_gb = 0.0
+    cfg.grad_accumulation_steps = 0
     cfg.sam.method = method
     cfg.sam.rho = 0.0 if method == "adamw" else 0.05
-    for k, v in overrides:
-      node = cfg
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = type(node[last])(v) if node[last] is not None else v
+    cfg.diagnostics.every_steps = 1000 if analyze else 0
+    for key, text in overrides:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text  # A string.
+      cfg.update_from_flattened_dict({key: value})
   return cfg
 
 
-def abstract_batch(s, rows: int):
-  import jax
-  import jax.numpy as jnp
-  from nanodo_sam import sharding
-
-  tokens = jax.ShapeDtypeStruct(
-      (rows, s.cfg.model.L), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
-  )
-  return {
-      "inputs": tokens,
-      "targets": tokens,
-      "weights": jax.ShapeDtypeStruct(
-          tokens.shape, jnp.float32, sharding=tokens.sharding
-      ),
-  }
-
-
-def param_bytes(s) -> int:
-  import jax
-
-  return sum(x.size * 4 for x in jax.tree.leaves(s.abstract_state.params))
-
-
-def measure_step(
-    size: str, method: str, memory_gb: float, overrides=()
+def row(
+    target: str, size: str, method: str, analyze: bool, overrides=()
 ) -> dict:
-  from nanodo_sam import hlo_cost
-  from nanodo_sam import state as state_lib
-  from nanodo_sam import train
+  """One plan, flattened for the table (`plan.plan`'s report inside)."""
+  from nanodo_sam import plan
+  from nanodo_sam import targets
 
   t0 = time.time()
-  cfg = size_config(size, method, memory_gb, overrides)
-  s = state_lib.setup(cfg)
-  kind = "plain" if method == "adamw" else "sam"
-  compiled = (
-      train.jit_step(s, kind)
-      .lower(s.abstract_state, abstract_batch(s, cfg.data.batch_size))
-      .compile()
+  report = plan.plan(
+      size_config(size, method, analyze, overrides), targets.get(target)
   )
-  out = hlo_cost.summary(compiled)
-  if os.environ.get("SCALE_REPORT_HLO_DIR"):  # For reading what XLA did.
-    with open(
-        os.path.join(
-            os.environ["SCALE_REPORT_HLO_DIR"], f"{size}_{method}.hlo"
-        ),
-        "w",
-    ) as f:
-      f.write(compiled.as_text())
-  pb = param_bytes(s)
   return {
+      "target": target,
       "size": size,
       "method": method,
-      "what": "train step",
-      "microbatches": s.cfg.grad_accumulation_steps,
-      "remat": bool(s.cfg.model.remat),
-      "head_chunk_tokens": s.cfg.model.get("head_chunk_tokens"),
-      "param_bytes_f32": pb,
-      "collective_ratio": out["collective_bytes"]["total"] / pb,
-      "seconds": round(time.time() - t0, 1),
-      **out,
+      "analyze": analyze,
+      "wall_s": round(time.time() - t0, 1),
+      "report": report,
   }
 
 
-def measure_analyze(size: str, memory_gb: float, overrides=()) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from nanodo_sam import diagnostics
-  from nanodo_sam import hlo_cost
-  from nanodo_sam import state as state_lib
+def _cells(r: dict, p: dict) -> list[str]:
+  rep = r["report"]
+  c = p["collective_bytes"]
+  by = p["collective_bytes_by_dtype"]
+  f32 = sum(v.get("f32", 0.0) for v in by.values())
+  est = p["estimate"]
+  step = f"{est['step_s'] * 1e3:.0f}" if "step_s" in est else "-"
+  mfu = f"{est['mfu']:.0%}" if "mfu" in est else "-"
+  mem = rep["target"]["memory_bytes"]
+  return [
+      r["target"],
+      r["size"],
+      r["method"],
+      p["what"],
+      str(rep["microbatches"]),
+      f"{p['memory_bytes']['total'] / GiB:.1f}"
+      + (f" ({p['memory_bytes']['total'] / mem:.0%})" if mem else ""),
+      rep["attention"]["kernel"],
+      f"{c['all-gather'] / GiB:.2f}",
+      f"{c['reduce-scatter'] / GiB:.2f}",
+      f"{c['all-reduce'] / GiB:.2f}",
+      f"{(c['all-to-all'] + c['collective-permute']) / GiB:.2f}",
+      f"{f32 / max(c['total'], 1):.0%}",
+      f"{p['collective_ratio']:.2f}",
+      f"{p['matmul_flops'] / 1e12:.1f}",
+      step,
+      mfu,
+  ]
 
-  t0 = time.time()
-  cfg = size_config(size, "adamw", memory_gb, overrides)
-  s = state_lib.setup(cfg)
-  rows = cfg.diagnostics.batch_size * cfg.diagnostics.num_batches
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  compiled = (
-      jax.jit(diagnostics.sharpness_fn(cfg, s))
-      .lower(
-          s.abstract_state,
-          abstract_batch(s, rows),
-          scalar,
-          scalar,
-          jax.random.key(0),
+
+HEADER = [
+    "target",
+    "size",
+    "method",
+    "program",
+    "microbatches",
+    "memory GiB/chip (of chip)",
+    "attention",
+    "all-gather GiB",
+    "reduce-scatter GiB",
+    "all-reduce GiB",
+    "other GiB",
+    "f32 share of collectives",
+    "collectives x f32 params",
+    "matmul TFLOP/chip",
+    "est. step ms (TPU)",
+    "est. MFU",
+]
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+  for r in rows:
+    if "error" in r:
+      lines.append(
+          f"| {r['target']} | {r['size']} | {r['method']} | "
+          f"{r['error']} |" + " |" * (len(HEADER) - 4)
       )
-      .compile()
-  )
-  out = hlo_cost.summary(compiled)
-  pb = param_bytes(s)
-  return {
-      "size": size,
-      "method": "-",
-      "what": "analyze",
-      "param_bytes_f32": pb,
-      "collective_ratio": out["collective_bytes"]["total"] / pb,
-      "seconds": round(time.time() - t0, 1),
-      **out,
-  }
+      continue
+    for p in r["report"]["programs"]:
+      lines.append("| " + " | ".join(_cells(r, p)) + " |")
+  return "\n".join(lines)
 
 
-def head_chunks(
-    D: int, rows: int, L: int, V: int, chunks, time_it: bool
-) -> list[dict]:
-  """The chunked output head alone (`sam.head_vjp`: output layer, loss,
-  its cotangent and both gradients) on one device at width D for `rows` x
-  L tokens, per chunk size in tokens: XLA's temporaries, and with
-  `time_it` the median wall time of 3 runs after a warm-up."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from nanodo_sam import model as model_lib
-  from nanodo_sam import head as head_lib
-  from nanodo_sam.loss import OutputHead
-
-  rng = np.random.default_rng(0)
-  emb = jnp.asarray(rng.normal(size=(V, D)) / D**0.5, jnp.float32)
-  h = jnp.asarray(rng.normal(size=(rows, L, D)), jnp.float32)
-  batch = {
-      "targets": jnp.asarray(rng.integers(0, V, (rows, L)), jnp.int32),
-      "weights": jnp.ones((rows, L), jnp.float32),
-  }
-  out = []
-  for tokens in chunks:
-    head = OutputHead(
-        features=lambda p, x: x,
-        select=lambda p: p["emb"],
-        apply=lambda e, x: model_lib.output_logits(e, x),
-        chunk_tokens=tokens,
-    )
-
-    def fn(emb, h, batch, head=head):
-      pt = head_lib.Point(emb, h, lambda ct: (ct,))  # Grads of (emb, h).
-      return head_lib.head_vjp(pt, pt, batch, None, head)
-
-    c = jax.jit(fn).lower(emb, h, batch).compile()
-    row = {
-        "D": D,
-        "V": V,
-        "tokens": rows * L,
-        "chunk_tokens": tokens,
-        "chunks": rows * L // min(tokens, rows * L),
-        "temp_bytes": c.memory_analysis().temp_size_in_bytes,
-    }
-    if time_it:
-      jax.block_until_ready(c(emb, h, batch))
-      times = []
-      for _ in range(3):
-        t0 = time.perf_counter()
-        jax.block_until_ready(c(emb, h, batch))
-        times.append(time.perf_counter() - t0)
-      row["seconds"] = float(np.median(times))
-    out.append(row)
-    print(row, flush=True)
-  return out
-
-
-HEADER = (
-    "| size | what | method | microbatches | memory GiB/dev | "
-    "all-gather GiB | reduce-scatter GiB | all-reduce GiB | "
-    "other GiB | collectives x f32 params | matmul TFLOP/dev |"
-)
-
-
-def format_row(r: dict) -> str:
-  c = r["collective_bytes"]
-  other = c["all-to-all"] + c["collective-permute"]
+def _order(r: dict) -> tuple:
+  """Table order: target, then size as in SIZES, then method."""
+  sizes, methods = SIZES.split(","), METHODS.split(",")
   return (
-      f"| {r['size']} | {r['what']} | {r['method']} | "
-      f"{r.get('microbatches', '-')} | "
-      f"{r['memory_bytes']['total'] / GiB:.1f} | "
-      f"{c['all-gather'] / GiB:.2f} | {c['reduce-scatter'] / GiB:.2f} | "
-      f"{c['all-reduce'] / GiB:.2f} | {other / GiB:.2f} | "
-      f"{r['collective_ratio']:.2f} | {r['matmul_flops'] / 1e12:.1f} |"
+      r["target"],
+      sizes.index(r["size"]) if r["size"] in sizes else 99,
+      methods.index(r["method"]) if r["method"] in methods else 99,
   )
+
+
+def jobs(args) -> list[tuple[str, str, str, bool]]:
+  """(target, size, method, analyze) in order."""
+  analyze = set(filter(None, args.analyze.split(",")))
+  out = [
+      (t, s, m, s in analyze)
+      for t in args.targets.split(",")
+      for s in args.sizes.split(",")
+      for m in args.methods.split(",")
+  ]
+  for pair in filter(None, args.also.split(",")):
+    t, s = pair.split(":")
+    out += [(t, s, m, False) for m in args.methods.split(",")]
+  return out
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", default="2M,23.9M,42.5M,117.9M,1208M")
-  p.add_argument("--methods", default="adamw,sam,precond_functional_sam")
-  p.add_argument("--devices", type=int, default=8)
-  p.add_argument("--memory_gb", type=float, default=80.0)
-  p.add_argument("--analyze", action="store_true")
+  p.add_argument("--targets", default="h100x8,tpu-v5p-8")
+  p.add_argument("--sizes", default=SIZES)
+  p.add_argument("--methods", default=METHODS)
   p.add_argument(
-      "--no_steps", action="store_true", help="only analyze (with --analyze)"
+      "--also",
+      default="h100x16:1208M",
+      help="TARGET:SIZE pairs planned for every method too",
   )
   p.add_argument(
-      "--append",
-      action="store_true",
-      help="add the rows to those already in --out",
+      "--analyze",
+      default="",
+      help="sizes whose analyze function is planned too",
   )
   p.add_argument(
       "--set",
@@ -252,89 +191,53 @@ def main(argv=None) -> int:
       help="KEY=VALUE config override, e.g. model.remat=True",
   )
   p.add_argument("--out", default="")
-  p.add_argument(
-      "--head_chunks",
-      action="store_true",
-      help="only measure the output head's chunk sizes",
-  )
-  p.add_argument(
-      "--table",
-      default="",
-      help="only print the table of a JSON file this wrote",
-  )
+  p.add_argument("--table", default="", help="only print a JSON's table")
   args = p.parse_args(argv)
-  if args.table:
-    with open(args.table) as f:
-      report = json.load(f)
-    print(HEADER)
-    print("|" + "---|" * (HEADER.count(" | ") + 1))
-    for r in report["rows"]:
-      print(format_row(r))
+  if args.table:  # Several files (runs split over processes): one table.
+    rows = []
+    for path in args.table.split(","):
+      with open(path) as f:
+        rows += json.load(f)["rows"]
+    print(table(sorted(rows, key=_order)))
     return 0
-  if args.head_chunks:
-    rows = {
-        "memory_1208M": head_chunks(
-            4096,
-            32,
-            512,
-            32101,
-            (512, 1024, 2048, 4096, 8192, 16384),
-            time_it=False,
-        ),
-        "time_23.9M": head_chunks(
-            576, 4, 512, 32101, (128, 256, 512, 1024, 2048), time_it=True
-        ),
-    }
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")  # Only compiles.
+  from nanodo_sam import targets
+  from nanodo_sam.errors import UsageError
+
+  todo = jobs(args)
+  sims = [
+      targets.get(t).chips for t, *_ in todo if targets.get(t).platform == "cpu"
+  ]
+  if sims:  # Before JAX starts its CPU backend.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_"
+        f"force_host_platform_device_count={max(sims)}"
+    )
+  rows = []
+  if args.out and os.path.exists(args.out):  # Resume.
+    with open(args.out) as f:
+      rows = json.load(f)["rows"]
+  done = {(r["target"], r["size"], r["method"]) for r in rows}
+  overrides = [kv.split("=", 1) for kv in args.set]
+  for t, s, m, analyze in todo:
+    if (t, s, m) in done:
+      continue
+    try:
+      r = row(t, s, m, analyze, overrides)
+    except UsageError as e:  # Does not fit: the row says why.
+      r = {"target": t, "size": s, "method": m, "error": str(e)}
+    rows.append(r)
+    print(table([r]).splitlines()[-1], flush=True)
     if args.out:
       with open(args.out, "w") as f:
         json.dump(
-            {"date": datetime.date.today().isoformat(), **rows}, f, indent=1
+            {"date": datetime.date.today().isoformat(), "rows": rows},
+            f,
+            indent=1,
         )
-    return 0
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_"
-      f"host_platform_device_count={args.devices}"
-  )
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  overrides = [kv.split("=", 1) for kv in args.set]
-  rows = []
-  if args.append and os.path.exists(args.out):  # Add to an earlier run's.
-    with open(args.out) as f:
-      rows = json.load(f)["rows"]
-  print(HEADER)
-  print("|" + "---|" * (HEADER.count(" | ") + 1))
-  for size in args.sizes.split(","):
-    jobs = [
-        ("step", m) for m in args.methods.split(",") if m and not args.no_steps
-    ]
-    jobs += [("analyze", None)] if args.analyze else []
-    for what, method in jobs:
-      r = (
-          measure_step(size, method, args.memory_gb, overrides)
-          if what == "step"
-          else measure_analyze(size, args.memory_gb, overrides)
-      )
-      r["devices"] = args.devices
-      rows.append(r)
-      print(format_row(r), flush=True)
-      if args.out:
-        _write(args, rows)
   return 0
-
-
-def _write(args, rows) -> None:
-  with open(args.out, "w") as f:
-    json.dump(
-        {
-            "date": datetime.date.today().isoformat(),
-            "devices": args.devices,
-            "memory_gb": args.memory_gb,
-            "hardware": f"{args.devices} simulated CPU devices",
-            "rows": rows,
-        },
-        f,
-        indent=1,
-    )
 
 
 if __name__ == "__main__":
