@@ -169,7 +169,8 @@ def jobs(args) -> list[tuple[str, str, str, bool]]:
   return out
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+  """The script's flags."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--targets", default="h100x8,tpu-v5p-8")
   p.add_argument("--sizes", default=SIZES)
@@ -192,7 +193,11 @@ def main(argv=None) -> int:
   )
   p.add_argument("--out", default="")
   p.add_argument("--table", default="", help="only print a JSON's table")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
   if args.table:  # Several files (runs split over processes): one table.
     rows = []
     for path in args.table.split(","):
