@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 
 from nanodo_sam import analyze

@@ -226,6 +226,7 @@ def test_sam_start_step_takes_exact_adamw_steps_then_sam_steps(
   assert diff > 1e-6  # ... which are not AdamW's.
 
 
+@pytest.mark.slow  # End to end: a run with its diagnostics.
 def test_edge_of_stability_run_logs_lambda_max_and_sam_edge(tmp_path):
   lr, rho = 0.2, 0.3
   cfg = tiny_config(

@@ -17,7 +17,6 @@ way into results.json, TensorBoard and `nanodo-sam eval`."""
 
 import json
 import math
-import os
 
 import jax
 import numpy as np

@@ -238,7 +238,11 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "mode", ["precheck", pytest.param("write", marks=pytest.mark.slow)]
+    "mode",
+    [  # End to end, both: a run stopped and resumed.
+        pytest.param("precheck", marks=pytest.mark.slow),
+        pytest.param("write", marks=pytest.mark.slow),
+    ],
 )
 def test_a_full_disk_ends_in_one_line_exit_74_and_the_same_command_resumes(
     tmp_path, small_disk, reference, mode, caplog

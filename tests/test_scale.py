@@ -163,6 +163,7 @@ def mesh_results(tmp_path_factory):
     return json.load(f)
 
 
+@pytest.mark.slow  # 8 simulated devices, ~50 s to compile (test_plan: the real compilers)
 @pytest.mark.parametrize("method", METHODS)
 def test_chunk_loop_moves_only_scalars(mesh_results, method):
   """The head runs in 4 chunks (a loop of trip count 4 is there) and no
@@ -173,6 +174,7 @@ def test_chunk_loop_moves_only_scalars(mesh_results, method):
   assert r["in_loops"] == 0, r
 
 
+@pytest.mark.slow  # 8 simulated devices, ~50 s to compile (test_plan: the real compilers)
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_traffic_is_near_ideal(mesh_results, method):
   r = mesh_results[method]
@@ -180,6 +182,7 @@ def test_fsdp_traffic_is_near_ideal(mesh_results, method):
   assert 0.5 < ratio <= RATIO_BOUND[method], (method, ratio)
 
 
+@pytest.mark.slow  # 8 simulated devices, ~50 s to compile (test_plan: the real compilers)
 @pytest.mark.parametrize("method", METHODS)
 def test_accumulated_step_on_a_mesh_equals_one_device(mesh_results, method):
   """With 2 microbatches each group of devices accumulates its own gradient
