@@ -76,6 +76,7 @@ def test_output_head_reproduces_the_logits():
   )
 
 
+@pytest.mark.slow  # The train step compiled with and without its head, ~20 s.
 def test_chunked_head_equals_plain_logits_fn(monkeypatch):
   """Every method: the fused output layer + loss + cotangent, in 4 chunks of
   the sequence, gives the unfused result (the logits_fn without its head,

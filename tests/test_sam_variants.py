@@ -440,6 +440,7 @@ def test_first_moment_is_the_optimizers(name):
     optimizer_lib.first_moment(optax.sgd(0.1).init(params))
 
 
+@pytest.mark.slow  # The real train step over several steps, ~18 s.
 def test_train_step_hands_momentum_sam_adamws_first_moment():
   """The jitted train step: no first moment at step 0 (the plain step), then
   eps = -rho mu/||mu|| with AdamW's mu from the state it is given."""

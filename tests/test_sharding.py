@@ -697,6 +697,7 @@ def test_distributed_flags_must_come_together():
 # -------------------------------- 3. accumulation == one full-batch step
 
 
+@pytest.mark.slow  # Six accumulation variants compiled, ~25 s.
 def test_accumulated_microbatches_equal_the_full_batch():
   """One jitted program runs train steps for six (method, microbatches,
   perturbation scope) variants from the same state. SGD at learning rate 1
