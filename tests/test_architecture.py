@@ -161,3 +161,22 @@ def test_no_function_over_60_lines(folder):
   assert (
       not long
   ), f"{len(long)} functions over {MAX_LINES} lines: " + "; ".join(long)
+
+
+def test_the_architecture_page_names_every_module_and_test_file():
+  """docs/architecture.md's map lists each module (nanodo_sam/NAME.py) and
+  its tests table each test file, so a newcomer finds both from the page."""
+  root = os.path.dirname(PACKAGE)
+  with open(os.path.join(root, "docs", "architecture.md")) as f:
+    page = f.read()
+  modules = [m for m in _modules() if m != "__init__"]
+  tests = sorted(
+      n[:-3]
+      for n in os.listdir(os.path.join(root, "tests"))
+      if n.startswith("test_") and n.endswith(".py")
+  )
+  assert len(modules) > 40 and len(tests) > 30
+  missing = [f"nanodo_sam/{m}.py" for m in modules]
+  missing = [m for m in missing if m not in page]
+  missing += [t for t in tests if t not in page]
+  assert not missing, missing
