@@ -76,6 +76,17 @@ def tiny_flags(**overrides) -> list[str]:
   ]
 
 
+def run_cli(capsys, *argv):
+  """(exit code, stdout, stderr) of `nanodo-sam ARGV...` run in-process."""
+  from nanodo_sam import cli  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+    raise SystemExit(0)
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err
+
+
 def listing(root) -> dict:
   """{relative path: (size, mtime)} of every file and folder under root:
   equal before and after means nothing on disk was touched."""

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from conftest import run_cli as _run
 from nanodo_sam import cli
 
 QUICK = os.path.join(ROOT, "configs", "quickstart.py")
@@ -26,14 +27,6 @@ TINY = [
     "--config.eval_every_steps=0",
     "--config.checkpoint_every_steps=0",
 ]
-
-
-def _run(capsys, *argv):
-  with pytest.raises(SystemExit) as e:
-    cli.main(list(argv))
-    raise SystemExit(0)
-  out = capsys.readouterr()
-  return e.value.code, out.out, out.err
 
 
 def _assert_one_line_error(code, err, pattern):

@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from conftest import listing, tiny_flags
+from conftest import run_cli as _run
 from nanodo_sam import cli
 from nanodo_sam import data as data_lib
 from nanodo_sam import export
@@ -46,14 +47,6 @@ EDGE_STRINGS = [
     "\u65e5\u672c\u8a9e \U0001d518 \u2603 caf\u00e9",
     "It's 3.14, isn't it?",
 ]
-
-
-def _run(capsys, *argv):
-  with pytest.raises(SystemExit) as e:
-    cli.main(list(argv))
-    raise SystemExit(0)
-  out = capsys.readouterr()
-  return e.value.code, out.out, out.err
 
 
 def _load(out_dir):

@@ -10,7 +10,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from conftest import listing, tiny_config, tiny_flags
-from nanodo_sam import cli
+from conftest import run_cli as _run
 from nanodo_sam import data as data_lib
 from nanodo_sam import export
 from nanodo_sam import lm_eval_backend
@@ -24,14 +24,6 @@ def _requests(kind, args):
       Instance(request_type=kind, doc={}, arguments=a, idx=i)
       for i, a in enumerate(args)
   ]
-
-
-def _run(capsys, *argv):
-  with pytest.raises(SystemExit) as e:
-    cli.main(list(argv))
-    raise SystemExit(0)
-  out = capsys.readouterr()
-  return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
