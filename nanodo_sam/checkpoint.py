@@ -433,8 +433,10 @@ def _reason(cause: str) -> str:
 class _OrbaxErrors(logging.Filter):
   """Drops orbax's ERROR records (each with its traceback, several per
   failed save) and any library's ERROR record of a full disk (clu's writer
-  thread) from the absl logger, keeping the last message: the failure
-  reaches the user once, as SaveFailed's line."""
+  thread) from the absl logger, and asyncio's "Task exception was never
+  retrieved" for orbax's other writes that the full disk broke, keeping
+  the last message: the failure reaches the user once, as SaveFailed's
+  line."""
 
   last: str | None = None
 
@@ -450,9 +452,10 @@ class _OrbaxErrors(logging.Filter):
     return True
 
   def install(self) -> None:
-    absl = logging.getLogger("absl")
-    if self not in absl.filters:
-      absl.addFilter(self)
+    for name in ("absl", "asyncio"):
+      logger = logging.getLogger(name)
+      if self not in logger.filters:
+        logger.addFilter(self)
 
 
 _ERRORS = _OrbaxErrors()

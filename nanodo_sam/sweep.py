@@ -262,6 +262,36 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
     ) from None
 
 
+def _compute_matched(overrides: dict, common: dict, cfg, i: int) -> dict:
+  """A run with "compute_matched": METHOD trains its own method for the
+  training compute of METHOD (`sam_schedule.adamw_step_equivalents`: the
+  registry's `Method.cost` per step from sam.start_step on): its
+  opt.num_train_steps and opt.warmup_steps are scaled by that factor, so
+  the schedule is stretched, not cut. AdamW for SAM's cost: twice the
+  steps."""
+  from nanodo_sam import sam as sam_lib  # pylint: disable=g-import-not-at-top
+  from nanodo_sam import sam_schedule  # pylint: disable=g-import-not-at-top
+
+  method = overrides["compute_matched"]
+  if method not in sam_lib.METHODS:
+    raise SweepError(
+        f"run {i}: compute_matched={method!r} is not a method; use one of "
+        f"{', '.join(sam_lib.METHODS)}"
+    )
+
+  def value(key):
+    section, name = key.split(".")
+    return overrides.get(key, common.get(key, cfg[section][name]))
+
+  steps = int(value("opt.num_train_steps"))
+  start = int(value("sam.start_step"))
+  factor = sam_schedule.adamw_step_equivalents(steps, start, method) / steps
+  out = dict(overrides)
+  out["opt.num_train_steps"] = round(steps * factor)
+  out["opt.warmup_steps"] = round(int(value("opt.warmup_steps")) * factor)
+  return out
+
+
 def load_sweep(
     path: str, out: str | None = None, extra: dict | None = None
 ) -> Sweep:
@@ -285,6 +315,8 @@ def load_sweep(
         f"{path}: run {i}",
     )
     rname = run_name(overrides, config)
+    if "compute_matched" in overrides:
+      overrides = _compute_matched(overrides, common, loaded[run_config], i)
     if rname in seen:
       raise SweepError(
           f"{path}: runs {seen[rname]} and {i} have the same "

@@ -24,7 +24,10 @@ from typing import Any, Sequence
 
 from nanodo_sam.errors import UsageError
 
-RESERVED = ("config",)  # Run keys that are not config overrides.
+# Run keys that are not config overrides: "config" (another config file
+# for this run), "compute_matched" (METHOD: this run trains for METHOD's
+# compute, its steps and warmup scaled; nanodo_sam/sweep.py).
+RESERVED = ("config", "compute_matched")
 NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")  # Not allowed in names.
 _KEY = re.compile(r"[A-Za-z_][\w.]*")
 
@@ -72,8 +75,9 @@ class SweepSpec:
       )
     if not isinstance(self.overrides, dict):
       raise SweepError(f"'overrides' is {self.overrides!r}, not a dict")
-    if "config" in self.overrides:
-      raise SweepError("'config' cannot be a common override")
+    for key in RESERVED:
+      if key in self.overrides:
+        raise SweepError(f"'{key}' cannot be a common override; set it per run")
     if not isinstance(self.runs, list) or not self.runs:
       raise SweepError("'runs' must be a non-empty list of override dicts")
     for i, run in enumerate(self.runs):
@@ -122,8 +126,14 @@ def method_runs(
     learning_rates: Sequence[float] = (1e-3,),
     seeds: Sequence[int] = (0,),
     fixed: dict | None = None,
+    compute_matched: bool = False,
 ) -> list[dict]:
   """The method x rho x learning rate x seed grid.
+
+  compute_matched: also, per learning rate and seed, one run of each
+  method that does not perturb (AdamW) trained for the compute of each
+  method that costs more per step ("compute_matched": the first method of
+  that cost; its steps and warmup scaled by `nanodo-sam sweep`).
 
   rhos: one sequence for every method, or {method: sequence}. A method that
   does not perturb (AdamW: `perturbs` in its `sam.METHODS` entry) gets a
@@ -157,7 +167,31 @@ def method_runs(
       for key, value in method_options(method).items():
         run.setdefault(key, value)
       runs.append(run)
+  if compute_matched:
+    runs += _compute_matched_runs(methods, learning_rates, seeds, fixed)
   return runs
+
+
+def _compute_matched_runs(methods, learning_rates, seeds, fixed) -> list:
+  from nanodo_sam.sam import METHODS  # pylint: disable=g-import-not-at-top
+
+  by_cost = {}
+  for method in methods:
+    by_cost.setdefault(METHODS[method].cost, method)
+  plain = [m for m in methods if not METHODS[m].perturbs]
+  return [
+      {
+          **(fixed or {}),
+          "sam.method": base,
+          "compute_matched": matched,
+          "opt.peak_learning_rate": float(lr),
+          "seed": int(seed),
+      }
+      for base in plain
+      for cost, matched in by_cost.items()
+      if cost > METHODS[base].cost
+      for lr, seed in itertools.product(learning_rates, seeds)
+  ]
 
 
 def method_options(method: str) -> dict:
