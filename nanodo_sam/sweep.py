@@ -110,6 +110,7 @@ ABBREV = {
     "sam.every_k": "k",
     "sam.reuse": "reuse",
     "seed": "seed",
+    "init_from": "from_",
 }
 _MAX_NAME = 120
 
@@ -188,6 +189,10 @@ def run_name(overrides: dict, sweep_config: str) -> str:
       parts.append(arg if same and arg else f"{stem}{':' + arg if arg else ''}")
       continue
     text = format_value(value)
+    if key == "init_from":  # The source run's folder name (and :STEP).
+      text = os.path.basename(text.rstrip("/").split(":")[0]) + (
+          f"_{text.rsplit(':', 1)[1]}" if ":" in text else ""
+      )
     abbrev = ABBREV.get(key)
     if abbrev is None:
       parts.append(f"{key}={text}")
@@ -264,11 +269,11 @@ def read_spec(path: str, out: str | None = None) -> tuple[SweepSpec, bool]:
 
 def _compute_matched(overrides: dict, common: dict, cfg, i: int) -> dict:
   """A run with "compute_matched": METHOD trains its own method for the
-  training compute of METHOD (`sam_schedule.adamw_step_equivalents`: the
-  registry's `Method.cost` per step from sam.start_step on): its
-  opt.num_train_steps and opt.warmup_steps are scaled by that factor, so
-  the schedule is stretched, not cut. AdamW for SAM's cost: twice the
-  steps."""
+  training compute METHOD would take in its steps
+  (`sam_schedule.adamw_step_equivalents`: the registry's `Method.cost` per
+  step from sam.start_step on): its opt.num_train_steps and
+  opt.warmup_steps are scaled by the ratio of the two, so the schedule is
+  stretched, not cut. AdamW for SAM's compute: twice the steps."""
   from nanodo_sam import sam as sam_lib  # pylint: disable=g-import-not-at-top
   from nanodo_sam import sam_schedule  # pylint: disable=g-import-not-at-top
 
@@ -285,7 +290,10 @@ def _compute_matched(overrides: dict, common: dict, cfg, i: int) -> dict:
 
   steps = int(value("opt.num_train_steps"))
   start = int(value("sam.start_step"))
-  factor = sam_schedule.adamw_step_equivalents(steps, start, method) / steps
+  own = sam_schedule.adamw_step_equivalents(
+      steps, start, overrides.get("sam.method", value("sam.method"))
+  )
+  factor = sam_schedule.adamw_step_equivalents(steps, start, method) / own
   out = dict(overrides)
   out["opt.num_train_steps"] = round(steps * factor)
   out["opt.warmup_steps"] = round(int(value("opt.warmup_steps")) * factor)

@@ -163,6 +163,53 @@ def test_run_names_are_safe_and_deterministic():
   assert evil != sw.run_name({"data.vocab": "a b'; rm -rf ~"}, "c.py")
 
 
+def test_compute_matched_runs_train_for_the_methods_compute(tmp_path):
+  """AdamW for SAM's compute trains 2x the steps (warmup stretched with
+  them); Momentum-SAM costs one plain step, so for SAM's compute it too
+  takes 2x; after a plain start (sam.start_step) only the SAM part counts
+  twice. The quickstart config: 300 steps, 30 warmup."""
+  runs = authoring.method_runs(
+      ["adamw", "sam", "momentum_sam"], [0.1], compute_matched=True
+  )
+  matched = [r for r in runs if "compute_matched" in r]
+  assert matched == [
+      {
+          "sam.method": "adamw",
+          "compute_matched": "sam",
+          "opt.peak_learning_rate": 1e-3,
+          "seed": 0,
+      }
+  ]
+  runs = matched + [
+      {"sam.method": "momentum_sam", "sam.rho": 0.1, "compute_matched": "sam"},
+      {"sam.method": "adamw", "compute_matched": "sam", "sam.start_step": 100},
+  ]
+  sweep = sw.load_sweep(write_sweep(tmp_path, runs), out=str(tmp_path / "o"))
+  steps = [
+      (r.overrides["opt.num_train_steps"], r.overrides["opt.warmup_steps"])
+      for r in sweep.runs
+  ]
+  assert steps == [(600, 60), (600, 60), (100 + 2 * 200, 50)]
+  assert sweep.runs[0].name == "adamw-compute_matched=sam-lr0.001-seed0"
+  assert "compute_matched" not in sweep.runs[0].overrides  # Not a key.
+  with pytest.raises(authoring.SweepError, match="common override"):
+    authoring.SweepSpec(
+        config="c.py", runs=[{}], overrides={"compute_matched": "sam"}
+    )
+
+
+def test_a_continued_run_is_named_after_its_source():
+  name = sw.run_name(
+      {"config": "configs/continued.py", "init_from": "/r/s/sam-rho0.1-seed1/"},
+      "configs/miniature.py",
+  )
+  assert name == "continued-from_sam-rho0.1-seed1"
+  assert (
+      sw.run_name({"init_from": "/r/s/adamw-seed2:200"}, "c.py")
+      == "from_adamw-seed2_200"
+  )
+
+
 def test_dry_run_prints_runs_and_writes_nothing(tmp_path, capsys):
   path = write_sweep(
       tmp_path, authoring.method_runs(["adamw", "sam"], [0.1, 0.2])
@@ -369,6 +416,7 @@ def test_tpu_commands_quote_every_value(tmp_path, capsys):
         (["{dup}"], "same name"),
         (["{badcfg}"], "not found"),
         (["{badkey}"], "unknown config key 'sam.rhoo'"),
+        (["{badmatch}"], "compute_matched='samm' is not a method"),
         (["{sweep}", "--set=opt.nope=1"], "unknown config key 'opt.nope'"),
     ],
 )
@@ -381,10 +429,11 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
       tmp_path, [{"seed": 0}], config="configs/nope.py", name="badcfg"
   )
   badkey = write_sweep(tmp_path, [{"sam.rhoo": 0.1}], name="badkey")
-  argv = [
-      a.format(sweep=sweep, bad=bad, dup=dup, badcfg=badcfg, badkey=badkey)
-      for a in argv
-  ]
+  badmatch = write_sweep(
+      tmp_path, [{"compute_matched": "samm"}], name="badmatch"
+  )
+  files = dict(sweep=sweep, bad=bad, dup=dup, badcfg=badcfg, badkey=badkey)
+  argv = [a.format(badmatch=badmatch, **files) for a in argv]
   rc = sw.main(argv + [f"--out={tmp_path / 'out'}"])
   assert rc == 2
   err = capsys.readouterr().err.strip()
