@@ -20,13 +20,17 @@ the paper's layout (which sizes, methods and non-linearities, in its order):
   Table 5  2M fixed-length: GeLU vs ReLU
   Table 6  117.9M Chinchilla: as Table 4
   Summary  every group found (whatever its size or schedule)
+  Equal compute  each SAM-family group beside AdamW at equal steps and at
+           equal training FLOPs (nanodo_sam/equal_compute.py), when the
+           runs include compute-matched ones (a sweep's "compute_matched")
 
 Each cell is mean +- std over seeds (std omitted for one seed), with the
 chosen rho; the column "paper" beside it is the published number. A run whose
 results.json says "diverged" counts as NaN, and a (rho, lr) setting with a
 diverged seed is NaN; a group whose settings all diverged shows NaN (as the
 paper's Tables 2 and 3 do). Tables without matching runs are skipped with a
-note. Markdown and CSV files go to SWEEP_DIR/tables/ (or --out).
+note. The paper's tables compare at equal steps: compute-matched runs are left
+out of them. Markdown and CSV files go to SWEEP_DIR/tables/ (or --out).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from nanodo_sam import equal_compute
 from nanodo_sam import paper
 from nanodo_sam import runs as runs_lib
 from nanodo_sam.runs import NAN, Cell, RunRecord, best, method_label
@@ -416,8 +421,101 @@ def settings_table(groups) -> Table:
   )
 
 
+def fmt_delta(diffs: dict[int, float], digits: int = 4) -> str:
+  """Paired differences as "+mean ± std" ("—" without a common seed)."""
+  if not diffs:
+    return "—"
+  mean, std = runs_lib.mean_std(diffs.values())
+  if not math.isfinite(mean):
+    return "NaN"
+  return f"{mean:+.{digits}f}" + (
+      f" ± {std:.{digits}f}" if len(diffs) > 1 else ""
+  )
+
+
+def _delta_csv(diffs: dict[int, float]) -> list[Any]:
+  return list(runs_lib.mean_std(diffs.values())) + [len(diffs)]
+
+
+def _comparison_row(c: equal_compute.Comparison) -> list[str]:
+  at_compute = c.equal_compute
+  return list(c.group[:3]) + [
+      method_label(c.group[3], c.optimizer),
+      str(c.steps),
+      f"{c.flops:.3g}",
+      fmt_loss(c.cell),
+      fmt_loss(c.equal_steps),
+      fmt_delta(equal_compute.paired(c.cell, c.equal_steps)),
+      fmt_loss(at_compute),
+      str(equal_compute.planned_steps(at_compute.runs[0]))
+      if at_compute.runs
+      else "—",
+      fmt_delta(equal_compute.paired(c.cell, at_compute)),
+  ]
+
+
+def _comparison_csv(c: equal_compute.Comparison) -> list[Any]:
+  out = list(c.group) + [c.steps, c.flops] + _cell_csv(c.cell)
+  for cell in (c.equal_steps, c.equal_compute):
+    steps = equal_compute.planned_steps(cell.runs[0]) if cell.runs else None
+    out += [steps, cell.mean, cell.std, cell.n, cell.lr]
+    out += _delta_csv(equal_compute.paired(c.cell, cell))
+  return out
+
+
+def equal_compute_table(comps: list[equal_compute.Comparison]) -> Table:
+  """Each SAM-family group beside the plain optimizer (AdamW) at equal steps
+  and at equal training FLOPs (nanodo_sam/equal_compute.py); Δ = method -
+  baseline, paired by seed."""
+  plain = " / ".join(
+      sorted(
+          {
+              method_label(cell.runs[0].method, c.optimizer)
+              for c in comps
+              for cell in (c.equal_steps, c.equal_compute)
+              if cell.runs
+          }
+      )
+  )
+  baseline = []
+  for side in ("steps", "compute"):
+    baseline += [
+        f"{side}_baseline_{k}" for k in ("steps", "mean", "std", "seeds", "lr")
+    ]
+    baseline += [f"{side}_delta_{k}" for k in ("mean", "std", "seeds")]
+  return Table(
+      "equal_compute",
+      f"Equal compute: each SAM-family method beside "
+      f"{plain or 'the plain optimizer'} at equal steps and at equal "
+      "training FLOPs (Δ = method − baseline, paired by seed)",
+      [
+          "Schedule",
+          "Size",
+          "Nonlin.",
+          "Method",
+          "steps",
+          "train FLOPs",
+          "Eval loss",
+          "equal steps",
+          "Δ",
+          "equal compute",
+          "its steps",
+          "Δ",
+      ],
+      [_comparison_row(c) for c in comps],
+      ["schedule", "size", "nonlinearity", "method", "steps", "train_flops"]
+      + CELL_CSV
+      + baseline,
+      [_comparison_csv(c) for c in comps],
+  )
+
+
 def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
-  groups = runs_lib.group_by(runs, *runs_lib.GROUP)
+  """Every table of the runs, and notes on those skipped. The paper's tables
+  compare at equal steps: compute-matched runs (`equal_compute.split`) are
+  left out of them, and shown in the equal-compute table."""
+  equal_steps, matched = equal_compute.split(runs)
+  groups = runs_lib.group_by(equal_steps, *runs_lib.GROUP)
   tables, notes = [], []
   for key in paper.keys():
     t = paper_table(groups, key)
@@ -428,7 +526,7 @@ def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
     info = paper.info(key)
     if SHARPNESS_KEYS[0] in paper.rows(key)[0] and not any(
         r.sharpness
-        for r in runs
+        for r in equal_steps
         if r.group[:2] == (info["schedule"], info["size"])
     ):
       notes.append(
@@ -437,6 +535,18 @@ def build_tables(runs: list[RunRecord]) -> tuple[list[Table], list[str]]:
       )
   tables.append(summary_table(groups))
   tables.append(settings_table(groups))
+  comps = equal_compute.comparisons(runs)
+  if comps:
+    tables.append(equal_compute_table(comps))
+    notes.append(
+        f"equal_compute: {len(matched)} compute-matched runs (trained for a "
+        "SAM-family run's FLOPs) are left out of the equal-steps tables"
+    )
+  else:
+    notes.append(
+        "equal_compute: no compute-matched runs (a sweep's "
+        '"compute_matched" key makes them), skipped'
+    )
   return tables, notes
 
 
