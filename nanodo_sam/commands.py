@@ -28,7 +28,7 @@ from nanodo_sam import init_from
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import prune
-from nanodo_sam import quantize
+from nanodo_sam import quantize as quantize_lib
 from nanodo_sam import rundir
 from nanodo_sam import sample as sample_lib
 from nanodo_sam import sharding
@@ -128,45 +128,70 @@ def _put(s):
 
 
 def cmd_eval(fv) -> None:
-  """Eval metrics of a checkpoint on the run's eval set (or --data_from's),
-  as one JSON line; with --quantize, also of its quantized weights
+  """`eval_run` of the flags, printed as one JSON line."""
+  print(
+      json.dumps(
+          eval_run(
+              fv.workdir,
+              fv.step,
+              data_from=fv.data_from,
+              quantize=fv.quantize,
+              group_size=fv.group_size,
+              quantize_embeddings=fv.quantize_embeddings,
+          )
+      )
+  )
+
+
+def eval_run(
+    workdir: str,
+    step: int | None = None,
+    *,
+    data_from: str = "",
+    quantize: str = "",
+    group_size: int = 0,
+    quantize_embeddings: bool = False,
+) -> dict:
+  """Eval metrics of a checkpoint on the run's eval set (or `data_from`'s);
+  with `quantize` ("int8"/"int4"), also of its quantized weights
   ("quantized") and the change ("delta": quantized - float)."""
-  bits = quantize.parse_width(fv.quantize) if fv.quantize else None
-  cfg = rundir.read_config(fv.workdir)
-  if fv.data_from:
-    cfg.data = eval_data.data_config_from(fv.data_from, cfg)
+  bits = quantize_lib.parse_width(quantize) if quantize else None
+  cfg = rundir.read_config(workdir)
+  if data_from:
+    cfg.data = eval_data.data_config_from(data_from, cfg)
   if bits is not None:
-    quantize.check_group_size(
+    quantize_lib.check_group_size(
         nn.unbox(
             model_lib.abstract_params(
                 model_lib.TransformerDo(model_lib.from_config(cfg))
             )
         ),
-        fv.group_size,
-        fv.quantize_embeddings,
+        group_size,
+        quantize_embeddings,
     )
-  s, state, step = checkpoint.restore_run(fv.workdir, cfg, fv.step)
+  s, state, step = checkpoint.restore_run(workdir, cfg, step)
   eval_step, batches = evaluate.eval_step_for(s), data_lib.eval_batches(cfg)
   metrics = evaluate.eval_metrics(eval_step, state.params, batches, _put(s))
   out = {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}
-  if fv.data_from:
-    out["data_from"] = fv.data_from
-  if bits is not None:
-    params = jax.device_put(
-        quantize.quantize_params(
-            state.params, bits, fv.group_size, fv.quantize_embeddings
-        ),
-        s.state_sharding.params,
-    )
-    after = evaluate.eval_metrics(eval_step, params, batches, _put(s))
-    out.update(
-        quantize=fv.quantize,
-        group_size=fv.group_size,
-        quantize_embeddings=fv.quantize_embeddings,
-        quantized={f"eval_{k}": v for k, v in after.items()},
-        delta={f"eval_{k}": after[k] - metrics[k] for k in evaluate.METRICS},
-    )
-  print(json.dumps(out))
+  if data_from:
+    out["data_from"] = data_from
+  if bits is None:
+    return out
+  params = jax.device_put(
+      quantize_lib.quantize_params(
+          state.params, bits, group_size, quantize_embeddings
+      ),
+      s.state_sharding.params,
+  )
+  after = evaluate.eval_metrics(eval_step, params, batches, _put(s))
+  out.update(
+      quantize=quantize,
+      group_size=group_size,
+      quantize_embeddings=quantize_embeddings,
+      quantized={f"eval_{k}": v for k, v in after.items()},
+      delta={f"eval_{k}": after[k] - metrics[k] for k in evaluate.METRICS},
+  )
+  return out
 
 
 def _check_sample_flags(fv) -> None:
