@@ -349,6 +349,27 @@ def _records(root, split, i) -> int:
   return int(sp["shardLengths"][i])
 
 
+def test_a_full_disks_unretrieved_write_errors_are_not_printed(caplog):
+  """orbax writes a checkpoint's arrays in asyncio tasks; when the disk is
+  full, those whose failure nobody awaited reach asyncio's logger ("Task
+  exception was never retrieved", with a traceback) after the save has
+  failed. The user sees SaveFailed's one line instead; any other error
+  still reaches the log."""
+  checkpoint._ERRORS.install()  # pylint: disable=protected-access
+  full = ValueError(
+      "RESOURCE_EXHAUSTED: Error writing ...: Failed to write 164217 bytes "
+      "to file 6: No space left on device [os_error_code='28']"
+  )
+  other = ValueError("something else")
+  asyncio_log = logging.getLogger("asyncio")
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    for e in (full, other):
+      asyncio_log.error(
+          "Task exception was never retrieved", exc_info=(ValueError, e, None)
+      )
+  assert [r.exc_info[1] for r in caplog.records] == [other]
+
+
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_a_truncated_shard_is_one_line_naming_dataset_split_and_file(
     tmp_path, tfds_copy, capfd, split
