@@ -315,6 +315,26 @@ def tiny_sweep(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A tiny run trained once for the session: 40 steps, a checkpoint every
+  5 kept (init_from's `DIR:5`; no step 7), one eval at the end (quantize's
+  trained loss). Returns its workdir; a test that moves it puts it back."""
+  from nanodo_sam import train as train_lib
+
+  cfg = tiny_config(
+      **{
+          "opt.num_train_steps": 40,
+          "eval_every_steps": 40,
+          "checkpoint_every_steps": 5,
+          "checkpoint_max_to_keep": 8,
+      }
+  )
+  workdir = tmp_path_factory.mktemp("trained_run") / "run"
+  train_lib.train(cfg, str(workdir))
+  return workdir
+
+
 def fake_run(
     root,
     name,
