@@ -10,7 +10,8 @@ the [B, L, V] logits whole:
 
   head_vjp           the loss, its logit cotangent dL/dF and J^T dL/dF (the
                      train step, sam.py; dL/dF at one point, J at another)
-  target_log_probs   log p(target) per token, [B, L] (an evaluation harness)
+  token_log_probs    log p(target) and argmax == target per token, [B, L]
+                     (evaluation, the lm-eval harness)
   eval_sums          summed token losses, weights and argmax hits (evaluate)
   over_chunks        the chunk loop itself (sharpness.py's products)
 
@@ -321,9 +322,18 @@ def _grouped_chunks(a: Point, b: Point, xs, n: int, head: OutputHead):
 # ------------------------------------------- per-token values, no gradient
 
 
-def _token_values(params, inputs_BxL, targets_BxL, logits_fn, head):
-  """(log p(target) [B, L] float32, argmax == target [B, L] bool), the
-  output layer run chunk by chunk."""
+def token_log_probs(
+    params: PyTree,
+    inputs_BxL: jax.Array,
+    targets_BxL: jax.Array,
+    *,
+    logits_fn: LogitsFn,
+    head: OutputHead | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """(log softmax(logits)[target] [B, L] float32, argmax == target [B, L]
+  bool): each target's log-likelihood given its row's inputs up to it, and
+  whether it is the greedy choice (evaluation, the lm-eval harness). With
+  `head` the [B, L, V] logits exist only one chunk at a time."""
   head, chunked = resolve_head(logits_fn, head)
   head_params = head.select(params)
   h_BxLxD = head.features(params, inputs_BxL)
@@ -339,21 +349,6 @@ def _token_values(params, inputs_BxL, targets_BxL, logits_fn, head):
   return over_chunks(chunk, n, h_BxLxD, targets_BxL, keep=keep)[1]
 
 
-def target_log_probs(
-    params: PyTree,
-    inputs_BxL: jax.Array,
-    targets_BxL: jax.Array,
-    *,
-    logits_fn: LogitsFn,
-    head: OutputHead | None = None,
-) -> jax.Array:
-  """log softmax(logits)[target] per token, [B, L] in float32: each target's
-  log-likelihood given its row's inputs up to it (summed over a continuation
-  it is the continuation's log-likelihood). With `head` the [B, L, V] logits
-  exist only one chunk at a time."""
-  return _token_values(params, inputs_BxL, targets_BxL, logits_fn, head)[0]
-
-
 def eval_sums(
     params: PyTree,
     batch: dict[str, Any],
@@ -363,8 +358,12 @@ def eval_sums(
 ) -> dict[str, jax.Array]:
   """A batch's sums over its weighted tokens: "loss" (nats), "weight"
   (tokens) and "correct" (argmax == target)."""
-  logp_BxL, hit_BxL = _token_values(
-      params, batch["inputs"], batch["targets"], logits_fn, head
+  logp_BxL, hit_BxL = token_log_probs(
+      params,
+      batch["inputs"],
+      batch["targets"],
+      logits_fn=logits_fn,
+      head=head,
   )
   w_BxL = batch["weights"].astype(jnp.float32)
   return {

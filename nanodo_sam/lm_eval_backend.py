@@ -2,13 +2,15 @@
 
 `JaxLM` is a harness model (`lm_eval.api.model.TemplateLM`, the base of the
 harness's Hugging Face model, so requests are split into context and
-continuation ids the same way) that scores with the run's model, dtype and
-mesh: every forward is one [B, L] batch (B = data.eval_batch_size, L =
-model.L), padded, so it compiles once. A request longer than L keeps its last
-L + 1 tokens, as the harness's HF model does; perplexity tasks are scored in
-the harness's rolling windows of L tokens; `generate_until` is greedy on the
-KV-cached sampler (sample.py). The `hf` backend is the harness's own
-HFLM over the exported model (export.py).
+continuation ids the same way) that scores as evaluation does: the run's
+model, dtype, mesh and chunked output head (`head.token_log_probs`; the
+[B, L, V] logits exist one chunk at a time). Every forward is one [B, L]
+batch (B = data.eval_batch_size, L = model.L), padded, so it compiles once.
+A request longer than L keeps its last L + 1 tokens, as the harness's HF
+model does; perplexity tasks are scored in the harness's rolling windows of
+L tokens; `generate_until` is greedy on the KV-cached sampler (sample.py).
+The `hf` backend is the harness's own HFLM over the exported model
+(export.py).
 
 Imports lm_eval (the `eval` extra) at import time: only `nanodo-sam lm-eval`
 and the training loop's lm-eval hook import this module.
@@ -19,24 +21,14 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
 from nanodo_sam import data as data_lib
-from nanodo_sam import model as model_lib
+from nanodo_sam import head as head_lib
 from nanodo_sam import sample as sample_lib
 from nanodo_sam import sharding
-
-
-def token_log_probs(logits_fn, params, inputs_BxL, targets_BxL):
-  """(log p(target | inputs up to it) [B, L], target is the argmax [B, L]),
-  float32, from the model's forward (`logits_fn`)."""
-  logits_BxLxV = logits_fn(params, inputs_BxL).astype(jnp.float32)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-  logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)
-  return logp_BxL[..., 0], jnp.argmax(logits_BxLxV, -1) == targets_BxL
 
 
 class JaxLM(TemplateLM):
@@ -50,7 +42,9 @@ class JaxLM(TemplateLM):
     self.max_length = setup.model.cfg.L
     self._score = jax.jit(
         functools.partial(
-            token_log_probs, model_lib.make_logits_fn(setup.model)
+            head_lib.token_log_probs,
+            logits_fn=setup.logits_fn,
+            head=setup.head,
         )
     )
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: data paths, small configs and run directories.
+"""Shared fixtures: data paths, small configs, run directories and
+subprocess workers (multi-device checks on fake CPU devices).
 
 Every test reads the data shipped with the package (nanodo_sam/data_files),
 whatever the machine holds: $TFDS_DATA_DIR is unset here (a test that needs
@@ -7,6 +8,8 @@ $NANODO_SRC (a checkout of google-deepmind/nanodo) and skip without it."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,11 +20,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # costs more than running: LLVM's optimisations off for every compile here
 # and in the subprocesses the tests start (as test_sharding's and
 # test_diagnostics_mesh's simulated meshes always had); the programs a test
-# compares are compiled with the same flags.
+# compares are compiled with the same flags (FAST_COMPILE, also a compile's
+# compiler_options).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
       os.environ.get("XLA_FLAGS", "").split()
-      + ["--xla_backend_optimization_level=0"]
+      + [f"--{k}={v}" for k, v in FAST_COMPILE.items()]
   )
 
 from nanodo_sam import data as _data  # noqa: E402  (after the environment)
@@ -124,6 +129,130 @@ def read_scalars(workdir, prefix: str) -> dict:
   return out
 
 
+def step_config(mesh=(1, 1, 1), **overrides):
+  """The tiny config with a constant learning rate from step 0 on a
+  (data, fsdp, tensor) mesh."""
+  defaults = {
+      "opt.warmup_steps": 0,
+      "opt.decay_type": "constant",
+      "opt.peak_learning_rate": 1e-3,
+      "sam.rho": 0.1,
+      "mesh.data": mesh[0],
+      "mesh.fsdp": mesh[1],
+      "mesh.tensor": mesh[2],
+  }
+  return tiny_config(**{**defaults, **overrides})
+
+
+# Wide and short, like the paper's sizes (parameters outweigh a device's
+# activations), bf16 as configs/c4_*.py: 16 rows x 64 positions, the head in
+# chunks of 32 tokens, D/H = 64 (cuDNN's attention). tests/test_scale.py
+# compiles it on 8 simulated devices, tests/test_plan.py for real targets.
+WIDE = {
+    "model.D": 256,
+    "model.H": 4,
+    "model.N": 2,
+    "model.F": 1024,
+    "model.L": 64,
+    "model.V": 2048,
+    "model.dtype": "bfloat16",
+    "model.head_chunk_tokens": 32,
+    "data.batch_size": 16,
+}
+
+
+# ------------------------------------------------------ subprocess workers
+
+JOB_TIMEOUT = 900  # Seconds per subprocess; generous for loaded CI machines.
+
+
+def worker_env(devices: int) -> dict[str, str]:
+  """A clean environment with `devices` fake CPU devices and no cluster:
+  multi-device checks run in subprocesses, as JAX fixes its devices when it
+  starts."""
+  env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(
+          ("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_", "PMI_")
+      )
+  }
+  flags = [
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env["XLA_FLAGS"] = " ".join(
+      flags + [f"--xla_force_host_platform_device_count={devices}"]
+  )
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env["XLA_FLAGS"] += "".join(f" --{k}={v}" for k, v in FAST_COMPILE.items())
+  return env
+
+
+class Job:
+  """A background subprocess whose output goes to files (no pipe stalls)."""
+
+  def __init__(self, name: str, argv: list[str], env: dict, workdir: str):
+    self.name, self.argv = name, argv
+    os.makedirs(workdir, exist_ok=True)
+    self.out_path = os.path.join(workdir, f"{name}.stdout")
+    self.err_path = os.path.join(workdir, f"{name}.stderr")
+    self._out = open(self.out_path, "w")
+    self._err = open(self.err_path, "w")
+    self.proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=ROOT,
+        stdout=self._out,
+        stderr=self._err,
+        stdin=subprocess.DEVNULL,
+    )
+
+  def wait(self, timeout: float = JOB_TIMEOUT) -> tuple[int, str, str]:
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      rc = "timeout"
+    self._out.close()
+    self._err.close()
+    with open(self.out_path) as f:
+      out = f.read()
+    with open(self.err_path) as f:
+      err = f.read()
+    return rc, out, err
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+    self._out.close()
+    self._err.close()
+
+
+def run_worker(
+    script: str, args: list[str], devices: int, root, timeout=JOB_TIMEOUT
+) -> dict:
+  """The JSON that `python SCRIPT ARGS... ROOT/results.json` writes, run
+  on `devices` fake CPU devices (`worker_env`); its stderr's tail if it
+  fails."""
+  out = os.path.join(str(root), "results.json")
+  name = os.path.splitext(os.path.basename(script))[0]
+  job = Job(
+      name, [sys.executable, script, *args, out], worker_env(devices), str(root)
+  )
+  rc, _, err = job.wait(timeout)
+  assert rc == 0, f"{name} worker failed ({rc}):\n{err[-4000:]}"
+  with open(out) as f:
+    return json.load(f)
+
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_config
@@ -184,6 +313,26 @@ def tiny_sweep(tmp_path_factory):
   pfs = out / TINY_RUNS[1]
   cli.main(["prune-eval", f"--workdir={pfs}", "--fractions=0,0.5"])
   return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A tiny run trained once for the session: 40 steps, a checkpoint every
+  5 kept (init_from's `DIR:5`; no step 7), one eval at the end (quantize's
+  trained loss). Returns its workdir; a test that moves it puts it back."""
+  from nanodo_sam import train as train_lib
+
+  cfg = tiny_config(
+      **{
+          "opt.num_train_steps": 40,
+          "eval_every_steps": 40,
+          "checkpoint_every_steps": 5,
+          "checkpoint_max_to_keep": 8,
+      }
+  )
+  workdir = tmp_path_factory.mktemp("trained_run") / "run"
+  train_lib.train(cfg, str(workdir))
+  return workdir
 
 
 def fake_run(

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-
-from conftest import tiny_config  # noqa: E402
+from conftest import run_worker, tiny_config
 
 # One 8-device worker computes every case (~90 s on 2 cores): CI runs it
 # with the slow tests; tests/test_sharpness.py checks the chunked products
@@ -274,35 +269,8 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("diagnostics_mesh") / "results.json"
-  env = dict(os.environ)
-  flags = [
-      f
-      for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  env["XLA_FLAGS"] = " ".join(
-      flags
-      + [
-          "--xla_force_host_platform_device_count=8",
-          "--xla_backend_optimization_level=0",
-      ]
-  )
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-  )
-  p = subprocess.run(
-      [sys.executable, __file__, str(out)],
-      env=env,
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=1200,
-  )
-  assert p.returncode == 0, p.stderr[-4000:]
-  with open(out) as f:
-    return json.load(f)
+  root = tmp_path_factory.mktemp("diagnostics_mesh")
+  return run_worker(__file__, [], 8, root, timeout=1200)
 
 
 # Float32 throughout (unit roundoff 6e-8); the mesh sums the same terms in

@@ -73,7 +73,7 @@ def test_num_chunks_is_the_fewest_divisor_within_the_budget():
 
 
 @pytest.mark.parametrize("chunk_tokens", [None, 0, B * L // 2, 1])
-def test_target_log_probs_and_eval_sums_equal_the_whole_logits(chunk_tokens):
+def test_token_log_probs_and_eval_sums_equal_the_whole_logits(chunk_tokens):
   """Through logits_fn alone (None), and 1, 2 and 8 chunks of the sequence
   through the head."""
   m, params = _model()
@@ -85,9 +85,9 @@ def test_target_log_probs_and_eval_sums_equal_the_whole_logits(chunk_tokens):
       else model_lib.output_head(m)._replace(chunk_tokens=chunk_tokens)
   )
   logp, hit, sums = _reference(params, batch, logits_fn)
-  got = jax.jit(
+  got, got_hit = jax.jit(
       functools.partial(
-          head_lib.target_log_probs, logits_fn=logits_fn, head=head
+          head_lib.token_log_probs, logits_fn=logits_fn, head=head
       )
   )(params, batch["inputs"], batch["targets"])
   assert got.shape == (B, L) and got.dtype == jnp.float32
@@ -98,12 +98,7 @@ def test_target_log_probs_and_eval_sums_equal_the_whole_logits(chunk_tokens):
   np.testing.assert_allclose(got_sums["loss"], sums["loss"], rtol=1e-5)
   assert float(got_sums["weight"]) == sums["weight"]
   assert float(got_sums["correct"]) == sums["correct"] > 0
-  np.testing.assert_array_equal(
-      head_lib._token_values(
-          params, batch["inputs"], batch["targets"], logits_fn, head
-      )[1],
-      hit,
-  )
+  np.testing.assert_array_equal(got_hit, hit)
 
 
 def _shapes(jaxpr) -> set:
@@ -128,7 +123,7 @@ def test_no_whole_logits_exist_when_chunked():
 
   def shapes(h):
     fn = functools.partial(
-        head_lib.target_log_probs, logits_fn=logits_fn, head=h
+        head_lib.token_log_probs, logits_fn=logits_fn, head=h
     )
     return _shapes(
         jax.make_jaxpr(fn)(params, batch["inputs"], batch["targets"]).jaxpr

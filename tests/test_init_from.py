@@ -58,19 +58,10 @@ def _digests(root) -> dict:
   return out
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-  """A 10-step tiny run with checkpoints at steps 5 and 10."""
-  root = tmp_path_factory.mktemp("init_from")
-  cfg = tiny_config(
-      **{
-          "opt.num_train_steps": 10,
-          "checkpoint_every_steps": 5,
-          "eval_every_steps": 5,
-      }
-  )
-  train_lib.train(cfg, str(root / "src"))
-  return root / "src"
+@pytest.fixture
+def source(trained_run):
+  """conftest's tiny run: checkpoints every 5 steps (5, 10, ... 40)."""
+  return trained_run
 
 
 def _params_at(workdir, step):

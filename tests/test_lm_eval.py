@@ -13,6 +13,7 @@ from conftest import listing, tiny_config, tiny_flags
 from conftest import run_cli as _run
 from nanodo_sam import data as data_lib
 from nanodo_sam import export
+from nanodo_sam import head as head_lib
 from nanodo_sam import lm_eval_backend
 from nanodo_sam import lm_eval_run
 from nanodo_sam import model as model_lib
@@ -28,8 +29,9 @@ def _requests(kind, args):
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
-  """JaxLM and HFLM over one random tiny byte-level model (L = 32)."""
-  cfg = tiny_config()
+  """JaxLM and HFLM over one random tiny byte-level model (L = 32); JaxLM
+  runs the output head in chunks of 64 tokens (4 of a batch of 8 rows)."""
+  cfg = tiny_config(**{"model.head_chunk_tokens": 64})
   s = state_lib.setup(cfg)
   params = model_lib.init_params(s.model, jax.random.key(3))
   params["embed"]["embedding"] *= 10  # Sharp logits: no greedy near ties.
@@ -72,21 +74,41 @@ def test_backends_agree_on_each_request(both):
   assert len(texts[0][0].encode()) > 32  # Longer than L: rolling windows.
 
 
-def test_token_log_probs_is_the_log_softmax_at_the_targets():
-  logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
-  targets = jax.numpy.array([[0, 4, 2], [1, 1, 3]])
-  logp, greedy = lm_eval_backend.token_log_probs(
-      lambda p, x: logits, None, None, targets
+def _dense_log_softmax(logits_LxV, targets_L):
+  """(log softmax(logits)[target], argmax == target) per position, float32,
+  from the whole logits."""
+  top_Lx1 = logits_LxV.max(-1, keepdims=True)
+  logz_L = np.log(np.exp(logits_LxV - top_Lx1).sum(-1)) + top_Lx1[:, 0]
+  target_L = np.take_along_axis(logits_LxV, targets_L[:, None], -1)[:, 0]
+  return target_L - logz_L, logits_LxV.argmax(-1) == targets_L
+
+
+def test_per_token_log_likelihoods_are_the_dense_log_softmax(both):
+  """A one-token continuation after each prefix of a sequence scores that
+  position's log softmax of the whole [L, V] logits (written out here), and
+  its greedy flag is argmax == target, though the backend runs the output
+  head in 4 chunks of 8 positions: a random next token and the argmax."""
+  jax_lm, _ = both
+  L = jax_lm.max_length
+  assert head_lib.num_chunks(8, L, jax_lm.setup.head.chunk_tokens) == 4
+  ids = np.random.default_rng(0).integers(3, 259, L + 1)
+  logits_LxV = np.asarray(
+      model_lib.make_logits_fn(jax_lm.setup.model)(
+          jax_lm.params, ids[None, :-1].astype(np.int32)
+      )[0],
+      np.float32,
   )
-  ref = jax.nn.log_softmax(logits)
-  for b in range(2):
-    for t in range(3):
-      assert logp[b, t] == pytest.approx(
-          float(ref[b, t, targets[b, t]]), abs=1e-6
-      )
-      assert greedy[b, t] == (
-          int(np.argmax(logits[b, t])) == int(targets[b, t])
-      )
+  best_L = logits_LxV.argmax(-1)
+  for targets_L in (ids[1:], best_L):
+    got = jax_lm.score_pairs(
+        [(ids[:k].tolist(), [int(targets_L[k - 1])]) for k in range(1, L + 1)]
+    )
+    logp_L, hit_L = _dense_log_softmax(logits_LxV, targets_L)
+    np.testing.assert_allclose(
+        [g[0] for g in got], logp_L, rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_array_equal([g[1] for g in got], hit_L)
+  assert hit_L.all()  # The argmax targets: every greedy flag set.
 
 
 def test_greedy_generate_until_agrees(both):

@@ -22,25 +22,11 @@ import sys
 
 import pytest
 
-from conftest import tiny_flags  # noqa: E402
-from test_sharding import Job, _env, step_config  # noqa: E402
+from conftest import WIDE, run_worker, step_config, tiny_flags, worker_env
 
-# Wide and short like tests/test_scale.py's (bf16, 16 rows x 64 tokens;
-# head chunks of 32 tokens: each H100 holds 2 rows, 4 chunks; each v5p
-# chip 4 rows, 8 chunks), D/H = 64 for cuDNN.
-TINY = {
-    "model.D": 256,
-    "model.H": 4,
-    "model.N": 2,
-    "model.F": 1024,
-    "model.L": 64,
-    "model.V": 2048,
-    "model.dtype": "bfloat16",
-    "model.head_chunk_tokens": 32,
-    "data.batch_size": 16,
-    "model.attention": "auto",
-    "sam.method": "sam",
-}
+# conftest's wide and short model (each H100 holds 2 rows, 4 head chunks;
+# each v5p chip 4 rows, 8 chunks).
+TINY = {**WIDE, "model.attention": "auto", "sam.method": "sam"}
 TARGETS = {"h100x8": "jax_plugins.xla_cuda12", "tpu-v5p-8": "libtpu"}
 
 
@@ -75,17 +61,7 @@ def reports(tmp_path_factory):
     pytest.skip(
         "neither compiler extra is installed: pip install -e " "'.[gpu,tpu]'"
     )
-  root = tmp_path_factory.mktemp("plan")
-  job = Job(
-      "plan",
-      [sys.executable, __file__, str(root / "out.json")],
-      _env(1),
-      str(root),
-  )
-  rc, _, err = job.wait()
-  assert rc == 0, f"plan worker failed ({rc}):\n{err[-4000:]}"
-  with open(root / "out.json") as f:
-    return json.load(f)
+  return run_worker(__file__, [], 1, tmp_path_factory.mktemp("plan"))
 
 
 def _report(reports, name):
@@ -163,7 +139,7 @@ def _cli(args, env=None):
       [sys.executable, "-m", "nanodo_sam.cli", "plan", *args],
       capture_output=True,
       text=True,
-      env=env or _env(1),
+      env=env or worker_env(1),
       timeout=600,
       cwd=os.path.dirname(os.path.dirname(__file__)),
   )

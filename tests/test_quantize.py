@@ -117,18 +117,10 @@ def test_bad_eval_flags_are_one_line_exit_2(tmp_path, capsys, flags, words):
   assert code == 2 and len(err) == 1 and words in err[0], err
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = tmp_path_factory.mktemp("quantize")
-  cfg = tiny_config(
-      **{
-          "opt.num_train_steps": 40,
-          "eval_every_steps": 40,
-          "checkpoint_every_steps": 40,
-      }
-  )
-  train_lib.train(cfg, str(root / "run"))
-  return root / "run"
+@pytest.fixture
+def trained(trained_run):
+  """conftest's tiny run, trained 40 steps."""
+  return trained_run
 
 
 @pytest.mark.slow

@@ -19,26 +19,11 @@ import sys
 import pytest
 
 
-from conftest import tiny_config  # noqa: E402
-from test_sharding import Job, _env, step_config  # noqa: E402
+from conftest import WIDE, run_worker, step_config, tiny_config
 
 METHODS = ("adamw", "sam", "precond_functional_sam")
 # The bounds: collective bytes per step <= this x f32 parameter bytes.
 RATIO_BOUND = {"adamw": 3.0, "sam": 5.0, "precond_functional_sam": 5.0}
-# Wide and short, like the paper's sizes (parameters outweigh a device's
-# activations), bf16 as configs/c4_*.py; 2 rows x 64 positions per device,
-# chunked 32 tokens at a time: 4 chunks.
-SMALL = {
-    "model.D": 256,
-    "model.H": 4,
-    "model.N": 2,
-    "model.F": 1024,
-    "model.L": 64,
-    "model.V": 2048,
-    "model.dtype": "bfloat16",
-    "model.head_chunk_tokens": 32,
-    "data.batch_size": 16,
-}
 
 
 def worker_mesh(out_path: str) -> None:
@@ -51,9 +36,11 @@ def worker_mesh(out_path: str) -> None:
 
   assert jax.device_count() == 8, jax.devices()
   res = {}
+  # conftest's WIDE model: 2 rows x 64 positions per device, chunked 32
+  # tokens at a time: 4 chunks.
   for method in METHODS:
     s = state_lib.setup(
-        step_config((1, 8, 1), **SMALL, **{"sam.method": method})
+        step_config((1, 8, 1), **WIDE, **{"sam.method": method})
     )
     tokens = jax.ShapeDtypeStruct(
         (16, 64), jnp.int32, sharding=sharding.batch_sharding(s.mesh)
@@ -150,17 +137,7 @@ def _accumulated_on_mesh() -> dict:
 
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
-  root = tmp_path_factory.mktemp("scale")
-  job = Job(
-      "mesh",
-      [sys.executable, __file__, "mesh", str(root / "results.json")],
-      _env(8),
-      str(root),
-  )
-  rc, _, err = job.wait()
-  assert rc == 0, f"scale worker failed ({rc}):\n{err[-4000:]}"
-  with open(root / "results.json") as f:
-    return json.load(f)
+  return run_worker(__file__, ["mesh"], 8, tmp_path_factory.mktemp("scale"))
 
 
 @pytest.mark.slow  # 8 simulated devices, ~50 s to compile (test_plan: the real compilers)

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 
@@ -32,14 +31,11 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 
-from conftest import tiny_config  # noqa: E402
+from conftest import FAST_COMPILE, JOB_TIMEOUT, Job  # noqa: E402
+from conftest import step_config, worker_env  # noqa: E402
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 METHODS = ["adamw", "sam", "functional_sam", "precond_functional_sam"]
-# Compilation dominates these tiny programs on CPU; LLVM -O0 cuts it by a
-# third (both sides of every comparison compile the same way).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-TIMEOUT = 900  # Seconds per subprocess; generous for loaded CI machines.
 # C++ log lines that TF/XLA print on import regardless of TF_CPP_MIN_LOG_LEVEL;
 # they are not the CLI's output.
 RUNTIME_NOISE = re.compile(
@@ -49,20 +45,6 @@ RUNTIME_NOISE = re.compile(
 
 
 # ------------------------------------------------------------- shared helpers
-
-
-def step_config(mesh=(1, 1, 1), **overrides):
-  """The tiny config with a constant learning rate from step 0."""
-  defaults = {
-      "opt.warmup_steps": 0,
-      "opt.decay_type": "constant",
-      "opt.peak_learning_rate": 1e-3,
-      "sam.rho": 0.1,
-      "mesh.data": mesh[0],
-      "mesh.fsdp": mesh[1],
-      "mesh.tensor": mesh[2],
-  }
-  return tiny_config(**{**defaults, **overrides})
 
 
 def synthetic_batch(
@@ -114,75 +96,7 @@ def _max_abs_one(tree) -> float:
   )
 
 
-def _env(devices: int) -> dict[str, str]:
-  """A clean environment with `devices` fake CPU devices and no cluster."""
-  env = {
-      k: v
-      for k, v in os.environ.items()
-      if not k.startswith(
-          ("SLURM_", "TPU_", "JAX_COORDINATOR", "OMPI_", "PMI_")
-      )
-  }
-  flags = [
-      f
-      for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count")
-  ]
-  env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"]
-  )
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-  )
-  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-  env["XLA_FLAGS"] += "".join(f" --{k}={v}" for k, v in FAST_COMPILE.items())
-  return env
-
-
-class Job:
-  """A background subprocess whose output goes to files (no pipe stalls)."""
-
-  def __init__(self, name: str, argv: list[str], env: dict, workdir: str):
-    self.name, self.argv = name, argv
-    os.makedirs(workdir, exist_ok=True)
-    self.out_path = os.path.join(workdir, f"{name}.stdout")
-    self.err_path = os.path.join(workdir, f"{name}.stderr")
-    self._out = open(self.out_path, "w")
-    self._err = open(self.err_path, "w")
-    self.proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=ROOT,
-        stdout=self._out,
-        stderr=self._err,
-        stdin=subprocess.DEVNULL,
-    )
-
-  def wait(self, timeout: float = TIMEOUT) -> tuple[int, str, str]:
-    try:
-      rc = self.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      self.proc.wait()
-      rc = "timeout"
-    self._out.close()
-    self._err.close()
-    with open(self.out_path) as f:
-      out = f.read()
-    with open(self.err_path) as f:
-      err = f.read()
-    return rc, out, err
-
-  def kill(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
-    self._out.close()
-    self._err.close()
-
-
-def _wait_all(jobs: list[Job], timeout: float = TIMEOUT) -> list[tuple]:
+def _wait_all(jobs: list[Job], timeout: float = JOB_TIMEOUT) -> list[tuple]:
   """Waits for jobs that depend on each other (the processes of one run):
   when one fails, the others would wait on it forever, so they are stopped."""
   deadline = time.time() + timeout
@@ -574,7 +488,7 @@ def jobs(request, tmp_path_factory):
     started["mesh"] = Job(
         "mesh",
         [sys.executable, __file__, "mesh", str(root / "mesh" / "results.json")],
-        _env(8),
+        worker_env(8),
         str(root / "mesh"),
     )
   if "scale_results" in wanted:
@@ -586,7 +500,7 @@ def jobs(request, tmp_path_factory):
             "scale",
             str(root / "scale" / "results.json"),
         ],
-        _env(8),
+        worker_env(8),
         str(root / "scale"),
     )
   if "dist_runs" in wanted:
@@ -607,13 +521,13 @@ def jobs(request, tmp_path_factory):
               "--num_processes=2",
               f"--process_id={i}",
           ),
-          _env(1),
+          worker_env(1),
           str(root / "logs"),
       )
     started["single"] = Job(
         "single",
         _cli(f"--workdir={root / 'one_process'}", *flags),
-        _env(2),
+        worker_env(2),
         str(root / "logs"),
     )
   if "error_runs" in wanted:
@@ -630,7 +544,7 @@ def jobs(request, tmp_path_factory):
               "--config.data.eval_batch_size=8",
               *flags,
           ),
-          _env(8),
+          worker_env(8),
           str(root / "logs"),
       )
   yield root, started
