@@ -25,6 +25,7 @@ from nanodo_sam import data_check
 from nanodo_sam import eval_data
 from nanodo_sam import evaluate
 from nanodo_sam import init_from
+from nanodo_sam import lm_eval_run as run_lib
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import prune
@@ -113,12 +114,13 @@ def cmd_train(fv) -> None:
 
 
 def _data_ready(cfg, workdir: str) -> None:
-  """The run's init_from source fits and the config's data (and its second
-  eval set's) is there (one line if not); TensorFlow, which the check may import, is imported quietly
-  first."""
+  """The run's init_from source fits, its lm-eval tasks exist and the
+  config's data (and its second eval set's) is there (one line if not);
+  TensorFlow, which the check may import, is imported quietly first."""
   init_from.source(cfg, workdir)
   eval_data.check(cfg)
   quiet_tensorflow()
+  run_lib.check_config_tasks(cfg)
   data_lib.check_available(cfg.data)
 
 
@@ -372,8 +374,6 @@ def cmd_export(fv) -> None:
 
 def cmd_lm_eval(fv) -> None:
   """lm-evaluation-harness tasks on a checkpoint (lm_eval_run.py)."""
-  from nanodo_sam import lm_eval_run as run_lib  # Lazy: the `eval` extra.
-
   names = run_lib.check_args(fv.backend, fv.tasks, fv.include_path)
   if fv.limit is not None and fv.limit < 1:
     raise UsageError(f"--limit={fv.limit} must be >= 1")

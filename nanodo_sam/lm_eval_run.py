@@ -14,6 +14,7 @@ harness's table on stdout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -101,6 +102,9 @@ def parse_tasks(tasks: str) -> list[str]:
 def task_manager(shipped_dir: str, include_path: str):
   """The harness's TaskManager over its own tasks, the shipped ones and
   `include_path`'s (UsageError if that is not a folder)."""
+  # Hugging Face datasets (the harness imports it) logs the frameworks it
+  # found at INFO while it loads: not the run's to report.
+  logging.getLogger("datasets").setLevel(logging.WARNING)
   from lm_eval.tasks import TaskManager  # Lazy: the `eval` extra.
 
   paths = [shipped_dir]
@@ -123,6 +127,25 @@ def check_tasks(manager, names: list[str]) -> None:
           f"{', '.join(SHIPPED_TASKS)}; `lm_eval ls tasks` lists the "
           "harness's; --include_path=DIR adds your own YAMLs"
       )
+
+
+def config_tasks(cfg) -> list[str]:
+  """The task names of a training config's eval.lm_eval_tasks ([] if none)."""
+  tasks = cfg.get("eval", {}).get("lm_eval_tasks", "")
+  return [t.strip() for t in tasks.split(",") if t.strip()]
+
+
+def check_config_tasks(cfg) -> None:
+  """UsageError (one line) for a task of eval.lm_eval_tasks the harness does
+  not know: checked before a run touches its workdir."""
+  names = config_tasks(cfg)
+  if not names:
+    return
+  directory = write_shipped_tasks(temporary_dir())
+  try:
+    check_tasks(task_manager(directory, ""), names)
+  finally:
+    remove(directory)
 
 
 def check_installed() -> None:

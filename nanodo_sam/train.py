@@ -37,6 +37,7 @@ from nanodo_sam import flops as flops_lib
 from nanodo_sam import init_from as init_from_lib
 from nanodo_sam import keys
 from nanodo_sam import lm_eval_hook
+from nanodo_sam import lm_eval_run
 from nanodo_sam import model as model_lib
 from nanodo_sam import preemption
 from nanodo_sam import rundir
@@ -231,10 +232,9 @@ def _lm_eval(cfg) -> list[Hook]:
   """eval.lm_eval_tasks every eval.lm_eval_every steps and at the end
   (lm_eval_hook.py), or nothing: lm_eval is imported only when they are
   set."""
-  tasks = cfg.get("eval", {}).get("lm_eval_tasks", "")
-  if not tasks:
+  names = lm_eval_run.config_tasks(cfg)
+  if not names:
     return []
-  names = [t.strip() for t in tasks.split(",") if t.strip()]
   return [
       Hook(
           lm_eval_hook.make_fn(names),

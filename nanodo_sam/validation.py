@@ -33,7 +33,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
   step_lib.validate(cfg)
   diagnostics.validate(cfg)
   if cfg.get("eval", {}).get("lm_eval_tasks", ""):
-    lm_eval_run.check_installed()  # Task names: when the loop starts.
+    lm_eval_run.check_installed()  # Task names: commands._data_ready.
   if num_devices is not None:
     sharding.validate(cfg, num_devices)
     model_lib.attention_implementation(model_cfg)

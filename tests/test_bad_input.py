@@ -91,6 +91,11 @@ CASES = [
         "model.attention=cudnn cannot run here",
     ),
     ("workdir is a file", ["--workdir={tmp}/a_file"], "a_file"),
+    (
+        "an lm-eval task the harness does not know",
+        ["--config.eval.lm_eval_tasks=nanodo_cloze,no_such_task"],
+        "unknown lm-eval task 'no_such_task'",
+    ),
 ]
 
 
@@ -124,6 +129,7 @@ def test_the_error_line_is_the_first_thing_on_stderr(tmp_path):
           "--config.diagnostics.every_steps=2",
           "--config.diagnostics.num_batches=5",
       ],
+      ["--config.eval.lm_eval_tasks=no_such_task"],  # Imports the harness.
   ):
     proc = subprocess.run(
         [

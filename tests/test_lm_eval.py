@@ -221,6 +221,7 @@ def test_lm_eval_during_training_logs_beside_the_eval_loss_and_resumes(
       "train",
       *tiny_flags(),
       f"--workdir={tmp_path / 'other'}",
-      "--config.eval.lm_eval_tasks=no_such_task",
+      "--config.eval.lm_eval_tasks=nanodo_cloze,no_such_task",
   )
   assert code == 2 and "unknown lm-eval task 'no_such_task'" in err
+  assert not (tmp_path / "other").exists()  # Refused before any work.
