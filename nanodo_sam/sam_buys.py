@@ -303,16 +303,22 @@ def overall(rows: list[Row], claim: str) -> str:
 # ------------------------------------------------------------------ report
 
 
-def _f(x: float, digits: int = 4) -> str:
-  return "n/a" if not math.isfinite(x) else f"{x:+.{digits}f}"
+def _f(x: float, claim: str = "loss") -> str:
+  """A signed number: 4 decimals for losses, 2 significant digits for the
+  quantization losses (1e-5 to 1e-3 nats here)."""
+  if not math.isfinite(x):
+    return "n/a"
+  return f"{x:+.1e}" if claim.startswith("int") else f"{x:+.4f}"
 
 
-def _mean_std(xs) -> str:
+def _mean_std(xs, claim: str = "loss") -> str:
   xs = [x for x in xs if math.isfinite(x)]
   if not xs:
     return "n/a"
   mean, std = runs_lib.mean_std(xs)
-  return f"{mean:.4f} ± {std:.4f}" if len(xs) > 1 else f"{mean:.4f}"
+  if len(xs) == 1:
+    return _f(mean, claim).lstrip("+")
+  return f"{_f(mean, claim).lstrip('+')} ± {_f(std, claim).lstrip('+')}"
 
 
 def arms_table(found: list[Measured]) -> list[str]:
@@ -328,28 +334,29 @@ def arms_table(found: list[Measured]) -> list[str]:
     if not ms:
       continue
     cells = [
-        _mean_std([_value(m, c) for m in ms])
+        _mean_std([_value(m, c) for m in ms], c)
         for c in ("loss", "int8", "int4", "forgetting")
     ]
     lines.append(
         f"| {LABEL[arm]} | {', '.join(str(m.seed) for m in ms)} | "
-        f"{ms[0].flops:.3g} | {' | '.join(cells)} | "
+        f"{ms[0].flops:.3e} | {' | '.join(cells)} | "
         f"{_mean_std([m.continued_loss for m in ms])} |"
     )
   return lines
 
 
-def rows_table(rows: list[Row]) -> list[str]:
+def rows_table(rows: list[Row], claim: str) -> list[str]:
   lines = [
       "| method | versus | difference per seed | mean | 95% interval | "
       "verdict |",
       "|---|---|---|---|---|---|",
   ]
   for r in rows:
-    per_seed = ", ".join(f"{s}: {_f(d)}" for s, d in r.diffs.items())
+    f = lambda x: _f(x, claim)
+    per_seed = ", ".join(f"{s}: {f(d)}" for s, d in r.diffs.items())
     lines.append(
         f"| {LABEL[r.method]} | {LABEL[r.versus]} | {per_seed or 'n/a'} | "
-        f"{_f(r.mean)} | ({_f(r.low)}, {_f(r.high)}) | {r.verdict} |"
+        f"{f(r.mean)} | ({f(r.low)}, {f(r.high)}) | {r.verdict} |"
     )
   return lines
 
@@ -424,7 +431,7 @@ def render(found: list[Measured], out_dir: str, rho, times: str) -> str:
   lines += ["", "## Every arm", ""] + arms_table(found)
   for claim, (rows, verdict) in judged.items():
     title, text = CLAIMS[claim]
-    lines += ["", f"## {title}", "", text, "", *rows_table(rows)]
+    lines += ["", f"## {title}", "", text, "", *rows_table(rows, claim)]
     lines += ["", f"**Verdict: {verdict}.**"]
   lines += ["", "## Figures", ""]
   lines += [f"![{name}](sam_buys_{name}.png)" for name in FIGURES]

@@ -28,7 +28,9 @@ from nanodo_sam import figures
 from nanodo_sam import runs as runs_lib
 from nanodo_sam import sam_buys as study
 
-DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+DOCS = os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+)
 
 
 def ensure_quantized(found: list) -> None:
@@ -95,9 +97,16 @@ def plot_quantization(found: list, out: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   arms = [a for a in study.ARMS if any(m.arm == a for m in found)]
   for i, bits in enumerate(study.WIDTHS):
-    values = [[m.quant[bits] for m in found if m.arm == a] for a in arms]
-    means = [np.nanmean(v) if v else math.nan for v in values]
-    stds = [np.nanstd(v) if v else math.nan for v in values]
+    values = [
+        [
+            m.quant[bits]
+            for m in found
+            if m.arm == a and np.isfinite(m.quant[bits])
+        ]
+        for a in arms
+    ]
+    means = [np.mean(v) if v else math.nan for v in values]
+    stds = [np.std(v) if v else math.nan for v in values]
     x = np.arange(len(arms)) + 0.4 * i
     ax.bar(x, means, 0.4, yerr=stds, label=f"int{bits}")
   ax.set_xticks(np.arange(len(arms)) + 0.2)

@@ -115,3 +115,23 @@ def test_the_report_script_refuses_a_missing_study(tmp_path, capsys):
   assert script.main([str(tmp_path / "nope")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "run the sweep first" in err[0]
+
+
+def test_the_report_gives_each_claims_verdict_and_every_arm():
+  found = []
+  for s, d in zip((1, 2, 3), (0.10, 0.12, 0.05)):
+    found += [
+        _m("adamw", s, 7.0, q4=1e-3),
+        _m(study.MATCHED, s, 7.0, q4=1e-3),
+        _m("sam", s, 7.0 - d, q4=2e-3 + d / 100),
+    ]
+  text = study.render(found, "runs/sam_buys", 0.3, "Measured: now.")
+  assert "| Equal compute: the final loss | **holds** |" in text
+  assert "| Quantization to int4 | **does not hold** |" in text
+  assert "| Forgetting after continued training | **not measured yet** |" in (
+      text
+  )
+  assert "| SAM | 1, 2, 3 | 1.000e+00 | 6.9100 ± 0.0361 |" in text
+  assert "1: +2.0e-03, 2: +2.2e-03, 3: +1.5e-03" in text  # int4, per seed.
+  assert "(0.1, 0.3, 1.0) at seed 0 (0.3)" not in text
+  assert "at the best of rho 0.1, 0.3, 1.0 at seed 0 (0.3)" in text
