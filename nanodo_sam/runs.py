@@ -373,10 +373,12 @@ def unique(
     runs: Iterable[RunRecord], warn: Callable[[str], None] = print
 ) -> list[RunRecord]:
   """The runs without those repeating an earlier one (same GROUP, SETTING,
-  seed and length: a copied or re-launched directory), with a note each."""
+  seed, length and init_from source: a copied or re-launched directory),
+  with a note each."""
   out, seen = [], set()
   for r in runs:
     key = r.group + r.setting + (r.seed, r.get("opt.num_train_steps", r.steps))
+    key += (r.get("init_from", "") or "",)  # Continued from another run.
     if key in seen:
       warn(
           f"note: {r.workdir} repeats an earlier run (same method, size, "

@@ -6,6 +6,7 @@ differences by seed, grouping) against values computed here."""
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -218,3 +219,16 @@ def test_best_ranks_by_the_chosen_metric_in_its_direction(tmp_path):
     )
   text = (tmp_path / "tables" / "tables.md").read_text()
   assert "ours = final_eval_bits_per_byte" in text and "2.9500" in text
+
+
+def test_runs_continued_from_different_sources_are_not_repeats(tmp_path):
+  for name in ("a", "b", "copy_of_a"):
+    fake_run(tmp_path, name, method="adamw", rho=0.0, seed=0, loss=3.9)
+  for name, source in (("a", "/r/x"), ("b", "/r/y"), ("copy_of_a", "/r/x")):
+    path = tmp_path / name / "config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "init_from": source}))
+  notes = []
+  kept = runs.unique(runs.load_runs([str(tmp_path)]), notes.append)
+  assert sorted(os.path.basename(r.workdir) for r in kept) == ["a", "b"]
+  assert len(notes) == 1 and "copy_of_a repeats an earlier run" in notes[0]
