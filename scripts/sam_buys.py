@@ -54,42 +54,33 @@ def _mean_curve(curves: list[list]) -> tuple[np.ndarray, np.ndarray]:
   return xs, ys
 
 
-def plot_flops(found: list, out: str) -> None:
+def _plot_curves(found: list, curve, out: str, xlabel: str, log_x: bool):
+  """One line per arm: the mean over its seeds of `curve(m)` ([(x, y)];
+  None or empty leaves the run out)."""
   plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for arm in study.ARMS:
-    curves = [
-        equal_compute.flops_history(runs_lib.read_run(m.workdir))
-        for m in found
-        if m.arm == arm
-    ]
+    curves = [c for m in found if m.arm == arm and (c := curve(m))]
     if curves:
       ax.plot(*_mean_curve(curves), marker=".", label=study.LABEL[arm])
-  ax.set(xlabel="training FLOPs", ylabel="C4 eval loss (mean of seeds)")
-  ax.set_xscale("log")
+  ax.set(xlabel=xlabel, ylabel="C4 eval loss (mean of seeds)")
+  if log_x:
+    ax.set_xscale("log")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   figures.save(fig, out)
+
+
+def plot_flops(found: list, out: str) -> None:
+  history = lambda m: equal_compute.flops_history(runs_lib.read_run(m.workdir))
+  _plot_curves(found, history, out, "training FLOPs", log_x=True)
 
 
 def plot_forgetting(found: list, out: str) -> None:
-  plt = figures.pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for arm in study.ARMS:
-    curves = [
-        [(0, m.loss)] + list(m.forget_curve)
-        for m in found
-        if m.arm == arm and m.forget_curve
-    ]
-    if curves:
-      ax.plot(*_mean_curve(curves), marker=".", label=study.LABEL[arm])
-  ax.set(
-      xlabel="steps trained on tiny_shakespeare",
-      ylabel="C4 eval loss (mean of seeds)",
+  curve = lambda m: m.forget_curve and [(0, m.loss)] + list(m.forget_curve)
+  _plot_curves(
+      found, curve, out, "steps trained on tiny_shakespeare", log_x=False
   )
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  figures.save(fig, out)
 
 
 def plot_quantization(found: list, out: str) -> None:
