@@ -290,9 +290,7 @@ def _compute_matched(overrides: dict, common: dict, cfg, i: int) -> dict:
 
   steps = int(value("opt.num_train_steps"))
   start = int(value("sam.start_step"))
-  own = sam_schedule.adamw_step_equivalents(
-      steps, start, overrides.get("sam.method", value("sam.method"))
-  )
+  own = sam_schedule.adamw_step_equivalents(steps, start, value("sam.method"))
   factor = sam_schedule.adamw_step_equivalents(steps, start, method) / own
   out = dict(overrides)
   out["opt.num_train_steps"] = round(steps * factor)
