@@ -114,43 +114,47 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
   assert _snapshot(tmp_path) == before  # No workdir, config.json, events.
 
 
-def test_the_error_line_is_the_first_thing_on_stderr(tmp_path):
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--config.data.shuffle_buffer=0"], "data.shuffle_buffer=0"),
+        (
+            [
+                "--config.diagnostics.every_steps=2",
+                "--config.diagnostics.num_batches=5",
+            ],
+            "diagnostics.num_batches",
+        ),
+        pytest.param(  # Imports the harness (and HF datasets, which logs).
+            ["--config.eval.lm_eval_tasks=nanodo_cloze,no_such_task"],
+            "unknown lm-eval task 'no_such_task'",
+            marks=pytest.mark.slow,  # ~15 s of imports.
+            id="lm_eval_task",
+        ),
+    ],
+)
+def test_the_error_line_is_the_first_thing_on_stderr(tmp_path, argv, words):
   """In a fresh process (TensorFlow and absl start up there), the command's
   own line comes first: their start-up lines are silenced."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  for argv, words in (
-      (["--config.data.shuffle_buffer=0"], "data.shuffle_buffer=0"),
-      (
-          [
-              "--config.diagnostics.every_steps=2",
-              "--config.diagnostics.num_batches=5",
-          ],
-          "diagnostics.num_batches",
-      ),
-      (  # Imports the harness (and Hugging Face datasets, which logs).
-          ["--config.eval.lm_eval_tasks=nanodo_cloze,no_such_task"],
-          "unknown lm-eval task 'no_such_task'",
-      ),
-  ):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nanodo_sam.cli",
-            "train",
-            f"--config={QUICK}",
-            f"--workdir={tmp_path}/run",
-            *TINY,
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[0].startswith("nanodo-sam: error:"), proc.stderr
-    assert len(lines) == 1 and words in lines[0], proc.stderr
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "nanodo_sam.cli",
+          "train",
+          f"--config={QUICK}",
+          f"--workdir={tmp_path}/run",
+          *TINY,
+          *argv,
+      ],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      timeout=300,
+  )
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert lines and lines[0].startswith("nanodo-sam: error:"), proc.stderr
+  assert len(lines) == 1 and words in lines[0], proc.stderr
   assert not (tmp_path / "run").exists()
