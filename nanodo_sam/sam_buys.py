@@ -1,9 +1,10 @@
 """What SAM buys at equal compute, in miniature: the study's design, and its
-report from the runs (`write_report`; scripts/sam_buys.py runs the
-quantized evaluations and calls it).
+report from the runs (`render`; scripts/sam_buys.py runs the quantized
+evaluations, draws the figures and writes it).
 
     nanodo-sam sweep configs/sweeps/sam_buys.py --backend=local
     python scripts/sam_buys.py runs/sam_buys [--doc=docs/sam_buys.md]
+        [--figures=docs]
 
 The runs (configs/sweeps/sam_buys.py), on the miniature setting
 (configs/miniature.py) and the evaluation seeds of the miniature study:
@@ -26,9 +27,9 @@ import math
 import os
 
 from nanodo_sam import miniature
+from nanodo_sam import rundir
 from nanodo_sam import runs as runs_lib
 from nanodo_sam import sam as sam_lib
-from nanodo_sam import rundir
 from nanodo_sam import sweep
 
 SEEDS = miniature.EVAL_SEEDS  # Not the tuning seed: no selection bias.
@@ -102,11 +103,9 @@ def continued_overrides(out: str, pretrained: dict) -> dict:
 
 # ------------------------------------------------------------ measurements
 
+# Each arm as tables and legends name it (a method: its registry label).
 LABEL = {
-    "adamw": "AdamW",
-    "sam": "SAM",
-    "precond_functional_sam": "Precond Func-SAM",
-    "momentum_sam": "Momentum-SAM",
+    **{a: runs_lib.method_label(a) for a in ARMS if a != MATCHED},
     MATCHED: "AdamW (SAM's compute)",
 }
 FORGET_TAG = "eval_c4/loss"  # configs/continued.py's second eval set.
