@@ -46,12 +46,23 @@ CONFIG = "configs/miniature.py"
 CONTINUED = "configs/continued.py"
 
 
+def results(out: str, overrides: dict) -> dict:
+  """A sweep run's results.json ({} until it has ended); its name is the
+  sweep's (`sweep.run_name` against the sweep's config)."""
+  workdir = os.path.join(out, sweep.run_name(overrides, CONFIG))
+  res = rundir.read_results(workdir) if os.path.isdir(workdir) else None
+  return res or {}
+
+
+def completed(res: dict) -> bool:
+  return res.get("status") == "completed"
+
+
 def _final_loss(out: str, overrides: dict) -> float | None:
   """A sweep run's final eval loss once it has ended (+inf if it diverged),
   else None."""
-  workdir = os.path.join(out, sweep.run_name(overrides, CONFIG))
-  res = rundir.read_results(workdir) if os.path.isdir(workdir) else None
-  if res is None or res.get("status") not in ("completed", "diverged"):
+  res = results(out, overrides)
+  if res.get("status") not in ("completed", "diverged"):
     return None
   loss = res.get("final_eval_loss")
   ok = isinstance(loss, (int, float)) and math.isfinite(loss)
@@ -151,18 +162,17 @@ def _number(x) -> float:
 def measure(out: str, arm: str, overrides: dict) -> Measured | None:
   """What one pretraining run measured, None until it has finished."""
   workdir = os.path.join(out, sweep.run_name(overrides, CONFIG))
-  res = rundir.read_results(workdir) if os.path.isdir(workdir) else None
-  if res is None or res.get("status") != "completed":
+  res = results(out, overrides)
+  if not completed(res):
     return None
   quant = {}
   for bits in WIDTHS:
     q = _json(quant_path(workdir, bits))
     quant[bits] = _number(q["delta"]["eval_loss"]) if q else math.nan
-  cont = os.path.join(
-      out, sweep.run_name(continued_overrides(out, overrides), CONFIG)
-  )
-  cont_res = rundir.read_results(cont) if os.path.isdir(cont) else None
-  done = cont_res is not None and cont_res.get("status") == "completed"
+  continued = continued_overrides(out, overrides)
+  cont = os.path.join(out, sweep.run_name(continued, CONFIG))
+  cont_res = results(out, continued)
+  done = completed(cont_res)
   curve = runs_lib.read_scalars(cont, [FORGET_TAG]) if done else {}
   return Measured(
       arm=arm,

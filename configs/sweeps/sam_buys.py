@@ -18,18 +18,8 @@ runs every stage (and resumes after a kill):
   python scripts/sam_buys.py runs/sam_buys     # -> docs/sam_buys.md
 """
 
-import os
-
-from nanodo_sam import rundir
 from nanodo_sam import sam_buys as study
-from nanodo_sam.sweep import run_name
 from nanodo_sam.sweep_spec import SweepSpec
-
-
-def _finished(out: str, overrides: dict) -> bool:
-  workdir = os.path.join(out, run_name(overrides, study.CONFIG))
-  res = rundir.read_results(workdir) if os.path.isdir(workdir) else None
-  return res is not None and res.get("status") == "completed"
 
 
 def get_sweep(out: str | None = None) -> SweepSpec:
@@ -42,7 +32,7 @@ def get_sweep(out: str | None = None) -> SweepSpec:
   continued = [
       study.continued_overrides(out, o)
       for o in pretrained
-      if out and _finished(out, o)
+      if out and study.completed(study.results(out, o))
   ]
   return SweepSpec(
       name="sam_buys",
